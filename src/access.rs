@@ -1,0 +1,85 @@
+//! One record per tunnel, handed to an access log when the tunnel ends or is
+//! refused. The default log writes one `tracing` line; operations work
+//! (JSON lines, metrics) plugs in another [`AccessLog`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::identity::SpiffeId;
+
+/// How a tunnel ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions reached EOF.
+    Completed,
+    /// The tunnel was open and then failed (reset, I/O error).
+    Failed(String),
+    /// Refused before any byte flowed, with the status sent.
+    Refused {
+        status: u16,
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+/// What happened to one tunnel.
+#[derive(Debug, Clone)]
+pub struct TunnelRecord {
+    /// Which end wrote the record.
+    pub role: Role,
+    /// The TCP peer: the HBONE client (server side) or the local
+    /// application (client side).
+    pub source: SocketAddr,
+    /// The identity the other HBONE end proved.
+    pub peer_id: SpiffeId,
+    /// The requested target, as sent in `:authority`.
+    pub target: String,
+    pub outcome: Outcome,
+    /// Bytes from the source side towards the target.
+    pub bytes_sent: u64,
+    /// Bytes from the target back to the source side.
+    pub bytes_received: u64,
+    pub duration: Duration,
+}
+
+/// Which end of a tunnel a record comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+/// Receives a record for every tunnel.
+pub trait AccessLog: Send + Sync {
+    fn record(&self, record: &TunnelRecord);
+}
+
+/// Writes each record as one `tracing` event at info level.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TracingLog;
+
+impl AccessLog for TracingLog {
+    fn record(&self, r: &TunnelRecord) {
+        let role = match r.role {
+            Role::Client => "client",
+            Role::Server => "server",
+        };
+        match &r.outcome {
+            Outcome::Refused {
+                status,
+                reason,
+                detail,
+            } => tracing::info!(
+                target: "hbone::access", role, source = %r.source, peer = %r.peer_id,
+                target_addr = %r.target, status, reason, detail = %detail, "tunnel refused"
+            ),
+            outcome => tracing::info!(
+                target: "hbone::access", role, source = %r.source, peer = %r.peer_id,
+                target_addr = %r.target, sent = r.bytes_sent, received = r.bytes_received,
+                duration_ms = r.duration.as_millis() as u64,
+                result = %match outcome { Outcome::Failed(e) => e.as_str(), _ => "ok" },
+                "tunnel closed"
+            ),
+        }
+    }
+}

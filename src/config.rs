@@ -1,0 +1,95 @@
+//! Tunables shared by the dialer and the server: HTTP/2 settings and
+//! timeouts. The defaults start from what ztunnel uses (DESIGN.md §2).
+
+use std::time::Duration;
+
+/// HTTP/2 settings for one side of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct H2Settings {
+    /// Initial flow-control window of each stream (bytes).
+    pub stream_window: u32,
+    /// Flow-control window of the whole connection (bytes). Keep it well
+    /// above `stream_window`: equal windows have deadlocked in the field.
+    pub connection_window: u32,
+    /// Largest DATA frame we accept (bytes).
+    pub max_frame_size: u32,
+    /// Streams one connection may carry at once.
+    pub max_concurrent_streams: u32,
+    /// Largest header list we accept (bytes).
+    pub max_header_list_size: u32,
+}
+
+impl H2Settings {
+    /// Client side: 100 streams per connection, 16 KiB headers.
+    pub fn client() -> Self {
+        H2Settings {
+            max_concurrent_streams: 100,
+            max_header_list_size: 16 << 10,
+            ..Self::common()
+        }
+    }
+
+    /// Server side: 200 streams per connection, 64 KiB headers.
+    pub fn server() -> Self {
+        H2Settings {
+            max_concurrent_streams: 200,
+            max_header_list_size: 64 << 10,
+            ..Self::common()
+        }
+    }
+
+    fn common() -> Self {
+        H2Settings {
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            max_frame_size: 1 << 20,
+            max_concurrent_streams: 100,
+            max_header_list_size: 16 << 10,
+        }
+    }
+
+    pub(crate) fn client_builder(&self) -> h2::client::Builder {
+        let mut builder = h2::client::Builder::new();
+        builder
+            .initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size)
+            .enable_push(false);
+        builder
+    }
+
+    pub(crate) fn server_builder(&self) -> h2::server::Builder {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_size);
+        builder
+    }
+}
+
+/// How long each waiting step may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect: to the HBONE server (dialer) or to the target (server).
+    pub connect: Duration,
+    /// TLS handshake plus HTTP/2 preface and SETTINGS.
+    pub handshake: Duration,
+    /// Dialer: from sending CONNECT to the response headers. Covers the
+    /// server's dial of the target, so keep it above the server's `connect`.
+    pub response: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            handshake: Duration::from_secs(10),
+            response: Duration::from_secs(15),
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Copies bytes both ways between two streams, with half-close.
+//!
+//! When one side reaches EOF, the other side's write half is shut down (for
+//! TCP a FIN, for a tunnel END_STREAM) and the opposite direction keeps
+//! flowing until it too ends. Byte counts survive an error, so the access log
+//! can say how far a failed tunnel got.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Buffer per direction. Large enough for full-sized TLS records and DATA
+/// frames on bulk transfers.
+const BUFFER_SIZE: usize = 64 << 10;
+
+/// Bytes moved in each direction.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+}
+
+/// A copy that stopped on an I/O error, with what it had moved.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct CopyError {
+    pub transferred: Transferred,
+    #[source]
+    pub error: io::Error,
+}
+
+/// Copies `a` to `b` and `b` to `a` until both directions have ended.
+pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, CopyError>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Direction::new();
+    let mut b_to_a = Direction::new();
+    let result = poll_fn(|cx| {
+        let forward = a_to_b.poll_copy(cx, &mut *a, &mut *b)?;
+        let backward = b_to_a.poll_copy(cx, &mut *b, &mut *a)?;
+        match (forward, backward) {
+            (Poll::Ready(()), Poll::Ready(())) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
+    let transferred = Transferred {
+        a_to_b: a_to_b.bytes,
+        b_to_a: b_to_a.bytes,
+    };
+    result
+        .map(|()| transferred)
+        .map_err(|error| CopyError { transferred, error })
+}
+
+/// One direction's state.
+struct Direction {
+    buf: Box<[u8]>,
+    /// Bytes `buf[start..end]` are read and not yet written.
+    start: usize,
+    end: usize,
+    read_done: bool,
+    needs_flush: bool,
+    finished: bool,
+    bytes: u64,
+}
+
+impl Direction {
+    fn new() -> Self {
+        Direction {
+            buf: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            read_done: false,
+            needs_flush: false,
+            finished: false,
+            bytes: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.start == self.end && !self.read_done {
+                let mut read_buf = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read_buf.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                        } else {
+                            self.start = 0;
+                            self.end = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Nothing more to read for now: make sure what was
+                        // written reaches the peer before waiting.
+                        if self.needs_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                            self.needs_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.start < self.end {
+                let n =
+                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.bytes += n as u64;
+                self.needs_flush = true;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}

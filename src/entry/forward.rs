@@ -1,0 +1,49 @@
+//! A local port forward: every accepted TCP connection becomes a tunnel to
+//! one fixed target behind one HBONE server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+
+use super::{Upstream, record_dial_failure, relay};
+use crate::access::AccessLog;
+use crate::client::Dialer;
+
+/// Accepts on `listener` forever, tunnelling each connection to `target`.
+pub async fn run(
+    listener: TcpListener,
+    dialer: Dialer,
+    upstream: Upstream,
+    target: SocketAddr,
+    log: Arc<dyn AccessLog>,
+) {
+    loop {
+        let (app, source) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "forward: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = app.set_nodelay(true);
+        let dialer = dialer.clone();
+        let upstream = upstream.clone();
+        let log = log.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match dialer
+                .connect(upstream.server, &upstream.server_ids, target)
+                .await
+            {
+                Ok(tunnel) => relay(app, source, tunnel, target, &log, started).await,
+                Err(e) => {
+                    tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");
+                    record_dial_failure(&log, source, &dialer, target, &e, started);
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,209 @@
+//! A SOCKS5 entry (RFC 1928): no authentication, CONNECT only, IPv4 and
+//! IPv6 addresses. Domain names are refused with "address type not
+//! supported": HBONE targets are addresses, and resolving here would leak
+//! the name to local DNS.
+//!
+//! Each request becomes a tunnel to the configured HBONE server or, without
+//! one, to port 15008 of the requested address, as Istio ambient does.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+use super::{record_dial_failure, relay};
+use crate::access::AccessLog;
+use crate::client::{DialError, Dialer};
+use crate::identity::SpiffeId;
+
+/// Istio's HBONE port, used when no server is configured.
+pub const HBONE_PORT: u16 = 15008;
+
+/// How long a client may take to send its greeting and request.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+const VERSION: u8 = 5;
+const NO_AUTH: u8 = 0x00;
+const NO_ACCEPTABLE_METHOD: u8 = 0xff;
+const CMD_CONNECT: u8 = 1;
+const ATYP_IPV4: u8 = 1;
+const ATYP_DOMAIN: u8 = 3;
+const ATYP_IPV6: u8 = 4;
+
+/// SOCKS5 reply codes (RFC 1928 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Reply {
+    Succeeded = 0,
+    GeneralFailure = 1,
+    NotAllowed = 2,
+    NetworkUnreachable = 3,
+    HostUnreachable = 4,
+    ConnectionRefused = 5,
+    CommandNotSupported = 7,
+    AddressTypeNotSupported = 8,
+}
+
+impl Reply {
+    /// The reply for a tunnel that could not be opened.
+    pub fn for_dial_error(error: &DialError) -> Reply {
+        match error {
+            DialError::Status { status, .. } => match status.as_u16() {
+                403 => Reply::NotAllowed,
+                503 => Reply::ConnectionRefused,
+                504 => Reply::HostUnreachable,
+                _ => Reply::GeneralFailure,
+            },
+            DialError::Connect { source, .. } => match source.kind() {
+                io::ErrorKind::ConnectionRefused => Reply::ConnectionRefused,
+                io::ErrorKind::NetworkUnreachable => Reply::NetworkUnreachable,
+                _ => Reply::HostUnreachable,
+            },
+            DialError::Timeout { .. } => Reply::HostUnreachable,
+            DialError::Tls { .. } => Reply::NotAllowed,
+            DialError::NoExpectedIdentity | DialError::Http2 { .. } => Reply::GeneralFailure,
+        }
+    }
+}
+
+/// Settings of a SOCKS5 entry.
+#[derive(Debug, Clone)]
+pub struct SocksConfig {
+    /// The HBONE server for every tunnel; `None` sends each tunnel to port
+    /// 15008 of its target.
+    pub server: Option<SocketAddr>,
+    pub server_ids: Vec<SpiffeId>,
+}
+
+/// Accepts SOCKS5 clients on `listener` forever.
+pub async fn run(
+    listener: TcpListener,
+    dialer: Dialer,
+    config: SocksConfig,
+    log: Arc<dyn AccessLog>,
+) {
+    let config = Arc::new(config);
+    loop {
+        let (app, source) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "socks5: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = app.set_nodelay(true);
+        let dialer = dialer.clone();
+        let config = config.clone();
+        let log = log.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve(app, source, &dialer, &config, &log).await {
+                tracing::debug!(%source, error = %e, "socks5: client dropped");
+            }
+        });
+    }
+}
+
+async fn serve(
+    mut app: TcpStream,
+    source: SocketAddr,
+    dialer: &Dialer,
+    config: &SocksConfig,
+    log: &Arc<dyn AccessLog>,
+) -> io::Result<()> {
+    let started = Instant::now();
+    let target = match timeout(NEGOTIATION_TIMEOUT, negotiate(&mut app)).await {
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "SOCKS5 negotiation timed out",
+            ));
+        }
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Err(reply))) => return send_reply(&mut app, reply).await,
+        Ok(Ok(Ok(target))) => target,
+    };
+    let server = config
+        .server
+        .unwrap_or_else(|| SocketAddr::new(target.ip(), HBONE_PORT));
+    match dialer.connect(server, &config.server_ids, target).await {
+        Ok(tunnel) => {
+            send_reply(&mut app, Reply::Succeeded).await?;
+            relay(app, source, tunnel, target, log, started).await;
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(%source, %target, error = %e, "socks5: tunnel failed");
+            record_dial_failure(log, source, dialer, target, &e, started);
+            send_reply(&mut app, Reply::for_dial_error(&e)).await
+        }
+    }
+}
+
+/// Reads the greeting and the request. The inner `Err` is a reply to send
+/// before closing (unsupported method, command or address type).
+async fn negotiate(app: &mut TcpStream) -> io::Result<Result<SocketAddr, Reply>> {
+    let mut header = [0u8; 2];
+    app.read_exact(&mut header).await?;
+    if header[0] != VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a SOCKS5 client",
+        ));
+    }
+    let mut methods = vec![0u8; usize::from(header[1])];
+    app.read_exact(&mut methods).await?;
+    if !methods.contains(&NO_AUTH) {
+        app.write_all(&[VERSION, NO_ACCEPTABLE_METHOD]).await?;
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "client offers no no-auth method",
+        ));
+    }
+    app.write_all(&[VERSION, NO_AUTH]).await?;
+
+    let mut request = [0u8; 4];
+    app.read_exact(&mut request).await?;
+    let [version, command, _reserved, address_type] = request;
+    if version != VERSION {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad SOCKS5 request version",
+        ));
+    }
+    let ip = match address_type {
+        ATYP_IPV4 => {
+            let mut octets = [0u8; 4];
+            app.read_exact(&mut octets).await?;
+            IpAddr::V4(Ipv4Addr::from(octets))
+        }
+        ATYP_IPV6 => {
+            let mut octets = [0u8; 16];
+            app.read_exact(&mut octets).await?;
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        ATYP_DOMAIN => {
+            let len = app.read_u8().await?;
+            let mut name = vec![0u8; usize::from(len) + 2];
+            app.read_exact(&mut name).await?;
+            return Ok(Err(Reply::AddressTypeNotSupported));
+        }
+        _ => return Ok(Err(Reply::AddressTypeNotSupported)),
+    };
+    let port = app.read_u16().await?;
+    if command != CMD_CONNECT {
+        return Ok(Err(Reply::CommandNotSupported));
+    }
+    Ok(Ok(SocketAddr::new(ip, port)))
+}
+
+async fn send_reply(app: &mut TcpStream, reply: Reply) -> io::Result<()> {
+    // BND.ADDR/BND.PORT: the address we bound is of no use to the client
+    // (the real connection is made by the HBONE server), so send zeros.
+    app.write_all(&[VERSION, reply as u8, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0])
+        .await
+}

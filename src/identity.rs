@@ -1,0 +1,428 @@
+//! SPIFFE identities and the certificate material that proves them.
+//!
+//! A workload is known by the first `spiffe://` URI SAN of its certificate
+//! (X.509-SVID). This module parses those IDs, extracts them from
+//! certificates, and loads a certificate chain, its private key and the trust
+//! bundle from PEM, with errors that say which file is wrong and how.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Trust domain Istio uses when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Longest SPIFFE ID we accept, as the SPIFFE spec recommends (2048 bytes).
+const MAX_ID_LEN: usize = 2048;
+
+/// A SPIFFE ID: `spiffe://<trust-domain>/<path>`.
+///
+/// Parsing follows the SPIFFE ID spec: the trust domain is lower-case letters,
+/// digits, `.`, `-` and `_`; the path is made of non-empty segments other than
+/// `.` and `..`, of letters, digits, `.`, `-` and `_`; no query, fragment,
+/// port or user info.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId {
+    /// The whole ID as text; `td_end` splits trust domain from path.
+    text: String,
+    td_end: usize,
+}
+
+/// Why a string is not a SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpiffeIdError {
+    #[error("SPIFFE ID must start with \"spiffe://\"")]
+    Scheme,
+    #[error("SPIFFE ID is longer than {MAX_ID_LEN} bytes")]
+    TooLong,
+    #[error("SPIFFE ID has an empty trust domain")]
+    EmptyTrustDomain,
+    #[error("trust domain may hold only a-z, 0-9, '.', '-' and '_' (found {0:?})")]
+    TrustDomainChar(char),
+    #[error("SPIFFE ID path has an empty segment, or ends with '/'")]
+    EmptySegment,
+    #[error("SPIFFE ID path may not contain '.' or '..' segments")]
+    DotSegment,
+    #[error("SPIFFE ID path may hold only a-z, A-Z, 0-9, '.', '-' and '_' (found {0:?})")]
+    PathChar(char),
+}
+
+impl SpiffeId {
+    /// Parses `spiffe://<trust-domain>[/<path>]`.
+    pub fn parse(s: &str) -> Result<Self, SpiffeIdError> {
+        let rest = s.strip_prefix("spiffe://").ok_or(SpiffeIdError::Scheme)?;
+        if s.len() > MAX_ID_LEN {
+            return Err(SpiffeIdError::TooLong);
+        }
+        let (td, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if td.is_empty() {
+            return Err(SpiffeIdError::EmptyTrustDomain);
+        }
+        if let Some(c) = td
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(*c)))
+        {
+            return Err(SpiffeIdError::TrustDomainChar(c));
+        }
+        if !path.is_empty() {
+            for segment in path[1..].split('/') {
+                match segment {
+                    "" => return Err(SpiffeIdError::EmptySegment),
+                    "." | ".." => return Err(SpiffeIdError::DotSegment),
+                    _ => {}
+                }
+                if let Some(c) = segment
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || ".-_".contains(*c)))
+                {
+                    return Err(SpiffeIdError::PathChar(c));
+                }
+            }
+        }
+        Ok(SpiffeId {
+            text: s.to_owned(),
+            td_end: "spiffe://".len() + td.len(),
+        })
+    }
+
+    /// Builds the Istio form `spiffe://<td>/ns/<ns>/sa/<sa>`.
+    pub fn istio(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeIdError> {
+        Self::parse(&format!(
+            "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+        ))
+    }
+
+    /// The trust domain, e.g. `cluster.local`.
+    pub fn trust_domain(&self) -> &str {
+        &self.text["spiffe://".len()..self.td_end]
+    }
+
+    /// The path including its leading `/`, or "" for a trust domain ID.
+    pub fn path(&self) -> &str {
+        &self.text[self.td_end..]
+    }
+
+    /// The whole ID as text.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Namespace of an Istio-form ID (`/ns/<ns>/sa/<sa>`), else `None`.
+    pub fn namespace(&self) -> Option<&str> {
+        self.istio_parts().map(|(ns, _)| ns)
+    }
+
+    /// Service account of an Istio-form ID (`/ns/<ns>/sa/<sa>`), else `None`.
+    pub fn service_account(&self) -> Option<&str> {
+        self.istio_parts().map(|(_, sa)| sa)
+    }
+
+    fn istio_parts(&self) -> Option<(&str, &str)> {
+        let mut parts = self.path().strip_prefix('/')?.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = SpiffeIdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeId({})", self.text)
+    }
+}
+
+/// Why a certificate carries no usable SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CertIdError {
+    #[error("certificate is not valid X.509 DER: {0}")]
+    Parse(String),
+    #[error("certificate has no spiffe:// URI SAN")]
+    Missing,
+    #[error("certificate's spiffe:// URI SAN is invalid: {0}")]
+    Invalid(#[from] SpiffeIdError),
+}
+
+/// The SPIFFE ID of a certificate: its first `spiffe://` URI SAN.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| CertIdError::Parse(e.to_string()))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| CertIdError::Parse(e.to_string()))?
+        .ok_or(CertIdError::Missing)?;
+    let uri = san
+        .value
+        .general_names
+        .iter()
+        .find_map(|name| match name {
+            GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(*uri),
+            _ => None,
+        })
+        .ok_or(CertIdError::Missing)?;
+    Ok(SpiffeId::parse(uri)?)
+}
+
+/// The end of a certificate's validity period, as seconds since the epoch.
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
+/// A problem with identity files, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {problem}")]
+    Content { path: PathBuf, problem: String },
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+impl IdentityError {
+    fn content(path: &Path, problem: impl Into<String>) -> Self {
+        IdentityError::Content {
+            path: path.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A workload's certificate chain, private key and trust bundle, and the
+/// SPIFFE ID its leaf certificate proves.
+pub struct Identity {
+    id: SpiffeId,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    bundle: Vec<CertificateDer<'static>>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            id: self.id.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            bundle: self.bundle.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .field("chain_len", &self.chain.len())
+            .field("bundle_len", &self.bundle.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Standard file names inside an identity directory.
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+pub const BUNDLE_FILE: &str = "bundle.pem";
+
+impl Identity {
+    /// Loads `cert.pem`, `key.pem` and `bundle.pem` from `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self, IdentityError> {
+        Self::from_files(
+            &dir.join(CERT_FILE),
+            &dir.join(KEY_FILE),
+            &dir.join(BUNDLE_FILE),
+        )
+    }
+
+    /// Loads the certificate chain (leaf first), key and trust bundle files.
+    pub fn from_files(cert: &Path, key: &Path, bundle: &Path) -> Result<Self, IdentityError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| IdentityError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Self::from_pem_sources(
+            (cert, &read(cert)?),
+            (key, &read(key)?),
+            (bundle, &read(bundle)?),
+        )
+    }
+
+    /// Builds an identity from PEM text held in memory (the demo uses this).
+    pub fn from_pem(cert: &str, key: &str, bundle: &str) -> Result<Self, IdentityError> {
+        Self::from_pem_sources(
+            (Path::new("<certificate>"), cert.as_bytes()),
+            (Path::new("<key>"), key.as_bytes()),
+            (Path::new("<bundle>"), bundle.as_bytes()),
+        )
+    }
+
+    fn from_pem_sources(
+        (cert_path, cert_pem): (&Path, &[u8]),
+        (key_path, key_pem): (&Path, &[u8]),
+        (bundle_path, bundle_pem): (&Path, &[u8]),
+    ) -> Result<Self, IdentityError> {
+        let chain = parse_certs(cert_path, cert_pem)?;
+        let id = spiffe_id_of(&chain[0])
+            .map_err(|e| IdentityError::content(cert_path, format!("first certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
+            IdentityError::content(
+                key_path,
+                format!("no usable private key (PKCS#8, SEC1 or PKCS#1 PEM expected): {e}"),
+            )
+        })?;
+        let bundle = parse_certs(bundle_path, bundle_pem)?;
+        let identity = Identity {
+            id,
+            chain,
+            key,
+            bundle,
+        };
+        identity.check_key_matches(cert_path, key_path)?;
+        Ok(identity)
+    }
+
+    fn check_key_matches(&self, cert_path: &Path, key_path: &Path) -> Result<(), IdentityError> {
+        let provider = crate::tls::provider();
+        let signing_key = provider
+            .key_provider
+            .load_private_key(self.key.clone_key())
+            .map_err(|e| {
+                IdentityError::content(key_path, format!("unsupported private key: {e}"))
+            })?;
+        let certified = rustls::sign::CertifiedKey::new(self.chain.clone(), signing_key);
+        certified.keys_match().map_err(|_| {
+            IdentityError::Mismatch(format!(
+                "private key {} does not belong to certificate {}",
+                key_path.display(),
+                cert_path.display()
+            ))
+        })
+    }
+
+    /// The SPIFFE ID the leaf certificate proves.
+    pub fn id(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The private key of the leaf certificate.
+    pub fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// The trust anchors peers are verified against.
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+}
+
+fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| IdentityError::content(path, format!("invalid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(IdentityError::content(path, "no CERTIFICATE blocks found"));
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
+            IdentityError::content(
+                path,
+                format!("certificate #{} is not valid X.509: {e}", i + 1),
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_istio_form() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/client").unwrap();
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.path(), "/ns/demo/sa/client");
+        assert_eq!(id.namespace(), Some("demo"));
+        assert_eq!(id.service_account(), Some("client"));
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/client");
+    }
+
+    #[test]
+    fn parses_general_ids() {
+        let id = SpiffeId::parse("spiffe://example.org/workload/web-1").unwrap();
+        assert_eq!(id.namespace(), None);
+        let td = SpiffeId::parse("spiffe://example.org").unwrap();
+        assert_eq!(td.path(), "");
+        assert_eq!(td.trust_domain(), "example.org");
+        assert_eq!(
+            SpiffeId::parse("spiffe://td/ns/a/sa/b/extra")
+                .unwrap()
+                .namespace(),
+            None
+        );
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        use SpiffeIdError::*;
+        let cases = [
+            ("http://cluster.local/ns/a/sa/b", Scheme),
+            ("spiffe:///ns/a", EmptyTrustDomain),
+            ("spiffe://Cluster.local/x", TrustDomainChar('C')),
+            ("spiffe://td:8080/x", TrustDomainChar(':')),
+            ("spiffe://user@td/x", TrustDomainChar('@')),
+            ("spiffe://td/a//b", EmptySegment),
+            ("spiffe://td/a/", EmptySegment),
+            ("spiffe://td/a/../b", DotSegment),
+            ("spiffe://td/a?x=1", PathChar('?')),
+            ("spiffe://td/a#f", PathChar('#')),
+            ("spiffe://td/a%20b", PathChar('%')),
+        ];
+        for (input, want) in cases {
+            assert_eq!(SpiffeId::parse(input), Err(want), "{input}");
+        }
+        let long = format!("spiffe://td/{}", "a".repeat(MAX_ID_LEN));
+        assert_eq!(SpiffeId::parse(&long), Err(TooLong));
+    }
+}

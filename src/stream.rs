@@ -1,0 +1,139 @@
+//! An HTTP/2 stream seen as a byte stream (`AsyncRead + AsyncWrite`).
+//!
+//! Reading hands out DATA frames as they arrive and gives their bytes back to
+//! the peer's flow-control window only once the application has consumed
+//! them, so a slow reader holds at most one stream window in memory.
+//! Writing sends no more than the stream has window for, so a slow peer
+//! applies backpressure instead of growing a send buffer. Shutting down the
+//! write side sends an empty DATA frame with END_STREAM (half-close); an
+//! END_STREAM from the peer reads as EOF. A reset with NO_ERROR or CANCEL is
+//! a normal end; any other reset reads as a connection reset.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Largest chunk handed to h2 in one write; matches the 1 MiB frame size.
+const MAX_WRITE: usize = 1 << 20;
+
+/// Both halves of one HTTP/2 stream as a byte stream.
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received bytes not yet read by the application.
+    pending: Bytes,
+    write_closed: bool,
+}
+
+impl H2Stream {
+    /// Wraps the send half and receive half of one stream.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            write_closed: false,
+        }
+    }
+
+    /// Ends the stream abruptly with `reason` (RST_STREAM). Use a reason
+    /// other than NO_ERROR/CANCEL to tell the peer the TCP side was reset.
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+/// Whether an h2 error is a peer's normal end of the stream.
+fn is_graceful(error: &h2::Error) -> bool {
+    error.is_reset()
+        && matches!(
+            error.reason(),
+            Some(Reason::NO_ERROR) | Some(Reason::CANCEL)
+        )
+}
+
+/// Maps an h2 error to the I/O error an application expects.
+pub(crate) fn to_io_error(error: h2::Error) -> io::Error {
+    if error.is_io() {
+        return error
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
+    }
+    let kind = if error.is_reset() || error.is_go_away() {
+        io::ErrorKind::ConnectionReset
+    } else {
+        io::ErrorKind::Other
+    };
+    io::Error::new(kind, error)
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => this.pending = data,
+                Some(Err(e)) if is_graceful(&e) => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(to_io_error(e))),
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending.split_to(n));
+        // Give the window back only now that the application has the bytes.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let send = &mut self.send;
+        send.reserve_capacity(buf.len().min(MAX_WRITE));
+        let mut available = send.capacity();
+        while available == 0 {
+            match ready!(send.poll_capacity(cx)) {
+                Some(Ok(n)) => available = n,
+                Some(Err(e)) => return Poll::Ready(Err(to_io_error(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+        let n = available.min(buf.len());
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(to_io_error)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 writes frames from its connection task; nothing is held here.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send
+                .send_data(Bytes::new(), true)
+                .map_err(to_io_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,374 @@
+//! rustls configurations for both ends of an HBONE connection.
+//!
+//! Both sides speak TLS 1.3 only, with AES-GCM suites (as ztunnel does), ALPN
+//! `h2`, and mutual authentication by SPIFFE certificates. SPIFFE
+//! certificates carry no DNS or IP SAN, so the client cannot use the stock
+//! hostname verifier: it checks the chain with webpki and then compares the
+//! server's URI SAN with the identities it expects. The server checks the
+//! client's chain and that the client belongs to its trust domain; which
+//! identity may reach which target is decided later, by [`crate::policy`].
+//!
+//! Session resumption is off on both sides: a resumed TLS 1.3 session skips
+//! certificate verification, and the client's expected identities differ per
+//! destination, so a ticket must never stand in for a full check.
+
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, SignatureScheme,
+};
+
+use crate::identity::{Identity, SpiffeId, spiffe_id_of};
+
+/// The ALPN protocol both sides require.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// The one crypto provider compiled in: aws-lc-rs limited to the TLS 1.3
+/// AES-GCM suites that ztunnel offers.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+            let mut provider = default_provider();
+            provider.cipher_suites = vec![
+                cipher_suite::TLS13_AES_128_GCM_SHA256,
+                cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ];
+            Arc::new(provider)
+        })
+        .clone()
+}
+
+/// A configuration that could not be built from the given identity.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("trust bundle holds no usable CA certificate: {0}")]
+    Bundle(String),
+    #[error("certificate or key rejected by TLS: {0}")]
+    Certificate(#[from] rustls::Error),
+}
+
+fn root_store(identity: &Identity) -> Result<Arc<RootCertStore>, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(identity.bundle().iter().cloned());
+    if added == 0 {
+        return Err(TlsConfigError::Bundle(format!(
+            "{ignored} certificate(s) could not be used as trust anchors"
+        )));
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Server side: require a client certificate chained to the bundle and in
+/// one of `trust_domains`.
+pub fn server_config(
+    identity: &Identity,
+    trust_domains: Vec<String>,
+) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    let provider = provider();
+    let chain_verifier =
+        WebPkiClientVerifier::builder_with_provider(root_store(identity)?, provider.clone())
+            .build()
+            .map_err(|e| TlsConfigError::Bundle(e.to_string()))?;
+    let verifier = Arc::new(SpiffeClientVerifier {
+        chain_verifier,
+        trust_domains,
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain().to_vec(), identity.key().clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Client side, without a verifier: [`client_config_for`] adds the one that
+/// checks the identities expected of a given server. Build this once per
+/// dialer and derive per-destination configs from it.
+pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigError> {
+    let provider = provider();
+    let roots = root_store(identity)?;
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: roots.clone(),
+        algorithms: provider.signature_verification_algorithms,
+        expected: Vec::new(),
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.chain().to_vec(), identity.key().clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = Resumption::disabled();
+    Ok(ClientBase {
+        config,
+        roots,
+        algorithms: provider.signature_verification_algorithms,
+    })
+}
+
+/// A client configuration awaiting the identities it should expect.
+#[derive(Clone)]
+pub struct ClientBase {
+    config: rustls::ClientConfig,
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientBase {
+    /// A config that accepts only a server presenting one of `expected`.
+    pub fn for_peer(&self, expected: &[SpiffeId]) -> Arc<rustls::ClientConfig> {
+        let mut config = self.config.clone();
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(SpiffeServerVerifier {
+                roots: self.roots.clone(),
+                algorithms: self.algorithms,
+                expected: expected.to_vec(),
+            }));
+        Arc::new(config)
+    }
+}
+
+/// The server name passed to rustls. SNI is disabled, so it never reaches
+/// the wire; rustls still wants one.
+pub fn placeholder_server_name(addr: std::net::IpAddr) -> ServerName<'static> {
+    ServerName::IpAddress(addr.into())
+}
+
+/// The server presented a valid certificate for someone we did not expect.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("server presented {presented}, expected one of [{}]", join_ids(.expected))]
+pub struct UnexpectedPeer {
+    pub expected: Vec<SpiffeId>,
+    pub presented: SpiffeId,
+}
+
+fn join_ids(ids: &[SpiffeId]) -> String {
+    ids.iter()
+        .map(SpiffeId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The client's certificate is valid but from a trust domain we do not serve.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("client {presented} is outside trust domain(s) [{}]", .allowed.join(", "))]
+pub struct ForeignTrustDomain {
+    pub allowed: Vec<String>,
+    pub presented: SpiffeId,
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    CertificateError::Other(OtherError(Arc::new(e))).into()
+}
+
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    algorithms: WebPkiSupportedAlgorithms,
+    expected: Vec<SpiffeId>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let presented = spiffe_id_of(end_entity).map_err(other)?;
+        if !self.expected.contains(&presented) {
+            return Err(other(UnexpectedPeer {
+                expected: self.expected.clone(),
+                presented,
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is enabled; rustls never calls this.
+        Err(rustls::Error::General("TLS 1.2 is disabled".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    chain_verifier: Arc<dyn ClientCertVerifier>,
+    trust_domains: Vec<String>,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain_verifier.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.chain_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let presented = spiffe_id_of(end_entity).map_err(other)?;
+        if !self
+            .trust_domains
+            .iter()
+            .any(|td| td == presented.trust_domain())
+        {
+            tracing::debug!(
+                "{}",
+                ForeignTrustDomain {
+                    allowed: self.trust_domains.clone(),
+                    presented,
+                }
+            );
+            // Sent as an access_denied alert, so the client can tell this
+            // apart from an unknown CA.
+            return Err(CertificateError::ApplicationVerificationFailure.into());
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain_verifier
+            .verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain_verifier
+            .verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain_verifier.supported_verify_schemes()
+    }
+}
+
+/// Why a TLS handshake failed, as the dialer reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFailure {
+    #[error("server certificate is not signed by a CA in our trust bundle")]
+    ServerUnknownCa,
+    #[error("server certificate is expired or not yet valid")]
+    ServerCertExpired,
+    #[error("wrong server identity: presented {presented}, expected one of [{}]", join_ids(.expected))]
+    WrongServerIdentity {
+        expected: Vec<SpiffeId>,
+        presented: SpiffeId,
+    },
+    #[error("server certificate rejected: {0}")]
+    ServerCertInvalid(String),
+    #[error("server rejected our certificate: its CA is unknown to the server")]
+    RejectedUnknownCa,
+    #[error("server rejected our certificate: expired or not yet valid")]
+    RejectedExpired,
+    #[error("server rejected our identity: not in its trust domain")]
+    RejectedNotAuthorized,
+    #[error("server requires a client certificate")]
+    RejectedCertificateRequired,
+    #[error("server rejected the handshake: {0} alert")]
+    RejectedOther(String),
+    #[error("peer did not negotiate ALPN h2")]
+    NoH2,
+    #[error("TLS protocol error: {0}")]
+    Protocol(String),
+}
+
+impl TlsFailure {
+    /// Classifies a rustls error seen by the client.
+    pub fn from_rustls(error: &rustls::Error) -> TlsFailure {
+        use rustls::Error as E;
+        match error {
+            E::InvalidCertificate(cert_error) => match cert_error {
+                CertificateError::UnknownIssuer => TlsFailure::ServerUnknownCa,
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. } => TlsFailure::ServerCertExpired,
+                CertificateError::Other(OtherError(inner)) => {
+                    match inner.downcast_ref::<UnexpectedPeer>() {
+                        Some(u) => TlsFailure::WrongServerIdentity {
+                            expected: u.expected.clone(),
+                            presented: u.presented.clone(),
+                        },
+                        None => TlsFailure::ServerCertInvalid(inner.to_string()),
+                    }
+                }
+                other => TlsFailure::ServerCertInvalid(other.to_string()),
+            },
+            E::AlertReceived(alert) => match alert {
+                AlertDescription::UnknownCA => TlsFailure::RejectedUnknownCa,
+                AlertDescription::CertificateExpired => TlsFailure::RejectedExpired,
+                AlertDescription::AccessDenied => TlsFailure::RejectedNotAuthorized,
+                AlertDescription::CertificateRequired => TlsFailure::RejectedCertificateRequired,
+                AlertDescription::NoApplicationProtocol => TlsFailure::NoH2,
+                other => TlsFailure::RejectedOther(format!("{other:?}")),
+            },
+            E::NoApplicationProtocol => TlsFailure::NoH2,
+            other => TlsFailure::Protocol(other.to_string()),
+        }
+    }
+
+    /// Classifies an I/O error from a TLS stream, if it carries a rustls error.
+    pub fn from_io(error: &io::Error) -> Option<TlsFailure> {
+        rustls_error_in(error).map(TlsFailure::from_rustls)
+    }
+}
+
+/// The rustls error inside an I/O error from tokio-rustls, if any.
+pub fn rustls_error_in(error: &io::Error) -> Option<&rustls::Error> {
+    error.get_ref()?.downcast_ref::<rustls::Error>()
+}
