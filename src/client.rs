@@ -150,15 +150,16 @@ impl Dialer {
             return Err(DialError::NoExpectedIdentity);
         }
         let key = PoolKey::new(server, expected);
-        // A pooled connection may have been closed by the peer since it was
-        // last used; such a failure before the request is sent is retried
-        // once on a fresh connection.
-        if let Some((conn, lease)) = self.inner.pool.checkout(&key) {
-            match self.open(&conn, lease, server, target).await {
-                Err(OpenError::Unusable(_)) => conn.state.mark_closed(),
-                Err(OpenError::Tunnel(e)) => return Err(e),
-                Ok(tunnel) => return Ok(tunnel),
-            }
+        if let Some(tunnel) = self.open_pooled(&key, server, target).await? {
+            return Ok(tunnel);
+        }
+        // Nothing pooled has room: open a connection, one handshake at a
+        // time per key. Whoever waited re-checks the pool first, since the
+        // connection just opened usually has room for them too.
+        let dial_lock = self.inner.pool.dial_lock(&key);
+        let dialing = dial_lock.lock().await;
+        if let Some(tunnel) = self.open_pooled(&key, server, target).await? {
+            return Ok(tunnel);
         }
         let conn = self.handshake(server, expected).await?;
         let lease = conn.try_acquire().ok_or(DialError::Http2 {
@@ -166,10 +167,34 @@ impl Dialer {
             source: h2::Error::from(h2::Reason::REFUSED_STREAM),
         })?;
         self.inner.pool.insert(key, conn.clone());
+        drop(dialing);
         match self.open(&conn, lease, server, target).await {
             Ok(tunnel) => Ok(tunnel),
             Err(OpenError::Unusable(e) | OpenError::Tunnel(e)) => Err(e),
         }
+    }
+
+    /// Opens the tunnel on a pooled connection with room, if there is one.
+    /// A pooled connection may have been closed by the peer since it was
+    /// last used; such a failure before the request went out is not the
+    /// tunnel's: the connection is retired and `None` returned.
+    async fn open_pooled(
+        &self,
+        key: &PoolKey,
+        server: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<Option<Tunnel>, DialError> {
+        while let Some((conn, lease)) = self.inner.pool.checkout(key) {
+            match self.open(&conn, lease, server, target).await {
+                Ok(tunnel) => return Ok(Some(tunnel)),
+                Err(OpenError::Tunnel(e)) => return Err(e),
+                Err(OpenError::Unusable(e)) => {
+                    tracing::debug!(%server, error = %e, "retiring pooled connection");
+                    conn.state.mark_closed();
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// TCP connect, TLS handshake (verifying the server's identity), and

@@ -119,36 +119,56 @@ impl Drop for StreamLease {
 /// The dialer's connections.
 #[derive(Default)]
 pub(crate) struct Pool {
-    conns: Mutex<HashMap<PoolKey, Vec<Arc<PooledConn>>>>,
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    conns: Vec<Arc<PooledConn>>,
+    /// Held while a new connection for this key is being opened, so that
+    /// concurrent first tunnels share one handshake instead of racing.
+    dialing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Pool {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A connection with a free slot for `key`, dropping closed ones.
     pub(crate) fn checkout(&self, key: &PoolKey) -> Option<(Arc<PooledConn>, StreamLease)> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let list = conns.get_mut(key)?;
-        list.retain(|c| !c.state.is_closed());
-        let found = list
+        let mut entries = self.entries();
+        let entry = entries.get_mut(key)?;
+        entry.conns.retain(|c| !c.state.is_closed());
+        let found = entry
+            .conns
             .iter()
             .find_map(|c| c.try_acquire().map(|lease| (c.clone(), lease)));
-        if list.is_empty() {
-            conns.remove(key);
+        if entry.conns.is_empty() && Arc::strong_count(&entry.dialing) == 1 {
+            entries.remove(key);
         }
         found
     }
 
+    /// The lock to hold while opening a connection for `key`.
+    pub(crate) fn dial_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.entries()
+            .entry(key.clone())
+            .or_default()
+            .dialing
+            .clone()
+    }
+
     /// Adds a freshly opened connection.
     pub(crate) fn insert(&self, key: PoolKey, conn: Arc<PooledConn>) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.entry(key).or_default().push(conn);
+        self.entries().entry(key).or_default().conns.push(conn);
     }
 
     /// Open connections across all keys (for tests and metrics).
     pub(crate) fn len(&self) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns
+        self.entries()
             .values()
-            .flatten()
+            .flat_map(|e| &e.conns)
             .filter(|c| !c.state.is_closed())
             .count()
     }

@@ -1,0 +1,355 @@
+//! The `hbone` binary end to end: CA, server, forward, connect and socks5
+//! as separate processes, with certificates written by `hbone ca`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hbone");
+const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+fn hbone(args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(args).kill_on_drop(true).env_remove("RUST_LOG");
+    command
+}
+
+async fn run_ok(args: &[&str]) -> String {
+    let output = hbone(args).output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "hbone {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// `ca init` plus a client and a server certificate in `dir`.
+async fn make_pki(dir: &Path) {
+    let ca = dir.join("ca");
+    let ca = ca.to_str().unwrap();
+    run_ok(&["ca", "init", "--out", ca]).await;
+    for (id, name) in [(SERVER_ID, "server"), (CLIENT_ID, "client")] {
+        let out = dir.join(name);
+        run_ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            ca,
+            "--id",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .await;
+    }
+}
+
+/// Starts a long-running subcommand and returns it with the address it
+/// reports in its "ready" log line (so `--listen 127.0.0.1:0` works).
+async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
+    let mut child = hbone(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("ready") {
+                let listen = line
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix("listen="))
+                    .unwrap_or_else(|| panic!("no listen= in {line:?}"));
+                return listen.parse::<SocketAddr>().unwrap();
+            }
+        }
+        panic!("hbone {args:?} exited before it was ready");
+    })
+    .await
+    .expect("subcommand did not become ready");
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_server_forward_connect_and_socks5() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca/ca-key.pem", "server/key.pem", "client/key.pem"] {
+            let mode = std::fs::metadata(dir.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key} must be private");
+        }
+    }
+    let echo = start_echo().await;
+    let echo_s = echo.to_string();
+    let server_dir = path(dir.path(), "server");
+    let client_dir = path(dir.path(), "client");
+
+    let (_server, server) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &server_dir,
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let server_s = server.to_string();
+
+    // forward: a plain TCP client through a local port.
+    let (_forward, forward) = spawn_ready(&[
+        "forward",
+        "--identity-dir",
+        &client_dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        &server_s,
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo_s,
+    ])
+    .await;
+    let data = payload(3, 4 << 20);
+    let back = echo_roundtrip(TcpStream::connect(forward).await.unwrap(), &data)
+        .await
+        .unwrap();
+    assert_eq!(sha256(&back), sha256(&data));
+
+    // connect: stdin to the target, the answer on stdout.
+    let mut connect = hbone(&[
+        "connect",
+        "--cert",
+        &path(dir.path(), "client/cert.pem"),
+        "--key",
+        &path(dir.path(), "client/key.pem"),
+        "--trust-bundle",
+        &path(dir.path(), "client/bundle.pem"),
+        "--server",
+        &server_s,
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo_s,
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdin = connect.stdin.take().unwrap();
+    stdin.write_all(b"through stdin and back").await.unwrap();
+    drop(stdin); // EOF half-closes the tunnel
+    let output = tokio::time::timeout(Duration::from_secs(20), connect.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.stdout, b"through stdin and back");
+
+    // socks5, with every tunnel sent to our server.
+    let (_socks, socks) = spawn_ready(&[
+        "socks5",
+        "--identity-dir",
+        &client_dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        &server_s,
+        "--server-id",
+        SERVER_ID,
+    ])
+    .await;
+    let mut client = socks5_connect(socks, echo).await;
+    assert_eq!(read_reply(&mut client).await, 0, "succeeded");
+    let back = echo_roundtrip(client, b"via socks5").await.unwrap();
+    assert_eq!(back, b"via socks5");
+
+    // Not allowed by the server's default policy: reply 2, nothing dialled.
+    let mut client = socks5_connect(socks, "192.0.2.1:80".parse().unwrap()).await;
+    assert_eq!(read_reply(&mut client).await, 2, "not allowed");
+    // Nothing listening behind the server: reply 5.
+    let mut client = socks5_connect(socks, closed_port().await).await;
+    assert_eq!(read_reply(&mut client).await, 5, "connection refused");
+    // BIND is not supported: reply 7.
+    let mut client = socks5_greet(socks).await;
+    client
+        .write_all(&[5, 2, 0, 1, 127, 0, 0, 1, 0, 80])
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut client).await, 7, "command not supported");
+    // Domain names are not supported: reply 8.
+    let mut client = socks5_greet(socks).await;
+    client
+        .write_all(&[&[5u8, 1, 0, 3, 9][..], b"localhost", &[0, 80]].concat())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_reply(&mut client).await,
+        8,
+        "address type not supported"
+    );
+    // A client offering only username/password auth is turned away.
+    let mut client = TcpStream::connect(socks).await.unwrap();
+    client.write_all(&[5, 1, 2]).await.unwrap();
+    let mut choice = [0u8; 2];
+    client.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 0xff]);
+}
+
+async fn socks5_greet(socks: SocketAddr) -> TcpStream {
+    let mut client = TcpStream::connect(socks).await.unwrap();
+    client.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    client.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 0]);
+    client
+}
+
+async fn socks5_connect(socks: SocketAddr, target: SocketAddr) -> TcpStream {
+    let mut client = socks5_greet(socks).await;
+    let SocketAddr::V4(v4) = target else {
+        panic!("IPv4 only here")
+    };
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&v4.ip().octets());
+    request.extend_from_slice(&v4.port().to_be_bytes());
+    client.write_all(&request).await.unwrap();
+    client
+}
+
+async fn read_reply(client: &mut TcpStream) -> u8 {
+    let mut reply = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply[0], 5);
+    reply[1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_exits_zero_and_reports() {
+    let output = hbone(&["demo"]).output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("client verified the server as spiffe://cluster.local/ns/demo/sa/server")
+    );
+    assert!(
+        stdout.contains("server verified the client as spiffe://cluster.local/ns/demo/sa/client")
+    );
+    assert!(stdout.contains("every byte checked"));
+    assert!(stdout.contains("refused"));
+}
+
+#[tokio::test]
+async fn operator_mistakes_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = path(dir.path(), "nowhere");
+
+    let output = hbone(&["server", "--listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--identity-dir"));
+
+    let output = hbone(&["server", "--identity-dir", &missing])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nowhere/cert.pem"), "{stderr}");
+
+    let output = hbone(&[
+        "ca", "issue", "--ca", &missing, "--id", CLIENT_ID, "--out", &missing,
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("ca-cert.pem"));
+
+    let output = hbone(&[
+        "server",
+        "--identity-dir",
+        &missing,
+        "--allow-target",
+        "10.0.0.1/8",
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("host bits"));
+
+    // A key that does not belong to the certificate.
+    make_pki(dir.path()).await;
+    std::fs::copy(
+        dir.path().join("client/key.pem"),
+        dir.path().join("server/key.pem"),
+    )
+    .unwrap();
+    let output = hbone(&["server", "--identity-dir", &path(dir.path(), "server")])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("does not belong"));
+
+    // Refuses to overwrite a CA key.
+    let output = hbone(&["ca", "init", "--out", &path(dir.path(), "ca")])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("refusing to overwrite"));
+
+    // Issuing for another trust domain than the CA's.
+    let output = hbone(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--id",
+        "spiffe://elsewhere/ns/a/sa/b",
+        "--out",
+        &missing,
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("trust domain"));
+}

@@ -1,0 +1,221 @@
+//! Shared fixtures: certificates from our CA, servers and echo targets on
+//! loopback, and payload helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hbone::ca::DevCa;
+use hbone::server::ServerStats;
+use hbone::{Identity, Server, ServerConfig, SpiffeId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub const TD: &str = "cluster.local";
+pub const DAY: Duration = Duration::from_secs(86_400);
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+pub fn id(text: &str) -> SpiffeId {
+    SpiffeId::parse(text).unwrap()
+}
+
+/// A CA with a client and a server identity.
+pub struct Pki {
+    pub ca: DevCa,
+    pub client_id: SpiffeId,
+    pub server_id: SpiffeId,
+    pub client: Identity,
+    pub server: Identity,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let ca = DevCa::generate(TD, DAY).unwrap();
+        let client_id = SpiffeId::istio(TD, "test", "client").unwrap();
+        let server_id = SpiffeId::istio(TD, "test", "server").unwrap();
+        let client = ca.issue(&client_id, DAY).unwrap().identity().unwrap();
+        let server = ca.issue(&server_id, DAY).unwrap().identity().unwrap();
+        Pki {
+            ca,
+            client_id,
+            server_id,
+            client,
+            server,
+        }
+    }
+}
+
+/// A running server; aborted when dropped.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub stats: Arc<ServerStats>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn start_server(config: ServerConfig) -> RunningServer {
+    let server = Server::bind(config).await.unwrap();
+    let addr = server.local_addr();
+    let stats = server.stats();
+    let task = tokio::spawn(server.run());
+    RunningServer { addr, stats, task }
+}
+
+pub async fn start_default_server(pki: &Pki) -> RunningServer {
+    start_server(ServerConfig::new(loopback(), pki.server.clone())).await
+}
+
+/// An echo target: copies everything back, then half-closes.
+pub async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = socket.split();
+                if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
+                    let _ = writer.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A port on loopback with nothing listening.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Deterministic pseudo-random bytes, different per seed.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
+}
+
+/// Writes `data` and half-closes while reading everything back; returns
+/// what was read.
+pub async fn echo_roundtrip<S>(stream: S, data: &[u8]) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let write = async {
+        writer.write_all(data).await?;
+        writer.shutdown().await
+    };
+    let read = async {
+        let mut back = Vec::with_capacity(data.len());
+        reader.read_to_end(&mut back).await?;
+        Ok::<_, std::io::Error>(back)
+    };
+    let ((), back) = tokio::try_join!(write, read)?;
+    Ok(back)
+}
+
+/// Polls `check` until it holds or two seconds pass.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// A rustls client config written without hbone's TLS code: it accepts any
+/// server certificate (the tests check the server's behaviour, not ours)
+/// and presents `identity`'s certificate if given.
+pub fn raw_client_config(identity: Option<&Identity>) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)));
+    let mut config = match identity {
+        Some(identity) => builder
+            .with_client_auth_cert(identity.chain().to_vec(), identity.key().clone_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+#[derive(Debug)]
+struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 not offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS connection to `server` made with [`raw_client_config`].
+pub async fn raw_tls(
+    server: SocketAddr,
+    identity: Option<&Identity>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(server).await?;
+    let connector = tokio_rustls::TlsConnector::from(raw_client_config(identity));
+    let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+    connector.connect(name, tcp).await
+}

@@ -1,0 +1,166 @@
+//! TLS handshake refusals: each fails with its own typed error, and leaves
+//! no connection open on the server nor in the dialer's pool.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hbone::tls::TlsFailure;
+use hbone::{DialError, Dialer, Identity, ServerConfig};
+use time::OffsetDateTime;
+use tokio::io::AsyncReadExt;
+
+/// Dials with `identity`, expecting `expected_server`, and returns the TLS
+/// failure, after checking nothing was left behind.
+async fn refused(
+    server: &RunningServer,
+    identity: &Identity,
+    expected_server: &hbone::SpiffeId,
+) -> TlsFailure {
+    let echo = start_echo().await;
+    let dialer = Dialer::new(identity).unwrap();
+    let error = match dialer
+        .connect(server.addr, std::slice::from_ref(expected_server), echo)
+        .await
+    {
+        Ok(_) => panic!("handshake should have failed"),
+        Err(e) => e,
+    };
+    let failure = match error {
+        DialError::Tls { failure, .. } => failure,
+        other => panic!("expected a TLS failure, got {other:?}"),
+    };
+    eventually("server closed the refused connection", || {
+        server.stats.snapshot().connections_active == 0
+    })
+    .await;
+    eventually("dialer pooled nothing", || dialer.pooled_connections() == 0).await;
+    failure
+}
+
+#[tokio::test]
+async fn client_certificate_from_another_ca() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let other_ca = hbone::ca::DevCa::generate(TD, DAY).unwrap();
+    let rogue = other_ca.issue(&pki.client_id, DAY).unwrap();
+    // Trusts the real CA, so only the server's check can fail.
+    let identity = Identity::from_pem(&rogue.chain_pem, &rogue.key_pem, pki.ca.cert_pem()).unwrap();
+    let failure = refused(&server, &identity, &pki.server_id).await;
+    assert_eq!(failure, TlsFailure::RejectedUnknownCa);
+    assert_eq!(server.stats.snapshot().handshake_failures, 1);
+    assert_eq!(server.stats.snapshot().tunnels_opened, 0);
+}
+
+#[tokio::test]
+async fn server_certificate_from_another_ca() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let other_ca = hbone::ca::DevCa::generate(TD, DAY).unwrap();
+    let identity = other_ca
+        .issue(&pki.client_id, DAY)
+        .unwrap()
+        .identity()
+        .unwrap();
+    let failure = refused(&server, &identity, &pki.server_id).await;
+    assert_eq!(failure, TlsFailure::ServerUnknownCa);
+}
+
+#[tokio::test]
+async fn no_client_certificate() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    // A raw client without a certificate: the TLS 1.3 client finishes its
+    // side, then reads the server's alert.
+    let result = async {
+        let mut tls = raw_tls(server.addr, None).await?;
+        let mut buf = [0u8; 16];
+        tls.read(&mut buf).await
+    }
+    .await;
+    let error = result.expect_err("a client without a certificate must be refused");
+    assert_eq!(
+        TlsFailure::from_io(&error),
+        Some(TlsFailure::RejectedCertificateRequired),
+        "{error}"
+    );
+    eventually("server closed the connection", || {
+        server.stats.snapshot().connections_active == 0
+    })
+    .await;
+    assert_eq!(server.stats.snapshot().handshake_failures, 1);
+}
+
+#[tokio::test]
+async fn client_in_another_trust_domain() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let foreign_id = id("spiffe://other.domain/ns/test/sa/client");
+    let cert = pki
+        .ca
+        .issue_any(&foreign_id, OffsetDateTime::now_utc(), DAY)
+        .unwrap();
+    let failure = refused(&server, &cert.identity().unwrap(), &pki.server_id).await;
+    assert_eq!(failure, TlsFailure::RejectedNotAuthorized);
+}
+
+#[tokio::test]
+async fn client_expecting_another_server_identity() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let wanted = id("spiffe://cluster.local/ns/test/sa/somebody-else");
+    let failure = refused(&server, &pki.client, &wanted).await;
+    assert_eq!(
+        failure,
+        TlsFailure::WrongServerIdentity {
+            expected: vec![wanted],
+            presented: pki.server_id.clone(),
+        }
+    );
+}
+
+fn expired(pki: &Pki, who: &hbone::SpiffeId) -> Identity {
+    let two_days_ago = OffsetDateTime::now_utc() - Duration::from_secs(2 * 86_400);
+    pki.ca
+        .issue_any(who, two_days_ago, Duration::from_secs(3600))
+        .unwrap()
+        .identity()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn expired_client_certificate() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let failure = refused(&server, &expired(&pki, &pki.client_id), &pki.server_id).await;
+    assert_eq!(failure, TlsFailure::RejectedExpired);
+}
+
+#[tokio::test]
+async fn expired_server_certificate() {
+    let pki = Pki::new();
+    let config = ServerConfig::new(loopback(), expired(&pki, &pki.server_id));
+    let server = start_server(config).await;
+    let failure = refused(&server, &pki.client, &pki.server_id).await;
+    assert_eq!(failure, TlsFailure::ServerCertExpired);
+}
+
+#[tokio::test]
+async fn silent_client_is_dropped_after_the_handshake_timeout() {
+    let pki = Pki::new();
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.timeouts.handshake = Duration::from_millis(300);
+    let server = start_server(config).await;
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("server should close a silent connection");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    assert_eq!(server.stats.snapshot().handshake_failures, 1);
+    eventually("connection closed", || {
+        server.stats.snapshot().connections_active == 0
+    })
+    .await;
+}

@@ -1,0 +1,197 @@
+//! Data through tunnels: bulk transfer, many tunnels at once, half-close in
+//! both directions, and connection sharing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hbone::Dialer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_checked_by_hash() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+
+    let tunnel = dialer
+        .connect(server.addr, std::slice::from_ref(&pki.server_id), echo)
+        .await
+        .unwrap();
+    assert_eq!(tunnel.peer_id(), &pki.server_id);
+    let data = payload(1, 64 << 20);
+    let back = echo_roundtrip(tunnel, &data).await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert_eq!(sha256(&back), sha256(&data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_tunnels_each_checked() {
+    const TUNNELS: u64 = 200;
+    const SIZE: usize = 512 << 10;
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+
+    // Every tunnel is open before any sends, so all 200 are concurrent.
+    let all_open = std::sync::Arc::new(tokio::sync::Barrier::new(TUNNELS as usize));
+    let mut tasks = Vec::new();
+    for seed in 0..TUNNELS {
+        let dialer = dialer.clone();
+        let server_id = pki.server_id.clone();
+        let addr = server.addr;
+        let all_open = all_open.clone();
+        tasks.push(tokio::spawn(async move {
+            let tunnel = dialer.connect(addr, &[server_id], echo).await.unwrap();
+            all_open.wait().await;
+            let data = payload(seed, SIZE);
+            let back = echo_roundtrip(tunnel, &data).await.unwrap();
+            assert_eq!(sha256(&back), sha256(&data), "tunnel {seed} corrupted data");
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = server.stats.snapshot();
+    assert_eq!(stats.tunnels_opened, TUNNELS);
+    // 200 concurrent tunnels at 100 streams per connection: exactly two
+    // connections, shared, and no handshake per tunnel.
+    assert_eq!(stats.connections_accepted, 2, "{stats:?}");
+    eventually("all tunnels closed on the server", || {
+        server.stats.snapshot().tunnels_active == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_tunnels_share_one_connection() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    for i in 0..5 {
+        let tunnel = dialer
+            .connect(server.addr, std::slice::from_ref(&pki.server_id), echo)
+            .await
+            .unwrap();
+        let back = echo_roundtrip(tunnel, format!("hello {i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(back, format!("hello {i}").as_bytes());
+    }
+    assert_eq!(server.stats.snapshot().connections_accepted, 1);
+    assert_eq!(dialer.pooled_connections(), 1);
+}
+
+/// The client writes a request and half-closes; the target answers only
+/// after it has read EOF; the client reads the whole answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_client() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let target = TcpListener::bind(loopback()).await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let app = tokio::spawn(async move {
+        let (mut socket, _) = target.accept().await.unwrap();
+        let mut request = Vec::new();
+        socket.read_to_end(&mut request).await.unwrap();
+        let answer = format!("got {} bytes", request.len());
+        socket.write_all(answer.as_bytes()).await.unwrap();
+        socket.shutdown().await.unwrap();
+        request
+    });
+
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut tunnel = dialer
+        .connect(
+            server.addr,
+            std::slice::from_ref(&pki.server_id),
+            target_addr,
+        )
+        .await
+        .unwrap();
+    let request = payload(7, 300_000);
+    tunnel.write_all(&request).await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tunnel.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "got 300000 bytes");
+    assert_eq!(app.await.unwrap(), request);
+}
+
+/// The mirror case: the target sends everything and half-closes first; the
+/// client reads to EOF and only then sends its reply, which still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_from_the_target() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let target = TcpListener::bind(loopback()).await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let greeting = payload(9, 200_000);
+    let sent = greeting.clone();
+    let app = tokio::spawn(async move {
+        let (mut socket, _) = target.accept().await.unwrap();
+        socket.write_all(&sent).await.unwrap();
+        socket.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        socket.read_to_end(&mut reply).await.unwrap();
+        reply
+    });
+
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut tunnel = dialer
+        .connect(
+            server.addr,
+            std::slice::from_ref(&pki.server_id),
+            target_addr,
+        )
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    tunnel.read_to_end(&mut received).await.unwrap();
+    assert_eq!(received, greeting);
+    tunnel.write_all(b"thanks, all read").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), app)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"thanks, all read");
+}
+
+/// A target that resets its connection makes the client see an error, not
+/// a clean EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_reset_reaches_the_client_as_an_error() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let target = TcpListener::bind(loopback()).await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = target.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        socket.read_exact(&mut buf).await.unwrap();
+        socket.set_zero_linger().unwrap();
+        drop(socket);
+    });
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut tunnel = dialer
+        .connect(
+            server.addr,
+            std::slice::from_ref(&pki.server_id),
+            target_addr,
+        )
+        .await
+        .unwrap();
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    let result = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    let error = result.expect_err("a reset target must not look like a clean EOF");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+}
