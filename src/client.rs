@@ -67,6 +67,8 @@ pub enum DialError {
         #[source]
         source: h2::Error,
     },
+    #[error("HBONE connection to {server} closed before the tunnel could open")]
+    Closed { server: SocketAddr },
     #[error("{server} refused the tunnel to {target}: HTTP {status}")]
     Status {
         server: SocketAddr,
@@ -162,10 +164,14 @@ impl Dialer {
             return Ok(tunnel);
         }
         let conn = self.handshake(server, expected).await?;
-        let lease = conn.try_acquire().ok_or(DialError::Http2 {
-            server,
-            source: h2::Error::from(h2::Reason::REFUSED_STREAM),
-        })?;
+        // The connection may already have failed: in TLS 1.3 a server's
+        // rejection of our certificate arrives after our handshake is done.
+        let Some(lease) = conn.try_acquire() else {
+            return Err(match conn.state.tls_failure() {
+                Some(failure) => DialError::Tls { server, failure },
+                None => DialError::Closed { server },
+            });
+        };
         self.inner.pool.insert(key, conn.clone());
         drop(dialing);
         match self.open(&conn, lease, server, target).await {

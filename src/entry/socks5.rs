@@ -65,7 +65,9 @@ impl Reply {
             },
             DialError::Timeout { .. } => Reply::HostUnreachable,
             DialError::Tls { .. } => Reply::NotAllowed,
-            DialError::NoExpectedIdentity | DialError::Http2 { .. } => Reply::GeneralFailure,
+            DialError::NoExpectedIdentity | DialError::Http2 { .. } | DialError::Closed { .. } => {
+                Reply::GeneralFailure
+            }
         }
     }
 }
