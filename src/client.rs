@@ -84,6 +84,9 @@ pub enum DialError {
 pub struct DialerConfig {
     pub h2: H2Settings,
     pub timeouts: Timeouts,
+    /// Share HTTP/2 connections between tunnels. Off, every tunnel gets a
+    /// fresh TLS + HTTP/2 connection (for measuring handshake cost).
+    pub pooling: bool,
 }
 
 impl Default for DialerConfig {
@@ -91,6 +94,7 @@ impl Default for DialerConfig {
         DialerConfig {
             h2: H2Settings::client(),
             timeouts: Timeouts::default(),
+            pooling: true,
         }
     }
 }
@@ -151,6 +155,10 @@ impl Dialer {
         if expected.is_empty() {
             return Err(DialError::NoExpectedIdentity);
         }
+        if !self.inner.config.pooling {
+            let conn = self.handshake(server, expected).await?;
+            return self.open_fresh(&conn, server, target).await;
+        }
         let key = PoolKey::new(server, expected);
         if let Some(tunnel) = self.open_pooled(&key, server, target).await? {
             return Ok(tunnel);
@@ -164,6 +172,18 @@ impl Dialer {
             return Ok(tunnel);
         }
         let conn = self.handshake(server, expected).await?;
+        self.inner.pool.insert(key, conn.clone());
+        drop(dialing);
+        self.open_fresh(&conn, server, target).await
+    }
+
+    /// Opens the first tunnel of a connection that was just established.
+    async fn open_fresh(
+        &self,
+        conn: &PooledConn,
+        server: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<Tunnel, DialError> {
         // The connection may already have failed: in TLS 1.3 a server's
         // rejection of our certificate arrives after our handshake is done.
         let Some(lease) = conn.try_acquire() else {
@@ -172,9 +192,7 @@ impl Dialer {
                 None => DialError::Closed { server },
             });
         };
-        self.inner.pool.insert(key, conn.clone());
-        drop(dialing);
-        match self.open(&conn, lease, server, target).await {
+        match self.open(conn, lease, server, target).await {
             Ok(tunnel) => Ok(tunnel),
             Err(OpenError::Unusable(e) | OpenError::Tunnel(e)) => Err(e),
         }

@@ -1,5 +1,6 @@
 //! Argument definitions and the glue from arguments to the library.
 
+mod bench;
 mod demo;
 
 use std::net::SocketAddr;
@@ -69,6 +70,8 @@ Only IP addresses are accepted (no domain names).")]
     Socks5(Socks5Args),
     /// Self-contained demonstration on loopback: CA, server, forward, 64 MiB echoed.
     Demo(demo::DemoArgs),
+    /// Measure throughput, latency, connection rate and memory, direct and tunnelled.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -178,6 +181,10 @@ struct DialArgs {
     /// Timeout for the TLS and HTTP/2 handshakes.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
+    /// Open a fresh TLS + HTTP/2 connection for every tunnel instead of
+    /// sharing connections (costs a handshake per tunnel; for measurement).
+    #[arg(long)]
+    no_pool: bool,
 }
 
 impl DialArgs {
@@ -189,6 +196,7 @@ impl DialArgs {
                 handshake: self.handshake_timeout,
                 ..Timeouts::default()
             },
+            pooling: !self.no_pool,
             ..DialerConfig::default()
         };
         Ok(Dialer::with_config(&identity, config)?)
@@ -265,7 +273,7 @@ pub fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let default = match cli.command {
         Command::Connect(_) => "warn",
-        Command::Demo(_) => "warn",
+        Command::Demo(_) | Command::Bench(_) => "warn",
         _ => "info",
     };
     let filter = cli
@@ -284,6 +292,26 @@ pub fn init_logging(cli: &Cli) {
         .init();
 }
 
+/// Raises the soft limit on open files to the hard limit. Every tunnel
+/// holds two sockets on each end, so the common default soft limit of 1024
+/// would cap a proxy at a few hundred tunnels.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ca(command) => run_ca(command),
@@ -292,6 +320,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(args) => run_connect(args).await,
         Command::Socks5(args) => run_socks5(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 
