@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -87,6 +88,9 @@ pub struct DialerConfig {
     /// Share HTTP/2 connections between tunnels. Off, every tunnel gets a
     /// fresh TLS + HTTP/2 connection (for measuring handshake cost).
     pub pooling: bool,
+    /// A pooled connection without streams for this long is closed. Keeps
+    /// stale connections from outliving the server's address.
+    pub idle_timeout: Duration,
 }
 
 impl Default for DialerConfig {
@@ -95,6 +99,7 @@ impl Default for DialerConfig {
             h2: H2Settings::client(),
             timeouts: Timeouts::default(),
             pooling: true,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -285,9 +290,23 @@ impl Dialer {
         })?
         .map_err(|source| DialError::Http2 { server, source })?;
         let driver_state = state.clone();
+        let keepalive = timeouts.keepalive;
+        let idle_timeout = self.inner.config.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
+            let mut connection = connection;
+            let ping_pong = connection.ping_pong();
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
+                    }
+                }
+                reason = keepalive.watch(ping_pong) => {
+                    tracing::info!(%server, %reason, "closing HBONE connection: peer unresponsive");
+                }
+                () = driver_state.closed_when_idle(idle_timeout) => {
+                    tracing::debug!(%server, "closing idle HBONE connection");
+                }
             }
             driver_state.mark_closed();
         });
@@ -329,7 +348,16 @@ impl Dialer {
                     stage: Stage::Response,
                 })
             })?
-            .map_err(|e| OpenError::Tunnel(classify(e)))?;
+            .map_err(|e| {
+                // The connection died (or refused the stream) before the
+                // server answered: no byte of the tunnel has flowed, so
+                // the request may go out again on another connection.
+                if e.is_io() || e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    OpenError::Unusable(classify(e))
+                } else {
+                    OpenError::Tunnel(classify(e))
+                }
+            })?;
         if response.status() != StatusCode::OK {
             return Err(OpenError::Tunnel(DialError::Status {
                 server,
@@ -346,7 +374,8 @@ impl Dialer {
 }
 
 enum OpenError {
-    /// The connection could not take the request at all.
+    /// The connection could not carry the request: it was closed, or
+    /// failed before the server answered. Safe to retry elsewhere.
     Unusable(DialError),
     /// The request went out and the tunnel failed.
     Tunnel(DialError),

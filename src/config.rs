@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::keepalive::Keepalive;
+
 /// HTTP/2 settings for one side of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct H2Settings {
@@ -75,6 +77,8 @@ impl H2Settings {
 /// How long each waiting step may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
+    /// PING probes on every HTTP/2 connection, both sides.
+    pub keepalive: Keepalive,
     /// TCP connect: to the HBONE server (dialer) or to the target (server).
     pub connect: Duration,
     /// TLS handshake plus HTTP/2 preface and SETTINGS.
@@ -87,6 +91,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
+            keepalive: Keepalive::default(),
             connect: Duration::from_secs(5),
             handshake: Duration::from_secs(10),
             response: Duration::from_secs(15),

@@ -34,6 +34,7 @@ pub mod config;
 pub mod copy;
 pub mod entry;
 pub mod identity;
+pub mod keepalive;
 pub mod policy;
 mod pool;
 pub mod server;

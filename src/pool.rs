@@ -8,8 +8,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -33,21 +34,40 @@ impl PoolKey {
     }
 }
 
+/// Set in [`ConnState::slots`] once a connection takes no new streams.
+const CLOSED: usize = 1 << (usize::BITS - 1);
+
 /// Shared between a connection's handle, its driver task and its leases.
-#[derive(Default)]
 pub(crate) struct ConnState {
-    active: AtomicUsize,
-    closed: AtomicBool,
+    /// Streams in use, plus the [`CLOSED`] bit. One atomic word, so that
+    /// "idle, close it" and "take a slot" can never both succeed.
+    slots: AtomicUsize,
+    /// When the last stream ended, in ms since `created` (valid while no
+    /// stream is in use).
+    idle_since_ms: AtomicU64,
+    created: Instant,
     tls_failure: OnceLock<TlsFailure>,
 }
 
+impl Default for ConnState {
+    fn default() -> Self {
+        ConnState {
+            slots: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            created: Instant::now(),
+            tls_failure: OnceLock::new(),
+        }
+    }
+}
+
 impl ConnState {
+    /// No new streams from now on; streams in flight carry on.
     pub(crate) fn mark_closed(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.slots.fetch_or(CLOSED, Ordering::AcqRel);
     }
 
     fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.slots.load(Ordering::Acquire) & CLOSED != 0
     }
 
     pub(crate) fn record_tls_failure(&self, failure: TlsFailure) {
@@ -56,6 +76,42 @@ impl ConnState {
 
     pub(crate) fn tls_failure(&self) -> Option<TlsFailure> {
         self.tls_failure.get().cloned()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.created.elapsed().as_millis() as u64
+    }
+
+    /// Resolves once the connection has had no stream for `idle_timeout`,
+    /// and has then been closed to new streams.
+    pub(crate) async fn closed_when_idle(&self, idle_timeout: Duration) {
+        loop {
+            let slots = self.slots.load(Ordering::Acquire);
+            if slots & CLOSED != 0 {
+                return std::future::pending().await;
+            }
+            if slots != 0 {
+                tokio::time::sleep(idle_timeout).await;
+                continue;
+            }
+            let idle_for = Duration::from_millis(
+                self.now_ms()
+                    .saturating_sub(self.idle_since_ms.load(Ordering::Acquire)),
+            );
+            if idle_for < idle_timeout {
+                tokio::time::sleep(idle_timeout - idle_for).await;
+                continue;
+            }
+            // Still no stream at all? Then close; a racing lease wins
+            // otherwise and we look again later.
+            if self
+                .slots
+                .compare_exchange(0, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return;
+            }
+        }
     }
 }
 
@@ -89,14 +145,11 @@ impl PooledConn {
     /// Takes a stream slot if the connection is open and has room under
     /// both our limit and the server's SETTINGS_MAX_CONCURRENT_STREAMS.
     pub(crate) fn try_acquire(&self) -> Option<StreamLease> {
-        if self.state.is_closed() {
-            return None;
-        }
         let limit = self.max_streams.min(self.send.current_max_send_streams());
         self.state
-            .active
+            .slots
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
+                (n & CLOSED == 0 && n < limit).then_some(n + 1)
             })
             .ok()?;
         Some(StreamLease {
@@ -105,14 +158,19 @@ impl PooledConn {
     }
 }
 
-/// A stream slot on a connection, given back on drop.
+/// A stream slot on a connection, given back on drop: the connection has
+/// room again the moment a tunnel ends.
 pub(crate) struct StreamLease {
     state: Arc<ConnState>,
 }
 
 impl Drop for StreamLease {
     fn drop(&mut self) {
-        self.state.active.fetch_sub(1, Ordering::AcqRel);
+        let state = &self.state;
+        // Stamp the time first: if this was the last stream, the idle
+        // watcher must never see a stale stamp with zero streams.
+        state.idle_since_ms.store(state.now_ms(), Ordering::Release);
+        state.slots.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -159,9 +217,15 @@ impl Pool {
             .clone()
     }
 
-    /// Adds a freshly opened connection.
+    /// Adds a freshly opened connection, and forgets closed ones of every
+    /// key (a key may never be dialled again to clean up after itself).
     pub(crate) fn insert(&self, key: PoolKey, conn: Arc<PooledConn>) {
-        self.entries().entry(key).or_default().conns.push(conn);
+        let mut entries = self.entries();
+        entries.retain(|_, entry| {
+            entry.conns.retain(|c| !c.state.is_closed());
+            !entry.conns.is_empty() || Arc::strong_count(&entry.dialing) > 1
+        });
+        entries.entry(key).or_default().conns.push(conn);
     }
 
     /// Open connections across all keys (for tests and metrics).

@@ -253,7 +253,7 @@ impl Shared {
             .fetch_add(1, Ordering::AcqRel);
         let _closed = CountOnDrop(&self.stats.connections_closed);
         let _ = tcp.set_nodelay(true);
-        let mut connection = match self.handshake(tcp, peer_addr).await {
+        let connection = match self.handshake(tcp, peer_addr).await {
             Ok(connection) => connection,
             Err(reason) => {
                 self.stats.handshake_failures.fetch_add(1, Ordering::AcqRel);
@@ -261,10 +261,19 @@ impl Shared {
                 return;
             }
         };
-        let peer_id = connection.1;
-        while let Some(next) = connection.0.accept().await {
+        let (mut connection, peer_id) = connection;
+        let keepalive = self.timeouts.keepalive.watch(connection.ping_pong());
+        tokio::pin!(keepalive);
+        loop {
+            let next = tokio::select! {
+                next = connection.accept() => next,
+                reason = &mut keepalive => {
+                    tracing::info!(%peer_addr, %peer_id, %reason, "closing HBONE connection: client unresponsive");
+                    break;
+                }
+            };
             match next {
-                Ok((request, respond)) => {
+                Some(Ok((request, respond))) => {
                     let shared = self.clone();
                     let peer_id = peer_id.clone();
                     tokio::spawn(async move {
@@ -273,8 +282,14 @@ impl Shared {
                             .await
                     });
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::debug!(%peer_addr, error = %e, "HBONE connection ended");
+                    break;
+                }
+                None => {
+                    // No more streams will open; let the ones in flight
+                    // finish, which needs the connection driven.
+                    let _ = std::future::poll_fn(|cx| connection.poll_closed(cx)).await;
                     break;
                 }
             }

@@ -219,3 +219,72 @@ pub async fn raw_tls(
     let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
     connector.connect(name, tcp).await
 }
+
+/// What a [`Relay`] does with the connections it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// Forward bytes both ways.
+    Pass,
+    /// Stop forwarding on existing connections but keep them open, like a
+    /// black-holed path. New connections still pass.
+    Freeze,
+    /// Reset every existing connection. New connections still pass.
+    Kill,
+}
+
+/// A TCP relay on loopback that can black-hole or reset the connections it
+/// carries, to play a peer that dies or goes silent.
+pub struct Relay {
+    pub addr: SocketAddr,
+    mode: tokio::sync::watch::Sender<(RelayMode, u64)>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind(loopback()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mode, watch) = tokio::sync::watch::channel((RelayMode::Pass, 0u64));
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let mut watch = watch.clone();
+                // Connections only react to orders given after they opened.
+                let born = watch.borrow_and_update().1;
+                tokio::spawn(async move {
+                    let order = loop {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            changed = watch.changed() => {
+                                if changed.is_err() { return; }
+                                let (mode, serial) = *watch.borrow_and_update();
+                                if serial > born && mode != RelayMode::Pass { break mode; }
+                            }
+                        }
+                    };
+                    match order {
+                        RelayMode::Kill => {
+                            let _ = inbound.set_zero_linger();
+                            let _ = outbound.set_zero_linger();
+                        }
+                        _ => {
+                            // Frozen: hold both sockets silently until the
+                            // relay is dropped.
+                            let _ = watch.wait_for(|_| false).await;
+                        }
+                    }
+                });
+            }
+        });
+        Relay { addr, mode }
+    }
+
+    /// Applies `mode` to the connections open now.
+    pub fn set(&self, mode: RelayMode) {
+        self.mode.send_modify(|(m, serial)| {
+            *m = mode;
+            *serial += 1;
+        });
+    }
+}

@@ -1,0 +1,46 @@
+//! HTTP/2 PING keepalive: notices a peer that has gone silent.
+//!
+//! A crashed host or a black-holed path sends no FIN and no RST; without a
+//! probe, a pooled connection to it would look healthy until TCP gives up,
+//! minutes later. Every `interval` we send a PING; no answer within
+//! `timeout` ends the connection.
+
+use std::time::Duration;
+
+use h2::{Ping, PingPong};
+
+/// How often to probe and how long to wait for the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// ztunnel's values: a PING every 10 s, 20 s to answer.
+    fn default() -> Self {
+        Keepalive {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl Keepalive {
+    /// Runs until the peer fails to answer a PING in time; returns why.
+    /// Poll it alongside the connection, which is what delivers the PONG.
+    pub async fn watch(self, ping_pong: Option<PingPong>) -> String {
+        let Some(mut ping_pong) = ping_pong else {
+            // Only the first caller of `ping_pong()` gets the handle.
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(self.interval).await;
+            match tokio::time::timeout(self.timeout, ping_pong.ping(Ping::opaque())).await {
+                Ok(Ok(_pong)) => {}
+                Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
+                Err(_) => return format!("no answer to keepalive PING within {:?}", self.timeout),
+            }
+        }
+    }
+}

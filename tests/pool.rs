@@ -1,0 +1,279 @@
+//! The dialer's connection pool, rule by rule, with real connections.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hbone::config::H2Settings;
+use hbone::keepalive::Keepalive;
+use hbone::{Dialer, DialerConfig, ServerConfig, Tunnel};
+
+fn dialer_with(pki: &Pki, adjust: impl FnOnce(&mut DialerConfig)) -> Dialer {
+    let mut config = DialerConfig::default();
+    adjust(&mut config);
+    Dialer::with_config(&pki.client, config).unwrap()
+}
+
+async fn open(
+    dialer: &Dialer,
+    server: std::net::SocketAddr,
+    pki: &Pki,
+    echo: std::net::SocketAddr,
+) -> Tunnel {
+    dialer
+        .connect(server, std::slice::from_ref(&pki.server_id), echo)
+        .await
+        .unwrap()
+}
+
+async fn check(tunnel: Tunnel, text: &str) {
+    assert_eq!(
+        echo_roundtrip(tunnel, text.as_bytes()).await.unwrap(),
+        text.as_bytes()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_tunnels_share_one_handshake() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (dialer, server_id, addr) = (dialer.clone(), pki.server_id.clone(), server.addr);
+        tasks.push(tokio::spawn(async move {
+            let tunnel = dialer.connect(addr, &[server_id], echo).await.unwrap();
+            let text = format!("tunnel {i}");
+            assert_eq!(
+                echo_roundtrip(tunnel, text.as_bytes()).await.unwrap(),
+                text.as_bytes()
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(server.stats.snapshot().connections_accepted, 1);
+    assert_eq!(server.stats.snapshot().handshake_failures, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_connection_opens_another_and_takes_tunnels_again_once_one_ends() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = dialer_with(&pki, |c| c.h2.max_concurrent_streams = 2);
+    let first = open(&dialer, server.addr, &pki, echo).await;
+    let second = open(&dialer, server.addr, &pki, echo).await;
+    assert_eq!(server.stats.snapshot().connections_accepted, 1);
+    let third = open(&dialer, server.addr, &pki, echo).await;
+    assert_eq!(
+        server.stats.snapshot().connections_accepted,
+        2,
+        "the first connection was full"
+    );
+    assert_eq!(dialer.pooled_connections(), 2);
+    check(first, "one").await;
+    // A slot is free again on the first connection: no third connection.
+    let fourth = open(&dialer, server.addr, &pki, echo).await;
+    assert_eq!(server.stats.snapshot().connections_accepted, 2);
+    for (tunnel, text) in [(second, "two"), (third, "three"), (fourth, "four")] {
+        check(tunnel, text).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_stream_limit_caps_ours() {
+    let pki = Pki::new();
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.h2 = H2Settings {
+        max_concurrent_streams: 3,
+        ..H2Settings::server()
+    };
+    let server = start_server(config).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        let tunnel = open(&dialer, server.addr, &pki, echo).await;
+        tunnels.push(tunnel);
+    }
+    assert_eq!(server.stats.snapshot().connections_accepted, 1);
+    tunnels.push(open(&dialer, server.addr, &pki, echo).await);
+    assert_eq!(server.stats.snapshot().connections_accepted, 2);
+    for (i, tunnel) in tunnels.into_iter().enumerate() {
+        check(tunnel, &format!("capped {i}")).await;
+    }
+    assert_eq!(server.stats.snapshot().refusals, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_after_the_idle_timeout() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = dialer_with(&pki, |c| c.idle_timeout = Duration::from_millis(300));
+    let tunnel = open(&dialer, server.addr, &pki, echo).await;
+    // Busy connections are not idle, however long the tunnel lasts.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(dialer.pooled_connections(), 1);
+    check(tunnel, "long-lived").await;
+    eventually("idle connection closed by the dialer", || {
+        dialer.pooled_connections() == 0
+    })
+    .await;
+    eventually("server saw it close", || {
+        server.stats.snapshot().connections_active == 0
+    })
+    .await;
+    check(open(&dialer, server.addr, &pki, echo).await, "after idle").await;
+    assert_eq!(server.stats.snapshot().connections_accepted, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_fails_keepalive_and_gets_no_new_tunnels() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let relay = Relay::start(server.addr).await;
+    let dialer = dialer_with(&pki, |c| {
+        c.timeouts.keepalive = Keepalive {
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+        }
+    });
+    let mut stuck = open(&dialer, relay.addr, &pki, echo).await;
+    // Keepalive passes while the path is healthy.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dialer.pooled_connections(), 1);
+
+    relay.set(RelayMode::Freeze);
+    eventually("keepalive retired the silent connection", || {
+        dialer.pooled_connections() == 0
+    })
+    .await;
+    // The tunnel on it fails promptly instead of hanging.
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::io::AsyncReadExt::read(&mut stuck, &mut buf),
+    )
+    .await
+    .expect("a tunnel on a dead connection must not hang");
+    assert!(read.is_err(), "{read:?}");
+    // New tunnels get a new connection (new relay connections pass).
+    check(open(&dialer, relay.addr, &pki, echo).await, "fresh").await;
+    assert_eq!(server.stats.snapshot().connections_accepted, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_connection_is_never_handed_out() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let relay = Relay::start(server.addr).await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    check(open(&dialer, relay.addr, &pki, echo).await, "before").await;
+    relay.set(RelayMode::Kill);
+    eventually("dialer noticed the reset", || {
+        dialer.pooled_connections() == 0
+    })
+    .await;
+    check(open(&dialer, relay.addr, &pki, echo).await, "after").await;
+    assert_eq!(server.stats.snapshot().connections_accepted, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_just_died_is_replaced_without_failing_the_tunnel() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let relay = Relay::start(server.addr).await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    check(open(&dialer, relay.addr, &pki, echo).await, "before").await;
+    relay.set(RelayMode::Kill);
+    // No waiting: the pool may still hold the dead connection. The dialer
+    // must notice when the request cannot go out, and use a fresh one.
+    check(open(&dialer, relay.addr, &pki, echo).await, "right after").await;
+}
+
+/// A minimal HBONE server that sends GOAWAY on each connection right after
+/// its first stream, but keeps accepting new connections.
+async fn start_goaway_server(
+    pki: &Pki,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.server.bundle()[0].clone()).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(pki.server.chain().to_vec(), pki.server.key().clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut connection = h2::server::handshake(tls).await.unwrap();
+                let mut first = true;
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let target: std::net::SocketAddr =
+                        request.uri().authority().unwrap().as_str().parse().unwrap();
+                    let send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    tokio::spawn(async move {
+                        let mut stream = hbone::stream::H2Stream::new(send, request.into_body());
+                        let mut target = tokio::net::TcpStream::connect(target).await.unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut stream, &mut target).await;
+                    });
+                    if first {
+                        first = false;
+                        connection.graceful_shutdown();
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_stops_new_streams_while_in_flight_ones_finish() {
+    use std::sync::atomic::Ordering;
+    let pki = Pki::new();
+    let echo = start_echo().await;
+    let (server, connections) = start_goaway_server(&pki).await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let in_flight = open(&dialer, server, &pki, echo).await;
+    // Give the GOAWAY time to arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let next = open(&dialer, server, &pki, echo).await;
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "the second tunnel needed a new connection"
+    );
+    check(next, "new connection").await;
+    check(in_flight, "finished on the old connection after GOAWAY").await;
+}
