@@ -405,6 +405,11 @@ impl Tunnel {
         &self.peer_id
     }
 
+    /// The underlying stream, for the zero-copy relay in [`crate::copy`].
+    pub(crate) fn stream_mut(&mut self) -> &mut H2Stream {
+        &mut self.stream
+    }
+
     /// Tears the tunnel down with RST_STREAM(CONNECT_ERROR): the server
     /// resets its TCP connection to the target instead of closing it.
     pub fn reset(&mut self) {

@@ -10,13 +10,17 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::stream::H2Stream;
 
 /// Buffer per direction. Large enough for full-sized TLS records and DATA
 /// frames on bulk transfers.
 const BUFFER_SIZE: usize = 64 << 10;
 
-/// Bytes moved in each direction.
+/// Bytes moved in each direction; for [`tcp_tunnel`], `a` is the socket.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
     pub a_to_b: u64,
@@ -136,6 +140,148 @@ impl Direction {
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.finished = true;
                 return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Smallest read from a TCP socket into a DATA frame. Reads that fill the
+/// buffer double it, up to [`MAX_READ`], so bulk transfers reach large
+/// frames and TLS record batches within a few reads.
+const MIN_READ: usize = 16 << 10;
+const MAX_READ: usize = 256 << 10;
+
+/// Copies between a TCP connection and a tunnel stream, both ways, with
+/// half-close, without copying bytes through an intermediate buffer.
+///
+/// Socket reads land in a fresh buffer that is frozen and handed to h2 as a
+/// DATA frame; received DATA frames are written to the socket as h2 decoded
+/// them. Nothing is allocated until a socket is readable, so an idle tunnel
+/// holds no buffer at all, and received window is returned to the peer only
+/// as bytes are written out, so a stalled reader stalls its sender.
+pub async fn tcp_tunnel(
+    tcp: &mut TcpStream,
+    stream: &mut H2Stream,
+) -> Result<Transferred, CopyError> {
+    let mut up = TcpToStream::default();
+    let mut down = StreamToTcp::default();
+    let result = poll_fn(|cx| {
+        let up_done = up.poll(cx, tcp, stream)?.is_ready();
+        let down_done = down.poll(cx, stream, tcp)?.is_ready();
+        if up_done && down_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    let transferred = Transferred {
+        a_to_b: up.bytes,
+        b_to_a: down.bytes,
+    };
+    result
+        .map(|()| transferred)
+        .map_err(|error| CopyError { transferred, error })
+}
+
+/// TCP reads become DATA frames.
+struct TcpToStream {
+    /// Read from the socket, not yet within the peer's window.
+    pending: Bytes,
+    read_size: usize,
+    eof: bool,
+    finished: bool,
+    bytes: u64,
+}
+
+impl Default for TcpToStream {
+    fn default() -> Self {
+        TcpToStream {
+            pending: Bytes::new(),
+            read_size: MIN_READ,
+            eof: false,
+            finished: false,
+            bytes: 0,
+        }
+    }
+}
+
+impl TcpToStream {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        tcp: &TcpStream,
+        stream: &mut H2Stream,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(Ok(()));
+            }
+            if !self.pending.is_empty() {
+                let n = ready!(stream.poll_send_capacity(cx, self.pending.len()))?;
+                let chunk = self.pending.split_to(n);
+                stream.send_chunk(chunk)?;
+                self.bytes += n as u64;
+                continue;
+            }
+            if self.eof {
+                stream.finish()?;
+                self.finished = true;
+                continue;
+            }
+            ready!(tcp.poll_read_ready(cx))?;
+            let mut buf = BytesMut::with_capacity(self.read_size);
+            match tcp.try_read_buf(&mut buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    if n == self.read_size {
+                        self.read_size = (self.read_size * 2).min(MAX_READ);
+                    }
+                    self.pending = buf.freeze();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// DATA frames become TCP writes.
+#[derive(Default)]
+struct StreamToTcp {
+    /// Received, not yet written to the socket.
+    pending: Bytes,
+    finished: bool,
+    bytes: u64,
+}
+
+impl StreamToTcp {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut H2Stream,
+        tcp: &mut TcpStream,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(Ok(()));
+            }
+            if !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *tcp).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(n);
+                stream.release(n);
+                self.bytes += n as u64;
+                continue;
+            }
+            match ready!(stream.poll_chunk(cx))? {
+                Some(chunk) => self.pending = chunk,
+                None => {
+                    ready!(Pin::new(&mut *tcp).poll_shutdown(cx))?;
+                    self.finished = true;
+                }
             }
         }
     }

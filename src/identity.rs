@@ -258,14 +258,21 @@ pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
 pub const BUNDLE_FILE: &str = "bundle.pem";
 
+/// The names Istio uses for the same files (istio-proxy's `/etc/certs`
+/// layout); the key is `key.pem` in both.
+pub const ISTIO_CERT_FILE: &str = "cert-chain.pem";
+pub const ISTIO_BUNDLE_FILE: &str = "root-cert.pem";
+
 impl Identity {
-    /// Loads `cert.pem`, `key.pem` and `bundle.pem` from `dir`.
+    /// Loads `cert.pem`, `key.pem` and `bundle.pem` from `dir`, or Istio's
+    /// `cert-chain.pem`, `key.pem` and `root-cert.pem` when ours are absent.
     pub fn from_dir(dir: &Path) -> Result<Self, IdentityError> {
-        Self::from_files(
-            &dir.join(CERT_FILE),
-            &dir.join(KEY_FILE),
-            &dir.join(BUNDLE_FILE),
-        )
+        let ours = dir.join(CERT_FILE);
+        let istio = dir.join(ISTIO_CERT_FILE);
+        if !ours.exists() && istio.exists() {
+            return Self::from_files(&istio, &dir.join(KEY_FILE), &dir.join(ISTIO_BUNDLE_FILE));
+        }
+        Self::from_files(&ours, &dir.join(KEY_FILE), &dir.join(BUNDLE_FILE))
     }
 
     /// Loads the certificate chain (leaf first), key and trust bundle files.

@@ -384,14 +384,14 @@ impl Shared {
                     }
                 };
                 let mut stream = H2Stream::new(send, request.into_body());
-                match copy::bidirectional(&mut stream, &mut target).await {
+                match copy::tcp_tunnel(&mut target, &mut stream).await {
                     Ok(moved) => {
-                        record.bytes_sent = moved.a_to_b;
-                        record.bytes_received = moved.b_to_a;
+                        record.bytes_sent = moved.b_to_a;
+                        record.bytes_received = moved.a_to_b;
                     }
                     Err(e) => {
-                        record.bytes_sent = e.transferred.a_to_b;
-                        record.bytes_received = e.transferred.b_to_a;
+                        record.bytes_sent = e.transferred.b_to_a;
+                        record.bytes_received = e.transferred.a_to_b;
                         record.outcome = Outcome::Failed(e.to_string());
                         // Pass the failure on as a reset, in both directions.
                         stream.reset(h2::Reason::CONNECT_ERROR);

@@ -71,6 +71,71 @@ pub(crate) fn to_io_error(error: h2::Error) -> io::Error {
     io::Error::new(kind, error)
 }
 
+impl H2Stream {
+    /// The next chunk of received data, as h2 decoded it (no copy), or
+    /// `None` at END_STREAM. Its window is not returned to the peer until
+    /// [`H2Stream::release`] says the bytes were handed on.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        loop {
+            return match ready!(self.recv.poll_data(cx)) {
+                None => Poll::Ready(Ok(None)),
+                // An empty DATA frame (as END_STREAM often comes) is no chunk.
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => Poll::Ready(Ok(Some(data))),
+                Some(Err(e)) if is_graceful(&e) => Poll::Ready(Ok(None)),
+                Some(Err(e)) => Poll::Ready(Err(to_io_error(e))),
+            };
+        }
+    }
+
+    /// Returns `n` consumed bytes of flow-control window to the peer.
+    pub fn release(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+
+    /// Waits until the peer's window lets us send, and says how much
+    /// (at most `want`, never zero).
+    pub fn poll_send_capacity(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        if self.write_closed {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        self.send.reserve_capacity(want.min(MAX_WRITE));
+        let mut available = self.send.capacity();
+        while available == 0 {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(n)) => available = n,
+                Some(Err(e)) => return Poll::Ready(Err(to_io_error(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+        Poll::Ready(Ok(available.min(want)))
+    }
+
+    /// Sends `data`, which must fit the capacity granted by
+    /// [`H2Stream::poll_send_capacity`].
+    pub fn send_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        self.send.send_data(data, false).map_err(to_io_error)
+    }
+
+    /// Sends END_STREAM (half-close), once.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !self.write_closed {
+            self.write_closed = true;
+            self.send
+                .send_data(Bytes::new(), true)
+                .map_err(to_io_error)?;
+        }
+        Ok(())
+    }
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -78,18 +143,13 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
-                Some(Ok(data)) => this.pending = data,
-                Some(Err(e)) if is_graceful(&e) => return Poll::Ready(Ok(())),
-                Some(Err(e)) => return Poll::Ready(Err(to_io_error(e))),
-            }
-        }
-        let n = this.pending.len().min(buf.remaining());
-        buf.put_slice(&this.pending.split_to(n));
-        // Give the window back only now that the application has the bytes.
-        let _ = this.recv.flow_control().release_capacity(n);
+        let Some(mut chunk) = ready!(this.poll_chunk(cx))? else {
+            return Poll::Ready(Ok(()));
+        };
+        let n = chunk.len().min(buf.remaining());
+        buf.put_slice(&chunk.split_to(n));
+        this.pending = chunk;
+        this.release(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -103,22 +163,8 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if self.write_closed {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        let send = &mut self.send;
-        send.reserve_capacity(buf.len().min(MAX_WRITE));
-        let mut available = send.capacity();
-        while available == 0 {
-            match ready!(send.poll_capacity(cx)) {
-                Some(Ok(n)) => available = n,
-                Some(Err(e)) => return Poll::Ready(Err(to_io_error(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            }
-        }
-        let n = available.min(buf.len());
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(to_io_error)?;
+        let n = ready!(self.poll_send_capacity(cx, buf.len()))?;
+        self.send_chunk(Bytes::copy_from_slice(&buf[..n]))?;
         Poll::Ready(Ok(n))
     }
 
@@ -128,12 +174,6 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.write_closed {
-            self.write_closed = true;
-            self.send
-                .send_data(Bytes::new(), true)
-                .map_err(to_io_error)?;
-        }
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.finish())
     }
 }

@@ -126,3 +126,20 @@ fn errors_name_the_file_and_the_problem() {
     let error = Identity::from_files(&cert, &other_key, &bundle).unwrap_err();
     assert!(matches!(error, IdentityError::Mismatch(_)), "{error}");
 }
+
+#[test]
+fn reads_istios_file_names_too() {
+    let pki = Pki::new();
+    let issued = pki.ca.issue(&pki.server_id, DAY).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "cert-chain.pem", &issued.chain_pem);
+    write(dir.path(), "key.pem", &issued.key_pem);
+    write(dir.path(), "root-cert.pem", &issued.bundle_pem);
+    let identity = Identity::from_dir(dir.path()).unwrap();
+    assert_eq!(identity.id(), &pki.server_id);
+
+    // Our names win when both are present.
+    let client = pki.ca.issue(&pki.client_id, DAY).unwrap();
+    client.save(dir.path()).unwrap();
+    assert_eq!(Identity::from_dir(dir.path()).unwrap().id(), &pki.client_id);
+}

@@ -30,6 +30,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
 
+    /// Worker threads for the async runtime (default: one per CPU).
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -111,7 +115,8 @@ enum CaCommand {
 /// Where this process's certificate, key and trust bundle come from.
 #[derive(Args, Clone)]
 struct IdentityArgs {
-    /// Directory holding cert.pem, key.pem and bundle.pem.
+    /// Directory holding cert.pem, key.pem and bundle.pem (or Istio's
+    /// cert-chain.pem, key.pem and root-cert.pem).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["cert", "key", "trust_bundle"])]
     identity_dir: Option<PathBuf>,
     /// Certificate chain (PEM, leaf first).
@@ -290,6 +295,13 @@ pub fn init_logging(cli: &Cli) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+impl Cli {
+    /// Worker threads requested on the command line, if any.
+    pub fn threads(&self) -> Option<usize> {
+        self.threads.map(usize::from)
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit. Every tunnel

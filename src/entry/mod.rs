@@ -45,7 +45,7 @@ pub(crate) async fn relay(
         bytes_received: 0,
         duration: Duration::ZERO,
     };
-    match copy::bidirectional(&mut app, &mut tunnel).await {
+    match copy::tcp_tunnel(&mut app, tunnel.stream_mut()).await {
         Ok(moved) => {
             record.bytes_sent = moved.a_to_b;
             record.bytes_received = moved.b_to_a;
