@@ -34,6 +34,10 @@ pub struct TunnelRecord {
     pub peer_id: SpiffeId,
     /// The requested target, as sent in `:authority`.
     pub target: String,
+    /// The original client, from `forwarded` (server side).
+    pub original_source: Option<String>,
+    /// The W3C trace id of the tunnel, when known.
+    pub trace_id: Option<String>,
     pub outcome: Outcome,
     /// Bytes from the source side towards the target.
     pub bytes_sent: u64,

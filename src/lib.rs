@@ -33,14 +33,17 @@ pub mod client;
 pub mod config;
 pub mod copy;
 pub mod entry;
+pub mod gateway;
+pub mod headers;
 pub mod identity;
 pub mod keepalive;
 pub mod policy;
 mod pool;
+pub mod proxy_protocol;
 pub mod server;
 pub mod stream;
 pub mod tls;
 
-pub use client::{DialError, Dialer, DialerConfig, Tunnel};
+pub use client::{DialError, Dialer, DialerConfig, Route, Tunnel, TunnelRequest};
 pub use identity::{Identity, SpiffeId};
 pub use server::{Server, ServerConfig};

@@ -294,11 +294,17 @@ impl Policy {
 
     /// Allows or denies a tunnel from `peer` to `target`.
     pub fn decide(&self, peer: &SpiffeId, target: SocketAddr) -> Result<(), Denial> {
-        if !self.ids.is_empty() && !self.ids.iter().any(|p| p.matches(peer)) {
-            return Err(Denial::Identity(peer.clone()));
-        }
+        self.decide_identity(peer)?;
         if !self.targets.iter().any(|rule| rule.matches(target)) {
             return Err(Denial::Target(target));
+        }
+        Ok(())
+    }
+
+    /// Allows or denies `peer` opening tunnels at all.
+    pub fn decide_identity(&self, peer: &SpiffeId) -> Result<(), Denial> {
+        if !self.ids.is_empty() && !self.ids.iter().any(|p| p.matches(peer)) {
+            return Err(Denial::Identity(peer.clone()));
         }
         Ok(())
     }

@@ -20,17 +20,50 @@ use crate::tls::TlsFailure;
 
 /// Identifies connections that may be shared.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) struct PoolKey {
-    server: SocketAddr,
-    expected: Vec<SpiffeId>,
+pub(crate) enum PoolKey {
+    /// Connections straight to a server.
+    Direct {
+        server: SocketAddr,
+        expected: Vec<SpiffeId>,
+    },
+    /// Inner connections of double HBONE, each inside a tunnel through the
+    /// gateway to the service.
+    ViaGateway {
+        gateway: SocketAddr,
+        gateway_ids: Vec<SpiffeId>,
+        service: String,
+        expected: Vec<SpiffeId>,
+    },
+}
+
+/// Identity lists compare as sets.
+fn normalized(ids: &[SpiffeId]) -> Vec<SpiffeId> {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 impl PoolKey {
-    pub(crate) fn new(server: SocketAddr, expected: &[SpiffeId]) -> Self {
-        let mut expected = expected.to_vec();
-        expected.sort();
-        expected.dedup();
-        PoolKey { server, expected }
+    pub(crate) fn direct(server: SocketAddr, expected: &[SpiffeId]) -> Self {
+        PoolKey::Direct {
+            server,
+            expected: normalized(expected),
+        }
+    }
+
+    pub(crate) fn via_gateway(
+        gateway: SocketAddr,
+        gateway_ids: &[SpiffeId],
+        service: &str,
+        expected: &[SpiffeId],
+    ) -> Self {
+        PoolKey::ViaGateway {
+            gateway,
+            gateway_ids: normalized(gateway_ids),
+            service: service.to_owned(),
+            expected: normalized(expected),
+        }
     }
 }
 

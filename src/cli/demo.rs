@@ -13,9 +13,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use hbone::access::{AccessLog, Role, TunnelRecord};
 use hbone::ca::{DevCa, IssuedCert};
-use hbone::entry::{self, Upstream};
+use hbone::entry;
 use hbone::tls::TlsFailure;
-use hbone::{DialError, Dialer, Identity, Server, ServerConfig, SpiffeId};
+use hbone::{DialError, Dialer, Identity, Route, Server, ServerConfig, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -74,14 +74,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dialer = Dialer::new(&client_cert.identity()?)?;
     let forward = TcpListener::bind(loopback).await?;
     let forward_addr = forward.local_addr()?;
-    let upstream = Upstream {
+    let route = Route::Direct {
         server: server_addr,
         server_ids: vec![server_id.clone()],
     };
     tokio::spawn(entry::forward::run(
         forward,
         dialer,
-        upstream,
+        route,
         echo_addr,
         records.clone(),
     ));

@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
-use super::{Upstream, record_dial_failure, relay};
+use super::{record_dial_failure, relay};
 use crate::access::AccessLog;
-use crate::client::Dialer;
+use crate::client::{Dialer, Route, TunnelRequest};
 
 /// Accepts on `listener` forever, tunnelling each connection to `target`.
 pub async fn run(
     listener: TcpListener,
     dialer: Dialer,
-    upstream: Upstream,
+    route: Route,
     target: SocketAddr,
     log: Arc<dyn AccessLog>,
 ) {
@@ -30,14 +30,15 @@ pub async fn run(
         };
         let _ = app.set_nodelay(true);
         let dialer = dialer.clone();
-        let upstream = upstream.clone();
+        let route = route.clone();
         let log = log.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            match dialer
-                .connect(upstream.server, &upstream.server_ids, target)
-                .await
-            {
+            let request = TunnelRequest {
+                source: Some(source),
+                ..TunnelRequest::new(target)
+            };
+            match dialer.open(&route, &request).await {
                 Ok(tunnel) => relay(app, source, tunnel, target, &log, started).await,
                 Err(e) => {
                     tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");

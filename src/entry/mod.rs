@@ -11,19 +11,10 @@ use tokio::net::TcpStream;
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
 use crate::client::{DialError, Dialer};
 use crate::copy;
-use crate::identity::SpiffeId;
 
 pub mod forward;
 pub mod socks5;
 pub mod stdio;
-
-/// Where tunnels go: the HBONE server, the identities it may prove, and
-/// (for a fixed forward) the target behind it.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub server: SocketAddr,
-    pub server_ids: Vec<SpiffeId>,
-}
 
 /// Relays an accepted application connection through `tunnel` and writes
 /// the access record. A failure on either side is passed on as a reset.
@@ -40,6 +31,8 @@ pub(crate) async fn relay(
         source,
         peer_id: tunnel.peer_id().clone(),
         target: target.to_string(),
+        original_source: None,
+        trace_id: None,
         outcome: Outcome::Completed,
         bytes_sent: 0,
         bytes_received: 0,
@@ -80,6 +73,8 @@ pub(crate) fn record_dial_failure(
         source,
         peer_id: dialer.local_id().clone(),
         target: target.to_string(),
+        original_source: None,
+        trace_id: None,
         outcome: Outcome::Refused {
             status,
             reason: "dial_failed",

@@ -17,7 +17,7 @@ use tokio::time::timeout;
 
 use super::{record_dial_failure, relay};
 use crate::access::AccessLog;
-use crate::client::{DialError, Dialer};
+use crate::client::{DialError, Dialer, Route, TunnelRequest};
 use crate::identity::SpiffeId;
 
 /// Istio's HBONE port, used when no server is configured.
@@ -72,13 +72,26 @@ impl Reply {
     }
 }
 
-/// Settings of a SOCKS5 entry.
+/// Where a SOCKS5 entry sends its tunnels.
 #[derive(Debug, Clone)]
-pub struct SocksConfig {
-    /// The HBONE server for every tunnel; `None` sends each tunnel to port
-    /// 15008 of its target.
-    pub server: Option<SocketAddr>,
-    pub server_ids: Vec<SpiffeId>,
+pub enum SocksConfig {
+    /// To port 15008 of each requested address, as Istio ambient does; the
+    /// server there must prove one of `server_ids`.
+    PerTarget { server_ids: Vec<SpiffeId> },
+    /// Every tunnel along one route (one server, or a gateway).
+    Fixed(Route),
+}
+
+impl SocksConfig {
+    fn route_for(&self, target: SocketAddr) -> Route {
+        match self {
+            SocksConfig::PerTarget { server_ids } => Route::Direct {
+                server: SocketAddr::new(target.ip(), HBONE_PORT),
+                server_ids: server_ids.clone(),
+            },
+            SocksConfig::Fixed(route) => route.clone(),
+        }
+    }
 }
 
 /// Accepts SOCKS5 clients on `listener` forever.
@@ -129,10 +142,11 @@ async fn serve(
         Ok(Ok(Err(reply))) => return send_reply(&mut app, reply).await,
         Ok(Ok(Ok(target))) => target,
     };
-    let server = config
-        .server
-        .unwrap_or_else(|| SocketAddr::new(target.ip(), HBONE_PORT));
-    match dialer.connect(server, &config.server_ids, target).await {
+    let request = TunnelRequest {
+        source: Some(source),
+        ..TunnelRequest::new(target)
+    };
+    match dialer.open(&config.route_for(target), &request).await {
         Ok(tunnel) => {
             send_reply(&mut app, Reply::Succeeded).await?;
             relay(app, source, tunnel, target, log, started).await;

@@ -9,8 +9,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, Stdin, Stdout};
 
-use super::Upstream;
-use crate::client::{DialError, Dialer};
+use crate::client::{DialError, Dialer, Route, TunnelRequest};
 use crate::copy::{self, Transferred};
 
 /// Why a stdin/stdout tunnel ended badly.
@@ -25,12 +24,10 @@ pub enum StdioError {
 /// Opens one tunnel and relays stdin/stdout through it until both ends close.
 pub async fn run(
     dialer: &Dialer,
-    upstream: &Upstream,
+    route: &Route,
     target: SocketAddr,
 ) -> Result<Transferred, StdioError> {
-    let mut tunnel = dialer
-        .connect(upstream.server, &upstream.server_ids, target)
-        .await?;
+    let mut tunnel = dialer.open(route, &TunnelRequest::new(target)).await?;
     let mut stdio = StdioStream {
         stdin: tokio::io::stdin(),
         stdout: tokio::io::stdout(),

@@ -288,3 +288,19 @@ impl Relay {
         });
     }
 }
+
+/// An access log that keeps every record, for assertions.
+#[derive(Default)]
+pub struct Records(pub std::sync::Mutex<Vec<hbone::access::TunnelRecord>>);
+
+impl hbone::access::AccessLog for Records {
+    fn record(&self, record: &hbone::access::TunnelRecord) {
+        self.0.lock().unwrap().push(record.clone());
+    }
+}
+
+impl Records {
+    pub fn all(&self) -> Vec<hbone::access::TunnelRecord> {
+        self.0.lock().unwrap().clone()
+    }
+}

@@ -6,27 +6,35 @@
 //! streams of its connection. The answer to CONNECT is `200` only once the
 //! target dial has succeeded; refusals are sent as HEADERS with END_STREAM,
 //! their status chosen in one place ([`Refusal::status`]).
+//!
+//! The same server acts as a double-HBONE gateway when given a routing
+//! table: it then resolves `hostname:port` authorities to HBONE endpoints
+//! and relays the (inner, encrypted) bytes without looking at them.
+
+mod refusal;
+mod stats;
+mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
-use h2::RecvStream;
-use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
-use crate::access::{AccessLog, Outcome, Role, TracingLog, TunnelRecord};
-use crate::authority::{AuthorityError, parse_authority};
+pub use refusal::Refusal;
+use stats::CountOnDrop;
+pub use stats::{ServerStats, StatsSnapshot};
+
+use crate::access::{AccessLog, TracingLog};
 use crate::config::{H2Settings, Timeouts};
-use crate::copy;
+use crate::gateway::Routes;
+use crate::headers::Baggage;
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
-use crate::policy::{Denial, Policy};
-use crate::stream::H2Stream;
+use crate::policy::Policy;
 use crate::tls;
 
 /// Everything a server needs.
@@ -41,6 +49,14 @@ pub struct ServerConfig {
     pub h2: H2Settings,
     pub timeouts: Timeouts,
     pub access_log: Arc<dyn AccessLog>,
+    /// Send a PROXY protocol v2 header to each target first, naming the
+    /// original client and carrying the peer's SPIFFE ID (TLV 0xD0).
+    pub proxy_protocol: bool,
+    /// Our workload's metadata, returned as `baggage` on every 200.
+    pub baggage: Baggage,
+    /// Act as a double-HBONE gateway with these routes: authorities are
+    /// service `hostname:port`s, relayed to their endpoints' HBONE port.
+    pub gateway_routes: Option<Arc<Routes>>,
 }
 
 impl ServerConfig {
@@ -54,6 +70,9 @@ impl ServerConfig {
             h2: H2Settings::server(),
             timeouts: Timeouts::default(),
             access_log: Arc::new(TracingLog),
+            proxy_protocol: false,
+            baggage: Baggage::default(),
+            gateway_routes: None,
         }
     }
 }
@@ -71,99 +90,6 @@ pub enum ServerError {
     Tls(#[from] tls::TlsConfigError),
 }
 
-/// Why a CONNECT was refused. The only place statuses and reasons are chosen.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    #[error("method {0} is not allowed; HBONE accepts CONNECT only")]
-    MethodNotAllowed(Method),
-    #[error("CONNECT must not carry :scheme or :path")]
-    NotPlainConnect,
-    #[error(transparent)]
-    BadAuthority(#[from] AuthorityError),
-    #[error(transparent)]
-    Denied(#[from] Denial),
-    #[error("target {target} unreachable: {source}")]
-    Unreachable {
-        target: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("target {0} did not answer in time")]
-    DialTimeout(SocketAddr),
-}
-
-impl Refusal {
-    /// The HTTP status sent for this refusal.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::NotPlainConnect | Refusal::BadAuthority(_) => StatusCode::BAD_REQUEST,
-            Refusal::Denied(_) => StatusCode::FORBIDDEN,
-            Refusal::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Refusal::DialTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        }
-    }
-
-    /// A short, stable reason for logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::MethodNotAllowed(_) => "method_not_allowed",
-            Refusal::NotPlainConnect => "bad_request",
-            Refusal::BadAuthority(_) => "bad_authority",
-            Refusal::Denied(_) => "denied",
-            Refusal::Unreachable { .. } => "target_unreachable",
-            Refusal::DialTimeout(_) => "target_timeout",
-        }
-    }
-}
-
-/// Counters a running server keeps; read them with [`Server::stats`].
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    connections_accepted: AtomicU64,
-    connections_closed: AtomicU64,
-    handshake_failures: AtomicU64,
-    tunnels_opened: AtomicU64,
-    tunnels_closed: AtomicU64,
-    refusals: AtomicU64,
-}
-
-/// A point-in-time copy of [`ServerStats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StatsSnapshot {
-    pub connections_accepted: u64,
-    pub connections_active: u64,
-    pub handshake_failures: u64,
-    pub tunnels_opened: u64,
-    pub tunnels_active: u64,
-    pub refusals: u64,
-}
-
-impl ServerStats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let load = |c: &AtomicU64| c.load(Ordering::Acquire);
-        let accepted = load(&self.connections_accepted);
-        let opened = load(&self.tunnels_opened);
-        StatsSnapshot {
-            connections_accepted: accepted,
-            connections_active: accepted - load(&self.connections_closed),
-            handshake_failures: load(&self.handshake_failures),
-            tunnels_opened: opened,
-            tunnels_active: opened - load(&self.tunnels_closed),
-            refusals: load(&self.refusals),
-        }
-    }
-}
-
-/// Increments `closed` when dropped, so a count is right on every exit path.
-struct CountOnDrop<'a>(&'a AtomicU64);
-
-impl Drop for CountOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
-    }
-}
-
 /// A bound HBONE server.
 pub struct Server {
     listener: TcpListener,
@@ -178,6 +104,10 @@ struct Shared {
     access_log: Arc<dyn AccessLog>,
     stats: Arc<ServerStats>,
     local_id: SpiffeId,
+    proxy_protocol: bool,
+    /// The `baggage` response header, built once.
+    baggage: Option<http::HeaderValue>,
+    gateway_routes: Option<Arc<Routes>>,
 }
 
 impl Server {
@@ -206,6 +136,12 @@ impl Server {
                 access_log: config.access_log,
                 stats: Arc::default(),
                 local_id: config.identity.id().clone(),
+                proxy_protocol: config.proxy_protocol,
+                baggage: config
+                    .baggage
+                    .to_header()
+                    .and_then(|b| http::HeaderValue::from_str(&b).ok()),
+                gateway_routes: config.gateway_routes,
             }),
         })
     }
@@ -334,98 +270,6 @@ impl Shared {
             .map_err(|e| format!("HTTP/2: {e}"))?;
         tracing::debug!(%peer_addr, %peer_id, "HBONE connection accepted");
         Ok((connection, peer_id))
-    }
-
-    async fn serve_stream(
-        &self,
-        source: SocketAddr,
-        peer_id: SpiffeId,
-        request: Request<RecvStream>,
-        mut respond: SendResponse<Bytes>,
-    ) {
-        let started = Instant::now();
-        let authority = request
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_default();
-        let mut record = TunnelRecord {
-            role: Role::Server,
-            source,
-            peer_id,
-            target: authority,
-            outcome: Outcome::Completed,
-            bytes_sent: 0,
-            bytes_received: 0,
-            duration: Duration::ZERO,
-        };
-        match self.open_target(&record.peer_id, &request).await {
-            Err(refusal) => {
-                self.stats.refusals.fetch_add(1, Ordering::AcqRel);
-                let mut response = Response::new(());
-                *response.status_mut() = refusal.status();
-                let _ = respond.send_response(response, true);
-                record.outcome = Outcome::Refused {
-                    status: refusal.status().as_u16(),
-                    reason: refusal.reason(),
-                    detail: refusal.to_string(),
-                };
-            }
-            Ok(mut target) => {
-                self.stats.tunnels_opened.fetch_add(1, Ordering::AcqRel);
-                let _closed = CountOnDrop(&self.stats.tunnels_closed);
-                let send = match respond.send_response(Response::new(()), false) {
-                    Ok(send) => send,
-                    Err(e) => {
-                        record.outcome = Outcome::Failed(format!("client went away: {e}"));
-                        record.duration = started.elapsed();
-                        self.access_log.record(&record);
-                        return;
-                    }
-                };
-                let mut stream = H2Stream::new(send, request.into_body());
-                match copy::tcp_tunnel(&mut target, &mut stream).await {
-                    Ok(moved) => {
-                        record.bytes_sent = moved.b_to_a;
-                        record.bytes_received = moved.a_to_b;
-                    }
-                    Err(e) => {
-                        record.bytes_sent = e.transferred.b_to_a;
-                        record.bytes_received = e.transferred.a_to_b;
-                        record.outcome = Outcome::Failed(e.to_string());
-                        // Pass the failure on as a reset, in both directions.
-                        stream.reset(h2::Reason::CONNECT_ERROR);
-                        let _ = target.set_zero_linger();
-                    }
-                }
-            }
-        }
-        record.duration = started.elapsed();
-        self.access_log.record(&record);
-    }
-
-    /// Validates the request, authorizes it and dials the target.
-    async fn open_target(
-        &self,
-        peer_id: &SpiffeId,
-        request: &Request<RecvStream>,
-    ) -> Result<TcpStream, Refusal> {
-        if request.method() != Method::CONNECT {
-            return Err(Refusal::MethodNotAllowed(request.method().clone()));
-        }
-        let uri = request.uri();
-        if uri.scheme().is_some() || uri.path_and_query().is_some() {
-            return Err(Refusal::NotPlainConnect);
-        }
-        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-        let target = parse_authority(authority)?;
-        self.policy.decide(peer_id, target)?;
-        let tcp = timeout(self.timeouts.connect, TcpStream::connect(target))
-            .await
-            .map_err(|_| Refusal::DialTimeout(target))?
-            .map_err(|source| Refusal::Unreachable { target, source })?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
     }
 }
 

@@ -1,0 +1,309 @@
+//! Flags shared by several subcommands, and how they become library
+//! configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::Args;
+use hbone::config::Timeouts;
+use hbone::headers::{self, Baggage};
+use hbone::policy::{IdPattern, TargetRule};
+use hbone::{Dialer, DialerConfig, Identity, Route, SpiffeId};
+
+/// Where this process's certificate, key and trust bundle come from.
+#[derive(Args, Clone)]
+pub(super) struct IdentityArgs {
+    /// Directory holding cert.pem, key.pem and bundle.pem (or Istio's
+    /// cert-chain.pem, key.pem and root-cert.pem).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["cert", "key", "trust_bundle"])]
+    pub(super) identity_dir: Option<PathBuf>,
+    /// Certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE", requires_all = ["key", "trust_bundle"])]
+    pub(super) cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, value_name = "FILE", requires_all = ["cert", "trust_bundle"])]
+    pub(super) key: Option<PathBuf>,
+    /// CA certificates that peers must chain to (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["cert", "key"])]
+    pub(super) trust_bundle: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    pub(super) fn load(&self) -> anyhow::Result<Identity> {
+        let identity = match (
+            &self.identity_dir,
+            &self.cert,
+            &self.key,
+            &self.trust_bundle,
+        ) {
+            (Some(dir), _, _, _) => Identity::from_dir(dir)?,
+            (None, Some(cert), Some(key), Some(bundle)) => Identity::from_files(cert, key, bundle)?,
+            _ => bail!(
+                "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle"
+            ),
+        };
+        tracing::info!(id = %identity.id(), "identity loaded");
+        Ok(identity)
+    }
+}
+
+#[derive(Args)]
+pub(super) struct ServerArgs {
+    #[command(flatten)]
+    pub(super) identity: IdentityArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "[::]:15008")]
+    pub(super) listen: SocketAddr,
+    /// Targets tunnels may reach: CIDR[:PORT|:PORT-PORT], repeatable. Replaces the
+    /// loopback-only default.
+    #[arg(long = "allow-target", value_name = "RULE")]
+    pub(super) allow_targets: Vec<TargetRule>,
+    /// Peers that may open tunnels: exact SPIFFE ID, spiffe://TD/* or
+    /// spiffe://TD/ns/NS/*, repeatable. Default: any peer of our trust domain.
+    #[arg(long = "allow-id", value_name = "PATTERN")]
+    pub(super) allow_ids: Vec<IdPattern>,
+    /// Timeout for dialing a target.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub(super) connect_timeout: Duration,
+    /// Timeout for the TLS and HTTP/2 handshakes of an incoming connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) handshake_timeout: Duration,
+    /// Send a PROXY protocol v2 header to each target (original client
+    /// address, and the peer's SPIFFE ID in TLV 0xD0).
+    #[arg(long)]
+    pub(super) proxy_protocol: bool,
+    #[command(flatten)]
+    pub(super) meta: MetaArgs,
+}
+
+#[derive(Args)]
+pub(super) struct GatewayArgs {
+    #[command(flatten)]
+    pub(super) identity: IdentityArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "[::]:15008")]
+    pub(super) listen: SocketAddr,
+    /// Routing table (TOML): service host names to HBONE endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub(super) routes: PathBuf,
+    /// Peers that may use the gateway (as for `hbone server`).
+    #[arg(long = "allow-id", value_name = "PATTERN")]
+    pub(super) allow_ids: Vec<IdPattern>,
+    /// Timeout for dialing an endpoint.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub(super) connect_timeout: Duration,
+    /// Timeout for the TLS and HTTP/2 handshakes of an incoming connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) handshake_timeout: Duration,
+}
+
+/// Flags shared by the commands that open tunnels.
+#[derive(Args)]
+pub(super) struct DialArgs {
+    #[command(flatten)]
+    pub(super) identity: IdentityArgs,
+    /// SPIFFE ID the server must present; repeat to accept any of several.
+    #[arg(long = "server-id", value_name = "SPIFFE_ID", required = true)]
+    pub(super) server_ids: Vec<SpiffeId>,
+    /// Timeout for TCP connect to the server.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub(super) connect_timeout: Duration,
+    /// Timeout for the TLS and HTTP/2 handshakes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) handshake_timeout: Duration,
+    /// Open a fresh TLS + HTTP/2 connection for every tunnel instead of
+    /// sharing connections (costs a handshake per tunnel; for measurement).
+    #[arg(long)]
+    pub(super) no_pool: bool,
+    /// Double HBONE: reach the server through this gateway (needs
+    /// --gateway-id and --service).
+    #[arg(long, value_name = "ADDR", requires_all = ["gateway_ids", "service"])]
+    pub(super) gateway: Option<SocketAddr>,
+    /// SPIFFE ID the gateway must present; repeatable.
+    #[arg(long = "gateway-id", value_name = "SPIFFE_ID", requires = "gateway")]
+    pub(super) gateway_ids: Vec<SpiffeId>,
+    /// The destination service as the gateway knows it, HOST:PORT (the
+    /// outer CONNECT's authority).
+    #[arg(long, value_name = "HOST:PORT", requires = "gateway")]
+    pub(super) service: Option<String>,
+    #[command(flatten)]
+    pub(super) meta: MetaArgs,
+    /// Our network name, sent as x-forwarded-network on the inner CONNECT
+    /// of double HBONE.
+    #[arg(long, value_name = "NAME")]
+    pub(super) network: Option<String>,
+}
+
+impl DialArgs {
+    pub(super) fn dialer(&self) -> anyhow::Result<Dialer> {
+        let identity = self.identity.load()?;
+        let config = DialerConfig {
+            timeouts: Timeouts {
+                connect: self.connect_timeout,
+                handshake: self.handshake_timeout,
+                ..Timeouts::default()
+            },
+            pooling: !self.no_pool,
+            baggage: self.meta.baggage(identity.id()),
+            network: self.network.clone(),
+            ..DialerConfig::default()
+        };
+        Ok(Dialer::with_config(&identity, config)?)
+    }
+
+    /// The route to `server`, or through the gateway when one is given.
+    pub(super) fn route(&self, server: Option<SocketAddr>) -> anyhow::Result<Route> {
+        let server_ids = self.server_ids.clone();
+        match (self.gateway, server) {
+            (Some(gateway), None) => Ok(Route::Gateway {
+                gateway,
+                gateway_ids: self.gateway_ids.clone(),
+                service: self.service.clone().unwrap_or_default(),
+                server_ids,
+            }),
+            (None, Some(server)) => Ok(Route::Direct { server, server_ids }),
+            (Some(_), Some(_)) => bail!("give either --server or --gateway, not both"),
+            (None, None) => bail!(
+                "say where tunnels go: --server ADDR, or --gateway ADDR with --gateway-id and --service"
+            ),
+        }
+    }
+}
+
+/// Our workload's metadata, sent as `baggage` (ztunnel's keys). The
+/// namespace comes from our SPIFFE ID when it has the Istio form.
+#[derive(Args, Clone)]
+pub(super) struct MetaArgs {
+    /// Cluster name (k8s.cluster.name).
+    #[arg(long, value_name = "NAME")]
+    pub(super) cluster: Option<String>,
+    /// Workload as KIND/NAME, e.g. deployment/web (k8s.deployment.name=web).
+    #[arg(long, value_name = "KIND/NAME")]
+    pub(super) workload: Option<String>,
+    /// Service name (service.name).
+    #[arg(long, value_name = "NAME")]
+    pub(super) app: Option<String>,
+    /// Service version (service.version).
+    #[arg(long, value_name = "VERSION")]
+    pub(super) app_version: Option<String>,
+}
+
+impl MetaArgs {
+    pub(super) fn baggage(&self, id: &SpiffeId) -> Baggage {
+        let mut baggage = Baggage::default();
+        baggage.set(
+            headers::CLUSTER_KEY,
+            self.cluster.as_deref().unwrap_or_default(),
+        );
+        baggage.set(headers::NAMESPACE_KEY, id.namespace().unwrap_or_default());
+        if let Some((kind, name)) = self.workload.as_deref().and_then(|w| w.split_once('/')) {
+            baggage.set(&format!("k8s.{kind}.name"), name);
+        }
+        baggage.set(
+            headers::SERVICE_KEY,
+            self.app.as_deref().unwrap_or_default(),
+        );
+        baggage.set(
+            headers::VERSION_KEY,
+            self.app_version.as_deref().unwrap_or_default(),
+        );
+        baggage
+    }
+}
+
+#[derive(Args)]
+pub(super) struct ForwardArgs {
+    #[command(flatten)]
+    pub(super) dial: DialArgs,
+    /// Local address to accept application connections on.
+    #[arg(long)]
+    pub(super) listen: SocketAddr,
+    /// HBONE server address (or use --gateway).
+    #[arg(long)]
+    pub(super) server: Option<SocketAddr>,
+    /// Target (ip:port) the server connects each tunnel to.
+    #[arg(long)]
+    pub(super) target: SocketAddr,
+}
+
+#[derive(Args)]
+pub(super) struct ConnectArgs {
+    #[command(flatten)]
+    pub(super) dial: DialArgs,
+    /// HBONE server address (or use --gateway).
+    #[arg(long)]
+    pub(super) server: Option<SocketAddr>,
+    /// Target (ip:port) the server connects the tunnel to.
+    #[arg(long)]
+    pub(super) target: SocketAddr,
+}
+
+#[derive(Args)]
+pub(super) struct Socks5Args {
+    #[command(flatten)]
+    pub(super) dial: DialArgs,
+    /// Local address for SOCKS5 clients.
+    #[arg(long)]
+    pub(super) listen: SocketAddr,
+    /// HBONE server for every tunnel; default: port 15008 of each target.
+    #[arg(long)]
+    pub(super) server: Option<SocketAddr>,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number means seconds).
+pub(super) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s, 2m or 1h"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(value),
+        "" | "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value * 60),
+        "h" => Duration::from_secs(value * 3600),
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if duration.is_zero() {
+        return Err("a timeout of zero would fail everything; give a positive duration".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn baggage_from_flags_and_identity() {
+        let meta = MetaArgs {
+            cluster: Some("east".into()),
+            workload: Some("deployment/web".into()),
+            app: Some("web".into()),
+            app_version: None,
+        };
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        assert_eq!(
+            meta.baggage(&id).to_header().unwrap(),
+            "k8s.cluster.name=east,k8s.deployment.name=web,k8s.namespace.name=shop,service.name=web"
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! What each subcommand does with its arguments.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hbone::access::TracingLog;
+use hbone::ca::DevCa;
+use hbone::config::Timeouts;
+use hbone::entry::{self, socks5::SocksConfig};
+use hbone::gateway::Routes;
+use hbone::policy::Policy;
+use hbone::{Server, ServerConfig, SpiffeId};
+use tokio::net::TcpListener;
+
+use super::CaCommand;
+use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, ServerArgs, Socks5Args};
+
+fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n) * 86_400)
+}
+
+pub(super) fn run_ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Init {
+            out,
+            trust_domain,
+            days: d,
+        } => {
+            SpiffeId::parse(&format!("spiffe://{trust_domain}"))
+                .with_context(|| format!("invalid trust domain {trust_domain:?}"))?;
+            let ca = DevCa::generate(&trust_domain, days(d))?;
+            ca.save(&out)?;
+            println!(
+                "CA for trust domain {trust_domain} written to {}",
+                out.display()
+            );
+        }
+        CaCommand::Issue {
+            ca,
+            id,
+            out,
+            days: d,
+        } => {
+            let ca = DevCa::load(&ca)?;
+            ca.issue(&id, days(d))?.save(&out)?;
+            println!(
+                "{id} issued to {} (cert.pem, key.pem, bundle.pem)",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let identity = args.identity.load()?;
+    let baggage = args.meta.baggage(identity.id());
+    let mut config = ServerConfig::new(args.listen, identity);
+    config.policy = Policy::new(args.allow_ids, args.allow_targets);
+    config.proxy_protocol = args.proxy_protocol;
+    config.baggage = baggage;
+    config.timeouts = Timeouts {
+        connect: args.connect_timeout,
+        handshake: args.handshake_timeout,
+        ..Timeouts::default()
+    };
+    let targets: Vec<String> = config
+        .policy
+        .targets()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let server = Server::bind(config).await?;
+    tracing::info!(
+        listen = %server.local_addr(), id = %server.local_id(),
+        targets = %targets.join(","), "HBONE server ready"
+    );
+    serve_until_ctrl_c(server).await
+}
+
+pub(super) async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let identity = args.identity.load()?;
+    let routes = Routes::load(&args.routes)?;
+    let mut config = ServerConfig::new(args.listen, identity);
+    config.policy = Policy::new(args.allow_ids, Vec::new());
+    config.timeouts = Timeouts {
+        connect: args.connect_timeout,
+        handshake: args.handshake_timeout,
+        ..Timeouts::default()
+    };
+    let route_count = routes.len();
+    config.gateway_routes = Some(Arc::new(routes));
+    let server = Server::bind(config).await?;
+    tracing::info!(
+        listen = %server.local_addr(), id = %server.local_id(),
+        routes = route_count, "HBONE gateway ready"
+    );
+    serve_until_ctrl_c(server).await
+}
+
+async fn serve_until_ctrl_c(server: Server) -> anyhow::Result<()> {
+    tokio::select! {
+        () = server.run() => Ok(()),
+        result = tokio::signal::ctrl_c() => {
+            result.context("cannot listen for Ctrl-C")?;
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))
+}
+
+pub(super) async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
+    let route = args.dial.route(args.server)?;
+    let dialer = args.dial.dialer()?;
+    let listener = bind(args.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, route = ?route, target = %args.target, "forward ready");
+    tokio::select! {
+        () = entry::forward::run(listener, dialer, route, args.target, Arc::new(TracingLog)) => Ok(()),
+        result = tokio::signal::ctrl_c() => Ok(result?),
+    }
+}
+
+pub(super) async fn run_connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let route = args.dial.route(args.server)?;
+    let dialer = args.dial.dialer()?;
+    entry::stdio::run(&dialer, &route, args.target).await?;
+    Ok(())
+}
+
+pub(super) async fn run_socks5(args: Socks5Args) -> anyhow::Result<()> {
+    let config = match (args.server, args.dial.gateway) {
+        (None, None) => SocksConfig::PerTarget {
+            server_ids: args.dial.server_ids.clone(),
+        },
+        (server, _) => SocksConfig::Fixed(args.dial.route(server)?),
+    };
+    let dialer = args.dial.dialer()?;
+    let listener = bind(args.listen).await?;
+    tracing::info!(listen = %listener.local_addr()?, "SOCKS5 entry ready");
+    tokio::select! {
+        () = entry::socks5::run(listener, dialer, config, Arc::new(TracingLog)) => Ok(()),
+        result = tokio::signal::ctrl_c() => Ok(result?),
+    }
+}

@@ -1,0 +1,197 @@
+//! Establishing an HBONE connection: TLS (verifying the server's
+//! identity) and HTTP/2 over any byte stream, a TCP connection or, for
+//! double HBONE, a tunnel through a gateway. The connection is then driven
+//! by its own task, which also runs keepalive and closes it when idle.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+
+use super::{DialError, Dialer, Stage};
+use crate::identity::{SpiffeId, spiffe_id_of};
+use crate::pool::{ConnState, PooledConn};
+use crate::tls::{self, TlsFailure};
+
+impl Dialer {
+    /// TCP connect to `server`, then [`Dialer::establish`].
+    pub(super) async fn establish_tcp(
+        &self,
+        server: SocketAddr,
+        expected: &[SpiffeId],
+    ) -> Result<Arc<PooledConn>, DialError> {
+        let timeouts = &self.inner.config.timeouts;
+        let tcp = timeout(timeouts.connect, TcpStream::connect(server))
+            .await
+            .map_err(|_| DialError::Timeout {
+                server,
+                stage: Stage::Connect,
+            })?
+            .map_err(|source| DialError::Connect { server, source })?;
+        let _ = tcp.set_nodelay(true);
+        self.establish(tcp, server, expected).await
+    }
+
+    /// TLS handshake over `io` (verifying that the server is one of
+    /// `expected`) and HTTP/2 handshake. `server` names the connection in
+    /// errors and logs.
+    pub(super) async fn establish<IO>(
+        &self,
+        io: IO,
+        server: SocketAddr,
+        expected: &[SpiffeId],
+    ) -> Result<Arc<PooledConn>, DialError>
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let timeouts = &self.inner.config.timeouts;
+        let connector = TlsConnector::from(self.inner.tls.for_peer(expected));
+        let server_name = tls::placeholder_server_name(server.ip());
+        let tls_stream = timeout(timeouts.handshake, connector.connect(server_name, io))
+            .await
+            .map_err(|_| DialError::Timeout {
+                server,
+                stage: Stage::Handshake,
+            })?
+            .map_err(|e| DialError::Tls {
+                server,
+                failure: TlsFailure::from_io(&e)
+                    .unwrap_or_else(|| TlsFailure::Protocol(e.to_string())),
+            })?;
+        let (_, session) = tls_stream.get_ref();
+        if session.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(DialError::Tls {
+                server,
+                failure: TlsFailure::NoH2,
+            });
+        }
+        let peer_id = session
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(|cert| spiffe_id_of(cert).ok())
+            .ok_or_else(|| DialError::Tls {
+                server,
+                failure: TlsFailure::Protocol("server sent no SPIFFE certificate".into()),
+            })?;
+        let state = Arc::new(ConnState::default());
+        let io = ErrorRecorder {
+            inner: tls_stream,
+            state: state.clone(),
+        };
+        let (send, connection) = timeout(
+            timeouts.handshake,
+            self.inner
+                .config
+                .h2
+                .client_builder()
+                .handshake::<_, Bytes>(io),
+        )
+        .await
+        .map_err(|_| DialError::Timeout {
+            server,
+            stage: Stage::Handshake,
+        })?
+        .map_err(|source| DialError::Http2 { server, source })?;
+        let driver_state = state.clone();
+        let keepalive = timeouts.keepalive;
+        let idle_timeout = self.inner.config.idle_timeout;
+        tokio::spawn(async move {
+            let mut connection = connection;
+            let ping_pong = connection.ping_pong();
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
+                    }
+                }
+                reason = keepalive.watch(ping_pong) => {
+                    tracing::info!(%server, %reason, "closing HBONE connection: peer unresponsive");
+                }
+                () = driver_state.closed_when_idle(idle_timeout) => {
+                    tracing::debug!(%server, "closing idle HBONE connection");
+                }
+            }
+            driver_state.mark_closed();
+        });
+        tracing::debug!(%server, %peer_id, "HBONE connection established");
+        Ok(Arc::new(PooledConn::new(
+            send,
+            state,
+            peer_id,
+            self.inner.config.h2.max_concurrent_streams as usize,
+        )))
+    }
+}
+
+/// Passes I/O through, and keeps the TLS error that ended the connection.
+///
+/// In TLS 1.3 the client finishes its handshake before the server has
+/// checked the client certificate, so a rejection arrives as an alert on the
+/// first read, inside HTTP/2. h2 keeps only the message of such an error;
+/// this keeps the typed reason so the dialer can report it.
+struct ErrorRecorder<T> {
+    inner: T,
+    state: Arc<ConnState>,
+}
+
+impl<T> ErrorRecorder<T> {
+    fn record<R>(&self, result: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if let Poll::Ready(Err(e)) = &result
+            && let Some(failure) = TlsFailure::from_io(e)
+        {
+            self.state.record_tls_failure(failure);
+        }
+        result
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ErrorRecorder<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.record(result)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ErrorRecorder<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.record(result)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.record(result)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.record(result)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,471 @@
+//! The dialer: opens tunnels to HBONE servers, directly or through a
+//! gateway (double HBONE).
+//!
+//! A tunnel is one HTTP/2 CONNECT stream. Streams to the same server, with
+//! the same expected identities, share a TLS + HTTP/2 connection until it
+//! reaches its stream limit; then another connection is opened. The choice of
+//! connection lives in [`crate::pool`]; establishing one in `establish`.
+//!
+//! Through a gateway, the dialer opens an outer tunnel to the gateway with
+//! the service's `hostname:port` as authority, runs a second mTLS handshake
+//! inside it with the final server, and sends the real CONNECT on that
+//! inner connection. Inner connections are pooled too, per (gateway,
+//! service, expected identities), so a new user connection costs one
+//! stream, not two handshakes.
+
+mod establish;
+mod tunnel;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, Request, StatusCode};
+use tokio::time::timeout;
+
+pub use tunnel::Tunnel;
+
+use crate::config::{H2Settings, Timeouts};
+use crate::headers::{self, Baggage, TraceParent};
+use crate::identity::{Identity, SpiffeId};
+use crate::pool::{Pool, PoolKey, PooledConn, StreamLease};
+use crate::stream::H2Stream;
+use crate::tls::{self, ClientBase, TlsFailure};
+
+/// The step of opening a tunnel that ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// TCP connect to the HBONE server.
+    Connect,
+    /// TLS and HTTP/2 handshakes.
+    Handshake,
+    /// Waiting for the response to CONNECT.
+    Response,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Connect => "TCP connect",
+            Stage::Handshake => "TLS/HTTP2 handshake",
+            Stage::Response => "CONNECT response",
+        })
+    }
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("no expected server identity given: pass at least one SPIFFE ID")]
+    NoExpectedIdentity,
+    #[error("TCP connect to HBONE server {server} failed: {source}")]
+    Connect {
+        server: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("TLS handshake with {server} failed: {failure}")]
+    Tls {
+        server: SocketAddr,
+        failure: TlsFailure,
+    },
+    #[error("HTTP/2 error with {server}: {source}")]
+    Http2 {
+        server: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("HBONE connection to {server} closed before the tunnel could open")]
+    Closed { server: SocketAddr },
+    #[error("{server} refused the tunnel to {target}: HTTP {status}")]
+    Status {
+        server: SocketAddr,
+        /// The `:authority` that was refused.
+        target: String,
+        status: StatusCode,
+    },
+    #[error("{stage} with {server} timed out")]
+    Timeout { server: SocketAddr, stage: Stage },
+}
+
+/// How a dialer behaves.
+#[derive(Debug, Clone)]
+pub struct DialerConfig {
+    pub h2: H2Settings,
+    pub timeouts: Timeouts,
+    /// Share HTTP/2 connections between tunnels. Off, every tunnel gets a
+    /// fresh TLS + HTTP/2 connection (for measuring handshake cost).
+    pub pooling: bool,
+    /// A pooled connection without streams for this long is closed. Keeps
+    /// stale connections from outliving the server's address.
+    pub idle_timeout: Duration,
+    /// Our workload's metadata, sent as `baggage` on every CONNECT.
+    pub baggage: Baggage,
+    /// Our network name, sent as `x-forwarded-network` on the inner
+    /// CONNECT of double HBONE.
+    pub network: Option<String>,
+}
+
+impl Default for DialerConfig {
+    fn default() -> Self {
+        DialerConfig {
+            h2: H2Settings::client(),
+            timeouts: Timeouts::default(),
+            pooling: true,
+            idle_timeout: Duration::from_secs(60),
+            baggage: Baggage::default(),
+            network: None,
+        }
+    }
+}
+
+/// Opens tunnels as one local identity. Cheap to clone; clones share the
+/// connection pool.
+#[derive(Clone)]
+pub struct Dialer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tls: ClientBase,
+    local_id: SpiffeId,
+    config: DialerConfig,
+    pool: Pool,
+}
+
+impl Dialer {
+    /// A dialer presenting `identity`, with default settings.
+    pub fn new(identity: &Identity) -> Result<Self, tls::TlsConfigError> {
+        Self::with_config(identity, DialerConfig::default())
+    }
+
+    /// A dialer presenting `identity`, with `config`.
+    pub fn with_config(
+        identity: &Identity,
+        config: DialerConfig,
+    ) -> Result<Self, tls::TlsConfigError> {
+        Ok(Dialer {
+            inner: Arc::new(Inner {
+                tls: tls::client_base_config(identity)?,
+                local_id: identity.id().clone(),
+                config,
+                pool: Pool::default(),
+            }),
+        })
+    }
+
+    /// Open HTTP/2 connections in the pool.
+    pub fn pooled_connections(&self) -> usize {
+        self.inner.pool.len()
+    }
+
+    /// The identity this dialer presents.
+    pub fn local_id(&self) -> &SpiffeId {
+        &self.inner.local_id
+    }
+
+    /// Opens a tunnel to `target` through the HBONE server at `server`,
+    /// which must prove one of the `expected` identities.
+    pub async fn connect(
+        &self,
+        server: SocketAddr,
+        expected: &[SpiffeId],
+        target: SocketAddr,
+    ) -> Result<Tunnel, DialError> {
+        let route = Route::Direct {
+            server,
+            server_ids: expected.to_vec(),
+        };
+        self.open(&route, &TunnelRequest::new(target)).await
+    }
+
+    /// Opens a tunnel along `route` for `request`.
+    pub async fn open(&self, route: &Route, request: &TunnelRequest) -> Result<Tunnel, DialError> {
+        let target = authority_of(request.target);
+        match route {
+            Route::Direct { server, server_ids } => {
+                if server_ids.is_empty() {
+                    return Err(DialError::NoExpectedIdentity);
+                }
+                let key = PoolKey::direct(*server, server_ids);
+                let connect_request = self.connect_request(&target, request, false);
+                self.tunnel(key, *server, connect_request, || {
+                    self.establish_tcp(*server, server_ids)
+                })
+                .await
+            }
+            Route::Gateway {
+                gateway,
+                gateway_ids,
+                service,
+                server_ids,
+            } => {
+                if server_ids.is_empty() || gateway_ids.is_empty() {
+                    return Err(DialError::NoExpectedIdentity);
+                }
+                let key = PoolKey::via_gateway(*gateway, gateway_ids, service, server_ids);
+                let connect_request = self.connect_request(&target, request, true);
+                let establish_inner = || async {
+                    let outer_key = PoolKey::direct(*gateway, gateway_ids);
+                    let outer_request = self.connect_request(service, request, false);
+                    let outer = self
+                        .tunnel(outer_key, *gateway, outer_request, || {
+                            self.establish_tcp(*gateway, gateway_ids)
+                        })
+                        .await?;
+                    self.establish(outer, *gateway, server_ids).await
+                };
+                self.tunnel(key, *gateway, connect_request, establish_inner)
+                    .await
+            }
+        }
+    }
+
+    /// Opens a tunnel with `request` on a connection of `key`: a pooled one
+    /// with room, or one made by `establish`.
+    async fn tunnel<E, F>(
+        &self,
+        key: PoolKey,
+        server: SocketAddr,
+        request: Request<()>,
+        establish: E,
+    ) -> Result<Tunnel, DialError>
+    where
+        E: Fn() -> F,
+        F: Future<Output = Result<Arc<PooledConn>, DialError>>,
+    {
+        if !self.inner.config.pooling {
+            let conn = establish().await?;
+            return self.open_fresh(&conn, server, request).await;
+        }
+        if let Some(tunnel) = self.open_pooled(&key, server, &request).await? {
+            return Ok(tunnel);
+        }
+        // Nothing pooled has room: open a connection, one handshake at a
+        // time per key. Whoever waited re-checks the pool first, since the
+        // connection just opened usually has room for them too.
+        let dial_lock = self.inner.pool.dial_lock(&key);
+        let dialing = dial_lock.lock().await;
+        if let Some(tunnel) = self.open_pooled(&key, server, &request).await? {
+            return Ok(tunnel);
+        }
+        let conn = establish().await?;
+        self.inner.pool.insert(key, conn.clone());
+        drop(dialing);
+        self.open_fresh(&conn, server, request).await
+    }
+
+    /// Opens the first tunnel of a connection that was just established.
+    async fn open_fresh(
+        &self,
+        conn: &PooledConn,
+        server: SocketAddr,
+        request: Request<()>,
+    ) -> Result<Tunnel, DialError> {
+        // The connection may already have failed: in TLS 1.3 a server's
+        // rejection of our certificate arrives after our handshake is done.
+        let Some(lease) = conn.try_acquire() else {
+            return Err(match conn.state.tls_failure() {
+                Some(failure) => DialError::Tls { server, failure },
+                None => DialError::Closed { server },
+            });
+        };
+        match self.send_connect(conn, lease, server, request).await {
+            Ok(tunnel) => Ok(tunnel),
+            Err(OpenError::Unusable(e) | OpenError::Tunnel(e)) => Err(e),
+        }
+    }
+
+    /// Opens the tunnel on a pooled connection with room, if there is one.
+    /// A pooled connection may have been closed by the peer since it was
+    /// last used; such a failure before the server answered is not the
+    /// tunnel's: the connection is retired and the next one tried.
+    async fn open_pooled(
+        &self,
+        key: &PoolKey,
+        server: SocketAddr,
+        request: &Request<()>,
+    ) -> Result<Option<Tunnel>, DialError> {
+        while let Some((conn, lease)) = self.inner.pool.checkout(key) {
+            match self
+                .send_connect(&conn, lease, server, clone_request(request))
+                .await
+            {
+                Ok(tunnel) => return Ok(Some(tunnel)),
+                Err(OpenError::Tunnel(e)) => return Err(e),
+                Err(OpenError::Unusable(e)) => {
+                    tracing::debug!(%server, error = %e, "retiring pooled connection");
+                    conn.state.mark_closed();
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The CONNECT request: `:authority`, then `forwarded` (when the
+    /// original client is known), `traceparent`, our `baggage`, and on the
+    /// inner request of double HBONE our network name.
+    fn connect_request(
+        &self,
+        authority: &str,
+        request: &TunnelRequest,
+        inner: bool,
+    ) -> Request<()> {
+        let mut connect = Request::new(());
+        *connect.method_mut() = Method::CONNECT;
+        match http::Uri::try_from(authority) {
+            Ok(uri) => *connect.uri_mut() = uri,
+            // Left without authority: the server answers 400, which the
+            // caller sees as a refusal naming the authority.
+            Err(_) => tracing::warn!(authority, "not a valid :authority"),
+        }
+        let config = &self.inner.config;
+        let headers = connect.headers_mut();
+        let mut insert = |name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
+        };
+        if let Some(source) = request.source {
+            insert(headers::FORWARDED, &headers::forwarded_for(source));
+        }
+        let trace = request.trace.unwrap_or_else(TraceParent::random);
+        insert(headers::TRACEPARENT, &trace.to_string());
+        if let Some(baggage) = config.baggage.to_header() {
+            insert(headers::BAGGAGE, &baggage);
+        }
+        if inner && let Some(network) = &config.network {
+            insert(headers::FORWARDED_NETWORK, network);
+        }
+        connect
+    }
+
+    /// Sends CONNECT on `conn` and waits for the server's answer.
+    async fn send_connect(
+        &self,
+        conn: &PooledConn,
+        lease: StreamLease,
+        server: SocketAddr,
+        request: Request<()>,
+    ) -> Result<Tunnel, OpenError> {
+        let classify = |source: h2::Error| match conn.state.tls_failure() {
+            Some(failure) => DialError::Tls { server, failure },
+            None => DialError::Http2 { server, source },
+        };
+        let target = request
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut send_request = conn
+            .send_request()
+            .ready()
+            .await
+            .map_err(|e| OpenError::Unusable(classify(e)))?;
+        let (response, send) = send_request
+            .send_request(request, false)
+            .map_err(|e| OpenError::Unusable(classify(e)))?;
+        let response = timeout(self.inner.config.timeouts.response, response)
+            .await
+            .map_err(|_| {
+                OpenError::Tunnel(DialError::Timeout {
+                    server,
+                    stage: Stage::Response,
+                })
+            })?
+            .map_err(|e| {
+                // The connection died (or refused the stream) before the
+                // server answered: no byte of the tunnel has flowed, so
+                // the request may go out again on another connection.
+                if e.is_io() || e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    OpenError::Unusable(classify(e))
+                } else {
+                    OpenError::Tunnel(classify(e))
+                }
+            })?;
+        if response.status() != StatusCode::OK {
+            return Err(OpenError::Tunnel(DialError::Status {
+                server,
+                target,
+                status: response.status(),
+            }));
+        }
+        let peer_baggage = response
+            .headers()
+            .get(headers::BAGGAGE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| Baggage::parse(v).0)
+            .unwrap_or_default();
+        Ok(Tunnel {
+            stream: H2Stream::new(send, response.into_body()),
+            peer_id: conn.peer_id.clone(),
+            peer_baggage,
+            _lease: lease,
+        })
+    }
+}
+
+enum OpenError {
+    /// The connection could not carry the request: it was closed, or
+    /// failed before the server answered. Safe to retry elsewhere.
+    Unusable(DialError),
+    /// The request went out and the tunnel failed.
+    Tunnel(DialError),
+}
+
+/// `ip:port` with IPv6 in brackets and no scope id, which has no place in
+/// an authority.
+fn authority_of(target: SocketAddr) -> String {
+    SocketAddr::new(target.ip(), target.port()).to_string()
+}
+
+/// A copy of a bodiless request, to send it again on another connection.
+fn clone_request(request: &Request<()>) -> Request<()> {
+    let mut copy = Request::new(());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Where a tunnel goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Straight to an HBONE server, which must prove one of `server_ids`.
+    Direct {
+        server: SocketAddr,
+        server_ids: Vec<SpiffeId>,
+    },
+    /// Double HBONE: through the gateway at `gateway` (proving one of
+    /// `gateway_ids`) to the service `hostname:port`, whose server must
+    /// prove one of `server_ids`.
+    Gateway {
+        gateway: SocketAddr,
+        gateway_ids: Vec<SpiffeId>,
+        service: String,
+        server_ids: Vec<SpiffeId>,
+    },
+}
+
+/// One tunnel to open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelRequest {
+    /// What the final server connects to.
+    pub target: SocketAddr,
+    /// The original client, sent as `forwarded: for=`.
+    pub source: Option<SocketAddr>,
+    /// The trace to join; a new one is started when `None`.
+    pub trace: Option<TraceParent>,
+}
+
+impl TunnelRequest {
+    pub fn new(target: SocketAddr) -> Self {
+        TunnelRequest {
+            target,
+            source: None,
+            trace: None,
+        }
+    }
+}

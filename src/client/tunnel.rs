@@ -1,0 +1,70 @@
+//! An open tunnel as the application sees it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::headers::Baggage;
+use crate::identity::SpiffeId;
+use crate::pool::StreamLease;
+use crate::stream::H2Stream;
+
+/// An open tunnel: a byte stream to the target, through the HBONE server.
+pub struct Tunnel {
+    pub(super) stream: H2Stream,
+    pub(super) peer_id: SpiffeId,
+    /// The server's workload metadata, if it sent any.
+    pub(super) peer_baggage: Baggage,
+    pub(super) _lease: StreamLease,
+}
+
+impl Tunnel {
+    /// The identity the server proved in the TLS handshake.
+    pub fn peer_id(&self) -> &SpiffeId {
+        &self.peer_id
+    }
+
+    /// Workload metadata the server sent in its `baggage` response header.
+    pub fn peer_baggage(&self) -> &Baggage {
+        &self.peer_baggage
+    }
+
+    /// The underlying stream, for the zero-copy relay in [`crate::copy`].
+    pub(crate) fn stream_mut(&mut self) -> &mut H2Stream {
+        &mut self.stream
+    }
+
+    /// Tears the tunnel down with RST_STREAM(CONNECT_ERROR): the server
+    /// resets its TCP connection to the target instead of closing it.
+    pub fn reset(&mut self) {
+        self.stream.reset(h2::Reason::CONNECT_ERROR);
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,243 @@
+//! The routing table of a double-HBONE gateway: service `hostname:port`
+//! to the HBONE endpoints that serve it.
+//!
+//! A gateway terminates only the outer tunnel. It resolves the outer
+//! `:authority` here and relays the bytes, which are the inner TLS
+//! connection, to an endpoint's HBONE port; it never holds the inner keys.
+//!
+//! ```toml
+//! [[route]]
+//! host = "echo.demo.svc.cluster.local"
+//! port = 8080                     # optional: only this service port
+//! endpoints = ["10.0.0.7", "10.0.0.8:15008"]   # HBONE port defaults to 15008
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Deserialize;
+
+use crate::entry::socks5::HBONE_PORT;
+
+/// Why a routing table could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: route {index} ({host}): {message}")]
+    Route {
+        path: String,
+        index: usize,
+        host: String,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    route: Vec<RouteEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteEntry {
+    host: String,
+    port: Option<u16>,
+    endpoints: Vec<String>,
+}
+
+/// One service and its endpoints.
+#[derive(Debug)]
+struct Route {
+    host: String,
+    port: Option<u16>,
+    endpoints: Vec<SocketAddr>,
+    next: AtomicUsize,
+}
+
+/// Why an outer `:authority` has no route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("authority {0:?} is not hostname:port")]
+    Malformed(String),
+    #[error("no route for service {0}")]
+    Unknown(String),
+}
+
+/// Service routes, matched by host name (case-insensitive) and port.
+#[derive(Debug, Default)]
+pub struct Routes {
+    routes: Vec<Route>,
+}
+
+impl Routes {
+    /// Loads and checks a TOML routing table.
+    pub fn load(path: &Path) -> Result<Routes, RoutesError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RoutesError::Read {
+            path: name.clone(),
+            source,
+        })?;
+        Routes::parse(&text, &name)
+    }
+
+    /// Parses a TOML routing table; `name` labels errors.
+    pub fn parse(text: &str, name: &str) -> Result<Routes, RoutesError> {
+        let file: File = toml::from_str(text).map_err(|e| RoutesError::Parse {
+            path: name.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut routes = Vec::new();
+        for (index, entry) in file.route.into_iter().enumerate() {
+            let fail = |message: String| RoutesError::Route {
+                path: name.to_owned(),
+                index: index + 1,
+                host: entry.host.clone(),
+                message,
+            };
+            if entry.host.is_empty() || entry.host.contains([':', '/', ' ']) {
+                return Err(fail("host must be a bare host name".into()));
+            }
+            if entry.endpoints.is_empty() {
+                return Err(fail("needs at least one endpoint".into()));
+            }
+            let endpoints = entry
+                .endpoints
+                .iter()
+                .map(|e| {
+                    parse_endpoint(e)
+                        .ok_or_else(|| fail(format!("endpoint {e:?} is not IP or IP:PORT")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            routes.push(Route {
+                host: entry.host.to_ascii_lowercase(),
+                port: entry.port,
+                endpoints,
+                next: AtomicUsize::new(0),
+            });
+        }
+        Ok(Routes { routes })
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// The endpoint for `authority` (`hostname:port`); endpoints of a
+    /// route take turns.
+    pub fn resolve(&self, authority: &str) -> Result<SocketAddr, RouteError> {
+        let (host, port) = authority
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+            .filter(|(host, _)| !host.is_empty())
+            .ok_or_else(|| RouteError::Malformed(authority.to_owned()))?;
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.host.eq_ignore_ascii_case(host) && r.port.is_none_or(|p| p == port))
+            .ok_or_else(|| RouteError::Unknown(authority.to_owned()))?;
+        let turn = route.next.fetch_add(1, Ordering::Relaxed);
+        Ok(route.endpoints[turn % route.endpoints.len()])
+    }
+}
+
+fn parse_endpoint(text: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    let ip = text.trim_start_matches('[').trim_end_matches(']');
+    ip.parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, HBONE_PORT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = r#"
+        [[route]]
+        host = "echo.demo.svc.cluster.local"
+        port = 8080
+        endpoints = ["10.0.0.7", "10.0.0.8:15009"]
+
+        [[route]]
+        host = "db.demo"
+        endpoints = ["[fd00::1]"]
+    "#;
+
+    #[test]
+    fn resolves_in_turn() {
+        let routes = Routes::parse(TABLE, "routes.toml").unwrap();
+        assert_eq!(routes.len(), 2);
+        let first = routes.resolve("echo.demo.svc.cluster.local:8080").unwrap();
+        let second = routes.resolve("ECHO.demo.svc.cluster.local:8080").unwrap();
+        assert_eq!(first, "10.0.0.7:15008".parse().unwrap());
+        assert_eq!(second, "10.0.0.8:15009".parse().unwrap());
+        assert_eq!(
+            routes.resolve("db.demo:5432").unwrap(),
+            "[fd00::1]:15008".parse().unwrap()
+        );
+        assert_eq!(
+            routes.resolve("echo.demo.svc.cluster.local:9090"),
+            Err(RouteError::Unknown(
+                "echo.demo.svc.cluster.local:9090".into()
+            ))
+        );
+        assert!(matches!(
+            routes.resolve("nope:1"),
+            Err(RouteError::Unknown(_))
+        ));
+        assert!(matches!(
+            routes.resolve("no-port"),
+            Err(RouteError::Malformed(_))
+        ));
+        assert!(matches!(
+            routes.resolve(":80"),
+            Err(RouteError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn bad_tables_name_the_problem() {
+        let cases = [
+            (
+                "[[route]]\nhost = \"a\"\nendpoints = []",
+                "at least one endpoint",
+            ),
+            (
+                "[[route]]\nhost = \"a\"\nendpoints = [\"web:80\"]",
+                "not IP",
+            ),
+            (
+                "[[route]]\nhost = \"a:80\"\nendpoints = [\"10.0.0.1\"]",
+                "bare host",
+            ),
+            (
+                "[[route]]\nhost = \"a\"\nendpoint = [\"10.0.0.1\"]",
+                "unknown field",
+            ),
+            ("[[route]]\nhost = 5", "invalid type"),
+        ];
+        for (text, needle) in cases {
+            let error = Routes::parse(text, "routes.toml").unwrap_err().to_string();
+            assert!(
+                error.contains("routes.toml") && error.contains(needle),
+                "{error}"
+            );
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! Why a CONNECT was refused, and the status each refusal is answered with.
+
+use std::net::SocketAddr;
+
+use http::{Method, StatusCode};
+
+use crate::authority::AuthorityError;
+use crate::gateway::RouteError;
+use crate::policy::Denial;
+
+/// Why a CONNECT was refused. The only place statuses and reasons are chosen.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("method {0} is not allowed; HBONE accepts CONNECT only")]
+    MethodNotAllowed(Method),
+    #[error("CONNECT must not carry :scheme or :path")]
+    NotPlainConnect,
+    #[error(transparent)]
+    BadAuthority(#[from] AuthorityError),
+    #[error(transparent)]
+    Denied(#[from] Denial),
+    #[error(transparent)]
+    NoRoute(#[from] RouteError),
+    #[error("target {target} unreachable: {source}")]
+    Unreachable {
+        target: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("target {0} did not answer in time")]
+    DialTimeout(SocketAddr),
+}
+
+impl Refusal {
+    /// The HTTP status sent for this refusal.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::NotPlainConnect | Refusal::BadAuthority(_) => StatusCode::BAD_REQUEST,
+            Refusal::Denied(_) => StatusCode::FORBIDDEN,
+            Refusal::NoRoute(RouteError::Malformed(_)) => StatusCode::BAD_REQUEST,
+            Refusal::NoRoute(RouteError::Unknown(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::DialTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short, stable reason for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::MethodNotAllowed(_) => "method_not_allowed",
+            Refusal::NotPlainConnect => "bad_request",
+            Refusal::BadAuthority(_) => "bad_authority",
+            Refusal::Denied(_) => "denied",
+            Refusal::NoRoute(RouteError::Malformed(_)) => "bad_authority",
+            Refusal::NoRoute(RouteError::Unknown(_)) => "unknown_service",
+            Refusal::Unreachable { .. } => "target_unreachable",
+            Refusal::DialTimeout(_) => "target_timeout",
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! One CONNECT stream: check it, authorize it, dial the target, answer,
+//! and relay until both directions end.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Method, Request, Response};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::{Refusal, Shared};
+use crate::access::{Outcome, Role, TunnelRecord};
+use crate::authority::parse_authority;
+use crate::copy;
+use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
+use crate::identity::SpiffeId;
+use crate::proxy_protocol;
+use crate::server::stats::CountOnDrop;
+use crate::stream::H2Stream;
+
+/// What the request headers say about the tunnel.
+#[derive(Debug, Default)]
+struct Context {
+    original_source: Option<ForwardedFor>,
+    trace: Option<TraceParent>,
+    baggage: Baggage,
+}
+
+impl Shared {
+    pub(super) async fn serve_stream(
+        &self,
+        source: SocketAddr,
+        peer_id: SpiffeId,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let started = Instant::now();
+        let context = self.read_context(&request);
+        let authority = request
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let mut record = TunnelRecord {
+            role: Role::Server,
+            source,
+            peer_id,
+            target: authority,
+            original_source: context.original_source.map(|f| f.to_string()),
+            trace_id: context.trace.map(|t| t.trace_id_hex()),
+            outcome: Outcome::Completed,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration: Duration::ZERO,
+        };
+        let opened = match self.open_target(&record.peer_id, &request).await {
+            Ok(target) => {
+                self.send_proxy_header(target, source, &record.peer_id, &context)
+                    .await
+            }
+            Err(refusal) => Err(refusal),
+        };
+        match opened {
+            Err(refusal) => {
+                self.stats.refusals.fetch_add(1, Ordering::AcqRel);
+                let mut response = Response::new(());
+                *response.status_mut() = refusal.status();
+                let _ = respond.send_response(response, true);
+                record.outcome = Outcome::Refused {
+                    status: refusal.status().as_u16(),
+                    reason: refusal.reason(),
+                    detail: refusal.to_string(),
+                };
+            }
+            Ok(mut target) => {
+                self.stats.tunnels_opened.fetch_add(1, Ordering::AcqRel);
+                let _closed = CountOnDrop(&self.stats.tunnels_closed);
+                let mut response = Response::new(());
+                if let Some(baggage) = &self.baggage {
+                    response
+                        .headers_mut()
+                        .insert(headers::BAGGAGE, baggage.clone());
+                }
+                let send = match respond.send_response(response, false) {
+                    Ok(send) => send,
+                    Err(e) => {
+                        record.outcome = Outcome::Failed(format!("client went away: {e}"));
+                        record.duration = started.elapsed();
+                        self.access_log.record(&record);
+                        return;
+                    }
+                };
+                let mut stream = H2Stream::new(send, request.into_body());
+                match copy::tcp_tunnel(&mut target, &mut stream).await {
+                    Ok(moved) => {
+                        record.bytes_sent = moved.b_to_a;
+                        record.bytes_received = moved.a_to_b;
+                    }
+                    Err(e) => {
+                        record.bytes_sent = e.transferred.b_to_a;
+                        record.bytes_received = e.transferred.a_to_b;
+                        record.outcome = Outcome::Failed(e.to_string());
+                        // Pass the failure on as a reset, in both directions.
+                        stream.reset(h2::Reason::CONNECT_ERROR);
+                        let _ = target.set_zero_linger();
+                    }
+                }
+            }
+        }
+        record.duration = started.elapsed();
+        self.access_log.record(&record);
+    }
+
+    /// Reads `forwarded`, `traceparent` and `baggage`; malformed values are
+    /// ignored and counted.
+    fn read_context(&self, request: &Request<RecvStream>) -> Context {
+        let mut context = Context::default();
+        let mut malformed = 0;
+        let header = |name: &str| request.headers().get(name).map(|v| v.to_str().ok());
+        match header(headers::FORWARDED) {
+            None => {}
+            Some(value) => match value.and_then(headers::parse_forwarded_for) {
+                Some(original) => context.original_source = Some(original),
+                None => malformed += 1,
+            },
+        }
+        match header(headers::TRACEPARENT) {
+            None => {}
+            Some(value) => match value.and_then(TraceParent::parse) {
+                Some(trace) => context.trace = Some(trace),
+                None => malformed += 1,
+            },
+        }
+        match header(headers::BAGGAGE) {
+            None => {}
+            Some(None) => malformed += 1,
+            Some(Some(value)) => {
+                let (baggage, bad) = Baggage::parse(value);
+                context.baggage = baggage;
+                malformed += bad;
+            }
+        }
+        if malformed > 0 {
+            self.stats
+                .malformed_headers
+                .fetch_add(malformed as u64, Ordering::AcqRel);
+        }
+        context
+    }
+
+    /// Validates the request, authorizes it and dials the target (for a
+    /// gateway: the HBONE endpoint of the named service).
+    async fn open_target(
+        &self,
+        peer_id: &SpiffeId,
+        request: &Request<RecvStream>,
+    ) -> Result<TcpStream, Refusal> {
+        if request.method() != Method::CONNECT {
+            return Err(Refusal::MethodNotAllowed(request.method().clone()));
+        }
+        let uri = request.uri();
+        if uri.scheme().is_some() || uri.path_and_query().is_some() {
+            return Err(Refusal::NotPlainConnect);
+        }
+        let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+        let target = match &self.gateway_routes {
+            None => {
+                let target = parse_authority(authority)?;
+                self.policy.decide(peer_id, target)?;
+                target
+            }
+            // The routing table is the gateway's target policy.
+            Some(routes) => {
+                self.policy.decide_identity(peer_id)?;
+                routes.resolve(authority)?
+            }
+        };
+        let tcp = timeout(self.timeouts.connect, TcpStream::connect(target))
+            .await
+            .map_err(|_| Refusal::DialTimeout(target))?
+            .map_err(|source| Refusal::Unreachable { target, source })?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    /// Writes the PROXY v2 header, when configured: the original client
+    /// from `forwarded` (else the HBONE peer) and the peer's identity.
+    async fn send_proxy_header(
+        &self,
+        mut target: TcpStream,
+        peer_addr: SocketAddr,
+        peer_id: &SpiffeId,
+        context: &Context,
+    ) -> Result<TcpStream, Refusal> {
+        if !self.proxy_protocol || self.gateway_routes.is_some() {
+            return Ok(target);
+        }
+        let source = match context.original_source {
+            Some(original) => SocketAddr::new(original.ip(), original.port().unwrap_or(0)),
+            None => peer_addr,
+        };
+        let destination = target.peer_addr().unwrap_or(source);
+        let header = proxy_protocol::encode(source, destination, Some(peer_id));
+        match timeout(self.timeouts.connect, target.write_all(&header)).await {
+            Ok(Ok(())) => Ok(target),
+            Ok(Err(source)) => Err(Refusal::Unreachable {
+                target: destination,
+                source,
+            }),
+            Err(_) => Err(Refusal::DialTimeout(destination)),
+        }
+    }
+}
