@@ -10,7 +10,9 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# Tests need nothing beyond the Rust toolchain today. Interop peers (Go,
-# Node.js, HAProxy) will be installed here when their tests land.
+# The interop tests (tests/interop.rs) run peers built on other HTTP/2
+# stacks: Go, Node.js, HAProxy and curl, from Debian packages. This installs
+# whichever are missing and returns at once when all are present.
+bash scripts/install-test-deps.sh
 
 cargo test --locked "$@"

@@ -323,6 +323,11 @@ pub enum TlsFailure {
     RejectedOther(String),
     #[error("peer did not negotiate ALPN h2")]
     NoH2,
+    #[error(
+        "server closed the connection right after the handshake, before any answer; \
+         it most likely rejected our certificate (its alert was lost to the close)"
+    )]
+    ClosedAfterHandshake,
     #[error("TLS protocol error: {0}")]
     Protocol(String),
 }

@@ -353,3 +353,92 @@ async fn operator_mistakes_get_clear_errors() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("trust domain"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn double_hbone_through_hbone_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/gateway";
+    run_ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--id",
+        gateway_id,
+        "--out",
+        &path(dir.path(), "gateway"),
+    ])
+    .await;
+    let echo = start_echo().await;
+    let (_server, server) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[route]]\nhost = \"echo.demo.svc.cluster.local\"\nendpoints = [\"{server}\"]\n"),
+    )
+    .unwrap();
+    let (_gateway, gateway) = spawn_ready(&[
+        "gateway",
+        "--identity-dir",
+        &path(dir.path(), "gateway"),
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+    ])
+    .await;
+    let (_forward, forward) = spawn_ready(&[
+        "forward",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        &gateway.to_string(),
+        "--gateway-id",
+        gateway_id,
+        "--service",
+        "echo.demo.svc.cluster.local:8080",
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo.to_string(),
+    ])
+    .await;
+    let data = payload(11, 1 << 20);
+    let back = echo_roundtrip(TcpStream::connect(forward).await.unwrap(), &data)
+        .await
+        .unwrap();
+    assert_eq!(sha256(&back), sha256(&data));
+
+    // A bad routing table is one clear error naming the file.
+    std::fs::write(
+        &routes,
+        "[[route]]\nhost = \"x\"\nendpoints = [\"not-an-ip\"]\n",
+    )
+    .unwrap();
+    let output = hbone(&[
+        "gateway",
+        "--identity-dir",
+        &path(dir.path(), "gateway"),
+        "--routes",
+        routes.to_str().unwrap(),
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("routes.toml") && stderr.contains("not-an-ip"),
+        "{stderr}"
+    );
+}

@@ -267,13 +267,16 @@ impl Dialer {
         // The connection may already have failed: in TLS 1.3 a server's
         // rejection of our certificate arrives after our handshake is done.
         let Some(lease) = conn.try_acquire() else {
-            return Err(match conn.state.tls_failure() {
-                Some(failure) => DialError::Tls { server, failure },
-                None => DialError::Closed { server },
-            });
+            return Err(rejected_after_handshake(server, conn));
         };
         match self.send_connect(conn, lease, server, request).await {
             Ok(tunnel) => Ok(tunnel),
+            // A brand-new connection that dies before its first answer was
+            // almost always refused by the server; when its alert was lost
+            // to the close (peers that reset instead of draining), say so.
+            Err(OpenError::Unusable(e)) if closed_under_us(&e) => {
+                Err(rejected_after_handshake(server, conn))
+            }
             Err(OpenError::Unusable(e) | OpenError::Tunnel(e)) => Err(e),
         }
     }
@@ -413,6 +416,26 @@ enum OpenError {
     Unusable(DialError),
     /// The request went out and the tunnel failed.
     Tunnel(DialError),
+}
+
+/// Whether the connection itself went away (as opposed to the server
+/// answering with an HTTP/2 error of its own).
+fn closed_under_us(error: &DialError) -> bool {
+    match error {
+        DialError::Closed { .. } => true,
+        DialError::Http2 { source, .. } => source.is_io(),
+        _ => false,
+    }
+}
+
+/// The error for a fresh connection that closed before its first answer:
+/// the TLS alert if we caught it, else the most likely reason.
+fn rejected_after_handshake(server: SocketAddr, conn: &PooledConn) -> DialError {
+    let failure = conn
+        .state
+        .tls_failure()
+        .unwrap_or(TlsFailure::ClosedAfterHandshake);
+    DialError::Tls { server, failure }
 }
 
 /// `ip:port` with IPv6 in brackets and no scope id, which has no place in
