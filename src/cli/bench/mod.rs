@@ -1,10 +1,186 @@
-//! `hbone bench`: the benchmark suite (being built; see issue 3).
+//! `hbone bench`: throughput, latency, connection rate, handshake rate, CPU
+//! and memory of HBONE tunnels, each measured directly against the target
+//! application and through the tunnel in the same run, so the figures can
+//! be compared on the machine at hand rather than against a number from
+//! somewhere else.
+//!
+//! The apps, the server, the client entries and the load generator are
+//! separate processes (this binary re-executed with hidden subcommands):
+//! the load generator is single-threaded, and /proc gives each process's
+//! memory and CPU time on its own.
+//!
+//! | file | concern |
+//! |---|---|
+//! | `suite` | the order of workloads and runs, progress on stderr |
+//! | `runner` | one load generator run, its figures, and what went wrong |
+//! | `stack` | identities on disk and the processes under test |
+//! | `child`, `childlog` | starting, reading and killing child processes |
+//! | `apps` | the sink and echo applications (`bench apps`) |
+//! | `load`, `workloads` | the load generator (`bench load`) |
+//! | `wire` | the load generator's `key=value` result line |
+//! | `sample` | memory and CPU time from /proc |
+//! | `results`, `stats` | figures per metric, median and spread |
+//! | `report`, `targets` | the table on stdout and the verdicts |
+//! | `markdown`, `machine` | `--write`: the results with their circumstances |
 
-use clap::Args;
+mod apps;
+mod child;
+mod childlog;
+mod load;
+mod machine;
+mod markdown;
+mod report;
+mod results;
+mod runner;
+mod sample;
+mod stack;
+mod stats;
+mod suite;
+mod targets;
+mod wire;
+mod workloads;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::parse_duration;
 
 #[derive(Args)]
-pub struct BenchArgs {}
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
+  hbone bench                              # 3 runs of 5 s per workload, 10,000 idle tunnels
+  hbone bench --quick                      # smoke test: 1 short run of everything
+  hbone bench --runs 5 --write BENCHMARKS.md
 
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("hbone bench is not built yet")
+Build with --release for figures worth keeping, and run on a quiet machine: the apps,
+the server, the entries and the load generator all share its cores. Everything listens
+on 127.0.0.1 only; all processes started are stopped when the bench ends."
+)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    internal: Option<Internal>,
+    /// Runs of each workload; the report gives the median and min–max.
+    /// [default: 3; with --quick: 1]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: Option<u32>,
+    /// Length of each throughput, latency and connection-rate run.
+    /// [default: 5s; with --quick: 500ms]
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Idle tunnels to hold open for the memory figure.
+    /// [default: 10000; with --quick: 200]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    tunnels: Option<u32>,
+    /// Pause before reading memory, before and after opening the idle tunnels.
+    /// [default: 1s; with --quick: 200ms]
+    #[arg(long, value_parser = parse_duration)]
+    settle: Option<Duration>,
+    /// A smoke test, not a measurement: 1 run, 500 ms per workload, 200 idle tunnels.
+    #[arg(long)]
+    quick: bool,
+    /// How the load enters the tunnel. `forward`: a port per target, as
+    /// transparent as ztunnel's captured traffic; `socks5`: one SOCKS5 entry,
+    /// which adds its negotiation to every connection.
+    #[arg(long, value_enum, default_value_t = EntryKind::Forward)]
+    entry: EntryKind,
+    /// Log filter for the server and entry processes. `info` writes one
+    /// access-log line per tunnel, as a deployment would; `warn` measures
+    /// without it.
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    tunnel_log: String,
+    /// Also write the results as Markdown to FILE, with the machine, the
+    /// command and ztunnel's reference figures.
+    #[arg(long, value_name = "FILE")]
+    write: Option<PathBuf>,
+}
+
+/// The processes the bench starts of itself; not for people.
+#[derive(Subcommand)]
+enum Internal {
+    /// The sink and echo applications.
+    #[command(hide = true)]
+    Apps,
+    /// One workload of the load generator.
+    #[command(hide = true)]
+    Load(load::LoadArgs),
+}
+
+/// Which client entry carries the load into the tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EntryKind {
+    Forward,
+    Socks5,
+}
+
+impl EntryKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryKind::Forward => "forward",
+            EntryKind::Socks5 => "socks5",
+        }
+    }
+}
+
+/// The bench's settings, with `--quick` and the defaults resolved.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub runs: u32,
+    pub duration: Duration,
+    pub tunnels: u32,
+    pub settle: Duration,
+    pub quick: bool,
+    pub entry: EntryKind,
+    pub tunnel_log: String,
+    pub write: Option<PathBuf>,
+    /// The command line, as typed, for the report.
+    pub command: String,
+}
+
+impl BenchArgs {
+    fn options(self) -> Options {
+        let quick = self.quick;
+        let pick = |given: Option<Duration>, normal: u64, short: u64| {
+            given.unwrap_or(Duration::from_millis(if quick { short } else { normal }))
+        };
+        Options {
+            runs: self.runs.unwrap_or(if quick { 1 } else { 3 }),
+            duration: pick(self.duration, 5000, 500),
+            tunnels: self.tunnels.unwrap_or(if quick { 200 } else { 10_000 }),
+            settle: pick(self.settle, 1000, 200),
+            quick,
+            entry: self.entry,
+            tunnel_log: self.tunnel_log,
+            write: self.write,
+            command: machine::command_line(),
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.internal {
+        Some(Internal::Apps) => apps::run().await,
+        Some(Internal::Load(load)) => load::run(load).await,
+        None => {
+            let options = args.options();
+            let dir = stack::WorkDir::create()?;
+            let path = dir.path().to_owned();
+            // The bench itself is a plain sequence of blocking steps on one
+            // thread; children die with that thread (see `child`).
+            let bench = tokio::task::spawn_blocking(move || suite::run(&options, &dir));
+            tokio::select! {
+                result = bench => result.context("the bench thread failed")?,
+                _ = tokio::signal::ctrl_c() => {
+                    // Children got the same Ctrl-C from the terminal, and die
+                    // with this process in any case; the identities must go.
+                    let _ = std::fs::remove_dir_all(&path);
+                    eprintln!("hbone bench: interrupted");
+                    std::process::exit(130);
+                }
+            }
+        }
+    }
 }

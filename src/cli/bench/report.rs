@@ -1,0 +1,158 @@
+//! The results table, printed on stdout and reused in the Markdown file.
+//! It is a pipe table padded for the terminal, which Markdown also accepts.
+
+use super::results::{Comparison, Metric, Results};
+use super::stats::Summary;
+use super::targets::Verdict;
+
+/// What stands in a cell that was not measured.
+pub const NOT_MEASURED: &str = "n/a";
+
+/// The rows of the results table: workload, direct, through hbone,
+/// hbone/direct.
+pub fn rows(results: &Results) -> Vec<Vec<String>> {
+    Metric::ALL
+        .iter()
+        .map(|&metric| {
+            let compared = match metric.comparison() {
+                Comparison::Ratio => results
+                    .ratio(metric)
+                    .map(|r| percent(r * 100.0))
+                    .unwrap_or_default(),
+                Comparison::Added => results
+                    .added(metric)
+                    .map(|us| format!("{us:+.0} µs"))
+                    .unwrap_or_default(),
+                Comparison::TunnelOnly => String::new(),
+            };
+            vec![
+                metric.label().to_owned(),
+                cell(results.direct_summary(metric)),
+                cell(results.tunnel_summary(metric)),
+                compared,
+            ]
+        })
+        .collect()
+}
+
+pub const HEADERS: [&str; 4] = ["workload", "direct", "through hbone", "hbone/direct"];
+
+/// The whole stdout report: a heading line, the table, the targets, and
+/// the problems the processes under test logged.
+pub fn render(heading: &str, results: &Results, verdicts: &[Verdict], logged: &[String]) -> String {
+    let mut out = format!("{heading}\n\n");
+    out += &table(&HEADERS, &rows(results));
+    out += "\nTargets (issue 3), judged on the medians:\n";
+    for verdict in verdicts {
+        out += &format!(
+            "  {:<8} {}: {}\n",
+            verdict.mark(),
+            verdict.target,
+            verdict.detail
+        );
+    }
+    if logged.is_empty() {
+        out += "\nThe server, entries and apps logged no warnings, errors or failed tunnels.\n";
+    } else {
+        out += "\nLogged by the processes under test (warnings, errors, failed tunnels):\n";
+        for line in logged {
+            out += &format!("  {line}\n");
+        }
+    }
+    out
+}
+
+/// A padded pipe table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, text) in widths.iter_mut().zip(row) {
+            *width = (*width).max(text.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(text, &width)| format!("{text}{}", " ".repeat(width - text.chars().count())))
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let mut out = line(headers.to_vec());
+    let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
+    out += &format!("|-{}-|\n", rule.join("-|-"));
+    for row in rows {
+        out += &line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// `median (min–max)`, or the median alone after a single run.
+pub fn cell(summary: Option<Summary>) -> String {
+    match summary {
+        None => NOT_MEASURED.to_owned(),
+        Some(s) if s.min == s.max => number(s.median),
+        Some(s) => format!("{} ({}–{})", number(s.median), number(s.min), number(s.max)),
+    }
+}
+
+/// Three significant figures or so, with thousands separated by commas.
+pub fn number(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude >= 1000.0 {
+        group_thousands(value.round() as i64)
+    } else if magnitude >= 100.0 {
+        format!("{value:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// One decimal, so a ratio just under a target never shows as meeting it.
+pub fn percent(value: f64) -> String {
+    format!("{value:.1} %")
+}
+
+fn group_thousands(value: i64) -> String {
+    let digits = value.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    if value < 0 { format!("-{out}") } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers() {
+        assert_eq!(number(36_214.4), "36,214");
+        assert_eq!(number(1_234_567.0), "1,234,567");
+        assert_eq!(number(104.4), "104");
+        assert_eq!(number(28.74), "28.7");
+        assert_eq!(number(4.618), "4.62");
+        assert_eq!(percent(21.74), "21.7 %");
+        assert_eq!(percent(4.26), "4.3 %");
+    }
+
+    #[test]
+    fn cells_show_the_spread() {
+        assert_eq!(cell(None), "n/a");
+        assert_eq!(cell(Summary::of(&[5.0])), "5.00");
+        assert_eq!(cell(Summary::of(&[5.0, 4.0, 6.0])), "5.00 (4.00–6.00)");
+    }
+
+    #[test]
+    fn table_is_aligned() {
+        let text = table(&["a", "bb"], &[vec!["µs".into(), "1".into()]]);
+        let widths: Vec<usize> = text.lines().map(|l| l.chars().count()).collect();
+        assert!(widths.iter().all(|&w| w == widths[0]), "{text}");
+    }
+}

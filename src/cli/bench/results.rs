@@ -1,0 +1,110 @@
+//! What the bench measured: for each metric, one figure per run, direct
+//! and through the tunnel.
+
+use std::collections::BTreeMap;
+
+use super::stats::Summary;
+
+/// Each row of the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Metric {
+    Bulk1,
+    Bulk8,
+    ReqRate,
+    ReqP50,
+    ReqP99,
+    ConnRate,
+    Handshakes,
+    CpuPerGb,
+    KbPerTunnel,
+}
+
+/// How the tunnelled figure of a metric compares with the direct one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comparison {
+    /// Higher is better: tunnel / direct, in percent.
+    Ratio,
+    /// A latency: the time the tunnel adds.
+    Added,
+    /// Only measured through the tunnel.
+    TunnelOnly,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 9] = [
+        Metric::Bulk1,
+        Metric::Bulk8,
+        Metric::ReqRate,
+        Metric::ReqP50,
+        Metric::ReqP99,
+        Metric::ConnRate,
+        Metric::Handshakes,
+        Metric::CpuPerGb,
+        Metric::KbPerTunnel,
+    ];
+
+    /// The row label, with the unit. tests/bench.rs looks rows up by these.
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::Bulk1 => "bulk, 1 stream (Gbit/s)",
+            Metric::Bulk8 => "bulk, 8 streams (Gbit/s)",
+            Metric::ReqRate => "1 KiB req/resp (req/s)",
+            Metric::ReqP50 => "1 KiB req/resp, p50 (µs)",
+            Metric::ReqP99 => "1 KiB req/resp, p99 (µs)",
+            Metric::ConnRate => "new conn + 1-byte echo, 8 at once (conn/s)",
+            Metric::Handshakes => "mTLS + HTTP/2 handshakes, no pool (/s)",
+            Metric::CpuPerGb => "CPU, server + entry, bulk 1 stream (s/GB)",
+            Metric::KbPerTunnel => "idle tunnels, server + entry (KB/tunnel)",
+        }
+    }
+
+    pub fn comparison(self) -> Comparison {
+        match self {
+            Metric::ReqP50 | Metric::ReqP99 => Comparison::Added,
+            Metric::Handshakes | Metric::CpuPerGb | Metric::KbPerTunnel => Comparison::TunnelOnly,
+            _ => Comparison::Ratio,
+        }
+    }
+}
+
+/// The figures of every run of one metric.
+#[derive(Debug, Default, Clone)]
+pub struct Series {
+    pub direct: Vec<f64>,
+    pub tunnel: Vec<f64>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Results(BTreeMap<Metric, Series>);
+
+impl Results {
+    pub fn direct(&mut self, metric: Metric, value: f64) {
+        self.0.entry(metric).or_default().direct.push(value);
+    }
+
+    pub fn tunnel(&mut self, metric: Metric, value: f64) {
+        self.0.entry(metric).or_default().tunnel.push(value);
+    }
+
+    /// Median and spread of the direct runs.
+    pub fn direct_summary(&self, metric: Metric) -> Option<Summary> {
+        self.0.get(&metric).and_then(|s| Summary::of(&s.direct))
+    }
+
+    /// Median and spread of the tunnelled runs.
+    pub fn tunnel_summary(&self, metric: Metric) -> Option<Summary> {
+        self.0.get(&metric).and_then(|s| Summary::of(&s.tunnel))
+    }
+
+    /// Tunnel median / direct median.
+    pub fn ratio(&self, metric: Metric) -> Option<f64> {
+        let direct = self.direct_summary(metric)?.median;
+        let tunnel = self.tunnel_summary(metric)?.median;
+        (direct > 0.0).then(|| tunnel / direct)
+    }
+
+    /// Tunnel median − direct median.
+    pub fn added(&self, metric: Metric) -> Option<f64> {
+        Some(self.tunnel_summary(metric)?.median - self.direct_summary(metric)?.median)
+    }
+}

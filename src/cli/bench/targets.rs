@@ -1,0 +1,107 @@
+//! The targets of issue 3, judged on the medians. A target that could not
+//! be judged (a figure missing) says so instead of passing quietly.
+
+use super::report::{number, percent};
+use super::results::{Metric, Results};
+
+/// The tunnel count the memory target is stated for.
+pub const IDLE_TARGET_TUNNELS: u32 = 10_000;
+
+/// One target and whether the medians meet it.
+pub struct Verdict {
+    pub target: &'static str,
+    pub met: Option<bool>,
+    pub detail: String,
+}
+
+impl Verdict {
+    pub fn mark(&self) -> &'static str {
+        match self.met {
+            Some(true) => "met",
+            Some(false) => "NOT MET",
+            None => "unknown",
+        }
+    }
+}
+
+/// Every target, in the order of the issue.
+pub fn judge(results: &Results, tunnels: u32) -> Vec<Verdict> {
+    let share = |target, metric, least: f64| match results.ratio(metric) {
+        Some(ratio) => Verdict {
+            target,
+            met: Some(ratio >= least),
+            detail: format!("{} of direct", percent(ratio * 100.0)),
+        },
+        None => missing(target),
+    };
+    let bulk1 = results.tunnel_summary(Metric::Bulk1).map(|s| s.median);
+    let bulk8 = results.tunnel_summary(Metric::Bulk8).map(|s| s.median);
+    let aggregate = match (bulk1, bulk8) {
+        (Some(one), Some(eight)) => Verdict {
+            target: "bulk through hbone: 8 streams not slower in aggregate than 1",
+            met: Some(eight >= one),
+            detail: format!("{} vs {} Gbit/s", number(eight), number(one)),
+        },
+        _ => missing("bulk through hbone: 8 streams not slower in aggregate than 1"),
+    };
+    let p50 = match results.added(Metric::ReqP50) {
+        Some(added) => Verdict {
+            target: "1 KiB req/resp: p50 latency added ≤ 50 µs",
+            met: Some(added <= 50.0),
+            detail: format!("{added:+.0} µs"),
+        },
+        None => missing("1 KiB req/resp: p50 latency added ≤ 50 µs"),
+    };
+    let idle_target = "idle: ≤ 5 KB per tunnel at 10,000 tunnels";
+    let idle = match results.tunnel_summary(Metric::KbPerTunnel) {
+        Some(kb) => Verdict {
+            target: idle_target,
+            met: Some(kb.median <= 5.0),
+            detail: if tunnels == IDLE_TARGET_TUNNELS {
+                format!("{} KB", number(kb.median))
+            } else {
+                format!("{} KB, measured at {tunnels} tunnels", number(kb.median))
+            },
+        },
+        None => missing(idle_target),
+    };
+    vec![
+        share("bulk, 1 stream: ≥ 22 % of direct", Metric::Bulk1, 0.22),
+        share("bulk, 8 streams: ≥ 22 % of direct", Metric::Bulk8, 0.22),
+        aggregate,
+        share(
+            "1 KiB req/resp: ≥ 35 % of direct req/s",
+            Metric::ReqRate,
+            0.35,
+        ),
+        p50,
+        share("connection rate: ≥ 45 % of direct", Metric::ConnRate, 0.45),
+        idle,
+    ]
+}
+
+fn missing(target: &'static str) -> Verdict {
+    Verdict {
+        target,
+        met: None,
+        detail: "not measured".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judges_medians() {
+        let mut results = Results::default();
+        results.direct(Metric::Bulk1, 30.0);
+        results.tunnel(Metric::Bulk1, 6.0);
+        results.direct(Metric::ReqP50, 24.0);
+        results.tunnel(Metric::ReqP50, 104.0);
+        let verdicts = judge(&results, 10_000);
+        assert_eq!(verdicts[0].met, Some(false), "20 % < 22 %");
+        assert_eq!(verdicts[4].met, Some(false), "+80 µs > 50 µs");
+        assert_eq!(verdicts[6].met, None);
+    }
+}

@@ -1,0 +1,120 @@
+//! `hbone bench --quick` end to end: every workload runs directly and
+//! through the tunnel (separate processes on loopback), the table has a
+//! positive figure in each measured cell, and `--write` produces the
+//! Markdown report. The figures themselves are not judged: a debug build
+//! on a busy machine says nothing about performance.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hbone");
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// Rows measured both directly and through hbone.
+const COMPARED: [&str; 6] = [
+    "bulk, 1 stream (Gbit/s)",
+    "bulk, 8 streams (Gbit/s)",
+    "1 KiB req/resp (req/s)",
+    "1 KiB req/resp, p50 (µs)",
+    "1 KiB req/resp, p99 (µs)",
+    "new conn + 1-byte echo, 8 at once (conn/s)",
+];
+
+/// Rows measured through hbone only.
+const TUNNEL_ONLY: [&str; 3] = [
+    "mTLS + HTTP/2 handshakes, no pool (/s)",
+    "CPU, server + entry, bulk 1 stream (s/GB)",
+    "idle tunnels, server + entry (KB/tunnel)",
+];
+
+/// Runs the bench, killing it if it outlives `LIMIT`; returns stdout.
+fn run_bench(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout_path, stderr_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "hbone {args:?} ran past {LIMIT:?}; stderr:\n{}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read_to_string(&stdout_path).unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        status.success(),
+        "hbone {args:?} failed ({status}):\n{stderr}"
+    );
+    stdout
+}
+
+/// The (direct, through hbone) cells of the row labelled `label`.
+fn cells<'a>(table: &'a str, label: &str) -> (&'a str, &'a str) {
+    let row = table
+        .lines()
+        .find(|line| line.starts_with(&format!("| {label} ")))
+        .unwrap_or_else(|| panic!("no row {label:?} in:\n{table}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    (cells[2], cells[3])
+}
+
+/// The median at the start of a cell like `1,234 (1,100–1,300)`.
+fn median(cell: &str) -> Option<f64> {
+    cell.split_whitespace()
+        .next()?
+        .replace(',', "")
+        .parse()
+        .ok()
+}
+
+fn assert_positive(table: &str, label: &str, cell: &str, side: &str) {
+    match median(cell) {
+        Some(value) if value > 0.0 => {}
+        _ => panic!("{label}, {side}: {cell:?} is not a positive figure in:\n{table}"),
+    }
+}
+
+#[test]
+fn quick_bench_measures_every_workload_direct_and_tunnelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("bench.md");
+    let table = run_bench(&["bench", "--quick", "--write", markdown.to_str().unwrap()]);
+    for label in COMPARED {
+        let (direct, tunnel) = cells(&table, label);
+        assert_positive(&table, label, direct, "direct");
+        assert_positive(&table, label, tunnel, "through hbone");
+    }
+    for label in TUNNEL_ONLY {
+        let (direct, tunnel) = cells(&table, label);
+        assert_eq!(direct, "n/a", "{label} has no direct figure");
+        assert_positive(&table, label, tunnel, "through hbone");
+    }
+    assert!(table.contains("Targets"), "no targets in:\n{table}");
+
+    let written = std::fs::read_to_string(&markdown).unwrap();
+    for part in [
+        "# hbone benchmarks",
+        "## Machine",
+        "hbone bench --quick --write",
+        "ztunnel, from issue 3",
+        "| bulk, 1 stream (Gbit/s)",
+        "## Targets",
+    ] {
+        assert!(written.contains(part), "{part:?} missing from:\n{written}");
+    }
+}
