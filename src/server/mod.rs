@@ -11,6 +11,7 @@
 //! table: it then resolves `hostname:port` authorities to HBONE endpoints
 //! and relays the (inner, encrypted) bytes without looking at them.
 
+mod limits;
 mod refusal;
 mod stats;
 mod stream;
@@ -25,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
+pub use limits::Limits;
+use limits::{ConnectionRefusal, Gate};
 pub use refusal::Refusal;
 use stats::CountOnDrop;
 pub use stats::{ServerStats, StatsSnapshot};
@@ -57,6 +60,7 @@ pub struct ServerConfig {
     /// Act as a double-HBONE gateway with these routes: authorities are
     /// service `hostname:port`s, relayed to their endpoints' HBONE port.
     pub gateway_routes: Option<Arc<Routes>>,
+    pub limits: Limits,
 }
 
 impl ServerConfig {
@@ -73,6 +77,7 @@ impl ServerConfig {
             proxy_protocol: false,
             baggage: Baggage::default(),
             gateway_routes: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -108,6 +113,9 @@ struct Shared {
     /// The `baggage` response header, built once.
     baggage: Option<http::HeaderValue>,
     gateway_routes: Option<Arc<Routes>>,
+    gate: Arc<Gate>,
+    /// Flips to true when the server starts draining.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Server {
@@ -142,6 +150,8 @@ impl Server {
                     .to_header()
                     .and_then(|b| http::HeaderValue::from_str(&b).ok()),
                 gateway_routes: config.gateway_routes,
+                gate: Arc::new(Gate::new(config.limits)),
+                draining: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -163,14 +173,27 @@ impl Server {
         self.shared.stats.clone()
     }
 
-    /// Accepts connections until the task is dropped or aborted.
+    /// A handle that starts a graceful drain of this server.
+    pub fn drainer(&self) -> Drainer {
+        Drainer {
+            draining: self.shared.draining.clone(),
+        }
+    }
+
+    /// Accepts connections until a drain starts (see [`Server::drainer`]),
+    /// then stops accepting, sends GOAWAY on every connection and returns
+    /// once the tunnels in flight have finished. Bound the wait with a
+    /// timeout of your choice: dropping the future leaves the remaining
+    /// connections to end on their own.
     pub async fn run(self) {
+        let mut draining = self.shared.draining.subscribe();
         loop {
-            match self.listener.accept().await {
-                Ok((tcp, peer)) => {
-                    let shared = self.shared.clone();
-                    tokio::spawn(async move { shared.serve_connection(tcp, peer).await });
-                }
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = draining.wait_for(|d| *d) => break,
+            };
+            match accepted {
+                Ok((tcp, peer)) => self.shared.clone().admit(tcp, peer),
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin, and keep serving what is open.
@@ -179,10 +202,49 @@ impl Server {
                 }
             }
         }
+        drop(self.listener);
+        tracing::info!("draining: no new connections; waiting for open tunnels");
+        while self.shared.stats.snapshot().connections_active > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Starts a graceful drain of a [`Server`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Drainer {
+    draining: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drainer {
+    /// Stop accepting and send GOAWAY; tunnels in flight carry on.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
     }
 }
 
 impl Shared {
+    /// Serves a new connection if the limits allow; otherwise closes it at
+    /// once, before any TLS work is spent on it.
+    fn admit(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        match self.gate.admit_connection(peer.ip()) {
+            Ok(slot) => {
+                tokio::spawn(async move {
+                    self.serve_connection(tcp, peer).await;
+                    drop(slot);
+                });
+            }
+            Err(which) => {
+                self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
+                let which = match which {
+                    ConnectionRefusal::Total => "connection limit",
+                    ConnectionRefusal::PerIp => "per-source connection limit",
+                };
+                tracing::warn!(%peer, "refusing connection: {which} reached");
+            }
+        }
+    }
+
     async fn serve_connection(self: Arc<Self>, tcp: TcpStream, peer_addr: SocketAddr) {
         self.stats
             .connections_accepted
@@ -200,12 +262,21 @@ impl Shared {
         let (mut connection, peer_id) = connection;
         let keepalive = self.timeouts.keepalive.watch(connection.ping_pong());
         tokio::pin!(keepalive);
+        let mut draining = self.draining.subscribe();
+        let mut goaway_sent = false;
         loop {
             let next = tokio::select! {
                 next = connection.accept() => next,
                 reason = &mut keepalive => {
                     tracing::info!(%peer_addr, %peer_id, %reason, "closing HBONE connection: client unresponsive");
                     break;
+                }
+                _ = draining.wait_for(|d| *d), if !goaway_sent => {
+                    // GOAWAY: the client opens no new streams here; the
+                    // ones in flight finish and accept() then ends.
+                    connection.graceful_shutdown();
+                    goaway_sent = true;
+                    continue;
                 }
             };
             match next {

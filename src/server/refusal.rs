@@ -29,6 +29,8 @@ pub enum Refusal {
     },
     #[error("target {0} did not answer in time")]
     DialTimeout(SocketAddr),
+    #[error("the server carries its maximum number of tunnels")]
+    TunnelLimit,
 }
 
 impl Refusal {
@@ -42,6 +44,7 @@ impl Refusal {
             Refusal::NoRoute(RouteError::Unknown(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::DialTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -56,6 +59,7 @@ impl Refusal {
             Refusal::NoRoute(RouteError::Unknown(_)) => "unknown_service",
             Refusal::Unreachable { .. } => "target_unreachable",
             Refusal::DialTimeout(_) => "target_timeout",
+            Refusal::TunnelLimit => "tunnel_limit",
         }
     }
 }

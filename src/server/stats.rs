@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters a running server keeps; read them with [`Server::stats`].
+/// Counters a running server keeps; read them with `Server::stats`.
 #[derive(Debug, Default)]
 pub struct ServerStats {
     pub(super) connections_accepted: AtomicU64,
@@ -12,6 +12,7 @@ pub struct ServerStats {
     pub(super) tunnels_closed: AtomicU64,
     pub(super) refusals: AtomicU64,
     pub(super) malformed_headers: AtomicU64,
+    pub(super) limit_refusals: AtomicU64,
 }
 
 /// A point-in-time copy of [`ServerStats`].
@@ -25,6 +26,8 @@ pub struct StatsSnapshot {
     pub refusals: u64,
     /// `forwarded`, `traceparent` or `baggage` values that were ignored.
     pub malformed_headers: u64,
+    /// Connections closed and tunnels refused because a limit was reached.
+    pub limit_refusals: u64,
 }
 
 impl ServerStats {
@@ -40,6 +43,7 @@ impl ServerStats {
             tunnels_active: opened - load(&self.tunnels_closed),
             refusals: load(&self.refusals),
             malformed_headers: load(&self.malformed_headers),
+            limit_refusals: load(&self.limit_refusals),
         }
     }
 }

@@ -58,7 +58,13 @@ impl Shared {
             bytes_received: 0,
             duration: Duration::ZERO,
         };
-        let opened = match self.open_target(&record.peer_id, &request).await {
+        // Held until the tunnel ends.
+        let tunnel_slot = self.gate.admit_tunnel();
+        let opened = match &tunnel_slot {
+            None => Err(Refusal::TunnelLimit),
+            Some(_) => self.open_target(&record.peer_id, &request).await,
+        };
+        let opened = match opened {
             Ok(target) => {
                 self.send_proxy_header(target, source, &record.peer_id, &context)
                     .await
@@ -68,6 +74,9 @@ impl Shared {
         match opened {
             Err(refusal) => {
                 self.stats.refusals.fetch_add(1, Ordering::AcqRel);
+                if matches!(refusal, Refusal::TunnelLimit) {
+                    self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
+                }
                 let mut response = Response::new(());
                 *response.status_mut() = refusal.status();
                 let _ = respond.send_response(response, true);

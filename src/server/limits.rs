@@ -1,0 +1,160 @@
+//! Caps on what one server takes on, so a flood from one peer or many
+//! cannot exhaust memory or file descriptors. At a cap we refuse the new
+//! thing cleanly (close the new TCP connection, or answer 503) and count
+//! it; nothing already running is disturbed.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The caps; each has a default meant for one busy node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections, all sources together.
+    pub max_connections: usize,
+    /// Open connections from one source IP.
+    pub max_connections_per_ip: usize,
+    /// Open tunnels, all connections together.
+    pub max_tunnels: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_connections_per_ip: 1_000,
+            max_tunnels: 100_000,
+        }
+    }
+}
+
+/// Why a new connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    Total,
+    PerIp,
+}
+
+/// Counts what is open against [`Limits`].
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    limits: Limits,
+    connections: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    tunnels: AtomicUsize,
+}
+
+impl Gate {
+    pub(super) fn new(limits: Limits) -> Self {
+        Gate {
+            limits,
+            ..Gate::default()
+        }
+    }
+
+    /// Admits a connection from `ip`, or says which cap it hit.
+    pub(super) fn admit_connection(
+        self: &Arc<Self>,
+        ip: IpAddr,
+    ) -> Result<ConnectionSlot, ConnectionRefusal> {
+        let ip = ip.to_canonical();
+        if !take(&self.connections, self.limits.max_connections) {
+            return Err(ConnectionRefusal::Total);
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= self.limits.max_connections_per_ip {
+            drop(per_ip);
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(ConnectionRefusal::PerIp);
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            gate: self.clone(),
+            ip,
+        })
+    }
+
+    /// Admits a tunnel, unless the server already carries its maximum.
+    pub(super) fn admit_tunnel(self: &Arc<Self>) -> Option<TunnelSlot> {
+        take(&self.tunnels, self.limits.max_tunnels).then(|| TunnelSlot { gate: self.clone() })
+    }
+}
+
+fn take(counter: &AtomicUsize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// An admitted connection; frees its place on drop.
+pub(super) struct ConnectionSlot {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gate.connections.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.gate.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// An admitted tunnel; frees its place on drop.
+pub(super) struct TunnelSlot {
+    gate: Arc<Gate>,
+}
+
+impl Drop for TunnelSlot {
+    fn drop(&mut self) {
+        self.gate.tunnels.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_hold_and_free_on_drop() {
+        let gate = Arc::new(Gate::new(Limits {
+            max_connections: 3,
+            max_connections_per_ip: 2,
+            max_tunnels: 1,
+        }));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = gate.admit_connection(a).unwrap();
+        let _a2 = gate.admit_connection(a).unwrap();
+        assert_eq!(
+            gate.admit_connection(a).err(),
+            Some(ConnectionRefusal::PerIp)
+        );
+        // The mapped form of the same address counts as the same source.
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(
+            gate.admit_connection(mapped).err(),
+            Some(ConnectionRefusal::PerIp)
+        );
+        let _b1 = gate.admit_connection(b).unwrap();
+        assert_eq!(
+            gate.admit_connection(b).err(),
+            Some(ConnectionRefusal::Total)
+        );
+        drop(a1);
+        assert!(gate.admit_connection(b).is_ok());
+        let t = gate.admit_tunnel().unwrap();
+        assert!(gate.admit_tunnel().is_none());
+        drop(t);
+        assert!(gate.admit_tunnel().is_some());
+    }
+}
