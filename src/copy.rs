@@ -5,7 +5,7 @@
 //! flowing until it too ends. Byte counts survive an error, so the access log
 //! can say how far a failed tunnel got.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -151,7 +151,7 @@ impl Direction {
 const MIN_READ: usize = 16 << 10;
 const MAX_READ: usize = 256 << 10;
 
-/// Copies between a TCP connection and a tunnel stream, both ways, with
+/// Relays between a TCP connection and a tunnel stream, both ways, with
 /// half-close, without copying bytes through an intermediate buffer.
 ///
 /// Socket reads land in a fresh buffer that is frozen and handed to h2 as a
@@ -159,29 +159,73 @@ const MAX_READ: usize = 256 << 10;
 /// them. Nothing is allocated until a socket is readable, so an idle tunnel
 /// holds no buffer at all, and received window is returned to the peer only
 /// as bytes are written out, so a stalled reader stalls its sender.
-pub async fn tcp_tunnel(
-    tcp: &mut TcpStream,
-    stream: &mut H2Stream,
-) -> Result<Transferred, CopyError> {
-    let mut up = TcpToStream::default();
-    let mut down = StreamToTcp::default();
-    let result = poll_fn(|cx| {
-        let up_done = up.poll(cx, tcp, stream)?.is_ready();
-        let down_done = down.poll(cx, stream, tcp)?.is_ready();
-        if up_done && down_done {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
+///
+/// A plain struct rather than an `async fn`, so that an idle tunnel's task
+/// holds exactly this state. On an error both sides are reset (RST_STREAM
+/// CONNECT_ERROR on the tunnel, RST on the socket). `a` in [`Transferred`]
+/// is the socket. The stream comes back with the result.
+pub struct Relay<S> {
+    parts: Option<(TcpStream, S)>,
+    up: TcpToStream,
+    down: StreamToTcp,
+}
+
+impl<S: AsMut<H2Stream> + Unpin> Relay<S> {
+    pub fn new(tcp: TcpStream, stream: S) -> Self {
+        Relay {
+            parts: Some((tcp, stream)),
+            up: TcpToStream::default(),
+            down: StreamToTcp::default(),
         }
-    })
-    .await;
-    let transferred = Transferred {
-        a_to_b: up.bytes,
-        b_to_a: down.bytes,
-    };
-    result
-        .map(|()| transferred)
-        .map_err(|error| CopyError { transferred, error })
+    }
+
+    fn transferred(&self) -> Transferred {
+        Transferred {
+            a_to_b: self.up.bytes,
+            b_to_a: self.down.bytes,
+        }
+    }
+}
+
+impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
+    type Output = (S, Result<Transferred, CopyError>);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some((tcp, stream)) = this.parts.as_mut() else {
+            return Poll::Pending;
+        };
+        let stream = stream.as_mut();
+        let up = this.up.poll(cx, tcp, stream);
+        let down = match up {
+            Poll::Ready(Err(_)) => Poll::Pending,
+            _ => this.down.poll(cx, stream, tcp),
+        };
+        let outcome = match (up, down) {
+            (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => Err(error),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Ok(()),
+            _ => return Poll::Pending,
+        };
+        let transferred = this.transferred();
+        let Some((tcp, mut stream)) = this.parts.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match outcome {
+            Ok(()) => (stream, Ok(transferred)),
+            Err(error) => {
+                // Pass the failure on as a reset, in both directions.
+                stream.as_mut().reset(h2::Reason::CONNECT_ERROR);
+                let _ = tcp.set_zero_linger();
+                (stream, Err(CopyError { transferred, error }))
+            }
+        })
+    }
+}
+
+impl AsMut<H2Stream> for H2Stream {
+    fn as_mut(&mut self) -> &mut H2Stream {
+        self
+    }
 }
 
 /// TCP reads become DATA frames.

@@ -237,7 +237,9 @@ impl Dialer {
         F: Future<Output = Result<Arc<PooledConn>, DialError>>,
     {
         if !self.inner.config.pooling {
-            let conn = establish().await?;
+            // Boxed: the handshake's state is large and short-lived; kept
+            // inline it would make every tunnel's task as big.
+            let conn = Box::pin(establish()).await?;
             return self.open_fresh(&conn, server, request).await;
         }
         if let Some(tunnel) = self.open_pooled(&key, server, &request).await? {
@@ -251,7 +253,7 @@ impl Dialer {
         if let Some(tunnel) = self.open_pooled(&key, server, &request).await? {
             return Ok(tunnel);
         }
-        let conn = establish().await?;
+        let conn = Box::pin(establish()).await?;
         self.inner.pool.insert(key, conn.clone());
         drop(dialing);
         self.open_fresh(&conn, server, request).await

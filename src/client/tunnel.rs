@@ -31,15 +31,17 @@ impl Tunnel {
         &self.peer_baggage
     }
 
-    /// The underlying stream, for the zero-copy relay in [`crate::copy`].
-    pub(crate) fn stream_mut(&mut self) -> &mut H2Stream {
-        &mut self.stream
-    }
-
     /// Tears the tunnel down with RST_STREAM(CONNECT_ERROR): the server
     /// resets its TCP connection to the target instead of closing it.
     pub fn reset(&mut self) {
         self.stream.reset(h2::Reason::CONNECT_ERROR);
+    }
+}
+
+/// The underlying stream, for the zero-copy relay in [`crate::copy`].
+impl AsMut<H2Stream> for Tunnel {
+    fn as_mut(&mut self) -> &mut H2Stream {
+        &mut self.stream
     }
 }
 

@@ -11,6 +11,14 @@ use super::{record_dial_failure, relay};
 use crate::access::AccessLog;
 use crate::client::{Dialer, Route, TunnelRequest};
 
+/// What every forwarded connection shares.
+struct Forward {
+    dialer: Dialer,
+    route: Route,
+    target: SocketAddr,
+    log: Arc<dyn AccessLog>,
+}
+
 /// Accepts on `listener` forever, tunnelling each connection to `target`.
 pub async fn run(
     listener: TcpListener,
@@ -19,6 +27,12 @@ pub async fn run(
     target: SocketAddr,
     log: Arc<dyn AccessLog>,
 ) {
+    let forward = Arc::new(Forward {
+        dialer,
+        route,
+        target,
+        log,
+    });
     loop {
         let (app, source) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -29,20 +43,25 @@ pub async fn run(
             }
         };
         let _ = app.set_nodelay(true);
-        let dialer = dialer.clone();
-        let route = route.clone();
-        let log = log.clone();
+        let forward = forward.clone();
         tokio::spawn(async move {
             let started = Instant::now();
+            let Forward {
+                dialer,
+                route,
+                target,
+                log,
+            } = &*forward;
             let request = TunnelRequest {
                 source: Some(source),
-                ..TunnelRequest::new(target)
+                ..TunnelRequest::new(*target)
             };
-            match dialer.open(&route, &request).await {
-                Ok(tunnel) => relay(app, source, tunnel, target, &log, started).await,
+            // Boxed so the dial's state is freed once the tunnel is open.
+            match Box::pin(dialer.open(route, &request)).await {
+                Ok(tunnel) => relay(app, source, tunnel, *target, log.clone(), started).await,
                 Err(e) => {
                     tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");
-                    record_dial_failure(&log, source, &dialer, target, &e, started);
+                    record_dial_failure(log, source, dialer, *target, &e, started);
                 }
             }
         });

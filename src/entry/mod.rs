@@ -2,14 +2,15 @@
 //! a SOCKS5 listener. Each accepts an application's byte stream, opens a
 //! tunnel with the [`Dialer`], and relays with half-close.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
-use crate::client::{DialError, Dialer};
+use crate::client::{DialError, Dialer, Tunnel};
 use crate::copy;
 
 pub mod forward;
@@ -18,41 +19,37 @@ pub mod stdio;
 
 /// Relays an accepted application connection through `tunnel` and writes
 /// the access record. A failure on either side is passed on as a reset.
-pub(crate) async fn relay(
-    mut app: TcpStream,
+///
+/// Not an `async fn`: its arguments would stay in the future next to the
+/// relay that consumes them, and an idle tunnel should hold only the relay.
+pub(crate) fn relay(
+    app: TcpStream,
     source: SocketAddr,
-    mut tunnel: crate::client::Tunnel,
+    tunnel: Tunnel,
     target: SocketAddr,
-    log: &Arc<dyn AccessLog>,
+    log: Arc<dyn AccessLog>,
     started: Instant,
-) {
-    let mut record = TunnelRecord {
-        role: Role::Client,
-        source,
-        peer_id: tunnel.peer_id().clone(),
-        target: target.to_string(),
-        original_source: None,
-        trace_id: None,
-        outcome: Outcome::Completed,
-        bytes_sent: 0,
-        bytes_received: 0,
-        duration: Duration::ZERO,
-    };
-    match copy::tcp_tunnel(&mut app, tunnel.stream_mut()).await {
-        Ok(moved) => {
-            record.bytes_sent = moved.a_to_b;
-            record.bytes_received = moved.b_to_a;
-        }
-        Err(e) => {
-            record.bytes_sent = e.transferred.a_to_b;
-            record.bytes_received = e.transferred.b_to_a;
-            record.outcome = Outcome::Failed(e.to_string());
-            tunnel.reset();
-            let _ = app.set_zero_linger();
-        }
+) -> impl Future<Output = ()> {
+    let relay = copy::Relay::new(app, tunnel);
+    async move {
+        let (tunnel, result) = relay.await;
+        let (moved, outcome) = match result {
+            Ok(moved) => (moved, Outcome::Completed),
+            Err(e) => (e.transferred, Outcome::Failed(e.error.to_string())),
+        };
+        log.record(&TunnelRecord {
+            role: Role::Client,
+            source,
+            peer_id: tunnel.peer_id().clone(),
+            target: target.to_string(),
+            original_source: None,
+            trace_id: None,
+            outcome,
+            bytes_sent: moved.a_to_b,
+            bytes_received: moved.b_to_a,
+            duration: started.elapsed(),
+        });
     }
-    record.duration = started.elapsed();
-    log.record(&record);
 }
 
 /// Writes the access record of a tunnel that could not be opened.

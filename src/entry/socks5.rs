@@ -146,10 +146,11 @@ async fn serve(
         source: Some(source),
         ..TunnelRequest::new(target)
     };
-    match dialer.open(&config.route_for(target), &request).await {
+    // Boxed so the dial's state is freed once the tunnel is open.
+    match Box::pin(dialer.open(&config.route_for(target), &request)).await {
         Ok(tunnel) => {
             send_reply(&mut app, Reply::Succeeded).await?;
-            relay(app, source, tunnel, target, log, started).await;
+            relay(app, source, tunnel, target, log.clone(), started).await;
             Ok(())
         }
         Err(e) => {

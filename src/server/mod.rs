@@ -281,13 +281,10 @@ impl Shared {
             };
             match next {
                 Some(Ok((request, respond))) => {
-                    let shared = self.clone();
-                    let peer_id = peer_id.clone();
-                    tokio::spawn(async move {
-                        shared
-                            .serve_stream(peer_addr, peer_id, request, respond)
-                            .await
-                    });
+                    let serve =
+                        self.clone()
+                            .serve_stream(peer_addr, peer_id.clone(), request, respond);
+                    tokio::spawn(serve);
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%peer_addr, error = %e, "HBONE connection ended");

@@ -1,7 +1,9 @@
 //! One CONNECT stream: check it, authorize it, dial the target, answer,
 //! and relay until both directions end.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -20,8 +22,18 @@ use crate::copy;
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
 use crate::proxy_protocol;
+use crate::server::limits::TunnelSlot;
 use crate::server::stats::CountOnDrop;
 use crate::stream::H2Stream;
+
+/// A tunnel that was answered 200, ready to relay.
+struct OpenTunnel {
+    target: TcpStream,
+    stream: H2Stream,
+    record: Box<TunnelRecord>,
+    slot: TunnelSlot,
+    started: Instant,
+}
 
 /// What the request headers say about the tunnel.
 #[derive(Debug, Default)]
@@ -32,13 +44,66 @@ struct Context {
 }
 
 impl Shared {
-    pub(super) async fn serve_stream(
+    /// Serves one CONNECT stream. Everything up to the answer is boxed:
+    /// checking, dialing and the PROXY header need far more state than
+    /// relaying does, and an idle tunnel should keep only the latter.
+    pub(super) fn serve_stream(
+        self: Arc<Self>,
+        source: SocketAddr,
+        peer_id: SpiffeId,
+        request: Request<RecvStream>,
+        respond: SendResponse<Bytes>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let shared = self.clone();
+        let opening =
+            Box::pin(async move { shared.open_tunnel(source, peer_id, request, respond).await });
+        async move {
+            if let Some(open) = opening.await {
+                self.relay(open).await;
+            }
+        }
+    }
+
+    /// Relays an answered tunnel, then logs it. Not an `async fn`, so the
+    /// task holds the relay alone, not also the parts it was made from.
+    fn relay(self: Arc<Self>, open: OpenTunnel) -> impl Future<Output = ()> + Send + 'static {
+        let OpenTunnel {
+            target,
+            stream,
+            mut record,
+            slot,
+            started,
+        } = open;
+        let relay = copy::Relay::new(target, stream);
+        async move {
+            let closed = CountOnDrop(&self.stats.tunnels_closed);
+            let (_stream, result) = relay.await;
+            drop((slot, closed));
+            match result {
+                Ok(moved) => {
+                    record.bytes_sent = moved.b_to_a;
+                    record.bytes_received = moved.a_to_b;
+                }
+                Err(e) => {
+                    record.bytes_sent = e.transferred.b_to_a;
+                    record.bytes_received = e.transferred.a_to_b;
+                    record.outcome = Outcome::Failed(e.to_string());
+                }
+            }
+            record.duration = started.elapsed();
+            self.access_log.record(&record);
+        }
+    }
+
+    /// Checks, authorizes and dials, then answers: 200 with the tunnel to
+    /// relay, or the refusal (logged here, `None` returned).
+    async fn open_tunnel(
         &self,
         source: SocketAddr,
         peer_id: SpiffeId,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
-    ) {
+    ) -> Option<OpenTunnel> {
         let started = Instant::now();
         let context = self.read_context(&request);
         let authority = request
@@ -46,7 +111,7 @@ impl Shared {
             .authority()
             .map(|a| a.as_str().to_owned())
             .unwrap_or_default();
-        let mut record = TunnelRecord {
+        let mut record = Box::new(TunnelRecord {
             role: Role::Server,
             source,
             peer_id,
@@ -57,72 +122,72 @@ impl Shared {
             bytes_sent: 0,
             bytes_received: 0,
             duration: Duration::ZERO,
+        });
+        let Some(slot) = self.gate.admit_tunnel() else {
+            self.refuse(&mut respond, &mut record, &Refusal::TunnelLimit, started);
+            return None;
         };
-        // Held until the tunnel ends.
-        let tunnel_slot = self.gate.admit_tunnel();
-        let opened = match &tunnel_slot {
-            None => Err(Refusal::TunnelLimit),
-            Some(_) => self.open_target(&record.peer_id, &request).await,
-        };
-        let opened = match opened {
+        let opened = match self.open_target(&record.peer_id, &request).await {
             Ok(target) => {
                 self.send_proxy_header(target, source, &record.peer_id, &context)
                     .await
             }
             Err(refusal) => Err(refusal),
         };
-        match opened {
+        let target = match opened {
+            Ok(target) => target,
             Err(refusal) => {
-                self.stats.refusals.fetch_add(1, Ordering::AcqRel);
-                if matches!(refusal, Refusal::TunnelLimit) {
-                    self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
-                }
-                let mut response = Response::new(());
-                *response.status_mut() = refusal.status();
-                let _ = respond.send_response(response, true);
-                record.outcome = Outcome::Refused {
-                    status: refusal.status().as_u16(),
-                    reason: refusal.reason(),
-                    detail: refusal.to_string(),
-                };
+                self.refuse(&mut respond, &mut record, &refusal, started);
+                return None;
             }
-            Ok(mut target) => {
-                self.stats.tunnels_opened.fetch_add(1, Ordering::AcqRel);
-                let _closed = CountOnDrop(&self.stats.tunnels_closed);
-                let mut response = Response::new(());
-                if let Some(baggage) = &self.baggage {
-                    response
-                        .headers_mut()
-                        .insert(headers::BAGGAGE, baggage.clone());
-                }
-                let send = match respond.send_response(response, false) {
-                    Ok(send) => send,
-                    Err(e) => {
-                        record.outcome = Outcome::Failed(format!("client went away: {e}"));
-                        record.duration = started.elapsed();
-                        self.access_log.record(&record);
-                        return;
-                    }
-                };
-                let mut stream = H2Stream::new(send, request.into_body());
-                match copy::tcp_tunnel(&mut target, &mut stream).await {
-                    Ok(moved) => {
-                        record.bytes_sent = moved.b_to_a;
-                        record.bytes_received = moved.a_to_b;
-                    }
-                    Err(e) => {
-                        record.bytes_sent = e.transferred.b_to_a;
-                        record.bytes_received = e.transferred.a_to_b;
-                        record.outcome = Outcome::Failed(e.to_string());
-                        // Pass the failure on as a reset, in both directions.
-                        stream.reset(h2::Reason::CONNECT_ERROR);
-                        let _ = target.set_zero_linger();
-                    }
-                }
+        };
+        self.stats.tunnels_opened.fetch_add(1, Ordering::AcqRel);
+        let mut response = Response::new(());
+        if let Some(baggage) = &self.baggage {
+            response
+                .headers_mut()
+                .insert(headers::BAGGAGE, baggage.clone());
+        }
+        match respond.send_response(response, false) {
+            Ok(send) => Some(OpenTunnel {
+                target,
+                stream: H2Stream::new(send, request.into_body()),
+                record,
+                slot,
+                started,
+            }),
+            Err(e) => {
+                self.stats.tunnels_closed.fetch_add(1, Ordering::AcqRel);
+                record.outcome = Outcome::Failed(format!("client went away: {e}"));
+                record.duration = started.elapsed();
+                self.access_log.record(&record);
+                None
             }
         }
+    }
+
+    /// Answers a refused CONNECT and logs it.
+    fn refuse(
+        &self,
+        respond: &mut SendResponse<Bytes>,
+        record: &mut TunnelRecord,
+        refusal: &Refusal,
+        started: Instant,
+    ) {
+        self.stats.refusals.fetch_add(1, Ordering::AcqRel);
+        if matches!(refusal, Refusal::TunnelLimit) {
+            self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
+        }
+        let mut response = Response::new(());
+        *response.status_mut() = refusal.status();
+        let _ = respond.send_response(response, true);
+        record.outcome = Outcome::Refused {
+            status: refusal.status().as_u16(),
+            reason: refusal.reason(),
+            detail: refusal.to_string(),
+        };
         record.duration = started.elapsed();
-        self.access_log.record(&record);
+        self.access_log.record(record);
     }
 
     /// Reads `forwarded`, `traceparent` and `baggage`; malformed values are
