@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use crate::headers::{ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
 
 /// How a tunnel ended.
@@ -31,13 +34,13 @@ pub struct TunnelRecord {
     /// application (client side).
     pub source: SocketAddr,
     /// The identity the other HBONE end proved.
-    pub peer_id: SpiffeId,
+    pub peer_id: Arc<SpiffeId>,
     /// The requested target, as sent in `:authority`.
     pub target: String,
     /// The original client, from `forwarded` (server side).
-    pub original_source: Option<String>,
-    /// The W3C trace id of the tunnel, when known.
-    pub trace_id: Option<String>,
+    pub original_source: Option<ForwardedFor>,
+    /// The W3C trace context of the tunnel, when known.
+    pub trace: Option<TraceParent>,
     pub outcome: Outcome,
     /// Bytes from the source side towards the target.
     pub bytes_sent: u64,
@@ -68,6 +71,8 @@ impl AccessLog for TracingLog {
             Role::Client => "client",
             Role::Server => "server",
         };
+        let original = r.original_source.map(|o| o.to_string()).unwrap_or_default();
+        let trace = r.trace.map(|t| t.trace_id_hex()).unwrap_or_default();
         match &r.outcome {
             Outcome::Refused {
                 status,
@@ -75,11 +80,13 @@ impl AccessLog for TracingLog {
                 detail,
             } => tracing::info!(
                 target: "hbone::access", role, source = %r.source, peer = %r.peer_id,
-                target_addr = %r.target, status, reason, detail = %detail, "tunnel refused"
+                target_addr = %r.target, original, trace, status, reason, detail = %detail,
+                "tunnel refused"
             ),
             outcome => tracing::info!(
                 target: "hbone::access", role, source = %r.source, peer = %r.peer_id,
-                target_addr = %r.target, sent = r.bytes_sent, received = r.bytes_received,
+                target_addr = %r.target, original, trace, sent = r.bytes_sent,
+                received = r.bytes_received,
                 duration_ms = r.duration.as_millis() as u64,
                 result = %match outcome { Outcome::Failed(e) => e.as_str(), _ => "ok" },
                 "tunnel closed"

@@ -22,10 +22,13 @@ pub struct H2Settings {
 }
 
 impl H2Settings {
-    /// Client side: 100 streams per connection, 16 KiB headers.
+    /// Client side: up to 200 streams per connection (ztunnel uses 100;
+    /// each HTTP/2 + TLS connection costs ~65 KB of buffers per side, so
+    /// twice the streams per connection saves ~0.65 KB per idle tunnel),
+    /// 16 KiB headers.
     pub fn client() -> Self {
         H2Settings {
-            max_concurrent_streams: 100,
+            max_concurrent_streams: 200,
             max_header_list_size: 16 << 10,
             ..Self::common()
         }

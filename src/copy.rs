@@ -148,7 +148,7 @@ impl Direction {
 /// Smallest read from a TCP socket into a DATA frame. Reads that fill the
 /// buffer double it, up to [`MAX_READ`], so bulk transfers reach large
 /// frames and TLS record batches within a few reads.
-const MIN_READ: usize = 16 << 10;
+const MIN_READ: usize = 4 << 10;
 const MAX_READ: usize = 256 << 10;
 
 /// Relays between a TCP connection and a tunnel stream, both ways, with
@@ -326,6 +326,49 @@ impl StreamToTcp {
                     ready!(Pin::new(&mut *tcp).poll_shutdown(cx))?;
                     self.finished = true;
                 }
+            }
+        }
+    }
+}
+
+/// A tunnel's task in two phases: opening (dial, negotiate, answer), boxed
+/// and freed when done, then the relay it produced, held inline.
+///
+/// Written out by hand because an `async` block awaiting a future it owns
+/// keeps the future twice (once where it was made, once being awaited),
+/// and an idle tunnel's task should hold its relay once.
+pub(crate) enum Phased<O, R> {
+    Opening(Pin<Box<O>>),
+    Relaying(R),
+    Done,
+}
+
+impl<O, R> Phased<O, R> {
+    pub(crate) fn new(opening: O) -> Self {
+        Phased::Opening(Box::pin(opening))
+    }
+}
+
+impl<O, R> Future for Phased<O, R>
+where
+    O: Future<Output = Option<R>>,
+    R: Future<Output = ()> + Unpin,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match this {
+                Phased::Opening(opening) => match ready!(opening.as_mut().poll(cx)) {
+                    Some(relay) => *this = Phased::Relaying(relay),
+                    None => *this = Phased::Done,
+                },
+                Phased::Relaying(relay) => {
+                    ready!(Pin::new(relay).poll(cx));
+                    *this = Phased::Done;
+                }
+                Phased::Done => return Poll::Ready(()),
             }
         }
     }

@@ -3,6 +3,12 @@
 
 mod cli;
 
+/// jemalloc: cheaper aligned allocations (every tokio task and socket
+/// registration is cache-line aligned) and less fragmentation across the
+/// runtime's threads than the system allocator; measured with hbone bench.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;

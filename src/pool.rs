@@ -152,7 +152,7 @@ impl ConnState {
 pub(crate) struct PooledConn {
     send: SendRequest<Bytes>,
     pub(crate) state: Arc<ConnState>,
-    pub(crate) peer_id: SpiffeId,
+    pub(crate) peer_id: Arc<SpiffeId>,
     max_streams: usize,
 }
 
@@ -160,7 +160,7 @@ impl PooledConn {
     pub(crate) fn new(
         send: SendRequest<Bytes>,
         state: Arc<ConnState>,
-        peer_id: SpiffeId,
+        peer_id: Arc<SpiffeId>,
         max_streams: usize,
     ) -> Self {
         PooledConn {

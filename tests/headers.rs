@@ -47,8 +47,11 @@ async fn client_headers_reach_the_access_log_and_server_baggage_comes_back() {
 
     eventually("server logged the tunnel", || !records.all().is_empty()).await;
     let record = records.all().remove(0);
-    assert_eq!(record.original_source.as_deref(), Some("192.0.2.10:40000"));
-    assert_eq!(record.trace_id, Some(trace.trace_id_hex()));
+    assert_eq!(
+        record.original_source,
+        Some(hbone::headers::ForwardedFor::Addr(original))
+    );
+    assert_eq!(record.trace, Some(trace));
     assert_eq!(record.bytes_sent, 6);
     assert_eq!(record.bytes_received, 6);
     assert_eq!(server.stats.snapshot().malformed_headers, 0);
@@ -97,7 +100,7 @@ async fn malformed_headers_are_ignored_and_counted() {
     eventually("server logged the tunnel", || !records.all().is_empty()).await;
     let record = records.all().remove(0);
     assert_eq!(record.original_source, None);
-    assert_eq!(record.trace_id, None);
+    assert_eq!(record.trace, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,11 @@ async fn two_hundred_concurrent_tunnels_each_checked() {
     let pki = Pki::new();
     let server = start_default_server(&pki).await;
     let echo = start_echo().await;
-    let dialer = Dialer::new(&pki.client).unwrap();
+    // ztunnel's client limit of 100 streams per connection, so that 200
+    // concurrent tunnels need two connections.
+    let mut config = hbone::DialerConfig::default();
+    config.h2.max_concurrent_streams = 100;
+    let dialer = Dialer::with_config(&pki.client, config).unwrap();
 
     // Every tunnel is open before any sends, so all 200 are concurrent.
     let all_open = std::sync::Arc::new(tokio::sync::Barrier::new(TUNNELS as usize));

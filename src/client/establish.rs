@@ -124,7 +124,7 @@ impl Dialer {
         Ok(Arc::new(PooledConn::new(
             send,
             state,
-            peer_id,
+            Arc::new(peer_id),
             self.inner.config.h2.max_concurrent_streams as usize,
         )))
     }

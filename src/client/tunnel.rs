@@ -2,6 +2,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -14,7 +15,8 @@ use crate::stream::H2Stream;
 /// An open tunnel: a byte stream to the target, through the HBONE server.
 pub struct Tunnel {
     pub(super) stream: H2Stream,
-    pub(super) peer_id: SpiffeId,
+    /// Shared with the connection's other tunnels.
+    pub(super) peer_id: Arc<SpiffeId>,
     /// The server's workload metadata, if it sent any.
     pub(super) peer_baggage: Baggage,
     pub(super) _lease: StreamLease,
@@ -24,6 +26,11 @@ impl Tunnel {
     /// The identity the server proved in the TLS handshake.
     pub fn peer_id(&self) -> &SpiffeId {
         &self.peer_id
+    }
+
+    /// The server's identity, shared (for records that outlive the tunnel).
+    pub fn peer_arc(&self) -> Arc<SpiffeId> {
+        self.peer_id.clone()
     }
 
     /// Workload metadata the server sent in its `baggage` response header.

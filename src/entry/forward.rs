@@ -5,11 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
-use super::{record_dial_failure, relay};
+use super::{ClientRelay, record_dial_failure};
 use crate::access::AccessLog;
 use crate::client::{Dialer, Route, TunnelRequest};
+use crate::copy::Phased;
 
 /// What every forwarded connection shares.
 struct Forward {
@@ -43,27 +44,39 @@ pub async fn run(
             }
         };
         let _ = app.set_nodelay(true);
-        let forward = forward.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let Forward {
-                dialer,
-                route,
-                target,
-                log,
-            } = &*forward;
-            let request = TunnelRequest {
-                source: Some(source),
-                ..TunnelRequest::new(*target)
-            };
-            // Boxed so the dial's state is freed once the tunnel is open.
-            match Box::pin(dialer.open(route, &request)).await {
-                Ok(tunnel) => relay(app, source, tunnel, *target, log.clone(), started).await,
-                Err(e) => {
-                    tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");
-                    record_dial_failure(log, source, dialer, *target, &e, started);
-                }
-            }
-        });
+        // The dial is boxed and hands back the relay, so the task keeps only
+        // the relay's state for the tunnel's lifetime.
+        tokio::spawn(Phased::new(open(forward.clone(), app, source)));
+    }
+}
+
+/// Opens the tunnel for one accepted connection and returns its relay, or
+/// logs why it could not.
+async fn open(forward: Arc<Forward>, app: TcpStream, source: SocketAddr) -> Option<ClientRelay> {
+    let started = Instant::now();
+    let Forward {
+        dialer,
+        route,
+        target,
+        log,
+    } = &*forward;
+    let request = TunnelRequest {
+        source: Some(source),
+        ..TunnelRequest::new(*target)
+    };
+    match dialer.open(route, &request).await {
+        Ok(tunnel) => Some(ClientRelay::new(
+            app,
+            source,
+            tunnel,
+            *target,
+            log.clone(),
+            started,
+        )),
+        Err(e) => {
+            tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");
+            record_dial_failure(log, source, dialer, *target, &e, started);
+            None
+        }
     }
 }

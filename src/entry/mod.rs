@@ -4,7 +4,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use tokio::net::TcpStream;
@@ -17,38 +19,59 @@ pub mod forward;
 pub mod socks5;
 pub mod stdio;
 
-/// Relays an accepted application connection through `tunnel` and writes
+/// Relays an accepted application connection through a tunnel, then writes
 /// the access record. A failure on either side is passed on as a reset.
-///
-/// Not an `async fn`: its arguments would stay in the future next to the
-/// relay that consumes them, and an idle tunnel should hold only the relay.
-pub(crate) fn relay(
-    app: TcpStream,
+/// A plain future (see [`copy::Phased`] for why).
+pub(crate) struct ClientRelay {
+    relay: copy::Relay<Tunnel>,
     source: SocketAddr,
-    tunnel: Tunnel,
     target: SocketAddr,
     log: Arc<dyn AccessLog>,
     started: Instant,
-) -> impl Future<Output = ()> {
-    let relay = copy::Relay::new(app, tunnel);
-    async move {
-        let (tunnel, result) = relay.await;
+}
+
+impl ClientRelay {
+    pub(crate) fn new(
+        app: TcpStream,
+        source: SocketAddr,
+        tunnel: Tunnel,
+        target: SocketAddr,
+        log: Arc<dyn AccessLog>,
+        started: Instant,
+    ) -> Self {
+        ClientRelay {
+            relay: copy::Relay::new(app, tunnel),
+            source,
+            target,
+            log,
+            started,
+        }
+    }
+}
+
+impl Future for ClientRelay {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let (tunnel, result) = ready!(Pin::new(&mut this.relay).poll(cx));
         let (moved, outcome) = match result {
             Ok(moved) => (moved, Outcome::Completed),
             Err(e) => (e.transferred, Outcome::Failed(e.error.to_string())),
         };
-        log.record(&TunnelRecord {
+        this.log.record(&TunnelRecord {
             role: Role::Client,
-            source,
-            peer_id: tunnel.peer_id().clone(),
-            target: target.to_string(),
+            source: this.source,
+            peer_id: tunnel.peer_arc(),
+            target: this.target.to_string(),
             original_source: None,
-            trace_id: None,
+            trace: None,
             outcome,
             bytes_sent: moved.a_to_b,
             bytes_received: moved.b_to_a,
-            duration: started.elapsed(),
+            duration: this.started.elapsed(),
         });
+        Poll::Ready(())
     }
 }
 
@@ -68,10 +91,10 @@ pub(crate) fn record_dial_failure(
     log.record(&TunnelRecord {
         role: Role::Client,
         source,
-        peer_id: dialer.local_id().clone(),
+        peer_id: Arc::new(dialer.local_id().clone()),
         target: target.to_string(),
         original_source: None,
-        trace_id: None,
+        trace: None,
         outcome: Outcome::Refused {
             status,
             reason: "dial_failed",

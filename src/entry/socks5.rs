@@ -15,9 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-use super::{record_dial_failure, relay};
+use super::{ClientRelay, record_dial_failure};
 use crate::access::AccessLog;
 use crate::client::{DialError, Dialer, Route, TunnelRequest};
+use crate::copy::Phased;
 use crate::identity::SpiffeId;
 
 /// Istio's HBONE port, used when no server is configured.
@@ -112,14 +113,33 @@ pub async fn run(
             }
         };
         let _ = app.set_nodelay(true);
-        let dialer = dialer.clone();
-        let config = config.clone();
-        let log = log.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve(app, source, &dialer, &config, &log).await {
-                tracing::debug!(%source, error = %e, "socks5: client dropped");
-            }
-        });
+        // Negotiation and dial are boxed and hand back the relay, so the
+        // task keeps only the relay's state for the tunnel's lifetime.
+        tokio::spawn(Phased::new(open(
+            app,
+            source,
+            dialer.clone(),
+            config.clone(),
+            log.clone(),
+        )));
+    }
+}
+
+/// Negotiates, opens the tunnel and answers the client; returns the relay,
+/// or `None` once the client has been told why not.
+async fn open(
+    app: TcpStream,
+    source: SocketAddr,
+    dialer: Dialer,
+    config: Arc<SocksConfig>,
+    log: Arc<dyn AccessLog>,
+) -> Option<ClientRelay> {
+    match serve(app, source, &dialer, &config, &log).await {
+        Ok(relay) => relay,
+        Err(e) => {
+            tracing::debug!(%source, error = %e, "socks5: client dropped");
+            None
+        }
     }
 }
 
@@ -129,7 +149,7 @@ async fn serve(
     dialer: &Dialer,
     config: &SocksConfig,
     log: &Arc<dyn AccessLog>,
-) -> io::Result<()> {
+) -> io::Result<Option<ClientRelay>> {
     let started = Instant::now();
     let target = match timeout(NEGOTIATION_TIMEOUT, negotiate(&mut app)).await {
         Err(_) => {
@@ -139,24 +159,31 @@ async fn serve(
             ));
         }
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(Err(reply))) => return send_reply(&mut app, reply).await,
+        Ok(Ok(Err(reply))) => return send_reply(&mut app, reply).await.map(|()| None),
         Ok(Ok(Ok(target))) => target,
     };
     let request = TunnelRequest {
         source: Some(source),
         ..TunnelRequest::new(target)
     };
-    // Boxed so the dial's state is freed once the tunnel is open.
-    match Box::pin(dialer.open(&config.route_for(target), &request)).await {
+    match dialer.open(&config.route_for(target), &request).await {
         Ok(tunnel) => {
             send_reply(&mut app, Reply::Succeeded).await?;
-            relay(app, source, tunnel, target, log.clone(), started).await;
-            Ok(())
+            Ok(Some(ClientRelay::new(
+                app,
+                source,
+                tunnel,
+                target,
+                log.clone(),
+                started,
+            )))
         }
         Err(e) => {
             tracing::warn!(%source, %target, error = %e, "socks5: tunnel failed");
             record_dial_failure(log, source, dialer, target, &e, started);
-            send_reply(&mut app, Reply::for_dial_error(&e)).await
+            send_reply(&mut app, Reply::for_dial_error(&e))
+                .await
+                .map(|()| None)
         }
     }
 }

@@ -260,6 +260,8 @@ impl Shared {
             }
         };
         let (mut connection, peer_id) = connection;
+        // One copy per connection, shared by its tunnels' records.
+        let peer_id = Arc::new(peer_id);
         let keepalive = self.timeouts.keepalive.watch(connection.ping_pong());
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();

@@ -3,8 +3,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,12 +20,11 @@ use tokio::time::timeout;
 use super::{Refusal, Shared};
 use crate::access::{Outcome, Role, TunnelRecord};
 use crate::authority::parse_authority;
-use crate::copy;
+use crate::copy::{self, Phased};
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
 use crate::proxy_protocol;
 use crate::server::limits::TunnelSlot;
-use crate::server::stats::CountOnDrop;
 use crate::stream::H2Stream;
 
 /// A tunnel that was answered 200, ready to relay.
@@ -33,6 +34,49 @@ struct OpenTunnel {
     record: Box<TunnelRecord>,
     slot: TunnelSlot,
     started: Instant,
+}
+
+/// Relays an answered tunnel, then logs it; counts it closed however it
+/// ends. A plain future (see [`copy::Phased`] for why).
+struct ServerRelay {
+    relay: copy::Relay<H2Stream>,
+    record: Box<TunnelRecord>,
+    _slot: TunnelSlot,
+    started: Instant,
+    shared: Arc<Shared>,
+}
+
+impl Future for ServerRelay {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let (_stream, result) = ready!(Pin::new(&mut this.relay).poll(cx));
+        let record = &mut this.record;
+        match result {
+            Ok(moved) => {
+                record.bytes_sent = moved.b_to_a;
+                record.bytes_received = moved.a_to_b;
+            }
+            Err(e) => {
+                record.bytes_sent = e.transferred.b_to_a;
+                record.bytes_received = e.transferred.a_to_b;
+                record.outcome = Outcome::Failed(e.to_string());
+            }
+        }
+        record.duration = this.started.elapsed();
+        this.shared.access_log.record(record);
+        Poll::Ready(())
+    }
+}
+
+impl Drop for ServerRelay {
+    fn drop(&mut self) {
+        self.shared
+            .stats
+            .tunnels_closed
+            .fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// What the request headers say about the tunnel.
@@ -50,49 +94,20 @@ impl Shared {
     pub(super) fn serve_stream(
         self: Arc<Self>,
         source: SocketAddr,
-        peer_id: SpiffeId,
+        peer_id: Arc<SpiffeId>,
         request: Request<RecvStream>,
         respond: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let shared = self.clone();
-        let opening =
-            Box::pin(async move { shared.open_tunnel(source, peer_id, request, respond).await });
-        async move {
-            if let Some(open) = opening.await {
-                self.relay(open).await;
-            }
-        }
-    }
-
-    /// Relays an answered tunnel, then logs it. Not an `async fn`, so the
-    /// task holds the relay alone, not also the parts it was made from.
-    fn relay(self: Arc<Self>, open: OpenTunnel) -> impl Future<Output = ()> + Send + 'static {
-        let OpenTunnel {
-            target,
-            stream,
-            mut record,
-            slot,
-            started,
-        } = open;
-        let relay = copy::Relay::new(target, stream);
-        async move {
-            let closed = CountOnDrop(&self.stats.tunnels_closed);
-            let (_stream, result) = relay.await;
-            drop((slot, closed));
-            match result {
-                Ok(moved) => {
-                    record.bytes_sent = moved.b_to_a;
-                    record.bytes_received = moved.a_to_b;
-                }
-                Err(e) => {
-                    record.bytes_sent = e.transferred.b_to_a;
-                    record.bytes_received = e.transferred.a_to_b;
-                    record.outcome = Outcome::Failed(e.to_string());
-                }
-            }
-            record.duration = started.elapsed();
-            self.access_log.record(&record);
-        }
+        Phased::new(async move {
+            let open = self.open_tunnel(source, peer_id, request, respond).await?;
+            Some(ServerRelay {
+                relay: copy::Relay::new(open.target, open.stream),
+                record: open.record,
+                _slot: open.slot,
+                started: open.started,
+                shared: self,
+            })
+        })
     }
 
     /// Checks, authorizes and dials, then answers: 200 with the tunnel to
@@ -100,7 +115,7 @@ impl Shared {
     async fn open_tunnel(
         &self,
         source: SocketAddr,
-        peer_id: SpiffeId,
+        peer_id: Arc<SpiffeId>,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) -> Option<OpenTunnel> {
@@ -116,8 +131,8 @@ impl Shared {
             source,
             peer_id,
             target: authority,
-            original_source: context.original_source.map(|f| f.to_string()),
-            trace_id: context.trace.map(|t| t.trace_id_hex()),
+            original_source: context.original_source,
+            trace: context.trace,
             outcome: Outcome::Completed,
             bytes_sent: 0,
             bytes_received: 0,
