@@ -202,6 +202,9 @@ impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
             _ => this.down.poll(cx, stream, tcp),
         };
         let outcome = match (up, down) {
+            // The peer cancelled the tunnel: a normal end, whatever was
+            // still in flight; the socket closes with the relay.
+            _ if stream.cancelled() => Ok(()),
             (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => Err(error),
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Ok(()),
             _ => return Poll::Pending,
@@ -264,7 +267,7 @@ impl TcpToStream {
             if !self.pending.is_empty() {
                 let n = ready!(stream.poll_send_capacity(cx, self.pending.len()))?;
                 let chunk = self.pending.split_to(n);
-                stream.send_chunk(chunk)?;
+                stream.send_chunk(cx, chunk)?;
                 self.bytes += n as u64;
                 continue;
             }

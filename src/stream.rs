@@ -27,6 +27,8 @@ pub struct H2Stream {
     /// Received bytes not yet read by the application.
     pending: Bytes,
     write_closed: bool,
+    /// The peer ended the stream with RST_STREAM NO_ERROR or CANCEL.
+    cancelled: bool,
 }
 
 impl H2Stream {
@@ -37,6 +39,7 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             write_closed: false,
+            cancelled: false,
         }
     }
 
@@ -85,7 +88,10 @@ impl H2Stream {
                 // An empty DATA frame (as END_STREAM often comes) is no chunk.
                 Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => Poll::Ready(Ok(Some(data))),
-                Some(Err(e)) if is_graceful(&e) => Poll::Ready(Ok(None)),
+                Some(Err(e)) if is_graceful(&e) => {
+                    self.cancelled = true;
+                    Poll::Ready(Ok(None))
+                }
                 Some(Err(e)) => Poll::Ready(Err(to_io_error(e))),
             };
         }
@@ -111,8 +117,10 @@ impl H2Stream {
         while available == 0 {
             match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(n)) => available = n,
-                Some(Err(e)) => return Poll::Ready(Err(to_io_error(e))),
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                Some(Err(e)) => return Poll::Ready(Err(self.send_failed(cx, e))),
+                None => {
+                    return Poll::Ready(Err(self.send_failed(cx, h2::Reason::STREAM_CLOSED.into())));
+                }
             }
         }
         Poll::Ready(Ok(available.min(want)))
@@ -120,8 +128,31 @@ impl H2Stream {
 
     /// Sends `data`, which must fit the capacity granted by
     /// [`H2Stream::poll_send_capacity`].
-    pub fn send_chunk(&mut self, data: Bytes) -> io::Result<()> {
-        self.send.send_data(data, false).map_err(to_io_error)
+    pub fn send_chunk(&mut self, cx: &mut Context<'_>, data: Bytes) -> io::Result<()> {
+        match self.send.send_data(data, false) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.send_failed(cx, e)),
+        }
+    }
+
+    /// Whether the peer ended the stream with a graceful reset (NO_ERROR or
+    /// CANCEL): the tunnel is over, and not in error.
+    pub fn cancelled(&self) -> bool {
+        self.cancelled
+    }
+
+    /// A send failed: find out whether the peer reset the stream, and how.
+    fn send_failed(&mut self, cx: &mut Context<'_>, error: h2::Error) -> io::Error {
+        match self.send.poll_reset(cx) {
+            Poll::Ready(Ok(reason)) if matches!(reason, Reason::NO_ERROR | Reason::CANCEL) => {
+                self.cancelled = true;
+                io::ErrorKind::BrokenPipe.into()
+            }
+            Poll::Ready(Ok(reason)) => {
+                io::Error::new(io::ErrorKind::ConnectionReset, h2::Error::from(reason))
+            }
+            _ => to_io_error(error),
+        }
     }
 
     /// Sends END_STREAM (half-close), once.
@@ -164,7 +195,7 @@ impl AsyncWrite for H2Stream {
             return Poll::Ready(Ok(0));
         }
         let n = ready!(self.poll_send_capacity(cx, buf.len()))?;
-        self.send_chunk(Bytes::copy_from_slice(&buf[..n]))?;
+        self.send_chunk(cx, Bytes::copy_from_slice(&buf[..n]))?;
         Poll::Ready(Ok(n))
     }
 

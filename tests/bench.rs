@@ -21,8 +21,10 @@ const COMPARED: [&str; 6] = [
 ];
 
 /// Rows measured through hbone only.
-const TUNNEL_ONLY: [&str; 3] = [
+const TUNNEL_ONLY: [&str; 5] = [
     "mTLS + HTTP/2 handshakes, no pool (/s)",
+    "double HBONE via gateway, inner pooled (conn/s)",
+    "double HBONE via gateway, fresh inner each (conn/s)",
     "CPU, server + entry, bulk 1 stream (s/GB)",
     "idle tunnels, server + entry (KB/tunnel)",
 ];

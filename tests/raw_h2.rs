@@ -321,3 +321,47 @@ async fn connect_with_path_is_refused_without_harming_its_neighbour() {
         "{outcome}"
     );
 }
+
+/// RST_STREAM(CANCEL) from the client is a normal end (DESIGN.md §2): the
+/// server closes its side of the target connection at once, even though
+/// the target never closed, and logs the tunnel as completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_the_tunnel_cleanly_and_promptly() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new();
+    let records = std::sync::Arc::new(Records::default());
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.access_log = records.clone();
+    let server = start_server(config).await;
+    let target = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let watcher = tokio::spawn(async move {
+        let (mut socket, _) = target.accept().await.unwrap();
+        let mut rest = Vec::new();
+        // The target never writes or closes; it waits for the server.
+        let _ = socket.read_to_end(&mut rest).await;
+        rest
+    });
+
+    let send = raw_h2(server.addr, &pki).await;
+    let mut send = send.ready().await.unwrap();
+    let (response, mut stream) = send
+        .send_request(request(Method::CONNECT, &target_addr.to_string()), false)
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    stream.send_data(Bytes::from_static(b"hi"), false).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.send_reset(h2::Reason::CANCEL);
+
+    let received = tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("the target's connection must close after CANCEL")
+        .unwrap();
+    assert_eq!(received, b"hi");
+    eventually("the tunnel was logged", || !records.all().is_empty()).await;
+    assert_eq!(records.all()[0].outcome, hbone::access::Outcome::Completed);
+    eventually("no tunnel left open", || {
+        server.stats.snapshot().tunnels_active == 0
+    })
+    .await;
+}

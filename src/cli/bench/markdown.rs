@@ -37,7 +37,10 @@ fn ztunnel(metric: Metric) -> &'static str {
         Metric::ReqP50 => "104–114 (direct 24)",
         Metric::ReqP99 => "~155",
         Metric::ConnRate => "3,100 (direct 14,200; ~22 %)",
-        Metric::Handshakes | Metric::CpuPerGb => "not given",
+        Metric::Handshakes | Metric::GatewayPooled | Metric::CpuPerGb => "not given",
+        Metric::GatewayFresh => {
+            "not given (this is ztunnel's way: a new inner TLS + HTTP/2 per connection)"
+        }
         Metric::KbPerTunnel => "~11 (5,000 tunnels, both ends)",
     }
 }
@@ -170,6 +173,11 @@ exchanges; p50 and p99 of the round trips.
 every connection is a new tunnel (a new HTTP/2 stream on a pooled connection).
 - Handshakes: the same through a second entry with pooling off, so every tunnel is a new TCP \
 connection with a full mutual TLS 1.3 handshake and HTTP/2 setup.
+- Double HBONE: the connection workload through a forward entry that goes via `hbone gateway` \
+(outer CONNECT to the service's host:port, inner mTLS to the server inside it). 'inner pooled': \
+inner connections are shared, so each user connection is one inner HTTP/2 stream. 'fresh inner \
+each': the entry runs with `--no-pool`, so every user connection costs an outer tunnel plus a new \
+inner TLS + HTTP/2 handshake, which is what ztunnel does.
 - CPU per GB: user + system CPU time of the server and the entry during the 1-stream bulk run \
 through hbone, over the bytes delivered (GB = 10^9 bytes).
 - Idle: a fresh server and forward entry; VmRSS of both, before and after opening N tunnels to \

@@ -15,6 +15,8 @@ pub enum Metric {
     ReqP99,
     ConnRate,
     Handshakes,
+    GatewayPooled,
+    GatewayFresh,
     CpuPerGb,
     KbPerTunnel,
 }
@@ -31,7 +33,7 @@ pub enum Comparison {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 9] = [
+    pub const ALL: [Metric; 11] = [
         Metric::Bulk1,
         Metric::Bulk8,
         Metric::ReqRate,
@@ -39,6 +41,8 @@ impl Metric {
         Metric::ReqP99,
         Metric::ConnRate,
         Metric::Handshakes,
+        Metric::GatewayPooled,
+        Metric::GatewayFresh,
         Metric::CpuPerGb,
         Metric::KbPerTunnel,
     ];
@@ -53,6 +57,8 @@ impl Metric {
             Metric::ReqP99 => "1 KiB req/resp, p99 (µs)",
             Metric::ConnRate => "new conn + 1-byte echo, 8 at once (conn/s)",
             Metric::Handshakes => "mTLS + HTTP/2 handshakes, no pool (/s)",
+            Metric::GatewayPooled => "double HBONE via gateway, inner pooled (conn/s)",
+            Metric::GatewayFresh => "double HBONE via gateway, fresh inner each (conn/s)",
             Metric::CpuPerGb => "CPU, server + entry, bulk 1 stream (s/GB)",
             Metric::KbPerTunnel => "idle tunnels, server + entry (KB/tunnel)",
         }
@@ -61,7 +67,11 @@ impl Metric {
     pub fn comparison(self) -> Comparison {
         match self {
             Metric::ReqP50 | Metric::ReqP99 => Comparison::Added,
-            Metric::Handshakes | Metric::CpuPerGb | Metric::KbPerTunnel => Comparison::TunnelOnly,
+            Metric::Handshakes
+            | Metric::GatewayPooled
+            | Metric::GatewayFresh
+            | Metric::CpuPerGb
+            | Metric::KbPerTunnel => Comparison::TunnelOnly,
             _ => Comparison::Ratio,
         }
     }

@@ -51,7 +51,9 @@ impl Drop for WorkDir {
 pub struct Pki {
     pub server_dir: PathBuf,
     pub client_dir: PathBuf,
+    pub gateway_dir: PathBuf,
     pub server_id: SpiffeId,
+    pub gateway_id: SpiffeId,
 }
 
 impl Pki {
@@ -60,14 +62,19 @@ impl Pki {
         let ca = DevCa::generate(TRUST_DOMAIN, day)?;
         let server_id = SpiffeId::istio(TRUST_DOMAIN, "bench", "server")?;
         let client_id = SpiffeId::istio(TRUST_DOMAIN, "bench", "client")?;
+        let gateway_id = SpiffeId::istio(TRUST_DOMAIN, "bench", "gateway")?;
         let server_dir = dir.join("server");
         let client_dir = dir.join("client");
+        let gateway_dir = dir.join("gateway");
         ca.issue(&server_id, day)?.save(&server_dir)?;
         ca.issue(&client_id, day)?.save(&client_dir)?;
+        ca.issue(&gateway_id, day)?.save(&gateway_dir)?;
         Ok(Pki {
             server_dir,
             client_dir,
+            gateway_dir,
             server_id,
+            gateway_id,
         })
     }
 }
@@ -102,6 +109,69 @@ pub fn start_server(pki: &Pki, log: &str) -> anyhow::Result<Listening> {
     push_path(&mut args, "--identity-dir", &pki.server_dir);
     args.extend(log_args(log));
     let mut proc = Proc::spawn("hbone server", &args)?;
+    let addr = proc.wait_ready(START_LIMIT)?;
+    Ok(Listening { proc, addr })
+}
+
+/// The service name the bench's gateway routes to the server.
+const BENCH_SERVICE: &str = "echo.bench.svc.cluster.local:8080";
+
+/// `hbone gateway` routing [`BENCH_SERVICE`] to `server`.
+pub fn start_gateway(
+    pki: &Pki,
+    dir: &Path,
+    server: SocketAddr,
+    log: &str,
+) -> anyhow::Result<Listening> {
+    let routes = dir.join("routes.toml");
+    let host = BENCH_SERVICE.split(':').next().unwrap_or_default();
+    std::fs::write(
+        &routes,
+        format!("[[route]]\nhost = \"{host}\"\nendpoints = [\"{server}\"]\n"),
+    )
+    .with_context(|| format!("cannot write {}", routes.display()))?;
+    let mut args = strings(&["gateway", "--listen", LOOPBACK_ANY_PORT]);
+    push_path(&mut args, "--identity-dir", &pki.gateway_dir);
+    push_path(&mut args, "--routes", &routes);
+    args.extend(log_args(log));
+    let mut proc = Proc::spawn("hbone gateway", &args)?;
+    let addr = proc.wait_ready(START_LIMIT)?;
+    Ok(Listening { proc, addr })
+}
+
+/// A forward entry to `target` through the gateway (double HBONE);
+/// `pool: false` gives every connection a fresh inner handshake.
+pub fn start_gateway_forward(
+    pki: &Pki,
+    gateway: SocketAddr,
+    target: SocketAddr,
+    pool: bool,
+    log: &str,
+) -> anyhow::Result<Listening> {
+    let mut args = strings(&["forward", "--listen", LOOPBACK_ANY_PORT]);
+    push_path(&mut args, "--identity-dir", &pki.client_dir);
+    args.extend(strings(&[
+        "--gateway",
+        &gateway.to_string(),
+        "--gateway-id",
+        pki.gateway_id.as_str(),
+        "--service",
+        BENCH_SERVICE,
+        "--server-id",
+        pki.server_id.as_str(),
+        "--target",
+        &target.to_string(),
+    ]));
+    if !pool {
+        args.push("--no-pool".into());
+    }
+    args.extend(log_args(log));
+    let name = if pool {
+        "forward via gateway"
+    } else {
+        "forward via gateway (no pool)"
+    };
+    let mut proc = Proc::spawn(name, &args)?;
     let addr = proc.wait_ready(START_LIMIT)?;
     Ok(Listening { proc, addr })
 }

@@ -14,7 +14,10 @@ use super::report::{self, number, percent};
 use super::results::{Metric, Results};
 use super::runner::{self, RESULT_GRACE, RoundTrips, conn_rate, gbits, run_load};
 use super::sample;
-use super::stack::{Apps, ClientSide, Entry, Listening, Pki, Route, WorkDir, start_server};
+use super::stack::{
+    Apps, ClientSide, Entry, Listening, Pki, Route, WorkDir, start_gateway, start_gateway_forward,
+    start_server,
+};
 use super::targets;
 use super::wire::Fields;
 use super::{EntryKind, Options, machine};
@@ -58,6 +61,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     bench.req_resp()?;
     bench.connections()?;
     bench.handshakes()?;
+    bench.gateway(dir.path())?;
     bench.idle()?;
     let mut logged = std::mem::take(&mut bench.logged);
     let mut watched = vec![&bench.server.proc, &bench.apps.proc];
@@ -210,6 +214,52 @@ impl Bench<'_> {
             let rate = conn_rate(&self.load(Workload::Connect, side, route, &[])?)?;
             self.results.tunnel(Metric::Handshakes, rate);
             self.progress(Metric::Handshakes, run, &format!("{}/s", number(rate)));
+        }
+        Ok(())
+    }
+
+    /// The connection workload through `hbone gateway` (double HBONE),
+    /// with inner connections pooled and, as ztunnel does, fresh for each.
+    fn gateway(&mut self, dir: &std::path::Path) -> anyhow::Result<()> {
+        let log = &self.options.tunnel_log;
+        let echo = self.apps.echo;
+        let mut gateway = start_gateway(&self.pki, dir, self.server.addr, log)?;
+        let mut entries = [
+            (
+                Metric::GatewayPooled,
+                start_gateway_forward(&self.pki, gateway.addr, echo, true, log)?,
+            ),
+            (
+                Metric::GatewayFresh,
+                start_gateway_forward(&self.pki, gateway.addr, echo, false, log)?,
+            ),
+        ];
+        for run in 1..=self.options.runs {
+            for (metric, entry) in entries.iter_mut() {
+                let route = Route::direct(entry.addr);
+                let mut watched: Vec<&mut Proc> = vec![
+                    &mut self.server.proc,
+                    &mut self.apps.proc,
+                    &mut gateway.proc,
+                    &mut entry.proc,
+                ];
+                let fields = run_load(
+                    self.options,
+                    Workload::Connect,
+                    "via gateway",
+                    route,
+                    &[],
+                    &mut watched,
+                )?;
+                let rate = conn_rate(&fields)?;
+                self.results.tunnel(*metric, rate);
+                self.progress(*metric, run, &format!("{}/s", number(rate)));
+            }
+        }
+        for proc in [&gateway.proc, &entries[0].1.proc, &entries[1].1.proc] {
+            if let Some(summary) = proc.problem_summary() {
+                self.logged.push(summary);
+            }
         }
         Ok(())
     }
