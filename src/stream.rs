@@ -119,7 +119,9 @@ impl H2Stream {
                 Some(Ok(n)) => available = n,
                 Some(Err(e)) => return Poll::Ready(Err(self.send_failed(cx, e))),
                 None => {
-                    return Poll::Ready(Err(self.send_failed(cx, h2::Reason::STREAM_CLOSED.into())));
+                    return Poll::Ready(
+                        Err(self.send_failed(cx, h2::Reason::STREAM_CLOSED.into())),
+                    );
                 }
             }
         }
@@ -144,7 +146,7 @@ impl H2Stream {
     /// A send failed: find out whether the peer reset the stream, and how.
     fn send_failed(&mut self, cx: &mut Context<'_>, error: h2::Error) -> io::Error {
         match self.send.poll_reset(cx) {
-            Poll::Ready(Ok(reason)) if matches!(reason, Reason::NO_ERROR | Reason::CANCEL) => {
+            Poll::Ready(Ok(Reason::NO_ERROR | Reason::CANCEL)) => {
                 self.cancelled = true;
                 io::ErrorKind::BrokenPipe.into()
             }
