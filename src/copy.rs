@@ -272,7 +272,7 @@ impl TcpToStream {
                 continue;
             }
             if self.eof {
-                stream.finish()?;
+                stream.finish(cx)?;
                 self.finished = true;
                 continue;
             }

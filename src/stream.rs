@@ -158,12 +158,12 @@ impl H2Stream {
     }
 
     /// Sends END_STREAM (half-close), once.
-    pub fn finish(&mut self) -> io::Result<()> {
+    pub fn finish(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if !self.write_closed {
             self.write_closed = true;
-            self.send
-                .send_data(Bytes::new(), true)
-                .map_err(to_io_error)?;
+            if let Err(e) = self.send.send_data(Bytes::new(), true) {
+                return Err(self.send_failed(cx, e));
+            }
         }
         Ok(())
     }
@@ -206,7 +206,7 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.finish())
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.finish(cx))
     }
 }
