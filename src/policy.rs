@@ -252,7 +252,24 @@ pub enum Denial {
     Identity(SpiffeId),
     #[error("target {0} is not allowed")]
     Target(SocketAddr),
+    #[error("target {0} is link-local, unspecified or broadcast; allowed only by a rule naming it")]
+    BuiltIn(SocketAddr),
+    #[error("target {0} is this server's own listener")]
+    OwnListener(SocketAddr),
 }
+
+/// Targets refused even when a broad rule covers them: link-local
+/// addresses (cloud metadata services live at 169.254.169.254), the
+/// unspecified addresses and IPv4 broadcast. A rule lifts one of these only
+/// by naming a network inside it, e.g. `169.254.169.254/32:80`, never by
+/// covering it (`0.0.0.0/0`).
+const BUILT_IN_DENIALS: [(IpAddr, u8); 5] = [
+    (IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
+    (IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
+    (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 32),
+    (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 128),
+    (IpAddr::V4(Ipv4Addr::BROADCAST), 32),
+];
 
 /// The authorization policy of a server.
 #[derive(Debug, Clone)]
@@ -260,6 +277,8 @@ pub struct Policy {
     /// Empty: every peer that passed the TLS check (our trust domain).
     ids: Vec<IdPattern>,
     targets: Vec<TargetRule>,
+    /// The server's own listening address: a tunnel to it would loop.
+    own_listener: Option<SocketAddr>,
 }
 
 impl Default for Policy {
@@ -278,7 +297,29 @@ impl Policy {
         } else {
             targets
         };
-        Policy { ids, targets }
+        Policy {
+            ids,
+            targets,
+            own_listener: None,
+        }
+    }
+
+    /// Refuses tunnels to `listener`, the server's own socket (and, when
+    /// it listens on an unspecified address, to its port on loopback).
+    pub fn with_own_listener(mut self, listener: SocketAddr) -> Self {
+        self.own_listener = Some(listener);
+        self
+    }
+
+    fn is_own_listener(&self, target: SocketAddr) -> bool {
+        let Some(own) = self.own_listener else {
+            return false;
+        };
+        if own.port() != target.port() {
+            return false;
+        }
+        let ip = target.ip().to_canonical();
+        ip == own.ip().to_canonical() || (own.ip().is_unspecified() && ip.is_loopback())
     }
 
     fn loopback() -> Vec<TargetRule> {
@@ -295,10 +336,25 @@ impl Policy {
     /// Allows or denies a tunnel from `peer` to `target`.
     pub fn decide(&self, peer: &SpiffeId, target: SocketAddr) -> Result<(), Denial> {
         self.decide_identity(peer)?;
-        if !self.targets.iter().any(|rule| rule.matches(target)) {
-            return Err(Denial::Target(target));
+        if self.is_own_listener(target) {
+            return Err(Denial::OwnListener(target));
         }
-        Ok(())
+        let ip = target.ip().to_canonical();
+        let denied_net = BUILT_IN_DENIALS
+            .iter()
+            .map(|&(addr, prefix)| IpNet { addr, prefix })
+            .find(|net| net.contains(ip));
+        let allowed = self.targets.iter().any(|rule| {
+            rule.matches(target)
+                && denied_net.is_none_or(|denied| {
+                    denied.contains(rule.net.addr) && rule.net.prefix >= denied.prefix
+                })
+        });
+        match (allowed, denied_net) {
+            (true, _) => Ok(()),
+            (false, Some(_)) => Err(Denial::BuiltIn(target)),
+            (false, None) => Err(Denial::Target(target)),
+        }
     }
 
     /// Allows or denies `peer` opening tunnels at all.
@@ -411,6 +467,49 @@ mod tests {
                 "{bad:?} should not parse"
             );
         }
+    }
+
+    #[test]
+    fn built_in_denials_need_a_rule_naming_them() {
+        let peer = id("spiffe://td/ns/a/sa/b");
+        let everything = Policy::new(
+            Vec::new(),
+            vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+        );
+        assert!(everything.decide(&peer, addr("10.0.0.1:80")).is_ok());
+        for denied in [
+            "169.254.169.254:80",
+            "[fe80::1]:80",
+            "0.0.0.0:80",
+            "255.255.255.255:80",
+            "[::]:80",
+        ] {
+            assert!(
+                matches!(
+                    everything.decide(&peer, addr(denied)),
+                    Err(Denial::BuiltIn(_))
+                ),
+                "{denied} must stay denied under a covering rule"
+            );
+        }
+        let metadata = Policy::new(Vec::new(), vec!["169.254.169.254/32:80".parse().unwrap()]);
+        assert!(metadata.decide(&peer, addr("169.254.169.254:80")).is_ok());
+        assert!(metadata.decide(&peer, addr("169.254.169.253:80")).is_err());
+    }
+
+    #[test]
+    fn own_listener_is_refused() {
+        let peer = id("spiffe://td/ns/a/sa/b");
+        let policy = Policy::default().with_own_listener(addr("[::]:15008"));
+        assert_eq!(
+            policy.decide(&peer, addr("127.0.0.1:15008")),
+            Err(Denial::OwnListener(addr("127.0.0.1:15008")))
+        );
+        assert!(policy.decide(&peer, addr("[::1]:15008")).is_err());
+        assert!(policy.decide(&peer, addr("127.0.0.1:15009")).is_ok());
+        let bound = Policy::default().with_own_listener(addr("127.0.0.2:7000"));
+        assert!(bound.decide(&peer, addr("127.0.0.2:7000")).is_err());
+        assert!(bound.decide(&peer, addr("127.0.0.1:7000")).is_ok());
     }
 
     #[test]

@@ -442,3 +442,111 @@ async fn double_hbone_through_hbone_gateway() {
         "{stderr}"
     );
 }
+
+fn terminate(child: &Child) {
+    let pid = child.id().expect("child is running") as i32;
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let (mut server, server_addr) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let (_forward, forward) = spawn_ready(&[
+        "forward",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        &server_addr.to_string(),
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo.to_string(),
+    ])
+    .await;
+    let mut app = TcpStream::connect(forward).await.unwrap();
+    app.write_all(b"open ").await.unwrap();
+    let mut buf = [0u8; 5];
+    app.read_exact(&mut buf).await.unwrap();
+
+    terminate(&server);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        TcpStream::connect(server_addr).await.is_err(),
+        "no new connections while draining"
+    );
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "still serving the open tunnel"
+    );
+    app.write_all(b"still flowing").await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"still flowing");
+    drop(app);
+    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("the server exits once drained")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_closes_what_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let (mut server, server_addr) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "300ms",
+    ])
+    .await;
+    let (_forward, forward) = spawn_ready(&[
+        "forward",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        &server_addr.to_string(),
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo.to_string(),
+    ])
+    .await;
+    let mut app = TcpStream::connect(forward).await.unwrap();
+    app.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 1];
+    app.read_exact(&mut buf).await.unwrap();
+    let started = std::time::Instant::now();
+    terminate(&server);
+    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("the server exits at the deadline")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // The tunnel that outlived the deadline is closed, not left hanging.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the application must see its tunnel end");
+}

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
-use hbone::config::Timeouts;
+use hbone::config::{H2Settings, Timeouts};
 use hbone::headers::{self, Baggage};
+use hbone::keepalive::Keepalive;
 use hbone::policy::{IdPattern, TargetRule};
-use hbone::{Dialer, DialerConfig, Identity, Route, SpiffeId};
+use hbone::server::Limits;
+use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
 /// Where this process's certificate, key and trust bundle come from.
 #[derive(Args, Clone)]
@@ -64,12 +66,8 @@ pub(super) struct ServerArgs {
     /// spiffe://TD/ns/NS/*, repeatable. Default: any peer of our trust domain.
     #[arg(long = "allow-id", value_name = "PATTERN")]
     pub(super) allow_ids: Vec<IdPattern>,
-    /// Timeout for dialing a target.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub(super) connect_timeout: Duration,
-    /// Timeout for the TLS and HTTP/2 handshakes of an incoming connection.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    pub(super) handshake_timeout: Duration,
+    #[command(flatten)]
+    pub(super) serve: ServeArgs,
     /// Send a PROXY protocol v2 header to each target (original client
     /// address, and the peer's SPIFFE ID in TLV 0xD0).
     #[arg(long)]
@@ -91,12 +89,63 @@ pub(super) struct GatewayArgs {
     /// Peers that may use the gateway (as for `hbone server`).
     #[arg(long = "allow-id", value_name = "PATTERN")]
     pub(super) allow_ids: Vec<IdPattern>,
-    /// Timeout for dialing an endpoint.
+    #[command(flatten)]
+    pub(super) serve: ServeArgs,
+}
+
+/// How a server or gateway treats its connections: timeouts, limits and
+/// the drain on SIGTERM.
+#[derive(Args)]
+pub(super) struct ServeArgs {
+    /// Timeout for dialing a target.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub(super) connect_timeout: Duration,
     /// Timeout for the TLS and HTTP/2 handshakes of an incoming connection.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(super) handshake_timeout: Duration,
+    /// How often to PING each client connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) keepalive_interval: Duration,
+    /// A client that does not answer a PING within this is disconnected.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub(super) keepalive_timeout: Duration,
+    /// Open connections, all sources together; more are closed at once.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    pub(super) max_connections: usize,
+    /// Open connections from one source IP.
+    #[arg(long, default_value_t = Limits::default().max_connections_per_ip)]
+    pub(super) max_connections_per_ip: usize,
+    /// Open tunnels, all connections together; more get 503.
+    #[arg(long, default_value_t = Limits::default().max_tunnels)]
+    pub(super) max_tunnels: usize,
+    /// Concurrent streams per connection, announced in SETTINGS.
+    #[arg(long, default_value_t = H2Settings::server().max_concurrent_streams)]
+    pub(super) max_streams: u32,
+    /// On SIGTERM or Ctrl-C: stop accepting, send GOAWAY, and give open
+    /// tunnels this long to finish. A second signal exits at once.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(super) drain_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// Applies these settings to `config`.
+    pub(super) fn apply(&self, config: &mut ServerConfig) {
+        config.timeouts = Timeouts {
+            connect: self.connect_timeout,
+            handshake: self.handshake_timeout,
+            keepalive: Keepalive {
+                interval: self.keepalive_interval,
+                timeout: self.keepalive_timeout,
+            },
+            ..Timeouts::default()
+        };
+        config.limits = Limits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_tunnels: self.max_tunnels,
+        };
+        config.h2.max_concurrent_streams = self.max_streams;
+    }
 }
 
 /// Flags shared by the commands that open tunnels.

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context;
 use hbone::access::TracingLog;
 use hbone::ca::DevCa;
-use hbone::config::Timeouts;
 use hbone::entry::{self, socks5::SocksConfig};
 use hbone::gateway::Routes;
 use hbone::policy::Policy;
@@ -61,11 +60,7 @@ pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     config.policy = Policy::new(args.allow_ids, args.allow_targets);
     config.proxy_protocol = args.proxy_protocol;
     config.baggage = baggage;
-    config.timeouts = Timeouts {
-        connect: args.connect_timeout,
-        handshake: args.handshake_timeout,
-        ..Timeouts::default()
-    };
+    args.serve.apply(&mut config);
     let targets: Vec<String> = config
         .policy
         .targets()
@@ -77,7 +72,7 @@ pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         listen = %server.local_addr(), id = %server.local_id(),
         targets = %targets.join(","), "HBONE server ready"
     );
-    serve_until_ctrl_c(server).await
+    serve_until_signal(server, args.serve.drain_timeout).await
 }
 
 pub(super) async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
@@ -85,11 +80,7 @@ pub(super) async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let routes = Routes::load(&args.routes)?;
     let mut config = ServerConfig::new(args.listen, identity);
     config.policy = Policy::new(args.allow_ids, Vec::new());
-    config.timeouts = Timeouts {
-        connect: args.connect_timeout,
-        handshake: args.handshake_timeout,
-        ..Timeouts::default()
-    };
+    args.serve.apply(&mut config);
     let route_count = routes.len();
     config.gateway_routes = Some(Arc::new(routes));
     let server = Server::bind(config).await?;
@@ -97,18 +88,48 @@ pub(super) async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         listen = %server.local_addr(), id = %server.local_id(),
         routes = route_count, "HBONE gateway ready"
     );
-    serve_until_ctrl_c(server).await
+    serve_until_signal(server, args.serve.drain_timeout).await
 }
 
-async fn serve_until_ctrl_c(server: Server) -> anyhow::Result<()> {
+/// Serves until SIGTERM or Ctrl-C, then drains: no new connections, GOAWAY
+/// on the open ones, and up to `deadline` for their tunnels to finish.
+/// Returning drops the runtime, which closes whatever is left. A second
+/// signal during the drain exits at once (status 130).
+async fn serve_until_signal(server: Server, deadline: Duration) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let drainer = server.drainer();
+    let stats = server.stats();
+    let mut running = tokio::spawn(server.run());
     tokio::select! {
-        () = server.run() => Ok(()),
-        result = tokio::signal::ctrl_c() => {
-            result.context("cannot listen for Ctrl-C")?;
-            tracing::info!("shutting down");
-            Ok(())
-        }
+        result = &mut running => return Ok(result?),
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
     }
+    let open = stats.snapshot();
+    tracing::info!(
+        connections = open.connections_active, tunnels = open.tunnels_active,
+        deadline = ?deadline, "draining: stopped accepting, GOAWAY sent"
+    );
+    drainer.drain();
+    tokio::select! {
+        result = &mut running => {
+            result?;
+            tracing::info!("drained: every tunnel finished");
+        }
+        () = tokio::time::sleep(deadline) => {
+            let left = stats.snapshot();
+            tracing::warn!(tunnels = left.tunnels_active, "drain deadline passed; closing what is left");
+        }
+        _ = tokio::signal::ctrl_c() => second_signal(),
+        _ = terminate.recv() => second_signal(),
+    }
+    Ok(())
+}
+
+fn second_signal() -> ! {
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130)
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {

@@ -134,11 +134,12 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let own = listener.local_addr().unwrap_or(config.listen);
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
                 acceptor: TlsAcceptor::from(tls_config),
-                policy: config.policy,
+                policy: config.policy.with_own_listener(own),
                 h2: config.h2,
                 timeouts: config.timeouts,
                 access_log: config.access_log,

@@ -1,0 +1,123 @@
+//! Limits refuse new work cleanly without touching what runs; a drain lets
+//! in-flight tunnels finish while nothing new gets in.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hbone::server::Limits;
+use hbone::{DialError, Dialer, Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn limited(pki: &Pki, limits: Limits) -> ServerConfig {
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.limits = limits;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_connection_limit_closes_new_connections_only() {
+    let pki = Pki::new();
+    let limits = Limits {
+        max_connections_per_ip: 1,
+        ..Limits::default()
+    };
+    let server = start_server(limited(&pki, limits)).await;
+    let echo = start_echo().await;
+    let first = Dialer::new(&pki.client).unwrap();
+    let mut running = first
+        .connect(server.addr, std::slice::from_ref(&pki.server_id), echo)
+        .await
+        .unwrap();
+    // A second dialer needs a second connection from the same IP.
+    let second = Dialer::new(&pki.client).unwrap();
+    let refused = second
+        .connect(server.addr, std::slice::from_ref(&pki.server_id), echo)
+        .await;
+    assert!(refused.is_err(), "the second connection must be refused");
+    assert_eq!(server.stats.snapshot().limit_refusals, 1);
+    // The running tunnel is untouched.
+    running.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    running.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    drop(running);
+    drop(first);
+    eventually("the first connection closed", || {
+        server.stats.snapshot().connections_active == 0
+    })
+    .await;
+    let again = second
+        .connect(server.addr, std::slice::from_ref(&pki.server_id), echo)
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(again, b"room again").await.unwrap(),
+        b"room again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_limit_answers_503_and_frees_on_close() {
+    let pki = Pki::new();
+    let limits = Limits {
+        max_tunnels: 1,
+        ..Limits::default()
+    };
+    let server = start_server(limited(&pki, limits)).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    let first = dialer.connect(server.addr, ids, echo).await.unwrap();
+    match dialer.connect(server.addr, ids, echo).await {
+        Err(DialError::Status { status, .. }) => assert_eq!(status.as_u16(), 503),
+        Err(other) => panic!("expected 503, got {other}"),
+        Ok(_) => panic!("the tunnel limit let a second tunnel in"),
+    }
+    assert_eq!(server.stats.snapshot().limit_refusals, 1);
+    assert_eq!(echo_roundtrip(first, b"one").await.unwrap(), b"one");
+    eventually("the first tunnel closed", || {
+        server.stats.snapshot().tunnels_active == 0
+    })
+    .await;
+    let next = dialer.connect(server.addr, ids, echo).await.unwrap();
+    assert_eq!(echo_roundtrip(next, b"two").await.unwrap(), b"two");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_accepting_and_lets_tunnels_finish() {
+    let pki = Pki::new();
+    let server = Server::bind(ServerConfig::new(loopback(), pki.server.clone()))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let drainer = server.drainer();
+    let running = tokio::spawn(server.run());
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut in_flight = dialer
+        .connect(addr, std::slice::from_ref(&pki.server_id), echo)
+        .await
+        .unwrap();
+    in_flight.write_all(b"before ").await.unwrap();
+
+    drainer.drain();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!running.is_finished(), "a tunnel is still in flight");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "a draining server accepts no new connections"
+    );
+
+    in_flight.write_all(b"and after the drain").await.unwrap();
+    in_flight.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    in_flight.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"before and after the drain");
+    drop(in_flight);
+    tokio::time::timeout(Duration::from_secs(5), running)
+        .await
+        .expect("run() returns once the last tunnel has finished")
+        .unwrap();
+}
