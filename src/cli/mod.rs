@@ -121,7 +121,13 @@ pub(super) enum CaCommand {
 }
 
 /// Logs go to stderr, so `hbone connect` keeps stdout for the tunnel.
-pub fn init_logging(cli: &Cli) {
+///
+/// A background thread does the writing, so a slow stderr (a pipe to a
+/// busy log shipper) never stalls tunnels: one access line per tunnel is
+/// formatted on the data path and handed over. If the writer falls more
+/// than 128,000 lines behind, lines are dropped rather than tunnels slowed.
+/// Keep the returned guard alive: dropping it flushes what is queued.
+pub fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let default = match cli.command {
         Command::Connect(_) => "warn",
@@ -137,11 +143,13 @@ pub fn init_logging(cli: &Cli) {
         eprintln!("warning: bad log filter {filter:?} ({e}); using {default:?}");
         EnvFilter::new(default)
     });
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    guard
 }
 
 impl Cli {
