@@ -550,3 +550,112 @@ async fn drain_deadline_closes_what_is_left() {
     let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the application must see its tunnel end");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_file_check_test_and_live_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let policy = dir.path().join("policy.toml");
+    let allow = format!(
+        "[[rule]]\nname = \"client to echo\"\nfrom = [\"{CLIENT_ID}\"]\nto = [\"{echo}\"]\n"
+    );
+    let deny = format!("{allow}\n[[rule]]\nname = \"closed for maintenance\"\naction = \"deny\"\n");
+    std::fs::write(&policy, &allow).unwrap();
+    let policy_s = policy.to_str().unwrap().to_owned();
+
+    let checked = run_ok(&["policy", "check", &policy_s]).await;
+    assert!(checked.contains("1 rule(s), valid"), "{checked}");
+    let tested = run_ok(&[
+        "policy",
+        "test",
+        &policy_s,
+        "--id",
+        CLIENT_ID,
+        "--target",
+        &echo.to_string(),
+    ])
+    .await;
+    assert!(
+        tested.contains("allow: rule \"client to echo\""),
+        "{tested}"
+    );
+    let denied = hbone(&[
+        "policy",
+        "test",
+        &policy_s,
+        "--id",
+        SERVER_ID,
+        "--target",
+        &echo.to_string(),
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(denied.status.code(), Some(1));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[rule]]\nname = \"x\"\nto = [\"10.0.0.1/8\"]\n").unwrap();
+    let output = hbone(&["policy", "check", bad.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad.toml, line 3") && stderr.contains("host bits"),
+        "{stderr}"
+    );
+
+    let (_server, server) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+        "--policy",
+        &policy_s,
+    ])
+    .await;
+    let client = hbone::Identity::from_dir(&dir.path().join("client")).unwrap();
+    let dialer = hbone::Dialer::new(&client).unwrap();
+    let server_id = hbone::SpiffeId::parse(SERVER_ID).unwrap();
+    let tunnel = dialer
+        .connect(server, std::slice::from_ref(&server_id), echo)
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tunnel, b"allowed").await.unwrap(),
+        b"allowed"
+    );
+
+    // Deny everything: in force within the 2 s reload period.
+    std::fs::write(&policy, &deny).unwrap();
+    let denied_soon = async {
+        loop {
+            match dialer
+                .connect(server, std::slice::from_ref(&server_id), echo)
+                .await
+            {
+                Err(hbone::DialError::Status { status, .. }) if status.as_u16() == 403 => return,
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), denied_soon)
+        .await
+        .expect("the new policy must take effect");
+
+    // A broken file keeps the last good policy: still denied.
+    std::fs::write(&policy, "[[rule]\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    match dialer
+        .connect(server, std::slice::from_ref(&server_id), echo)
+        .await
+    {
+        Err(hbone::DialError::Status { status, .. }) => assert_eq!(status.as_u16(), 403),
+        other => panic!(
+            "expected the old policy (403), got {:?}",
+            other.map(|_| "a tunnel")
+        ),
+    }
+}

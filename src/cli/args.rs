@@ -66,6 +66,10 @@ pub(super) struct ServerArgs {
     /// spiffe://TD/ns/NS/*, repeatable. Default: any peer of our trust domain.
     #[arg(long = "allow-id", value_name = "PATTERN")]
     pub(super) allow_ids: Vec<IdPattern>,
+    /// Policy file (TOML) of ordered allow/deny rules; reloaded when it
+    /// changes and on SIGHUP. --allow-* flags add one more allow rule.
+    #[arg(long, value_name = "FILE")]
+    pub(super) policy: Option<PathBuf>,
     #[command(flatten)]
     pub(super) serve: ServeArgs,
     /// Send a PROXY protocol v2 header to each target (original client

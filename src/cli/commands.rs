@@ -9,12 +9,14 @@ use hbone::access::TracingLog;
 use hbone::ca::DevCa;
 use hbone::entry::{self, socks5::SocksConfig};
 use hbone::gateway::Routes;
-use hbone::policy::Policy;
+use std::path::PathBuf;
+
+use hbone::policy::{self, IdPattern, Policy, PolicyHandle, TargetRule};
 use hbone::{Server, ServerConfig, SpiffeId};
 use tokio::net::TcpListener;
 
-use super::CaCommand;
 use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, ServerArgs, Socks5Args};
+use super::{CaCommand, PolicyCommand};
 
 fn days(n: u32) -> Duration {
     Duration::from_secs(u64::from(n) * 86_400)
@@ -57,22 +59,106 @@ pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let identity = args.identity.load()?;
     let baggage = args.meta.baggage(identity.id());
     let mut config = ServerConfig::new(args.listen, identity);
-    config.policy = Policy::new(args.allow_ids, args.allow_targets);
+    let flags = (args.allow_ids, args.allow_targets);
+    config.policy = server_policy(args.policy.as_deref(), &flags)?;
     config.proxy_protocol = args.proxy_protocol;
     config.baggage = baggage;
     args.serve.apply(&mut config);
-    let targets: Vec<String> = config
-        .policy
-        .targets()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let targets = config.policy.targets();
+    let rules = config.policy.rules().len();
     let server = Server::bind(config).await?;
     tracing::info!(
         listen = %server.local_addr(), id = %server.local_id(),
-        targets = %targets.join(","), "HBONE server ready"
+        rules, targets = %targets.join(","), "HBONE server ready"
     );
+    if let Some(path) = args.policy {
+        tokio::spawn(watch_policy(path, flags, server.policy()));
+    }
     serve_until_signal(server, args.serve.drain_timeout).await
+}
+
+/// The policy from the file (if any) plus the rule the --allow-* flags
+/// stand for (when given, or when there is no file).
+fn server_policy(
+    file: Option<&std::path::Path>,
+    flags: &(Vec<IdPattern>, Vec<TargetRule>),
+) -> anyhow::Result<Policy> {
+    let (ids, targets) = flags;
+    let Some(path) = file else {
+        return Ok(Policy::new(ids.clone(), targets.clone()));
+    };
+    let mut rules = policy::file::load(path)?.rules().to_vec();
+    if !ids.is_empty() || !targets.is_empty() {
+        rules.push(Policy::flags_rule(ids.clone(), targets.clone()));
+    }
+    Ok(Policy::from_rules(rules))
+}
+
+/// Reloads the policy file when it changes (checked every 2 s) and on
+/// SIGHUP. A file that does not load keeps the old policy in force.
+async fn watch_policy(
+    path: PathBuf,
+    flags: (Vec<IdPattern>, Vec<TargetRule>),
+    handle: PolicyHandle,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut last = modified(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        let why = tokio::select! {
+            _ = tick.tick() => {
+                let now = modified(&path);
+                if now == last { continue; }
+                last = now;
+                "file changed"
+            }
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+        };
+        match server_policy(Some(&path), &flags) {
+            Ok(policy) => {
+                let rules = policy.rules().len();
+                handle.replace(policy);
+                tracing::info!(path = %path.display(), rules, why, "policy reloaded");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), why, "policy not reloaded, the old one stays in force: {e:#}")
+            }
+        }
+    }
+}
+
+pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Check { file } => {
+            let policy = policy::file::load(&file)?;
+            println!(
+                "{}: {} rule(s), valid",
+                file.display(),
+                policy.rules().len()
+            );
+            for rule in policy.rules() {
+                println!("  {} {:?}", rule.action, rule.name);
+            }
+        }
+        PolicyCommand::Test {
+            file,
+            id,
+            target,
+            source,
+        } => {
+            let policy = policy::file::load(&file)?;
+            match policy.decide(&id, source, target) {
+                Ok(allowed) => println!("allow: rule {:?}", allowed.rule),
+                Err(denial) => {
+                    println!("deny: {denial}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(super) async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {

@@ -67,6 +67,9 @@ Without --allow-target only loopback targets are reachable. Statuses: 405 not CO
 Without --server each tunnel goes to port 15008 of the requested address, as in Istio ambient.
 Only IP addresses are accepted (no domain names).")]
     Socks5(Socks5Args),
+    /// Check a policy file, or ask it who may reach what.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Double-HBONE gateway: relay outer tunnels to services' HBONE endpoints.
     #[command(after_help = "Example:
   hbone gateway --identity-dir certs/gateway --listen 0.0.0.0:15008 --routes routes.toml
@@ -84,6 +87,28 @@ inner TLS connection to an endpoint and never sees the tunnelled bytes. Unknown 
     Demo(demo::DemoArgs),
     /// Measure throughput, latency, connection rate and memory, direct and tunnelled.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+pub(super) enum PolicyCommand {
+    /// Validate a policy file; errors name the line.
+    #[command(after_help = "Example:\n  hbone policy check policy.toml")]
+    Check { file: PathBuf },
+    /// Say which rule decides a tunnel (exit status 1 when denied).
+    #[command(after_help = "Example:
+  hbone policy test policy.toml --id spiffe://cluster.local/ns/web/sa/app --target 10.1.2.3:5432")]
+    Test {
+        file: PathBuf,
+        /// The peer's SPIFFE ID.
+        #[arg(long)]
+        id: SpiffeId,
+        /// The target, ip:port.
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        /// The peer's TCP source address.
+        #[arg(long, default_value = "127.0.0.1")]
+        source: std::net::IpAddr,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,6 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Connect(args) => commands::run_connect(args).await,
         Command::Socks5(args) => commands::run_socks5(args).await,
         Command::Gateway(args) => commands::run_gateway(args).await,
+        Command::Policy(command) => commands::run_policy(command),
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }

@@ -37,7 +37,7 @@ use crate::config::{H2Settings, Timeouts};
 use crate::gateway::Routes;
 use crate::headers::Baggage;
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyHandle};
 use crate::tls;
 
 /// Everything a server needs.
@@ -103,7 +103,7 @@ pub struct Server {
 
 struct Shared {
     acceptor: TlsAcceptor,
-    policy: Policy,
+    policy: PolicyHandle,
     h2: H2Settings,
     timeouts: Timeouts,
     access_log: Arc<dyn AccessLog>,
@@ -139,7 +139,7 @@ impl Server {
             listener,
             shared: Arc::new(Shared {
                 acceptor: TlsAcceptor::from(tls_config),
-                policy: config.policy.with_own_listener(own),
+                policy: PolicyHandle::new(config.policy.with_own_listener(own)),
                 h2: config.h2,
                 timeouts: config.timeouts,
                 access_log: config.access_log,
@@ -167,6 +167,11 @@ impl Server {
     /// The identity this server proves.
     pub fn local_id(&self) -> &SpiffeId {
         &self.shared.local_id
+    }
+
+    /// The policy in force; replace it to reload without a restart.
+    pub fn policy(&self) -> PolicyHandle {
+        self.shared.policy.clone()
     }
 
     /// Live counters, shared with the running server.

@@ -142,7 +142,7 @@ impl Shared {
             self.refuse(&mut respond, &mut record, &Refusal::TunnelLimit, started);
             return None;
         };
-        let opened = match self.open_target(&record.peer_id, &request).await {
+        let opened = match self.open_target(&record.peer_id, source, &request).await {
             Ok(target) => {
                 self.send_proxy_header(target, source, &record.peer_id, &context)
                     .await
@@ -247,6 +247,7 @@ impl Shared {
     async fn open_target(
         &self,
         peer_id: &SpiffeId,
+        source: SocketAddr,
         request: &Request<RecvStream>,
     ) -> Result<TcpStream, Refusal> {
         if request.method() != Method::CONNECT {
@@ -260,12 +261,14 @@ impl Shared {
         let target = match &self.gateway_routes {
             None => {
                 let target = parse_authority(authority)?;
-                self.policy.decide(peer_id, target)?;
+                self.policy.current().decide(peer_id, source.ip(), target)?;
                 target
             }
             // The routing table is the gateway's target policy.
             Some(routes) => {
-                self.policy.decide_identity(peer_id)?;
+                self.policy
+                    .current()
+                    .decide_identity(peer_id, source.ip())?;
                 routes.resolve(authority)?
             }
         };

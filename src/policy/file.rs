@@ -1,0 +1,264 @@
+//! Policy files (TOML): ordered allow and deny rules.
+//!
+//! ```toml
+//! [[rule]]
+//! name = "web reaches the database"   # shown in logs and `hbone policy test`
+//! action = "allow"                    # or "deny"; default "allow"
+//! from = ["spiffe://cluster.local/ns/web/*"]   # SPIFFE ID patterns; default: anyone
+//! source = ["10.0.0.0/8"]             # TCP peer networks; default: anywhere
+//! to = ["10.1.2.3:5432", "[fd00::/8]:80-90"]   # targets; default: anything
+//!
+//! [[rule]]
+//! name = "nobody reaches the metrics port"
+//! action = "deny"
+//! to = ["0.0.0.0/0:9090"]
+//! ```
+//!
+//! Deny wins over allow; a tunnel no allow rule matches is denied. Errors
+//! name the file, the line and what would be valid.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Action, IdPattern, IpNet, Policy, Rule, TargetRule};
+
+/// A policy file that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}, line {line}: {message}")]
+    Rule {
+        path: String,
+        line: usize,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    rule: Vec<RuleEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    name: Option<String>,
+    action: Option<Spanned<String>>,
+    #[serde(default)]
+    from: Vec<Spanned<String>>,
+    #[serde(default)]
+    source: Vec<Spanned<String>>,
+    #[serde(default)]
+    to: Vec<Spanned<String>>,
+}
+
+/// Reads and checks a policy file.
+pub fn load(path: &Path) -> Result<Policy, PolicyFileError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
+        path: name.clone(),
+        source,
+    })?;
+    parse(&text, &name)
+}
+
+/// Parses a policy file's text; `name` labels errors.
+pub fn parse(text: &str, name: &str) -> Result<Policy, PolicyFileError> {
+    let file: File = toml::from_str(text).map_err(|e| PolicyFileError::Syntax {
+        path: name.to_owned(),
+        message: e.to_string(),
+    })?;
+    let fail = |span: std::ops::Range<usize>, message: String| PolicyFileError::Rule {
+        path: name.to_owned(),
+        line: text[..span.start.min(text.len())].matches('\n').count() + 1,
+        message,
+    };
+    let mut rules = Vec::with_capacity(file.rule.len());
+    for (index, entry) in file.rule.into_iter().enumerate() {
+        let action = match &entry.action {
+            None => Action::Allow,
+            Some(action) => match action.get_ref().as_str() {
+                "allow" => Action::Allow,
+                "deny" => Action::Deny,
+                other => {
+                    return Err(fail(
+                        action.span(),
+                        format!("action {other:?}: use \"allow\" or \"deny\""),
+                    ));
+                }
+            },
+        };
+        let from = entry
+            .from
+            .iter()
+            .map(|p| {
+                p.get_ref()
+                    .parse::<IdPattern>()
+                    .map_err(|e| fail(p.span(), format!("from {:?}: {e}", p.get_ref())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let source = entry
+            .source
+            .iter()
+            .map(|n| {
+                parse_network(n.get_ref()).ok_or_else(|| {
+                    fail(
+                        n.span(),
+                        format!(
+                            "source {:?}: expected an IP or CIDR, e.g. 10.0.0.0/8",
+                            n.get_ref()
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let to = entry
+            .to
+            .iter()
+            .map(|t| {
+                t.get_ref()
+                    .parse::<TargetRule>()
+                    .map_err(|e| fail(t.span(), format!("to {:?}: {e}", t.get_ref())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.push(Rule {
+            name: entry.name.unwrap_or_else(|| format!("rule {}", index + 1)),
+            action,
+            from,
+            source,
+            to,
+        });
+    }
+    Ok(Policy::from_rules(rules))
+}
+
+/// An IP network: a CIDR, or one address.
+fn parse_network(text: &str) -> Option<IpNet> {
+    let rule: TargetRule = text.parse().ok()?;
+    // A network has no ports; a port given here is a mistake.
+    (rule.ports == (1, u16::MAX) && !text.contains(']') && text.matches(':').count() != 1)
+        .then_some(rule.net)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, SocketAddr};
+
+    use super::*;
+    use crate::SpiffeId;
+    use crate::policy::Denial;
+
+    const POLICY: &str = r#"
+[[rule]]
+name = "web to db"
+from = ["spiffe://td/ns/web/*"]
+to = ["10.1.2.3:5432"]
+
+[[rule]]
+name = "no intruder"
+action = "deny"
+from = ["spiffe://td/ns/web/sa/intruder"]
+
+[[rule]]
+name = "office to anything internal"
+source = ["192.0.2.0/24"]
+to = ["10.0.0.0/8"]
+"#;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn rules_decide_in_order_with_deny_winning() {
+        let policy = parse(POLICY, "policy.toml").unwrap();
+        let web = id("spiffe://td/ns/web/sa/app");
+        let intruder = id("spiffe://td/ns/web/sa/intruder");
+        let other = id("spiffe://td/ns/other/sa/app");
+        let inside = ip("10.9.9.9");
+        let office = ip("192.0.2.7");
+        assert_eq!(
+            policy
+                .decide(&web, inside, addr("10.1.2.3:5432"))
+                .unwrap()
+                .rule,
+            "web to db"
+        );
+        assert_eq!(
+            policy.decide(&web, inside, addr("10.1.2.3:22")),
+            Err(Denial::Target(addr("10.1.2.3:22")))
+        );
+        assert_eq!(
+            policy.decide(&intruder, office, addr("10.1.2.3:5432")),
+            Err(Denial::Rule {
+                rule: "no intruder".into()
+            })
+        );
+        assert_eq!(
+            policy
+                .decide(&other, office, addr("10.5.5.5:80"))
+                .unwrap()
+                .rule,
+            "office to anything internal"
+        );
+        assert_eq!(
+            policy.decide(&other, inside, addr("10.5.5.5:80")),
+            Err(Denial::Identity(other.clone()))
+        );
+        // Loopback is not allowed by any rule here.
+        assert!(policy.decide(&web, inside, addr("127.0.0.1:5432")).is_err());
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let cases = [
+            (
+                "[[rule]]\nto = [\"10.0.0.0/8\"]\nfrom = [\"spiffe://td/a*\"]\n",
+                3,
+                "from",
+            ),
+            ("[[rule]]\n\nto = [\"10.0.0.1/8\"]\n", 3, "host bits"),
+            ("[[rule]]\naction = \"permit\"\n", 2, "allow"),
+            ("[[rule]]\nsource = [\"10.0.0.0/8:80\"]\n", 2, "CIDR"),
+        ];
+        for (text, line, needle) in cases {
+            match parse(text, "p.toml") {
+                Err(PolicyFileError::Rule {
+                    line: got, message, ..
+                }) => {
+                    assert_eq!(got, line, "{message}");
+                    assert!(message.contains(needle), "{message}");
+                }
+                other => panic!("expected a rule error for {text:?}, got {other:?}"),
+            }
+        }
+        let syntax = parse("[[rule]]\nfrom = \"not a list\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            syntax.contains("p.toml") && syntax.contains("line 2"),
+            "{syntax}"
+        );
+        let unknown = parse("[[rule]]\nallow = true\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("unknown field"), "{unknown}");
+    }
+}
