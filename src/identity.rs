@@ -347,6 +347,12 @@ impl Identity {
         &self.id
     }
 
+    /// When the leaf certificate stops being valid.
+    pub fn expires_at(&self) -> Option<std::time::SystemTime> {
+        let seconds = not_after_of(&self.chain[0])?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(seconds).ok()?))
+    }
+
     /// The certificate chain, leaf first.
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.chain

@@ -13,7 +13,7 @@
 //! destination, so a ticket must never stand in for a full check.
 
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor};
@@ -91,6 +91,41 @@ pub fn server_config(
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// The server's TLS configuration, replaceable while the server runs: new
+/// handshakes use the material given last; connections already open keep
+/// theirs (certificate rotation without dropping tunnels).
+#[derive(Clone)]
+pub struct ServerTls {
+    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    trust_domains: Vec<String>,
+}
+
+impl ServerTls {
+    pub fn new(identity: &Identity, trust_domains: Vec<String>) -> Result<Self, TlsConfigError> {
+        let config = server_config(identity, trust_domains.clone())?;
+        Ok(ServerTls {
+            current: Arc::new(RwLock::new(config)),
+            trust_domains,
+        })
+    }
+
+    /// The configuration for the next handshake.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Switches to `identity` (certificate, key and trust bundle) for new
+    /// handshakes. On error the previous material stays in force.
+    pub fn reload(&self, identity: &Identity) -> Result<(), TlsConfigError> {
+        let config = server_config(identity, self.trust_domains.clone())?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
+    }
 }
 
 /// Client side, without a verifier: [`client_config_for`] adds the one that

@@ -659,3 +659,69 @@ async fn policy_file_check_test_and_live_reload() {
         ),
     }
 }
+
+/// The leaf certificate a server presents to a new connection.
+async fn presented_cert(server: SocketAddr) -> Vec<u8> {
+    let tls = raw_tls(server, None).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn leaf_der(cert_pem: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(cert_pem)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_picks_up_rotated_files_and_refuses_a_mismatched_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let server_dir = dir.path().join("server");
+    let (_server, server) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        server_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let original = leaf_der(&server_dir.join("cert.pem"));
+    assert_eq!(presented_cert(server).await, original);
+
+    // A renewed certificate arrives before its key: refused, old one kept.
+    let renewed = dir.path().join("renewed");
+    run_ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--id",
+        SERVER_ID,
+        "--out",
+        renewed.to_str().unwrap(),
+    ])
+    .await;
+    std::fs::copy(renewed.join("cert.pem"), server_dir.join("cert.pem")).unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(
+        presented_cert(server).await,
+        original,
+        "a mismatched pair must not be used"
+    );
+
+    // The key follows: the renewed certificate is in use for new handshakes.
+    std::fs::copy(renewed.join("key.pem"), server_dir.join("key.pem")).unwrap();
+    let expected = leaf_der(&renewed.join("cert.pem"));
+    let picked_up = async {
+        while presented_cert(server).await != expected {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), picked_up)
+        .await
+        .expect("the server must rotate to the renewed certificate");
+}

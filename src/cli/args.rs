@@ -9,6 +9,7 @@ use anyhow::bail;
 use clap::Args;
 use hbone::config::{H2Settings, Timeouts};
 use hbone::headers::{self, Baggage};
+use hbone::identity;
 use hbone::keepalive::Keepalive;
 use hbone::policy::{IdPattern, TargetRule};
 use hbone::server::Limits;
@@ -47,7 +48,50 @@ impl IdentityArgs {
             ),
         };
         tracing::info!(id = %identity.id(), "identity loaded");
+        warn_if_expiring(&identity);
         Ok(identity)
+    }
+
+    /// The files the identity comes from, to watch for rotation.
+    pub(super) fn files(&self) -> Vec<PathBuf> {
+        match (
+            &self.identity_dir,
+            &self.cert,
+            &self.key,
+            &self.trust_bundle,
+        ) {
+            (Some(dir), ..) => [
+                identity::CERT_FILE,
+                identity::KEY_FILE,
+                identity::BUNDLE_FILE,
+                identity::ISTIO_CERT_FILE,
+                identity::ISTIO_BUNDLE_FILE,
+            ]
+            .iter()
+            .map(|name| dir.join(name))
+            .collect(),
+            (None, cert, key, bundle) => {
+                [cert, key, bundle].into_iter().flatten().cloned().collect()
+            }
+        }
+    }
+}
+
+/// Certificates expiring within a week get a warning (and an expired one
+/// an error) at every load, so rotation that stopped is noticed in time.
+pub(super) fn warn_if_expiring(identity: &Identity) {
+    let Some(expires) = identity.expires_at() else {
+        return;
+    };
+    match expires.duration_since(std::time::SystemTime::now()) {
+        Err(_) => {
+            tracing::error!(id = %identity.id(), "certificate has EXPIRED; peers will refuse it")
+        }
+        Ok(left) if left < Duration::from_secs(7 * 86_400) => tracing::warn!(
+            id = %identity.id(), hours_left = left.as_secs() / 3600,
+            "certificate expires soon; rotate it"
+        ),
+        Ok(_) => {}
     }
 }
 

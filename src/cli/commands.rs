@@ -15,7 +15,7 @@ use hbone::policy::{self, IdPattern, Policy, PolicyHandle, TargetRule};
 use hbone::{Server, ServerConfig, SpiffeId};
 use tokio::net::TcpListener;
 
-use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, ServerArgs, Socks5Args};
+use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, IdentityArgs, ServerArgs, Socks5Args};
 use super::{CaCommand, PolicyCommand};
 
 fn days(n: u32) -> Duration {
@@ -74,6 +74,8 @@ pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     if let Some(path) = args.policy {
         tokio::spawn(watch_policy(path, flags, server.policy()));
     }
+    let tls = server.tls();
+    watch_identity(args.identity, move |identity| Ok(tls.reload(identity)?));
     serve_until_signal(server, args.serve.drain_timeout).await
 }
 
@@ -129,6 +131,58 @@ async fn watch_policy(
     }
 }
 
+/// Reloads the identity when its files change (checked every 2 s) and on
+/// SIGHUP, and hands it to `apply`; checks expiry hourly. A half-written
+/// file or a key that does not match its certificate is refused, and the
+/// identity in use stays.
+fn watch_identity(
+    args: IdentityArgs,
+    apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let stamp = |files: &[PathBuf]| -> Vec<Option<std::time::SystemTime>> {
+            files
+                .iter()
+                .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+                .collect()
+        };
+        let files = args.files();
+        let mut last = stamp(&files);
+        let mut hangup = signal(SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+        let mut current: Option<hbone::Identity> = None;
+        loop {
+            let why = tokio::select! {
+                _ = tick.tick() => {
+                    let now = stamp(&files);
+                    if now == last { continue; }
+                    last = now;
+                    "files changed"
+                }
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                _ = hourly.tick() => {
+                    if let Some(identity) = &current { super::args::warn_if_expiring(identity); }
+                    continue;
+                }
+            };
+            match args
+                .load()
+                .and_then(|identity| apply(&identity).map(|()| identity))
+            {
+                Ok(identity) => {
+                    tracing::info!(id = %identity.id(), why, "identity reloaded; new handshakes use it");
+                    current = Some(identity);
+                }
+                Err(e) => {
+                    tracing::error!(why, "identity not reloaded, the one in use stays: {e:#}")
+                }
+            }
+        }
+    });
+}
+
 pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Check { file } => {
@@ -174,6 +228,8 @@ pub(super) async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
         listen = %server.local_addr(), id = %server.local_id(),
         routes = route_count, "HBONE gateway ready"
     );
+    let tls = server.tls();
+    watch_identity(args.identity, move |identity| Ok(tls.reload(identity)?));
     serve_until_signal(server, args.serve.drain_timeout).await
 }
 
@@ -227,6 +283,10 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
 pub(super) async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
     let route = args.dial.route(args.server)?;
     let dialer = args.dial.dialer()?;
+    let reloading = dialer.clone();
+    watch_identity(args.dial.identity.clone(), move |identity| {
+        Ok(reloading.reload_identity(identity)?)
+    });
     let listener = bind(args.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, route = ?route, target = %args.target, "forward ready");
     tokio::select! {
@@ -250,6 +310,10 @@ pub(super) async fn run_socks5(args: Socks5Args) -> anyhow::Result<()> {
         (server, _) => SocksConfig::Fixed(args.dial.route(server)?),
     };
     let dialer = args.dial.dialer()?;
+    let reloading = dialer.clone();
+    watch_identity(args.dial.identity.clone(), move |identity| {
+        Ok(reloading.reload_identity(identity)?)
+    });
     let listener = bind(args.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "SOCKS5 entry ready");
     tokio::select! {

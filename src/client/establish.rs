@@ -52,7 +52,13 @@ impl Dialer {
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let timeouts = &self.inner.config.timeouts;
-        let connector = TlsConnector::from(self.inner.tls.for_peer(expected));
+        let config = self
+            .inner
+            .tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .for_peer(expected);
+        let connector = TlsConnector::from(config);
         let server_name = tls::placeholder_server_name(server.ip());
         let tls_stream = timeout(timeouts.handshake, connector.connect(server_name, io))
             .await

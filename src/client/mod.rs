@@ -129,7 +129,9 @@ pub struct Dialer {
 }
 
 struct Inner {
-    tls: ClientBase,
+    /// Replaced on certificate rotation; connections already open keep
+    /// the material they were made with.
+    tls: std::sync::RwLock<ClientBase>,
     local_id: SpiffeId,
     config: DialerConfig,
     pool: Pool,
@@ -148,12 +150,20 @@ impl Dialer {
     ) -> Result<Self, tls::TlsConfigError> {
         Ok(Dialer {
             inner: Arc::new(Inner {
-                tls: tls::client_base_config(identity)?,
+                tls: std::sync::RwLock::new(tls::client_base_config(identity)?),
                 local_id: identity.id().clone(),
                 config,
                 pool: Pool::default(),
             }),
         })
+    }
+
+    /// Uses `identity` (certificate, key and trust bundle) for connections
+    /// made from now on. On error the previous material stays in force.
+    pub fn reload_identity(&self, identity: &Identity) -> Result<(), tls::TlsConfigError> {
+        let base = tls::client_base_config(identity)?;
+        *self.inner.tls.write().unwrap_or_else(|e| e.into_inner()) = base;
+        Ok(())
     }
 
     /// Open HTTP/2 connections in the pool.

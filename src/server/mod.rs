@@ -102,7 +102,7 @@ pub struct Server {
 }
 
 struct Shared {
-    acceptor: TlsAcceptor,
+    tls: tls::ServerTls,
     policy: PolicyHandle,
     h2: H2Settings,
     timeouts: Timeouts,
@@ -126,7 +126,7 @@ impl Server {
         } else {
             config.trust_domains.clone()
         };
-        let tls_config = tls::server_config(&config.identity, trust_domains)?;
+        let tls = tls::ServerTls::new(&config.identity, trust_domains)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -138,7 +138,7 @@ impl Server {
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
-                acceptor: TlsAcceptor::from(tls_config),
+                tls,
                 policy: PolicyHandle::new(config.policy.with_own_listener(own)),
                 h2: config.h2,
                 timeouts: config.timeouts,
@@ -167,6 +167,11 @@ impl Server {
     /// The identity this server proves.
     pub fn local_id(&self) -> &SpiffeId {
         &self.shared.local_id
+    }
+
+    /// The TLS material in force; reload it to rotate certificates.
+    pub fn tls(&self) -> tls::ServerTls {
+        self.shared.tls.clone()
     }
 
     /// The policy in force; replace it to reload without a restart.
@@ -321,7 +326,8 @@ impl Shared {
         String,
     > {
         let limit = self.timeouts.handshake;
-        let tls_stream = match timeout(limit, self.acceptor.accept(tcp).into_fallible()).await {
+        let acceptor = TlsAcceptor::from(self.tls.current());
+        let tls_stream = match timeout(limit, acceptor.accept(tcp).into_fallible()).await {
             Err(_) => return Err(format!("TLS handshake timed out after {limit:?}")),
             Ok(Err((error, tcp))) => {
                 linger_close(tcp).await;

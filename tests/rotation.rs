@@ -1,0 +1,124 @@
+//! Certificate rotation: new handshakes use new material, open tunnels
+//! carry on, and a broken or mismatched pair is refused with the old
+//! identity kept.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hbone::ca::DevCa;
+use hbone::tls::TlsFailure;
+use hbone::{DialError, Dialer, Identity, Server, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The leaf certificate a server presents to a new connection.
+async fn presented(server: std::net::SocketAddr) -> Vec<u8> {
+    let tls = raw_tls(server, None).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_rotates_without_dropping_tunnels() {
+    let pki = Pki::new();
+    let server = Server::bind(ServerConfig::new(loopback(), pki.server.clone()))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let tls = server.tls();
+    let _running = tokio::spawn(server.run());
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    let mut open = dialer.connect(addr, ids, echo).await.unwrap();
+    open.write_all(b"before ").await.unwrap();
+    assert_eq!(presented(addr).await, pki.server.chain()[0].to_vec());
+
+    // Same identity, new key and certificate.
+    let renewed = pki
+        .ca
+        .issue(&pki.server_id, DAY)
+        .unwrap()
+        .identity()
+        .unwrap();
+    tls.reload(&renewed).unwrap();
+    assert_eq!(presented(addr).await, renewed.chain()[0].to_vec());
+    let fresh = Dialer::new(&pki.client).unwrap();
+    let tunnel = fresh.connect(addr, ids, echo).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tunnel, b"new handshake").await.unwrap(),
+        b"new handshake"
+    );
+
+    // The tunnel opened before the rotation is untouched.
+    open.write_all(b"and after").await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    open.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"before and after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_bundle_rotation_on_both_sides() {
+    let pki = Pki::new();
+    let server = Server::bind(ServerConfig::new(loopback(), pki.server.clone()))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let tls = server.tls();
+    let _running = tokio::spawn(server.run());
+    let echo = start_echo().await;
+    let ids = std::slice::from_ref(&pki.server_id);
+
+    // Both sides move to a new CA; the server first.
+    let new_ca = DevCa::generate(TD, DAY).unwrap();
+    let new_server = new_ca
+        .issue(&pki.server_id, DAY)
+        .unwrap()
+        .identity()
+        .unwrap();
+    let new_client = new_ca
+        .issue(&pki.client_id, DAY)
+        .unwrap()
+        .identity()
+        .unwrap();
+    tls.reload(&new_server).unwrap();
+    let dialer = Dialer::new(&pki.client).unwrap();
+    match dialer.connect(addr, ids, echo).await {
+        Err(DialError::Tls {
+            failure: TlsFailure::ServerUnknownCa,
+            ..
+        }) => {}
+        other => panic!(
+            "a client on the old CA must not trust the new server: {:?}",
+            other.map(|_| "tunnel")
+        ),
+    }
+    dialer.reload_identity(&new_client).unwrap();
+    let tunnel = dialer.connect(addr, ids, echo).await.unwrap();
+    assert_eq!(echo_roundtrip(tunnel, b"new CA").await.unwrap(), b"new CA");
+}
+
+#[test]
+fn a_mismatched_pair_is_refused_before_it_reaches_tls() {
+    let pki = Pki::new();
+    let one = pki.ca.issue(&pki.server_id, DAY).unwrap();
+    let two = pki.ca.issue(&pki.server_id, DAY).unwrap();
+    let error = Identity::from_pem(&one.chain_pem, &two.key_pem, &one.bundle_pem).unwrap_err();
+    assert!(error.to_string().contains("does not belong"), "{error}");
+    let half = &one.chain_pem[..one.chain_pem.len() / 2];
+    assert!(Identity::from_pem(half, &one.key_pem, &one.bundle_pem).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_is_visible() {
+    let pki = Pki::new();
+    let expires = pki.server.expires_at().unwrap();
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        left > Duration::from_secs(23 * 3600) && left < Duration::from_secs(25 * 3600),
+        "{left:?}"
+    );
+}
