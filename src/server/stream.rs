@@ -142,12 +142,29 @@ impl Shared {
             self.refuse(&mut respond, &mut record, &Refusal::TunnelLimit, started);
             return None;
         };
-        let opened = match self.open_target(&record.peer_id, source, &request).await {
-            Ok(target) => {
-                self.send_proxy_header(target, source, &record.peer_id, &context)
-                    .await
+        let dial = async {
+            match self.open_target(&record.peer_id, source, &request).await {
+                Ok(target) => {
+                    self.send_proxy_header(target, source, &record.peer_id, &context)
+                        .await
+                }
+                Err(refusal) => Err(refusal),
             }
-            Err(refusal) => Err(refusal),
+        };
+        // A client that resets the stream while we dial gets its slot back
+        // at once: without this, open-and-cancel in a loop would pile up
+        // dials (each holding a socket and a tunnel slot until the connect
+        // timeout) beyond the stream limit.
+        let cancelled = std::future::poll_fn(|cx| respond.poll_reset(cx));
+        let opened = tokio::select! {
+            opened = dial => opened,
+            reason = cancelled => {
+                let reason = reason.map(|r| format!("{r:?}")).unwrap_or_else(|e| e.to_string());
+                record.outcome = Outcome::Failed(format!("client reset the stream ({reason}) while the target was dialled"));
+                record.duration = started.elapsed();
+                self.access_log.record(&record);
+                return None;
+            }
         };
         let target = match opened {
             Ok(target) => target,
