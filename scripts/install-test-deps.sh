@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the interop tests (tests/interop.rs) need on a fresh Debian
 # machine: the Go toolchain (stdlib-only HTTP/2 peers), Node.js (its http2
-# module), HAProxy (an HTTP/1.1 CONNECT -> HTTP/2 CONNECT relay) and curl.
+# module), HAProxy (an HTTP/1.1 CONNECT -> HTTP/2 CONNECT relay), curl, and
+# iptables (tests/netns.rs black-holes a peer inside its own network namespace).
 # Idempotent: does nothing (and asks no registry) when all are present.
 # Must run as root, or with sudo available, when something is missing.
 set -euo pipefail
@@ -12,10 +13,11 @@ declare -A wanted=(
   [node]=nodejs
   [haproxy]=haproxy
   [curl]=curl
+  [iptables]=iptables
 )
 
 missing=()
-for cmd in go node haproxy curl; do
+for cmd in go node haproxy curl iptables; do
   if ! command -v "$cmd" >/dev/null 2>&1; then
     missing+=("${wanted[$cmd]}")
   fi
@@ -39,7 +41,7 @@ export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -q
 "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 
-for cmd in go node haproxy curl; do
+for cmd in go node haproxy curl iptables; do
   if ! command -v "$cmd" >/dev/null 2>&1; then
     echo "install-test-deps: '$cmd' still missing after installing ${missing[*]}" >&2
     exit 1

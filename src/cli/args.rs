@@ -210,6 +210,13 @@ pub(super) struct DialArgs {
     /// Timeout for the TLS and HTTP/2 handshakes.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub(super) handshake_timeout: Duration,
+    /// How often to PING each server connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) keepalive_interval: Duration,
+    /// A server that does not answer a PING within this is given up on;
+    /// its tunnels fail and new ones use a new connection.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub(super) keepalive_timeout: Duration,
     /// Open a fresh TLS + HTTP/2 connection for every tunnel instead of
     /// sharing connections (costs a handshake per tunnel; for measurement).
     #[arg(long)]
@@ -240,6 +247,10 @@ impl DialArgs {
             timeouts: Timeouts {
                 connect: self.connect_timeout,
                 handshake: self.handshake_timeout,
+                keepalive: Keepalive {
+                    interval: self.keepalive_interval,
+                    timeout: self.keepalive_timeout,
+                },
                 ..Timeouts::default()
             },
             pooling: !self.no_pool,

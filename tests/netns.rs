@@ -1,0 +1,90 @@
+//! Faults that need a network of their own: a peer black-holed with
+//! iptables inside a network namespace this test creates (`unshare -n`,
+//! which holds only `lo`; nothing leaves the machine). Needs root and
+//! iptables; `scripts/install-test-deps.sh` installs iptables.
+
+mod common;
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hbone");
+
+fn require(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "tests/netns.rs needs `{tool}`; run `bash scripts/install-test-deps.sh` as root"
+    );
+}
+
+#[test]
+fn black_holed_server_is_detected_by_keepalive() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "tests/netns.rs needs root (network namespaces, iptables)"
+    );
+    for tool in ["unshare", "ip", "iptables"] {
+        require(tool);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["ca", "init", "--out", ca.to_str().unwrap()]);
+    for (id, name) in [
+        ("spiffe://cluster.local/ns/demo/sa/server", "server"),
+        ("spiffe://cluster.local/ns/demo/sa/client", "client"),
+    ] {
+        let out = dir.path().join(name);
+        run(&[
+            "ca",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--id",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/blackhole.sh");
+    let output = Command::new("unshare")
+        .args(["-n", "bash", script, BIN, dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}");
+    let logs = ["server.log", "forward.log"]
+        .iter()
+        .map(|f| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}\n{logs}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let detected_ms: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("detected_ms="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no measurement in {stdout}"));
+    // Keepalive: a PING every 200 ms, 500 ms to answer. Allow scheduling
+    // slack, but far below the 10 s the script waits.
+    assert!(
+        detected_ms < 2_000,
+        "took {detected_ms} ms to notice the black hole\n{logs}"
+    );
+    assert!(stdout.contains("keepalive_logged=yes"), "{stdout}\n{logs}");
+}
