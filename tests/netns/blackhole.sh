@@ -11,15 +11,19 @@ server_id=spiffe://cluster.local/ns/demo/sa/server
 
 ip link set lo up
 # Whatever happens, stop everything this script started.
-trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+pids=()
+trap 'kill -KILL "${pids[@]}" 2>/dev/null || true' EXIT
 "$bin" bench apps > "$work/apps.out" 2> "$work/apps.err" &
+pids+=($!)
 "$bin" server --identity-dir "$work/server" --listen 127.0.0.1:15008 \
     --log info > "$work/server.log" 2>&1 &
+pids+=($!)
 for _ in $(seq 50); do grep -q echo= "$work/apps.out" 2>/dev/null && break; sleep 0.1; done
 echo_addr=$(grep -o 'echo=[0-9.:]*' "$work/apps.out" | cut -d= -f2)
 "$bin" forward --identity-dir "$work/client" --listen 127.0.0.1:9000 \
     --server 127.0.0.1:15008 --server-id "$server_id" --target "$echo_addr" \
     --keepalive-interval 200ms --keepalive-timeout 500ms --log info > "$work/forward.log" 2>&1 &
+pids+=($!)
 for _ in $(seq 50); do grep -q "forward ready" "$work/forward.log" 2>/dev/null && break; sleep 0.1; done
 
 exec 3<>/dev/tcp/127.0.0.1/9000
