@@ -89,6 +89,14 @@ pub struct Timeouts {
     /// Dialer: from sending CONNECT to the response headers. Covers the
     /// server's dial of the target, so keep it above the server's `connect`.
     pub response: Duration,
+    /// Server: a connection with no open stream for this long gets GOAWAY.
+    /// Also ends clients that connect and never send a complete CONNECT.
+    /// Keep it above the dialer's pool idle timeout (60 s), so that clients
+    /// normally close first.
+    pub connection_idle: Duration,
+    /// Server: a tunnel that moves no byte either way for this long is
+    /// closed. Off (`None`) by default: idle tunnels are legitimate.
+    pub tunnel_idle: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -98,6 +106,8 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             handshake: Duration::from_secs(10),
             response: Duration::from_secs(15),
+            connection_idle: Duration::from_secs(300),
+            tunnel_idle: None,
         }
     }
 }

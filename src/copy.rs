@@ -168,6 +168,15 @@ pub struct Relay<S> {
     parts: Option<(TcpStream, S)>,
     up: TcpToStream,
     down: StreamToTcp,
+    /// Only when asked for: most tunnels have no idle limit.
+    idle: Option<IdleLimit>,
+}
+
+/// Ends a relay that moved no byte for `limit`.
+struct IdleLimit {
+    limit: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    seen: u64,
 }
 
 impl<S: AsMut<H2Stream> + Unpin> Relay<S> {
@@ -176,7 +185,34 @@ impl<S: AsMut<H2Stream> + Unpin> Relay<S> {
             parts: Some((tcp, stream)),
             up: TcpToStream::default(),
             down: StreamToTcp::default(),
+            idle: None,
         }
+    }
+
+    /// Closes the tunnel (as an error, so both sides are reset) once no
+    /// byte has moved either way for `limit`.
+    pub fn with_idle_limit(mut self, limit: std::time::Duration) -> Self {
+        self.idle = Some(IdleLimit {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            seen: 0,
+        });
+        self
+    }
+
+    /// Whether the idle limit ran out; restarts it when bytes moved.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let moved = self.up.bytes + self.down.bytes;
+        let Some(idle) = self.idle.as_mut() else {
+            return false;
+        };
+        if moved != idle.seen {
+            idle.seen = moved;
+            idle.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle.limit);
+        }
+        idle.timer.as_mut().poll(cx).is_ready()
     }
 
     fn transferred(&self) -> Transferred {
@@ -201,12 +237,17 @@ impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
             Poll::Ready(Err(_)) => Poll::Pending,
             _ => this.down.poll(cx, stream, tcp),
         };
+        let cancelled = stream.cancelled();
         let outcome = match (up, down) {
             // The peer cancelled the tunnel: a normal end, whatever was
             // still in flight; the socket closes with the relay.
-            _ if stream.cancelled() => Ok(()),
+            _ if cancelled => Ok(()),
             (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => Err(error),
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Ok(()),
+            _ if this.poll_idle(cx) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "tunnel idle for too long",
+            )),
             _ => return Poll::Pending,
         };
         let transferred = this.transferred();

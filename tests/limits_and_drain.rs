@@ -121,3 +121,74 @@ async fn drain_stops_accepting_and_lets_tunnels_finish() {
         .expect("run() returns once the last tunnel has finished")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_are_closed_when_a_limit_is_set() {
+    let pki = Pki::new();
+    let records = std::sync::Arc::new(Records::default());
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.timeouts.tunnel_idle = Some(Duration::from_millis(300));
+    config.access_log = records.clone();
+    let server = start_server(config).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    let mut busy = dialer.connect(server.addr, ids, echo).await.unwrap();
+    let mut idle = dialer.connect(server.addr, ids, echo).await.unwrap();
+    idle.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    idle.read_exact(&mut one).await.unwrap();
+    // The busy tunnel keeps moving bytes for longer than the limit.
+    for _ in 0..8 {
+        busy.write_all(b"tick").await.unwrap();
+        let mut tick = [0u8; 4];
+        busy.read_exact(&mut tick).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle tunnel must be closed");
+    assert!(
+        ended.is_err(),
+        "an idle close is a reset, not a clean EOF: {ended:?}"
+    );
+    assert_eq!(
+        echo_roundtrip(busy, b"still busy").await.unwrap(),
+        b"still busy"
+    );
+    eventually("the idle tunnel was logged", || {
+        records.all().iter().any(
+            |r| matches!(&r.outcome, hbone::access::Outcome::Failed(why) if why.contains("idle")),
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_tunnels_get_goaway_after_the_idle_limit() {
+    let pki = Pki::new();
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.timeouts.connection_idle = Duration::from_millis(300);
+    let server = start_server(config).await;
+    let echo = start_echo().await;
+    // A client that completes the handshakes and never opens a stream.
+    let tls = raw_tls(server.addr, Some(&pki.client)).await.unwrap();
+    let (_send, connection) = h2::client::handshake(tls).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    assert!(
+        closed.is_ok(),
+        "the server must close a connection that stays idle"
+    );
+    // A connection carrying a tunnel stays, however long.
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut tunnel = dialer
+        .connect(server.addr, std::slice::from_ref(&pki.server_id), echo)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tunnel.write_all(b"alive").await.unwrap();
+    let mut back = [0u8; 5];
+    tunnel.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"alive");
+}

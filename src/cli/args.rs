@@ -157,6 +157,16 @@ pub(super) struct ServeArgs {
     /// A client that does not answer a PING within this is disconnected.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub(super) keepalive_timeout: Duration,
+    /// A connection with no open tunnel for this long gets GOAWAY (also
+    /// ends clients that connect and never send a complete CONNECT).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub(super) connection_idle_timeout: Duration,
+    /// Close tunnels that move no byte for this long (default: never).
+    #[arg(long, value_parser = parse_duration)]
+    pub(super) tunnel_idle_timeout: Option<Duration>,
+    /// Largest request header list accepted (bytes); bigger gets 431.
+    #[arg(long, default_value_t = H2Settings::server().max_header_list_size)]
+    pub(super) max_header_list_size: u32,
     /// Open connections, all sources together; more are closed at once.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     pub(super) max_connections: usize,
@@ -185,8 +195,11 @@ impl ServeArgs {
                 interval: self.keepalive_interval,
                 timeout: self.keepalive_timeout,
             },
+            connection_idle: self.connection_idle_timeout,
+            tunnel_idle: self.tunnel_idle_timeout,
             ..Timeouts::default()
         };
+        config.h2.max_header_list_size = self.max_header_list_size;
         config.limits = Limits {
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,

@@ -277,9 +277,21 @@ impl Shared {
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
         let mut goaway_sent = false;
+        let idle_limit = self.timeouts.connection_idle;
+        let mut idle_check = tokio::time::Instant::now() + idle_limit;
         loop {
             let next = tokio::select! {
                 next = connection.accept() => next,
+                () = tokio::time::sleep_until(idle_check), if !goaway_sent => {
+                    if connection.has_streams() {
+                        idle_check = tokio::time::Instant::now() + idle_limit;
+                    } else {
+                        tracing::debug!(%peer_addr, %peer_id, "closing idle HBONE connection");
+                        connection.graceful_shutdown();
+                        goaway_sent = true;
+                    }
+                    continue;
+                }
                 reason = &mut keepalive => {
                     tracing::info!(%peer_addr, %peer_id, %reason, "closing HBONE connection: client unresponsive");
                     break;
@@ -294,6 +306,7 @@ impl Shared {
             };
             match next {
                 Some(Ok((request, respond))) => {
+                    idle_check = tokio::time::Instant::now() + idle_limit;
                     let serve =
                         self.clone()
                             .serve_stream(peer_addr, peer_id.clone(), request, respond);

@@ -100,8 +100,12 @@ impl Shared {
     ) -> impl Future<Output = ()> + Send + 'static {
         Phased::new(async move {
             let open = self.open_tunnel(source, peer_id, request, respond).await?;
+            let mut relay = copy::Relay::new(open.target, open.stream);
+            if let Some(limit) = self.timeouts.tunnel_idle {
+                relay = relay.with_idle_limit(limit);
+            }
             Some(ServerRelay {
-                relay: copy::Relay::new(open.target, open.stream),
+                relay,
                 record: open.record,
                 _slot: open.slot,
                 started: open.started,
