@@ -141,6 +141,7 @@ impl Routes {
     pub fn resolve(&self, authority: &str) -> Result<SocketAddr, RouteError> {
         let (host, port) = authority
             .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
             .filter(|(host, _)| !host.is_empty())
             .ok_or_else(|| RouteError::Malformed(authority.to_owned()))?;
@@ -154,14 +155,16 @@ impl Routes {
     }
 }
 
+/// `ip:port`, `[ipv6]:port`, a bare IP or a bracketed IPv6 (port 15008).
 fn parse_endpoint(text: &str) -> Option<SocketAddr> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Some(addr);
+        return (addr.port() != 0).then_some(addr);
     }
-    let ip = text.trim_start_matches('[').trim_end_matches(']');
-    ip.parse::<IpAddr>()
-        .ok()
-        .map(|ip| SocketAddr::new(ip, HBONE_PORT))
+    let ip = match text.strip_prefix('[') {
+        Some(rest) => IpAddr::V6(rest.strip_suffix(']')?.parse().ok()?),
+        None => text.parse::<IpAddr>().ok()?,
+    };
+    Some(SocketAddr::new(ip, HBONE_PORT))
 }
 
 #[cfg(test)]

@@ -246,15 +246,27 @@ impl Baggage {
         (baggage, malformed)
     }
 
-    /// Only members whose key and value are valid are written.
+    /// Only members whose key and value are valid are written, and only
+    /// as many as fit the size [`Baggage::parse`] accepts (8 KiB).
     pub fn to_header(&self) -> Option<String> {
-        let members: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(k, v)| is_token(k) && is_baggage_value(v))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        (!members.is_empty()).then(|| members.join(","))
+        let mut header = String::new();
+        for (key, value) in &self.entries {
+            if !is_token(key) || !is_baggage_value(value) {
+                continue;
+            }
+            let extra = usize::from(!header.is_empty()) + key.len() + 1 + value.len();
+            if header.len() + extra > MAX_VALUE {
+                tracing::debug!(key, "baggage member left out: header would exceed 8 KiB");
+                continue;
+            }
+            if !header.is_empty() {
+                header.push(',');
+            }
+            header.push_str(key);
+            header.push('=');
+            header.push_str(value);
+        }
+        (!header.is_empty()).then_some(header)
     }
 }
 

@@ -133,6 +133,17 @@ impl IpNet {
         if prefix > max {
             return Err(TargetRuleError::Prefix(prefix, max));
         }
+        // Targets are judged in their IPv4 form when IPv4-mapped, so a
+        // mapped network must be held in IPv4 form too, or it would
+        // silently match nothing.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            if prefix < 96 {
+                return Err(TargetRuleError::Mapped(format!("{addr}/{prefix}")));
+            }
+            return IpNet::new(IpAddr::V4(v4), prefix - 96);
+        }
         let net = IpNet { addr, prefix };
         if net.mask(addr) != addr {
             return Err(TargetRuleError::HostBits(net.to_string()));
@@ -201,6 +212,8 @@ pub enum TargetRuleError {
     Prefix(u8, u8),
     #[error("{0} has host bits set; use the network address")]
     HostBits(String),
+    #[error("{0} mixes IPv4-mapped and other IPv6 addresses; write IPv4 networks in IPv4 form")]
+    Mapped(String),
     #[error("invalid port or port range {0:?} (1-65535, low-high)")]
     Ports(String),
 }
@@ -240,7 +253,10 @@ impl FromStr for TargetRule {
             .map_err(|_| TargetRuleError::Address(addr.to_owned()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p.parse().map_err(|_| TargetRuleError::Syntax)?,
+            Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                p.parse().map_err(|_| TargetRuleError::Syntax)?
+            }
+            Some(_) => return Err(TargetRuleError::Syntax),
             None => max,
         };
         let ports = match ports {
@@ -256,7 +272,14 @@ impl FromStr for TargetRule {
 
 fn parse_ports(s: &str) -> Result<(u16, u16), TargetRuleError> {
     let bad = || TargetRuleError::Ports(s.to_owned());
-    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+    let port = |p: &str| {
+        p.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| p.parse::<u16>().ok())
+            .flatten()
+            .filter(|p| *p != 0)
+            .ok_or_else(bad)
+    };
     let (low, high) = match s.split_once('-') {
         Some((low, high)) => (port(low)?, port(high)?),
         None => (port(s)?, port(s)?),
