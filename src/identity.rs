@@ -349,8 +349,22 @@ impl Identity {
 
     /// When the leaf certificate stops being valid.
     pub fn expires_at(&self) -> Option<std::time::SystemTime> {
-        let seconds = not_after_of(&self.chain[0])?;
-        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(seconds).ok()?))
+        Some(self.validity()?.1)
+    }
+
+    /// The leaf certificate's validity period (not before, not after).
+    pub fn validity(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(self.chain[0].as_ref()).ok()?;
+        let at = |seconds: i64| {
+            Some(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(u64::try_from(seconds).ok()?),
+            )
+        };
+        Some((
+            at(parsed.validity().not_before.timestamp())?,
+            at(parsed.validity().not_after.timestamp())?,
+        ))
     }
 
     /// The certificate chain, leaf first.

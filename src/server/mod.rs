@@ -277,14 +277,21 @@ impl Shared {
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
         let mut goaway_sent = false;
+        // One timer per connection, looked at only when it fires: a new
+        // stream just moves the time it will be judged from.
         let idle_limit = self.timeouts.connection_idle;
-        let mut idle_check = tokio::time::Instant::now() + idle_limit;
+        let idle_timer = tokio::time::sleep(idle_limit);
+        tokio::pin!(idle_timer);
+        let mut last_stream = tokio::time::Instant::now();
         loop {
             let next = tokio::select! {
                 next = connection.accept() => next,
-                () = tokio::time::sleep_until(idle_check), if !goaway_sent => {
+                () = &mut idle_timer, if !goaway_sent => {
+                    let now = tokio::time::Instant::now();
                     if connection.has_streams() {
-                        idle_check = tokio::time::Instant::now() + idle_limit;
+                        idle_timer.as_mut().reset(now + idle_limit);
+                    } else if last_stream + idle_limit > now {
+                        idle_timer.as_mut().reset(last_stream + idle_limit);
                     } else {
                         tracing::debug!(%peer_addr, %peer_id, "closing idle HBONE connection");
                         connection.graceful_shutdown();
@@ -306,7 +313,7 @@ impl Shared {
             };
             match next {
                 Some(Ok((request, respond))) => {
-                    idle_check = tokio::time::Instant::now() + idle_limit;
+                    last_stream = tokio::time::Instant::now();
                     let serve =
                         self.clone()
                             .serve_stream(peer_addr, peer_id.clone(), request, respond);
