@@ -193,12 +193,6 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdError> 
     Ok(SpiffeId::parse(uri)?)
 }
 
-/// The end of a certificate's validity period, as seconds since the epoch.
-pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<i64> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    Some(parsed.validity().not_after.timestamp())
-}
-
 /// A problem with identity files, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
