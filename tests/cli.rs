@@ -725,3 +725,63 @@ async fn server_picks_up_rotated_files_and_refuses_a_mismatched_pair() {
         .await
         .expect("the server must rotate to the renewed certificate");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_has_one_record_per_tunnel() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let mut child = hbone(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_json = async || -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a log line")
+            .unwrap()
+            .expect("the server is still running");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let listen: SocketAddr = loop {
+        let event = next_json().await;
+        if event["message"] == "HBONE server ready" {
+            break event["listen"].as_str().unwrap().parse().unwrap();
+        }
+    };
+
+    let client = hbone::Identity::from_dir(&dir.path().join("client")).unwrap();
+    let dialer = hbone::Dialer::new(&client).unwrap();
+    let server_id = hbone::SpiffeId::parse(SERVER_ID).unwrap();
+    let tunnel = dialer
+        .connect(listen, std::slice::from_ref(&server_id), echo)
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(tunnel, b"hello").await.unwrap(), b"hello");
+
+    let record = loop {
+        let event = next_json().await;
+        if event["target"] == "hbone::access" {
+            break event;
+        }
+    };
+    assert_eq!(record["message"], "tunnel closed");
+    assert_eq!(record["role"], "server");
+    assert_eq!(record["peer"], CLIENT_ID);
+    assert_eq!(record["target_addr"], echo.to_string());
+    assert_eq!(record["sent"], 5);
+    assert_eq!(record["received"], 5);
+    assert_eq!(record["result"], "ok");
+    assert_eq!(record["trace"].as_str().unwrap().len(), 32, "{record}");
+    assert!(record["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    child.kill().await.unwrap();
+}
