@@ -16,6 +16,7 @@ use hbone::{Server, ServerConfig, SpiffeId};
 use tokio::net::TcpListener;
 
 use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, IdentityArgs, ServerArgs, Socks5Args};
+use super::watch::{Event, watch};
 use super::{CaCommand, PolicyCommand};
 
 fn days(n: u32) -> Duration {
@@ -72,7 +73,7 @@ pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         rules, targets = %targets.join(","), "HBONE server ready"
     );
     if let Some(path) = args.policy {
-        tokio::spawn(watch_policy(path, flags, server.policy()));
+        watch_policy(path, flags, server.policy());
     }
     let tls = server.tls();
     watch_identity(args.identity, move |identity| Ok(tls.reload(identity)?));
@@ -96,28 +97,12 @@ fn server_policy(
     Ok(Policy::from_rules(rules))
 }
 
-/// Reloads the policy file when it changes (checked every 2 s) and on
-/// SIGHUP. A file that does not load keeps the old policy in force.
-async fn watch_policy(
-    path: PathBuf,
-    flags: (Vec<IdPattern>, Vec<TargetRule>),
-    handle: PolicyHandle,
-) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut hangup = signal(SignalKind::hangup()).ok();
-    let mut last = modified(&path);
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    loop {
-        let why = tokio::select! {
-            _ = tick.tick() => {
-                let now = modified(&path);
-                if now == last { continue; }
-                last = now;
-                "file changed"
-            }
-            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
-        };
+/// Reloads the policy file when it changes and on SIGHUP. A file that
+/// does not load keeps the old policy in force.
+fn watch_policy(path: PathBuf, flags: (Vec<IdPattern>, Vec<TargetRule>), handle: PolicyHandle) {
+    let files = vec![path.clone()];
+    tokio::spawn(watch(files, move |event| {
+        let Event::Reload(why) = event else { return };
         match server_policy(Some(&path), &flags) {
             Ok(policy) => {
                 let rules = policy.rules().len();
@@ -128,59 +113,35 @@ async fn watch_policy(
                 tracing::error!(path = %path.display(), why, "policy not reloaded, the old one stays in force: {e:#}")
             }
         }
-    }
+    }));
 }
 
-/// Reloads the identity when its files change (checked every 2 s) and on
-/// SIGHUP, and hands it to `apply`; checks expiry hourly. A half-written
-/// file or a key that does not match its certificate is refused, and the
-/// identity in use stays.
+/// Reloads the identity when its files change and on SIGHUP, and hands it
+/// to `apply`; checks expiry hourly. A half-written file or a key that does
+/// not match its certificate is refused, and the identity in use stays.
 fn watch_identity(
     args: IdentityArgs,
     apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    tokio::spawn(async move {
-        let stamp = |files: &[PathBuf]| -> Vec<Option<std::time::SystemTime>> {
-            files
-                .iter()
-                .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-                .collect()
-        };
-        let files = args.files();
-        let mut last = stamp(&files);
-        let mut hangup = signal(SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        let mut hourly = tokio::time::interval(Duration::from_secs(3600));
-        let mut current: Option<hbone::Identity> = None;
-        loop {
-            let why = tokio::select! {
-                _ = tick.tick() => {
-                    let now = stamp(&files);
-                    if now == last { continue; }
-                    last = now;
-                    "files changed"
-                }
-                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
-                _ = hourly.tick() => {
-                    if let Some(identity) = &current { super::args::warn_if_expiring(identity); }
-                    continue;
-                }
-            };
-            match args
-                .load()
-                .and_then(|identity| apply(&identity).map(|()| identity))
-            {
-                Ok(identity) => {
-                    tracing::info!(id = %identity.id(), why, "identity reloaded; new handshakes use it");
-                    current = Some(identity);
-                }
-                Err(e) => {
-                    tracing::error!(why, "identity not reloaded, the one in use stays: {e:#}")
-                }
+    // The identity in use, for the hourly expiry check.
+    let mut current = args.load().ok();
+    tokio::spawn(watch(args.files(), move |event| match event {
+        Event::Hourly => {
+            if let Some(identity) = &current {
+                super::args::warn_if_expiring(identity);
             }
         }
-    });
+        Event::Reload(why) => match args
+            .load()
+            .and_then(|identity| apply(&identity).map(|()| identity))
+        {
+            Ok(identity) => {
+                tracing::info!(id = %identity.id(), why, "identity reloaded; new handshakes use it");
+                current = Some(identity);
+            }
+            Err(e) => tracing::error!(why, "identity not reloaded, the one in use stays: {e:#}"),
+        },
+    }));
 }
 
 pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {

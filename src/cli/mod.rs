@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod commands;
 mod demo;
+mod watch;
 
 use std::path::PathBuf;
 

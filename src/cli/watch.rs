@@ -1,0 +1,50 @@
+//! Watching configuration files: the policy file and the identity files
+//! are reloaded when they change (checked every 2 s) and on SIGHUP.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+/// What the watcher tells its handler.
+pub(super) enum Event {
+    /// Reload now; the reason is for the log ("files changed", "SIGHUP").
+    Reload(&'static str),
+    /// An hour passed (for checks such as certificate expiry).
+    Hourly,
+}
+
+/// Calls `handle` with [`Event::Reload`] when one of `files` changes or the
+/// process gets SIGHUP, and with [`Event::Hourly`] once an hour. Runs
+/// forever; spawn it.
+pub(super) async fn watch(files: Vec<PathBuf>, mut handle: impl FnMut(Event)) {
+    let stamp = |files: &[PathBuf]| -> Vec<Option<SystemTime>> {
+        files
+            .iter()
+            .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+            .collect()
+    };
+    let mut last = stamp(&files);
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        let hangup_received = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = stamp(&files);
+                if now != last {
+                    last = now;
+                    handle(Event::Reload("files changed"));
+                }
+            }
+            Some(()) = hangup_received => handle(Event::Reload("SIGHUP")),
+            _ = hourly.tick() => handle(Event::Hourly),
+        }
+    }
+}
