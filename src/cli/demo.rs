@@ -244,7 +244,12 @@ async fn serve_forever(
         dir.display()
     );
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    // The client's key was written to disk for the commands above.
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
