@@ -82,6 +82,25 @@ async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
     (child, addr)
 }
 
+/// `hbone forward` with the client identity under `dir`, to `target`
+/// through the server at `server`.
+async fn spawn_forward(dir: &Path, server: SocketAddr, target: SocketAddr) -> (Child, SocketAddr) {
+    spawn_ready(&[
+        "forward",
+        "--identity-dir",
+        &path(dir, "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        &server.to_string(),
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &target.to_string(),
+    ])
+    .await
+}
+
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
 }
@@ -462,20 +481,7 @@ async fn sigterm_drains_then_exits_zero() {
         "127.0.0.1:0",
     ])
     .await;
-    let (_forward, forward) = spawn_ready(&[
-        "forward",
-        "--identity-dir",
-        &path(dir.path(), "client"),
-        "--listen",
-        "127.0.0.1:0",
-        "--server",
-        &server_addr.to_string(),
-        "--server-id",
-        SERVER_ID,
-        "--target",
-        &echo.to_string(),
-    ])
-    .await;
+    let (_forward, forward) = spawn_forward(dir.path(), server_addr, echo).await;
     let mut app = TcpStream::connect(forward).await.unwrap();
     app.write_all(b"open ").await.unwrap();
     let mut buf = [0u8; 5];
@@ -519,20 +525,7 @@ async fn drain_deadline_closes_what_is_left() {
         "300ms",
     ])
     .await;
-    let (_forward, forward) = spawn_ready(&[
-        "forward",
-        "--identity-dir",
-        &path(dir.path(), "client"),
-        "--listen",
-        "127.0.0.1:0",
-        "--server",
-        &server_addr.to_string(),
-        "--server-id",
-        SERVER_ID,
-        "--target",
-        &echo.to_string(),
-    ])
-    .await;
+    let (_forward, forward) = spawn_forward(dir.path(), server_addr, echo).await;
     let mut app = TcpStream::connect(forward).await.unwrap();
     app.write_all(b"x").await.unwrap();
     let mut buf = [0u8; 1];
