@@ -206,6 +206,13 @@ async fn streams_beyond_the_limit_are_refused() {
         "REFUSED_STREAM resets"
     );
     assert_eq!(wire.goaway(), None);
+    // The target counts a dial when it accepts it, which may trail the
+    // server's 200; wait for all of them, then make sure no more come.
+    wait_until("200 dials accepted", 5 * SECOND, || {
+        dials.load(Ordering::Acquire) >= LIMIT as usize
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(
         dials.load(Ordering::Acquire),
         LIMIT as usize,
