@@ -33,8 +33,11 @@ pub struct TunnelRecord {
     /// The TCP peer: the HBONE client (server side) or the local
     /// application (client side).
     pub source: SocketAddr,
-    /// The identity the other HBONE end proved.
-    pub peer_id: Arc<SpiffeId>,
+    /// The identity the other HBONE end proved (none when no connection
+    /// was made).
+    pub peer_id: Option<Arc<SpiffeId>>,
+    /// Our own identity.
+    pub local_id: Arc<SpiffeId>,
     /// The requested target, as sent in `:authority`.
     pub target: String,
     /// The original client, from `forwarded` (server side).
@@ -72,6 +75,11 @@ impl AccessLog for TracingLog {
             Role::Server => "server",
         };
         let original = r.original_source.map(|o| o.to_string()).unwrap_or_default();
+        let peer = r
+            .peer_id
+            .as_deref()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
         let trace = r.trace.map(|t| t.trace_id_hex()).unwrap_or_default();
         match &r.outcome {
             Outcome::Refused {
@@ -79,12 +87,12 @@ impl AccessLog for TracingLog {
                 reason,
                 detail,
             } => tracing::info!(
-                target: "hbone::access", role, source = %r.source, peer = %r.peer_id,
+                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id,
                 target_addr = %r.target, original, trace, status, reason, detail = %detail,
                 "tunnel refused"
             ),
             outcome => tracing::info!(
-                target: "hbone::access", role, source = %r.source, peer = %r.peer_id,
+                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id,
                 target_addr = %r.target, original, trace, sent = r.bytes_sent,
                 received = r.bytes_received,
                 duration_ms = r.duration.as_millis() as u64,

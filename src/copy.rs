@@ -215,7 +215,8 @@ impl<S: AsMut<H2Stream> + Unpin> Relay<S> {
         idle.timer.as_mut().poll(cx).is_ready()
     }
 
-    fn transferred(&self) -> Transferred {
+    /// Bytes moved so far.
+    pub fn transferred(&self) -> Transferred {
         Transferred {
             a_to_b: self.up.bytes,
             b_to_a: self.down.bytes,

@@ -27,6 +27,8 @@
 //! ```
 
 pub mod access;
+pub mod active;
+pub mod admin;
 pub mod authority;
 pub mod ca;
 pub mod client;
@@ -37,6 +39,7 @@ pub mod gateway;
 pub mod headers;
 pub mod identity;
 pub mod keepalive;
+pub mod metrics;
 pub mod policy;
 mod pool;
 pub mod proxy_protocol;

@@ -261,6 +261,22 @@ impl Pool {
         entries.entry(key).or_default().conns.push(conn);
     }
 
+    /// Open connections and streams in use, by the server identity they
+    /// proved (for metrics).
+    pub(crate) fn by_peer(&self) -> Vec<(Arc<SpiffeId>, i64, i64)> {
+        let mut peers: HashMap<Arc<SpiffeId>, (i64, i64)> = HashMap::new();
+        for conn in self.entries().values().flat_map(|e| &e.conns) {
+            let slots = conn.state.slots.load(Ordering::Acquire);
+            if slots & CLOSED != 0 {
+                continue;
+            }
+            let counts = peers.entry(conn.peer_id.clone()).or_default();
+            counts.0 += 1;
+            counts.1 += slots as i64;
+        }
+        peers.into_iter().map(|(p, (c, s))| (p, c, s)).collect()
+    }
+
     /// Open connections across all keys (for tests and metrics).
     pub(crate) fn len(&self) -> usize {
         self.entries()

@@ -99,8 +99,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (client_seen, server_seen) = wait_for_records(&records).await?;
     let mib = args.mib;
     let gbits = (bytes * 8) as f64 / elapsed.as_secs_f64() / 1e9;
-    println!("  client verified the server as {}", client_seen.peer_id);
-    println!("  server verified the client as {}", server_seen.peer_id);
+    println!(
+        "  client verified the server as {}",
+        client_seen
+            .peer_id
+            .as_deref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
+    println!(
+        "  server verified the client as {}",
+        server_seen
+            .peer_id
+            .as_deref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    );
     println!(
         "  sent {mib} MiB and got {mib} MiB back, every byte checked, in {:.2} s ({gbits:.2} Gbit/s each way)",
         elapsed.as_secs_f64()

@@ -17,6 +17,7 @@ use tokio_rustls::TlsConnector;
 
 use super::{DialError, Dialer, Stage};
 use crate::identity::{SpiffeId, spiffe_id_of};
+use crate::metrics::Reporter;
 use crate::pool::{ConnState, PooledConn};
 use crate::tls::{self, TlsFailure};
 
@@ -43,6 +44,23 @@ impl Dialer {
     /// `expected`) and HTTP/2 handshake. `server` names the connection in
     /// errors and logs.
     pub(super) async fn establish<IO>(
+        &self,
+        io: IO,
+        server: SocketAddr,
+        expected: &[SpiffeId],
+    ) -> Result<Arc<PooledConn>, DialError>
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let started = std::time::Instant::now();
+        let result = self.handshake(io, server, expected).await;
+        if let Some(metrics) = &self.inner.config.telemetry.metrics {
+            metrics.handshake(Reporter::Source, result.is_ok(), started.elapsed());
+        }
+        result
+    }
+
+    async fn handshake<IO>(
         &self,
         io: IO,
         server: SocketAddr,

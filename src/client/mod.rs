@@ -30,6 +30,7 @@ pub use tunnel::Tunnel;
 use crate::config::{H2Settings, Timeouts};
 use crate::headers::{self, Baggage, TraceParent};
 use crate::identity::{Identity, SpiffeId};
+use crate::metrics::{ResponseFlag, Telemetry};
 use crate::pool::{Pool, PoolKey, PooledConn, StreamLease};
 use crate::stream::H2Stream;
 use crate::tls::{self, ClientBase, TlsFailure};
@@ -90,6 +91,22 @@ pub enum DialError {
     Timeout { server: SocketAddr, stage: Stage },
 }
 
+impl DialError {
+    /// Istio's `response_flags` for a tunnel that could not be opened.
+    pub fn response_flag(&self) -> ResponseFlag {
+        match self {
+            DialError::Tls { .. } => ResponseFlag::TlsFailure,
+            DialError::Status { status, .. } => match status.as_u16() {
+                403 => ResponseFlag::Deny,
+                400 | 405 | 431 => ResponseFlag::BadRequest,
+                _ => ResponseFlag::Connect,
+            },
+            DialError::NoExpectedIdentity => ResponseFlag::BadRequest,
+            _ => ResponseFlag::Connect,
+        }
+    }
+}
+
 /// How a dialer behaves.
 #[derive(Debug, Clone)]
 pub struct DialerConfig {
@@ -106,6 +123,8 @@ pub struct DialerConfig {
     /// Our network name, sent as `x-forwarded-network` on the inner
     /// CONNECT of double HBONE.
     pub network: Option<String>,
+    /// Metrics and the open-tunnel list, when the process keeps them.
+    pub telemetry: Telemetry,
 }
 
 impl Default for DialerConfig {
@@ -117,6 +136,7 @@ impl Default for DialerConfig {
             idle_timeout: Duration::from_secs(60),
             baggage: Baggage::default(),
             network: None,
+            telemetry: Telemetry::default(),
         }
     }
 }
@@ -132,7 +152,7 @@ struct Inner {
     /// Replaced on certificate rotation; connections already open keep
     /// the material they were made with.
     tls: std::sync::RwLock<ClientBase>,
-    local_id: SpiffeId,
+    local_id: Arc<SpiffeId>,
     config: DialerConfig,
     pool: Pool,
 }
@@ -148,14 +168,27 @@ impl Dialer {
         identity: &Identity,
         config: DialerConfig,
     ) -> Result<Self, tls::TlsConfigError> {
-        Ok(Dialer {
+        let metrics = config.telemetry.metrics.clone();
+        let dialer = Dialer {
             inner: Arc::new(Inner {
                 tls: std::sync::RwLock::new(tls::client_base_config(identity)?),
-                local_id: identity.id().clone(),
+                local_id: Arc::new(identity.id().clone()),
                 config,
                 pool: Pool::default(),
             }),
-        })
+        };
+        if let Some(metrics) = metrics {
+            // Weak: the metrics must not keep a dropped dialer's pool alive.
+            let inner = Arc::downgrade(&dialer.inner);
+            metrics.on_scrape(move |metrics| {
+                if let Some(inner) = inner.upgrade() {
+                    for (peer, connections, streams) in inner.pool.by_peer() {
+                        metrics.add_pool(&peer, connections, streams);
+                    }
+                }
+            });
+        }
+        Ok(dialer)
     }
 
     /// Uses `identity` (certificate, key and trust bundle) for connections
@@ -174,6 +207,16 @@ impl Dialer {
     /// The identity this dialer presents.
     pub fn local_id(&self) -> &SpiffeId {
         &self.inner.local_id
+    }
+
+    /// The identity, shared (for records).
+    pub fn local_id_arc(&self) -> Arc<SpiffeId> {
+        self.inner.local_id.clone()
+    }
+
+    /// Where this dialer's tunnels are counted and listed.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.inner.config.telemetry
     }
 
     /// Opens a tunnel to `target` through the HBONE server at `server`,

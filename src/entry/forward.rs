@@ -72,6 +72,7 @@ async fn open(forward: Arc<Forward>, app: TcpStream, source: SocketAddr) -> Opti
             *target,
             log.clone(),
             started,
+            dialer,
         )),
         Err(e) => {
             tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");

@@ -12,8 +12,11 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
+use crate::active::{Registration, TunnelInfo};
 use crate::client::{DialError, Dialer, Tunnel};
 use crate::copy;
+use crate::identity::SpiffeId;
+use crate::metrics::{Metrics, Reporter, TunnelCounters};
 
 pub mod forward;
 pub mod socks5;
@@ -28,6 +31,14 @@ pub(crate) struct ClientRelay {
     target: SocketAddr,
     log: Arc<dyn AccessLog>,
     started: Instant,
+    local_id: Arc<SpiffeId>,
+    /// Present only when the dialer keeps metrics or lists tunnels.
+    telemetry: Option<Box<RelayTelemetry>>,
+}
+
+struct RelayTelemetry {
+    metrics: Option<(Arc<Metrics>, TunnelCounters)>,
+    registration: Option<Registration>,
 }
 
 impl ClientRelay {
@@ -38,13 +49,38 @@ impl ClientRelay {
         target: SocketAddr,
         log: Arc<dyn AccessLog>,
         started: Instant,
+        dialer: &Dialer,
     ) -> Self {
+        let telemetry = dialer.telemetry();
+        let local_id = dialer.local_id_arc();
+        let metrics = telemetry.metrics.as_ref().map(|metrics| {
+            let counters = metrics.tunnel_counters(Reporter::Source, &local_id, tunnel.peer_id());
+            counters.opened(started.elapsed());
+            (metrics.clone(), counters)
+        });
+        let registration = telemetry.tunnels.as_ref().map(|tunnels| {
+            tunnels.register(TunnelInfo {
+                role: Role::Client,
+                source,
+                original_source: None,
+                peer_id: tunnel.peer_arc(),
+                target: target.to_string(),
+            })
+        });
+        let telemetry = (metrics.is_some() || registration.is_some()).then(|| {
+            Box::new(RelayTelemetry {
+                metrics,
+                registration,
+            })
+        });
         ClientRelay {
             relay: copy::Relay::new(app, tunnel),
             source,
             target,
             log,
             started,
+            local_id,
+            telemetry,
         }
     }
 }
@@ -54,15 +90,25 @@ impl Future for ClientRelay {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let (tunnel, result) = ready!(Pin::new(&mut this.relay).poll(cx));
+        let polled = Pin::new(&mut this.relay).poll(cx);
+        if let Some(registration) = this
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.registration.as_ref())
+        {
+            // The socket is the application: the source.
+            registration.update(this.relay.transferred(), true);
+        }
+        let (tunnel, result) = ready!(polled);
         let (moved, outcome) = match result {
             Ok(moved) => (moved, Outcome::Completed),
             Err(e) => (e.transferred, Outcome::Failed(e.error.to_string())),
         };
-        this.log.record(&TunnelRecord {
+        let record = TunnelRecord {
             role: Role::Client,
             source: this.source,
-            peer_id: tunnel.peer_arc(),
+            peer_id: Some(tunnel.peer_arc()),
+            local_id: this.local_id.clone(),
             target: this.target.to_string(),
             original_source: None,
             trace: None,
@@ -70,12 +116,27 @@ impl Future for ClientRelay {
             bytes_sent: moved.a_to_b,
             bytes_received: moved.b_to_a,
             duration: this.started.elapsed(),
-        });
+        };
+        this.log.record(&record);
+        if let Some((metrics, counters)) = this.telemetry.as_ref().and_then(|t| t.metrics.as_ref())
+        {
+            let broken = matches!(record.outcome, Outcome::Failed(_));
+            counters.ended(
+                record.bytes_sent,
+                record.bytes_received,
+                record.duration,
+                broken,
+            );
+            if broken {
+                metrics.tunnel_broke(Reporter::Source, &record.local_id, tunnel.peer_id());
+            }
+        }
         Poll::Ready(())
     }
 }
 
-/// Writes the access record of a tunnel that could not be opened.
+/// Writes the access record of a tunnel that could not be opened, and
+/// counts it.
 pub(crate) fn record_dial_failure(
     log: &Arc<dyn AccessLog>,
     source: SocketAddr,
@@ -91,7 +152,8 @@ pub(crate) fn record_dial_failure(
     log.record(&TunnelRecord {
         role: Role::Client,
         source,
-        peer_id: Arc::new(dialer.local_id().clone()),
+        peer_id: None,
+        local_id: dialer.local_id_arc(),
         target: target.to_string(),
         original_source: None,
         trace: None,
@@ -104,4 +166,12 @@ pub(crate) fn record_dial_failure(
         bytes_received: 0,
         duration: started.elapsed(),
     });
+    if let Some(metrics) = &dialer.telemetry().metrics {
+        metrics.tunnel_failed(
+            Reporter::Source,
+            Some(dialer.local_id()),
+            None,
+            error.response_flag(),
+        );
+    }
 }

@@ -176,6 +176,7 @@ async fn serve(
                 target,
                 log.clone(),
                 started,
+                dialer,
             )))
         }
         Err(e) => {

@@ -38,6 +38,18 @@ pub enum Denial {
     OwnListener(SocketAddr),
 }
 
+impl Denial {
+    /// The deciding rule, as a metric label: the rule's name, or a fixed
+    /// word for the built-in decisions (never an address).
+    pub fn rule_label(&self) -> String {
+        match self {
+            Denial::Rule { rule } => rule.clone(),
+            Denial::Identity(_) | Denial::Target(_) => "(no rule allows)".to_owned(),
+            Denial::BuiltIn(_) | Denial::OwnListener(_) => "(built-in)".to_owned(),
+        }
+    }
+}
+
 /// Targets refused even when a broad rule covers them: link-local
 /// addresses (cloud metadata services live at 169.254.169.254), the
 /// unspecified addresses and IPv4 broadcast. A rule lifts one of these only

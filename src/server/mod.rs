@@ -37,6 +37,7 @@ use crate::config::{H2Settings, Timeouts};
 use crate::gateway::Routes;
 use crate::headers::Baggage;
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
+use crate::metrics::{Reporter, ResponseFlag, Telemetry};
 use crate::policy::{Policy, PolicyHandle};
 use crate::tls;
 
@@ -61,6 +62,8 @@ pub struct ServerConfig {
     /// service `hostname:port`s, relayed to their endpoints' HBONE port.
     pub gateway_routes: Option<Arc<Routes>>,
     pub limits: Limits,
+    /// Metrics and the open-tunnel list, when the process keeps them.
+    pub telemetry: Telemetry,
 }
 
 impl ServerConfig {
@@ -78,6 +81,7 @@ impl ServerConfig {
             baggage: Baggage::default(),
             gateway_routes: None,
             limits: Limits::default(),
+            telemetry: Telemetry::default(),
         }
     }
 }
@@ -108,7 +112,8 @@ struct Shared {
     timeouts: Timeouts,
     access_log: Arc<dyn AccessLog>,
     stats: Arc<ServerStats>,
-    local_id: SpiffeId,
+    telemetry: Telemetry,
+    local_id: Arc<SpiffeId>,
     proxy_protocol: bool,
     /// The `baggage` response header, built once.
     baggage: Option<http::HeaderValue>,
@@ -144,7 +149,8 @@ impl Server {
                 timeouts: config.timeouts,
                 access_log: config.access_log,
                 stats: Arc::default(),
-                local_id: config.identity.id().clone(),
+                telemetry: config.telemetry,
+                local_id: Arc::new(config.identity.id().clone()),
                 proxy_protocol: config.proxy_protocol,
                 baggage: config
                     .baggage
@@ -247,10 +253,15 @@ impl Shared {
             }
             Err(which) => {
                 self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
-                let which = match which {
-                    ConnectionRefusal::Total => "connection limit",
-                    ConnectionRefusal::PerIp => "per-source connection limit",
+                let (which, metric) = match which {
+                    ConnectionRefusal::Total => ("connection limit", "connections"),
+                    ConnectionRefusal::PerIp => {
+                        ("per-source connection limit", "connections_per_ip")
+                    }
                 };
+                if let Some(metrics) = &self.telemetry.metrics {
+                    metrics.limit_refused(metric);
+                }
                 tracing::warn!(%peer, "refusing connection: {which} reached");
             }
         }
@@ -262,17 +273,38 @@ impl Shared {
             .fetch_add(1, Ordering::AcqRel);
         let _closed = CountOnDrop(&self.stats.connections_closed);
         let _ = tcp.set_nodelay(true);
-        let connection = match self.handshake(tcp, peer_addr).await {
+        let handshake_started = std::time::Instant::now();
+        let handshake = self.handshake(tcp, peer_addr).await;
+        let metrics = self.telemetry.metrics.as_deref();
+        if let Some(metrics) = metrics {
+            metrics.handshake(
+                Reporter::Destination,
+                handshake.is_ok(),
+                handshake_started.elapsed(),
+            );
+        }
+        let (mut connection, peer_id) = match handshake {
             Ok(connection) => connection,
             Err(reason) => {
                 self.stats.handshake_failures.fetch_add(1, Ordering::AcqRel);
+                if let Some(metrics) = metrics {
+                    metrics.tunnel_failed(
+                        Reporter::Destination,
+                        None,
+                        Some(&self.local_id),
+                        ResponseFlag::TlsFailure,
+                    );
+                }
                 tracing::info!(%peer_addr, %reason, "HBONE handshake failed");
                 return;
             }
         };
-        let (mut connection, peer_id) = connection;
         // One copy per connection, shared by its tunnels' records.
         let peer_id = Arc::new(peer_id);
+        let counters = metrics.map(|metrics| {
+            Arc::new(metrics.tunnel_counters(Reporter::Destination, &peer_id, &self.local_id))
+        });
+        let _open = metrics.map(|metrics| GaugeGuard::new(metrics.server_connections()));
         let keepalive = self.timeouts.keepalive.watch(connection.ping_pong());
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
@@ -314,9 +346,13 @@ impl Shared {
             match next {
                 Some(Ok((request, respond))) => {
                     last_stream = tokio::time::Instant::now();
-                    let serve =
-                        self.clone()
-                            .serve_stream(peer_addr, peer_id.clone(), request, respond);
+                    let serve = self.clone().serve_stream(
+                        peer_addr,
+                        peer_id.clone(),
+                        counters.clone(),
+                        request,
+                        respond,
+                    );
                     tokio::spawn(serve);
                 }
                 Some(Err(e)) => {
@@ -372,6 +408,22 @@ impl Shared {
             .map_err(|e| format!("HTTP/2: {e}"))?;
         tracing::debug!(%peer_addr, %peer_id, "HBONE connection accepted");
         Ok((connection, peer_id))
+    }
+}
+
+/// Holds a gauge one higher for as long as it lives.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

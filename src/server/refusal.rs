@@ -6,6 +6,7 @@ use http::{Method, StatusCode};
 
 use crate::authority::AuthorityError;
 use crate::gateway::RouteError;
+use crate::metrics::ResponseFlag;
 use crate::policy::Denial;
 
 /// Why a CONNECT was refused. The only place statuses and reasons are chosen.
@@ -45,6 +46,21 @@ impl Refusal {
             Refusal::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::DialTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Istio's `response_flags` for this refusal.
+    pub fn response_flag(&self) -> ResponseFlag {
+        match self {
+            Refusal::MethodNotAllowed(_)
+            | Refusal::NotPlainConnect
+            | Refusal::BadAuthority(_)
+            | Refusal::NoRoute(RouteError::Malformed(_)) => ResponseFlag::BadRequest,
+            Refusal::Denied(_) => ResponseFlag::Deny,
+            Refusal::NoRoute(RouteError::Unknown(_))
+            | Refusal::Unreachable { .. }
+            | Refusal::DialTimeout(_) => ResponseFlag::Connect,
+            Refusal::TunnelLimit => ResponseFlag::Overload,
         }
     }
 

@@ -19,10 +19,13 @@ use tokio::time::timeout;
 
 use super::{Refusal, Shared};
 use crate::access::{Outcome, Role, TunnelRecord};
+use crate::active::{Registration, TunnelInfo};
 use crate::authority::parse_authority;
 use crate::copy::{self, Phased};
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
+use crate::metrics::{Reporter, ResponseFlag, TunnelCounters};
+use crate::policy::{Allowed, Denial};
 use crate::proxy_protocol;
 use crate::server::limits::TunnelSlot;
 use crate::stream::H2Stream;
@@ -34,6 +37,7 @@ struct OpenTunnel {
     record: Box<TunnelRecord>,
     slot: TunnelSlot,
     started: Instant,
+    registration: Option<Registration>,
 }
 
 /// Relays an answered tunnel, then logs it; counts it closed however it
@@ -44,6 +48,8 @@ struct ServerRelay {
     _slot: TunnelSlot,
     started: Instant,
     shared: Arc<Shared>,
+    counters: Option<Arc<TunnelCounters>>,
+    registration: Option<Registration>,
 }
 
 impl Future for ServerRelay {
@@ -51,7 +57,12 @@ impl Future for ServerRelay {
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
         let this = self.get_mut();
-        let (_stream, result) = ready!(Pin::new(&mut this.relay).poll(cx));
+        let polled = Pin::new(&mut this.relay).poll(cx);
+        if let Some(registration) = &this.registration {
+            // The socket is the target: bytes from it go back to the source.
+            registration.update(this.relay.transferred(), false);
+        }
+        let (_stream, result) = ready!(polled);
         let record = &mut this.record;
         match result {
             Ok(moved) => {
@@ -66,6 +77,21 @@ impl Future for ServerRelay {
         }
         record.duration = this.started.elapsed();
         this.shared.access_log.record(record);
+        if let Some(counters) = &this.counters {
+            let broken = matches!(record.outcome, Outcome::Failed(_));
+            counters.ended(
+                record.bytes_sent,
+                record.bytes_received,
+                record.duration,
+                broken,
+            );
+            if broken
+                && let (Some(metrics), Some(peer)) =
+                    (&this.shared.telemetry.metrics, &record.peer_id)
+            {
+                metrics.tunnel_broke(Reporter::Destination, peer, &record.local_id);
+            }
+        }
         Poll::Ready(())
     }
 }
@@ -95,11 +121,14 @@ impl Shared {
         self: Arc<Self>,
         source: SocketAddr,
         peer_id: Arc<SpiffeId>,
+        counters: Option<Arc<TunnelCounters>>,
         request: Request<RecvStream>,
         respond: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send + 'static {
         Phased::new(async move {
-            let open = self.open_tunnel(source, peer_id, request, respond).await?;
+            let open = self
+                .open_tunnel(source, peer_id, counters.as_deref(), request, respond)
+                .await?;
             let mut relay = copy::Relay::new(open.target, open.stream);
             if let Some(limit) = self.timeouts.tunnel_idle {
                 relay = relay.with_idle_limit(limit);
@@ -110,6 +139,8 @@ impl Shared {
                 _slot: open.slot,
                 started: open.started,
                 shared: self,
+                counters,
+                registration: open.registration,
             })
         })
     }
@@ -120,6 +151,7 @@ impl Shared {
         &self,
         source: SocketAddr,
         peer_id: Arc<SpiffeId>,
+        counters: Option<&TunnelCounters>,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) -> Option<OpenTunnel> {
@@ -133,7 +165,8 @@ impl Shared {
         let mut record = Box::new(TunnelRecord {
             role: Role::Server,
             source,
-            peer_id,
+            peer_id: Some(peer_id.clone()),
+            local_id: self.local_id.clone(),
             target: authority,
             original_source: context.original_source,
             trace: context.trace,
@@ -147,9 +180,9 @@ impl Shared {
             return None;
         };
         let dial = async {
-            match self.open_target(&record.peer_id, source, &request).await {
+            match self.open_target(&peer_id, source, &request).await {
                 Ok(target) => {
-                    self.send_proxy_header(target, source, &record.peer_id, &context)
+                    self.send_proxy_header(target, source, &peer_id, &context)
                         .await
                 }
                 Err(refusal) => Err(refusal),
@@ -167,6 +200,7 @@ impl Shared {
                 record.outcome = Outcome::Failed(format!("client reset the stream ({reason}) while the target was dialled"));
                 record.duration = started.elapsed();
                 self.access_log.record(&record);
+                self.count_failure(&peer_id, ResponseFlag::Connect);
                 return None;
             }
         };
@@ -178,6 +212,18 @@ impl Shared {
             }
         };
         self.stats.tunnels_opened.fetch_add(1, Ordering::AcqRel);
+        if let Some(counters) = counters {
+            counters.opened(started.elapsed());
+        }
+        let registration = self.telemetry.tunnels.as_ref().map(|tunnels| {
+            tunnels.register(TunnelInfo {
+                role: Role::Server,
+                source,
+                original_source: record.original_source,
+                peer_id: peer_id.clone(),
+                target: record.target.clone(),
+            })
+        });
         let mut response = Response::new(());
         if let Some(baggage) = &self.baggage {
             response
@@ -191,12 +237,16 @@ impl Shared {
                 record,
                 slot,
                 started,
+                registration,
             }),
             Err(e) => {
                 self.stats.tunnels_closed.fetch_add(1, Ordering::AcqRel);
                 record.outcome = Outcome::Failed(format!("client went away: {e}"));
                 record.duration = started.elapsed();
                 self.access_log.record(&record);
+                if let Some(metrics) = &self.telemetry.metrics {
+                    metrics.tunnel_broke(Reporter::Destination, &peer_id, &self.local_id);
+                }
                 None
             }
         }
@@ -213,6 +263,12 @@ impl Shared {
         self.stats.refusals.fetch_add(1, Ordering::AcqRel);
         if matches!(refusal, Refusal::TunnelLimit) {
             self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
+            if let Some(metrics) = &self.telemetry.metrics {
+                metrics.limit_refused("tunnels");
+            }
+        }
+        if let Some(peer) = &record.peer_id {
+            self.count_failure(peer, refusal.response_flag());
         }
         let mut response = Response::new(());
         *response.status_mut() = refusal.status();
@@ -224,6 +280,18 @@ impl Shared {
         };
         record.duration = started.elapsed();
         self.access_log.record(record);
+    }
+
+    /// Counts a tunnel that did not open.
+    fn count_failure(&self, peer: &SpiffeId, flag: ResponseFlag) {
+        if let Some(metrics) = &self.telemetry.metrics {
+            metrics.tunnel_failed(
+                Reporter::Destination,
+                Some(peer),
+                Some(&self.local_id),
+                flag,
+            );
+        }
     }
 
     /// Reads `forwarded`, `traceparent` and `baggage`; malformed values are
@@ -282,14 +350,14 @@ impl Shared {
         let target = match &self.gateway_routes {
             None => {
                 let target = parse_authority(authority)?;
-                self.policy.current().decide(peer_id, source.ip(), target)?;
+                let policy = self.policy.current();
+                self.count_decision(policy.decide(peer_id, source.ip(), target))?;
                 target
             }
             // The routing table is the gateway's target policy.
             Some(routes) => {
-                self.policy
-                    .current()
-                    .decide_identity(peer_id, source.ip())?;
+                let policy = self.policy.current();
+                self.count_decision(policy.decide_identity(peer_id, source.ip()))?;
                 routes.resolve(authority)?
             }
         };
@@ -299,6 +367,17 @@ impl Shared {
             .map_err(|source| Refusal::Unreachable { target, source })?;
         let _ = tcp.set_nodelay(true);
         Ok(tcp)
+    }
+
+    /// Counts a policy decision by the rule that made it.
+    fn count_decision(&self, decision: Result<Allowed<'_>, Denial>) -> Result<(), Denial> {
+        if let Some(metrics) = &self.telemetry.metrics {
+            match &decision {
+                Ok(allowed) => metrics.policy_decision(allowed.rule, true),
+                Err(denial) => metrics.policy_decision(&denial.rule_label(), false),
+            }
+        }
+        decision.map(|_| ())
     }
 
     /// Writes the PROXY v2 header, when configured: the original client
