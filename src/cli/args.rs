@@ -257,8 +257,23 @@ pub(super) struct DialArgs {
 }
 
 impl DialArgs {
-    pub(super) fn dialer(&self) -> anyhow::Result<Dialer> {
+    /// The dialer, counting into `ops`' telemetry.
+    pub(super) fn dialer(&self, ops: &super::ops::Ops) -> anyhow::Result<Dialer> {
         let identity = self.identity.load()?;
+        ops.identity_in_use(&identity);
+        self.dialer_with(&identity, ops.telemetry.clone())
+    }
+
+    /// The dialer of a one-shot command (nothing to report to).
+    pub(super) fn dialer_without_telemetry(&self) -> anyhow::Result<Dialer> {
+        self.dialer_with(&self.identity.load()?, Default::default())
+    }
+
+    fn dialer_with(
+        &self,
+        identity: &Identity,
+        telemetry: hbone::metrics::Telemetry,
+    ) -> anyhow::Result<Dialer> {
         let config = DialerConfig {
             timeouts: Timeouts {
                 connect: self.connect_timeout,
@@ -272,9 +287,10 @@ impl DialArgs {
             pooling: !self.no_pool,
             baggage: self.meta.baggage(identity.id()),
             network: self.network.clone(),
+            telemetry,
             ..DialerConfig::default()
         };
-        Ok(Dialer::with_config(&identity, config)?)
+        Ok(Dialer::with_config(identity, config)?)
     }
 
     /// The route to `server`, or through the gateway when one is given.

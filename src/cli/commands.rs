@@ -16,6 +16,7 @@ use hbone::{Server, ServerConfig, SpiffeId};
 use tokio::net::TcpListener;
 
 use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, IdentityArgs, ServerArgs, Socks5Args};
+use super::ops::Ops;
 use super::watch::{Event, watch};
 use super::{CaCommand, PolicyCommand};
 
@@ -56,10 +57,12 @@ pub(super) fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()> {
     let identity = args.identity.load()?;
+    ops.identity_in_use(&identity);
     let baggage = args.meta.baggage(identity.id());
     let mut config = ServerConfig::new(args.listen, identity);
+    ops.equip(&mut config);
     let flags = (args.allow_ids, args.allow_targets);
     config.policy = server_policy(args.policy.as_deref(), &flags)?;
     config.proxy_protocol = args.proxy_protocol;
@@ -68,16 +71,21 @@ pub(super) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let targets = config.policy.targets();
     let rules = config.policy.rules().len();
     let server = Server::bind(config).await?;
+    ops.listener_bound();
     tracing::info!(
         listen = %server.local_addr(), id = %server.local_id(),
         rules, targets = %targets.join(","), "HBONE server ready"
     );
     if let Some(path) = args.policy {
-        watch_policy(path, flags, server.policy());
+        watch_policy(path, flags, server.policy(), ops);
     }
     let tls = server.tls();
-    watch_identity(args.identity, move |identity| Ok(tls.reload(identity)?));
-    serve_until_signal(server, args.serve.drain_timeout).await
+    watch_identity(
+        args.identity,
+        ops,
+        move |identity| Ok(tls.reload(identity)?),
+    );
+    ops.serve(server, args.serve.drain_timeout).await
 }
 
 /// The policy from the file (if any) plus the rule the --allow-* flags
@@ -99,11 +107,21 @@ fn server_policy(
 
 /// Reloads the policy file when it changes and on SIGHUP. A file that
 /// does not load keeps the old policy in force.
-fn watch_policy(path: PathBuf, flags: (Vec<IdPattern>, Vec<TargetRule>), handle: PolicyHandle) {
+fn watch_policy(
+    path: PathBuf,
+    flags: (Vec<IdPattern>, Vec<TargetRule>),
+    handle: PolicyHandle,
+    ops: &Ops,
+) {
     let files = vec![path.clone()];
+    let metrics = ops.telemetry.metrics.clone();
     tokio::spawn(watch(files, move |event| {
         let Event::Reload(why) = event else { return };
-        match server_policy(Some(&path), &flags) {
+        let loaded = server_policy(Some(&path), &flags);
+        if let Some(metrics) = &metrics {
+            metrics.reload("policy", loaded.is_ok());
+        }
+        match loaded {
             Ok(policy) => {
                 let rules = policy.rules().len();
                 handle.replace(policy);
@@ -121,10 +139,13 @@ fn watch_policy(path: PathBuf, flags: (Vec<IdPattern>, Vec<TargetRule>), handle:
 /// not match its certificate is refused, and the identity in use stays.
 fn watch_identity(
     args: IdentityArgs,
+    ops: &Ops,
     apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
 ) {
     // The identity in use, for the hourly expiry check.
     let mut current = args.load().ok();
+    let metrics = ops.telemetry.metrics.clone();
+    let readiness = ops.readiness.clone();
     tokio::spawn(watch(args.files(), move |event| match event {
         Event::Hourly => {
             if let Some(identity) = &current {
@@ -137,9 +158,23 @@ fn watch_identity(
         {
             Ok(identity) => {
                 tracing::info!(id = %identity.id(), why, "identity reloaded; new handshakes use it");
+                if let Some((_, expires)) = identity.validity() {
+                    if let Some(metrics) = &metrics {
+                        metrics.certificate(identity.id(), expires);
+                    }
+                    readiness.certificate(&identity.id().to_string(), expires);
+                }
+                if let Some(metrics) = &metrics {
+                    metrics.reload("identity", true);
+                }
                 current = Some(identity);
             }
-            Err(e) => tracing::error!(why, "identity not reloaded, the one in use stays: {e:#}"),
+            Err(e) => {
+                if let Some(metrics) = &metrics {
+                    metrics.reload("identity", false);
+                }
+                tracing::error!(why, "identity not reloaded, the one in use stays: {e:#}")
+            }
         },
     }));
 }
@@ -176,63 +211,29 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(super) async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<()> {
     let identity = args.identity.load()?;
+    ops.identity_in_use(&identity);
     let routes = Routes::load(&args.routes)?;
     let mut config = ServerConfig::new(args.listen, identity);
+    ops.equip(&mut config);
     config.policy = Policy::new(args.allow_ids, Vec::new());
     args.serve.apply(&mut config);
     let route_count = routes.len();
     config.gateway_routes = Some(Arc::new(routes));
     let server = Server::bind(config).await?;
+    ops.listener_bound();
     tracing::info!(
         listen = %server.local_addr(), id = %server.local_id(),
         routes = route_count, "HBONE gateway ready"
     );
     let tls = server.tls();
-    watch_identity(args.identity, move |identity| Ok(tls.reload(identity)?));
-    serve_until_signal(server, args.serve.drain_timeout).await
-}
-
-/// Serves until SIGTERM or Ctrl-C, then drains: no new connections, GOAWAY
-/// on the open ones, and up to `deadline` for their tunnels to finish.
-/// Returning drops the runtime, which closes whatever is left. A second
-/// signal during the drain exits at once (status 130).
-async fn serve_until_signal(server: Server, deadline: Duration) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let drainer = server.drainer();
-    let stats = server.stats();
-    let mut running = tokio::spawn(server.run());
-    tokio::select! {
-        result = &mut running => return Ok(result?),
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    let open = stats.snapshot();
-    tracing::info!(
-        connections = open.connections_active, tunnels = open.tunnels_active,
-        deadline = ?deadline, "draining: stopped accepting, GOAWAY sent"
+    watch_identity(
+        args.identity,
+        ops,
+        move |identity| Ok(tls.reload(identity)?),
     );
-    drainer.drain();
-    tokio::select! {
-        result = &mut running => {
-            result?;
-            tracing::info!("drained: every tunnel finished");
-        }
-        () = tokio::time::sleep(deadline) => {
-            let left = stats.snapshot();
-            tracing::warn!(tunnels = left.tunnels_active, "drain deadline passed; closing what is left");
-        }
-        _ = tokio::signal::ctrl_c() => second_signal(),
-        _ = terminate.recv() => second_signal(),
-    }
-    Ok(())
-}
-
-fn second_signal() -> ! {
-    tracing::warn!("second signal: exiting now");
-    std::process::exit(130)
+    ops.serve(server, args.serve.drain_timeout).await
 }
 
 async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -241,44 +242,49 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {listen}"))
 }
 
-pub(super) async fn run_forward(args: ForwardArgs) -> anyhow::Result<()> {
+pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<()> {
     let route = args.dial.route(args.server)?;
-    let dialer = args.dial.dialer()?;
+    let dialer = args.dial.dialer(ops)?;
     let reloading = dialer.clone();
-    watch_identity(args.dial.identity.clone(), move |identity| {
+    watch_identity(args.dial.identity.clone(), ops, move |identity| {
         Ok(reloading.reload_identity(identity)?)
     });
     let listener = bind(args.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, route = ?route, target = %args.target, "forward ready");
+    ops.listener_bound();
+    tracing::info!(
+        listen = %listener.local_addr()?, id = %dialer.local_id(), route = ?route,
+        target = %args.target, "forward ready"
+    );
     tokio::select! {
         () = entry::forward::run(listener, dialer, route, args.target, Arc::new(TracingLog)) => Ok(()),
-        result = tokio::signal::ctrl_c() => Ok(result?),
+        () = ops.shutdown_requested() => Ok(()),
     }
 }
 
 pub(super) async fn run_connect(args: ConnectArgs) -> anyhow::Result<()> {
     let route = args.dial.route(args.server)?;
-    let dialer = args.dial.dialer()?;
+    let dialer = args.dial.dialer_without_telemetry()?;
     entry::stdio::run(&dialer, &route, args.target).await?;
     Ok(())
 }
 
-pub(super) async fn run_socks5(args: Socks5Args) -> anyhow::Result<()> {
+pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()> {
     let config = match (args.server, args.dial.gateway) {
         (None, None) => SocksConfig::PerTarget {
             server_ids: args.dial.server_ids.clone(),
         },
         (server, _) => SocksConfig::Fixed(args.dial.route(server)?),
     };
-    let dialer = args.dial.dialer()?;
+    let dialer = args.dial.dialer(ops)?;
     let reloading = dialer.clone();
-    watch_identity(args.dial.identity.clone(), move |identity| {
+    watch_identity(args.dial.identity.clone(), ops, move |identity| {
         Ok(reloading.reload_identity(identity)?)
     });
     let listener = bind(args.listen).await?;
-    tracing::info!(listen = %listener.local_addr()?, "SOCKS5 entry ready");
+    ops.listener_bound();
+    tracing::info!(listen = %listener.local_addr()?, id = %dialer.local_id(), "SOCKS5 entry ready");
     tokio::select! {
         () = entry::socks5::run(listener, dialer, config, Arc::new(TracingLog)) => Ok(()),
-        result = tokio::signal::ctrl_c() => Ok(result?),
+        () = ops.shutdown_requested() => Ok(()),
     }
 }

@@ -4,15 +4,18 @@ mod args;
 mod bench;
 mod commands;
 mod demo;
+mod ops;
 mod watch;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Shared with the subcommands that parse durations (`bench`).
 use args::parse_duration;
 use args::{ConnectArgs, ForwardArgs, GatewayArgs, ServerArgs, Socks5Args};
 use clap::{Parser, Subcommand};
 use hbone::SpiffeId;
+use hbone::admin::LogControl;
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +37,13 @@ pub struct Cli {
     /// Worker threads for the async runtime (default: one per CPU).
     #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+
+    /// Admin endpoint address (/metrics, /healthz, /readyz, /config,
+    /// /tunnels, /logging), or `off`. Default: off, except for `hbone run`
+    /// (127.0.0.1:15000). It has no authentication: keep it on loopback or
+    /// a pod-internal port.
+    #[arg(long, global = true, value_name = "ADDR|off", value_parser = ops::parse_admin)]
+    admin: Option<ops::AdminSetting>,
 
     #[command(subcommand)]
     command: Command,
@@ -165,7 +175,12 @@ pub(super) enum CaCommand {
 /// formatted on the data path and handed over. If the writer falls more
 /// than 128,000 lines behind, lines are dropped rather than tunnels slowed.
 /// Keep the returned guard alive: dropping it flushes what is queued.
-pub fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init_logging(
+    cli: &Cli,
+) -> (
+    tracing_appender::non_blocking::WorkerGuard,
+    Arc<dyn LogControl>,
+) {
     use tracing_subscriber::EnvFilter;
     let default = match cli.command {
         Command::Connect(_) => "warn",
@@ -185,13 +200,39 @@ pub fn init_logging(cli: &Cli) -> tracing_appender::non_blocking::WorkerGuard {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
-    match cli.log_format {
-        LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
+    let control: Arc<dyn LogControl> = match cli.log_format {
+        LogFormat::Text => {
+            let logs = logs
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Arc::new(ReloadableFilter(handle))
+        }
+        LogFormat::Json => {
+            let logs = logs.json().flatten_event(true).with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Arc::new(ReloadableFilter(handle))
+        }
+    };
+    (guard, control)
+}
+
+/// The log filter, changed at run time through `POST /logging`.
+struct ReloadableFilter<S>(tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>);
+
+impl<S: 'static> LogControl for ReloadableFilter<S> {
+    fn current(&self) -> String {
+        self.0
+            .with_current(|filter| filter.to_string())
+            .unwrap_or_default()
     }
-    guard
+
+    fn set(&self, filter: &str) -> Result<(), String> {
+        let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
 }
 
 impl Cli {
@@ -221,14 +262,32 @@ pub fn raise_fd_limit() {
     }
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the parsed command. `matches` is what clap parsed, for `/config`.
+pub async fn run(
+    cli: Cli,
+    matches: &clap::ArgMatches,
+    logging: Arc<dyn LogControl>,
+) -> anyhow::Result<()> {
+    let admin = cli.admin.unwrap_or(ops::AdminSetting::Off);
+    let start_ops = |logging| async move {
+        use clap::CommandFactory;
+        let root = Cli::command();
+        let mut config = ops::effective_config(matches, &root);
+        if let (Some((name, sub_matches)), serde_json::Value::Object(object)) =
+            (matches.subcommand(), &mut config)
+            && let Some(sub) = root.find_subcommand(name)
+        {
+            object.insert(name.to_owned(), ops::effective_config(sub_matches, sub));
+        }
+        ops::Ops::start(admin, 1, config, logging).await
+    };
     match cli.command {
         Command::Ca(command) => commands::run_ca(command),
-        Command::Server(args) => commands::run_server(args).await,
-        Command::Forward(args) => commands::run_forward(args).await,
+        Command::Server(args) => commands::run_server(args, &start_ops(logging).await?).await,
+        Command::Forward(args) => commands::run_forward(args, &start_ops(logging).await?).await,
         Command::Connect(args) => commands::run_connect(args).await,
-        Command::Socks5(args) => commands::run_socks5(args).await,
-        Command::Gateway(args) => commands::run_gateway(args).await,
+        Command::Socks5(args) => commands::run_socks5(args, &start_ops(logging).await?).await,
+        Command::Gateway(args) => commands::run_gateway(args, &start_ops(logging).await?).await,
         Command::Policy(command) => commands::run_policy(command),
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,

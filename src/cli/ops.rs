@@ -1,0 +1,209 @@
+//! What every long-running command shares: metrics, the open-tunnel list,
+//! readiness, the admin endpoint and the shutdown signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hbone::Identity;
+use hbone::active::ActiveTunnels;
+use hbone::admin::{Admin, LogControl, Readiness};
+use hbone::metrics::{Metrics, Telemetry};
+use hbone::{Server, ServerConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Where the admin endpoint listens: `--admin ADDR`, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum AdminSetting {
+    Off,
+    At(SocketAddr),
+}
+
+/// The admin address of `hbone run` when the file says nothing.
+pub(super) const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+
+pub(super) fn parse_admin(text: &str) -> Result<AdminSetting, String> {
+    if text == "off" {
+        return Ok(AdminSetting::Off);
+    }
+    text.parse()
+        .map(AdminSetting::At)
+        .map_err(|_| format!("{text:?} is neither an address like {DEFAULT_ADMIN} nor \"off\""))
+}
+
+/// Shared by the listeners of one process.
+pub(super) struct Ops {
+    pub(super) telemetry: Telemetry,
+    pub(super) readiness: Readiness,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Ops {
+    /// Starts the admin endpoint (when `admin` is an address) and the
+    /// signal handling: the first SIGTERM or Ctrl-C asks every listener to
+    /// stop (servers drain) and makes `/readyz` fail; a second exits at
+    /// once with status 130. `listeners` is how many must be bound before
+    /// the process is ready.
+    pub(super) async fn start(
+        admin: AdminSetting,
+        listeners: usize,
+        config: serde_json::Value,
+        logging: Arc<dyn LogControl>,
+    ) -> anyhow::Result<Ops> {
+        let readiness = Readiness::new(listeners);
+        let telemetry = match admin {
+            AdminSetting::Off => Telemetry::default(),
+            AdminSetting::At(_) => Telemetry {
+                metrics: Some(Arc::new(Metrics::new())),
+                tunnels: Some(Arc::new(ActiveTunnels::default())),
+            },
+        };
+        if let AdminSetting::At(addr) = admin {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for the admin endpoint (--admin ADDR or `off`)")
+            })?;
+            let bound = listener.local_addr().unwrap_or(addr);
+            if !bound.ip().is_loopback() {
+                tracing::warn!(listen = %bound, "the admin endpoint has no authentication; keep it off public interfaces");
+            }
+            tracing::info!(listen = %bound, "admin endpoint ready (/metrics /healthz /readyz /config /tunnels /logging)");
+            let admin = Admin {
+                metrics: telemetry.metrics.clone(),
+                tunnels: telemetry.tunnels.clone(),
+                readiness: readiness.clone(),
+                config: Some(config),
+                logging: Some(logging),
+            };
+            tokio::spawn(admin.serve(listener));
+        }
+        let (requested, shutdown) = watch::channel(false);
+        tokio::spawn(handle_signals(requested, readiness.clone()));
+        Ok(Ops {
+            telemetry,
+            readiness,
+            shutdown,
+        })
+    }
+
+    /// Resolves once a shutdown was asked for.
+    pub(super) async fn shutdown_requested(&self) {
+        let mut shutdown = self.shutdown.clone();
+        let _ = shutdown.wait_for(|requested| *requested).await;
+    }
+
+    fn metrics(&self) -> Option<&Metrics> {
+        self.telemetry.metrics.as_deref()
+    }
+
+    /// Publishes a (re)loaded identity's expiry to metrics and readiness.
+    pub(super) fn identity_in_use(&self, identity: &Identity) {
+        let Some((_, expires)) = identity.validity() else {
+            return;
+        };
+        if let Some(metrics) = self.metrics() {
+            metrics.certificate(identity.id(), expires);
+        }
+        self.readiness
+            .certificate(&identity.id().to_string(), expires);
+    }
+
+    /// A listener is bound; the process is ready once all are.
+    pub(super) fn listener_bound(&self) {
+        self.readiness.listener_bound();
+    }
+
+    /// Serves until shutdown, then drains: no new connections, GOAWAY on
+    /// the open ones, and up to `deadline` for their tunnels to finish.
+    pub(super) async fn serve(&self, server: Server, deadline: Duration) -> anyhow::Result<()> {
+        let drainer = server.drainer();
+        let stats = server.stats();
+        let listen = server.local_addr();
+        let mut running = tokio::spawn(server.run());
+        tokio::select! {
+            result = &mut running => return Ok(result?),
+            () = self.shutdown_requested() => {}
+        }
+        let open = stats.snapshot();
+        tracing::info!(
+            %listen, connections = open.connections_active, tunnels = open.tunnels_active,
+            deadline = ?deadline, "draining: stopped accepting, GOAWAY sent"
+        );
+        drainer.drain();
+        tokio::select! {
+            result = &mut running => {
+                result?;
+                tracing::info!(%listen, "drained: every tunnel finished");
+            }
+            () = tokio::time::sleep(deadline) => {
+                let left = stats.snapshot();
+                tracing::warn!(%listen, tunnels = left.tunnels_active, "drain deadline passed; closing what is left");
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives a server configuration this process's telemetry.
+    pub(super) fn equip(&self, config: &mut ServerConfig) {
+        config.telemetry = self.telemetry.clone();
+    }
+}
+
+/// First SIGTERM or Ctrl-C: ask everything to stop. Second: exit now.
+async fn handle_signals(requested: watch::Sender<bool>, readiness: Readiness) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(terminate) => terminate,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    readiness.start_draining();
+    requested.send_replace(true);
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130)
+}
+
+/// The effective settings of a command, for `/config`: every argument
+/// with its value and where the value came from. Values of arguments
+/// that could hold secrets are redacted (there are none today: keys are
+/// only referenced by path).
+pub(super) fn effective_config(
+    matches: &clap::ArgMatches,
+    command: &clap::Command,
+) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    for arg in command.get_arguments() {
+        let id = arg.get_id().as_str();
+        if matches!(id, "help" | "version") {
+            continue;
+        }
+        let Ok(Some(values)) = matches.try_get_raw(id) else {
+            continue;
+        };
+        let values: Vec<String> = values.map(|v| v.to_string_lossy().into_owned()).collect();
+        let name = arg.get_long().unwrap_or(id).to_owned();
+        let secret = ["secret", "password", "token"]
+            .iter()
+            .any(|s| name.contains(s));
+        let value = if secret {
+            serde_json::Value::from("<redacted>")
+        } else if matches!(arg.get_action(), clap::ArgAction::Append) {
+            serde_json::Value::from(values)
+        } else {
+            serde_json::Value::from(values.join(" "))
+        };
+        object.insert(name, value);
+    }
+    serde_json::Value::Object(object)
+}
