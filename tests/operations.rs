@@ -1,0 +1,498 @@
+//! Operations end to end, through the `hbone` binary: exact metrics and
+//! access-log lines after a known sequence of tunnels, and every admin
+//! endpoint, including `/readyz` during a drain.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::start_echo;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hbone");
+const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+async fn run_ok(args: &[&str]) {
+    let output = Command::new(BIN).args(args).output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "hbone {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+async fn make_pki(dir: &Path) {
+    let ca = dir.join("ca");
+    let ca = ca.to_str().unwrap();
+    run_ok(&["ca", "init", "--out", ca]).await;
+    for (id, name) in [(SERVER_ID, "server"), (CLIENT_ID, "client")] {
+        let out = dir.join(name);
+        run_ok(&[
+            "ca",
+            "issue",
+            "--ca",
+            ca,
+            "--id",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .await;
+    }
+}
+
+/// A running `hbone` with JSON logs, every line kept for inspection.
+struct Process {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Process {
+    /// Starts `hbone ARGS --log-format json` and waits until it logged
+    /// `ready_count` "... ready" lines (listeners plus the admin endpoint).
+    async fn start(args: &[&str], ready_count: usize) -> Process {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .args(["--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .kill_on_drop(true)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
+        let kept = lines.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = reader.next_line().await {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+                kept.lock().unwrap().push(value);
+            }
+        });
+        let process = Process { child, lines };
+        let ready = || {
+            process
+                .with_message(|m| m.ends_with("ready") || m.starts_with("admin endpoint ready"))
+                .len()
+        };
+        eventually(Duration::from_secs(20), || ready() >= ready_count).await;
+        process
+    }
+
+    fn with_message(&self, wanted: impl Fn(&str) -> bool) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l["message"].as_str().is_some_and(&wanted))
+            .cloned()
+            .collect()
+    }
+
+    /// The `listen` address of the line whose message starts with `prefix`.
+    fn address(&self, prefix: &str) -> SocketAddr {
+        let lines = self.with_message(|m| m.starts_with(prefix));
+        lines[0]["listen"].as_str().unwrap().parse().unwrap()
+    }
+
+    fn access_records(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l["target"] == "hbone::access")
+            .cloned()
+            .collect()
+    }
+
+    fn terminate(&self) {
+        let pid = self.child.id().unwrap() as i32;
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+}
+
+/// Polls `check` until it holds, failing after `limit`.
+async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One HTTP/1.1 request; returns status and body.
+async fn http(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(admin).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// A SOCKS5 CONNECT to `target` through `entry`; the reply code and the stream.
+async fn socks5(entry: SocketAddr, target: SocketAddr) -> (u8, TcpStream) {
+    let mut tcp = TcpStream::connect(entry).await.unwrap();
+    tcp.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    tcp.read_exact(&mut choice).await.unwrap();
+    let SocketAddr::V4(v4) = target else { panic!() };
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&v4.ip().octets());
+    request.extend_from_slice(&v4.port().to_be_bytes());
+    tcp.write_all(&request).await.unwrap();
+    let mut reply = [0u8; 10];
+    tcp.read_exact(&mut reply).await.unwrap();
+    (reply[1], tcp)
+}
+
+/// The value of the sample `name{labels}` in a scrape, 0 when absent.
+fn sample(scrape: &str, name_and_labels: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+fn istio(metric: &str, reporter: &str, source: &str, destination: &str, flags: &str) -> String {
+    format!(
+        "{metric}{{reporter=\"{reporter}\",source_principal=\"{source}\",destination_principal=\"{destination}\",response_flags=\"{flags}\",connection_security_policy=\"mutual_tls\"}}"
+    )
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    server: Process,
+    entry: Process,
+    echo: SocketAddr,
+}
+
+/// A server allowing 127.0.0.1 only and a SOCKS5 entry, both with admin
+/// endpoints on ephemeral ports.
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let server_dir = dir.path().join("server");
+    let server = Process::start(
+        &[
+            "server",
+            "--identity-dir",
+            server_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-target",
+            "127.0.0.1/32",
+            "--admin",
+            "127.0.0.1:0",
+            "--drain-timeout",
+            "20s",
+        ],
+        2,
+    )
+    .await;
+    let server_addr = server.address("HBONE server ready").to_string();
+    let client_dir = dir.path().join("client");
+    let entry = Process::start(
+        &[
+            "socks5",
+            "--identity-dir",
+            client_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--server",
+            &server_addr,
+            "--server-id",
+            SERVER_ID,
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        2,
+    )
+    .await;
+    Setup {
+        _dir: dir,
+        server,
+        entry,
+        echo,
+    }
+}
+
+/// Success (4 bytes each way), denied by policy, unreachable target.
+async fn known_sequence(entry: SocketAddr, echo: SocketAddr) -> SocketAddr {
+    let (reply, mut tunnel) = socks5(entry, echo).await;
+    assert_eq!(reply, 0);
+    tunnel.write_all(b"ping").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    tunnel.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"ping");
+
+    let denied: SocketAddr = "127.0.0.2:80".parse().unwrap();
+    let (reply, _) = socks5(entry, denied).await;
+    assert_eq!(reply, 2, "SOCKS5 'not allowed by ruleset'");
+
+    let unreachable = closed_port().await;
+    let (reply, _) = socks5(entry, unreachable).await;
+    assert_ne!(reply, 0);
+    unreachable
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_access_log_after_a_known_sequence() {
+    let setup = setup().await;
+    let entry_addr = setup.entry.address("SOCKS5 entry ready");
+    let server_admin = setup.server.address("admin endpoint ready");
+    let entry_admin = setup.entry.address("admin endpoint ready");
+    let unreachable = known_sequence(entry_addr, setup.echo).await;
+
+    // Records are written when tunnels end; wait for all six.
+    eventually(Duration::from_secs(10), || {
+        setup.server.access_records().len() == 3 && setup.entry.access_records().len() == 3
+    })
+    .await;
+
+    let (status, server) = http(server_admin, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    let expect = |scrape: &str, metric: &str, reporter: &str, flags: &str, want: u64| {
+        let series = istio(metric, reporter, CLIENT_ID, SERVER_ID, flags);
+        assert_eq!(sample(scrape, &series), want, "{series} in\n{scrape}");
+    };
+    for (scrape, reporter) in [(&server, "destination")] {
+        expect(
+            scrape,
+            "istio_tcp_connections_opened_total",
+            reporter,
+            "-",
+            1,
+        );
+        expect(
+            scrape,
+            "istio_tcp_connections_closed_total",
+            reporter,
+            "-",
+            1,
+        );
+        expect(scrape, "istio_tcp_received_bytes_total", reporter, "-", 4);
+        expect(scrape, "istio_tcp_sent_bytes_total", reporter, "-", 4);
+        expect(
+            scrape,
+            "istio_tcp_connections_failed_total",
+            reporter,
+            "DENY",
+            1,
+        );
+        expect(
+            scrape,
+            "istio_tcp_connections_failed_total",
+            reporter,
+            "CONNECT",
+            1,
+        );
+    }
+    let decisions = |rule: &str, decision: &str| {
+        let series =
+            format!("hbone_policy_decisions_total{{rule=\"{rule}\",decision=\"{decision}\"}}");
+        sample(&server, &series)
+    };
+    assert_eq!(
+        decisions("command line", "allow"),
+        2,
+        "echo and the closed port"
+    );
+    assert_eq!(decisions("(no rule allows)", "deny"), 1);
+    assert_eq!(
+        sample(&server, "hbone_tunnel_setup_seconds_count{role=\"server\"}"),
+        1
+    );
+    assert_eq!(
+        sample(
+            &server,
+            "hbone_tunnel_duration_seconds_count{role=\"server\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        sample(
+            &server,
+            "hbone_tls_handshake_seconds_count{role=\"server\",result=\"success\"}"
+        ),
+        1,
+        "one pooled connection carried all three"
+    );
+    assert_eq!(sample(&server, "hbone_server_connections"), 1);
+    assert!(server.contains(&format!(
+        "hbone_certificate_expiry_timestamp_seconds{{id=\"{SERVER_ID}\"}} "
+    )));
+    assert!(server.ends_with("# EOF\n"));
+
+    let (_, entry) = http(entry_admin, "GET", "/metrics").await;
+    // The entry reports as the source; a refusal is not seen as a proven
+    // peer there, so its failures carry destination "unknown".
+    expect(
+        &entry,
+        "istio_tcp_connections_opened_total",
+        "source",
+        "-",
+        1,
+    );
+    expect(
+        &entry,
+        "istio_tcp_connections_closed_total",
+        "source",
+        "-",
+        1,
+    );
+    expect(&entry, "istio_tcp_received_bytes_total", "source", "-", 4);
+    expect(&entry, "istio_tcp_sent_bytes_total", "source", "-", 4);
+    for flags in ["DENY", "CONNECT"] {
+        let series = istio(
+            "istio_tcp_connections_failed_total",
+            "source",
+            CLIENT_ID,
+            "unknown",
+            flags,
+        );
+        assert_eq!(sample(&entry, &series), 1, "{series} in\n{entry}");
+    }
+    let pool = format!("hbone_pool_connections{{destination_principal=\"{SERVER_ID}\"}}");
+    assert_eq!(sample(&entry, &pool), 1);
+    let streams = format!("hbone_pool_streams{{destination_principal=\"{SERVER_ID}\"}}");
+    assert_eq!(sample(&entry, &streams), 0);
+
+    // The access log: one line per tunnel, field by field.
+    let records = setup.server.access_records();
+    let echo = setup.echo.to_string();
+    let ok = &records[0];
+    assert_eq!(ok["message"], "tunnel closed");
+    assert_eq!(ok["role"], "server");
+    assert_eq!(ok["peer"], CLIENT_ID);
+    assert_eq!(ok["local"], SERVER_ID);
+    assert_eq!(ok["target_addr"], echo.as_str());
+    assert_eq!(ok["sent"], 4);
+    assert_eq!(ok["received"], 4);
+    assert_eq!(ok["result"], "ok");
+    assert_eq!(ok["trace"].as_str().unwrap().len(), 32, "trace id");
+    assert!(
+        ok["original"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "client address from forwarded"
+    );
+    assert!(ok["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(ok["duration_ms"].is_u64());
+    let denied = &records[1];
+    assert_eq!(denied["message"], "tunnel refused");
+    assert_eq!(denied["status"], 403);
+    assert_eq!(denied["reason"], "denied");
+    assert_eq!(denied["target_addr"], "127.0.0.2:80");
+    assert_eq!(denied["peer"], CLIENT_ID);
+    let failed = &records[2];
+    assert_eq!(failed["message"], "tunnel refused");
+    assert_eq!(failed["status"], 503);
+    assert_eq!(failed["reason"], "target_unreachable");
+    assert_eq!(failed["target_addr"], unreachable.to_string());
+    assert!(failed["detail"].as_str().unwrap().contains("unreachable"));
+
+    let entry_records = setup.entry.access_records();
+    assert_eq!(entry_records[0]["role"], "client");
+    assert_eq!(entry_records[0]["peer"], SERVER_ID);
+    assert_eq!(entry_records[0]["sent"], 4);
+    assert_eq!(entry_records[1]["status"], 403);
+    assert_eq!(entry_records[1]["peer"], "");
+    assert_eq!(entry_records[2]["status"], 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_and_readiness_during_drain() {
+    let mut setup = setup().await;
+    let entry_addr = setup.entry.address("SOCKS5 entry ready");
+    let admin = setup.server.address("admin endpoint ready");
+
+    assert_eq!(http(admin, "GET", "/healthz").await, (200, "ok\n".into()));
+    assert_eq!(http(admin, "GET", "/readyz").await, (200, "ready\n".into()));
+    let (status, body) = http(admin, "GET", "/nowhere").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(http(admin, "POST", "/metrics").await.0, 405);
+
+    let (status, config) = http(admin, "GET", "/config").await;
+    assert_eq!(status, 200);
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["server"]["allow-target"],
+        serde_json::json!(["127.0.0.1/32"])
+    );
+    assert_eq!(config["server"]["drain-timeout"], "20s");
+    assert_eq!(config["log-format"], "json");
+
+    assert_eq!(http(admin, "GET", "/logging").await.0, 200);
+    let (status, body) = http(admin, "POST", "/logging?level=hbone%3Ddebug").await;
+    assert_eq!((status, body.as_str()), (200, "hbone=debug\n"));
+    assert_eq!(http(admin, "GET", "/logging").await.1, "hbone=debug\n");
+    let (status, body) = http(admin, "POST", "/logging?level=%3D%3D%3D").await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(http(admin, "POST", "/logging").await.0, 400);
+
+    // An open tunnel shows in /tunnels with its bytes.
+    let (reply, mut tunnel) = socks5(entry_addr, setup.echo).await;
+    assert_eq!(reply, 0);
+    tunnel.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    let (status, listed) = http(admin, "GET", "/tunnels").await;
+    assert_eq!(status, 200);
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["total"], 1);
+    let open = &listed["tunnels"][0];
+    assert_eq!(open["peer_id"], CLIENT_ID);
+    assert_eq!(open["target"], setup.echo.to_string());
+    assert_eq!(open["role"], "server");
+    assert_eq!(open["sent_bytes"], 5);
+    assert_eq!(open["received_bytes"], 5);
+    assert!(open["age_seconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(http(admin, "GET", "/tunnels?limit=x").await.0, 400);
+
+    // Draining: unready at once, still alive, the open tunnel still flows.
+    setup.server.terminate();
+    eventually(Duration::from_secs(10), || {
+        !setup
+            .server
+            .with_message(|m| m.starts_with("draining"))
+            .is_empty()
+    })
+    .await;
+    let (status, body) = http(admin, "GET", "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "not ready: draining\n"));
+    assert_eq!(http(admin, "GET", "/healthz").await.0, 200);
+    tunnel.write_all(b"more").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tunnel.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"more");
+    let status = tokio::time::timeout(Duration::from_secs(10), setup.server.child.wait())
+        .await
+        .expect("the server exits once drained")
+        .unwrap();
+    assert!(status.success());
+}
