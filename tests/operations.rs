@@ -281,38 +281,42 @@ async fn metrics_and_access_log_after_a_known_sequence() {
         let series = istio(metric, reporter, CLIENT_ID, SERVER_ID, flags);
         assert_eq!(sample(scrape, &series), want, "{series} in\n{scrape}");
     };
-    for (scrape, reporter) in [(&server, "destination")] {
-        expect(
-            scrape,
-            "istio_tcp_connections_opened_total",
-            reporter,
-            "-",
-            1,
-        );
-        expect(
-            scrape,
-            "istio_tcp_connections_closed_total",
-            reporter,
-            "-",
-            1,
-        );
-        expect(scrape, "istio_tcp_received_bytes_total", reporter, "-", 4);
-        expect(scrape, "istio_tcp_sent_bytes_total", reporter, "-", 4);
-        expect(
-            scrape,
-            "istio_tcp_connections_failed_total",
-            reporter,
-            "DENY",
-            1,
-        );
-        expect(
-            scrape,
-            "istio_tcp_connections_failed_total",
-            reporter,
-            "CONNECT",
-            1,
-        );
-    }
+    expect(
+        &server,
+        "istio_tcp_connections_opened_total",
+        "destination",
+        "-",
+        1,
+    );
+    expect(
+        &server,
+        "istio_tcp_connections_closed_total",
+        "destination",
+        "-",
+        1,
+    );
+    expect(
+        &server,
+        "istio_tcp_received_bytes_total",
+        "destination",
+        "-",
+        4,
+    );
+    expect(&server, "istio_tcp_sent_bytes_total", "destination", "-", 4);
+    expect(
+        &server,
+        "istio_tcp_connections_failed_total",
+        "destination",
+        "DENY",
+        1,
+    );
+    expect(
+        &server,
+        "istio_tcp_connections_failed_total",
+        "destination",
+        "CONNECT",
+        1,
+    );
     let decisions = |rule: &str, decision: &str| {
         let series =
             format!("hbone_policy_decisions_total{{rule=\"{rule}\",decision=\"{decision}\"}}");
