@@ -35,8 +35,52 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(args, &matches, logging)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: library errors
+/// often repeat their cause in their own message.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// What to try next, for the startup errors operators meet most.
+fn hint(error: &anyhow::Error) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    let io = error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<std::io::Error>())?;
+    let text = format!("{error:#}");
+    Some(match io.kind() {
+        ErrorKind::AddrInUse => {
+            "another process listens on that address: stop it, or choose another port (--listen, --admin)"
+        }
+        ErrorKind::AddrNotAvailable => {
+            "that IP is not an address of this machine; use one it has, or 0.0.0.0 / [::] for all"
+        }
+        ErrorKind::PermissionDenied if text.contains("listen") => {
+            "ports below 1024 need CAP_NET_BIND_SERVICE; HBONE's usual port is 15008"
+        }
+        ErrorKind::NotFound | ErrorKind::PermissionDenied => {
+            "check the path; `hbone ca init` and `hbone ca issue` create development certificates"
+        }
+        _ => return None,
+    })
 }

@@ -55,6 +55,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         clients,
         results: Results::default(),
         logged: Vec::new(),
+        started,
     };
     bench.bulk(1, Metric::Bulk1)?;
     bench.bulk(8, Metric::Bulk8)?;
@@ -124,6 +125,8 @@ struct Bench<'a> {
     results: Results,
     /// Problems logged by processes that have already been stopped.
     logged: Vec<String>,
+    /// For the elapsed time shown with each progress line.
+    started: Instant,
 }
 
 impl Bench<'_> {
@@ -326,7 +329,13 @@ impl Bench<'_> {
 
     fn progress(&self, metric: Metric, run: u32, line: &str) {
         let runs = self.options.runs;
-        eprintln!("  {} [run {run}/{runs}]: {line}", metric.label());
+        let elapsed = self.started.elapsed().as_secs();
+        eprintln!(
+            "  [{:>2}m{:02}s] {} [run {run}/{runs}]: {line}",
+            elapsed / 60,
+            elapsed % 60,
+            metric.label()
+        );
     }
 }
 
