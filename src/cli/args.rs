@@ -98,8 +98,20 @@ pub(super) fn warn_if_expiring(identity: &Identity) {
     }
 }
 
+/// `--config FILE` on a single subcommand: its section of the file
+/// supplies the flags the command line does not give (see `cli::merge`).
+#[derive(Args)]
+pub(super) struct ConfigArg {
+    /// Take this command's settings from its section of a config file
+    /// (and the file's top-level fields); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub(super) config: Option<PathBuf>,
+}
+
 #[derive(Args)]
 pub(super) struct ServerArgs {
+    #[command(flatten)]
+    pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
     /// Address to listen on.
@@ -129,6 +141,8 @@ pub(super) struct ServerArgs {
 
 #[derive(Args)]
 pub(super) struct GatewayArgs {
+    #[command(flatten)]
+    pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
     /// Address to listen on.
@@ -356,6 +370,8 @@ impl MetaArgs {
 #[derive(Args)]
 pub(super) struct ForwardArgs {
     #[command(flatten)]
+    pub(super) config_file: ConfigArg,
+    #[command(flatten)]
     pub(super) dial: DialArgs,
     /// Local address to accept application connections on.
     #[arg(long)]
@@ -382,6 +398,8 @@ pub(super) struct ConnectArgs {
 
 #[derive(Args)]
 pub(super) struct Socks5Args {
+    #[command(flatten)]
+    pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) dial: DialArgs,
     /// Local address for SOCKS5 clients.
