@@ -189,6 +189,7 @@ fn drain_stderr(stderr: impl Read, log: &Mutex<ChildLog>, ready: &mpsc::Sender<S
         let Ok(line) = line else { break };
         if !announced
             && line.contains("ready")
+            && !line.contains("admin endpoint")
             && let Some(addr) = listen_addr(&line)
         {
             announced = true;

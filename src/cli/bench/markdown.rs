@@ -74,8 +74,9 @@ fn render(doc: &Document) -> String {
     let _ = writeln!(
         out,
         "{} run(s) of each workload, {} ms each; idle memory with {} tunnels, read {} ms after \
-         they are all open. Client entry: `{}`; server and entry log filter: `{}`. Each figure \
-         is the median of the runs, with the lowest and highest in parentheses.\n",
+         they are all open. Client entry: `{}`; server and entry log filter: `{}`; server and entry run \
+         with their admin endpoint on (metrics and the open-tunnel list kept, as `hbone run` does \
+         by default). Each figure is the median of the runs, with the lowest and highest in parentheses.\n",
         o.runs,
         o.duration.as_millis(),
         o.tunnels,

@@ -108,6 +108,7 @@ pub fn start_server(pki: &Pki, log: &str) -> anyhow::Result<Listening> {
     let mut args = strings(&["server", "--listen", LOOPBACK_ANY_PORT]);
     push_path(&mut args, "--identity-dir", &pki.server_dir);
     args.extend(log_args(log));
+    args.extend(admin_args());
     let mut proc = Proc::spawn("hbone server", &args)?;
     let addr = proc.wait_ready(START_LIMIT)?;
     Ok(Listening { proc, addr })
@@ -232,6 +233,7 @@ impl Entry {
             args.push("--no-pool".into());
         }
         args.extend(log_args(log));
+        args.extend(admin_args());
         let mut proc = Proc::spawn(&name, &args)?;
         let addr = proc.wait_ready(START_LIMIT)?;
         Ok(Entry {
@@ -297,6 +299,12 @@ impl ClientSide {
             .chain(std::iter::once(&mut self.no_pool))
             .map(|entry| &mut entry.listening.proc)
     }
+}
+
+/// The admin endpoint on an ephemeral port: metrics and the open-tunnel
+/// list cost what they cost in production, where `hbone run` keeps them.
+fn admin_args() -> Vec<String> {
+    strings(&["--admin", LOOPBACK_ANY_PORT])
 }
 
 /// Server and entries log at `filter`, but their "ready" lines (target
