@@ -51,6 +51,7 @@ pub(super) enum ValueKind {
     Boolean,
     Integer,
     Address,
+    Duration,
     Path,
     Choice(Vec<String>),
     Text,
@@ -197,10 +198,11 @@ impl Key {
         self.arg.is_required_set()
     }
 
-    pub fn value_name(&self) -> String {
+    /// The placeholder given in the definition (`DIR`, `SPIFFE_ID`), if any.
+    pub fn value_name(&self) -> Option<String> {
         match self.arg.get_value_names() {
-            Some([name, ..]) => name.to_string(),
-            _ => self.arg.get_id().as_str().to_uppercase(),
+            Some([name, ..]) => Some(name.to_string()),
+            _ => None,
         }
     }
 
@@ -239,6 +241,8 @@ impl Key {
         let strict = !self.accepts(cmd, "x");
         if strict && self.accepts(cmd, "7") && !self.accepts(cmd, "7s") {
             ValueKind::Integer
+        } else if strict && self.accepts(cmd, "5s") && self.accepts(cmd, "250ms") {
+            ValueKind::Duration
         } else if strict && self.accepts(cmd, "127.0.0.1:8080") && !self.accepts(cmd, "10.0.0.0/8")
         {
             ValueKind::Address
