@@ -9,7 +9,7 @@ use clap::Command;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use toml::de::DeValue;
 
-use super::docs::sample;
+use super::example::sample;
 use super::schema::{Key, Schema, SectionSchema, ValueKind};
 use super::{ConfigError, ConfigFile, Section, Source, effective};
 

@@ -75,9 +75,7 @@ impl Schema {
                     .find_subcommand(kind)
                     .unwrap_or_else(|| panic!("the CLI has no `{kind}` subcommand"))
                     .clone();
-                let keys = keys(&cmd, |arg| {
-                    !arg.is_global_set() && arg.get_long() != Some("config")
-                });
+                let keys = keys(&cmd, |arg| !arg.is_global_set());
                 SectionSchema {
                     kind,
                     repeats,
@@ -130,7 +128,8 @@ fn keys(cmd: &Command, keep: impl Fn(&Arg) -> bool) -> Vec<Key> {
         .filter(|arg| !arg.is_positional() && keep(arg))
         .filter_map(|arg| {
             let name = arg.get_long()?;
-            if name == "help" || name == "version" {
+            // `config` names the file itself (`hbone run --config`).
+            if matches!(name, "help" | "version" | "config") {
                 return None;
             }
             let shape = match arg.get_action() {

@@ -149,8 +149,8 @@ fn the_example_passes_and_each_section_parses_as_its_subcommand() {
 
 #[test]
 fn every_commented_example_value_is_valid() {
-    assert_eq!(docs::missing_samples(), Vec::<String>::new());
-    for (kind, name, value) in docs::commented_samples() {
+    assert_eq!(example::missing_samples(), Vec::<String>::new());
+    for (kind, name, value) in example::commented_samples() {
         let text = if kind.is_empty() {
             format!("{name} = {value}\n{SERVER}")
         } else {
