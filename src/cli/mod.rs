@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod commands;
+mod config_file;
 mod demo;
 mod ops;
 mod watch;
@@ -110,6 +111,9 @@ inner TLS connection to an endpoint and never sees the tunnelled bytes. Unknown 
     Demo(demo::DemoArgs),
     /// Measure throughput, latency, connection rate and memory, direct and tunnelled.
     Bench(bench::BenchArgs),
+    /// Configuration file: check one, or print a commented example.
+    #[command(subcommand)]
+    Config(config_file::ConfigCommand),
 }
 
 #[derive(Subcommand)]
@@ -291,6 +295,7 @@ pub async fn run(
         Command::Policy(command) => commands::run_policy(command),
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Config(command) => config_file::run(command),
     }
 }
 

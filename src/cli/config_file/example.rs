@@ -1,0 +1,223 @@
+//! The commented example file, generated from the schema.
+
+use std::fmt::Write as _;
+
+use clap::Command;
+
+use super::schema::{Key, Schema, Shape, ValueKind};
+
+/// Example values for fields without a default, as a user would write them.
+pub(super) fn sample(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "log" => "info,hbone=debug",
+        "threads" => "4",
+        "admin" => "127.0.0.1:15000",
+        "identity-dir" => "/etc/hbone/certs",
+        "cert" => "/etc/hbone/certs/cert.pem",
+        "key" => "/etc/hbone/certs/key.pem",
+        "trust-bundle" => "/etc/hbone/certs/bundle.pem",
+        "allow-target" => "10.0.0.0/8:80-443",
+        "allow-id" => "spiffe://cluster.local/ns/web/*",
+        "policy" => "/etc/hbone/policy.toml",
+        "routes" => "/etc/hbone/routes.toml",
+        "tunnel-idle-timeout" => "1h",
+        "cluster" => "east",
+        "workload" => "deployment/web",
+        "app" => "web",
+        "app-version" => "v1",
+        "server-id" => "spiffe://cluster.local/ns/demo/sa/server",
+        "server" => "10.0.0.2:15008",
+        "gateway" => "10.0.0.9:15008",
+        "gateway-id" => "spiffe://cluster.local/ns/istio-system/sa/gateway",
+        "service" => "echo.demo.svc.cluster.local:8080",
+        "network" => "east-net",
+        "listen" => "127.0.0.1:8080",
+        "target" => "127.0.0.1:80",
+        _ => return None,
+    })
+}
+
+/// Fields the example sets, besides clap's required ones, so that every
+/// section would start; listeners are distinct so they do not collide.
+fn preset(kind: &str, name: &str) -> Option<&'static str> {
+    match (kind, name) {
+        (_, "identity-dir") => sample(name),
+        ("forward", "listen") => Some("127.0.0.1:8080"),
+        ("forward", "server") => sample(name),
+        ("socks5", "listen") => Some("127.0.0.1:1080"),
+        ("gateway", "listen") => Some("[::]:15009"),
+        _ => None,
+    }
+}
+
+/// How a field appears in the example.
+enum Line {
+    Set(String),
+    Default(String),
+    Sample(String),
+}
+
+fn example_line(kind: &str, key: &Key, cmd: &Command) -> Line {
+    let value = |text: &str| toml_value(key, &key.kind(cmd), &[text.to_owned()]);
+    if let Some(text) = preset(kind, &key.name) {
+        return Line::Set(value(text));
+    }
+    let sample = sample(&key.name);
+    if key.is_required() {
+        return Line::Set(value(sample.unwrap_or("VALUE")));
+    }
+    let defaults = key.defaults();
+    if !defaults.is_empty() {
+        return Line::Default(toml_value(key, &key.kind(cmd), &defaults));
+    }
+    let placeholder = key.value_name().unwrap_or_else(|| "VALUE".into());
+    Line::Sample(value(sample.unwrap_or(&placeholder)))
+}
+
+/// The TOML for `values` of `key`: bare booleans and integers, quoted
+/// strings, an array for a repeatable field.
+pub(super) fn toml_value(key: &Key, kind: &ValueKind, values: &[String]) -> String {
+    let one = |text: &String| match kind {
+        ValueKind::Boolean | ValueKind::Integer => text.clone(),
+        _ => toml::Value::String(text.clone()).to_string(),
+    };
+    match key.shape {
+        Shape::Many => format!(
+            "[{}]",
+            values.iter().map(one).collect::<Vec<_>>().join(", ")
+        ),
+        _ => values.first().map(one).unwrap_or_default(),
+    }
+}
+
+/// clap drops the final period of a one-line help; comments read better
+/// with it.
+pub(super) fn sentence(text: &str) -> String {
+    let text = text.trim();
+    if text.is_empty() || text.ends_with(['.', '?', '!']) {
+        text.to_owned()
+    } else {
+        format!("{text}.")
+    }
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// Fields to set come first, then the rest in `--help` order.
+fn write_fields(out: &mut String, kind: &str, keys: &[Key], cmd: &Command) {
+    let mut lines: Vec<(&Key, Line)> = keys
+        .iter()
+        .map(|key| (key, example_line(kind, key, cmd)))
+        .collect();
+    lines.sort_by_key(|(_, line)| !matches!(line, Line::Set(_)));
+    for (key, line) in lines {
+        out.push('\n');
+        for text in wrap(&sentence(&key.help()), 76) {
+            let _ = writeln!(out, "# {text}");
+        }
+        let _ = match line {
+            Line::Set(value) => writeln!(out, "{} = {value}", key.name),
+            Line::Default(value) => writeln!(out, "# {} = {value}  # default", key.name),
+            Line::Sample(value) => writeln!(out, "# {} = {value}", key.name),
+        };
+    }
+}
+
+/// A complete, commented config: every field with its help, defaults and
+/// examples commented out, and what each section needs set.
+pub(in crate::cli) fn example() -> String {
+    example_for(&Schema::cli())
+}
+
+pub(super) fn example_for(schema: &Schema) -> String {
+    let mut out = String::from(
+        "# hbone configuration file (TOML).
+#
+#   hbone run --config hbone.toml      runs every section below in one process
+#   hbone config check hbone.toml      validates it and lists what would run
+#
+# Each field is the command-line flag of the same name without its \"--\", and
+# takes the same values. Flags given on the command line override the file.
+# Relative paths are relative to this file's directory. Commented-out lines
+# show defaults (marked) and example values.
+#
+# ---- Top level: for the whole process ----
+",
+    );
+    write_fields(&mut out, "", &schema.globals, &schema.root);
+    for section in &schema.sections {
+        let about = section
+            .cmd
+            .get_about()
+            .map(|a| sentence(&a.to_string()))
+            .unwrap_or_default();
+        let repeat = if section.repeats {
+            format!(" Repeat [[{}]] for more.", section.kind)
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            out,
+            "\n# ---- {}: {about}{repeat} ----\n{}\n",
+            section.header(),
+            section.header()
+        );
+        write_fields(&mut out, section.kind, &section.keys, &section.cmd);
+    }
+    out
+}
+
+#[cfg(test)]
+pub(super) fn commented_samples() -> Vec<(String, String, String)> {
+    // (section kind, field, TOML value) for every commented-out line.
+    let schema = Schema::cli();
+    let mut all = Vec::new();
+    let mut collect = |kind: &str, keys: &[Key], cmd: &Command| {
+        for key in keys {
+            if let Line::Default(v) | Line::Sample(v) = example_line(kind, key, cmd) {
+                all.push((kind.to_owned(), key.name.clone(), v));
+            }
+        }
+    };
+    collect("", &schema.globals, &schema.root);
+    for section in &schema.sections {
+        collect(section.kind, &section.keys, &section.cmd);
+    }
+    all
+}
+
+/// Fields whose example line would fall back to a placeholder.
+#[cfg(test)]
+pub(super) fn missing_samples() -> Vec<String> {
+    let schema = Schema::cli();
+    let keys = schema.globals.iter().map(|k| ("", k)).chain(
+        schema
+            .sections
+            .iter()
+            .flat_map(|s| s.keys.iter().map(|k| (s.kind, k))),
+    );
+    keys.filter(|(kind, key)| {
+        preset(kind, &key.name).is_none()
+            && key.defaults().is_empty()
+            && key.shape != Shape::Switch
+            && sample(&key.name).is_none()
+    })
+    .map(|(kind, key)| format!("{kind} {}", key.name))
+    .collect()
+}

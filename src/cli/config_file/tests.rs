@@ -1,0 +1,396 @@
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::{Arg, CommandFactory, Parser};
+
+use super::schema::{Schema, Shape};
+use super::*;
+use crate::cli::{Cli, Command};
+
+const SERVER: &str = "[server]\nidentity-dir = \"/certs\"\n";
+
+fn ok(text: &str) -> ConfigFile {
+    parse(text, Path::new("/etc/hbone/hbone.toml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn err(text: &str) -> String {
+    parse(text, Path::new("hbone.toml"))
+        .expect_err("should be refused")
+        .to_string()
+}
+
+fn args(field: &Field) -> Vec<&str> {
+    field.args.iter().map(|a| a.to_str().unwrap()).collect()
+}
+
+#[test]
+fn schema_mirrors_the_cli() {
+    let schema = Schema::cli();
+    let globals: Vec<_> = schema.globals.iter().map(|k| k.name.as_str()).collect();
+    for name in ["log", "log-format", "threads"] {
+        assert!(globals.contains(&name), "{globals:?}");
+    }
+    assert!(!globals.contains(&"help") && !globals.contains(&"version"));
+    let server = schema.section("server").unwrap();
+    assert!(server.key("help").is_none() && server.key("log").is_none());
+    assert_eq!(server.key("proxy-protocol").unwrap().shape, Shape::Switch);
+    assert_eq!(server.key("allow-target").unwrap().shape, Shape::Many);
+    assert_eq!(server.key("listen").unwrap().shape, Shape::One);
+    assert!(server.key("identity-dir").unwrap().is_path());
+    // Every long flag of each subcommand is a field.
+    for section in &schema.sections {
+        let cmd = Cli::command()
+            .find_subcommand(section.kind)
+            .unwrap()
+            .clone();
+        for arg in cmd.get_arguments() {
+            if let Some(long) = arg.get_long() {
+                assert!(section.key(long).is_some(), "{} --{long}", section.kind);
+            }
+        }
+    }
+}
+
+#[test]
+fn values_become_arguments() {
+    let file = ok(
+        "log = \"debug\"\nthreads = 4\n\n[server]\nidentity-dir = \"/certs\"\n\
+         max-tunnels = 0x10\nproxy-protocol = true\nallow-target = [\"10.0.0.0/8\", \"192.168.0.0/16:443\"]\n\
+         allow-id = \"spiffe://td/*\"\n",
+    );
+    assert_eq!(file.global_argv(), ["--log", "debug", "--threads", "4"]);
+    let server = &file.sections[0];
+    assert_eq!((server.kind, server.line), ("server", 4));
+    let by_name = |name: &str| args(server.field(name).unwrap());
+    assert_eq!(by_name("max-tunnels"), ["--max-tunnels", "16"]);
+    assert_eq!(by_name("proxy-protocol"), ["--proxy-protocol"]);
+    assert_eq!(
+        by_name("allow-target"),
+        [
+            "--allow-target",
+            "10.0.0.0/8",
+            "--allow-target",
+            "192.168.0.0/16:443"
+        ]
+    );
+    assert_eq!(by_name("allow-id"), ["--allow-id", "spiffe://td/*"]);
+    assert_eq!(server.field("allow-id").unwrap().line, 9);
+    let off = ok("[server]\nidentity-dir = \"/certs\"\nproxy-protocol = false\n");
+    assert!(
+        off.sections[0]
+            .field("proxy-protocol")
+            .unwrap()
+            .args
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_value_starting_with_a_dash_stays_a_value() {
+    let file = ok(&format!("log = \"-x\"\n{SERVER}"));
+    assert_eq!(file.global_argv(), ["--log=-x"]);
+    assert_eq!(file.global[0].values(), ["-x"]);
+    let mut argv = vec![OsString::from("hbone")];
+    argv.extend(file.global_argv());
+    argv.extend(file.sections[0].argv());
+    assert!(Cli::try_parse_from(argv).is_ok());
+}
+
+#[test]
+fn relative_paths_are_relative_to_the_file() {
+    let file = ok("[server]\nidentity-dir = \"certs\"\npolicy = \"/abs/policy.toml\"\n");
+    let server = &file.sections[0];
+    assert_eq!(
+        args(server.field("identity-dir").unwrap()),
+        ["--identity-dir", "/etc/hbone/certs"]
+    );
+    assert_eq!(
+        args(server.field("policy").unwrap()),
+        ["--policy", "/abs/policy.toml"]
+    );
+    // Strings that are not paths are left alone.
+    let forward = ok(
+        "[[forward]]\nidentity-dir = \"/c\"\nlisten = \"127.0.0.1:1\"\n\
+         server = \"127.0.0.1:2\"\nserver-id = \"spiffe://td/s\"\ntarget = \"127.0.0.1:3\"\nnetwork = \"a/b\"\n",
+    );
+    let network = forward.sections[0].field("network").unwrap();
+    assert_eq!(args(network), ["--network", "a/b"]);
+}
+
+#[test]
+fn the_example_passes_and_each_section_parses_as_its_subcommand() {
+    let file = ok(&example());
+    let kinds: Vec<_> = file.sections.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds, ["server", "forward", "socks5", "gateway"]);
+    for section in &file.sections {
+        let mut argv = vec![OsString::from("hbone")];
+        argv.extend(file.global_argv());
+        argv.extend(section.argv());
+        let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let parsed = match cli.command {
+            Command::Server(_) => "server",
+            Command::Forward(_) => "forward",
+            Command::Socks5(_) => "socks5",
+            Command::Gateway(_) => "gateway",
+            _ => "other",
+        };
+        assert_eq!(parsed, section.kind);
+    }
+    assert_eq!(
+        file.summary(),
+        [
+            "server: listen [::]:15008",
+            "forward #1: listen 127.0.0.1:8080 -> target 127.0.0.1:80",
+            "socks5 #1: listen 127.0.0.1:1080",
+            "gateway: listen [::]:15009",
+        ]
+    );
+}
+
+#[test]
+fn every_commented_example_value_is_valid() {
+    assert_eq!(example::missing_samples(), Vec::<String>::new());
+    for (kind, name, value) in example::commented_samples() {
+        let text = if kind.is_empty() {
+            format!("{name} = {value}\n{SERVER}")
+        } else {
+            format!("[{kind}]\n{name} = {value}\n")
+        };
+        // Only the value is at stake: the section may lack required fields.
+        if let Err(e) = parse(&text, Path::new("x.toml")) {
+            let e = e.to_string();
+            assert!(
+                !e.contains(&format!(" {name}: ")) && !e.contains("syntax"),
+                "{kind} {name} = {value}: {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn unknown_names() {
+    assert_eq!(
+        err("[server]\nlistne = \"[::]:1\"\n")
+            .split(" valid fields")
+            .next(),
+        Some("hbone.toml:2: [server] listne: unknown field; did you mean listen?")
+    );
+    let e = err("[server]\nzzzzzzzz = 1\n");
+    assert!(
+        e.contains("unknown field; valid fields: identity-dir, "),
+        "{e}"
+    );
+    assert_eq!(
+        err("[servre]\n"),
+        "hbone.toml:1: unknown section [servre]; did you mean [server]? \
+         valid sections: [server], [[forward]], [[socks5]], [gateway]"
+    );
+    assert!(err("[[forwrd]]\n").contains("did you mean [[forward]]?"));
+    assert!(
+        err("listen = \"[::]:1\"\n")
+            .contains("listen is not a top-level field: it belongs in a section ([server], ")
+    );
+    assert!(err("logg = \"x\"\n").contains("unknown top-level field logg; did you mean log?"));
+    assert_eq!(
+        err("[server]\nlog = \"debug\"\n"),
+        "hbone.toml:2: [server] log: a top-level field: put it at the top of the file, before any section"
+    );
+}
+
+#[test]
+fn wrong_types() {
+    assert_eq!(
+        err("[server]\nidentity-dir = \"/c\"\nmax-tunnels = true\n"),
+        "hbone.toml:3: [server] max-tunnels: the value must be an integer, found a boolean"
+    );
+    assert_eq!(
+        err("[server]\nlisten = 1.5\n"),
+        "hbone.toml:2: [server] listen: the value must be a string, found a float"
+    );
+    assert_eq!(
+        err("[server]\nproxy-protocol = 1\n"),
+        "hbone.toml:2: [server] proxy-protocol: expected true or false, found an integer"
+    );
+    assert_eq!(
+        err("[server]\nallow-id = [\"spiffe://td/*\",\n  true]\n"),
+        "hbone.toml:3: [server] allow-id: each value must be a string, found a boolean"
+    );
+    assert_eq!(
+        err("[server]\nlisten = [\"[::]:1\"]\n"),
+        "hbone.toml:2: [server] listen: takes a single value, not an array (only repeatable fields take arrays)"
+    );
+    assert!(err("server = 1\n").contains("server must be a section ([server]), not an integer"));
+    assert!(err("[forward]\n").contains("write [[forward]] with double brackets"));
+}
+
+#[test]
+fn bad_values_use_the_flags_parsers() {
+    assert_eq!(
+        err("[server]\nidentity-dir = \"/c\"\ndrain-timeout = \"5 minutes\"\n"),
+        "hbone.toml:3: [server] drain-timeout: \"5 minutes\": unknown unit \" minutes\" (use ms, s, m or h)"
+    );
+    assert_eq!(
+        err("[server]\nidentity-dir = \"/c\"\nconnect-timeout = 0\n"),
+        "hbone.toml:3: [server] connect-timeout: invalid value \"0\": a timeout of zero would fail everything; give a positive duration"
+    );
+    assert_eq!(
+        err("log-format = \"xml\"\n"),
+        "hbone.toml:1: log-format: invalid value \"xml\": expected one of: text, json"
+    );
+    assert_eq!(
+        err("threads = 0\n"),
+        "hbone.toml:1: threads: invalid value \"0\": 0 is not in 1..=65535"
+    );
+    assert_eq!(
+        err("[server]\nmax-tunnels = \"many\"\n"),
+        "hbone.toml:2: [server] max-tunnels: invalid value \"many\": invalid digit found in string; expected an integer"
+    );
+    assert_eq!(
+        err("[server]\nallow-target = [\"10.0.0.0/8\",\n  \"nowhere\"]\n"),
+        "hbone.toml:3: [server] allow-target: invalid IP address \"nowhere\"; e.g. 10.0.0.0/8:80-443"
+    );
+}
+
+#[test]
+fn whole_sections_are_checked() {
+    assert_eq!(
+        err(
+            "[[forward]]\nidentity-dir = \"/c\"\nlisten = \"127.0.0.1:1\"\nserver = \"127.0.0.1:2\"\ntarget = \"127.0.0.1:3\"\n"
+        ),
+        "hbone.toml:1: [[forward]] #1: missing required field server-id (SPIFFE ID the server must present; repeat to accept any of several)"
+    );
+    assert_eq!(
+        err("[server]\ncert = \"c.pem\"\n"),
+        "hbone.toml:1: [server]: missing required fields key, trust-bundle"
+    );
+    assert_eq!(
+        err(
+            "[server]\ncert = \"c.pem\"\nkey = \"k.pem\"\ntrust-bundle = \"b.pem\"\nidentity-dir = \"/c\"\n"
+        ),
+        "hbone.toml:5: [server] identity-dir: cannot be used together with cert (line 2); remove one of them"
+    );
+    assert_eq!(
+        err("[server]\nlisten = \"[::]:1\"\n"),
+        "hbone.toml:1: [server]: no identity: set identity-dir, or cert, key and trust-bundle"
+    );
+    let forward = "identity-dir = \"/c\"\nlisten = \"127.0.0.1:1\"\nserver-id = \"spiffe://td/s\"\ntarget = \"127.0.0.1:3\"\n";
+    assert_eq!(
+        err(&format!(
+            "[[forward]]\nserver = \"127.0.0.1:2\"\n{forward}[[forward]]\n{forward}"
+        )),
+        "hbone.toml:7: [[forward]] #2: no route: set server, or gateway with gateway-id and service"
+    );
+}
+
+#[test]
+fn listeners_must_not_collide() {
+    let gateway = "[gateway]\nidentity-dir = \"/c\"\nroutes = \"/r.toml\"\n";
+    assert_eq!(
+        err(&format!("{SERVER}{gateway}")),
+        "hbone.toml:3: [gateway] listen [::]:15008 (default) conflicts with [server] listen [::]:15008 (default) \
+         at line 1: both would listen on port 15008; give one of them another address"
+    );
+    ok(&format!("{SERVER}{gateway}listen = \"[::]:15009\"\n"));
+    let socks = |listen: &str| {
+        format!(
+            "[[socks5]]\nidentity-dir = \"/c\"\nserver-id = \"spiffe://td/s\"\nlisten = \"{listen}\"\n"
+        )
+    };
+    // Same port on distinct addresses is fine; an unspecified one takes all.
+    ok(&format!(
+        "{}{}",
+        socks("127.0.0.1:1080"),
+        socks("127.0.0.2:1080")
+    ));
+    assert_eq!(
+        err(&format!(
+            "{}{}",
+            socks("127.0.0.1:1080"),
+            socks("0.0.0.0:1080")
+        )),
+        "hbone.toml:8: [[socks5]] #2 listen 0.0.0.0:1080 conflicts with [[socks5]] #1 listen 127.0.0.1:1080 \
+         at line 4: both would listen on port 1080; give one of them another address"
+    );
+}
+
+#[test]
+fn the_admin_address_is_a_listener() {
+    // `admin` is a global flag added elsewhere; test with a stand-in.
+    let root = Cli::command().arg(
+        Arg::new("admin")
+            .long("admin")
+            .global(true)
+            .default_value("127.0.0.1:15000"),
+    );
+    let schema = Schema::from_command(root);
+    let parse = |text: &str| parse_with(&schema, text, Path::new("hbone.toml"));
+    let socks = "[[socks5]]\nidentity-dir = \"/c\"\nserver-id = \"spiffe://td/s\"\nlisten = \"127.0.0.1:15000\"\n";
+    assert_eq!(
+        parse(socks).unwrap_err().to_string(),
+        "hbone.toml:4: [[socks5]] #1 listen 127.0.0.1:15000 conflicts with admin 127.0.0.1:15000 (default): \
+         both would listen on port 15000; give one of them another address"
+    );
+    assert!(parse(&format!("admin = \"off\"\n{socks}")).is_ok());
+    assert_eq!(
+        parse(&format!("admin = \"[::]:15008\"\n{SERVER}"))
+            .unwrap_err()
+            .to_string(),
+        "hbone.toml:2: [server] listen [::]:15008 (default) conflicts with admin [::]:15008 at line 1: \
+         both would listen on port 15008; give one of them another address"
+    );
+}
+
+#[test]
+fn structure_errors() {
+    assert_eq!(
+        err(&format!("{SERVER}\n{SERVER}")),
+        "hbone.toml:4: [server] given twice (first at line 1): a file has at most one [server]; \
+         only [[forward]] and [[socks5]] repeat"
+    );
+    assert!(
+        err("[[server]]\nidentity-dir = \"/c\"\n")
+            .contains("server must be one [server] table, not an array")
+    );
+    assert_eq!(
+        err("[server]\nidentity-dir = \"/c\"\nidentity-dir = \"/d\"\n"),
+        "hbone.toml:3: [server] identity-dir: given twice"
+    );
+    assert_eq!(
+        err("[server]\nlisten = \"[::]:1\n"),
+        "hbone.toml:2: TOML syntax error in [server]: invalid basic string, expected `\"`"
+    );
+    assert!(
+        err("[server]\nlisten = 0.0.0.0:15008 # comment\n")
+            .ends_with("; strings need quotes: listen = \"0.0.0.0:15008\""),
+    );
+    assert_eq!(
+        err("threads = 4\n# nothing else\n"),
+        "hbone.toml: nothing to run: add a [server], [gateway], [[forward]] or [[socks5]] section"
+    );
+    assert_eq!(
+        err(""),
+        "hbone.toml: nothing to run: add a [server], [gateway], [[forward]] or [[socks5]] section"
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let e = load(Path::new("/nonexistent/hbone.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("cannot read config file /nonexistent/hbone.toml: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_docs_error_cases_fail_and_the_rest_pass() {
+    for (title, toml) in docs::ERROR_CASES {
+        assert!(
+            parse(toml, Path::new("hbone.toml")).is_err(),
+            "{title} should fail"
+        );
+    }
+    ok(docs::values_example());
+}

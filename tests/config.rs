@@ -1,0 +1,137 @@
+//! `hbone config`: the committed docs match the code, and every file they
+//! show behaves as they say.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn hbone(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hbone"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run hbone")
+}
+
+/// Runs `hbone config check hbone.toml` on `text`, from the file's
+/// directory so that errors name it `hbone.toml` as the docs do.
+fn check(text: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hbone.toml"), text).unwrap();
+    hbone(dir.path(), &["config", "check", "hbone.toml"])
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn docs() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/config.md")).unwrap()
+}
+
+/// The fenced blocks of `markdown`, as (language, content).
+fn blocks(markdown: &str) -> Vec<(String, String)> {
+    let mut blocks = Vec::new();
+    let mut lines = markdown.lines();
+    while let Some(line) = lines.next() {
+        if let Some(lang) = line.strip_prefix("```") {
+            let mut content = String::new();
+            for line in lines.by_ref() {
+                if line == "```" {
+                    break;
+                }
+                content.push_str(line);
+                content.push('\n');
+            }
+            blocks.push((lang.to_owned(), content));
+        }
+    }
+    blocks
+}
+
+#[test]
+fn docs_are_up_to_date() {
+    let output = hbone(Path::new("."), &["config", "docs"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output) == docs(),
+        "docs/config.md is out of date: regenerate it with `cargo run -- config docs > docs/config.md`"
+    );
+}
+
+#[test]
+fn the_files_in_the_docs_pass_and_the_errors_are_as_documented() {
+    let docs = docs();
+    let (body, errors) = docs.split_once("\n## Errors\n").expect("an Errors section");
+    let valid: Vec<_> = blocks(body)
+        .into_iter()
+        .filter(|(lang, _)| lang == "toml")
+        .collect();
+    assert!(valid.len() >= 2, "the values example and the full example");
+    for (_, text) in valid {
+        let output = check(&text);
+        assert!(output.status.success(), "{text}\n{}", stderr(&output));
+    }
+    let cases = blocks(errors);
+    assert!(
+        cases.len() >= 16,
+        "about 8 cases, each a file and a message"
+    );
+    for pair in cases.chunks(2) {
+        let [(lang, text), (kind, message)] = pair else {
+            panic!("a toml block without its message");
+        };
+        assert_eq!((lang.as_str(), kind.as_str()), ("toml", "text"));
+        let output = check(text);
+        assert!(!output.status.success(), "{text} should fail");
+        assert_eq!(
+            stderr(&output).trim_end(),
+            message.trim_end(),
+            "for\n{text}"
+        );
+    }
+}
+
+#[test]
+fn the_example_passes_check() {
+    let example = hbone(Path::new("."), &["config", "example"]);
+    assert!(example.status.success());
+    let output = check(&stdout(&example));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "server: listen [::]:15008\n\
+         forward #1: listen 127.0.0.1:8080 -> target 127.0.0.1:80\n\
+         socks5 #1: listen 127.0.0.1:1080\n\
+         gateway: listen [::]:15009\n"
+    );
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let output = hbone(
+        Path::new("."),
+        &["config", "check", "/nonexistent/hbone.toml"],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).starts_with("error: cannot read config file /nonexistent/hbone.toml: "),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn an_error_names_the_line_and_field() {
+    let output = check("[server]\nidentity-dir = \"certs\"\n\nmax-tunnels = \"lots\"\n");
+    assert!(!output.status.success());
+    assert_eq!(
+        stderr(&output),
+        "error: hbone.toml:4: [server] max-tunnels: invalid value \"lots\": \
+         invalid digit found in string; expected an integer\n"
+    );
+}
