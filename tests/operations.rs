@@ -500,3 +500,112 @@ async fn admin_endpoints_and_readiness_during_drain() {
         .unwrap();
     assert!(status.success());
 }
+
+/// `hbone run` starts every section of a file; flags given on the command
+/// line win over the file, fields they do not give come from it; a single
+/// subcommand takes its section with `--config`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_from_a_config_file_with_flags_over_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let server_port = closed_port().await;
+    let config = dir.path().join("hbone.toml");
+    // Relative identity paths: relative to the file, not to our cwd.
+    std::fs::write(
+        &config,
+        format!(
+            r#"log-format = "text"
+admin = "127.0.0.1:0"
+
+[server]
+identity-dir = "server"
+listen = "{server_port}"
+drain-timeout = "7s"
+max-tunnels = 50
+
+[[forward]]
+identity-dir = "client"
+listen = "127.0.0.1:0"
+server = "{server_port}"
+server-id = ["{SERVER_ID}"]
+target = "{echo}"
+"#
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    // Process::start adds --log-format json: it must beat the file's text.
+    let mut run = Process::start(&["run", "--config", config], 3).await;
+    let forward = run.address("forward ready");
+    let admin = run.address("admin endpoint ready");
+    let mut app = TcpStream::connect(forward).await.unwrap();
+    app.write_all(b"through the file").await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    app.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"through the file");
+
+    let (_, effective) = http(admin, "GET", "/config").await;
+    let effective: Value = serde_json::from_str(&effective).unwrap();
+    assert_eq!(effective["log-format"], "json", "the flag wins");
+    assert_eq!(effective["server"]["drain-timeout"], "7s", "from the file");
+    assert_eq!(effective["server"]["max-tunnels"], "50");
+    assert_eq!(effective["forward"][0]["target"], echo.to_string());
+    let identity = effective["server"]["identity-dir"].as_str().unwrap();
+    assert_eq!(Path::new(identity), dir.path().join("server"));
+
+    // One subcommand, its section from the file, one field overridden.
+    let server = Process::start(
+        &[
+            "server",
+            "--config",
+            config,
+            "--listen",
+            "127.0.0.1:0",
+            "--max-tunnels",
+            "5",
+        ],
+        2,
+    )
+    .await;
+    let admin2 = server.address("admin endpoint ready");
+    let (_, effective) = http(admin2, "GET", "/config").await;
+    let effective: Value = serde_json::from_str(&effective).unwrap();
+    assert_eq!(effective["server"]["max-tunnels"], "5", "the flag wins");
+    assert_eq!(effective["server"]["drain-timeout"], "7s", "from the file");
+
+    run.terminate();
+    let status = tokio::time::timeout(Duration::from_secs(10), run.child.wait())
+        .await
+        .expect("hbone run exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_refuses_a_bad_file_with_one_line_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[server]\nidentity-dir = \"x\"\nmax-tunels = 5\n").unwrap();
+    let output = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr
+            .contains("bad.toml:3: [server] max-tunels: unknown field; did you mean max-tunnels?"),
+        "{stderr}"
+    );
+    let output = Command::new(BIN)
+        .args(["run", "--config", "/nonexistent/hbone.toml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/hbone.toml"));
+}

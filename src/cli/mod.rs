@@ -3,9 +3,11 @@
 mod args;
 mod bench;
 mod commands;
-mod config_file;
+pub(crate) mod config_file;
 mod demo;
+pub mod merge;
 mod ops;
+mod run;
 mod watch;
 
 use std::path::PathBuf;
@@ -111,6 +113,17 @@ inner TLS connection to an endpoint and never sees the tunnelled bytes. Unknown 
     Demo(demo::DemoArgs),
     /// Measure throughput, latency, connection rate and memory, direct and tunnelled.
     Bench(bench::BenchArgs),
+    /// Run every server, gateway and entry a config file declares.
+    #[command(after_help = "Example:
+  hbone config example > hbone.toml   # then edit it
+  hbone config check hbone.toml
+  hbone run --config hbone.toml --log-format json
+
+Global flags given here (--log, --log-format, --threads, --admin) override the file's top-level
+fields. The admin endpoint defaults to 127.0.0.1:15000 (`admin = \"off\"` disables it).
+SIGTERM drains every listener together; SIGHUP reloads policy and identity files.
+See docs/config.md for every field.")]
+    Run(run::RunArgs),
     /// Configuration file: check one, or print a commented example.
     #[command(subcommand)]
     Config(config_file::ConfigCommand),
@@ -270,8 +283,14 @@ pub fn raise_fd_limit() {
 pub async fn run(
     cli: Cli,
     matches: &clap::ArgMatches,
+    file: Option<&config_file::ConfigFile>,
     logging: Arc<dyn LogControl>,
 ) -> anyhow::Result<()> {
+    if let (Command::Run(_), Some(file)) = (&cli.command, file) {
+        use clap::CommandFactory;
+        let global = ops::effective_config(matches, &Cli::command());
+        return run::run(file, cli.admin, global, logging).await;
+    }
     let admin = cli.admin.unwrap_or(ops::AdminSetting::Off);
     let start_ops = |logging| async move {
         use clap::CommandFactory;
@@ -296,6 +315,7 @@ pub async fn run(
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Config(command) => config_file::run(command),
+        Command::Run(args) => anyhow::bail!("{}: not loaded", args.config.display()),
     }
 }
 

@@ -26,14 +26,14 @@ use schema::Schema;
 
 #[derive(Debug, Clone)]
 #[allow(dead_code, reason = "`path` is for `hbone run`")]
-pub(super) struct ConfigFile {
+pub(crate) struct ConfigFile {
     pub path: PathBuf,
     pub global: Vec<Field>,
     pub sections: Vec<Section>,
 }
 
 #[derive(Debug, Clone)]
-pub(super) struct Section {
+pub(crate) struct Section {
     /// "server", "gateway", "forward" or "socks5".
     pub kind: &'static str,
     pub line: usize,
@@ -41,7 +41,7 @@ pub(super) struct Section {
 }
 
 #[derive(Debug, Clone)]
-pub(super) struct Field {
+pub(crate) struct Field {
     pub name: String,
     pub line: usize,
     /// Command-line words, e.g. `["--listen", "127.0.0.1:8080"]`; empty for
