@@ -43,8 +43,7 @@ pub struct ActiveTunnel {
     pub original_source: Option<ForwardedFor>,
     /// The identity the other HBONE end proved.
     pub peer_id: Arc<SpiffeId>,
-    pub target: String,
-    pub opened_at: SystemTime,
+    pub target: Box<str>,
     started: Instant,
     sent: AtomicU64,
     received: AtomicU64,
@@ -61,6 +60,11 @@ impl ActiveTunnel {
 
     pub fn age(&self) -> std::time::Duration {
         self.started.elapsed()
+    }
+
+    /// When the tunnel opened, by the wall clock.
+    pub fn opened_at(&self) -> SystemTime {
+        SystemTime::now() - self.age()
     }
 }
 
@@ -88,8 +92,7 @@ impl ActiveTunnels {
             source: info.source,
             original_source: info.original_source,
             peer_id: info.peer_id,
-            target: info.target,
-            opened_at: SystemTime::now(),
+            target: info.target.into_boxed_str(),
             started: Instant::now(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),

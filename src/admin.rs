@@ -232,7 +232,7 @@ impl Admin {
                     "sent_bytes": sent,
                     "received_bytes": received,
                     "age_seconds": t.age().as_secs_f64(),
-                    "opened_at_unix": t.opened_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                    "opened_at_unix": t.opened_at().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 })
             })
             .collect();

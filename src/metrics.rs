@@ -330,25 +330,19 @@ impl Metrics {
         let role = RoleLabels {
             role: reporter.role(),
         };
+        let broken_labels = TcpLabels {
+            response_flags: ResponseFlag::Connect.as_str(),
+            ..labels.clone()
+        };
         TunnelCounters {
             opened: self.opened.get_or_create_owned(&labels),
             closed: self.closed.get_or_create_owned(&labels),
+            broken: self.closed.get_or_create_owned(&broken_labels),
             received_bytes: self.received_bytes.get_or_create_owned(&labels),
             sent_bytes: self.sent_bytes.get_or_create_owned(&labels),
             setup: self.setup_seconds.get_or_create_owned(&role),
             duration: self.duration_seconds.get_or_create_owned(&role),
         }
-    }
-
-    /// A tunnel that broke after opening: counted closed with `CONNECT`.
-    pub fn tunnel_broke(&self, reporter: Reporter, source: &SpiffeId, destination: &SpiffeId) {
-        let labels = tcp_labels(
-            reporter,
-            Some(source),
-            Some(destination),
-            ResponseFlag::Connect,
-        );
-        self.closed.get_or_create(&labels).inc();
     }
 
     /// A tunnel that never opened, or a failed handshake (principals
@@ -453,6 +447,8 @@ fn tcp_labels(
 pub struct TunnelCounters {
     opened: Counter,
     closed: Counter,
+    /// Closed with `CONNECT`: broke after opening.
+    broken: Counter,
     received_bytes: Counter,
     sent_bytes: Counter,
     setup: Histogram,
@@ -467,8 +463,8 @@ impl TunnelCounters {
     }
 
     /// A tunnel ended. `from_downstream` bytes came from the side that
-    /// opened it, `to_downstream` went back; `broken` ones are counted
-    /// closed by the caller with [`Metrics::tunnel_broke`].
+    /// opened it, `to_downstream` went back; a `broken` one failed after
+    /// opening and is counted closed with `CONNECT`.
     pub fn ended(
         &self,
         from_downstream: u64,
@@ -476,7 +472,9 @@ impl TunnelCounters {
         lifetime: Duration,
         broken: bool,
     ) {
-        if !broken {
+        if broken {
+            self.broken.inc();
+        } else {
             self.closed.inc();
         }
         self.received_bytes.inc_by(from_downstream);

@@ -6,6 +6,7 @@
 //! A slot is a [`StreamLease`]: it is returned the moment the tunnel drops,
 //! so a connection is usable again as soon as it has room.
 
+use crate::metrics::TunnelCounters;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -80,20 +81,27 @@ pub(crate) struct ConnState {
     idle_since_ms: AtomicU64,
     created: Instant,
     tls_failure: OnceLock<TlsFailure>,
+    /// The metrics of this connection's tunnels, resolved once.
+    pub(crate) counters: Option<TunnelCounters>,
 }
 
 impl Default for ConnState {
     fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl ConnState {
+    pub(crate) fn new(counters: Option<TunnelCounters>) -> Self {
         ConnState {
             slots: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             created: Instant::now(),
             tls_failure: OnceLock::new(),
+            counters,
         }
     }
-}
 
-impl ConnState {
     /// No new streams from now on; streams in flight carry on.
     pub(crate) fn mark_closed(&self) {
         self.slots.fetch_or(CLOSED, Ordering::AcqRel);
@@ -194,7 +202,7 @@ impl PooledConn {
 /// A stream slot on a connection, given back on drop: the connection has
 /// room again the moment a tunnel ends.
 pub(crate) struct StreamLease {
-    state: Arc<ConnState>,
+    pub(crate) state: Arc<ConnState>,
 }
 
 impl Drop for StreamLease {

@@ -34,22 +34,33 @@ pub(super) struct IdentityArgs {
 }
 
 impl IdentityArgs {
+    /// Loads the identity, logs it and warns when it nears expiry.
     pub(super) fn load(&self) -> anyhow::Result<Identity> {
-        let identity = match (
-            &self.identity_dir,
-            &self.cert,
-            &self.key,
-            &self.trust_bundle,
-        ) {
-            (Some(dir), _, _, _) => Identity::from_dir(dir)?,
-            (None, Some(cert), Some(key), Some(bundle)) => Identity::from_files(cert, key, bundle)?,
-            _ => bail!(
-                "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle"
-            ),
-        };
+        let identity = self.read()?;
         tracing::info!(id = %identity.id(), "identity loaded");
         warn_if_expiring(&identity);
         Ok(identity)
+    }
+
+    /// Loads the identity without a word (for the rotation watcher's
+    /// starting point: the command has just loaded and logged it).
+    pub(super) fn read(&self) -> anyhow::Result<Identity> {
+        Ok(
+            match (
+                &self.identity_dir,
+                &self.cert,
+                &self.key,
+                &self.trust_bundle,
+            ) {
+                (Some(dir), _, _, _) => Identity::from_dir(dir)?,
+                (None, Some(cert), Some(key), Some(bundle)) => {
+                    Identity::from_files(cert, key, bundle)?
+                }
+                _ => bail!(
+                    "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle"
+                ),
+            },
+        )
     }
 
     /// The files the identity comes from, to watch for rotation.

@@ -143,7 +143,7 @@ fn watch_identity(
     apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
 ) {
     // The identity in use, for the hourly expiry check.
-    let mut current = args.load().ok();
+    let mut current = args.read().ok();
     let metrics = ops.telemetry.metrics.clone();
     let readiness = ops.readiness.clone();
     tokio::spawn(watch(args.files(), move |event| match event {

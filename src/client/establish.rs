@@ -104,7 +104,10 @@ impl Dialer {
                 server,
                 failure: TlsFailure::Protocol("server sent no SPIFFE certificate".into()),
             })?;
-        let state = Arc::new(ConnState::default());
+        let counters = self.inner.config.telemetry.metrics.as_ref().map(|metrics| {
+            metrics.tunnel_counters(Reporter::Source, &self.inner.local_id, &peer_id)
+        });
+        let state = Arc::new(ConnState::new(counters));
         let io = ErrorRecorder {
             inner: tls_stream,
             state: state.clone(),

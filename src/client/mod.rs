@@ -460,7 +460,7 @@ impl Dialer {
             stream: H2Stream::new(send, response.into_body()),
             peer_id: conn.peer_id.clone(),
             peer_baggage,
-            _lease: lease,
+            lease,
         })
     }
 }

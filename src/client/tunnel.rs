@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::headers::Baggage;
 use crate::identity::SpiffeId;
+use crate::metrics::TunnelCounters;
 use crate::pool::StreamLease;
 use crate::stream::H2Stream;
 
@@ -19,7 +20,7 @@ pub struct Tunnel {
     pub(super) peer_id: Arc<SpiffeId>,
     /// The server's workload metadata, if it sent any.
     pub(super) peer_baggage: Baggage,
-    pub(super) _lease: StreamLease,
+    pub(super) lease: StreamLease,
 }
 
 impl Tunnel {
@@ -31,6 +32,11 @@ impl Tunnel {
     /// The server's identity, shared (for records that outlive the tunnel).
     pub fn peer_arc(&self) -> Arc<SpiffeId> {
         self.peer_id.clone()
+    }
+
+    /// The metrics of tunnels on this tunnel's connection, when kept.
+    pub(crate) fn counters(&self) -> Option<&TunnelCounters> {
+        self.lease.state.counters.as_ref()
     }
 
     /// Workload metadata the server sent in its `baggage` response header.

@@ -16,7 +16,7 @@ use crate::active::{Registration, TunnelInfo};
 use crate::client::{DialError, Dialer, Tunnel};
 use crate::copy;
 use crate::identity::SpiffeId;
-use crate::metrics::{Metrics, Reporter, TunnelCounters};
+use crate::metrics::Reporter;
 
 pub mod forward;
 pub mod socks5;
@@ -32,12 +32,7 @@ pub(crate) struct ClientRelay {
     log: Arc<dyn AccessLog>,
     started: Instant,
     local_id: Arc<SpiffeId>,
-    /// Present only when the dialer keeps metrics or lists tunnels.
-    telemetry: Option<Box<RelayTelemetry>>,
-}
-
-struct RelayTelemetry {
-    metrics: Option<(Arc<Metrics>, TunnelCounters)>,
+    /// Present only when the dialer lists open tunnels.
     registration: Option<Registration>,
 }
 
@@ -51,26 +46,17 @@ impl ClientRelay {
         started: Instant,
         dialer: &Dialer,
     ) -> Self {
-        let telemetry = dialer.telemetry();
         let local_id = dialer.local_id_arc();
-        let metrics = telemetry.metrics.as_ref().map(|metrics| {
-            let counters = metrics.tunnel_counters(Reporter::Source, &local_id, tunnel.peer_id());
+        if let Some(counters) = tunnel.counters() {
             counters.opened(started.elapsed());
-            (metrics.clone(), counters)
-        });
-        let registration = telemetry.tunnels.as_ref().map(|tunnels| {
+        }
+        let registration = dialer.telemetry().tunnels.as_ref().map(|tunnels| {
             tunnels.register(TunnelInfo {
                 role: Role::Client,
                 source,
                 original_source: None,
                 peer_id: tunnel.peer_arc(),
                 target: target.to_string(),
-            })
-        });
-        let telemetry = (metrics.is_some() || registration.is_some()).then(|| {
-            Box::new(RelayTelemetry {
-                metrics,
-                registration,
             })
         });
         ClientRelay {
@@ -80,7 +66,7 @@ impl ClientRelay {
             log,
             started,
             local_id,
-            telemetry,
+            registration,
         }
     }
 }
@@ -91,11 +77,7 @@ impl Future for ClientRelay {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.relay).poll(cx);
-        if let Some(registration) = this
-            .telemetry
-            .as_ref()
-            .and_then(|t| t.registration.as_ref())
-        {
+        if let Some(registration) = &this.registration {
             // The socket is the application: the source.
             registration.update(this.relay.transferred(), true);
         }
@@ -118,8 +100,7 @@ impl Future for ClientRelay {
             duration: this.started.elapsed(),
         };
         this.log.record(&record);
-        if let Some((metrics, counters)) = this.telemetry.as_ref().and_then(|t| t.metrics.as_ref())
-        {
+        if let Some(counters) = tunnel.counters() {
             let broken = matches!(record.outcome, Outcome::Failed(_));
             counters.ended(
                 record.bytes_sent,
@@ -127,9 +108,6 @@ impl Future for ClientRelay {
                 record.duration,
                 broken,
             );
-            if broken {
-                metrics.tunnel_broke(Reporter::Source, &record.local_id, tunnel.peer_id());
-            }
         }
         Poll::Ready(())
     }

@@ -85,12 +85,6 @@ impl Future for ServerRelay {
                 record.duration,
                 broken,
             );
-            if broken
-                && let (Some(metrics), Some(peer)) =
-                    (&this.shared.telemetry.metrics, &record.peer_id)
-            {
-                metrics.tunnel_broke(Reporter::Destination, peer, &record.local_id);
-            }
         }
         Poll::Ready(())
     }
@@ -244,8 +238,8 @@ impl Shared {
                 record.outcome = Outcome::Failed(format!("client went away: {e}"));
                 record.duration = started.elapsed();
                 self.access_log.record(&record);
-                if let Some(metrics) = &self.telemetry.metrics {
-                    metrics.tunnel_broke(Reporter::Destination, &peer_id, &self.local_id);
+                if let Some(counters) = counters {
+                    counters.ended(0, 0, record.duration, true);
                 }
                 None
             }

@@ -74,15 +74,20 @@ fn render(doc: &Document) -> String {
     let _ = writeln!(
         out,
         "{} run(s) of each workload, {} ms each; idle memory with {} tunnels, read {} ms after \
-         they are all open. Client entry: `{}`; server and entry log filter: `{}`; server and entry run \
-         with their admin endpoint on (metrics and the open-tunnel list kept, as `hbone run` does \
-         by default). Each figure is the median of the runs, with the lowest and highest in parentheses.\n",
+         they are all open. Client entry: `{}`; server and entry log filter: `{}`; {}. Each figure is the median of the runs, with the lowest and highest in parentheses.\n",
         o.runs,
         o.duration.as_millis(),
         o.tunnels,
         o.settle.as_millis(),
         o.entry.name(),
-        o.tunnel_log
+        o.tunnel_log,
+        if o.admin {
+            "server, gateway and entries run with their admin endpoint on (metrics and the \
+             open-tunnel list kept, as `hbone run` does by default)"
+        } else {
+            "server, gateway and entries run without an admin endpoint (`--no-admin`: no \
+             metrics, no open-tunnel list)"
+        }
     );
     out += "## Results\n\n";
     let mut headers = HEADERS.to_vec();

@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// without it.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     tunnel_log: String,
+    /// Run the server and entries without their admin endpoint (no
+    /// metrics, no open-tunnel list), to see what those cost. By default
+    /// they run with it, as `hbone run` does.
+    #[arg(long)]
+    no_admin: bool,
     /// Also write the results as Markdown to FILE, with the machine, the
     /// command and ztunnel's reference figures.
     #[arg(long, value_name = "FILE")]
@@ -135,9 +140,21 @@ pub struct Options {
     pub quick: bool,
     pub entry: EntryKind,
     pub tunnel_log: String,
+    /// Server and entries run their admin endpoint.
+    pub admin: bool,
     pub write: Option<PathBuf>,
     /// The command line, as typed, for the report.
     pub command: String,
+}
+
+impl Options {
+    /// How the server, gateway and entry processes are started.
+    pub fn child_flags(&self) -> stack::ChildFlags {
+        stack::ChildFlags {
+            log: self.tunnel_log.clone(),
+            admin: self.admin,
+        }
+    }
 }
 
 impl BenchArgs {
@@ -154,6 +171,7 @@ impl BenchArgs {
             quick,
             entry: self.entry,
             tunnel_log: self.tunnel_log,
+            admin: !self.no_admin,
             write: self.write,
             command: machine::command_line(),
         }

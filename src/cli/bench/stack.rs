@@ -104,11 +104,10 @@ pub struct Listening {
 
 /// `hbone server` on an ephemeral loopback port; only loopback targets are
 /// allowed, which is the server's default.
-pub fn start_server(pki: &Pki, log: &str) -> anyhow::Result<Listening> {
+pub fn start_server(pki: &Pki, flags: &ChildFlags) -> anyhow::Result<Listening> {
     let mut args = strings(&["server", "--listen", LOOPBACK_ANY_PORT]);
     push_path(&mut args, "--identity-dir", &pki.server_dir);
-    args.extend(log_args(log));
-    args.extend(admin_args());
+    args.extend(flags.args());
     let mut proc = Proc::spawn("hbone server", &args)?;
     let addr = proc.wait_ready(START_LIMIT)?;
     Ok(Listening { proc, addr })
@@ -122,7 +121,7 @@ pub fn start_gateway(
     pki: &Pki,
     dir: &Path,
     server: SocketAddr,
-    log: &str,
+    flags: &ChildFlags,
 ) -> anyhow::Result<Listening> {
     let routes = dir.join("routes.toml");
     let host = BENCH_SERVICE.split(':').next().unwrap_or_default();
@@ -134,7 +133,7 @@ pub fn start_gateway(
     let mut args = strings(&["gateway", "--listen", LOOPBACK_ANY_PORT]);
     push_path(&mut args, "--identity-dir", &pki.gateway_dir);
     push_path(&mut args, "--routes", &routes);
-    args.extend(log_args(log));
+    args.extend(flags.args());
     let mut proc = Proc::spawn("hbone gateway", &args)?;
     let addr = proc.wait_ready(START_LIMIT)?;
     Ok(Listening { proc, addr })
@@ -147,7 +146,7 @@ pub fn start_gateway_forward(
     gateway: SocketAddr,
     target: SocketAddr,
     pool: bool,
-    log: &str,
+    flags: &ChildFlags,
 ) -> anyhow::Result<Listening> {
     let mut args = strings(&["forward", "--listen", LOOPBACK_ANY_PORT]);
     push_path(&mut args, "--identity-dir", &pki.client_dir);
@@ -166,7 +165,7 @@ pub fn start_gateway_forward(
     if !pool {
         args.push("--no-pool".into());
     }
-    args.extend(log_args(log));
+    args.extend(flags.args());
     let name = if pool {
         "forward via gateway"
     } else {
@@ -207,7 +206,7 @@ impl Entry {
         server: SocketAddr,
         target: SocketAddr,
         pool: bool,
-        log: &str,
+        flags: &ChildFlags,
     ) -> anyhow::Result<Entry> {
         let (command, name, target) = match kind {
             EntryKind::Forward => (
@@ -232,8 +231,7 @@ impl Entry {
         if !pool {
             args.push("--no-pool".into());
         }
-        args.extend(log_args(log));
-        args.extend(admin_args());
+        args.extend(flags.args());
         let mut proc = Proc::spawn(&name, &args)?;
         let addr = proc.wait_ready(START_LIMIT)?;
         Ok(Entry {
@@ -272,16 +270,16 @@ impl ClientSide {
         pki: &Pki,
         server: SocketAddr,
         apps: &Apps,
-        log: &str,
+        flags: &ChildFlags,
     ) -> anyhow::Result<ClientSide> {
         let pooled = match kind {
             EntryKind::Forward => vec![
-                Entry::start(kind, pki, server, apps.sink, true, log)?,
-                Entry::start(kind, pki, server, apps.echo, true, log)?,
+                Entry::start(kind, pki, server, apps.sink, true, flags)?,
+                Entry::start(kind, pki, server, apps.echo, true, flags)?,
             ],
-            EntryKind::Socks5 => vec![Entry::start(kind, pki, server, apps.sink, true, log)?],
+            EntryKind::Socks5 => vec![Entry::start(kind, pki, server, apps.sink, true, flags)?],
         };
-        let no_pool = Entry::start(kind, pki, server, apps.echo, false, log)?;
+        let no_pool = Entry::start(kind, pki, server, apps.echo, false, flags)?;
         Ok(ClientSide { pooled, no_pool })
     }
 
@@ -301,16 +299,26 @@ impl ClientSide {
     }
 }
 
-/// The admin endpoint on an ephemeral port: metrics and the open-tunnel
-/// list cost what they cost in production, where `hbone run` keeps them.
-fn admin_args() -> Vec<String> {
-    strings(&["--admin", LOOPBACK_ANY_PORT])
+/// What every server, gateway and entry process of the bench is started with.
+pub struct ChildFlags {
+    /// Their log filter (`info` writes the access log).
+    pub log: String,
+    /// Whether they run their admin endpoint (metrics and the open-tunnel
+    /// list), as `hbone run` does by default.
+    pub admin: bool,
 }
 
-/// Server and entries log at `filter`, but their "ready" lines (target
-/// `hbone::cli`) always show: the bench reads the addresses from them.
-fn log_args(filter: &str) -> Vec<String> {
-    strings(&["--log", &format!("{filter},hbone::cli=info")])
+impl ChildFlags {
+    /// Their "ready" lines (target `hbone::cli`) always show: the bench
+    /// reads the addresses from them. The admin endpoint, when on, takes an
+    /// ephemeral port.
+    fn args(&self) -> Vec<String> {
+        let mut args = strings(&["--log", &format!("{},hbone::cli=info", self.log)]);
+        if self.admin {
+            args.extend(strings(&["--admin", LOOPBACK_ANY_PORT]));
+        }
+        args
+    }
 }
 
 fn push_path(args: &mut Vec<String>, flag: &str, path: &Path) {

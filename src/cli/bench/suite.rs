@@ -36,9 +36,9 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     check_open_files(options.tunnels)?;
     let pki = Pki::write(dir.path()).context("cannot create the bench identities")?;
     let apps = Apps::start()?;
-    let log = &options.tunnel_log;
-    let server = start_server(&pki, log)?;
-    let clients = ClientSide::start(options.entry, &pki, server.addr, &apps, log)?;
+    let flags = &options.child_flags();
+    let server = start_server(&pki, flags)?;
+    let clients = ClientSide::start(options.entry, &pki, server.addr, &apps, flags)?;
     eprintln!(
         "hbone bench: {} run(s) of {} ms per workload, {} idle tunnels, entry {}, build {}",
         options.runs,
@@ -224,17 +224,17 @@ impl Bench<'_> {
     /// The connection workload through `hbone gateway` (double HBONE),
     /// with inner connections pooled and, as ztunnel does, fresh for each.
     fn gateway(&mut self, dir: &std::path::Path) -> anyhow::Result<()> {
-        let log = &self.options.tunnel_log;
+        let flags = &self.options.child_flags();
         let echo = self.apps.echo;
-        let mut gateway = start_gateway(&self.pki, dir, self.server.addr, log)?;
+        let mut gateway = start_gateway(&self.pki, dir, self.server.addr, flags)?;
         let mut entries = [
             (
                 Metric::GatewayPooled,
-                start_gateway_forward(&self.pki, gateway.addr, echo, true, log)?,
+                start_gateway_forward(&self.pki, gateway.addr, echo, true, flags)?,
             ),
             (
                 Metric::GatewayFresh,
-                start_gateway_forward(&self.pki, gateway.addr, echo, false, log)?,
+                start_gateway_forward(&self.pki, gateway.addr, echo, false, flags)?,
             ),
         ];
         for run in 1..=self.options.runs {
@@ -273,11 +273,17 @@ impl Bench<'_> {
     fn idle(&mut self) -> anyhow::Result<()> {
         let n = self.options.tunnels;
         let limit = RESULT_GRACE * 2 + Duration::from_millis(10) * n;
-        let (log, echo) = (&self.options.tunnel_log, self.apps.echo);
+        let (flags, echo) = (&self.options.child_flags(), self.apps.echo);
         for run in 1..=self.options.runs {
-            let mut server = start_server(&self.pki, log)?;
-            let mut entry =
-                Entry::start(EntryKind::Forward, &self.pki, server.addr, echo, true, log)?;
+            let mut server = start_server(&self.pki, flags)?;
+            let mut entry = Entry::start(
+                EntryKind::Forward,
+                &self.pki,
+                server.addr,
+                echo,
+                true,
+                flags,
+            )?;
             let pids = [server.proc.pid(), entry.listening.proc.pid()];
             std::thread::sleep(self.options.settle);
             let before = rss_kib(&pids)?;

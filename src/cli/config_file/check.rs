@@ -306,7 +306,12 @@ pub(super) fn listeners(
                 .values()
                 .last()
                 .map(|v| v.to_string_lossy().into_owned()),
-            None => key.defaults().into_iter().next(),
+            // `hbone run`'s default when the file names none.
+            None => key
+                .defaults()
+                .into_iter()
+                .next()
+                .or_else(|| Some(crate::cli::ops::DEFAULT_ADMIN.to_owned())),
         };
         if let Some(addr) = value.and_then(|v| v.parse().ok()) {
             all.push(Listener {

@@ -25,7 +25,6 @@ pub(super) use example::example;
 use schema::Schema;
 
 #[derive(Debug, Clone)]
-#[allow(dead_code, reason = "`path` is for `hbone run`")]
 pub(crate) struct ConfigFile {
     pub path: PathBuf,
     pub global: Vec<Field>,
@@ -95,15 +94,6 @@ impl Section {
 }
 
 impl ConfigFile {
-    /// The top-level fields as global flags.
-    #[allow(dead_code, reason = "for `hbone run`")]
-    pub fn global_argv(&self) -> Vec<OsString> {
-        self.global
-            .iter()
-            .flat_map(|f| f.args.iter().cloned())
-            .collect()
-    }
-
     /// One line per section, saying what it would run.
     pub fn summary(&self) -> Vec<String> {
         let schema = Schema::cli();
