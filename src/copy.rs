@@ -8,12 +8,14 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::metrics::RelayBytes;
 use crate::stream::H2Stream;
 
 /// Buffer per direction. Large enough for full-sized TLS records and DATA
@@ -170,6 +172,8 @@ pub struct Relay<S> {
     down: StreamToTcp,
     /// Only when asked for: most tunnels have no idle limit.
     idle: Option<IdleLimit>,
+    /// Metrics to add moved bytes to, as they move.
+    bytes: Option<Arc<RelayBytes>>,
 }
 
 /// Ends a relay that moved no byte for `limit`.
@@ -186,7 +190,14 @@ impl<S: AsMut<H2Stream> + Unpin> Relay<S> {
             up: TcpToStream::default(),
             down: StreamToTcp::default(),
             idle: None,
+            bytes: None,
         }
+    }
+
+    /// Adds the bytes moved to `counters` as they move.
+    pub fn with_byte_counters(mut self, counters: Arc<RelayBytes>) -> Self {
+        self.bytes = Some(counters);
+        self
     }
 
     /// Closes the tunnel (as an error, so both sides are reset) once no
@@ -233,11 +244,15 @@ impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
             return Poll::Pending;
         };
         let stream = stream.as_mut();
+        let before = (this.up.bytes, this.down.bytes);
         let up = this.up.poll(cx, tcp, stream);
         let down = match up {
             Poll::Ready(Err(_)) => Poll::Pending,
             _ => this.down.poll(cx, stream, tcp),
         };
+        if let Some(bytes) = &this.bytes {
+            bytes.add(this.up.bytes - before.0, this.down.bytes - before.1);
+        }
         let cancelled = stream.cancelled();
         let outcome = match (up, down) {
             // The peer cancelled the tunnel: a normal end, whatever was

@@ -6,7 +6,8 @@
 //! addresses, so the number of series stays bounded by the number of peers
 //! and rules. Istio's byte counters are named from the reporting proxy's
 //! point of view: `received` is what came from the downstream (client)
-//! side, `sent` what went back to it. They are added when a tunnel ends.
+//! side, `sent` what went back to it. They count as bytes move, so a tunnel
+//! that stays open for days shows its traffic while it flows.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -338,10 +339,26 @@ impl Metrics {
             opened: self.opened.get_or_create_owned(&labels),
             closed: self.closed.get_or_create_owned(&labels),
             broken: self.closed.get_or_create_owned(&broken_labels),
-            received_bytes: self.received_bytes.get_or_create_owned(&labels),
-            sent_bytes: self.sent_bytes.get_or_create_owned(&labels),
+            bytes: Arc::new(self.relay_bytes(reporter, &labels)),
             setup: self.setup_seconds.get_or_create_owned(&role),
             duration: self.duration_seconds.get_or_create_owned(&role),
+        }
+    }
+
+    /// The downstream side is the socket for a source (the application)
+    /// and the tunnel for a destination (whose socket is the target).
+    fn relay_bytes(&self, reporter: Reporter, labels: &TcpLabels) -> RelayBytes {
+        let received = self.received_bytes.get_or_create_owned(labels);
+        let sent = self.sent_bytes.get_or_create_owned(labels);
+        match reporter {
+            Reporter::Source => RelayBytes {
+                from_socket: received,
+                to_socket: sent,
+            },
+            Reporter::Destination => RelayBytes {
+                from_socket: sent,
+                to_socket: received,
+            },
         }
     }
 
@@ -449,8 +466,7 @@ pub struct TunnelCounters {
     closed: Counter,
     /// Closed with `CONNECT`: broke after opening.
     broken: Counter,
-    received_bytes: Counter,
-    sent_bytes: Counter,
+    bytes: Arc<RelayBytes>,
     setup: Histogram,
     duration: Histogram,
 }
@@ -462,24 +478,39 @@ impl TunnelCounters {
         self.setup.observe(setup.as_secs_f64());
     }
 
-    /// A tunnel ended. `from_downstream` bytes came from the side that
-    /// opened it, `to_downstream` went back; a `broken` one failed after
+    /// A tunnel ended after `lifetime`; a `broken` one failed after
     /// opening and is counted closed with `CONNECT`.
-    pub fn ended(
-        &self,
-        from_downstream: u64,
-        to_downstream: u64,
-        lifetime: Duration,
-        broken: bool,
-    ) {
+    pub fn ended(&self, lifetime: Duration, broken: bool) {
         if broken {
             self.broken.inc();
         } else {
             self.closed.inc();
         }
-        self.received_bytes.inc_by(from_downstream);
-        self.sent_bytes.inc_by(to_downstream);
         self.duration.observe(lifetime.as_secs_f64());
+    }
+
+    /// The byte counters, for the relay to add to as bytes move.
+    pub fn relay_bytes(&self) -> Arc<RelayBytes> {
+        self.bytes.clone()
+    }
+}
+
+/// Istio's byte counters as a relay sees them: by socket direction.
+#[derive(Debug)]
+pub struct RelayBytes {
+    from_socket: Counter,
+    to_socket: Counter,
+}
+
+impl RelayBytes {
+    /// Bytes read from the relay's socket and written to it.
+    pub fn add(&self, from_socket: u64, to_socket: u64) {
+        if from_socket > 0 {
+            self.from_socket.inc_by(from_socket);
+        }
+        if to_socket > 0 {
+            self.to_socket.inc_by(to_socket);
+        }
     }
 }
 
@@ -494,7 +525,8 @@ mod tests {
         let server = SpiffeId::parse("spiffe://cluster.local/ns/b/sa/server").unwrap();
         let counters = metrics.tunnel_counters(Reporter::Destination, &client, &server);
         counters.opened(Duration::from_millis(1));
-        counters.ended(10, 20, Duration::from_millis(5), false);
+        counters.relay_bytes().add(20, 10);
+        counters.ended(Duration::from_millis(5), false);
         metrics.tunnel_failed(
             Reporter::Destination,
             Some(&client),

@@ -476,6 +476,27 @@ async fn admin_endpoints_and_readiness_during_drain() {
     assert_eq!(open["received_bytes"], 5);
     assert!(open["age_seconds"].as_f64().unwrap() >= 0.0);
     assert_eq!(http(admin, "GET", "/tunnels?limit=x").await.0, 400);
+    // Istio's byte counters move with the bytes, not at the tunnel's end.
+    let (_, scrape) = http(admin, "GET", "/metrics").await;
+    for metric in [
+        "istio_tcp_received_bytes_total",
+        "istio_tcp_sent_bytes_total",
+    ] {
+        let series = istio(metric, "destination", CLIENT_ID, SERVER_ID, "-");
+        assert_eq!(
+            sample(&scrape, &series),
+            5,
+            "{series} while open, in\n{scrape}"
+        );
+    }
+    let closed = istio(
+        "istio_tcp_connections_closed_total",
+        "destination",
+        CLIENT_ID,
+        SERVER_ID,
+        "-",
+    );
+    assert_eq!(sample(&scrape, &closed), 0);
 
     // Draining: unready at once, still alive, the open tunnel still flows.
     setup.server.terminate();

@@ -47,9 +47,10 @@ impl ClientRelay {
         dialer: &Dialer,
     ) -> Self {
         let local_id = dialer.local_id_arc();
-        if let Some(counters) = tunnel.counters() {
+        let bytes = tunnel.counters().map(|counters| {
             counters.opened(started.elapsed());
-        }
+            counters.relay_bytes()
+        });
         let registration = dialer.telemetry().tunnels.as_ref().map(|tunnels| {
             tunnels.register(TunnelInfo {
                 role: Role::Client,
@@ -59,8 +60,12 @@ impl ClientRelay {
                 target: target.to_string(),
             })
         });
+        let mut relay = copy::Relay::new(app, tunnel);
+        if let Some(bytes) = bytes {
+            relay = relay.with_byte_counters(bytes);
+        }
         ClientRelay {
-            relay: copy::Relay::new(app, tunnel),
+            relay,
             source,
             target,
             log,
@@ -102,12 +107,7 @@ impl Future for ClientRelay {
         this.log.record(&record);
         if let Some(counters) = tunnel.counters() {
             let broken = matches!(record.outcome, Outcome::Failed(_));
-            counters.ended(
-                record.bytes_sent,
-                record.bytes_received,
-                record.duration,
-                broken,
-            );
+            counters.ended(record.duration, broken);
         }
         Poll::Ready(())
     }

@@ -79,12 +79,7 @@ impl Future for ServerRelay {
         this.shared.access_log.record(record);
         if let Some(counters) = &this.counters {
             let broken = matches!(record.outcome, Outcome::Failed(_));
-            counters.ended(
-                record.bytes_sent,
-                record.bytes_received,
-                record.duration,
-                broken,
-            );
+            counters.ended(record.duration, broken);
         }
         Poll::Ready(())
     }
@@ -126,6 +121,9 @@ impl Shared {
             let mut relay = copy::Relay::new(open.target, open.stream);
             if let Some(limit) = self.timeouts.tunnel_idle {
                 relay = relay.with_idle_limit(limit);
+            }
+            if let Some(counters) = &counters {
+                relay = relay.with_byte_counters(counters.relay_bytes());
             }
             Some(ServerRelay {
                 relay,
@@ -239,7 +237,7 @@ impl Shared {
                 record.duration = started.elapsed();
                 self.access_log.record(&record);
                 if let Some(counters) = counters {
-                    counters.ended(0, 0, record.duration, true);
+                    counters.ended(record.duration, true);
                 }
                 None
             }
