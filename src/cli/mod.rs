@@ -291,6 +291,15 @@ pub async fn run(
         let global = ops::effective_config(matches, &Cli::command());
         return run::run(file, cli.admin, global, logging).await;
     }
+    let serves = matches!(
+        cli.command,
+        Command::Server(_) | Command::Gateway(_) | Command::Forward(_) | Command::Socks5(_)
+    );
+    if cli.admin.is_some() && !serves {
+        anyhow::bail!(
+            "--admin applies to the long-running commands (run, server, gateway, forward, socks5)"
+        );
+    }
     let admin = cli.admin.unwrap_or(ops::AdminSetting::Off);
     let start_ops = |logging| async move {
         use clap::CommandFactory;
