@@ -630,3 +630,89 @@ async fn run_refuses_a_bad_file_with_one_line_naming_the_field() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/hbone.toml"));
 }
+
+/// Policy reloads are counted by result (a broken file keeps the old
+/// policy), and the certificate in use is published with its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_and_certificate_expiry_are_in_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let policy = dir.path().join("policy.toml");
+    let rule = |target: &str| {
+        format!("[[rule]]\nname = \"to {target}\"\nfrom = [\"{CLIENT_ID}\"]\nto = [\"{target}\"]\n")
+    };
+    std::fs::write(&policy, rule("127.0.0.1/32")).unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Process::start(
+        &[
+            "server",
+            "--identity-dir",
+            server_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        2,
+    )
+    .await;
+    let admin = server.address("admin endpoint ready");
+    let reloads = |scrape: &str, result: &str| {
+        sample(
+            scrape,
+            &format!("hbone_reloads_total{{what=\"policy\",result=\"{result}\"}}"),
+        )
+    };
+    let hangup = || {
+        let pid = server.child.id().unwrap() as i32;
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    };
+    let scrape_until = |want_ok: u64, want_failed: u64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, scrape) = http(admin, "GET", "/metrics").await;
+            // At least: the 2 s file poll may reload the same change too.
+            if reloads(&scrape, "success") >= want_ok && reloads(&scrape, "failure") >= want_failed
+            {
+                return scrape;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "reload counts in\n{scrape}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"broken\"\nto = [\"not-an-address\"]\n",
+    )
+    .unwrap();
+    hangup();
+    let scrape = scrape_until(0, 1).await;
+    assert_eq!(
+        reloads(&scrape, "success"),
+        0,
+        "a broken file is not a success"
+    );
+    std::fs::write(&policy, rule("127.0.0.2/32")).unwrap();
+    hangup();
+    let scrape = scrape_until(1, 1).await;
+
+    // The server's certificate: issued for 90 days by `hbone ca issue`.
+    let series = format!("hbone_certificate_expiry_timestamp_seconds{{id=\"{SERVER_ID}\"}}");
+    let expires = sample(&scrape, &series);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let days = (expires.saturating_sub(now)) / 86_400;
+    assert!(
+        (88..=90).contains(&days),
+        "expires in {days} days: {scrape}"
+    );
+}

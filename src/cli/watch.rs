@@ -43,7 +43,11 @@ pub(super) async fn watch(files: Vec<PathBuf>, mut handle: impl FnMut(Event)) {
                     handle(Event::Reload("files changed"));
                 }
             }
-            Some(()) = hangup_received => handle(Event::Reload("SIGHUP")),
+            Some(()) = hangup_received => {
+                // What SIGHUP reloaded need not be reloaded again by the poll.
+                last = stamp(&files);
+                handle(Event::Reload("SIGHUP"));
+            }
             _ = hourly.tick() => handle(Event::Hourly),
         }
     }
