@@ -393,3 +393,37 @@ fn the_docs_error_cases_fail_and_the_rest_pass() {
 fn global_argv(file: &ConfigFile) -> Vec<std::ffi::OsString> {
     file.global.iter().flat_map(|f| f.args.clone()).collect()
 }
+
+proptest::proptest! {
+    /// Whatever the operator writes, the answer is a file or one line of
+    /// error naming the file, never a panic.
+    #[test]
+    fn any_text_parses_or_fails_with_one_line(text in "(?s).{0,300}") {
+        if let Err(e) = parse(&text, Path::new("hbone.toml")) {
+            let message = e.to_string();
+            proptest::prop_assert!(message.starts_with("hbone.toml"), "{message}");
+            proptest::prop_assert!(!message.contains('\n'), "{message}");
+        }
+    }
+
+    /// Near-valid files: real sections and field names with arbitrary
+    /// values of every TOML type.
+    #[test]
+    fn real_fields_with_any_values(
+        section in proptest::sample::select(vec!["[server]", "[gateway]", "[[forward]]", "[[socks5]]"]),
+        field in proptest::sample::select(vec![
+            "listen", "allow-target", "max-tunnels", "drain-timeout", "proxy-protocol",
+            "server-id", "identity-dir", "admin", "threads", "routes", "no-pool",
+        ]),
+        value in proptest::sample::select(vec![
+            "1", "-1", "0", "99999999999999999999", "true", "\"\"", "\"5s\"", "\"x\"",
+            "[]", "[1, 2]", "[\"a\", \"b\"]", "{ a = 1 }", "1.5", "1979-05-27",
+            "\"[::]:15008\"", "\"127.0.0.1:0\"", "\"10.0.0.0/8:80-443\"",
+        ]),
+    ) {
+        let text = format!("{section}\nidentity-dir = \"/c\"\n{field} = {value}\n");
+        if let Err(e) = parse(&text, Path::new("hbone.toml")) {
+            proptest::prop_assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+}
