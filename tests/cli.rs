@@ -35,23 +35,7 @@ async fn run_ok(args: &[&str]) -> String {
 
 /// `ca init` plus a client and a server certificate in `dir`.
 async fn make_pki(dir: &Path) {
-    let ca = dir.join("ca");
-    let ca = ca.to_str().unwrap();
-    run_ok(&["ca", "init", "--out", ca]).await;
-    for (id, name) in [(SERVER_ID, "server"), (CLIENT_ID, "client")] {
-        let out = dir.join(name);
-        run_ok(&[
-            "ca",
-            "issue",
-            "--ca",
-            ca,
-            "--id",
-            id,
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .await;
-    }
+    issue_with_cli(dir, &[(SERVER_ID, "server"), (CLIENT_ID, "client")]).await;
 }
 
 /// Starts a long-running subcommand and returns it with the address it

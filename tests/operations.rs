@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::start_echo;
+use common::{issue_with_cli, start_echo};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,33 +20,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_hbone");
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
-async fn run_ok(args: &[&str]) {
-    let output = Command::new(BIN).args(args).output().await.unwrap();
-    assert!(
-        output.status.success(),
-        "hbone {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 async fn make_pki(dir: &Path) {
-    let ca = dir.join("ca");
-    let ca = ca.to_str().unwrap();
-    run_ok(&["ca", "init", "--out", ca]).await;
-    for (id, name) in [(SERVER_ID, "server"), (CLIENT_ID, "client")] {
-        let out = dir.join(name);
-        run_ok(&[
-            "ca",
-            "issue",
-            "--ca",
-            ca,
-            "--id",
-            id,
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .await;
-    }
+    issue_with_cli(dir, &[(SERVER_ID, "server"), (CLIENT_ID, "client")]).await;
 }
 
 /// A running `hbone` with JSON logs, every line kept for inspection.

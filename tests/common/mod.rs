@@ -304,3 +304,39 @@ impl Records {
         self.0.lock().unwrap().clone()
     }
 }
+
+/// With the `hbone` binary: `ca init` in `dir/ca`, then `ca issue` of each
+/// (SPIFFE ID, folder name) into `dir/NAME`, as an operator would.
+pub async fn issue_with_cli(dir: &std::path::Path, identities: &[(&str, &str)]) {
+    let ca = dir.join("ca");
+    let ca = ca.to_str().unwrap();
+    run_hbone(&["ca", "init", "--out", ca]).await;
+    for (id, name) in identities {
+        let out = dir.join(name);
+        run_hbone(&[
+            "ca",
+            "issue",
+            "--ca",
+            ca,
+            "--id",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .await;
+    }
+}
+
+/// Runs the `hbone` binary to completion; it must succeed.
+pub async fn run_hbone(args: &[&str]) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_hbone"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "hbone {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
