@@ -1,14 +1,15 @@
 //! The tunnels open right now, for the admin endpoint's `/tunnels`.
 //!
-//! Kept only when asked for (an admin endpoint is configured): each entry
-//! costs a small allocation per tunnel. Byte counts are refreshed by the
-//! relay as bytes move, with relaxed stores nobody waits on.
+//! Kept only when asked for (an admin endpoint is configured), and kept
+//! small, since every open tunnel has an entry on each end: about 130 bytes
+//! for the entry and its slot. Byte counts are refreshed by the relay as
+//! bytes move, with relaxed stores nobody waits on.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::access::Role;
 use crate::copy::Transferred;
@@ -22,31 +23,86 @@ const SHARDS: usize = 16;
 /// The open tunnels of one process (any number of servers and entries).
 #[derive(Default)]
 pub struct ActiveTunnels {
-    shards: [Mutex<HashMap<u64, Arc<ActiveTunnel>>>; SHARDS],
-    next_id: AtomicU64,
+    shards: [Mutex<Slots>; SHARDS],
+    next_shard: AtomicUsize,
 }
 
-impl std::fmt::Debug for ActiveTunnels {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+/// One shard: entries by index, and the indexes free for reuse.
+#[derive(Default)]
+struct Slots {
+    entries: Vec<Option<Arc<ActiveTunnel>>>,
+    free: Vec<u32>,
+}
+
+impl fmt::Debug for ActiveTunnels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ActiveTunnels")
             .field("len", &self.len())
             .finish()
     }
 }
 
+/// An address without the IPv6 flow and scope ids `SocketAddr` carries,
+/// and with the port optional (`forwarded` may name a bare IP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Self {
+        Endpoint {
+            ip: addr.ip(),
+            port: Some(addr.port()),
+        }
+    }
+}
+
+impl From<ForwardedFor> for Endpoint {
+    fn from(original: ForwardedFor) -> Self {
+        Endpoint {
+            ip: original.ip(),
+            port: original.port(),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.ip, self.port) {
+            (ip, None) => write!(f, "{ip}"),
+            (IpAddr::V4(ip), Some(port)) => write!(f, "{ip}:{port}"),
+            (IpAddr::V6(ip), Some(port)) => write!(f, "[{ip}]:{port}"),
+        }
+    }
+}
+
 /// One open tunnel.
 #[derive(Debug)]
 pub struct ActiveTunnel {
-    pub role: Role,
-    /// The TCP peer: HBONE client (server side) or application (client side).
-    pub source: SocketAddr,
-    pub original_source: Option<ForwardedFor>,
     /// The identity the other HBONE end proved.
     pub peer_id: Arc<SpiffeId>,
     pub target: Box<str>,
-    started: Instant,
     sent: AtomicU64,
     received: AtomicU64,
+    /// Milliseconds since [`epoch`] when the tunnel opened.
+    opened_ms: u64,
+    /// The TCP peer: HBONE client (server side) or application (client side).
+    pub source: Endpoint,
+    pub original_source: Option<Endpoint>,
+    pub role: Role,
+}
+
+/// The process's reference instant for tunnel ages (an `Instant` per
+/// entry would cost 16 bytes each).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 impl ActiveTunnel {
@@ -58,8 +114,8 @@ impl ActiveTunnel {
         )
     }
 
-    pub fn age(&self) -> std::time::Duration {
-        self.started.elapsed()
+    pub fn age(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.opened_ms))
     }
 
     /// When the tunnel opened, by the wall clock.
@@ -78,29 +134,40 @@ pub struct TunnelInfo {
 }
 
 impl ActiveTunnels {
-    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ActiveTunnel>>> {
-        self.shards[id as usize % SHARDS]
+    fn shard(&self, index: usize) -> std::sync::MutexGuard<'_, Slots> {
+        self.shards[index % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds a tunnel; it is removed when the returned handle drops.
     pub fn register(self: &Arc<Self>, info: TunnelInfo) -> Registration {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let tunnel = Arc::new(ActiveTunnel {
-            role: info.role,
-            source: info.source,
-            original_source: info.original_source,
             peer_id: info.peer_id,
             target: info.target.into_boxed_str(),
-            started: Instant::now(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            opened_ms: now_ms(),
+            source: info.source.into(),
+            original_source: info.original_source.map(Endpoint::from),
+            role: info.role,
         });
-        self.shard(id).insert(id, tunnel.clone());
+        let shard = self.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        let mut slots = self.shard(shard);
+        let index = match slots.free.pop() {
+            Some(index) => {
+                slots.entries[index as usize] = Some(tunnel.clone());
+                index
+            }
+            None => {
+                slots.entries.push(Some(tunnel.clone()));
+                (slots.entries.len() - 1) as u32
+            }
+        };
+        drop(slots);
         Registration {
             registry: self.clone(),
-            id,
+            slot: (shard as u64) | (u64::from(index) << 8),
             tunnel,
         }
     }
@@ -108,7 +175,10 @@ impl ActiveTunnels {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| {
+                let slots = s.lock().unwrap_or_else(|e| e.into_inner());
+                slots.entries.len() - slots.free.len()
+            })
             .sum()
     }
 
@@ -118,18 +188,12 @@ impl ActiveTunnels {
 
     /// The open tunnels, oldest first, at most `limit` of them.
     pub fn list(&self, limit: usize) -> Vec<Arc<ActiveTunnel>> {
-        let mut all: Vec<Arc<ActiveTunnel>> = self
-            .shards
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .values()
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        all.sort_by_key(|t| std::cmp::Reverse(t.age()));
+        let mut all: Vec<Arc<ActiveTunnel>> = Vec::new();
+        for shard in &self.shards {
+            let slots = shard.lock().unwrap_or_else(|e| e.into_inner());
+            all.extend(slots.entries.iter().flatten().cloned());
+        }
+        all.sort_by_key(|t| t.opened_ms);
         all.truncate(limit);
         all
     }
@@ -138,7 +202,8 @@ impl ActiveTunnels {
 /// A tunnel's place in [`ActiveTunnels`]; removes it when dropped.
 pub struct Registration {
     registry: Arc<ActiveTunnels>,
-    id: u64,
+    /// Shard in the low 8 bits, index above.
+    slot: u64,
     tunnel: Arc<ActiveTunnel>,
 }
 
@@ -158,7 +223,12 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.shard(self.id).remove(&self.id);
+        let index = (self.slot >> 8) as u32;
+        let mut slots = self.registry.shard((self.slot & 0xff) as usize);
+        if let Some(entry) = slots.entries.get_mut(index as usize) {
+            *entry = None;
+            slots.free.push(index);
+        }
     }
 }
 
@@ -167,16 +237,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn registrations_come_and_go() {
+    fn registrations_come_and_go_and_slots_are_reused() {
         let tunnels = Arc::new(ActiveTunnels::default());
         let info = || TunnelInfo {
             role: Role::Server,
-            source: "127.0.0.1:1".parse().unwrap(),
-            original_source: None,
+            source: "[::1]:1".parse().unwrap(),
+            original_source: Some(ForwardedFor::Ip("10.0.0.1".parse().unwrap())),
             peer_id: Arc::new(SpiffeId::parse("spiffe://td/a").unwrap()),
             target: "127.0.0.1:80".into(),
         };
         let first = tunnels.register(info());
+        std::thread::sleep(Duration::from_millis(2));
         let second = tunnels.register(info());
         second.update(
             Transferred {
@@ -188,11 +259,33 @@ mod tests {
         assert_eq!(tunnels.len(), 2);
         let listed = tunnels.list(10);
         assert_eq!(listed.len(), 2);
-        assert_eq!(listed[1].bytes(), (7, 5));
+        assert_eq!(listed[1].bytes(), (7, 5), "oldest first");
+        assert_eq!(listed[0].source.to_string(), "[::1]:1");
+        assert_eq!(
+            listed[0].original_source.map(|o| o.to_string()).as_deref(),
+            Some("10.0.0.1")
+        );
         assert_eq!(tunnels.list(1).len(), 1);
         drop(first);
         assert_eq!(tunnels.len(), 1);
+        // SHARDS registrations later, every shard has taken one more; the
+        // freed slot is reused rather than the shard growing.
+        let more: Vec<_> = (0..SHARDS).map(|_| tunnels.register(info())).collect();
+        assert_eq!(tunnels.len(), 1 + SHARDS);
+        let grown: usize = tunnels
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().entries.len())
+            .sum();
+        assert_eq!(grown, SHARDS + 1, "the freed slot was reused");
+        drop(more);
         drop(second);
         assert!(tunnels.is_empty());
+    }
+
+    #[test]
+    fn entries_stay_small() {
+        // Arc header (16) + entry: inside jemalloc's 112-byte class.
+        assert!(std::mem::size_of::<ActiveTunnel>() <= 96);
     }
 }
