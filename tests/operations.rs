@@ -691,3 +691,60 @@ async fn reloads_and_certificate_expiry_are_in_the_metrics() {
         "expires in {days} days: {scrape}"
     );
 }
+
+/// SIGHUP re-reads the config file: the log filter applies at once, other
+/// changes are named and wait for a restart, a broken file changes nothing;
+/// each reload is counted by result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reloads_its_config_file_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let config = dir.path().join("hbone.toml");
+    let file = |log: &str, max_tunnels: u32| {
+        format!(
+            "log = \"{log}\"\nadmin = \"127.0.0.1:0\"\n[server]\nidentity-dir = \"server\"\n\
+             listen = \"127.0.0.1:0\"\nmax-tunnels = {max_tunnels}\n"
+        )
+    };
+    std::fs::write(&config, file("info", 50)).unwrap();
+    let run = Process::start(&["run", "--config", config.to_str().unwrap()], 2).await;
+    let admin = run.address("admin endpoint ready");
+    let hangup = || {
+        let pid = run.child.id().unwrap() as i32;
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    };
+    let reloads = |result: &'static str| async move {
+        let (_, scrape) = http(admin, "GET", "/metrics").await;
+        sample(
+            &scrape,
+            &format!("hbone_reloads_total{{what=\"config\",result=\"{result}\"}}"),
+        )
+    };
+
+    std::fs::write(&config, file("debug", 60)).unwrap();
+    hangup();
+    eventually(Duration::from_secs(10), || {
+        !run.with_message(|m| m.starts_with("config file changed"))
+            .is_empty()
+    })
+    .await;
+    assert_eq!(http(admin, "GET", "/logging").await.1, "debug\n");
+    let changed = run.with_message(|m| m.starts_with("config file changed"));
+    assert_eq!(changed[0]["fields"], "[server] max-tunnels");
+    assert!(reloads("success").await >= 1);
+    assert_eq!(reloads("failure").await, 0);
+
+    std::fs::write(&config, "[server]\nlisten = 5\n").unwrap();
+    hangup();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reloads("failure").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken file was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http(admin, "GET", "/readyz").await.0, 200, "still serving");
+    assert_eq!(http(admin, "GET", "/logging").await.1, "debug\n");
+}

@@ -289,7 +289,10 @@ pub async fn run(
     if let (Command::Run(_), Some(file)) = (&cli.command, file) {
         use clap::CommandFactory;
         let global = ops::effective_config(matches, &Cli::command());
-        return run::run(file, cli.admin, global, logging).await;
+        // The raw arguments: the file's own `log` was merged into `matches`.
+        let log_flag_given =
+            std::env::args().any(|arg| arg == "--log" || arg.starts_with("--log="));
+        return run::run(file, cli.admin, log_flag_given, global, logging).await;
     }
     let serves = matches!(
         cli.command,

@@ -193,6 +193,11 @@ without the leading `--`, the same values and the same defaults:
   section as a whole (required fields, fields that exclude each other); no
   two sections{admin} may listen on the same port. Errors name the file,
   the line, the section and the field.
+- `hbone run` re-reads the file when it changes and on SIGHUP. A new `log`
+  filter applies at once; other changed fields are named in a warning and
+  take effect at the next restart (they mean rebinding listeners or
+  rebuilding connections). A file that no longer validates changes nothing.
+  The policy and identity files the config names reload live on their own.
 
 ## Values
 
