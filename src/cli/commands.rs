@@ -203,6 +203,7 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
                 Ok(allowed) => println!("allow: rule {:?}", allowed.rule),
                 Err(denial) => {
                     println!("deny: {denial}");
+                    super::logwriter::flush_before_exit();
                     std::process::exit(1);
                 }
             }

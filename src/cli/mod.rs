@@ -5,6 +5,7 @@ mod bench;
 mod commands;
 pub(crate) mod config_file;
 mod demo;
+mod logwriter;
 pub mod merge;
 mod ops;
 mod run;
@@ -187,17 +188,10 @@ pub(super) enum CaCommand {
 
 /// Logs go to stderr, so `hbone connect` keeps stdout for the tunnel.
 ///
-/// A background thread does the writing, so a slow stderr (a pipe to a
-/// busy log shipper) never stalls tunnels: one access line per tunnel is
-/// formatted on the data path and handed over. If the writer falls more
-/// than 128,000 lines behind, lines are dropped rather than tunnels slowed.
-/// Keep the returned guard alive: dropping it flushes what is queued.
-pub fn init_logging(
-    cli: &Cli,
-) -> (
-    tracing_appender::non_blocking::WorkerGuard,
-    Arc<dyn LogControl>,
-) {
+/// A background thread does the writing (see [`logwriter`]), so a slow
+/// stderr never stalls tunnels. Keep the returned guard alive: dropping it
+/// flushes what is buffered.
+pub fn init_logging(cli: &Cli) -> (logwriter::FlushGuard, Arc<dyn LogControl>) {
     use tracing_subscriber::EnvFilter;
     let default = match cli.command {
         Command::Connect(_) => "warn",
@@ -213,7 +207,8 @@ pub fn init_logging(
         eprintln!("warning: bad log filter {filter:?} ({e}); using {default:?}");
         EnvFilter::new(default)
     });
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = logwriter::batch_writer(std::io::stderr());
+    logwriter::register_process_log(&writer);
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

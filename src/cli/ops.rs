@@ -171,6 +171,7 @@ async fn handle_signals(requested: watch::Sender<bool>, readiness: Readiness) {
         _ = terminate.recv() => {}
     }
     tracing::warn!("second signal: exiting now");
+    super::logwriter::flush_before_exit();
     std::process::exit(130)
 }
 

@@ -196,6 +196,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     // with this process in any case; the identities must go.
                     let _ = std::fs::remove_dir_all(&path);
                     eprintln!("hbone bench: interrupted");
+                    crate::cli::logwriter::flush_before_exit();
                     std::process::exit(130);
                 }
             }
