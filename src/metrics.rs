@@ -545,7 +545,10 @@ mod tests {
 }
 
 /// What a server or dialer reports to, beyond its access log. Both parts
-/// are optional: without them nothing is counted or tracked.
+/// are optional: without them nothing is counted or tracked. A dialer
+/// counts its handshakes and pooled connections; the tunnels themselves
+/// are counted by whatever relays them (the entries do; a library user
+/// holding a [`crate::Tunnel`] counts what it needs).
 #[derive(Debug, Clone, Default)]
 pub struct Telemetry {
     pub metrics: Option<Arc<Metrics>>,
