@@ -22,7 +22,7 @@ use crate::stream::H2Stream;
 /// frames on bulk transfers.
 const BUFFER_SIZE: usize = 64 << 10;
 
-/// Bytes moved in each direction; for [`tcp_tunnel`], `a` is the socket.
+/// Bytes moved in each direction; for [`Relay`], `a` is the socket.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
     pub a_to_b: u64,

@@ -128,7 +128,7 @@ impl ServerTls {
     }
 }
 
-/// Client side, without a verifier: [`client_config_for`] adds the one that
+/// Client side, without a verifier: [`ClientBase::for_peer`] adds the one that
 /// checks the identities expected of a given server. Build this once per
 /// dialer and derive per-destination configs from it.
 pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigError> {

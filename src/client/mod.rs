@@ -4,7 +4,7 @@
 //! A tunnel is one HTTP/2 CONNECT stream. Streams to the same server, with
 //! the same expected identities, share a TLS + HTTP/2 connection until it
 //! reaches its stream limit; then another connection is opened. The choice of
-//! connection lives in [`crate::pool`]; establishing one in `establish`.
+//! connection lives in `pool`; establishing one in `establish`.
 //!
 //! Through a gateway, the dialer opens an outer tunnel to the gateway with
 //! the service's `hostname:port` as authority, runs a second mTLS handshake

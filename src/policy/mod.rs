@@ -10,7 +10,7 @@
 //! The server is not an open proxy: with no rules at all, any peer of its
 //! trust domain may reach loopback targets and nothing else. The CLI's
 //! `--allow-target` and `--allow-id` flags are shorthand for one allow
-//! rule; a policy file (see [`file`]) holds any number.
+//! rule; a policy file (see [`mod@file`]) holds any number.
 
 pub mod file;
 mod patterns;
