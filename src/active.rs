@@ -182,6 +182,21 @@ impl ActiveTunnels {
             .sum()
     }
 
+    /// Open tunnels on the client side and on the server side.
+    pub fn count_by_role(&self) -> (usize, usize) {
+        let (mut clients, mut servers) = (0, 0);
+        for shard in &self.shards {
+            let slots = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for tunnel in slots.entries.iter().flatten() {
+                match tunnel.role {
+                    Role::Client => clients += 1,
+                    Role::Server => servers += 1,
+                }
+            }
+        }
+        (clients, servers)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

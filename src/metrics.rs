@@ -95,6 +95,11 @@ struct RoleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
     role: &'static str,
     result: &'static str,
@@ -159,6 +164,7 @@ pub struct Metrics {
     pool_connections: Family<PeerLabels, Gauge>,
     pool_streams: Family<PeerLabels, Gauge>,
     server_connections: Gauge,
+    tunnels_open: Family<RoleLabels, Gauge>,
     cert_expiry: Family<IdLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
     scrape_hooks: Mutex<Vec<ScrapeHook>>,
@@ -194,6 +200,13 @@ impl Metrics {
         let pool_connections = Family::default();
         let pool_streams = Family::default();
         let server_connections = Gauge::default();
+        let tunnels_open = Family::default();
+        let build_info: Family<BuildLabels, Gauge> = Family::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
         let cert_expiry = Family::default();
         let reloads = Family::default();
         // Counters get `_total` appended by the encoder.
@@ -263,6 +276,12 @@ impl Metrics {
             server_connections.clone(),
         );
         registry.register(
+            "hbone_tunnels_open",
+            "Tunnels open now (counted when the open-tunnel list is kept)",
+            tunnels_open.clone(),
+        );
+        registry.register("hbone_build_info", "The hbone version running", build_info);
+        registry.register(
             "hbone_certificate_expiry_timestamp_seconds",
             "When the certificate in use expires (Unix time)",
             cert_expiry.clone(),
@@ -287,6 +306,7 @@ impl Metrics {
             pool_connections,
             pool_streams,
             server_connections,
+            tunnels_open,
             cert_expiry,
             reloads,
             scrape_hooks: Mutex::default(),
@@ -403,6 +423,15 @@ impl Metrics {
     /// The gauge of HBONE connections open on servers.
     pub fn server_connections(&self) -> &Gauge {
         &self.server_connections
+    }
+
+    /// Sets the number of tunnels open now on each end.
+    pub fn tunnels_open(&self, clients: i64, servers: i64) {
+        for (role, open) in [("client", clients), ("server", servers)] {
+            self.tunnels_open
+                .get_or_create(&RoleLabels { role })
+                .set(open);
+        }
     }
 
     /// Records the expiry of the certificate `id` now uses (replacing an

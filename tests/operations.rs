@@ -472,6 +472,16 @@ async fn admin_endpoints_and_readiness_during_drain() {
         "-",
     );
     assert_eq!(sample(&scrape, &closed), 0);
+    assert_eq!(sample(&scrape, "hbone_tunnels_open{role=\"server\"}"), 1);
+    assert_eq!(sample(&scrape, "hbone_tunnels_open{role=\"client\"}"), 0);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!("hbone_build_info{{version=\"{version}\"}}")
+        ),
+        1
+    );
 
     // Draining: unready at once, still alive, the open tunnel still flows.
     setup.server.terminate();

@@ -60,6 +60,15 @@ impl Ops {
                 tunnels: Some(Arc::new(ActiveTunnels::default())),
             },
         };
+        if let (Some(metrics), Some(tunnels)) = (&telemetry.metrics, &telemetry.tunnels) {
+            let tunnels = Arc::downgrade(tunnels);
+            metrics.on_scrape(move |metrics| {
+                if let Some(tunnels) = tunnels.upgrade() {
+                    let (clients, servers) = tunnels.count_by_role();
+                    metrics.tunnels_open(clients as i64, servers as i64);
+                }
+            });
+        }
         if let AdminSetting::At(addr) = admin {
             let listener = TcpListener::bind(addr).await.with_context(|| {
                 format!("cannot listen on {addr} for the admin endpoint (--admin ADDR or `off`)")
