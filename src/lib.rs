@@ -44,6 +44,7 @@ pub mod policy;
 mod pool;
 pub mod proxy_protocol;
 pub mod server;
+pub mod services;
 pub mod stream;
 pub mod tls;
 

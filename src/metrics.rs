@@ -61,6 +61,9 @@ pub enum ResponseFlag {
     BadRequest,
     /// A limit was reached (connections, tunnels).
     Overload,
+    /// No route: the service named in `:authority` is unknown here
+    /// (Envoy's `NR`).
+    NoRoute,
 }
 
 impl ResponseFlag {
@@ -72,6 +75,7 @@ impl ResponseFlag {
             ResponseFlag::TlsFailure => "TLS_FAILURE",
             ResponseFlag::BadRequest => "BAD_REQUEST",
             ResponseFlag::Overload => "OVERLOAD",
+            ResponseFlag::NoRoute => "NR",
         }
     }
 }
@@ -445,7 +449,7 @@ impl Metrics {
             .set(unix);
     }
 
-    /// `what` is `config`, `policy` or `identity`.
+    /// `what` is `config`, `policy`, `services` or `identity`.
     pub fn reload(&self, what: &'static str, succeeded: bool) {
         let labels = ReloadLabels {
             what,

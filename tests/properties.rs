@@ -826,6 +826,7 @@ proptest! {
                 from,
                 source,
                 to,
+                services: Vec::new(),
             })
             .collect();
         let applies = |r: &Rule| {

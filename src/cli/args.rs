@@ -140,6 +140,12 @@ pub(super) struct ServerArgs {
     /// changes and on SIGHUP. --allow-* flags add one more allow rule.
     #[arg(long, value_name = "FILE")]
     pub(super) policy: Option<PathBuf>,
+    /// Services table (TOML): service host names this server answers for
+    /// when a CONNECT names `hostname:port` (as ztunnel does in double
+    /// HBONE), and where each leads; reloaded like the policy. Without it,
+    /// such requests are refused (503, unknown_service).
+    #[arg(long, value_name = "FILE")]
+    pub(super) services: Option<PathBuf>,
     #[command(flatten)]
     pub(super) serve: ServeArgs,
     /// Send a PROXY protocol v2 header to each target (original client

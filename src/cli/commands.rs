@@ -12,6 +12,7 @@ use hbone::gateway::Routes;
 use std::path::PathBuf;
 
 use hbone::policy::{self, IdPattern, Policy, PolicyHandle, TargetRule};
+use hbone::services::{ServiceTable, ServicesHandle};
 use hbone::{Server, ServerConfig, SpiffeId};
 use tokio::net::TcpListener;
 
@@ -67,17 +68,24 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     config.policy = server_policy(args.policy.as_deref(), &flags)?;
     config.proxy_protocol = args.proxy_protocol;
     config.baggage = baggage;
+    if let Some(path) = &args.services {
+        config.services = ServiceTable::load(path)?;
+    }
     args.serve.apply(&mut config);
     let targets = config.policy.targets();
     let rules = config.policy.rules().len();
+    let services = config.services.len();
     let server = Server::bind(config).await?;
     ops.listener_bound();
     tracing::info!(
         listen = %server.local_addr(), id = %server.local_id(),
-        rules, targets = %targets.join(","), "HBONE server ready"
+        rules, targets = %targets.join(","), services, "HBONE server ready"
     );
     if let Some(path) = args.policy {
         watch_policy(path, flags, server.policy(), ops);
+    }
+    if let Some(path) = args.services {
+        watch_services(path, server.services(), ops);
     }
     let tls = server.tls();
     watch_identity(
@@ -129,6 +137,29 @@ fn watch_policy(
             }
             Err(e) => {
                 tracing::error!(path = %path.display(), why, "policy not reloaded, the old one stays in force: {e:#}")
+            }
+        }
+    }));
+}
+
+/// Reloads the services table when it changes and on SIGHUP. A file that
+/// does not load keeps the old table in force.
+fn watch_services(path: PathBuf, handle: ServicesHandle, ops: &Ops) {
+    let metrics = ops.telemetry.metrics.clone();
+    tokio::spawn(watch(vec![path.clone()], move |event| {
+        let Event::Reload(why) = event else { return };
+        let loaded = ServiceTable::load(&path);
+        if let Some(metrics) = &metrics {
+            metrics.reload("services", loaded.is_ok());
+        }
+        match loaded {
+            Ok(table) => {
+                let services = table.len();
+                handle.replace(table);
+                tracing::info!(path = %path.display(), services, why, "services table reloaded");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), why, "services table not reloaded, the old one stays in force: {e:#}")
             }
         }
     }));
@@ -196,10 +227,11 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
             file,
             id,
             target,
+            service,
             source,
         } => {
             let policy = policy::file::load(&file)?;
-            match policy.decide(&id, source, target) {
+            match policy.decide_service(&id, source, target, service.as_ref()) {
                 Ok(allowed) => println!("allow: rule {:?}", allowed.rule),
                 Err(denial) => {
                     println!("deny: {denial}");

@@ -143,13 +143,24 @@ pub(super) enum PolicyCommand {
         /// The peer's SPIFFE ID.
         #[arg(long)]
         id: SpiffeId,
-        /// The target, ip:port.
+        /// The target, ip:port (for a service, the address it leads to).
         #[arg(long)]
         target: std::net::SocketAddr,
+        /// The service the CONNECT named, HOST:PORT, when it named one:
+        /// rules naming services match it.
+        #[arg(long, value_name = "HOST:PORT", value_parser = parse_service_name)]
+        service: Option<hbone::authority::ServiceName>,
         /// The peer's TCP source address.
         #[arg(long, default_value = "127.0.0.1")]
         source: std::net::IpAddr,
     },
+}
+
+fn parse_service_name(text: &str) -> Result<hbone::authority::ServiceName, String> {
+    match hbone::authority::parse_target(text) {
+        Ok(hbone::authority::Target::Service(name)) => Ok(name),
+        _ => Err("expected HOST:PORT, e.g. echo.default.svc.cluster.local:8081".into()),
+    }
 }
 
 #[derive(Subcommand)]

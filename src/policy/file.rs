@@ -7,6 +7,7 @@
 //! from = ["spiffe://cluster.local/ns/web/*"]   # SPIFFE ID patterns; default: anyone
 //! source = ["10.0.0.0/8"]             # TCP peer networks; default: anywhere
 //! to = ["10.1.2.3:5432", "[fd00::/8]:80-90"]   # targets; default: anything
+//! # a target may also be a service the CONNECT names: "db.demo.svc.cluster.local:5432"
 //!
 //! [[rule]]
 //! name = "nobody reaches the metrics port"
@@ -22,7 +23,7 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Action, IdPattern, IpNet, Policy, Rule, TargetRule};
+use super::{Action, IdPattern, IpNet, Policy, Rule, ServiceRule, TargetRule};
 
 /// A policy file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -123,24 +124,59 @@ pub fn parse(text: &str, name: &str) -> Result<Policy, PolicyFileError> {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let to = entry
-            .to
-            .iter()
-            .map(|t| {
-                t.get_ref()
-                    .parse::<TargetRule>()
-                    .map_err(|e| fail(t.span(), format!("to {:?}: {e}", t.get_ref())))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut to = Vec::new();
+        let mut services = Vec::new();
+        for target in &entry.to {
+            match parse_target(target.get_ref()) {
+                Ok(Either::Addr(rule)) => to.push(rule),
+                Ok(Either::Service(rule)) => services.push(rule),
+                Err(e) => {
+                    return Err(fail(
+                        target.span(),
+                        format!("to {:?}: {e}", target.get_ref()),
+                    ));
+                }
+            }
+        }
         rules.push(Rule {
             name: entry.name.unwrap_or_else(|| format!("rule {}", index + 1)),
             action,
             from,
             source,
             to,
+            services,
         });
     }
     Ok(Policy::from_rules(rules))
+}
+
+enum Either {
+    Addr(TargetRule),
+    Service(ServiceRule),
+}
+
+/// A target: `CIDR[:PORTS]`, or a service `HOST[:PORTS]` when it starts
+/// like a host name (a letter, or digits followed by a letter or '-').
+fn parse_target(text: &str) -> Result<Either, String> {
+    match text.parse::<TargetRule>() {
+        Ok(rule) => Ok(Either::Addr(rule)),
+        Err(address_error) => {
+            let host = text.split(':').next().unwrap_or_default();
+            let looks_like_name = !text.starts_with('[')
+                && !host.contains('/')
+                && host.bytes().any(|b| b.is_ascii_alphabetic())
+                && host.parse::<std::net::IpAddr>().is_err();
+            if looks_like_name {
+                text.parse::<ServiceRule>()
+                    .map(Either::Service)
+                    .map_err(|e| e.to_string())
+            } else {
+                Err(format!(
+                    "{address_error} (or a service HOST[:PORT], e.g. echo.default.svc.cluster.local:8081)"
+                ))
+            }
+        }
+    }
 }
 
 /// An IP network: a CIDR, or one address.
@@ -227,6 +263,80 @@ to = ["10.0.0.0/8"]
     }
 
     #[test]
+    fn rules_may_name_services() {
+        let policy = parse(
+            r#"
+[[rule]]
+name = "no secrets"
+action = "deny"
+to = ["secret.demo.svc.cluster.local"]
+
+[[rule]]
+name = "echo by name"
+to = ["Echo.demo.svc.cluster.local:8080-8081", "10.9.0.0/16:22"]
+"#,
+            "policy.toml",
+        )
+        .unwrap();
+        let rule = &policy.rules()[1];
+        assert_eq!(rule.to.len(), 1);
+        assert_eq!(
+            rule.services[0].to_string(),
+            "echo.demo.svc.cluster.local:8080-8081"
+        );
+        let peer = id("spiffe://td/ns/web/sa/app");
+        let from = ip("10.0.0.1");
+        let service = |text: &str| match crate::authority::parse_target(text).unwrap() {
+            crate::authority::Target::Service(name) => name,
+            crate::authority::Target::Addr(_) => unreachable!(),
+        };
+        let target = addr("10.1.1.1:8080");
+        let echo = service("echo.demo.svc.cluster.local:8080");
+        assert_eq!(
+            policy
+                .decide_service(&peer, from, target, Some(&echo))
+                .unwrap()
+                .rule,
+            "echo by name"
+        );
+        // The same address asked for directly matches no rule.
+        assert!(policy.decide(&peer, from, target).is_err());
+        // Another port of the service, or another service, is not allowed.
+        let other_port = service("echo.demo.svc.cluster.local:9090");
+        assert!(
+            policy
+                .decide_service(&peer, from, target, Some(&other_port))
+                .is_err()
+        );
+        let secret = service("secret.demo.svc.cluster.local:8080");
+        assert_eq!(
+            policy.decide_service(&peer, from, target, Some(&secret)),
+            Err(Denial::Rule {
+                rule: "no secrets".into()
+            })
+        );
+        // Address rules still judge what a name resolved to.
+        assert!(
+            policy
+                .decide_service(&peer, from, addr("10.9.1.1:22"), Some(&secret))
+                .is_err(),
+            "the deny rule naming the service wins"
+        );
+        assert_eq!(
+            policy
+                .decide_service(&peer, from, addr("10.9.1.1:22"), Some(&other_port))
+                .unwrap()
+                .rule,
+            "echo by name"
+        );
+        // Built-in denials hold whatever the name.
+        assert!(matches!(
+            policy.decide_service(&peer, from, addr("169.254.169.254:8080"), Some(&echo)),
+            Err(Denial::BuiltIn(_))
+        ));
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let cases = [
             (
@@ -237,6 +347,17 @@ to = ["10.0.0.0/8"]
             ("[[rule]]\n\nto = [\"10.0.0.1/8\"]\n", 3, "host bits"),
             ("[[rule]]\naction = \"permit\"\n", 2, "allow"),
             ("[[rule]]\nsource = [\"10.0.0.0/8:80\"]\n", 2, "CIDR"),
+            (
+                "[[rule]]\nto = [\"10.0.0.300\"]\n",
+                2,
+                "or a service HOST[:PORT]",
+            ),
+            ("[[rule]]\nto = [\"echo.demo:0\"]\n", 2, "port"),
+            (
+                "[[rule]]\nto = [\"echo_demo:80\"]\n",
+                2,
+                "HOST[:PORT|:PORT-PORT]",
+            ),
         ];
         for (text, line, needle) in cases {
             match parse(text, "p.toml") {

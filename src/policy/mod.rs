@@ -19,8 +19,11 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-pub use patterns::{IdPattern, IdPatternError, IpNet, TargetRule, TargetRuleError};
+pub use patterns::{
+    IdPattern, IdPatternError, IpNet, ServiceRule, ServiceRuleError, TargetRule, TargetRuleError,
+};
 
+use crate::authority::ServiceName;
 use crate::identity::SpiffeId;
 
 /// Why a tunnel was refused by policy.
@@ -95,8 +98,11 @@ pub struct Rule {
     pub from: Vec<IdPattern>,
     /// Peers, by the address their TCP connection comes from.
     pub source: Vec<IpNet>,
-    /// Targets.
+    /// Targets, by address (the address a service name resolved to).
     pub to: Vec<TargetRule>,
+    /// Targets, by the service name a tunnel asked for. A rule with
+    /// neither `to` nor `services` matches any target.
+    pub services: Vec<ServiceRule>,
 }
 
 impl Rule {
@@ -105,8 +111,19 @@ impl Rule {
             && (self.source.is_empty() || self.source.iter().any(|n| n.contains(source)))
     }
 
-    fn matches_target(&self, target: SocketAddr) -> bool {
-        self.to.is_empty() || self.to.iter().any(|t| t.matches(target))
+    fn matches_target(&self, target: SocketAddr, service: Option<&ServiceName>) -> bool {
+        (self.to.is_empty() && self.services.is_empty())
+            || self.to.iter().any(|t| t.matches(target))
+            || service.is_some_and(|name| {
+                self.services
+                    .iter()
+                    .any(|s| s.matches(name.host(), name.port()))
+            })
+    }
+
+    /// Whether the rule applies to every target.
+    fn any_target(&self) -> bool {
+        self.to.is_empty() && self.services.is_empty()
     }
 
     /// Whether the rule allows `target` despite a built-in denial of
@@ -159,6 +176,7 @@ impl Policy {
             from: ids,
             source: Vec::new(),
             to,
+            services: Vec::new(),
         }
     }
 
@@ -203,6 +221,19 @@ impl Policy {
         source: IpAddr,
         target: SocketAddr,
     ) -> Result<Allowed<'_>, Denial> {
+        self.decide_service(peer, source, target, None)
+    }
+
+    /// As [`Policy::decide`], for a tunnel that asked for `service` by name
+    /// and resolved to `target`: rules naming the service match it, rules
+    /// on addresses judge `target`.
+    pub fn decide_service(
+        &self,
+        peer: &SpiffeId,
+        source: IpAddr,
+        target: SocketAddr,
+        service: Option<&ServiceName>,
+    ) -> Result<Allowed<'_>, Denial> {
         let source = source.to_canonical();
         if self.is_own_listener(target) {
             return Err(Denial::OwnListener(target));
@@ -210,7 +241,7 @@ impl Policy {
         let applicable = || {
             self.rules
                 .iter()
-                .filter(move |r| r.matches_peer(peer, source) && r.matches_target(target))
+                .filter(move |r| r.matches_peer(peer, source) && r.matches_target(target, service))
         };
         if let Some(deny) = applicable().find(|r| r.action == Action::Deny) {
             return Err(Denial::Rule {
@@ -237,7 +268,7 @@ impl Policy {
         if let Some(deny) = self
             .rules
             .iter()
-            .find(|r| r.action == Action::Deny && r.to.is_empty() && r.matches_peer(peer, source))
+            .find(|r| r.action == Action::Deny && r.any_target() && r.matches_peer(peer, source))
         {
             return Err(Denial::Rule {
                 rule: deny.name.clone(),
@@ -266,7 +297,10 @@ impl Policy {
         self.rules
             .iter()
             .filter(|r| r.action == Action::Allow)
-            .flat_map(|r| r.to.iter().map(ToString::to_string))
+            .flat_map(|r| {
+                let to = r.to.iter().map(ToString::to_string);
+                to.chain(r.services.iter().map(ToString::to_string))
+            })
             .collect()
     }
 }

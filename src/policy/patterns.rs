@@ -304,3 +304,54 @@ impl fmt::Display for TargetRule {
         }
     }
 }
+
+/// Services a tunnel may reach by name: a host name (as the CONNECT named
+/// it) and a port range of the service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRule {
+    /// Lower case, no trailing dot.
+    pub host: String,
+    pub ports: (u16, u16),
+}
+
+/// Why a service rule does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceRuleError {
+    #[error("expected HOST[:PORT|:PORT-PORT], e.g. echo.default.svc.cluster.local:8081")]
+    Syntax,
+    #[error("invalid port or port range {0:?} (1-65535, low-high)")]
+    Ports(String),
+}
+
+impl ServiceRule {
+    /// Whether a tunnel that asked for `host:port` falls within the rule.
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        self.host == host && (self.ports.0..=self.ports.1).contains(&port)
+    }
+}
+
+impl FromStr for ServiceRule {
+    type Err = ServiceRuleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, ports) = match s.split_once(':') {
+            Some((host, ports)) => (
+                host,
+                parse_ports(ports).map_err(|_| ServiceRuleError::Ports(ports.to_owned()))?,
+            ),
+            None => (s, (1, u16::MAX)),
+        };
+        let host = crate::authority::normalize_host(host).ok_or(ServiceRuleError::Syntax)?;
+        Ok(ServiceRule { host, ports })
+    }
+}
+
+impl fmt::Display for ServiceRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ports {
+            (1, u16::MAX) => write!(f, "{}", self.host),
+            (low, high) if low == high => write!(f, "{}:{low}", self.host),
+            (low, high) => write!(f, "{}:{low}-{high}", self.host),
+        }
+    }
+}

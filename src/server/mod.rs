@@ -39,6 +39,7 @@ use crate::headers::Baggage;
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
 use crate::metrics::{Reporter, ResponseFlag, Telemetry};
 use crate::policy::{Policy, PolicyHandle};
+use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;
 
 /// Everything a server needs.
@@ -61,6 +62,10 @@ pub struct ServerConfig {
     /// Act as a double-HBONE gateway with these routes: authorities are
     /// service `hostname:port`s, relayed to their endpoints' HBONE port.
     pub gateway_routes: Option<Arc<Routes>>,
+    /// Service host names this server answers for, when a CONNECT names
+    /// a service instead of an address (ztunnel does in double HBONE).
+    /// Empty by default: such requests are refused as unknown services.
+    pub services: ServiceTable,
     pub limits: Limits,
     /// Metrics and the open-tunnel list, when the process keeps them.
     pub telemetry: Telemetry,
@@ -80,6 +85,7 @@ impl ServerConfig {
             proxy_protocol: false,
             baggage: Baggage::default(),
             gateway_routes: None,
+            services: ServiceTable::default(),
             limits: Limits::default(),
             telemetry: Telemetry::default(),
         }
@@ -118,6 +124,7 @@ struct Shared {
     /// The `baggage` response header, built once.
     baggage: Option<http::HeaderValue>,
     gateway_routes: Option<Arc<Routes>>,
+    services: ServicesHandle,
     gate: Arc<Gate>,
     /// Flips to true when the server starts draining.
     draining: tokio::sync::watch::Sender<bool>,
@@ -157,6 +164,7 @@ impl Server {
                     .to_header()
                     .and_then(|b| http::HeaderValue::from_str(&b).ok()),
                 gateway_routes: config.gateway_routes,
+                services: ServicesHandle::new(config.services),
                 gate: Arc::new(Gate::new(config.limits)),
                 draining: tokio::sync::watch::Sender::new(false),
             }),
@@ -183,6 +191,12 @@ impl Server {
     /// The policy in force; replace it to reload without a restart.
     pub fn policy(&self) -> PolicyHandle {
         self.shared.policy.clone()
+    }
+
+    /// The services table in force; replace it to reload without a
+    /// restart.
+    pub fn services(&self) -> ServicesHandle {
+        self.shared.services.clone()
     }
 
     /// Live counters, shared with the running server.
@@ -273,6 +287,11 @@ impl Shared {
             .fetch_add(1, Ordering::AcqRel);
         let _closed = CountOnDrop(&self.stats.connections_closed);
         let _ = tcp.set_nodelay(true);
+        // Where the connection arrived: services without an address of
+        // their own are reached there, as ztunnel does.
+        let arrived_on = tcp
+            .local_addr()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
         let handshake_started = std::time::Instant::now();
         let handshake = self.handshake(tcp, peer_addr).await;
         let metrics = self.telemetry.metrics.as_deref();
@@ -348,6 +367,7 @@ impl Shared {
                     last_stream = tokio::time::Instant::now();
                     let serve = self.clone().serve_stream(
                         peer_addr,
+                        arrived_on,
                         peer_id.clone(),
                         counters.clone(),
                         request,

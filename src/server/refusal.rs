@@ -8,6 +8,7 @@ use crate::authority::AuthorityError;
 use crate::gateway::RouteError;
 use crate::metrics::ResponseFlag;
 use crate::policy::Denial;
+use crate::services::ServiceError;
 
 /// Why a CONNECT was refused. The only place statuses and reasons are chosen.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum Refusal {
     Denied(#[from] Denial),
     #[error(transparent)]
     NoRoute(#[from] RouteError),
+    #[error(transparent)]
+    UnknownService(#[from] ServiceError),
     #[error("target {target} unreachable: {source}")]
     Unreachable {
         target: SocketAddr,
@@ -43,6 +46,7 @@ impl Refusal {
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NoRoute(RouteError::Malformed(_)) => StatusCode::BAD_REQUEST,
             Refusal::NoRoute(RouteError::Unknown(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UnknownService(_) => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::DialTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Refusal::TunnelLimit => StatusCode::SERVICE_UNAVAILABLE,
@@ -57,9 +61,10 @@ impl Refusal {
             | Refusal::BadAuthority(_)
             | Refusal::NoRoute(RouteError::Malformed(_)) => ResponseFlag::BadRequest,
             Refusal::Denied(_) => ResponseFlag::Deny,
-            Refusal::NoRoute(RouteError::Unknown(_))
-            | Refusal::Unreachable { .. }
-            | Refusal::DialTimeout(_) => ResponseFlag::Connect,
+            Refusal::NoRoute(RouteError::Unknown(_)) | Refusal::UnknownService(_) => {
+                ResponseFlag::NoRoute
+            }
+            Refusal::Unreachable { .. } | Refusal::DialTimeout(_) => ResponseFlag::Connect,
             Refusal::TunnelLimit => ResponseFlag::Overload,
         }
     }
@@ -73,6 +78,8 @@ impl Refusal {
             Refusal::Denied(_) => "denied",
             Refusal::NoRoute(RouteError::Malformed(_)) => "bad_authority",
             Refusal::NoRoute(RouteError::Unknown(_)) => "unknown_service",
+            Refusal::UnknownService(ServiceError::Resolve { .. }) => "resolve_failed",
+            Refusal::UnknownService(_) => "unknown_service",
             Refusal::Unreachable { .. } => "target_unreachable",
             Refusal::DialTimeout(_) => "target_timeout",
             Refusal::TunnelLimit => "tunnel_limit",

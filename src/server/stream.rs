@@ -2,7 +2,7 @@
 //! and relay until both directions end.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +20,7 @@ use tokio::time::timeout;
 use super::{Refusal, Shared};
 use crate::access::{Outcome, Role, TunnelRecord};
 use crate::active::{Registration, TunnelInfo};
-use crate::authority::parse_authority;
+use crate::authority::{ServiceName, Target, parse_target};
 use crate::copy::{self, Phased};
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
@@ -28,6 +28,7 @@ use crate::metrics::{Reporter, ResponseFlag, TunnelCounters};
 use crate::policy::{Allowed, Denial};
 use crate::proxy_protocol;
 use crate::server::limits::TunnelSlot;
+use crate::services::{Resolution, ServiceError};
 use crate::stream::H2Stream;
 
 /// A tunnel that was answered 200, ready to relay.
@@ -109,6 +110,7 @@ impl Shared {
     pub(super) fn serve_stream(
         self: Arc<Self>,
         source: SocketAddr,
+        arrived_on: IpAddr,
         peer_id: Arc<SpiffeId>,
         counters: Option<Arc<TunnelCounters>>,
         request: Request<RecvStream>,
@@ -116,7 +118,14 @@ impl Shared {
     ) -> impl Future<Output = ()> + Send + 'static {
         Phased::new(async move {
             let open = self
-                .open_tunnel(source, peer_id, counters.as_deref(), request, respond)
+                .open_tunnel(
+                    source,
+                    arrived_on,
+                    peer_id,
+                    counters.as_deref(),
+                    request,
+                    respond,
+                )
                 .await?;
             let mut relay = copy::Relay::new(open.target, open.stream);
             if let Some(limit) = self.timeouts.tunnel_idle {
@@ -142,6 +151,7 @@ impl Shared {
     async fn open_tunnel(
         &self,
         source: SocketAddr,
+        arrived_on: IpAddr,
         peer_id: Arc<SpiffeId>,
         counters: Option<&TunnelCounters>,
         request: Request<RecvStream>,
@@ -172,7 +182,10 @@ impl Shared {
             return None;
         };
         let dial = async {
-            match self.open_target(&peer_id, source, &request).await {
+            match self
+                .open_target(&peer_id, source, arrived_on, &request)
+                .await
+            {
                 Ok(target) => {
                     self.send_proxy_header(target, source, &peer_id, &context)
                         .await
@@ -329,6 +342,7 @@ impl Shared {
         &self,
         peer_id: &SpiffeId,
         source: SocketAddr,
+        arrived_on: IpAddr,
         request: &Request<RecvStream>,
     ) -> Result<TcpStream, Refusal> {
         if request.method() != Method::CONNECT {
@@ -339,20 +353,91 @@ impl Shared {
             return Err(Refusal::NotPlainConnect);
         }
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-        let target = match &self.gateway_routes {
-            None => {
-                let target = parse_authority(authority)?;
+        if let Some(routes) = &self.gateway_routes {
+            // The routing table is the gateway's target policy.
+            let policy = self.policy.current();
+            self.count_decision(policy.decide_identity(peer_id, source.ip()))?;
+            return self.dial(routes.resolve(authority)?).await;
+        }
+        match parse_target(authority)? {
+            Target::Addr(target) => {
                 let policy = self.policy.current();
                 self.count_decision(policy.decide(peer_id, source.ip(), target))?;
-                target
+                self.dial(target).await
             }
-            // The routing table is the gateway's target policy.
-            Some(routes) => {
-                let policy = self.policy.current();
-                self.count_decision(policy.decide_identity(peer_id, source.ip()))?;
-                routes.resolve(authority)?
+            Target::Service(name) => {
+                let resolution = self.services.current().resolve(&name, arrived_on)?;
+                let candidates = match resolution {
+                    Resolution::Addr(target) => vec![target],
+                    Resolution::Lookup(name) => self.lookup(&name).await?,
+                };
+                self.dial_service(peer_id, source, &name, candidates).await
             }
+        }
+    }
+
+    /// Dials the first of `candidates` the policy allows and that answers;
+    /// the policy judges each address (and may name the service).
+    async fn dial_service(
+        &self,
+        peer_id: &SpiffeId,
+        source: SocketAddr,
+        name: &ServiceName,
+        candidates: Vec<SocketAddr>,
+    ) -> Result<TcpStream, Refusal> {
+        let policy = self.policy.current();
+        let mut refusal = None;
+        for target in candidates {
+            let decision = policy.decide_service(peer_id, source.ip(), target, Some(name));
+            if let Err(denial) = self.count_decision(decision) {
+                refusal.get_or_insert(Refusal::Denied(denial));
+                continue;
+            }
+            match self.dial(target).await {
+                Ok(tcp) => return Ok(tcp),
+                // A later address may answer; an earlier denial is still
+                // the more useful reason if none does.
+                Err(failed) => refusal = Some(refusal.unwrap_or(failed)),
+            }
+        }
+        Err(refusal.unwrap_or_else(|| {
+            Refusal::UnknownService(ServiceError::Resolve {
+                name: name.clone(),
+                reason: "no address".into(),
+            })
+        }))
+    }
+
+    /// Resolves a name under a domain the operator listed, bounded by the
+    /// connect timeout.
+    async fn lookup(&self, name: &ServiceName) -> Result<Vec<SocketAddr>, Refusal> {
+        let failed = |reason: String| {
+            Refusal::UnknownService(ServiceError::Resolve {
+                name: name.clone(),
+                reason,
+            })
         };
+        let lookup = tokio::net::lookup_host((name.host(), name.port()));
+        match timeout(self.timeouts.connect, lookup).await {
+            Err(_) => Err(failed(format!(
+                "no answer within {:?}",
+                self.timeouts.connect
+            ))),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Ok(Ok(addrs)) => {
+                // At most a handful: each is judged and may be dialled.
+                let addrs: Vec<SocketAddr> = addrs.take(8).collect();
+                if addrs.is_empty() {
+                    Err(failed("no address".into()))
+                } else {
+                    Ok(addrs)
+                }
+            }
+        }
+    }
+
+    /// Connects to `target` within the connect timeout.
+    async fn dial(&self, target: SocketAddr) -> Result<TcpStream, Refusal> {
         let tcp = timeout(self.timeouts.connect, TcpStream::connect(target))
             .await
             .map_err(|_| Refusal::DialTimeout(target))?
