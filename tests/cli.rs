@@ -374,12 +374,22 @@ async fn double_hbone_through_hbone_gateway() {
     ])
     .await;
     let echo = start_echo().await;
+    let services = dir.path().join("services.toml");
+    let services_table = |name: &str| {
+        format!(
+            "[[service]]\nhost = \"{name}\"\nports = {{ 8080 = {} }}\n",
+            echo.port()
+        )
+    };
+    std::fs::write(&services, services_table("echo.demo.svc.cluster.local")).unwrap();
     let (_server, server) = spawn_ready(&[
         "server",
         "--identity-dir",
         &path(dir.path(), "server"),
         "--listen",
         "127.0.0.1:0",
+        "--services",
+        services.to_str().unwrap(),
     ])
     .await;
     let routes = dir.path().join("routes.toml");
@@ -421,6 +431,73 @@ async fn double_hbone_through_hbone_gateway() {
         .await
         .unwrap();
     assert_eq!(sha256(&back), sha256(&data));
+
+    // As ztunnel does it: both CONNECTs name the service, and the inner
+    // one is resolved by the server's services table.
+    let client = hbone::Identity::from_dir(&dir.path().join("client")).unwrap();
+    let outer = raw_h2_over(raw_tls(gateway, Some(&client)).await.unwrap()).await;
+    let inner_over_gateway = |service: &'static str| {
+        let outer = outer.clone();
+        let client = client.clone();
+        async move {
+            let (status, stream) = raw_connect(&outer, service).await;
+            assert_eq!(status, 200, "the gateway routes {service}");
+            let connector = tokio_rustls::TlsConnector::from(raw_client_config(Some(&client)));
+            let name = rustls::pki_types::ServerName::IpAddress(server.ip().into());
+            let tls = tokio::time::timeout(
+                Duration::from_secs(10),
+                connector.connect(name, stream.unwrap()),
+            )
+            .await
+            .expect("inner handshake stalled")
+            .unwrap();
+            raw_h2_over(tls).await
+        }
+    };
+    let inner = inner_over_gateway("echo.demo.svc.cluster.local:8080").await;
+    let (status, tunnel) = raw_connect(&inner, "echo.demo.svc.cluster.local:8080").await;
+    assert_eq!(status, 200);
+    let back = echo_roundtrip(tunnel.unwrap(), &data).await.unwrap();
+    assert_eq!(sha256(&back), sha256(&data));
+    let (status, _) = raw_connect(&inner, "other.demo.svc.cluster.local:8080").await;
+    assert_eq!(status, 503, "not in the services table");
+
+    // The services table reloads when the file changes.
+    std::fs::write(&services, services_table("other.demo.svc.cluster.local")).unwrap();
+    let reloaded = async {
+        loop {
+            if raw_connect(&inner, "other.demo.svc.cluster.local:8080")
+                .await
+                .0
+                == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reloaded)
+        .await
+        .expect("the new services table must take effect");
+
+    // A bad services table is one clear error naming the file and line.
+    std::fs::write(&services, "[[service]]\nhost = \"a b\"\n").unwrap();
+    let output = hbone(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--services",
+        services.to_str().unwrap(),
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("services.toml, line 1") && stderr.contains("not a host name"),
+        "{stderr}"
+    );
 
     // A bad routing table is one clear error naming the file.
     std::fs::write(
@@ -570,6 +647,38 @@ async fn policy_file_check_test_and_live_reload() {
     .await
     .unwrap();
     assert_eq!(denied.status.code(), Some(1));
+    // Rules may name the service a CONNECT asked for.
+    let by_name = dir.path().join("by-name.toml");
+    std::fs::write(
+        &by_name,
+        "[[rule]]\nname = \"echo by name\"\nto = [\"echo.demo.svc.cluster.local:8080\"]\n",
+    )
+    .unwrap();
+    let by_name = by_name.to_str().unwrap();
+    let named = [
+        "policy",
+        "test",
+        by_name,
+        "--id",
+        CLIENT_ID,
+        "--target",
+        "10.0.0.7:8080",
+    ];
+    let tested = run_ok(
+        &[
+            &named[..],
+            &["--service", "echo.demo.svc.cluster.local:8080"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(tested.contains("allow: rule \"echo by name\""), "{tested}");
+    let unnamed = hbone(&named).output().await.unwrap();
+    assert_eq!(
+        unnamed.status.code(),
+        Some(1),
+        "the address alone matches no rule"
+    );
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[[rule]]\nname = \"x\"\nto = [\"10.0.0.1/8\"]\n").unwrap();
     let output = hbone(&["policy", "check", bad.to_str().unwrap()])

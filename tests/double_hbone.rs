@@ -187,3 +187,75 @@ async fn the_final_servers_identity_is_checked_inside() {
         Ok(_) => panic!("the inner handshake accepted the wrong server"),
     }
 }
+
+/// ztunnel's double HBONE, played by a raw client: the outer CONNECT to the
+/// gateway and the inner CONNECT to the final server both name the service
+/// (`hostname:port`), and the inner mTLS runs inside the outer tunnel. The
+/// server resolves the name through its services table and echoes; a name
+/// it does not know is refused inside with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_style_service_names_inside_and_outside() {
+    let pki = Pki::new();
+    let echo = start_echo().await;
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.services = hbone::services::ServiceTable::parse(
+        &format!(
+            "[[service]]\nhost = \"echo.demo.svc.cluster.local\"\nports = {{ 8080 = {} }}\n",
+            echo.port()
+        ),
+        "services.toml",
+    )
+    .unwrap();
+    let records = Arc::new(Records::default());
+    config.access_log = records.clone();
+    let server = start_server(config).await;
+    let gateway_id = SpiffeId::istio(TD, "istio-system", "gateway").unwrap();
+    let gateway_identity = pki.ca.issue(&gateway_id, DAY).unwrap().identity().unwrap();
+    let routes = Routes::parse(
+        &format!(
+            "[[route]]\nhost = \"echo.demo.svc.cluster.local\"\nendpoints = [\"{}\"]\n",
+            server.addr
+        ),
+        "test routes",
+    )
+    .unwrap();
+    let mut gateway_config = ServerConfig::new(loopback(), gateway_identity);
+    gateway_config.gateway_routes = Some(Arc::new(routes));
+    let gateway = start_server(gateway_config).await;
+
+    let outer_tls = raw_tls(gateway.addr, Some(&pki.client)).await.unwrap();
+    let outer = raw_h2_over(outer_tls).await;
+    let (status, outer_stream) = raw_connect(&outer, SERVICE).await;
+    assert_eq!(status, 200, "the gateway routes the service name");
+    let connector = tokio_rustls::TlsConnector::from(raw_client_config(Some(&pki.client)));
+    let name = rustls::pki_types::ServerName::IpAddress(server.addr.ip().into());
+    let inner_tls = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        connector.connect(name, outer_stream.unwrap()),
+    )
+    .await
+    .expect("inner handshake stalled")
+    .unwrap();
+    let inner = raw_h2_over(inner_tls).await;
+
+    let (status, tunnel) = raw_connect(&inner, SERVICE).await;
+    assert_eq!(status, 200, "the server serves the service name inside");
+    let data = payload(7, 100_000);
+    let back = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        echo_roundtrip(tunnel.unwrap(), &data),
+    )
+    .await
+    .expect("echo stalled")
+    .unwrap();
+    assert_eq!(sha256(&back), sha256(&data));
+
+    let (status, _) = raw_connect(&inner, "nothing.demo.svc.cluster.local:8080").await;
+    assert_eq!(status, 503, "an unknown name is refused inside");
+    eventually("the server logged both tunnels", || {
+        records.all().len() == 2
+    })
+    .await;
+    let targets: Vec<String> = records.all().into_iter().map(|r| r.target).collect();
+    assert!(targets.contains(&SERVICE.to_owned()), "{targets:?}");
+}

@@ -47,12 +47,20 @@ struct HealthyTunnel {
 
 impl HealthyTunnel {
     async fn open(send: &SendRequest<Bytes>, echo: SocketAddr) -> Self {
+        Self::open_to(send, &echo.to_string()).await
+    }
+
+    /// Opens a tunnel to `authority`, which must lead to an echo target.
+    async fn open_to(send: &SendRequest<Bytes>, authority: &str) -> Self {
         let mut send = send.clone().ready().await.unwrap();
         let (response, mut send_stream) = send
-            .send_request(request(Method::CONNECT, &echo.to_string()), false)
+            .send_request(request(Method::CONNECT, authority), false)
             .unwrap();
-        let response = response.await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
+        let response = tokio::time::timeout(Duration::from_secs(10), response)
+            .await
+            .expect("the server must answer")
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "CONNECT {authority}");
         let mut recv_stream = response.into_body();
         send_stream
             .send_data(Bytes::from_static(b"first half, "), false)
@@ -71,7 +79,11 @@ impl HealthyTunnel {
             .send_data(Bytes::from_static(b"second half"), true)
             .unwrap();
         let mut rest = Vec::new();
-        while let Some(chunk) = self.recv_stream.data().await {
+        while let Some(chunk) =
+            tokio::time::timeout(Duration::from_secs(10), self.recv_stream.data())
+                .await
+                .expect("the echo must answer")
+        {
             let chunk = chunk.unwrap();
             let _ = self
                 .recv_stream
@@ -105,13 +117,25 @@ async fn bad_requests_get_their_status_and_leave_the_good_tunnel_alone() {
         StatusCode::METHOD_NOT_ALLOWED
     );
 
-    // Authorities that are not ip:port.
-    for bad in ["example.com:80", "127.0.0.1", "127.0.0.1:0", "[::1]"] {
+    // Authorities that are neither ip:port nor hostname:port.
+    for bad in [
+        "example.com",
+        "127.0.0.1",
+        "127.0.0.1:0",
+        "[::1]",
+        "1.2.3:80",
+    ] {
         let status = status_of(&send, request(Method::CONNECT, bad))
             .await
             .unwrap();
         assert_eq!(status, StatusCode::BAD_REQUEST, "authority {bad:?}");
     }
+    // A host name with no services table: unknown here, never looked up.
+    let unknown = request(Method::CONNECT, "example.com:80");
+    assert_eq!(
+        status_of(&send, unknown).await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
 
     // Denied by the default policy (loopback only); nothing is dialled.
     let denied = request(Method::CONNECT, "192.0.2.1:80");
@@ -364,4 +388,185 @@ async fn cancel_ends_the_tunnel_cleanly_and_promptly() {
         server.stats.snapshot().tunnels_active == 0
     })
     .await;
+}
+
+/// An echo target on `[::1]`.
+async fn start_echo_v6() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 || socket.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A CONNECT naming a service (`hostname:port`, as ztunnel sends in double
+/// HBONE and from waypoints) is served through the services table: the
+/// address the connection arrived on with the port map, or the service's
+/// own address (IPv6 too), or, for a listed domain, the system resolver.
+/// Names the table does not know are refused as unknown services, each
+/// beside a healthy tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_host_names_are_served_from_the_services_table() {
+    let pki = Pki::new();
+    let echo = start_echo().await;
+    let echo6 = start_echo_v6().await;
+    let table = format!(
+        r#"
+        resolve-domains = ["localhost"]
+
+        [[service]]
+        host = "echo.default.svc.cluster.local"
+        ports = {{ 8081 = {echo_port} }}
+
+        [[service]]
+        host = "echo6.default.svc.cluster.local"
+        address = "::1"
+        ports = {{ 8081 = {echo6_port} }}
+
+        [[service]]
+        host = "outside.default.svc.cluster.local"
+        address = "192.0.2.1"
+        "#,
+        echo_port = echo.port(),
+        echo6_port = echo6.port(),
+    );
+    let records = std::sync::Arc::new(Records::default());
+    let metrics = std::sync::Arc::new(hbone::metrics::Metrics::new());
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.services = hbone::services::ServiceTable::parse(&table, "services.toml").unwrap();
+    config.access_log = records.clone();
+    config.telemetry.metrics = Some(metrics.clone());
+    let server = hbone::Server::bind(config).await.unwrap();
+    let addr = server.local_addr();
+    let services = server.services();
+    let _running = tokio::spawn(server.run());
+    let send = raw_h2(addr, &pki).await;
+    let healthy = HealthyTunnel::open(&send, echo).await;
+
+    // Arrived on 127.0.0.1: the service port maps to the echo's port there.
+    for name in [
+        "echo.default.svc.cluster.local:8081",
+        "Echo.Default.svc.cluster.local.:8081",
+        "echo6.default.svc.cluster.local:8081",
+        &format!("localhost:{}", echo.port()),
+    ] {
+        HealthyTunnel::open_to(&send, name).await.finish().await;
+    }
+
+    let refused = [
+        // Not in the table, and not under a listed domain: no lookup.
+        (
+            "unknown.default.svc.cluster.local:8081",
+            503,
+            "unknown_service",
+        ),
+        ("example.com:80", 503, "unknown_service"),
+        // Listed, but not on this port.
+        (
+            "echo.default.svc.cluster.local:9999",
+            503,
+            "unknown_service",
+        ),
+        // The policy judges where the name leads (default: loopback only).
+        ("outside.default.svc.cluster.local:80", 403, "denied"),
+    ];
+    for (authority, status, _) in refused {
+        let got = status_of(&send, request(Method::CONNECT, authority))
+            .await
+            .unwrap();
+        assert_eq!(got.as_u16(), status, "CONNECT {authority}");
+    }
+    healthy.finish().await;
+
+    eventually("every tunnel was logged", || records.all().len() == 9).await;
+    for (authority, status, reason) in refused {
+        let record = records
+            .all()
+            .into_iter()
+            .find(|r| r.target == authority)
+            .unwrap_or_else(|| panic!("no record for {authority}"));
+        match record.outcome {
+            hbone::access::Outcome::Refused {
+                status: got,
+                reason: why,
+                ..
+            } => assert_eq!((got, why), (status, reason), "{authority}"),
+            other => panic!("{authority}: {other:?}"),
+        }
+    }
+    let text = metrics.encode();
+    let no_route = text
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_failed_total{")
+                && l.contains("response_flags=\"NR\"")
+        })
+        .unwrap_or_else(|| panic!("no NR series:\n{text}"));
+    assert!(no_route.ends_with(" 3"), "{no_route}");
+
+    // A reloaded table is in force for the next tunnel.
+    let renamed = table.replace("echo.default", "renamed.default");
+    services.replace(hbone::services::ServiceTable::parse(&renamed, "services.toml").unwrap());
+    HealthyTunnel::open_to(&send, "renamed.default.svc.cluster.local:8081")
+        .await
+        .finish()
+        .await;
+    let gone = request(Method::CONNECT, "echo.default.svc.cluster.local:8081");
+    assert_eq!(
+        status_of(&send, gone).await.unwrap(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+/// Policy rules may name services: allowed by name, denied by name, and
+/// the same target asked for by address matches neither rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_rules_may_name_services() {
+    let pki = Pki::new();
+    let echo = start_echo().await;
+    let table = format!(
+        "[[service]]\nhost = \"echo.demo.svc.cluster.local\"\nports = {{ 8080 = {port} }}\n\n\
+         [[service]]\nhost = \"secret.demo.svc.cluster.local\"\nports = {{ 8080 = {port} }}\n",
+        port = echo.port()
+    );
+    let policy = hbone::policy::file::parse(
+        r#"
+        [[rule]]
+        name = "no secrets"
+        action = "deny"
+        to = ["secret.demo.svc.cluster.local"]
+
+        [[rule]]
+        name = "echo by name"
+        from = ["spiffe://cluster.local/ns/test/*"]
+        to = ["echo.demo.svc.cluster.local:8080"]
+        "#,
+        "policy.toml",
+    )
+    .unwrap();
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.services = hbone::services::ServiceTable::parse(&table, "services.toml").unwrap();
+    config.policy = policy;
+    let server = start_server(config).await;
+    let send = raw_h2(server.addr, &pki).await;
+    let healthy = HealthyTunnel::open_to(&send, "echo.demo.svc.cluster.local:8080").await;
+    for denied in ["secret.demo.svc.cluster.local:8080", &echo.to_string()] {
+        let status = status_of(&send, request(Method::CONNECT, denied))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::FORBIDDEN, "CONNECT {denied}");
+    }
+    healthy.finish().await;
 }

@@ -340,3 +340,76 @@ pub async fn run_hbone(args: &[&str]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// An h2 stream as a byte stream, built without hbone's code: two pumps
+/// between the stream and one end of an in-memory pipe.
+pub fn stream_as_io(
+    mut send: h2::SendStream<bytes::Bytes>,
+    mut recv: h2::RecvStream,
+) -> tokio::io::DuplexStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ours, theirs) = tokio::io::duplex(64 << 10);
+    let (mut read_half, mut write_half) = tokio::io::split(ours);
+    tokio::spawn(async move {
+        while let Some(Ok(chunk)) = recv.data().await {
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            if write_half.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = write_half.shutdown().await;
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match read_half.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = send.send_data(bytes::Bytes::new(), true);
+                    return;
+                }
+                Ok(n) => {
+                    if send
+                        .send_data(bytes::Bytes::copy_from_slice(&buf[..n]), false)
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    theirs
+}
+
+/// Sends CONNECT `authority` on `send`; the status and, on 200, the stream.
+pub async fn raw_connect(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    authority: &str,
+) -> (u16, Option<tokio::io::DuplexStream>) {
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(())
+        .unwrap();
+    let mut send = send.clone().ready().await.unwrap();
+    let (response, stream) = send.send_request(request, false).unwrap();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response)
+        .await
+        .expect("no answer to CONNECT")
+        .unwrap();
+    let status = response.status().as_u16();
+    let io = (status == 200).then(|| stream_as_io(stream, response.into_body()));
+    (status, io)
+}
+
+/// An h2 client over `io`, its connection driven in the background.
+pub async fn raw_h2_over<IO>(io: IO) -> h2::client::SendRequest<bytes::Bytes>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    send
+}
