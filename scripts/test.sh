@@ -15,4 +15,4 @@ fi
 # whichever are missing and returns at once when all are present.
 bash scripts/install-test-deps.sh
 
-cargo test --locked "$@"
+cargo test --workspace --locked "$@"

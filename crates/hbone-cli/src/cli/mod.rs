@@ -1,7 +1,6 @@
 //! Argument definitions and the glue from arguments to the library.
 
 mod args;
-mod bench;
 mod commands;
 pub(crate) mod config_file;
 mod demo;
@@ -14,8 +13,6 @@ mod watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Shared with the subcommands that parse durations (`bench`).
-use args::parse_duration;
 use args::{ConnectArgs, ForwardArgs, GatewayArgs, ServerArgs, Socks5Args};
 use clap::{Parser, Subcommand};
 use hbone::SpiffeId;
@@ -113,7 +110,7 @@ inner TLS connection to an endpoint and never sees the tunnelled bytes. Unknown 
     /// Self-contained demonstration on loopback: CA, server, forward, 64 MiB echoed.
     Demo(demo::DemoArgs),
     /// Measure throughput, latency, connection rate and memory, direct and tunnelled.
-    Bench(bench::BenchArgs),
+    Bench(hbone_bench::BenchArgs),
     /// Run every server, gateway and entry a config file declares.
     #[command(after_help = "Example:
   hbone config example > hbone.toml   # then edit it
@@ -331,7 +328,7 @@ pub async fn run(
         Command::Gateway(args) => commands::run_gateway(args, &start_ops(logging).await?).await,
         Command::Policy(command) => commands::run_policy(command),
         Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => hbone_bench::run(args, logwriter::flush_before_exit).await,
         Command::Config(command) => config_file::run(command),
         Command::Run(args) => anyhow::bail!("{}: not loaded", args.config.display()),
     }

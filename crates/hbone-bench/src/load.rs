@@ -55,7 +55,7 @@ pub struct LoadArgs {
     #[arg(long)]
     pub socks5: Option<SocketAddr>,
     /// How long to run (bulk, req-resp, connect).
-    #[arg(long, default_value = "5s", value_parser = super::super::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = hbone::config::parse_duration)]
     pub duration: Duration,
     /// Parallel streams (bulk).
     #[arg(long, default_value_t = 1)]

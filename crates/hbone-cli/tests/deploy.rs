@@ -27,7 +27,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_hbone");
 const SECTIONS: [&str; 4] = ["server", "gateway", "forward", "socks5"];
 
 fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
 }
 
 // ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::parse_duration;
+use hbone::config::parse_duration;
 
 #[derive(Args)]
 #[command(
@@ -178,7 +178,10 @@ impl BenchArgs {
     }
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// Runs `hbone bench` (or one of its hidden child roles). On Ctrl-C it
+/// removes its identities, calls `flush_log` (the caller's buffered log
+/// would be lost to `exit`) and exits with status 130.
+pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
     match args.internal {
         Some(Internal::Apps) => apps::run().await,
         Some(Internal::Load(load)) => load::run(load).await,
@@ -196,7 +199,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     // with this process in any case; the identities must go.
                     let _ = std::fs::remove_dir_all(&path);
                     eprintln!("hbone bench: interrupted");
-                    crate::cli::logwriter::flush_before_exit();
+                    flush_log();
                     std::process::exit(130);
                 }
             }

@@ -30,7 +30,7 @@ fn stderr(output: &Output) -> String {
 }
 
 fn docs() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/config.md")).unwrap()
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/config.md")).unwrap()
 }
 
 /// The fenced blocks of `markdown`, as (language, content).
