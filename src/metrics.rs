@@ -2,9 +2,10 @@
 //! labels as ztunnel, so existing dashboards work) and our own, prefixed
 //! `hbone_`.
 //!
-//! Label values are identities, rule names and fixed words, never
-//! addresses, so the number of series stays bounded by the number of peers
-//! and rules. Istio's byte counters are named from the reporting proxy's
+//! Label values are identities, workload metadata (ours and the peer's
+//! `baggage`), service host names, rule names and fixed words, never
+//! addresses, so the number of series stays bounded by the number of
+//! workloads, services and rules. Istio's byte counters are named from the reporting proxy's
 //! point of view: `received` is what came from the downstream (client)
 //! side, `sent` what went back to it. They count as bytes move, so a tunnel
 //! that stays open for days shows its traffic while it flows.
