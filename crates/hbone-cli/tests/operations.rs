@@ -146,9 +146,28 @@ fn sample(scrape: &str, name_and_labels: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// An `istio_tcp_*` series between two workloads without metadata flags:
+/// all Istio's labels `unknown` but the principals and the namespaces
+/// (from the SPIFFE IDs).
 fn istio(metric: &str, reporter: &str, source: &str, destination: &str, flags: &str) -> String {
+    let namespace = |id: &str| {
+        id.split("/ns/")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or("unknown")
+            .to_owned()
+    };
+    let (source_ns, destination_ns) = (namespace(source), namespace(destination));
     format!(
-        "{metric}{{reporter=\"{reporter}\",source_principal=\"{source}\",destination_principal=\"{destination}\",response_flags=\"{flags}\",connection_security_policy=\"mutual_tls\"}}"
+        "{metric}{{reporter=\"{reporter}\",\
+         source_workload=\"unknown\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",\
+         source_workload_namespace=\"{source_ns}\",source_principal=\"{source}\",\
+         source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"unknown\",\
+         destination_service=\"unknown\",destination_service_namespace=\"unknown\",destination_service_name=\"unknown\",\
+         destination_workload=\"unknown\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",\
+         destination_workload_namespace=\"{destination_ns}\",destination_principal=\"{destination}\",\
+         destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"unknown\",\
+         request_protocol=\"tcp\",response_flags=\"{flags}\",connection_security_policy=\"mutual_tls\"}}"
     )
 }
 
@@ -757,4 +776,294 @@ async fn run_reloads_its_config_file_on_sighup() {
     }
     assert_eq!(http(admin, "GET", "/readyz").await.0, 200, "still serving");
     assert_eq!(http(admin, "GET", "/logging").await.1, "debug\n");
+}
+
+/// One sample of a scrape: metric name, labels, value.
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, name: &str) -> &str {
+        self.labels
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Parses the samples of a Prometheus text exposition (label values
+/// unescaped).
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (name, mut rest) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.strip_suffix('}').unwrap()),
+            None => (series, ""),
+        };
+        let mut labels = Vec::new();
+        while !rest.is_empty() {
+            let (label, after) = rest.split_once("=\"").unwrap();
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next().unwrap() {
+                    (_, '\\') => value.push(chars.next().unwrap().1),
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((label.to_owned(), value));
+            rest = after[end + 1..].trim_start_matches(',');
+        }
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value: value.parse().unwrap(),
+        });
+    }
+    samples
+}
+
+/// `sum by (source_workload, destination_service) (METRIC{reporter=R})`
+/// over several scrapes, the way Kiali's graph asks for TCP traffic.
+fn sum_by_workload_and_service(
+    scrapes: &[&str],
+    metric: &str,
+    reporter: &str,
+) -> std::collections::BTreeMap<(String, String), f64> {
+    let mut sums = std::collections::BTreeMap::new();
+    for scrape in scrapes {
+        for sample in parse_exposition(scrape) {
+            if sample.name == metric && sample.label("reporter") == reporter {
+                let key = (
+                    sample.label("source_workload").to_owned(),
+                    sample.label("destination_service").to_owned(),
+                );
+                *sums.entry(key).or_default() += sample.value;
+            }
+        }
+    }
+    sums
+}
+
+/// Writes `data` through `forward` and reads it back from the echo.
+async fn through(forward: SocketAddr, data: &[u8]) {
+    let mut app = TcpStream::connect(forward).await.unwrap();
+    app.write_all(data).await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    app.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, data);
+}
+
+/// Two workloads with their own metadata, straight and through a gateway:
+/// both reporters label the tunnels with Istio's standard labels, and the
+/// queries Kiali and Istio's dashboards make add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_standard_labels_between_workloads_with_metadata() {
+    const WEB: &str = "spiffe://cluster.local/ns/frontend/sa/web";
+    const DB: &str = "spiffe://cluster.local/ns/backend/sa/db";
+    const GATEWAY: &str = "spiffe://cluster.local/ns/istio-system/sa/gateway";
+    const SERVICE: &str = "db.backend.svc.cluster.local";
+    let dir = tempfile::tempdir().unwrap();
+    issue_with_cli(
+        dir.path(),
+        &[(WEB, "web"), (DB, "db"), (GATEWAY, "gateway")],
+    )
+    .await;
+    let identity = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let echo = start_echo().await;
+    let (db_dir, web_dir, gateway_dir) = (identity("db"), identity("web"), identity("gateway"));
+    let server = Process::start(
+        &[
+            "server",
+            "--identity-dir",
+            &db_dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--allow-target",
+            "127.0.0.1/32",
+            "--admin",
+            "127.0.0.1:0",
+            "--cluster",
+            "c2",
+            "--workload",
+            "deployment/db",
+            "--app",
+            "db",
+            "--app-version",
+            "v2",
+        ],
+        2,
+    )
+    .await;
+    let server_addr = server.address("HBONE server ready").to_string();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[route]]\nhost = \"{SERVICE}\"\nendpoints = [\"{server_addr}\"]\n"),
+    )
+    .unwrap();
+    let gateway = Process::start(
+        &[
+            "gateway",
+            "--identity-dir",
+            &gateway_dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--routes",
+            routes.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        2,
+    )
+    .await;
+    let gateway_addr = gateway.address("HBONE gateway ready").to_string();
+    let echo_addr = echo.to_string();
+    let web_meta = [
+        "--cluster",
+        "c1",
+        "--workload",
+        "deployment/web",
+        "--app",
+        "web",
+        "--app-version",
+        "v1",
+    ];
+    let forward = |route: Vec<&str>| {
+        let mut args = vec![
+            "forward",
+            "--identity-dir",
+            &web_dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--server-id",
+            DB,
+            "--target",
+            &echo_addr,
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        args.extend(route);
+        args.extend(web_meta);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let direct_args = forward(vec!["--server", &server_addr]);
+    let direct = Process::start(
+        &direct_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        2,
+    )
+    .await;
+    let service = format!("{SERVICE}:5432");
+    let via_args = forward(vec![
+        "--gateway",
+        &gateway_addr,
+        "--gateway-id",
+        GATEWAY,
+        "--service",
+        &service,
+    ]);
+    let via = Process::start(&via_args.iter().map(String::as_str).collect::<Vec<_>>(), 2).await;
+
+    through(direct.address("forward ready"), b"hello").await;
+    through(direct.address("forward ready"), b"hello world").await;
+    through(via.address("forward ready"), b"gateway").await;
+    // The gateway's tunnel stays open: it carries the pooled inner
+    // connection.
+    eventually(Duration::from_secs(10), || {
+        server.access_records().len() == 3
+            && direct.access_records().len() == 2
+            && via.access_records().len() == 1
+    })
+    .await;
+    let scrape = |process: &Process| {
+        let admin = process.address("admin endpoint ready");
+        async move { http(admin, "GET", "/metrics").await.1 }
+    };
+    let (server_scrape, gateway_scrape) = (scrape(&server).await, scrape(&gateway).await);
+    let (direct_scrape, via_scrape) = (scrape(&direct).await, scrape(&via).await);
+
+    // Every label, on both reporters of the direct tunnels.
+    let web = "source_workload=\"web\",source_canonical_service=\"web\",\
+               source_canonical_revision=\"v1\",source_workload_namespace=\"frontend\",\
+               source_principal=\"spiffe://cluster.local/ns/frontend/sa/web\",\
+               source_app=\"web\",source_version=\"v1\",source_cluster=\"c1\"";
+    let no_service = "destination_service=\"unknown\",destination_service_namespace=\"unknown\",\
+                      destination_service_name=\"unknown\"";
+    let db = "destination_workload=\"db\",destination_canonical_service=\"db\",\
+              destination_canonical_revision=\"v2\",destination_workload_namespace=\"backend\",\
+              destination_principal=\"spiffe://cluster.local/ns/backend/sa/db\",\
+              destination_app=\"db\",destination_version=\"v2\",destination_cluster=\"c2\"";
+    let tail =
+        "request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"";
+    let series = |metric: &str, reporter: &str, service: &str, destination: &str| {
+        format!("{metric}{{reporter=\"{reporter}\",{web},{service},{destination},{tail}}}")
+    };
+    let opened = "istio_tcp_connections_opened_total";
+    let want = series(opened, "source", no_service, db);
+    assert_eq!(
+        sample(&direct_scrape, &want),
+        2,
+        "{want} in\n{direct_scrape}"
+    );
+    // The server saw the tunnel through the gateway as well, as a workload
+    // address (the gateway resolved the service).
+    let want = series(opened, "destination", no_service, db);
+    assert_eq!(
+        sample(&server_scrape, &want),
+        3,
+        "{want} in\n{server_scrape}"
+    );
+    let bytes = series("istio_tcp_sent_bytes_total", "destination", no_service, db);
+    assert_eq!(sample(&server_scrape, &bytes), 5 + 11 + 7);
+
+    // Through the gateway: the source names the service it asked for
+    // and the workload that answered; the gateway the service it routed.
+    let routed = "destination_service=\"db.backend.svc.cluster.local\",\
+                  destination_service_namespace=\"backend\",destination_service_name=\"db\"";
+    let want = series(opened, "source", routed, db);
+    assert_eq!(sample(&via_scrape, &want), 1, "{want} in\n{via_scrape}");
+    let gateway_workload = "destination_workload=\"unknown\",\
+                            destination_canonical_service=\"unknown\",\
+                            destination_canonical_revision=\"unknown\",\
+                            destination_workload_namespace=\"istio-system\",\
+                            destination_principal=\"spiffe://cluster.local/ns/istio-system/sa/gateway\",\
+                            destination_app=\"unknown\",destination_version=\"unknown\",\
+                            destination_cluster=\"unknown\"";
+    let want = series(opened, "destination", routed, gateway_workload);
+    assert_eq!(
+        sample(&gateway_scrape, &want),
+        1,
+        "{want} in\n{gateway_scrape}"
+    );
+
+    // Kiali's graph: traffic by source workload and destination service.
+    let key = |service: &str| ("web".to_owned(), service.to_owned());
+    let sources = [direct_scrape.as_str(), via_scrape.as_str()];
+    let sent = sum_by_workload_and_service(&sources, "istio_tcp_sent_bytes_total", "source");
+    let opens = sum_by_workload_and_service(&sources, opened, "source");
+    assert_eq!(
+        sent,
+        [(key("unknown"), 16.0), (key(SERVICE), 7.0)].into(),
+        "{sources:?}"
+    );
+    assert_eq!(opens, [(key("unknown"), 2.0), (key(SERVICE), 1.0)].into());
+    let destinations = [server_scrape.as_str(), gateway_scrape.as_str()];
+    let opens = sum_by_workload_and_service(&destinations, opened, "destination");
+    assert_eq!(opens, [(key("unknown"), 3.0), (key(SERVICE), 1.0)].into());
+    let sent =
+        sum_by_workload_and_service(&destinations, "istio_tcp_sent_bytes_total", "destination");
+    assert_eq!(sent[&key("unknown")], 23.0);
+    assert!(
+        sent[&key(SERVICE)] > 7.0,
+        "the gateway relays the inner TLS connection: more than the payload"
+    );
 }

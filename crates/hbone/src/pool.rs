@@ -6,7 +6,7 @@
 //! A slot is a [`StreamLease`]: it is returned the moment the tunnel drops,
 //! so a connection is usable again as soon as it has room.
 
-use crate::metrics::TunnelCounters;
+use crate::client::PeerCache;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -81,24 +81,25 @@ pub(crate) struct ConnState {
     idle_since_ms: AtomicU64,
     created: Instant,
     tls_failure: OnceLock<TlsFailure>,
-    /// The metrics of this connection's tunnels, resolved once.
-    pub(crate) counters: Option<TunnelCounters>,
+    /// The server's metadata and the metrics of this connection's tunnels,
+    /// resolved on its first tunnel.
+    pub(crate) peers: PeerCache,
 }
 
 impl Default for ConnState {
     fn default() -> Self {
-        Self::new(None)
+        Self::new()
     }
 }
 
 impl ConnState {
-    pub(crate) fn new(counters: Option<TunnelCounters>) -> Self {
+    pub(crate) fn new() -> Self {
         ConnState {
             slots: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             created: Instant::now(),
             tls_failure: OnceLock::new(),
-            counters,
+            peers: PeerCache::default(),
         }
     }
 

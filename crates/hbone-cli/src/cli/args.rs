@@ -344,8 +344,9 @@ impl DialArgs {
     }
 }
 
-/// Our workload's metadata, sent as `baggage` (ztunnel's keys). The
-/// namespace comes from our SPIFFE ID when it has the Istio form.
+/// Our workload's metadata, sent as `baggage` (ztunnel's keys) and, with
+/// our SPIFFE ID, our side of the `istio_tcp_*` labels. The namespace
+/// comes from our SPIFFE ID when it has the Istio form.
 #[derive(Args, Clone)]
 pub(super) struct MetaArgs {
     /// Cluster name (k8s.cluster.name).

@@ -104,10 +104,7 @@ impl Dialer {
                 server,
                 failure: TlsFailure::Protocol("server sent no SPIFFE certificate".into()),
             })?;
-        let counters = self.inner.config.telemetry.metrics.as_ref().map(|metrics| {
-            metrics.tunnel_counters(Reporter::Source, &self.inner.local_id, &peer_id)
-        });
-        let state = Arc::new(ConnState::new(counters));
+        let state = Arc::new(ConnState::new());
         let io = ErrorRecorder {
             inner: tls_stream,
             state: state.clone(),

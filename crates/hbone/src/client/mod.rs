@@ -25,12 +25,16 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, StatusCode};
 use tokio::time::timeout;
 
+pub(crate) use tunnel::PeerCache;
+use tunnel::PeerMeta;
 pub use tunnel::Tunnel;
 
 use crate::config::{H2Settings, Timeouts};
 use crate::headers::{self, Baggage, TraceParent};
 use crate::identity::{Identity, SpiffeId};
-use crate::metrics::{ResponseFlag, Telemetry};
+use crate::metrics::{
+    DestinationService, Reporter, ResponseFlag, Telemetry, WorkloadMeta, service_host,
+};
 use crate::pool::{Pool, PoolKey, PooledConn, StreamLease};
 use crate::stream::H2Stream;
 use crate::tls::{self, ClientBase, TlsFailure};
@@ -153,6 +157,8 @@ struct Inner {
     /// the material they were made with.
     tls: std::sync::RwLock<ClientBase>,
     local_id: Arc<SpiffeId>,
+    /// Our side of the tunnels in Istio's labels.
+    local_meta: WorkloadMeta,
     config: DialerConfig,
     pool: Pool,
 }
@@ -173,6 +179,7 @@ impl Dialer {
             inner: Arc::new(Inner {
                 tls: std::sync::RwLock::new(tls::client_base_config(identity)?),
                 local_id: Arc::new(identity.id().clone()),
+                local_meta: WorkloadMeta::new(&config.baggage, Some(identity.id())),
                 config,
                 pool: Pool::default(),
             }),
@@ -214,6 +221,12 @@ impl Dialer {
         self.inner.local_id.clone()
     }
 
+    /// Our workload as Istio's labels describe it: from the `baggage` we
+    /// send and our identity.
+    pub fn local_meta(&self) -> &WorkloadMeta {
+        &self.inner.local_meta
+    }
+
     /// Where this dialer's tunnels are counted and listed.
     pub fn telemetry(&self) -> &Telemetry {
         &self.inner.config.telemetry
@@ -244,7 +257,7 @@ impl Dialer {
                 }
                 let key = PoolKey::direct(*server, server_ids);
                 let connect_request = self.connect_request(&target, request, false);
-                self.tunnel(key, *server, connect_request, || {
+                self.tunnel(key, *server, None, connect_request, || {
                     self.establish_tcp(*server, server_ids)
                 })
                 .await
@@ -264,24 +277,27 @@ impl Dialer {
                     let outer_key = PoolKey::direct(*gateway, gateway_ids);
                     let outer_request = self.connect_request(service, request, false);
                     let outer = self
-                        .tunnel(outer_key, *gateway, outer_request, || {
+                        .tunnel(outer_key, *gateway, None, outer_request, || {
                             self.establish_tcp(*gateway, gateway_ids)
                         })
                         .await?;
                     self.establish(outer, *gateway, server_ids).await
                 };
-                self.tunnel(key, *gateway, connect_request, establish_inner)
+                let service = service_host(service);
+                self.tunnel(key, *gateway, service, connect_request, establish_inner)
                     .await
             }
         }
     }
 
     /// Opens a tunnel with `request` on a connection of `key`: a pooled one
-    /// with room, or one made by `establish`.
+    /// with room, or one made by `establish`. `service` is the host name of
+    /// the service a tunnel through a gateway is for.
     async fn tunnel<E, F>(
         &self,
         key: PoolKey,
         server: SocketAddr,
+        service: Option<&str>,
         request: Request<()>,
         establish: E,
     ) -> Result<Tunnel, DialError>
@@ -289,13 +305,14 @@ impl Dialer {
         E: Fn() -> F,
         F: Future<Output = Result<Arc<PooledConn>, DialError>>,
     {
+        let on = OnConn { server, service };
         if !self.inner.config.pooling {
             // Boxed: the handshake's state is large and short-lived; kept
             // inline it would make every tunnel's task as big.
             let conn = Box::pin(establish()).await?;
-            return self.open_fresh(&conn, server, request).await;
+            return self.open_fresh(&conn, on, request).await;
         }
-        if let Some(tunnel) = self.open_pooled(&key, server, &request).await? {
+        if let Some(tunnel) = self.open_pooled(&key, on, &request).await? {
             return Ok(tunnel);
         }
         // Nothing pooled has room: open a connection, one handshake at a
@@ -303,28 +320,29 @@ impl Dialer {
         // connection just opened usually has room for them too.
         let dial_lock = self.inner.pool.dial_lock(&key);
         let dialing = dial_lock.lock().await;
-        if let Some(tunnel) = self.open_pooled(&key, server, &request).await? {
+        if let Some(tunnel) = self.open_pooled(&key, on, &request).await? {
             return Ok(tunnel);
         }
         let conn = Box::pin(establish()).await?;
         self.inner.pool.insert(key, conn.clone());
         drop(dialing);
-        self.open_fresh(&conn, server, request).await
+        self.open_fresh(&conn, on, request).await
     }
 
     /// Opens the first tunnel of a connection that was just established.
     async fn open_fresh(
         &self,
         conn: &PooledConn,
-        server: SocketAddr,
+        on: OnConn<'_>,
         request: Request<()>,
     ) -> Result<Tunnel, DialError> {
+        let server = on.server;
         // The connection may already have failed: in TLS 1.3 a server's
         // rejection of our certificate arrives after our handshake is done.
         let Some(lease) = conn.try_acquire() else {
             return Err(rejected_after_handshake(server, conn));
         };
-        match self.send_connect(conn, lease, server, request).await {
+        match self.send_connect(conn, lease, on, request).await {
             Ok(tunnel) => Ok(tunnel),
             // A brand-new connection that dies before its first answer was
             // almost always refused by the server; when its alert was lost
@@ -343,12 +361,13 @@ impl Dialer {
     async fn open_pooled(
         &self,
         key: &PoolKey,
-        server: SocketAddr,
+        on: OnConn<'_>,
         request: &Request<()>,
     ) -> Result<Option<Tunnel>, DialError> {
+        let server = on.server;
         while let Some((conn, lease)) = self.inner.pool.checkout(key) {
             match self
-                .send_connect(&conn, lease, server, clone_request(request))
+                .send_connect(&conn, lease, on, clone_request(request))
                 .await
             {
                 Ok(tunnel) => return Ok(Some(tunnel)),
@@ -405,9 +424,10 @@ impl Dialer {
         &self,
         conn: &PooledConn,
         lease: StreamLease,
-        server: SocketAddr,
+        on: OnConn<'_>,
         request: Request<()>,
     ) -> Result<Tunnel, OpenError> {
+        let server = on.server;
         let classify = |source: h2::Error| match conn.state.tls_failure() {
             Some(failure) => DialError::Tls { server, failure },
             None => DialError::Http2 { server, source },
@@ -450,19 +470,55 @@ impl Dialer {
                 status: response.status(),
             }));
         }
-        let peer_baggage = response
-            .headers()
-            .get(headers::BAGGAGE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| Baggage::parse(v).0)
-            .unwrap_or_default();
+        let peer = self.peer_meta(conn, on.service, response.headers().get(headers::BAGGAGE));
         Ok(Tunnel {
             stream: H2Stream::new(send, response.into_body()),
             peer_id: conn.peer_id.clone(),
-            peer_baggage,
-            lease,
+            peer,
+            _lease: lease,
         })
     }
+
+    /// The server's metadata from the `baggage` of its 200, and the
+    /// counters of tunnels so answered: the connection's, parsed and
+    /// resolved only when a 200 brings a `baggage` it has not seen yet.
+    fn peer_meta(
+        &self,
+        conn: &PooledConn,
+        service: Option<&str>,
+        baggage: Option<&HeaderValue>,
+    ) -> Arc<PeerMeta> {
+        conn.state.peers.get_or_make(
+            |seen| seen.as_ref() == baggage,
+            || {
+                let parsed = baggage
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| Baggage::parse(v).0)
+                    .unwrap_or_default();
+                let counters = self.inner.config.telemetry.metrics.as_ref().map(|metrics| {
+                    metrics.tunnel_counters(
+                        Reporter::Source,
+                        &self.inner.local_meta,
+                        &WorkloadMeta::new(&parsed, Some(&conn.peer_id)),
+                        &DestinationService::from_host(service),
+                    )
+                });
+                let peer = PeerMeta {
+                    baggage: parsed,
+                    counters,
+                };
+                (baggage.cloned(), Arc::new(peer))
+            },
+        )
+    }
+}
+
+/// The connection a tunnel goes on, as errors and metrics name it: the
+/// server's address, and the service when through a gateway.
+#[derive(Clone, Copy)]
+struct OnConn<'a> {
+    server: SocketAddr,
+    service: Option<&'a str>,
 }
 
 enum OpenError {

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::headers::Baggage;
 use crate::identity::SpiffeId;
-use crate::metrics::TunnelCounters;
+use crate::metrics::{PerConnection, TunnelCounters};
 use crate::pool::StreamLease;
 use crate::stream::H2Stream;
 
@@ -18,9 +18,12 @@ pub struct Tunnel {
     pub(super) stream: H2Stream,
     /// Shared with the connection's other tunnels.
     pub(super) peer_id: Arc<SpiffeId>,
-    /// The server's workload metadata, if it sent any.
-    pub(super) peer_baggage: Baggage,
-    pub(super) lease: StreamLease,
+    /// The server's workload metadata, if it sent any, and the counters
+    /// it resolves to; shared with the connection's tunnels that got the
+    /// same.
+    pub(super) peer: Arc<PeerMeta>,
+    /// The stream slot, returned to the connection when the tunnel drops.
+    pub(super) _lease: StreamLease,
 }
 
 impl Tunnel {
@@ -36,12 +39,12 @@ impl Tunnel {
 
     /// The metrics of tunnels on this tunnel's connection, when kept.
     pub(crate) fn counters(&self) -> Option<&TunnelCounters> {
-        self.lease.state.counters.as_ref()
+        self.peer.counters.as_ref()
     }
 
     /// Workload metadata the server sent in its `baggage` response header.
     pub fn peer_baggage(&self) -> &Baggage {
-        &self.peer_baggage
+        &self.peer.baggage
     }
 
     /// Tears the tunnel down with RST_STREAM(CONNECT_ERROR): the server
@@ -50,6 +53,17 @@ impl Tunnel {
         self.stream.reset(h2::Reason::CONNECT_ERROR);
     }
 }
+
+/// What a server said about itself in the `baggage` of a 200, and the
+/// counters of tunnels it answered so.
+#[derive(Debug, Default)]
+pub(crate) struct PeerMeta {
+    pub(crate) baggage: Baggage,
+    pub(crate) counters: Option<TunnelCounters>,
+}
+
+/// A connection's [`PeerMeta`]s, by the raw `baggage` of the 200.
+pub(crate) type PeerCache = PerConnection<Option<http::HeaderValue>, Arc<PeerMeta>>;
 
 /// The underlying stream, for the zero-copy relay in [`crate::copy`].
 impl AsMut<H2Stream> for Tunnel {

@@ -16,7 +16,7 @@ use crate::active::{Registration, TunnelInfo};
 use crate::client::{DialError, Dialer, Tunnel};
 use crate::copy;
 use crate::identity::SpiffeId;
-use crate::metrics::Reporter;
+use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 
 pub mod forward;
 pub mod socks5;
@@ -147,8 +147,9 @@ pub(crate) fn record_dial_failure(
     if let Some(metrics) = &dialer.telemetry().metrics {
         metrics.tunnel_failed(
             Reporter::Source,
-            Some(dialer.local_id()),
-            None,
+            dialer.local_meta(),
+            &WorkloadMeta::default(),
+            &DestinationService::from_host(None),
             error.response_flag(),
         );
     }

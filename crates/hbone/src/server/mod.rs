@@ -37,7 +37,7 @@ use crate::config::{H2Settings, Timeouts};
 use crate::gateway::Routes;
 use crate::headers::Baggage;
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
-use crate::metrics::{Reporter, ResponseFlag, Telemetry};
+use crate::metrics::{DestinationService, Reporter, ResponseFlag, Telemetry, WorkloadMeta};
 use crate::policy::{Policy, PolicyHandle};
 use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;
@@ -123,6 +123,8 @@ struct Shared {
     proxy_protocol: bool,
     /// The `baggage` response header, built once.
     baggage: Option<http::HeaderValue>,
+    /// Our side of the tunnels in Istio's labels.
+    local_meta: WorkloadMeta,
     gateway_routes: Option<Arc<Routes>>,
     services: ServicesHandle,
     gate: Arc<Gate>,
@@ -158,6 +160,7 @@ impl Server {
                 stats: Arc::default(),
                 telemetry: config.telemetry,
                 local_id: Arc::new(config.identity.id().clone()),
+                local_meta: WorkloadMeta::new(&config.baggage, Some(config.identity.id())),
                 proxy_protocol: config.proxy_protocol,
                 baggage: config
                     .baggage
@@ -309,8 +312,9 @@ impl Shared {
                 if let Some(metrics) = metrics {
                     metrics.tunnel_failed(
                         Reporter::Destination,
-                        None,
-                        Some(&self.local_id),
+                        &WorkloadMeta::default(),
+                        &self.local_meta,
+                        &DestinationService::from_host(None),
                         ResponseFlag::TlsFailure,
                     );
                 }
@@ -320,9 +324,9 @@ impl Shared {
         };
         // One copy per connection, shared by its tunnels' records.
         let peer_id = Arc::new(peer_id);
-        let counters = metrics.map(|metrics| {
-            Arc::new(metrics.tunnel_counters(Reporter::Destination, &peer_id, &self.local_id))
-        });
+        // Resolved on the connection's first tunnel: they depend on the
+        // client's metadata, which comes with each request.
+        let counters = metrics.map(|_| Arc::default());
         let _open = metrics.map(|metrics| GaugeGuard::new(metrics.server_connections()));
         let keepalive = self.timeouts.keepalive.watch(connection.ping_pong());
         tokio::pin!(keepalive);

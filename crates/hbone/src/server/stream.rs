@@ -24,7 +24,10 @@ use crate::authority::{ServiceName, Target, parse_target};
 use crate::copy::{self, Phased};
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
-use crate::metrics::{Reporter, ResponseFlag, TunnelCounters};
+use crate::metrics::{
+    DestinationService, Metrics, PerConnection, Reporter, ResponseFlag, TunnelCounters,
+    WorkloadMeta, service_host,
+};
 use crate::policy::{Allowed, Denial};
 use crate::proxy_protocol;
 use crate::server::limits::TunnelSlot;
@@ -39,6 +42,7 @@ struct OpenTunnel {
     slot: TunnelSlot,
     started: Instant,
     registration: Option<Registration>,
+    counters: Option<Arc<TunnelCounters>>,
 }
 
 /// Relays an answered tunnel, then logs it; counts it closed however it
@@ -95,6 +99,11 @@ impl Drop for ServerRelay {
     }
 }
 
+/// A connection's counters, by the client's raw `baggage` and the service
+/// host its tunnels asked for.
+pub(super) type ConnCounters =
+    PerConnection<(Option<http::HeaderValue>, Option<Box<str>>), Arc<TunnelCounters>>;
+
 /// What the request headers say about the tunnel.
 #[derive(Debug, Default)]
 struct Context {
@@ -112,7 +121,7 @@ impl Shared {
         source: SocketAddr,
         arrived_on: IpAddr,
         peer_id: Arc<SpiffeId>,
-        counters: Option<Arc<TunnelCounters>>,
+        counters: Option<Arc<ConnCounters>>,
         request: Request<RecvStream>,
         respond: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send + 'static {
@@ -127,6 +136,7 @@ impl Shared {
                     respond,
                 )
                 .await?;
+            let counters = open.counters;
             let mut relay = copy::Relay::new(open.target, open.stream);
             if let Some(limit) = self.timeouts.tunnel_idle {
                 relay = relay.with_idle_limit(limit);
@@ -153,7 +163,7 @@ impl Shared {
         source: SocketAddr,
         arrived_on: IpAddr,
         peer_id: Arc<SpiffeId>,
-        counters: Option<&TunnelCounters>,
+        counters: Option<&ConnCounters>,
         request: Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
     ) -> Option<OpenTunnel> {
@@ -178,7 +188,8 @@ impl Shared {
             duration: Duration::ZERO,
         });
         let Some(slot) = self.gate.admit_tunnel() else {
-            self.refuse(&mut respond, &mut record, &Refusal::TunnelLimit, started);
+            let refusal = Refusal::TunnelLimit;
+            self.refuse(&mut respond, &mut record, &refusal, &context, started);
             return None;
         };
         let dial = async {
@@ -205,19 +216,27 @@ impl Shared {
                 record.outcome = Outcome::Failed(format!("client reset the stream ({reason}) while the target was dialled"));
                 record.duration = started.elapsed();
                 self.access_log.record(&record);
-                self.count_failure(&peer_id, ResponseFlag::Connect);
+                self.count_failure(&peer_id, &context, ResponseFlag::Connect);
                 return None;
             }
         };
         let target = match opened {
             Ok(target) => target,
             Err(refusal) => {
-                self.refuse(&mut respond, &mut record, &refusal, started);
+                self.refuse(&mut respond, &mut record, &refusal, &context, started);
                 return None;
             }
         };
         self.stats.tunnels_opened.fetch_add(1, Ordering::AcqRel);
-        if let Some(counters) = counters {
+        let counters = self
+            .telemetry
+            .metrics
+            .as_deref()
+            .zip(counters)
+            .map(|(metrics, conn)| {
+                self.tunnel_counters(metrics, conn, &peer_id, &request, &context)
+            });
+        if let Some(counters) = &counters {
             counters.opened(started.elapsed());
         }
         let registration = self.telemetry.tunnels.as_ref().map(|tunnels| {
@@ -243,13 +262,14 @@ impl Shared {
                 slot,
                 started,
                 registration,
+                counters,
             }),
             Err(e) => {
                 self.stats.tunnels_closed.fetch_add(1, Ordering::AcqRel);
                 record.outcome = Outcome::Failed(format!("client went away: {e}"));
                 record.duration = started.elapsed();
                 self.access_log.record(&record);
-                if let Some(counters) = counters {
+                if let Some(counters) = &counters {
                     counters.ended(record.duration, true);
                 }
                 None
@@ -263,6 +283,7 @@ impl Shared {
         respond: &mut SendResponse<Bytes>,
         record: &mut TunnelRecord,
         refusal: &Refusal,
+        context: &Context,
         started: Instant,
     ) {
         self.stats.refusals.fetch_add(1, Ordering::AcqRel);
@@ -273,7 +294,7 @@ impl Shared {
             }
         }
         if let Some(peer) = &record.peer_id {
-            self.count_failure(peer, refusal.response_flag());
+            self.count_failure(peer, context, refusal.response_flag());
         }
         let mut response = Response::new(());
         *response.status_mut() = refusal.status();
@@ -287,13 +308,52 @@ impl Shared {
         self.access_log.record(record);
     }
 
-    /// Counts a tunnel that did not open.
-    fn count_failure(&self, peer: &SpiffeId, flag: ResponseFlag) {
+    /// The counters of an opened tunnel: the connection's, unless this
+    /// tunnel brings metadata (the client's `baggage`, the service it
+    /// asked for) that the connection has not seen yet.
+    fn tunnel_counters(
+        &self,
+        metrics: &Metrics,
+        conn: &ConnCounters,
+        peer_id: &SpiffeId,
+        request: &Request<RecvStream>,
+        context: &Context,
+    ) -> Arc<TunnelCounters> {
+        let baggage = request.headers().get(headers::BAGGAGE);
+        // Looked at only once the tunnel opened: the name was then one the
+        // server serves, so the values stay bounded by its services.
+        let service = request
+            .uri()
+            .authority()
+            .and_then(|a| service_host(a.as_str()));
+        conn.get_or_make(
+            |(b, s)| b.as_ref() == baggage && s.as_deref() == service,
+            || {
+                let peer = WorkloadMeta::new(&context.baggage, Some(peer_id));
+                let counters = metrics.tunnel_counters(
+                    Reporter::Destination,
+                    &peer,
+                    &self.local_meta,
+                    &DestinationService::from_host(service),
+                );
+                (
+                    (baggage.cloned(), service.map(Box::from)),
+                    Arc::new(counters),
+                )
+            },
+        )
+    }
+
+    /// Counts a tunnel that did not open. The service is left `unknown`:
+    /// a name the server does not serve is the client's to choose, and
+    /// would make the number of series unbounded.
+    fn count_failure(&self, peer: &SpiffeId, context: &Context, flag: ResponseFlag) {
         if let Some(metrics) = &self.telemetry.metrics {
             metrics.tunnel_failed(
                 Reporter::Destination,
-                Some(peer),
-                Some(&self.local_id),
+                &WorkloadMeta::new(&context.baggage, Some(peer)),
+                &self.local_meta,
+                &DestinationService::from_host(None),
                 flag,
             );
         }
