@@ -41,6 +41,15 @@ async fn make_pki(dir: &Path) {
 /// Starts a long-running subcommand and returns it with the address it
 /// reports in its "ready" log line (so `--listen 127.0.0.1:0` works).
 async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
+    let (child, addr, _) = spawn_logged(args).await;
+    (child, addr)
+}
+
+/// Log lines a subcommand has written so far.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`spawn_ready`], keeping every later log line.
+async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
     let mut child = hbone(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -62,8 +71,43 @@ async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
     .await
     .expect("subcommand did not become ready");
     // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    let log = Log::default();
+    let kept = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    (child, addr, log)
+}
+
+/// The first `count` lines of `log` containing `wanted`, waiting up to
+/// 10 s for them.
+async fn log_lines(log: &Log, wanted: &str, count: usize) -> Vec<String> {
+    let find = || {
+        let lines = log.lock().unwrap();
+        let found: Vec<String> = lines
+            .iter()
+            .filter(|l| l.contains(wanted))
+            .cloned()
+            .collect();
+        (found.len() >= count).then(|| found[..count].to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(lines) = find() {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "not {count} {wanted:?} in the log: {:?}",
+            log.lock().unwrap()
+        )
+    })
 }
 
 /// `hbone forward` with the client identity under `dir`, to `target`
@@ -521,6 +565,120 @@ async fn double_hbone_through_hbone_gateway() {
         stderr.contains("routes.toml") && stderr.contains("not-an-ip"),
         "{stderr}"
     );
+}
+
+/// `hbone connect` and `hbone forward` close their pooled connections
+/// before they exit: the gateway's outer tunnel, which carried the inner
+/// connection, ends normally instead of with a lost connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_through_a_gateway_end_the_outer_tunnel_normally() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/gateway";
+    issue_with_cli(
+        dir.path(),
+        &[
+            (SERVER_ID, "server"),
+            (CLIENT_ID, "client"),
+            (gateway_id, "gateway"),
+        ],
+    )
+    .await;
+    let echo = start_echo().await;
+    let (_server, server, server_log) = spawn_logged(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[route]]\nhost = \"echo.demo.svc.cluster.local\"\nendpoints = [\"{server}\"]\n"),
+    )
+    .unwrap();
+    let (_gateway, gateway, gateway_log) = spawn_logged(&[
+        "gateway",
+        "--identity-dir",
+        &path(dir.path(), "gateway"),
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+    ])
+    .await;
+    let mut connect = hbone(&[
+        "connect",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--gateway",
+        &gateway.to_string(),
+        "--gateway-id",
+        gateway_id,
+        "--service",
+        "echo.demo.svc.cluster.local:8080",
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo.to_string(),
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut stdin = connect.stdin.take().unwrap();
+    stdin.write_all(b"through the gateway").await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(20), connect.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(output.stdout, b"through the gateway");
+
+    // And `hbone forward` when it stops on SIGTERM.
+    let (mut forward, forward_addr) = spawn_ready(&[
+        "forward",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        &gateway.to_string(),
+        "--gateway-id",
+        gateway_id,
+        "--service",
+        "echo.demo.svc.cluster.local:8080",
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo.to_string(),
+    ])
+    .await;
+    let app = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(forward_addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(10), echo_roundtrip(app, b"forwarded"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, b"forwarded");
+    terminate(&forward);
+    let status = tokio::time::timeout(Duration::from_secs(10), forward.wait())
+        .await
+        .expect("forward exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+
+    for (who, log) in [("gateway", &gateway_log), ("server", &server_log)] {
+        for line in log_lines(log, "tunnel closed", 2).await {
+            assert!(line.contains("result=ok"), "{who}: {line}");
+        }
+    }
 }
 
 fn terminate(child: &Child) {

@@ -9,7 +9,7 @@
 use crate::client::PeerCache;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,10 @@ pub(crate) struct ConnState {
     /// The server's metadata and the metrics of this connection's tunnels,
     /// resolved on its first tunnel.
     pub(crate) peers: PeerCache,
+    /// Set, and waiters woken, when the connection's driver task is done:
+    /// what [`crate::Dialer::close`] waits for.
+    ended: AtomicBool,
+    end: tokio::sync::Notify,
 }
 
 impl Default for ConnState {
@@ -100,6 +104,26 @@ impl ConnState {
             created: Instant::now(),
             tls_failure: OnceLock::new(),
             peers: PeerCache::default(),
+            ended: AtomicBool::new(false),
+            end: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The driver task is done with the connection.
+    pub(crate) fn set_ended(&self) {
+        self.mark_closed();
+        self.ended.store(true, Ordering::Release);
+        self.end.notify_waiters();
+    }
+
+    /// Resolves once [`ConnState::set_ended`] has been called.
+    pub(crate) async fn ended(&self) {
+        let notified = self.end.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a concurrent end is not missed.
+        notified.as_mut().enable();
+        if !self.ended.load(Ordering::Acquire) {
+            notified.await;
         }
     }
 
@@ -263,11 +287,35 @@ impl Pool {
     /// key (a key may never be dialled again to clean up after itself).
     pub(crate) fn insert(&self, key: PoolKey, conn: Arc<PooledConn>) {
         let mut entries = self.entries();
+        Self::retain_open(&mut entries);
+        entries.entry(key).or_default().conns.push(conn);
+    }
+
+    /// Drops closed connections: their `SendRequest` is what keeps h2 from
+    /// ending the connection once its last stream is done.
+    pub(crate) fn forget_closed(&self) {
+        Self::retain_open(&mut self.entries());
+    }
+
+    fn retain_open(entries: &mut HashMap<PoolKey, Entry>) {
         entries.retain(|_, entry| {
             entry.conns.retain(|c| !c.state.is_closed());
             !entry.conns.is_empty() || Arc::strong_count(&entry.dialing) > 1
         });
-        entries.entry(key).or_default().conns.push(conn);
+    }
+
+    /// Closes every connection to new streams and takes them all out.
+    pub(crate) fn take_all(&self) -> Vec<Arc<PooledConn>> {
+        let mut entries = self.entries();
+        let mut taken = Vec::new();
+        for entry in entries.values_mut() {
+            for conn in entry.conns.drain(..) {
+                conn.state.mark_closed();
+                taken.push(conn);
+            }
+        }
+        Self::retain_open(&mut entries);
+        taken
     }
 
     /// Open connections and streams in use, by the server identity they

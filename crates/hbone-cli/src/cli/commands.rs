@@ -289,15 +289,33 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
         target = %args.target, "forward ready"
     );
     tokio::select! {
-        () = entry::forward::run(listener, dialer, route, args.target, Arc::new(TracingLog)) => Ok(()),
-        () = ops.shutdown_requested() => Ok(()),
+        () = entry::forward::run(listener, dialer.clone(), route, args.target, Arc::new(TracingLog)) => {}
+        () = ops.shutdown_requested() => {}
+    }
+    close_connections(&dialer, ENTRY_CLOSE_LIMIT).await;
+    Ok(())
+}
+
+/// How long a stopping entry gives its open tunnels before it exits.
+const ENTRY_CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// How long `hbone connect` waits for its connection to close cleanly.
+const CONNECT_CLOSE_LIMIT: Duration = Duration::from_secs(2);
+
+/// Ends the dialer's connections with GOAWAY and TLS close_notify, so
+/// servers and gateways log a normal end rather than a lost connection.
+async fn close_connections(dialer: &hbone::Dialer, limit: Duration) {
+    if !dialer.close(limit).await {
+        tracing::info!(?limit, "stopping with HBONE connections still open");
     }
 }
 
 pub(super) async fn run_connect(args: ConnectArgs) -> anyhow::Result<()> {
     let route = args.dial.route(args.server)?;
     let dialer = args.dial.dialer_without_telemetry()?;
-    entry::stdio::run(&dialer, &route, args.target).await?;
+    let result = entry::stdio::run(&dialer, &route, args.target).await;
+    close_connections(&dialer, CONNECT_CLOSE_LIMIT).await;
+    result?;
     Ok(())
 }
 
@@ -317,7 +335,9 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
     ops.listener_bound();
     tracing::info!(listen = %listener.local_addr()?, id = %dialer.local_id(), "SOCKS5 entry ready");
     tokio::select! {
-        () = entry::socks5::run(listener, dialer, config, Arc::new(TracingLog)) => Ok(()),
-        () = ops.shutdown_requested() => Ok(()),
+        () = entry::socks5::run(listener, dialer.clone(), config, Arc::new(TracingLog)) => {}
+        () = ops.shutdown_requested() => {}
     }
+    close_connections(&dialer, ENTRY_CLOSE_LIMIT).await;
+    Ok(())
 }

@@ -3,11 +3,13 @@
 //! double HBONE, a tunnel through a gateway. The connection is then driven
 //! by its own task, which also runs keepalive and closes it when idle.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -15,8 +17,9 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-use super::{DialError, Dialer, Stage};
+use super::{DialError, Dialer, Inner, Stage};
 use crate::identity::{SpiffeId, spiffe_id_of};
+use crate::keepalive::Keepalive;
 use crate::metrics::Reporter;
 use crate::pool::{ConnState, PooledConn};
 use crate::tls::{self, TlsFailure};
@@ -108,6 +111,7 @@ impl Dialer {
         let io = ErrorRecorder {
             inner: tls_stream,
             state: state.clone(),
+            linger: None,
         };
         let (send, connection) = timeout(
             timeouts.handshake,
@@ -123,27 +127,15 @@ impl Dialer {
             stage: Stage::Handshake,
         })?
         .map_err(|source| DialError::Http2 { server, source })?;
-        let driver_state = state.clone();
-        let keepalive = timeouts.keepalive;
-        let idle_timeout = self.inner.config.idle_timeout;
-        tokio::spawn(async move {
-            let mut connection = connection;
-            let ping_pong = connection.ping_pong();
-            tokio::select! {
-                result = &mut connection => {
-                    if let Err(e) = result {
-                        tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
-                    }
-                }
-                reason = keepalive.watch(ping_pong) => {
-                    tracing::info!(%server, %reason, "closing HBONE connection: peer unresponsive");
-                }
-                () = driver_state.closed_when_idle(idle_timeout) => {
-                    tracing::debug!(%server, "closing idle HBONE connection");
-                }
-            }
-            driver_state.mark_closed();
-        });
+        tokio::spawn(drive(
+            connection,
+            state.clone(),
+            server,
+            timeouts.keepalive,
+            self.inner.config.idle_timeout,
+            timeouts.handshake,
+            Arc::downgrade(&self.inner),
+        ));
         tracing::debug!(%server, %peer_id, "HBONE connection established");
         Ok(Arc::new(PooledConn::new(
             send,
@@ -154,16 +146,66 @@ impl Dialer {
     }
 }
 
+/// Runs a connection until it ends; then marks it ended for
+/// [`Dialer::close`]. A connection whose `SendRequest` handles are all gone
+/// (dropped by the pool) ends cleanly once its last stream is done: h2
+/// sends GOAWAY and shuts the TLS stream down (close_notify, then FIN).
+async fn drive<IO>(
+    mut connection: h2::client::Connection<IO, Bytes>,
+    state: Arc<ConnState>,
+    server: SocketAddr,
+    keepalive: Keepalive,
+    idle_timeout: Duration,
+    close_limit: Duration,
+    dialer: Weak<Inner>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let ping_pong = connection.ping_pong();
+    tokio::select! {
+        result = &mut connection => {
+            if let Err(e) = result {
+                tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
+            }
+        }
+        reason = keepalive.watch(ping_pong) => {
+            tracing::info!(%server, %reason, "closing HBONE connection: peer unresponsive");
+        }
+        () = state.closed_when_idle(idle_timeout) => {
+            tracing::debug!(%server, "closing idle HBONE connection");
+            // The pool's handle is the last: dropping it lets h2 close.
+            if let Some(inner) = dialer.upgrade() {
+                inner.pool.forget_closed();
+            }
+            match timeout(close_limit, &mut connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%server, error = %e, "idle HBONE connection ended with an error"),
+                Err(_) => tracing::debug!(%server, "idle HBONE connection did not close in time"),
+            }
+        }
+    }
+    state.set_ended();
+}
+
 /// Passes I/O through, and keeps the TLS error that ended the connection.
 ///
 /// In TLS 1.3 the client finishes its handshake before the server has
 /// checked the client certificate, so a rejection arrives as an alert on the
 /// first read, inside HTTP/2. h2 keeps only the message of such an error;
 /// this keeps the typed reason so the dialer can report it.
+///
+/// Shutting it down sends close_notify and FIN, then reads until the peer
+/// closes too (bounded by [`LINGER`]): a socket closed with unread data is
+/// reset, which could cost the peer its clean end.
 struct ErrorRecorder<T> {
     inner: T,
     state: Arc<ConnState>,
+    /// Started once our side is shut down.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// How long a closed connection waits for the peer's close.
+const LINGER: Duration = Duration::from_secs(1);
 
 impl<T> ErrorRecorder<T> {
     fn record<R>(&self, result: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
@@ -188,7 +230,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ErrorRecorder<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ErrorRecorder<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ErrorRecorder<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -216,6 +258,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ErrorRecorder<T> {
         this.record(result)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let linger = match &mut this.linger {
+            Some(linger) => linger,
+            None => {
+                ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+                this.linger.insert(Box::pin(tokio::time::sleep(LINGER)))
+            }
+        };
+        let mut buf = [0u8; 2048];
+        while linger.as_mut().poll(cx).is_pending() {
+            let mut discard = ReadBuf::new(&mut buf);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut discard) {
+                Poll::Ready(Ok(())) if !discard.filled().is_empty() => continue,
+                // The peer's close_notify or FIN, or an error: done.
+                Poll::Ready(_) => break,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }

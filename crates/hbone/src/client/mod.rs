@@ -206,6 +206,30 @@ impl Dialer {
         Ok(())
     }
 
+    /// Ends the pooled connections cleanly, so that peers record a normal
+    /// end rather than a lost connection: no new tunnels go on them, and
+    /// each sends GOAWAY and TLS close_notify once its open tunnels are
+    /// done. Call it before the process exits. Waits up to `limit`, and
+    /// says whether every connection had ended by then; those still
+    /// carrying tunnels are left to end with them. A double-HBONE inner
+    /// connection ends its outer tunnel as it closes, so the connection to
+    /// the gateway follows. Tunnels opened afterwards get new connections.
+    pub async fn close(&self, limit: Duration) -> bool {
+        let states: Vec<_> = self
+            .inner
+            .pool
+            .take_all()
+            .into_iter()
+            .map(|conn| conn.state.clone())
+            .collect();
+        let all_ended = async {
+            for state in &states {
+                state.ended().await;
+            }
+        };
+        timeout(limit, all_ended).await.is_ok()
+    }
+
     /// Open HTTP/2 connections in the pool.
     pub fn pooled_connections(&self) -> usize {
         self.inner.pool.len()
