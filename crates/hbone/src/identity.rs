@@ -1,7 +1,7 @@
 //! SPIFFE identities and the certificate material that proves them.
 //!
-//! A workload is known by the first `spiffe://` URI SAN of its certificate
-//! (X.509-SVID). This module parses those IDs, extracts them from
+//! A workload is known by the one URI SAN of its certificate, a `spiffe://`
+//! ID (X.509-SVID). This module parses those IDs, extracts them from
 //! certificates, and loads a certificate chain, its private key and the trust
 //! bundle from PEM, with errors that say which file is wrong and how.
 
@@ -168,29 +168,23 @@ pub enum CertIdError {
     Parse(String),
     #[error("certificate has no spiffe:// URI SAN")]
     Missing,
+    #[error("certificate has {0} URI SANs; an X.509-SVID carries exactly one, its SPIFFE ID")]
+    SeveralUris(usize),
     #[error("certificate's spiffe:// URI SAN is invalid: {0}")]
     Invalid(#[from] SpiffeIdError),
 }
 
-/// The SPIFFE ID of a certificate: its first `spiffe://` URI SAN.
+/// The SPIFFE ID of a certificate. An X.509-SVID carries exactly one URI
+/// SAN, and it is the SPIFFE ID (SPIFFE X.509-SVID §2); a certificate with
+/// several URIs is refused rather than one of them picked.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdError> {
-    use x509_parser::extensions::GeneralName;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| CertIdError::Parse(e.to_string()))?;
-    let san = parsed
-        .subject_alternative_name()
-        .map_err(|e| CertIdError::Parse(e.to_string()))?
-        .ok_or(CertIdError::Missing)?;
-    let uri = san
-        .value
-        .general_names
-        .iter()
-        .find_map(|name| match name {
-            GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some(*uri),
-            _ => None,
-        })
-        .ok_or(CertIdError::Missing)?;
-    Ok(SpiffeId::parse(uri)?)
+    let info = crate::x509::parse(cert.as_ref()).map_err(|e| CertIdError::Parse(e.to_string()))?;
+    match info.uris.as_slice() {
+        [] => Err(CertIdError::Missing),
+        [uri] if uri.starts_with("spiffe://") => Ok(SpiffeId::parse(uri)?),
+        [_] => Err(CertIdError::Missing),
+        several => Err(CertIdError::SeveralUris(several.len())),
+    }
 }
 
 /// A problem with identity files, naming the file.
@@ -348,17 +342,8 @@ impl Identity {
 
     /// The leaf certificate's validity period (not before, not after).
     pub fn validity(&self) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
-        let (_, parsed) = x509_parser::parse_x509_certificate(self.chain[0].as_ref()).ok()?;
-        let at = |seconds: i64| {
-            Some(
-                std::time::UNIX_EPOCH
-                    + std::time::Duration::from_secs(u64::try_from(seconds).ok()?),
-            )
-        };
-        Some((
-            at(parsed.validity().not_before.timestamp())?,
-            at(parsed.validity().not_after.timestamp())?,
-        ))
+        let info = crate::x509::parse(self.chain[0].as_ref()).ok()?;
+        Some((info.not_before, info.not_after))
     }
 
     /// The certificate chain, leaf first.
@@ -385,7 +370,7 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
         return Err(IdentityError::content(path, "no CERTIFICATE blocks found"));
     }
     for (i, cert) in certs.iter().enumerate() {
-        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
+        crate::x509::parse(cert.as_ref()).map_err(|e| {
             IdentityError::content(
                 path,
                 format!("certificate #{} is not valid X.509: {e}", i + 1),
@@ -398,6 +383,52 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed certificate with these SANs, valid over `days`
+    /// (Unix days) as given.
+    #[cfg(feature = "ca")]
+    fn cert_with(sans: &[rcgen::SanType], days: (i64, i64)) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans.to_vec();
+        let day = |d: i64| time::OffsetDateTime::from_unix_timestamp(d * 86_400 + 3_661).unwrap();
+        params.not_before = day(days.0);
+        params.not_after = day(days.1);
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[cfg(feature = "ca")]
+    #[test]
+    fn the_one_uri_san_is_the_id() {
+        use rcgen::SanType::{DnsName, URI};
+        let uri = |text: &str| URI(text.try_into().unwrap());
+        let dns = DnsName("echo.example".try_into().unwrap());
+        let id = "spiffe://cluster.local/ns/a/sa/b";
+        let cert = cert_with(&[dns.clone(), uri(id), dns.clone()], (20_000, 20_400));
+        assert_eq!(spiffe_id_of(&cert).unwrap().as_str(), id);
+        let two = cert_with(&[uri(id), uri("spiffe://cluster.local/ns/a/sa/c")], (0, 1));
+        assert_eq!(spiffe_id_of(&two), Err(CertIdError::SeveralUris(2)));
+        let mixed = cert_with(&[uri("https://example.com/"), uri(id)], (0, 1));
+        assert_eq!(spiffe_id_of(&mixed), Err(CertIdError::SeveralUris(2)));
+        let web = cert_with(&[uri("https://example.com/")], (0, 1));
+        assert_eq!(spiffe_id_of(&web), Err(CertIdError::Missing));
+        let none = cert_with(&[dns], (0, 1));
+        assert_eq!(spiffe_id_of(&none), Err(CertIdError::Missing));
+        let bad = cert_with(&[uri("spiffe://Cluster.local/x")], (0, 1));
+        assert!(matches!(spiffe_id_of(&bad), Err(CertIdError::Invalid(_))));
+        let info = crate::x509::parse(cert.as_ref()).unwrap();
+        let at =
+            |d: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(d * 86_400 + 3_661);
+        assert_eq!((info.not_before, info.not_after), (at(20_000), at(20_400)));
+        // GeneralizedTime past 2049.
+        let late = cert_with(&[uri(id)], (29_000, 30_000));
+        let late = crate::x509::parse(late.as_ref()).unwrap();
+        assert_eq!(late.not_after, at(30_000));
+        // Every truncation of a real certificate is refused, never misread.
+        for len in 0..cert.len() {
+            assert!(crate::x509::parse(&cert[..len]).is_err(), "{len}");
+        }
+    }
 
     #[test]
     fn parses_istio_form() {

@@ -28,8 +28,10 @@
 
 pub mod access;
 pub mod active;
+#[cfg(feature = "admin")]
 pub mod admin;
 pub mod authority;
+#[cfg(feature = "ca")]
 pub mod ca;
 pub mod client;
 pub mod config;
@@ -47,6 +49,7 @@ pub mod server;
 pub mod services;
 pub mod stream;
 pub mod tls;
+mod x509;
 
 pub use client::{DialError, Dialer, DialerConfig, Route, Tunnel, TunnelRequest};
 pub use identity::{Identity, SpiffeId};

@@ -327,7 +327,7 @@ impl Shared {
         // Resolved on the connection's first tunnel: they depend on the
         // client's metadata, which comes with each request.
         let counters = metrics.map(|_| Arc::default());
-        let _open = metrics.map(|metrics| GaugeGuard::new(metrics.server_connections()));
+        let _open = metrics.map(|metrics| metrics.server_connection());
         let keepalive = self.timeouts.keepalive.watch(connection.ping_pong());
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
@@ -432,22 +432,6 @@ impl Shared {
             .map_err(|e| format!("HTTP/2: {e}"))?;
         tracing::debug!(%peer_addr, %peer_id, "HBONE connection accepted");
         Ok((connection, peer_id))
-    }
-}
-
-/// Holds a gauge one higher for as long as it lives.
-struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
-
-impl GaugeGuard {
-    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        GaugeGuard(gauge.clone())
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -20,6 +20,7 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
         "allow-id" => "spiffe://cluster.local/ns/web/*",
         "policy" => "/etc/hbone/policy.toml",
         "routes" => "/etc/hbone/routes.toml",
+        "services" => "/etc/hbone/services.toml",
         "tunnel-idle-timeout" => "1h",
         "cluster" => "east",
         "workload" => "deployment/web",
