@@ -51,6 +51,10 @@ pub mod stream;
 pub mod tls;
 mod x509;
 
+/// Istio's HBONE port: where ztunnel listens for tunnels, and where this
+/// crate dials a target's HBONE server unless told otherwise.
+pub const HBONE_PORT: u16 = 15008;
+
 pub use client::{DialError, Dialer, DialerConfig, Route, Tunnel, TunnelRequest};
 pub use identity::{Identity, SpiffeId};
 pub use server::{Server, ServerConfig};

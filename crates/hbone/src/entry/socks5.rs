@@ -21,8 +21,8 @@ use crate::client::{DialError, Dialer, Route, TunnelRequest};
 use crate::copy::Phased;
 use crate::identity::SpiffeId;
 
-/// Istio's HBONE port, used when no server is configured.
-pub const HBONE_PORT: u16 = 15008;
+/// Without a configured server, each tunnel goes to this port of its target.
+pub use crate::HBONE_PORT;
 
 /// How long a client may take to send its greeting and request.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);

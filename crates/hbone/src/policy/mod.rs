@@ -12,6 +12,7 @@
 //! `--allow-target` and `--allow-id` flags are shorthand for one allow
 //! rule; a policy file (see [`mod@file`]) holds any number.
 
+#[cfg(feature = "files")]
 pub mod file;
 mod patterns;
 

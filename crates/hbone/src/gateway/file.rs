@@ -1,24 +1,12 @@
-//! The routing table of a double-HBONE gateway: service `hostname:port`
-//! to the HBONE endpoints that serve it.
-//!
-//! A gateway terminates only the outer tunnel. It resolves the outer
-//! `:authority` here and relays the bytes, which are the inner TLS
-//! connection, to an endpoint's HBONE port; it never holds the inner keys.
-//!
-//! ```toml
-//! [[route]]
-//! host = "echo.demo.svc.cluster.local"
-//! port = 8080                     # optional: only this service port
-//! endpoints = ["10.0.0.7", "10.0.0.8:15008"]   # HBONE port defaults to 15008
-//! ```
+//! Routing tables from TOML files (the `files` feature).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Deserialize;
 
-use crate::entry::socks5::HBONE_PORT;
+use super::Routes;
+use crate::HBONE_PORT;
 
 /// Why a routing table could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -55,33 +43,10 @@ struct RouteEntry {
     endpoints: Vec<String>,
 }
 
-/// One service and its endpoints.
-#[derive(Debug)]
-struct Route {
-    host: String,
-    port: Option<u16>,
-    endpoints: Vec<SocketAddr>,
-    next: AtomicUsize,
-}
-
-/// Why an outer `:authority` has no route.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouteError {
-    #[error("authority {0:?} is not hostname:port")]
-    Malformed(String),
-    #[error("no route for service {0}")]
-    Unknown(String),
-}
-
-/// Service routes, matched by host name (case-insensitive) and port.
-#[derive(Debug, Default)]
-pub struct Routes {
-    routes: Vec<Route>,
-}
-
 impl Routes {
     /// Loads and checks a TOML routing table.
-    pub fn load(path: &Path) -> Result<Routes, RoutesError> {
+    pub fn load(path: impl AsRef<Path>) -> Result<Routes, RoutesError> {
+        let path = path.as_ref();
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| RoutesError::Read {
             path: name.clone(),
@@ -96,7 +61,7 @@ impl Routes {
             path: name.to_owned(),
             message: e.to_string(),
         })?;
-        let mut routes = Vec::new();
+        let mut routes = Routes::new();
         for (index, entry) in file.route.into_iter().enumerate() {
             let fail = |message: String| RoutesError::Route {
                 path: name.to_owned(),
@@ -104,12 +69,6 @@ impl Routes {
                 host: entry.host.clone(),
                 message,
             };
-            if entry.host.is_empty() || entry.host.contains([':', '/', ' ']) {
-                return Err(fail("host must be a bare host name".into()));
-            }
-            if entry.endpoints.is_empty() {
-                return Err(fail("needs at least one endpoint".into()));
-            }
             let endpoints = entry
                 .endpoints
                 .iter()
@@ -118,40 +77,11 @@ impl Routes {
                         .ok_or_else(|| fail(format!("endpoint {e:?} is not IP or IP:PORT")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            routes.push(Route {
-                host: entry.host.to_ascii_lowercase(),
-                port: entry.port,
-                endpoints,
-                next: AtomicUsize::new(0),
-            });
+            routes
+                .add(&entry.host, entry.port, endpoints)
+                .map_err(|e| fail(e.to_string()))?;
         }
-        Ok(Routes { routes })
-    }
-
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
-    }
-
-    /// The endpoint for `authority` (`hostname:port`); endpoints of a
-    /// route take turns.
-    pub fn resolve(&self, authority: &str) -> Result<SocketAddr, RouteError> {
-        let (host, port) = authority
-            .rsplit_once(':')
-            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
-            .filter(|(host, _)| !host.is_empty())
-            .ok_or_else(|| RouteError::Malformed(authority.to_owned()))?;
-        let route = self
-            .routes
-            .iter()
-            .find(|r| r.host.eq_ignore_ascii_case(host) && r.port.is_none_or(|p| p == port))
-            .ok_or_else(|| RouteError::Unknown(authority.to_owned()))?;
-        let turn = route.next.fetch_add(1, Ordering::Relaxed);
-        Ok(route.endpoints[turn % route.endpoints.len()])
+        Ok(routes)
     }
 }
 
@@ -170,6 +100,7 @@ fn parse_endpoint(text: &str) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::RouteError;
 
     const TABLE: &str = r#"
         [[route]]

@@ -1,36 +1,13 @@
-//! The services table of a server: which service host names it answers
-//! for, and where each one's traffic goes.
-//!
-//! ztunnel names a service rather than an address on the inner CONNECT of
-//! double HBONE (`:authority echo.default.svc.cluster.local:8081`), and so
-//! do waypoints. Its own inbound side looks the service up by host name,
-//! takes the address the connection arrived on and maps the service port to
-//! the workload's port. This table does the same from a file:
-//!
-//! ```toml
-//! [[service]]
-//! host = "echo.default.svc.cluster.local"
-//! ports = { 8081 = 8080 }     # service port = target port; default: any port, unchanged
-//! address = "127.0.0.1"       # default: the address the HBONE connection arrived on
-//!
-//! # Names under these domains that no [[service]] lists are resolved with
-//! # the system resolver; every other name is refused without a lookup.
-//! resolve-domains = ["internal.example"]
-//! ```
-//!
-//! The policy still judges the address a name resolves to (and may also
-//! name the service). Names the table does not know are refused with
-//! `503` and the reason `unknown_service`.
+//! Services tables from TOML files (the `files` feature).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::authority::{ServiceName, normalize_host};
+use super::ServiceTable;
 
 /// A services file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -49,48 +26,6 @@ pub enum ServicesFileError {
         line: usize,
         message: String,
     },
-}
-
-/// Why a service name has no target.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ServiceError {
-    #[error("unknown service {0}: not in this server's services table")]
-    Unknown(ServiceName),
-    #[error("service {name} has no port {port} (it serves {known})")]
-    UnknownPort {
-        name: String,
-        port: u16,
-        known: String,
-    },
-    #[error("cannot resolve {name}: {reason}")]
-    Resolve { name: ServiceName, reason: String },
-}
-
-/// Where a service's traffic goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolution {
-    /// This address.
-    Addr(SocketAddr),
-    /// Whatever the system resolver says of this name (a domain the
-    /// operator listed), at this port.
-    Lookup(ServiceName),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Service {
-    host: String,
-    /// Service port to target port; empty means any port, unchanged.
-    ports: BTreeMap<u16, u16>,
-    /// `None`: the address the HBONE connection arrived on.
-    address: Option<IpAddr>,
-}
-
-/// Service host names and where they lead. The default table is empty:
-/// every name is unknown.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServiceTable {
-    services: Vec<Service>,
-    resolve_domains: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -134,26 +69,11 @@ impl ServiceTable {
             line: text[..span.start.min(text.len())].matches('\n').count() + 1,
             message,
         };
-        let mut services: Vec<Service> = Vec::with_capacity(file.service.len());
+        let mut table = ServiceTable::new();
         for entry in file.service {
             let span = entry.span();
             let entry = entry.into_inner();
-            let host = normalize_host(&entry.host).ok_or_else(|| {
-                fail(
-                    span.clone(),
-                    format!(
-                        "host {:?} is not a host name (letters, digits, '-' and '.', e.g. echo.default.svc.cluster.local)",
-                        entry.host
-                    ),
-                )
-            })?;
-            if services.iter().any(|s| s.host == host) {
-                return Err(fail(
-                    span,
-                    format!("host {host} is listed twice; give one entry all its ports"),
-                ));
-            }
-            let mut ports = BTreeMap::new();
+            let mut ports = Vec::with_capacity(entry.ports.len());
             for (service_port, target_port) in &entry.ports {
                 let service = service_port
                     .parse::<u16>()
@@ -161,9 +81,7 @@ impl ServiceTable {
                     .filter(|p| *p != 0 && service_port.bytes().all(|b| b.is_ascii_digit()));
                 let target = u16::try_from(*target_port).ok().filter(|p| *p != 0);
                 match (service, target) {
-                    (Some(service), Some(target)) => {
-                        ports.insert(service, target);
-                    }
+                    (Some(service), Some(target)) => ports.push((service, target)),
                     _ => {
                         return Err(fail(
                             span,
@@ -183,80 +101,16 @@ impl ServiceTable {
                     )
                 })?),
             };
-            services.push(Service {
-                host,
-                ports,
-                address,
-            });
+            table
+                .add_service(&entry.host, ports, address)
+                .map_err(|e| fail(span, e.to_string()))?;
         }
-        let mut resolve_domains = Vec::with_capacity(file.resolve_domains.len());
         for domain in file.resolve_domains {
-            let normalized = normalize_host(domain.get_ref()).ok_or_else(|| {
-                fail(
-                    domain.span(),
-                    format!(
-                        "resolve-domains: {:?} is not a domain name, e.g. internal.example",
-                        domain.get_ref()
-                    ),
-                )
-            })?;
-            resolve_domains.push(normalized);
+            table
+                .add_resolve_domain(domain.get_ref())
+                .map_err(|e| fail(domain.span(), format!("resolve-domains: {e}")))?;
         }
-        Ok(ServiceTable {
-            services,
-            resolve_domains,
-        })
-    }
-
-    /// How many services are listed.
-    pub fn len(&self) -> usize {
-        self.services.len()
-    }
-
-    /// Whether no service is listed and no domain is resolved.
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.resolve_domains.is_empty()
-    }
-
-    /// Where `name` leads for a connection that arrived on `arrived_on`.
-    pub fn resolve(
-        &self,
-        name: &ServiceName,
-        arrived_on: IpAddr,
-    ) -> Result<Resolution, ServiceError> {
-        if let Some(service) = self.services.iter().find(|s| s.host == name.host()) {
-            let port = if service.ports.is_empty() {
-                name.port()
-            } else {
-                *service
-                    .ports
-                    .get(&name.port())
-                    .ok_or_else(|| ServiceError::UnknownPort {
-                        name: service.host.clone(),
-                        port: name.port(),
-                        known: service
-                            .ports
-                            .keys()
-                            .map(u16::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    })?
-            };
-            let ip = service.address.unwrap_or(arrived_on.to_canonical());
-            return Ok(Resolution::Addr(SocketAddr::new(ip, port)));
-        }
-        let host = name.host();
-        let listed = self.resolve_domains.iter().any(|domain| {
-            host == domain
-                || (host.len() > domain.len()
-                    && host.ends_with(domain.as_str())
-                    && host.as_bytes()[host.len() - domain.len() - 1] == b'.')
-        });
-        if listed {
-            Ok(Resolution::Lookup(name.clone()))
-        } else {
-            Err(ServiceError::Unknown(name.clone()))
-        }
+        Ok(table)
     }
 }
 
@@ -269,37 +123,12 @@ fn parse_ip(text: &str) -> Option<IpAddr> {
     bare.parse().ok()
 }
 
-/// The services table in force, replaceable while the server runs.
-#[derive(Debug, Clone, Default)]
-pub struct ServicesHandle {
-    current: Arc<RwLock<Arc<ServiceTable>>>,
-}
-
-impl ServicesHandle {
-    pub fn new(table: ServiceTable) -> Self {
-        ServicesHandle {
-            current: Arc::new(RwLock::new(Arc::new(table))),
-        }
-    }
-
-    /// The table now; keep it for one lookup.
-    pub fn current(&self) -> Arc<ServiceTable> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Puts `table` in force for every tunnel from now on.
-    pub fn replace(&self, table: ServiceTable) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authority::ServiceName;
     use crate::authority::{Target, parse_target};
+    use crate::services::{Resolution, ServiceError};
 
     const TABLE: &str = r#"
         resolve-domains = ["internal.example"]
