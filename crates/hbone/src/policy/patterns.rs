@@ -317,7 +317,9 @@ pub struct ServiceRule {
 /// Why a service rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceRuleError {
-    #[error("expected HOST[:PORT|:PORT-PORT], e.g. echo.default.svc.cluster.local:8081")]
+    #[error(
+        "expected a qualified service HOST[:PORT|:PORT-PORT], e.g. echo.default.svc.cluster.local:8081"
+    )]
     Syntax,
     #[error("invalid port or port range {0:?} (1-65535, low-high)")]
     Ports(String),
@@ -341,7 +343,11 @@ impl FromStr for ServiceRule {
             ),
             None => (s, (1, u16::MAX)),
         };
-        let host = crate::authority::normalize_host(host).ok_or(ServiceRuleError::Syntax)?;
+        // A single word is far more often a typo than a service: the names
+        // HBONE carries are qualified (`echo.default.svc.cluster.local`).
+        let host = crate::authority::normalize_host(host)
+            .filter(|host| host.contains('.'))
+            .ok_or(ServiceRuleError::Syntax)?;
         Ok(ServiceRule { host, ports })
     }
 }
