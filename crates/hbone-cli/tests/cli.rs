@@ -734,7 +734,7 @@ async fn drain_deadline_closes_what_is_left() {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path()).await;
     let echo = start_echo().await;
-    let (mut server, server_addr) = spawn_ready(&[
+    let (mut server, server_addr, server_log) = spawn_logged(&[
         "server",
         "--identity-dir",
         &path(dir.path(), "server"),
@@ -761,6 +761,12 @@ async fn drain_deadline_closes_what_is_left() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the application must see its tunnel end");
+    // And the tunnel cut at the deadline has its access record.
+    let closed = log_lines(&server_log, "tunnel closed", 1).await;
+    assert!(
+        closed[0].contains("drain deadline or shutdown") && closed[0].contains("sent=1"),
+        "{closed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,6 +41,7 @@ pub mod gateway;
 pub mod headers;
 pub mod identity;
 pub mod keepalive;
+pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 mod pool;

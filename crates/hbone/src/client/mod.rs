@@ -520,12 +520,12 @@ impl Dialer {
                     .map(|v| Baggage::parse(v).0)
                     .unwrap_or_default();
                 let counters = self.inner.config.telemetry.metrics.as_ref().map(|metrics| {
-                    metrics.tunnel_counters(
+                    Arc::new(metrics.tunnel_counters(
                         Reporter::Source,
                         &self.inner.local_meta,
                         &WorkloadMeta::new(&parsed, Some(&conn.peer_id)),
                         &DestinationService::from_host(service),
-                    )
+                    ))
                 });
                 let peer = PeerMeta {
                     baggage: parsed,

@@ -38,7 +38,7 @@ impl Tunnel {
     }
 
     /// The metrics of tunnels on this tunnel's connection, when kept.
-    pub(crate) fn counters(&self) -> Option<&TunnelCounters> {
+    pub(crate) fn counters(&self) -> Option<&Arc<TunnelCounters>> {
         self.peer.counters.as_ref()
     }
 
@@ -59,7 +59,7 @@ impl Tunnel {
 #[derive(Debug, Default)]
 pub(crate) struct PeerMeta {
     pub(crate) baggage: Baggage,
-    pub(crate) counters: Option<TunnelCounters>,
+    pub(crate) counters: Option<Arc<TunnelCounters>>,
 }
 
 /// A connection's [`PeerMeta`]s, by the raw `baggage` of the 200.

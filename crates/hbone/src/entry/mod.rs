@@ -12,28 +12,22 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
-use crate::active::{Registration, TunnelInfo};
 use crate::client::{DialError, Dialer, Tunnel};
 use crate::copy;
-use crate::identity::SpiffeId;
+use crate::lifecycle::TunnelLifecycle;
 use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 
 pub mod forward;
 pub mod socks5;
 pub mod stdio;
 
-/// Relays an accepted application connection through a tunnel, then writes
-/// the access record. A failure on either side is passed on as a reset.
-/// A plain future (see [`copy::Phased`] for why).
+/// Relays an accepted application connection through a tunnel and
+/// finishes the tunnel's lifecycle. A failure on either side is passed on
+/// as a reset. A plain future (see [`copy::Phased`] for why).
 pub(crate) struct ClientRelay {
     relay: copy::Relay<Tunnel>,
-    source: SocketAddr,
-    target: SocketAddr,
-    log: Arc<dyn AccessLog>,
-    started: Instant,
-    local_id: Arc<SpiffeId>,
-    /// Present only when the dialer lists open tunnels.
-    registration: Option<Registration>,
+    /// Taken when the relay ends; dropped unfinished if the task is.
+    lifecycle: Option<TunnelLifecycle>,
 }
 
 impl ClientRelay {
@@ -46,32 +40,14 @@ impl ClientRelay {
         started: Instant,
         dialer: &Dialer,
     ) -> Self {
-        let local_id = dialer.local_id_arc();
-        let bytes = tunnel.counters().map(|counters| {
-            counters.opened(started.elapsed());
-            counters.relay_bytes()
-        });
-        let registration = dialer.telemetry().tunnels.as_ref().map(|tunnels| {
-            tunnels.register(TunnelInfo {
-                role: Role::Client,
-                source,
-                original_source: None,
-                peer_id: tunnel.peer_arc(),
-                target: target.to_string(),
-            })
-        });
+        let lifecycle = TunnelLifecycle::for_tunnel(dialer, &tunnel, source, target, log, started);
         let mut relay = copy::Relay::new(app, tunnel);
-        if let Some(bytes) = bytes {
-            relay = relay.with_byte_counters(bytes);
+        if let Some(counters) = lifecycle.counters() {
+            relay = relay.with_byte_counters(counters.relay_bytes());
         }
         ClientRelay {
             relay,
-            source,
-            target,
-            log,
-            started,
-            local_id,
-            registration,
+            lifecycle: Some(lifecycle),
         }
     }
 }
@@ -82,32 +58,12 @@ impl Future for ClientRelay {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.relay).poll(cx);
-        if let Some(registration) = &this.registration {
-            // The socket is the application: the source.
-            registration.update(this.relay.transferred(), true);
+        if let Some(lifecycle) = &mut this.lifecycle {
+            lifecycle.progress(this.relay.transferred());
         }
-        let (tunnel, result) = ready!(polled);
-        let (moved, outcome) = match result {
-            Ok(moved) => (moved, Outcome::Completed),
-            Err(e) => (e.transferred, Outcome::Failed(e.error.to_string())),
-        };
-        let record = TunnelRecord {
-            role: Role::Client,
-            source: this.source,
-            peer_id: Some(tunnel.peer_arc()),
-            local_id: this.local_id.clone(),
-            target: this.target.to_string(),
-            original_source: None,
-            trace: None,
-            outcome,
-            bytes_sent: moved.a_to_b,
-            bytes_received: moved.b_to_a,
-            duration: this.started.elapsed(),
-        };
-        this.log.record(&record);
-        if let Some(counters) = tunnel.counters() {
-            let broken = matches!(record.outcome, Outcome::Failed(_));
-            counters.ended(record.duration, broken);
+        let (_tunnel, result) = ready!(polled);
+        if let Some(lifecycle) = this.lifecycle.take() {
+            lifecycle.finish(result.as_ref().copied());
         }
         Poll::Ready(())
     }

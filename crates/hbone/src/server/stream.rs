@@ -19,11 +19,11 @@ use tokio::time::timeout;
 
 use super::{Refusal, Shared};
 use crate::access::{Outcome, Role, TunnelRecord};
-use crate::active::{Registration, TunnelInfo};
 use crate::authority::{ServiceName, Target, parse_target};
 use crate::copy::{self, Phased};
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
+use crate::lifecycle::TunnelLifecycle;
 use crate::metrics::{
     DestinationService, Metrics, PerConnection, Reporter, ResponseFlag, TunnelCounters,
     WorkloadMeta, service_host,
@@ -38,23 +38,19 @@ use crate::stream::H2Stream;
 struct OpenTunnel {
     target: TcpStream,
     stream: H2Stream,
-    record: Box<TunnelRecord>,
+    lifecycle: TunnelLifecycle,
     slot: TunnelSlot,
-    started: Instant,
-    registration: Option<Registration>,
-    counters: Option<Arc<TunnelCounters>>,
 }
 
-/// Relays an answered tunnel, then logs it; counts it closed however it
-/// ends. A plain future (see [`copy::Phased`] for why).
+/// Relays an answered tunnel and finishes its lifecycle; counts it closed
+/// in the server's stats however it ends. A plain future (see
+/// [`copy::Phased`] for why).
 struct ServerRelay {
     relay: copy::Relay<H2Stream>,
-    record: Box<TunnelRecord>,
+    /// Taken when the relay ends; dropped unfinished if the task is.
+    lifecycle: Option<TunnelLifecycle>,
     _slot: TunnelSlot,
-    started: Instant,
     shared: Arc<Shared>,
-    counters: Option<Arc<TunnelCounters>>,
-    registration: Option<Registration>,
 }
 
 impl Future for ServerRelay {
@@ -63,28 +59,12 @@ impl Future for ServerRelay {
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.relay).poll(cx);
-        if let Some(registration) = &this.registration {
-            // The socket is the target: bytes from it go back to the source.
-            registration.update(this.relay.transferred(), false);
+        if let Some(lifecycle) = &mut this.lifecycle {
+            lifecycle.progress(this.relay.transferred());
         }
         let (_stream, result) = ready!(polled);
-        let record = &mut this.record;
-        match result {
-            Ok(moved) => {
-                record.bytes_sent = moved.b_to_a;
-                record.bytes_received = moved.a_to_b;
-            }
-            Err(e) => {
-                record.bytes_sent = e.transferred.b_to_a;
-                record.bytes_received = e.transferred.a_to_b;
-                record.outcome = Outcome::Failed(e.to_string());
-            }
-        }
-        record.duration = this.started.elapsed();
-        this.shared.access_log.record(record);
-        if let Some(counters) = &this.counters {
-            let broken = matches!(record.outcome, Outcome::Failed(_));
-            counters.ended(record.duration, broken);
+        if let Some(lifecycle) = this.lifecycle.take() {
+            lifecycle.finish(result.as_ref().copied());
         }
         Poll::Ready(())
     }
@@ -136,22 +116,18 @@ impl Shared {
                     respond,
                 )
                 .await?;
-            let counters = open.counters;
             let mut relay = copy::Relay::new(open.target, open.stream);
             if let Some(limit) = self.timeouts.tunnel_idle {
                 relay = relay.with_idle_limit(limit);
             }
-            if let Some(counters) = &counters {
+            if let Some(counters) = open.lifecycle.counters() {
                 relay = relay.with_byte_counters(counters.relay_bytes());
             }
             Some(ServerRelay {
                 relay,
-                record: open.record,
+                lifecycle: Some(open.lifecycle),
                 _slot: open.slot,
-                started: open.started,
                 shared: self,
-                counters,
-                registration: open.registration,
             })
         })
     }
@@ -236,18 +212,13 @@ impl Shared {
             .map(|(metrics, conn)| {
                 self.tunnel_counters(metrics, conn, &peer_id, &request, &context)
             });
-        if let Some(counters) = &counters {
-            counters.opened(started.elapsed());
-        }
-        let registration = self.telemetry.tunnels.as_ref().map(|tunnels| {
-            tunnels.register(TunnelInfo {
-                role: Role::Server,
-                source,
-                original_source: record.original_source,
-                peer_id: peer_id.clone(),
-                target: record.target.clone(),
-            })
-        });
+        let lifecycle = TunnelLifecycle::open(
+            record,
+            started,
+            self.access_log.clone(),
+            &self.telemetry,
+            counters,
+        );
         let mut response = Response::new(());
         if let Some(baggage) = &self.baggage {
             response
@@ -258,20 +229,12 @@ impl Shared {
             Ok(send) => Some(OpenTunnel {
                 target,
                 stream: H2Stream::new(send, request.into_body()),
-                record,
+                lifecycle,
                 slot,
-                started,
-                registration,
-                counters,
             }),
             Err(e) => {
                 self.stats.tunnels_closed.fetch_add(1, Ordering::AcqRel);
-                record.outcome = Outcome::Failed(format!("client went away: {e}"));
-                record.duration = started.elapsed();
-                self.access_log.record(&record);
-                if let Some(counters) = &counters {
-                    counters.ended(record.duration, true);
-                }
+                lifecycle.fail(format!("client went away: {e}"));
                 None
             }
         }
