@@ -98,7 +98,7 @@ pub struct BenchArgs {
     #[arg(long)]
     no_admin: bool,
     /// Also write the results as Markdown to FILE, with the machine, the
-    /// command and ztunnel's reference figures.
+    /// command and how much the runs varied.
     #[arg(long, value_name = "FILE")]
     write: Option<PathBuf>,
 }

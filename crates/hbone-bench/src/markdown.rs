@@ -1,7 +1,7 @@
 //! `--write FILE`: the results as Markdown, with what a reader needs to
 //! trust or doubt them: the machine, the build, the exact command, how
-//! busy the machine was, how far the runs disagreed, and ztunnel's figures
-//! from issue 3 for comparison.
+//! busy the machine was and how far the runs disagreed. Only figures
+//! measured in the same run are compared: direct TCP against the tunnel.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -26,23 +26,6 @@ pub struct Document<'a> {
     pub elapsed: Duration,
     pub load_before: String,
     pub load_after: String,
-}
-
-/// ztunnel's figures as issue 3 states them (a similar 2-core machine).
-fn ztunnel(metric: Metric) -> &'static str {
-    match metric {
-        Metric::Bulk1 => "4.6–5.3 (direct 28.7–31.5; ~16 %)",
-        Metric::Bulk8 => "4.6–5.0 (direct 20–33; ~16 %)",
-        Metric::ReqRate => "8,200–9,100 (direct 34,000–39,000; ~24 %)",
-        Metric::ReqP50 => "104–114 (direct 24)",
-        Metric::ReqP99 => "~155",
-        Metric::ConnRate => "3,100 (direct 14,200; ~22 %)",
-        Metric::Handshakes | Metric::GatewayPooled | Metric::CpuPerGb => "not given",
-        Metric::GatewayFresh => {
-            "not given (this is ztunnel's way: a new inner TLS + HTTP/2 per connection)"
-        }
-        Metric::KbPerTunnel => "~11 (5,000 tunnels, both ends)",
-    }
 }
 
 pub fn write(path: &Path, doc: &Document) -> anyhow::Result<()> {
@@ -90,16 +73,10 @@ fn render(doc: &Document) -> String {
         }
     );
     out += "## Results\n\n";
-    let mut headers = HEADERS.to_vec();
-    headers.push("ztunnel, from issue 3");
-    let mut rows = report::rows(doc.results);
-    for (row, metric) in rows.iter_mut().zip(Metric::ALL) {
-        row.push(ztunnel(metric).to_owned());
-    }
-    out += &report::table(&headers, &rows);
-    out += "\nThe ztunnel column quotes issue 3: figures measured on a similar 2-core machine, \
-            not on this one. Compare the hbone/direct ratios more than the absolute numbers.\n\n";
-    out += "## Targets (issue 3), judged on the medians\n\n";
+    out += &report::table(&HEADERS, &report::rows(doc.results));
+    out += "\nDirect and tunnelled figures come from the same run on the same machine; \
+            compare the hbone/direct ratios more than the absolute numbers.\n\n";
+    out += "## Targets, judged on the medians\n\n";
     for verdict in doc.verdicts {
         let _ = writeln!(
             out,

@@ -42,7 +42,7 @@ pub const HEADERS: [&str; 4] = ["workload", "direct", "through hbone", "hbone/di
 pub fn render(heading: &str, results: &Results, verdicts: &[Verdict], logged: &[String]) -> String {
     let mut out = format!("{heading}\n\n");
     out += &table(&HEADERS, &rows(results));
-    out += "\nTargets (issue 3), judged on the medians:\n";
+    out += "\nTargets, judged on the medians:\n";
     for verdict in verdicts {
         out += &format!(
             "  {:<8} {}: {}\n",

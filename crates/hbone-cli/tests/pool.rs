@@ -243,7 +243,7 @@ async fn start_goaway_server(
                         .send_response(http::Response::new(()), false)
                         .unwrap();
                     tokio::spawn(async move {
-                        let mut stream = hbone::stream::H2Stream::new(send, request.into_body());
+                        let mut stream = stream_as_io(send, request.into_body());
                         let mut target = tokio::net::TcpStream::connect(target).await.unwrap();
                         let _ = tokio::io::copy_bidirectional(&mut stream, &mut target).await;
                     });

@@ -820,13 +820,10 @@ proptest! {
         let rules: Vec<Rule> = rules
             .into_iter()
             .enumerate()
-            .map(|(i, (allow, from, source, to))| Rule {
-                name: format!("rule {i}"),
-                action: if allow { Action::Allow } else { Action::Deny },
-                from,
-                source,
-                to,
-                services: Vec::new(),
+            .map(|(i, (allow, from, source, to))| {
+                let name = format!("rule {i}");
+                let rule = if allow { Rule::allow(name) } else { Rule::deny(name) };
+                rule.from_ids(from).from_networks(source).to_targets(to)
             })
             .collect();
         let applies = |r: &Rule| {

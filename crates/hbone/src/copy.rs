@@ -183,7 +183,7 @@ struct IdleLimit {
     seen: u64,
 }
 
-impl<S: AsMut<H2Stream> + Unpin> Relay<S> {
+impl<S: AsH2Stream + Unpin> Relay<S> {
     pub fn new(tcp: TcpStream, stream: S) -> Self {
         Relay {
             parts: Some((tcp, stream)),
@@ -235,7 +235,7 @@ impl<S: AsMut<H2Stream> + Unpin> Relay<S> {
     }
 }
 
-impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
+impl<S: AsH2Stream + Unpin> Future for Relay<S> {
     type Output = (S, Result<Transferred, CopyError>);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -243,7 +243,7 @@ impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
         let Some((tcp, stream)) = this.parts.as_mut() else {
             return Poll::Pending;
         };
-        let stream = stream.as_mut();
+        let stream = stream.h2_stream();
         let before = (this.up.bytes, this.down.bytes);
         let up = this.up.poll(cx, tcp, stream);
         let down = match up {
@@ -274,7 +274,7 @@ impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
             Ok(()) => (stream, Ok(transferred)),
             Err(error) => {
                 // Pass the failure on as a reset, in both directions.
-                stream.as_mut().reset(h2::Reason::CONNECT_ERROR);
+                stream.h2_stream().reset(h2::Reason::CONNECT_ERROR);
                 let _ = tcp.set_zero_linger();
                 (stream, Err(CopyError { transferred, error }))
             }
@@ -282,8 +282,14 @@ impl<S: AsMut<H2Stream> + Unpin> Future for Relay<S> {
     }
 }
 
-impl AsMut<H2Stream> for H2Stream {
-    fn as_mut(&mut self) -> &mut H2Stream {
+/// What the zero-copy relay needs of a tunnel: its HTTP/2 stream. Kept
+/// inside the crate so that no `h2` type shows in the public API.
+pub(crate) trait AsH2Stream {
+    fn h2_stream(&mut self) -> &mut H2Stream;
+}
+
+impl AsH2Stream for H2Stream {
+    fn h2_stream(&mut self) -> &mut H2Stream {
         self
     }
 }

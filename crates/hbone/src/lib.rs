@@ -1,12 +1,24 @@
 //! HBONE: TCP tunnelled through HTTP/2 `CONNECT` inside mutual TLS with
 //! SPIFFE identities, wire-compatible with Istio ambient's ztunnel.
 //!
-//! - [`Dialer`] opens [`Tunnel`]s (byte streams) through an HBONE server,
-//!   sharing HTTP/2 connections between tunnels.
-//! - [`Server`] terminates tunnels: it checks the peer's identity, the
-//!   request and the [`policy`], dials the target and copies bytes.
-//! - [`entry`] has the ways traffic gets in (port forward, stdin/stdout,
-//!   SOCKS5); [`ca`] issues development certificates.
+//! What each part is for:
+//!
+//! - [`Dialer`] opens [`Tunnel`]s (`AsyncRead + AsyncWrite` byte streams)
+//!   through an HBONE server, directly or through a gateway ([`Route`]),
+//!   sharing pooled HTTP/2 connections; [`Dialer::close`] ends them cleanly.
+//! - [`Server`] terminates tunnels: it proves its identity, checks the
+//!   peer's, the request and the [`policy`], dials the target (an address,
+//!   or a service from its [`services`] table) and relays; with
+//!   [`gateway`] routes it is a double-HBONE gateway.
+//! - [`Identity`] and [`SpiffeId`]: certificates, keys and trust bundles,
+//!   and the SPIFFE IDs they prove; [`tls`] holds the verifiers.
+//! - [`lifecycle::TunnelLifecycle`]: one record per tunnel (access log,
+//!   Istio counters, open-tunnel list), for tunnels you relay yourself.
+//! - [`entry`]: the ways traffic gets in (port forward, stdin/stdout,
+//!   SOCKS5); [`access`] the access-log records.
+//! - Optional, by Cargo feature: `metrics` (Prometheus), `admin` (the admin
+//!   HTTP endpoint), `ca` (a development CA), `files` (policy, routing and
+//!   services tables in TOML). All are on by default.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,6 +38,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod access;
 pub mod active;
 #[cfg(feature = "admin")]
@@ -35,7 +49,7 @@ pub mod authority;
 pub mod ca;
 pub mod client;
 pub mod config;
-pub mod copy;
+mod copy;
 pub mod entry;
 pub mod gateway;
 pub mod headers;
@@ -48,7 +62,7 @@ mod pool;
 pub mod proxy_protocol;
 pub mod server;
 pub mod services;
-pub mod stream;
+mod stream;
 pub mod tls;
 mod x509;
 
@@ -57,5 +71,6 @@ mod x509;
 pub const HBONE_PORT: u16 = 15008;
 
 pub use client::{DialError, Dialer, DialerConfig, Route, Tunnel, TunnelRequest};
+pub use copy::{CopyError, Transferred};
 pub use identity::{Identity, SpiffeId};
 pub use server::{Server, ServerConfig};

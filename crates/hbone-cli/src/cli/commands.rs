@@ -288,12 +288,36 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
         listen = %listener.local_addr()?, id = %dialer.local_id(), route = ?route,
         target = %args.target, "forward ready"
     );
-    tokio::select! {
-        () = entry::forward::run(listener, dialer.clone(), route, args.target, Arc::new(TracingLog)) => {}
-        () = ops.shutdown_requested() => {}
-    }
-    close_connections(&dialer, ENTRY_CLOSE_LIMIT).await;
+    let log = Arc::new(TracingLog);
+    let serving = entry::forward::serve(
+        listener,
+        dialer.clone(),
+        route,
+        args.target,
+        log,
+        ops.shutdown_requested(),
+    );
+    drain_entry(serving, ops, &dialer).await;
     Ok(())
+}
+
+/// Runs an entry until shutdown, then lets its open tunnels finish for up
+/// to [`ENTRY_CLOSE_LIMIT`] and ends its connections cleanly.
+async fn drain_entry(
+    serving: impl std::future::Future<Output = ()>,
+    ops: &Ops,
+    dialer: &hbone::Dialer,
+) {
+    let deadline = async {
+        ops.shutdown_requested().await;
+        tracing::info!(deadline = ?ENTRY_CLOSE_LIMIT, "draining: stopped accepting; waiting for open tunnels");
+        tokio::time::sleep(ENTRY_CLOSE_LIMIT).await;
+    };
+    tokio::select! {
+        () = serving => tracing::info!("drained: every tunnel finished"),
+        () = deadline => tracing::warn!("drain deadline passed; closing what is left"),
+    }
+    close_connections(dialer, CONNECT_CLOSE_LIMIT).await;
 }
 
 /// How long a stopping entry gives its open tunnels before it exits.
@@ -334,10 +358,13 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(listen = %listener.local_addr()?, id = %dialer.local_id(), "SOCKS5 entry ready");
-    tokio::select! {
-        () = entry::socks5::run(listener, dialer.clone(), config, Arc::new(TracingLog)) => {}
-        () = ops.shutdown_requested() => {}
-    }
-    close_connections(&dialer, ENTRY_CLOSE_LIMIT).await;
+    let serving = entry::socks5::serve(
+        listener,
+        dialer.clone(),
+        config,
+        Arc::new(TracingLog),
+        ops.shutdown_requested(),
+    );
+    drain_entry(serving, ops, &dialer).await;
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::copy::AsH2Stream;
 use crate::headers::Baggage;
 use crate::identity::SpiffeId;
 use crate::metrics::{PerConnection, TunnelCounters};
@@ -65,9 +66,9 @@ pub(crate) struct PeerMeta {
 /// A connection's [`PeerMeta`]s, by the raw `baggage` of the 200.
 pub(crate) type PeerCache = PerConnection<Option<http::HeaderValue>, Arc<PeerMeta>>;
 
-/// The underlying stream, for the zero-copy relay in [`crate::copy`].
-impl AsMut<H2Stream> for Tunnel {
-    fn as_mut(&mut self) -> &mut H2Stream {
+/// The underlying stream, for the zero-copy relay in `copy`.
+impl AsH2Stream for Tunnel {
+    fn h2_stream(&mut self) -> &mut H2Stream {
         &mut self.stream
     }
 }

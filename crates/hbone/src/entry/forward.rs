@@ -1,9 +1,10 @@
 //! A local port forward: every accepted TCP connection becomes a tunnel to
 //! one fixed target behind one HBONE server.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -28,26 +29,32 @@ pub async fn run(
     target: SocketAddr,
     log: Arc<dyn AccessLog>,
 ) {
+    serve(listener, dialer, route, target, log, std::future::pending()).await;
+}
+
+/// As [`run`], until `shutdown` resolves: then stops accepting and returns
+/// once the tunnels in flight have ended. Bound that wait with a timeout of
+/// your choice; then [`Dialer::close`] ends the connections cleanly.
+pub async fn serve(
+    listener: TcpListener,
+    dialer: Dialer,
+    route: Route,
+    target: SocketAddr,
+    log: Arc<dyn AccessLog>,
+    shutdown: impl Future<Output = ()>,
+) {
     let forward = Arc::new(Forward {
         dialer,
         route,
         target,
         log,
     });
-    loop {
-        let (app, source) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "forward: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = app.set_nodelay(true);
-        // The dial is boxed and hands back the relay, so the task keeps only
-        // the relay's state for the tunnel's lifetime.
-        tokio::spawn(Phased::new(open(forward.clone(), app, source)));
-    }
+    // The dial is boxed and hands back the relay, so the task keeps only
+    // the relay's state for the tunnel's lifetime.
+    super::accept_until(listener, "forward", shutdown, |app, source| {
+        Phased::new(open(forward.clone(), app, source))
+    })
+    .await;
 }
 
 /// Opens the tunnel for one accepted connection and returns its relay, or

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
-use tokio::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
 use crate::client::{DialError, Dialer, Tunnel};
@@ -20,6 +23,98 @@ use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 pub mod forward;
 pub mod socks5;
 pub mod stdio;
+
+/// Accepts on `listener` until `shutdown` resolves, running `task` for each
+/// connection (with TCP_NODELAY set); then closes the listener and waits
+/// for the tasks in flight. Callers bound that wait as they see fit.
+pub(crate) async fn accept_until<S, T>(
+    listener: TcpListener,
+    entry: &'static str,
+    shutdown: S,
+    mut task: impl FnMut(TcpStream, SocketAddr) -> T,
+) where
+    S: Future<Output = ()>,
+    T: Future<Output = ()> + Send + Unpin + 'static,
+{
+    let open = InFlight::default();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        match accepted {
+            Ok((app, source)) => {
+                let _ = app.set_nodelay(true);
+                tokio::spawn(open.track(task(app, source)));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather
+                // than spin, and keep serving what is open.
+                tracing::warn!(error = %e, "{entry}: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    open.all_done().await;
+}
+
+/// The tasks an entry has in flight, so that a drain can wait for them.
+#[derive(Default)]
+struct InFlight(Arc<InFlightState>);
+
+#[derive(Default)]
+struct InFlightState {
+    count: AtomicUsize,
+    done: Notify,
+}
+
+impl InFlight {
+    fn track<T>(&self, task: T) -> Tracked<T> {
+        self.0.count.fetch_add(1, Ordering::AcqRel);
+        Tracked {
+            task,
+            state: self.0.clone(),
+        }
+    }
+
+    async fn all_done(&self) {
+        loop {
+            let notified = self.0.done.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a task ending now is seen.
+            notified.as_mut().enable();
+            if self.0.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A task that counts itself out of its entry's [`InFlight`] when it ends
+/// or is dropped.
+struct Tracked<T> {
+    task: T,
+    state: Arc<InFlightState>,
+}
+
+impl<T: Future<Output = ()> + Unpin> Future for Tracked<T> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.get_mut().task).poll(cx)
+    }
+}
+
+impl<T> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        if self.state.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.done.notify_waiters();
+        }
+    }
+}
 
 /// Relays an accepted application connection through a tunnel and
 /// finishes the tunnel's lifecycle. A failure on either side is passed on

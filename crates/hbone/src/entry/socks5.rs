@@ -102,27 +102,32 @@ pub async fn run(
     config: SocksConfig,
     log: Arc<dyn AccessLog>,
 ) {
+    serve(listener, dialer, config, log, std::future::pending()).await;
+}
+
+/// As [`run`], until `shutdown` resolves: then stops accepting and returns
+/// once the tunnels in flight have ended. Bound that wait with a timeout of
+/// your choice; then [`Dialer::close`] ends the connections cleanly.
+pub async fn serve(
+    listener: TcpListener,
+    dialer: Dialer,
+    config: SocksConfig,
+    log: Arc<dyn AccessLog>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let config = Arc::new(config);
-    loop {
-        let (app, source) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "socks5: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = app.set_nodelay(true);
-        // Negotiation and dial are boxed and hand back the relay, so the
-        // task keeps only the relay's state for the tunnel's lifetime.
-        tokio::spawn(Phased::new(open(
+    // Negotiation and dial are boxed and hand back the relay, so the task
+    // keeps only the relay's state for the tunnel's lifetime.
+    super::accept_until(listener, "socks5", shutdown, |app, source| {
+        Phased::new(open(
             app,
             source,
             dialer.clone(),
             config.clone(),
             log.clone(),
-        )));
-    }
+        ))
+    })
+    .await;
 }
 
 /// Negotiates, opens the tunnel and answers the client; returns the relay,
@@ -134,7 +139,7 @@ async fn open(
     config: Arc<SocksConfig>,
     log: Arc<dyn AccessLog>,
 ) -> Option<ClientRelay> {
-    match serve(app, source, &dialer, &config, &log).await {
+    match negotiate_and_open(app, source, &dialer, &config, &log).await {
         Ok(relay) => relay,
         Err(e) => {
             tracing::debug!(%source, error = %e, "socks5: client dropped");
@@ -143,7 +148,7 @@ async fn open(
     }
 }
 
-async fn serve(
+async fn negotiate_and_open(
     mut app: TcpStream,
     source: SocketAddr,
     dialer: &Dialer,

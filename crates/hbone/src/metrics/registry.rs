@@ -103,7 +103,8 @@ type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 /// Every metric the process exports. Share one between servers, dialers
 /// and entries; [`Metrics::encode`] renders them.
 pub struct Metrics {
-    registry: Registry,
+    /// Our own registry; `None` when registered into a caller's.
+    registry: Option<Registry>,
     opened: Family<TcpLabels, Counter>,
     closed: Family<TcpLabels, Counter>,
     failed: Family<TcpLabels, Counter>,
@@ -136,8 +137,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric, in a registry of its own; [`Metrics::encode`]
+    /// renders it.
     pub fn new() -> Self {
         let mut registry = Registry::default();
+        let mut metrics = Self::register(&mut registry);
+        metrics.registry = Some(registry);
+        metrics
+    }
+
+    /// Every metric, registered into `registry`, a registry of the
+    /// application's: it then exports hbone's series beside its own. Call
+    /// [`Metrics::refresh`] before encoding it, so that gauges computed from
+    /// live state (pools, open tunnels) are current.
+    pub fn register(registry: &mut Registry) -> Self {
         let opened = Family::default();
         let closed = Family::default();
         let failed = Family::default();
@@ -245,7 +258,7 @@ impl Metrics {
             reloads.clone(),
         );
         Metrics {
-            registry,
+            registry: None,
             opened,
             closed,
             failed,
@@ -266,15 +279,24 @@ impl Metrics {
         }
     }
 
-    /// The metrics in Prometheus text format (OpenMetrics).
-    pub fn encode(&self) -> String {
+    /// Brings gauges computed from live state (pools, open tunnels) up to
+    /// date; [`Metrics::encode`] does it itself.
+    pub fn refresh(&self) {
         self.clear_pool();
         for hook in self.hooks().iter() {
             hook(self);
         }
+    }
+
+    /// The metrics in Prometheus text format (OpenMetrics). Empty for
+    /// metrics registered into an application's registry: encode that.
+    pub fn encode(&self) -> String {
+        self.refresh();
         let mut text = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        if let Some(registry) = &self.registry {
+            // Writing to a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+        }
         text
     }
 

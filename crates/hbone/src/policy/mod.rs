@@ -90,8 +90,10 @@ impl fmt::Display for Action {
     }
 }
 
-/// One rule. An empty list matches anything.
+/// One rule. An empty list matches anything. Build one with
+/// [`Rule::allow`] or [`Rule::deny`] and the `from_*`/`to_*` methods.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Rule {
     pub name: String,
     pub action: Action,
@@ -107,6 +109,52 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule named `name` that allows what it matches (everything, until
+    /// narrowed).
+    pub fn allow(name: impl Into<String>) -> Self {
+        Self::new(name, Action::Allow)
+    }
+
+    /// A rule named `name` that denies what it matches.
+    pub fn deny(name: impl Into<String>) -> Self {
+        Self::new(name, Action::Deny)
+    }
+
+    fn new(name: impl Into<String>, action: Action) -> Self {
+        Rule {
+            name: name.into(),
+            action,
+            from: Vec::new(),
+            source: Vec::new(),
+            to: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// Narrows the rule to peers with these SPIFFE IDs.
+    pub fn from_ids(mut self, ids: impl IntoIterator<Item = IdPattern>) -> Self {
+        self.from.extend(ids);
+        self
+    }
+
+    /// Narrows the rule to peers connecting from these networks.
+    pub fn from_networks(mut self, networks: impl IntoIterator<Item = IpNet>) -> Self {
+        self.source.extend(networks);
+        self
+    }
+
+    /// Narrows the rule to these target addresses.
+    pub fn to_targets(mut self, targets: impl IntoIterator<Item = TargetRule>) -> Self {
+        self.to.extend(targets);
+        self
+    }
+
+    /// Narrows the rule to tunnels that asked for these services by name.
+    pub fn to_services(mut self, services: impl IntoIterator<Item = ServiceRule>) -> Self {
+        self.services.extend(services);
+        self
+    }
+
     fn matches_peer(&self, peer: &SpiffeId, source: IpAddr) -> bool {
         (self.from.is_empty() || self.from.iter().any(|p| p.matches(peer)))
             && (self.source.is_empty() || self.source.iter().any(|n| n.contains(source)))
@@ -171,14 +219,7 @@ impl Policy {
         } else {
             ("command line", targets)
         };
-        Rule {
-            name: name.to_owned(),
-            action: Action::Allow,
-            from: ids,
-            source: Vec::new(),
-            to,
-            services: Vec::new(),
-        }
+        Rule::allow(name).from_ids(ids).to_targets(to)
     }
 
     /// A policy of `rules`, in order.

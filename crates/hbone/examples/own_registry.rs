@@ -1,0 +1,79 @@
+//! Register hbone's metrics into your application's own Prometheus
+//! registry, so one scrape shows your series and the tunnels' together.
+//!
+//! ```sh
+//! cargo run -p hbone --example own_registry
+//! ```
+
+use std::error::Error;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hbone::ca::DevCa;
+use hbone::metrics::{Metrics, Telemetry};
+use hbone::{Dialer, DialerConfig, Server, ServerConfig, SpiffeId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn Error>> {
+    print!("{}", run().await?);
+    Ok(())
+}
+
+/// Opens one tunnel and returns the application's whole scrape.
+pub async fn run() -> Result<String, Box<dyn Error>> {
+    // The application's registry, with a metric of its own.
+    let mut registry = Registry::default();
+    let requests = Counter::<u64>::default();
+    registry.register(
+        "app_requests",
+        "Requests the application served",
+        requests.clone(),
+    );
+    // hbone's metrics, in the same registry.
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let telemetry = Telemetry {
+        metrics: Some(metrics.clone()),
+        ..Telemetry::default()
+    };
+
+    let day = Duration::from_secs(86_400);
+    let ca = DevCa::generate("cluster.local", day)?;
+    let server_id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/server".parse()?;
+    let client_id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/client".parse()?;
+    let sink = TcpListener::bind("127.0.0.1:0").await?;
+    let sink_addr = sink.local_addr()?;
+    tokio::spawn(async move { while sink.accept().await.is_ok() {} });
+
+    let mut config = ServerConfig::new(
+        "127.0.0.1:0".parse()?,
+        ca.issue(&server_id, day)?.identity()?,
+    );
+    config.telemetry = telemetry.clone();
+    let server = Server::bind(config).await?;
+    let server_addr = server.local_addr();
+    tokio::spawn(server.run());
+
+    let dialer_config = DialerConfig {
+        telemetry,
+        ..DialerConfig::default()
+    };
+    let dialer = Dialer::with_config(&ca.issue(&client_id, day)?.identity()?, dialer_config)?;
+    let mut tunnel = dialer
+        .connect(server_addr, std::slice::from_ref(&server_id), sink_addr)
+        .await?;
+    tunnel.write_all(b"counted").await?;
+    requests.inc();
+
+    // Gauges computed from live state are brought up to date, then the
+    // application encodes its registry as it always does.
+    metrics.refresh();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    drop(tunnel);
+    dialer.close(Duration::from_secs(2)).await;
+    Ok(text)
+}
