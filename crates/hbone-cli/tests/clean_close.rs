@@ -3,15 +3,13 @@
 //! "process" here is a runtime of its own, dropped at the end the way an
 //! exiting process drops its tasks.
 
-mod common;
-
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use hbone::access::Outcome;
 use hbone::gateway::Routes;
 use hbone::{Dialer, DialerConfig, Route, ServerConfig, SpiffeId, TunnelRequest};

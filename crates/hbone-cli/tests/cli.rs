@@ -1,14 +1,12 @@
 //! The `hbone` binary end to end: CA, server, forward, connect and socks5
 //! as separate processes, with certificates written by `hbone ca`.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};

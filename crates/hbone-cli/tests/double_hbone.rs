@@ -1,11 +1,9 @@
 //! Double HBONE: client → gateway → server. The gateway routes by service
 //! name, relays the inner TLS connection, and never sees the payload.
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::common::*;
 use hbone::gateway::Routes;
 use hbone::tls::TlsFailure;
 use hbone::{DialError, Dialer, Route, ServerConfig, SpiffeId, TunnelRequest};

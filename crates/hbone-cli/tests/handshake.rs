@@ -1,11 +1,9 @@
 //! TLS handshake refusals: each fails with its own typed error, and leaves
 //! no connection open on the server nor in the dialer's pool.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hbone::tls::TlsFailure;
 use hbone::{DialError, Dialer, Identity, ServerConfig};
 use time::OffsetDateTime;

@@ -2,13 +2,11 @@
 //! server makes of them (access log, PROXY protocol), and that malformed
 //! values are ignored, counted and never fatal.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use hbone::headers::{Baggage, TraceParent};
 use hbone::{Dialer, DialerConfig, Route, ServerConfig, TunnelRequest};
 use http::{Method, Request, StatusCode};

@@ -1,11 +1,9 @@
 //! Loading identities from PEM files: the key formats rustls accepts, and
 //! errors that name the file and say what is wrong.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use hbone::Identity;
 use hbone::identity::IdentityError;
 

@@ -18,15 +18,13 @@
 //! fails the test with that advice. Everything listens on loopback, every
 //! wait has a limit, and every child process is killed on drop.
 
-mod common;
-
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hbone::ca::DevCa;
 use hbone::{DialError, Dialer, Identity, SpiffeId};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};

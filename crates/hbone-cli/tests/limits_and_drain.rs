@@ -1,11 +1,9 @@
 //! Limits refuse new work cleanly without touching what runs; a drain lets
 //! in-flight tunnels finish while nothing new gets in.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hbone::server::Limits;
 use hbone::{DialError, Dialer, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -3,8 +3,6 @@
 //! which holds only `lo`; nothing leaves the machine). Needs root and
 //! iptables; `scripts/install-test-deps.sh` installs iptables.
 
-mod common;
-
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hbone");

@@ -2,15 +2,13 @@
 //! access-log lines after a known sequence of tunnels, and every admin
 //! endpoint, including `/readyz` during a drain.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{issue_with_cli, start_echo};
+use crate::common::{issue_with_cli, start_echo};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};

@@ -1,10 +1,8 @@
 //! The dialer's connection pool, rule by rule, with real connections.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hbone::config::H2Settings;
 use hbone::keepalive::Keepalive;
 use hbone::{Dialer, DialerConfig, ServerConfig, Tunnel};

@@ -2,13 +2,11 @@
 //! side). Every bad request shares its connection with a healthy tunnel,
 //! which must keep working.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use h2::client::SendRequest;
 use hbone::ServerConfig;
 use http::{Method, Request, StatusCode};

@@ -2,11 +2,9 @@
 //! carry on, and a broken or mismatched pair is refused with the old
 //! identity kept.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hbone::ca::DevCa;
 use hbone::tls::TlsFailure;
 use hbone::{DialError, Dialer, Identity, Server, ServerConfig};

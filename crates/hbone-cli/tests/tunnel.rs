@@ -1,11 +1,9 @@
 //! Data through tunnels: bulk transfer, many tunnels at once, half-close in
 //! both directions, and connection sharing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use hbone::Dialer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -9,9 +9,12 @@ use std::error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hbone::Telemetry;
+use hbone::access::TracingLog;
 use hbone::ca::DevCa;
-use hbone::metrics::{Metrics, Telemetry};
-use hbone::{Dialer, DialerConfig, Server, ServerConfig, SpiffeId};
+use hbone::lifecycle::TunnelLifecycle;
+use hbone::metrics::Metrics;
+use hbone::{Dialer, DialerConfig, Server, ServerConfig, SpiffeId, Transferred};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
@@ -62,10 +65,31 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
         ..DialerConfig::default()
     };
     let dialer = Dialer::with_config(&ca.issue(&client_id, day)?.identity()?, dialer_config)?;
+    let asked = std::time::Instant::now();
     let mut tunnel = dialer
         .connect(server_addr, std::slice::from_ref(&server_id), sink_addr)
         .await?;
+    // A tunnel relayed by the application itself is counted, logged and
+    // listed through its lifecycle, as hbone's own entries do.
+    let local: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let mut lifecycle = TunnelLifecycle::for_tunnel(
+        &dialer,
+        &tunnel,
+        local,
+        sink_addr,
+        Arc::new(TracingLog),
+        asked,
+    );
     tunnel.write_all(b"counted").await?;
+    tunnel.shutdown().await?;
+    lifecycle.progress(Transferred {
+        a_to_b: 7,
+        b_to_a: 0,
+    });
+    lifecycle.finish(Ok(Transferred {
+        a_to_b: 7,
+        b_to_a: 0,
+    }));
     requests.inc();
 
     // Gauges computed from live state are brought up to date, then the

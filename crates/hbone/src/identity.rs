@@ -313,7 +313,7 @@ impl Identity {
     }
 
     fn check_key_matches(&self, cert_path: &Path, key_path: &Path) -> Result<(), IdentityError> {
-        let provider = crate::tls::provider();
+        let provider = crate::crypto::provider();
         let signing_key = provider
             .key_provider
             .load_private_key(self.key.clone_key())

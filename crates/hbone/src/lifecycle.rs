@@ -14,9 +14,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
-use crate::active::{Registration, TunnelInfo};
+use crate::active::{ActiveTunnels, Registration, TunnelInfo};
 use crate::copy::{CopyError, Transferred};
-use crate::metrics::{Telemetry, TunnelCounters};
+use crate::metrics::{Metrics, TunnelCounters};
+
+/// What a server or dialer reports to, beyond its access log. Both parts
+/// are optional: without them nothing is counted or tracked. A dialer
+/// counts its handshakes and pooled connections; the tunnels themselves
+/// are counted by whatever relays them: the server and the entries, or a
+/// [`TunnelLifecycle`] for a [`crate::Tunnel`] an application relays.
+#[derive(Debug, Clone, Default)]
+pub struct Telemetry {
+    /// Prometheus metrics (the `metrics` feature).
+    pub metrics: Option<Arc<Metrics>>,
+    /// Open tunnels, for `/tunnels`.
+    pub tunnels: Option<Arc<ActiveTunnels>>,
+}
 
 /// Why a lifecycle dropped unfinished is recorded as failed.
 const CUT_SHORT: &str = "tunnel ended before its relay finished (drain deadline or shutdown)";

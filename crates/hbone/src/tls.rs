@@ -13,11 +13,11 @@
 //! destination, so a ticket must never stand in for a full check.
 
 use std::io;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
@@ -31,22 +31,7 @@ use crate::identity::{Identity, SpiffeId, spiffe_id_of};
 /// The ALPN protocol both sides require.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// The one crypto provider compiled in: aws-lc-rs limited to the TLS 1.3
-/// AES-GCM suites that ztunnel offers.
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| {
-            use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
-            let mut provider = default_provider();
-            provider.cipher_suites = vec![
-                cipher_suite::TLS13_AES_128_GCM_SHA256,
-                cipher_suite::TLS13_AES_256_GCM_SHA384,
-            ];
-            Arc::new(provider)
-        })
-        .clone()
-}
+pub use crate::crypto::provider;
 
 /// A configuration that could not be built from the given identity.
 #[derive(Debug, thiserror::Error)]

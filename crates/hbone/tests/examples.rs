@@ -61,6 +61,14 @@ async fn own_registry_holds_both_kinds_of_series() {
         .find(|l| l.starts_with("istio_tcp_connections_opened_total{reporter=\"source\""))
         .unwrap_or_else(|| panic!("no source series:\n{text}"));
     assert!(opened.ends_with(" 1"), "{opened}");
+    let closed = text
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_closed_total{reporter=\"source\"")
+                && l.contains("response_flags=\"-\"")
+        })
+        .unwrap_or_else(|| panic!("no closed series:\n{text}"));
+    assert!(closed.ends_with(" 1"), "{closed}");
     assert!(
         text.contains("hbone_pool_connections{"),
         "refreshed gauges: {text}"

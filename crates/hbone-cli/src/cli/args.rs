@@ -304,7 +304,7 @@ impl DialArgs {
     fn dialer_with(
         &self,
         identity: &Identity,
-        telemetry: hbone::metrics::Telemetry,
+        telemetry: hbone::Telemetry,
     ) -> anyhow::Result<Dialer> {
         let config = DialerConfig {
             timeouts: Timeouts {

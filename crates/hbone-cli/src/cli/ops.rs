@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hbone::Identity;
+use hbone::Telemetry;
 use hbone::active::ActiveTunnels;
 use hbone::admin::{Admin, LogControl, Readiness};
-use hbone::metrics::{Metrics, Telemetry};
+use hbone::metrics::Metrics;
 use hbone::{Server, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;

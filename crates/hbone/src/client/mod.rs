@@ -32,9 +32,8 @@ pub use tunnel::Tunnel;
 use crate::config::{H2Settings, Timeouts};
 use crate::headers::{self, Baggage, TraceParent};
 use crate::identity::{Identity, SpiffeId};
-use crate::metrics::{
-    DestinationService, Reporter, ResponseFlag, Telemetry, WorkloadMeta, service_host,
-};
+use crate::lifecycle::Telemetry;
+use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta, service_host};
 use crate::pool::{Pool, PoolKey, PooledConn, StreamLease};
 use crate::stream::H2Stream;
 use crate::tls::{self, ClientBase, TlsFailure};

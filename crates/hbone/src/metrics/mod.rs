@@ -10,7 +10,7 @@
 //! side, `sent` what went back to it. They count as bytes move, so a tunnel
 //! that stays open for days shows its traffic while it flows.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use crate::headers::{self, Baggage};
 use crate::identity::SpiffeId;
@@ -269,18 +269,6 @@ impl<K, V: Clone> PerConnection<K, V> {
         }
         value
     }
-}
-
-/// What a server or dialer reports to, beyond its access log. Both parts
-/// are optional: without them nothing is counted or tracked. A dialer
-/// counts its handshakes and pooled connections; the tunnels themselves
-/// are counted by whatever relays them (the entries do; a library user
-/// holding a [`crate::Tunnel`] counts what it needs).
-#[derive(Debug, Clone, Default)]
-pub struct Telemetry {
-    pub metrics: Option<Arc<Metrics>>,
-    /// Open tunnels, for `/tunnels`.
-    pub tunnels: Option<Arc<crate::active::ActiveTunnels>>,
 }
 
 #[cfg(test)]

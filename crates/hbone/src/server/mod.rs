@@ -11,10 +11,10 @@
 //! table: it then resolves `hostname:port` authorities to HBONE endpoints
 //! and relays the (inner, encrypted) bytes without looking at them.
 
+mod connect;
 mod limits;
 mod refusal;
 mod stats;
-mod stream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,7 +37,8 @@ use crate::config::{H2Settings, Timeouts};
 use crate::gateway::Routes;
 use crate::headers::Baggage;
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
-use crate::metrics::{DestinationService, Reporter, ResponseFlag, Telemetry, WorkloadMeta};
+use crate::lifecycle::Telemetry;
+use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta};
 use crate::policy::{Policy, PolicyHandle};
 use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;

@@ -86,7 +86,7 @@ pub(super) type ConnCounters =
 
 /// What the request headers say about the tunnel.
 #[derive(Debug, Default)]
-struct Context {
+struct RequestHeaders {
     original_source: Option<ForwardedFor>,
     trace: Option<TraceParent>,
     baggage: Baggage,
@@ -144,7 +144,7 @@ impl Shared {
         mut respond: SendResponse<Bytes>,
     ) -> Option<OpenTunnel> {
         let started = Instant::now();
-        let context = self.read_context(&request);
+        let context = self.read_headers(&request);
         let authority = request
             .uri()
             .authority()
@@ -246,7 +246,7 @@ impl Shared {
         respond: &mut SendResponse<Bytes>,
         record: &mut TunnelRecord,
         refusal: &Refusal,
-        context: &Context,
+        context: &RequestHeaders,
         started: Instant,
     ) {
         self.stats.refusals.fetch_add(1, Ordering::AcqRel);
@@ -283,7 +283,7 @@ impl Shared {
         conn: &ConnCounters,
         peer_id: &SpiffeId,
         request: &Request<RecvStream>,
-        context: &Context,
+        context: &RequestHeaders,
     ) -> Arc<TunnelCounters> {
         let baggage = request.headers().get(headers::BAGGAGE);
         // Looked at only once the tunnel opened: the name was then one the
@@ -313,7 +313,7 @@ impl Shared {
     /// Counts a tunnel that did not open. The service is left `unknown`:
     /// a name the server does not serve is the client's to choose, and
     /// would make the number of series unbounded.
-    fn count_failure(&self, peer: &SpiffeId, context: &Context, flag: ResponseFlag) {
+    fn count_failure(&self, peer: &SpiffeId, context: &RequestHeaders, flag: ResponseFlag) {
         if let Some(metrics) = &self.telemetry.metrics {
             metrics.tunnel_failed(
                 Reporter::Destination,
@@ -327,8 +327,8 @@ impl Shared {
 
     /// Reads `forwarded`, `traceparent` and `baggage`; malformed values are
     /// ignored and counted.
-    fn read_context(&self, request: &Request<RecvStream>) -> Context {
-        let mut context = Context::default();
+    fn read_headers(&self, request: &Request<RecvStream>) -> RequestHeaders {
+        let mut context = RequestHeaders::default();
         let mut malformed = 0;
         let header = |name: &str| request.headers().get(name).map(|v| v.to_str().ok());
         match header(headers::FORWARDED) {
@@ -490,7 +490,7 @@ impl Shared {
         mut target: TcpStream,
         peer_addr: SocketAddr,
         peer_id: &SpiffeId,
-        context: &Context,
+        context: &RequestHeaders,
     ) -> Result<TcpStream, Refusal> {
         if !self.proxy_protocol || self.gateway_routes.is_some() {
             return Ok(target);

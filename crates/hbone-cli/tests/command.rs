@@ -1,0 +1,13 @@
+//! The `hbone` binary end to end, in one test binary: the command line,
+//! config files, deployment files, operations (metrics, admin, logs), the
+//! bench, interop with other HTTP/2 stacks and the network-namespace test.
+
+mod common;
+
+mod bench;
+mod cli;
+mod config;
+mod deploy;
+mod interop;
+mod netns;
+mod operations;

@@ -1,0 +1,17 @@
+//! The library end to end, in one test binary: tunnels, pooling, the
+//! server's answers to raw HTTP/2, handshakes, headers, identities, limits
+//! and drain, double HBONE and clean close, all over real sockets on
+//! loopback with real certificates.
+
+mod common;
+
+mod clean_close;
+mod double_hbone;
+mod handshake;
+mod headers;
+mod identity_files;
+mod limits_and_drain;
+mod pool;
+mod raw_h2;
+mod rotation;
+mod tunnel;
