@@ -69,6 +69,22 @@ fn one_line(error: &anyhow::Error) -> String {
     line
 }
 
+/// Whether an error is about certificate, key or bundle files (which the
+/// development CA can make), rather than a policy, routes or config file.
+fn names_identity_file(text: &str) -> bool {
+    [
+        "cert.pem",
+        "key.pem",
+        "bundle.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+        "ca-cert.pem",
+        "ca-key.pem",
+    ]
+    .iter()
+    .any(|name| text.contains(name))
+}
+
 /// What to try next, for the startup errors operators meet most.
 fn hint(error: &anyhow::Error) -> Option<&'static str> {
     use std::io::ErrorKind;
@@ -86,8 +102,11 @@ fn hint(error: &anyhow::Error) -> Option<&'static str> {
         ErrorKind::PermissionDenied if text.contains("listen") => {
             "ports below 1024 need CAP_NET_BIND_SERVICE; HBONE's usual port is 15008"
         }
-        ErrorKind::NotFound | ErrorKind::PermissionDenied => {
+        ErrorKind::NotFound | ErrorKind::PermissionDenied if names_identity_file(&text) => {
             "check the path; `hbone ca init` and `hbone ca issue` create development certificates"
+        }
+        ErrorKind::NotFound | ErrorKind::PermissionDenied => {
+            "check the path, and that this user may read it"
         }
         _ => return None,
     })

@@ -336,6 +336,39 @@ async fn operator_mistakes_get_clear_errors() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("nowhere/cert.pem"), "{stderr}");
+    assert!(
+        stderr.contains("hint: check the path; `hbone ca init`"),
+        "{stderr}"
+    );
+
+    // Values that would refuse everything, or write an expired certificate.
+    for (args, needle) in [
+        (&["server", "--max-streams", "0"][..], "--max-streams"),
+        (
+            &["server", "--max-tunnels", "0"],
+            "0 would refuse everything",
+        ),
+        (
+            &["server", "--max-connections", "0"],
+            "0 would refuse everything",
+        ),
+        (
+            &["server", "--max-connections-per-ip", "0"],
+            "0 would refuse everything",
+        ),
+        (
+            &[
+                "ca", "issue", "--ca", "x", "--id", CLIENT_ID, "--out", "y", "--days", "0",
+            ],
+            "--days",
+        ),
+        (&["ca", "init", "--out", "x", "--days", "0"], "--days"),
+    ] {
+        let output = hbone(args).output().await.unwrap();
+        assert!(!output.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
 
     let output = hbone(&[
         "ca", "issue", "--ca", &missing, "--id", CLIENT_ID, "--out", &missing,
@@ -372,6 +405,23 @@ async fn operator_mistakes_get_clear_errors() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("does not belong"));
+
+    // A missing policy file gets a hint about paths, not about the CA.
+    let output = hbone(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--policy",
+        &path(dir.path(), "missing-policy.toml"),
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("missing-policy.toml"), "{stderr}");
+    assert!(stderr.contains("hint: check the path, and"), "{stderr}");
+    assert!(!stderr.contains("ca init"), "{stderr}");
 
     // Refuses to overwrite a CA key.
     let output = hbone(&["ca", "init", "--out", &path(dir.path(), "ca")])
@@ -723,6 +773,28 @@ async fn sigterm_drains_then_exits_zero() {
     let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
         .await
         .expect("the server exits once drained")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_drain_timeout_is_accepted_and_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let (mut server, _) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "0s",
+    ])
+    .await;
+    terminate(&server);
+    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("the server exits")
         .unwrap();
     assert!(status.success(), "{status:?}");
 }

@@ -203,20 +203,21 @@ pub(super) struct ServeArgs {
     #[arg(long, default_value_t = H2Settings::server().max_header_list_size)]
     pub(super) max_header_list_size: u32,
     /// Open connections, all sources together; more are closed at once.
-    #[arg(long, default_value_t = Limits::default().max_connections)]
+    #[arg(long, default_value_t = Limits::default().max_connections, value_parser = at_least_one)]
     pub(super) max_connections: usize,
     /// Open connections from one source IP.
-    #[arg(long, default_value_t = Limits::default().max_connections_per_ip)]
+    #[arg(long, default_value_t = Limits::default().max_connections_per_ip, value_parser = at_least_one)]
     pub(super) max_connections_per_ip: usize,
     /// Open tunnels, all connections together; more get 503.
-    #[arg(long, default_value_t = Limits::default().max_tunnels)]
+    #[arg(long, default_value_t = Limits::default().max_tunnels, value_parser = at_least_one)]
     pub(super) max_tunnels: usize,
     /// Concurrent streams per connection, announced in SETTINGS.
-    #[arg(long, default_value_t = H2Settings::server().max_concurrent_streams)]
+    #[arg(long, default_value_t = H2Settings::server().max_concurrent_streams, value_parser = clap::value_parser!(u32).range(1..))]
     pub(super) max_streams: u32,
     /// On SIGTERM or Ctrl-C: stop accepting, send GOAWAY, and give open
-    /// tunnels this long to finish. A second signal exits at once.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// tunnels this long to finish (0s: close them at once). A second
+    /// signal exits at once.
+    #[arg(long, default_value = "30s", value_parser = parse_drain_timeout)]
     pub(super) drain_timeout: Duration,
 }
 
@@ -427,6 +428,23 @@ pub(super) struct Socks5Args {
     /// HBONE server for every tunnel; default: port 15008 of each target.
     #[arg(long)]
     pub(super) server: Option<SocketAddr>,
+}
+
+/// A limit of at least 1: a limit of 0 would refuse everything.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("0 would refuse everything; give at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("invalid value {text:?}: {e}")),
+    }
+}
+
+/// A drain may be zero: close what is open at once.
+fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
+    match text.trim_end_matches(|c: char| c.is_ascii_alphabetic()) {
+        "0" => Ok(Duration::ZERO),
+        _ => parse_duration(text),
+    }
 }
 
 #[cfg(test)]

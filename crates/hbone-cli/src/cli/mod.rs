@@ -172,7 +172,7 @@ pub(super) enum CaCommand {
         #[arg(long, default_value = hbone::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
         /// Validity in days.
-        #[arg(long, default_value_t = 3650)]
+        #[arg(long, default_value_t = 3650, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
     /// Issue a certificate (cert.pem, key.pem, bundle.pem) for a SPIFFE ID.
@@ -188,8 +188,9 @@ pub(super) enum CaCommand {
         /// Directory to write cert.pem, key.pem and bundle.pem into.
         #[arg(long)]
         out: PathBuf,
-        /// Validity in days.
-        #[arg(long, default_value_t = 90)]
+        /// Validity in days (at least 1: a certificate valid for 0 days
+        /// is expired when written).
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
 }
