@@ -54,8 +54,11 @@ async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log = Log::default();
+    let kept = log.clone();
     let addr = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = lines.next_line().await.unwrap() {
+            kept.lock().unwrap().push(line.clone());
             if line.contains("ready") {
                 let listen = line
                     .split_whitespace()
@@ -69,7 +72,6 @@ async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
     .await
     .expect("subcommand did not become ready");
     // Keep draining its log so it never blocks on a full pipe.
-    let log = Log::default();
     let kept = log.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -688,7 +690,7 @@ async fn entries_through_a_gateway_end_the_outer_tunnel_normally() {
     assert_eq!(output.stdout, b"through the gateway");
 
     // And `hbone forward` when it stops on SIGTERM.
-    let (mut forward, forward_addr) = spawn_ready(&[
+    let (mut forward, forward_addr, forward_log) = spawn_logged(&[
         "forward",
         "--identity-dir",
         &path(dir.path(), "client"),
@@ -721,6 +723,17 @@ async fn entries_through_a_gateway_end_the_outer_tunnel_normally() {
         .expect("forward exits on SIGTERM")
         .unwrap();
     assert!(status.success(), "{status:?}");
+    // Its startup line names the route in words, and each phase of the
+    // drain has its line.
+    let ready = log_lines(&forward_log, "forward ready", 1).await;
+    assert!(
+        ready[0].contains(&format!(
+            "route=gateway {gateway} ({gateway_id}) to echo.demo.svc.cluster.local:8080 ({SERVER_ID})"
+        )),
+        "{ready:?}"
+    );
+    log_lines(&forward_log, "draining: stopped accepting", 1).await;
+    log_lines(&forward_log, "drained: every tunnel finished", 1).await;
 
     for (who, log) in [("gateway", &gateway_log), ("server", &server_log)] {
         for line in log_lines(log, "tunnel closed", 2).await {

@@ -285,7 +285,7 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(
-        listen = %listener.local_addr()?, id = %dialer.local_id(), route = ?route,
+        listen = %listener.local_addr()?, id = %dialer.local_id(), route = %route,
         target = %args.target, "forward ready"
     );
     let log = Arc::new(TracingLog);
@@ -308,14 +308,25 @@ async fn drain_entry(
     ops: &Ops,
     dialer: &hbone::Dialer,
 ) {
-    let deadline = async {
-        ops.shutdown_requested().await;
-        tracing::info!(deadline = ?ENTRY_CLOSE_LIMIT, "draining: stopped accepting; waiting for open tunnels");
-        tokio::time::sleep(ENTRY_CLOSE_LIMIT).await;
+    tokio::pin!(serving);
+    // The entry itself stops accepting once shutdown is requested.
+    let finished = tokio::select! {
+        () = &mut serving => true,
+        () = ops.shutdown_requested() => false,
     };
-    tokio::select! {
-        () = serving => tracing::info!("drained: every tunnel finished"),
-        () = deadline => tracing::warn!("drain deadline passed; closing what is left"),
+    tracing::info!(
+        deadline_s = ENTRY_CLOSE_LIMIT.as_secs(),
+        "draining: stopped accepting; waiting for open tunnels"
+    );
+    let drained = finished
+        || tokio::select! {
+            () = &mut serving => true,
+            () = tokio::time::sleep(ENTRY_CLOSE_LIMIT) => false,
+        };
+    if drained {
+        tracing::info!("drained: every tunnel finished");
+    } else {
+        tracing::warn!("drain deadline passed; closing what is left");
     }
     close_connections(dialer, CONNECT_CLOSE_LIMIT).await;
 }

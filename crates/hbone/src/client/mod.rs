@@ -626,3 +626,31 @@ impl TunnelRequest {
         }
     }
 }
+
+/// For logs: `server ADDR (ID)`, or `gateway ADDR (ID) to SERVICE (ID)`.
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids = |ids: &[SpiffeId]| {
+            ids.iter()
+                .map(SpiffeId::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        match self {
+            Route::Direct { server, server_ids } => {
+                write!(f, "server {server} ({})", ids(server_ids))
+            }
+            Route::Gateway {
+                gateway,
+                gateway_ids,
+                service,
+                server_ids,
+            } => write!(
+                f,
+                "gateway {gateway} ({}) to {service} ({})",
+                ids(gateway_ids),
+                ids(server_ids)
+            ),
+        }
+    }
+}
