@@ -275,3 +275,69 @@ async fn goaway_stops_new_streams_while_in_flight_ones_finish() {
     check(next, "new connection").await;
     check(in_flight, "finished on the old connection after GOAWAY").await;
 }
+
+/// A server address that never answers the SYN (its accept queue is full,
+/// so the kernel drops new SYNs): 20 tunnels asked for at once share the
+/// one dial and its failure, and all fail after about one connect timeout,
+/// not one after another, 20 timeouts for the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_a_failed_dial_fail_together() {
+    let pki = Pki::new();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(loopback()).unwrap();
+    let full = socket.listen(1).unwrap();
+    let black_hole = full.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(black_hole),
+        );
+        if let Ok(Ok(stream)) = attempt.await {
+            fillers.push(stream);
+        }
+    }
+    let limit = Duration::from_millis(500);
+    let dialer = dialer_with(&pki, |c| c.timeouts.connect = limit);
+    let started = std::time::Instant::now();
+    let attempts = (0..20).map(|_| {
+        let dialer = dialer.clone();
+        let server_id = pki.server_id.clone();
+        tokio::spawn(async move {
+            let result = dialer
+                .connect(black_hole, &[server_id], "127.0.0.1:9".parse().unwrap())
+                .await;
+            (result.err(), started.elapsed())
+        })
+    });
+    let outcomes = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures_join_all(attempts.collect()),
+    )
+    .await
+    .expect("every attempt ends");
+    for (error, took) in outcomes {
+        assert!(
+            matches!(
+                error,
+                Some(hbone::DialError::Timeout {
+                    stage: hbone::client::Stage::Connect,
+                    ..
+                })
+            ),
+            "{error:?}"
+        );
+        assert!(took >= limit - Duration::from_millis(50), "{took:?}");
+        assert!(took < limit * 4, "failed only after {took:?}");
+    }
+    drop((full, fillers));
+}
+
+/// Awaits every task, in order.
+async fn futures_join_all<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}

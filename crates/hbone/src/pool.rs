@@ -251,7 +251,49 @@ struct Entry {
     conns: Vec<Arc<PooledConn>>,
     /// Held while a new connection for this key is being opened, so that
     /// concurrent first tunnels share one handshake instead of racing.
-    dialing: Arc<tokio::sync::Mutex<()>>,
+    dialing: Arc<DialGate>,
+}
+
+/// One dial at a time per key, and its failure shared with everyone who
+/// waited for it: without that, each waiter would dial again in turn, and
+/// against a black-holed server the last of N concurrent tunnels would
+/// fail only after N connect timeouts.
+#[derive(Default)]
+pub(crate) struct DialGate {
+    /// The last attempt's number and error, when it failed.
+    last_failure: tokio::sync::Mutex<Option<(u64, crate::client::DialError)>>,
+    /// Attempts finished so far.
+    finished: AtomicU64,
+}
+
+impl DialGate {
+    /// Waits for the gate. `Err` carries (a copy of) the error of an attempt
+    /// that finished failing while we waited; `Ok` lets us dial.
+    pub(crate) async fn enter(&self) -> Result<DialTurn<'_>, crate::client::DialError> {
+        let arrived = self.finished.load(Ordering::Acquire);
+        let last_failure = self.last_failure.lock().await;
+        match &*last_failure {
+            Some((attempt, error)) if *attempt > arrived => Err(error.duplicate()),
+            _ => Ok(DialTurn {
+                gate: self,
+                last_failure,
+            }),
+        }
+    }
+}
+
+/// The right to dial for a key; say how it went with [`DialTurn::finished`].
+pub(crate) struct DialTurn<'a> {
+    gate: &'a DialGate,
+    last_failure: tokio::sync::MutexGuard<'a, Option<(u64, crate::client::DialError)>>,
+}
+
+impl DialTurn<'_> {
+    /// Records the attempt's outcome for those waiting behind it.
+    pub(crate) fn finished(mut self, failure: Option<&crate::client::DialError>) {
+        let attempt = self.gate.finished.fetch_add(1, Ordering::AcqRel) + 1;
+        *self.last_failure = failure.map(|e| (attempt, e.duplicate()));
+    }
 }
 
 impl Pool {
@@ -274,8 +316,8 @@ impl Pool {
         found
     }
 
-    /// The lock to hold while opening a connection for `key`.
-    pub(crate) fn dial_lock(&self, key: &PoolKey) -> Arc<tokio::sync::Mutex<()>> {
+    /// The gate to pass while opening a connection for `key`.
+    pub(crate) fn dial_gate(&self, key: &PoolKey) -> Arc<DialGate> {
         self.entries()
             .entry(key.clone())
             .or_default()

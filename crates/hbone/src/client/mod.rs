@@ -95,6 +95,45 @@ pub enum DialError {
 }
 
 impl DialError {
+    /// An equal error for another caller: the I/O source, which cannot be
+    /// cloned, as its kind and message; an HTTP/2 error as its reason code
+    /// (or, without one, as the connection having closed).
+    pub(crate) fn duplicate(&self) -> DialError {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            DialError::NoExpectedIdentity => DialError::NoExpectedIdentity,
+            DialError::Connect { server, source } => DialError::Connect {
+                server: *server,
+                source: io(source),
+            },
+            DialError::Tls { server, failure } => DialError::Tls {
+                server: *server,
+                failure: failure.clone(),
+            },
+            DialError::Http2 { server, source } => match source.reason() {
+                Some(reason) => DialError::Http2 {
+                    server: *server,
+                    source: h2::Error::from(reason),
+                },
+                None => DialError::Closed { server: *server },
+            },
+            DialError::Closed { server } => DialError::Closed { server: *server },
+            DialError::Status {
+                server,
+                target,
+                status,
+            } => DialError::Status {
+                server: *server,
+                target: target.clone(),
+                status: *status,
+            },
+            DialError::Timeout { server, stage } => DialError::Timeout {
+                server: *server,
+                stage: *stage,
+            },
+        }
+    }
+
     /// Istio's `response_flags` for a tunnel that could not be opened.
     pub fn response_flag(&self) -> ResponseFlag {
         match self {
@@ -341,14 +380,21 @@ impl Dialer {
         // Nothing pooled has room: open a connection, one handshake at a
         // time per key. Whoever waited re-checks the pool first, since the
         // connection just opened usually has room for them too.
-        let dial_lock = self.inner.pool.dial_lock(&key);
-        let dialing = dial_lock.lock().await;
+        let gate = self.inner.pool.dial_gate(&key);
+        let turn = gate.enter().await?;
         if let Some(tunnel) = self.open_pooled(&key, on, &request).await? {
             return Ok(tunnel);
         }
-        let conn = Box::pin(establish()).await?;
+        let conn = match Box::pin(establish()).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Everyone who waited behind this attempt fails with it.
+                turn.finished(Some(&e));
+                return Err(e);
+            }
+        };
         self.inner.pool.insert(key, conn.clone());
-        drop(dialing);
+        turn.finished(None);
         self.open_fresh(&conn, on, request).await
     }
 
