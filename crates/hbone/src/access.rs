@@ -19,8 +19,12 @@ pub enum Outcome {
     Failed(String),
     /// Refused before any byte flowed, with the status sent.
     Refused {
+        /// The HTTP status answered, or 0 when the client never got one
+        /// (the dial itself failed).
         status: u16,
+        /// A short, stable reason for logs and metrics, such as `denied`.
         reason: &'static str,
+        /// The full error message.
         detail: String,
     },
 }
@@ -44,23 +48,29 @@ pub struct TunnelRecord {
     pub original_source: Option<ForwardedFor>,
     /// The W3C trace context of the tunnel, when known.
     pub trace: Option<TraceParent>,
+    /// How the tunnel ended.
     pub outcome: Outcome,
     /// Bytes from the source side towards the target.
     pub bytes_sent: u64,
     /// Bytes from the target back to the source side.
     pub bytes_received: u64,
+    /// How long the tunnel was open, or how long refusing it took.
     pub duration: Duration,
 }
 
 /// Which end of a tunnel a record comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// The end that dialed the tunnel.
     Client,
+    /// The end that accepted it (a server or gateway).
     Server,
 }
 
 /// Receives a record for every tunnel.
 pub trait AccessLog: Send + Sync {
+    /// Called once per tunnel, when it ends or is refused. It is called
+    /// inline, so it should not block.
     fn record(&self, record: &TunnelRecord);
 }
 

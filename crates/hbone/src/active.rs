@@ -46,7 +46,9 @@ impl fmt::Debug for ActiveTunnels {
 /// and with the port optional (`forwarded` may name a bare IP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint {
+    /// The IP address.
     pub ip: IpAddr,
+    /// The port, when known.
     pub port: Option<u16>,
 }
 
@@ -83,6 +85,7 @@ impl fmt::Display for Endpoint {
 pub struct ActiveTunnel {
     /// The identity the other HBONE end proved.
     pub peer_id: Arc<SpiffeId>,
+    /// The requested target, as sent in `:authority`.
     pub target: Box<str>,
     sent: AtomicU64,
     received: AtomicU64,
@@ -90,7 +93,9 @@ pub struct ActiveTunnel {
     opened_ms: u64,
     /// The TCP peer: HBONE client (server side) or application (client side).
     pub source: Endpoint,
+    /// The original client, from `forwarded` (server side).
     pub original_source: Option<Endpoint>,
+    /// Which end of the tunnel this entry is.
     pub role: Role,
 }
 
@@ -114,6 +119,7 @@ impl ActiveTunnel {
         )
     }
 
+    /// How long the tunnel has been open (millisecond precision).
     pub fn age(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.opened_ms))
     }
@@ -126,10 +132,15 @@ impl ActiveTunnel {
 
 /// What describes a tunnel being registered.
 pub struct TunnelInfo {
+    /// Which end of the tunnel registers it.
     pub role: Role,
+    /// The TCP peer: HBONE client (server side) or application (client side).
     pub source: SocketAddr,
+    /// The original client, from `forwarded` (server side).
     pub original_source: Option<ForwardedFor>,
+    /// The identity the other HBONE end proved.
     pub peer_id: Arc<SpiffeId>,
+    /// The requested target, as sent in `:authority`.
     pub target: String,
 }
 
@@ -172,6 +183,7 @@ impl ActiveTunnels {
         }
     }
 
+    /// How many tunnels are open.
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -197,6 +209,7 @@ impl ActiveTunnels {
         (clients, servers)
     }
 
+    /// Whether no tunnel is open.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -69,6 +69,8 @@ impl Readiness {
         readiness
     }
 
+    /// Counts one listener as bound; ready once all are (and nothing else
+    /// holds readiness back).
     pub fn listener_bound(&self) {
         let _ = self
             .inner
@@ -116,11 +118,16 @@ impl Readiness {
 /// What the admin endpoint serves.
 #[derive(Clone, Default)]
 pub struct Admin {
+    /// Served on `/metrics`; without it that path answers 404.
     pub metrics: Option<Arc<Metrics>>,
+    /// Listed on `/tunnels`; without it that path answers 404.
     pub tunnels: Option<Arc<ActiveTunnels>>,
+    /// Answers `/readyz`.
     pub readiness: Readiness,
     /// The effective configuration, as JSON, already redacted.
     pub config: Option<serde_json::Value>,
+    /// Read and changed through `/logging`; without it that path answers
+    /// 404.
     pub logging: Option<Arc<dyn LogControl>>,
 }
 

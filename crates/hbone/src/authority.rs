@@ -15,14 +15,19 @@ use std::net::SocketAddr;
 /// Why an authority is not a usable target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorityError {
+    /// The request has no `:authority`, or an empty one.
     #[error("missing :authority")]
     Missing,
+    /// Where only an address is accepted, the authority is not `ip:port`.
     #[error("authority {0:?} is not ip:port (IPv6 goes in brackets)")]
     NotAnAddress(String),
+    /// The authority is neither an address nor a `hostname:port`.
     #[error("authority {0:?} is neither ip:port nor hostname:port")]
     NotATarget(String),
+    /// The port is 0, which names no target.
     #[error("authority {0:?} has port 0")]
     PortZero(String),
+    /// An IPv6 address names a zone (`%eth0`), which a peer may not choose.
     #[error("authority {0:?} carries an IPv6 zone id")]
     ZoneId(String),
 }

@@ -20,6 +20,7 @@ use crate::identity::{BUNDLE_FILE, CERT_FILE, Identity, IdentityError, KEY_FILE,
 
 /// File names inside a CA directory.
 pub const CA_CERT_FILE: &str = "ca-cert.pem";
+/// The CA's private key in a CA directory (written with mode 0600).
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 
 /// Slack before "now" in `not_before`, for peers whose clocks run behind.
@@ -28,20 +29,38 @@ const CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// A CA problem, naming the file where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    /// Making a key or signing a certificate failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory concerned.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// A CA file was read but is not a usable certificate or key.
     #[error("{path}: {problem}")]
-    Content { path: PathBuf, problem: String },
+    Content {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Saving would overwrite an existing CA key.
     #[error("{0} already exists; refusing to overwrite a CA key (remove it first)")]
     Exists(PathBuf),
+    /// Asked to issue for an ID outside the CA's trust domain.
     #[error("this CA serves trust domain {ca}, not {requested}")]
-    TrustDomain { ca: String, requested: String },
+    TrustDomain {
+        /// The CA's trust domain.
+        ca: String,
+        /// The trust domain of the requested ID.
+        requested: String,
+    },
+    /// An issued certificate did not make a usable identity.
     #[error(transparent)]
     Identity(#[from] IdentityError),
 }

@@ -22,10 +22,13 @@ use crate::stream::H2Stream;
 /// frames on bulk transfers.
 const BUFFER_SIZE: usize = 64 << 10;
 
-/// Bytes moved in each direction; for [`Relay`], `a` is the socket.
+/// Bytes moved in each direction between two streams `a` and `b`; where
+/// one of them is a TCP socket (the relay's socket), `a` is the socket.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
+    /// Bytes read from `a` and written to `b`.
     pub a_to_b: u64,
+    /// Bytes read from `b` and written to `a`.
     pub b_to_a: u64,
 }
 
@@ -33,7 +36,9 @@ pub struct Transferred {
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
 pub struct CopyError {
+    /// What was moved before the error.
     pub transferred: Transferred,
+    /// The I/O error that stopped the copy.
     #[source]
     pub error: io::Error,
 }

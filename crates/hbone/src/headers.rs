@@ -10,9 +10,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+/// The original client's address (RFC 7239), as `for="ip:port"`.
 pub const FORWARDED: &str = "forwarded";
+/// The W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
+/// Workload metadata (W3C baggage), sent on CONNECT and in the answer.
 pub const BAGGAGE: &str = "baggage";
+/// The client's network name, on the inner CONNECT of double HBONE.
 pub const FORWARDED_NETWORK: &str = "x-forwarded-network";
 
 /// Longest header value we look into; longer ones are treated as malformed.
@@ -55,11 +59,14 @@ pub fn parse_forwarded_for(value: &str) -> Option<ForwardedFor> {
 /// The original client named by `forwarded`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardedFor {
+    /// An address with a port.
     Addr(SocketAddr),
+    /// A bare IP address, without a port.
     Ip(IpAddr),
 }
 
 impl ForwardedFor {
+    /// The client's IP address.
     pub fn ip(&self) -> IpAddr {
         match self {
             ForwardedFor::Addr(addr) => addr.ip(),
@@ -67,6 +74,7 @@ impl ForwardedFor {
         }
     }
 
+    /// The client's port, when the header named one.
     pub fn port(&self) -> Option<u16> {
         match self {
             ForwardedFor::Addr(addr) => Some(addr.port()),
@@ -87,8 +95,11 @@ impl fmt::Display for ForwardedFor {
 /// A W3C trace context: `00-<trace-id>-<parent-id>-<flags>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
+    /// The whole trace's id; never all zeros.
     pub trace_id: [u8; 16],
+    /// The id of the calling span; never all zeros.
     pub parent_id: [u8; 8],
+    /// Trace flags; bit 0 means sampled.
     pub flags: u8,
 }
 
@@ -197,11 +208,15 @@ pub struct Baggage {
     entries: BTreeMap<String, String>,
 }
 
-/// Keys ztunnel uses; the workload name key depends on the workload kind
+/// The workload's cluster. This and the keys below are the ones ztunnel
+/// uses; the workload name key depends on the workload kind
 /// (`k8s.deployment.name`, `k8s.pod.name`, ...).
 pub const CLUSTER_KEY: &str = "k8s.cluster.name";
+/// The workload's Kubernetes namespace.
 pub const NAMESPACE_KEY: &str = "k8s.namespace.name";
+/// The workload's app (our `--app`), the `app` metric label.
 pub const SERVICE_KEY: &str = "service.name";
+/// The app's version (our `--app-version`), the `version` metric label.
 pub const VERSION_KEY: &str = "service.version";
 
 impl Baggage {
@@ -212,14 +227,17 @@ impl Baggage {
         }
     }
 
+    /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.entries.get(key).map(String::as_str)
     }
 
+    /// Whether no key is set.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// Every key and value, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }

@@ -34,18 +34,25 @@ pub struct SpiffeId {
 /// Why a string is not a SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeIdError {
+    /// The text does not start with `spiffe://`.
     #[error("SPIFFE ID must start with \"spiffe://\"")]
     Scheme,
+    /// The ID is longer than 2048 bytes.
     #[error("SPIFFE ID is longer than {MAX_ID_LEN} bytes")]
     TooLong,
+    /// Nothing between `spiffe://` and the path.
     #[error("SPIFFE ID has an empty trust domain")]
     EmptyTrustDomain,
+    /// The trust domain holds a character it may not (upper case included).
     #[error("trust domain may hold only a-z, 0-9, '.', '-' and '_' (found {0:?})")]
     TrustDomainChar(char),
+    /// The path has `//` or a trailing `/`.
     #[error("SPIFFE ID path has an empty segment, or ends with '/'")]
     EmptySegment,
+    /// The path has a `.` or `..` segment.
     #[error("SPIFFE ID path may not contain '.' or '..' segments")]
     DotSegment,
+    /// The path holds a character it may not.
     #[error("SPIFFE ID path may hold only a-z, A-Z, 0-9, '.', '-' and '_' (found {0:?})")]
     PathChar(char),
 }
@@ -164,12 +171,16 @@ impl fmt::Debug for SpiffeId {
 /// Why a certificate carries no usable SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CertIdError {
+    /// The certificate could not be parsed.
     #[error("certificate is not valid X.509 DER: {0}")]
     Parse(String),
+    /// The certificate has no URI SAN, or one that is not `spiffe://`.
     #[error("certificate has no spiffe:// URI SAN")]
     Missing,
+    /// The certificate has more than one URI SAN (how many is given).
     #[error("certificate has {0} URI SANs; an X.509-SVID carries exactly one, its SPIFFE ID")]
     SeveralUris(usize),
+    /// The `spiffe://` URI SAN is not a valid SPIFFE ID.
     #[error("certificate's spiffe:// URI SAN is invalid: {0}")]
     Invalid(#[from] SpiffeIdError),
 }
@@ -190,14 +201,24 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdError> 
 /// A problem with identity files, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// A file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// A file was read but holds no usable certificate or key.
     #[error("{path}: {problem}")]
-    Content { path: PathBuf, problem: String },
+    Content {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The private key does not belong to the leaf certificate.
     #[error("{0}")]
     Mismatch(String),
 }
@@ -241,14 +262,17 @@ impl fmt::Debug for Identity {
     }
 }
 
-/// Standard file names inside an identity directory.
+/// The certificate chain, leaf first, in an identity directory.
 pub const CERT_FILE: &str = "cert.pem";
+/// The private key in an identity directory (Istio's name too).
 pub const KEY_FILE: &str = "key.pem";
+/// The trust bundle (CA certificates) in an identity directory.
 pub const BUNDLE_FILE: &str = "bundle.pem";
 
-/// The names Istio uses for the same files (istio-proxy's `/etc/certs`
-/// layout); the key is `key.pem` in both.
+/// Istio's name for the certificate chain (istio-proxy's `/etc/certs`
+/// layout).
 pub const ISTIO_CERT_FILE: &str = "cert-chain.pem";
+/// Istio's name for the trust bundle.
 pub const ISTIO_BUNDLE_FILE: &str = "root-cert.pem";
 
 impl Identity {

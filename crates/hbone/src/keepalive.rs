@@ -12,7 +12,10 @@ use h2::{Ping, PingPong};
 /// How often to probe and how long to wait for the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
+    /// Time between PINGs; default 10 s.
     pub interval: Duration,
+    /// How long a PING may go unanswered before the connection is ended;
+    /// default 20 s.
     pub timeout: Duration,
 }
 

@@ -60,8 +60,11 @@ fn as_v6(ip: IpAddr) -> [u8; 16] {
 /// What a v2 header says, for tests and tools that read one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded {
+    /// The original client.
     pub source: SocketAddr,
+    /// The address the client connected to.
     pub destination: SocketAddr,
+    /// The peer's SPIFFE ID, from TLV 0xD0, when present.
     pub peer_identity: Option<String>,
     /// Bytes the header occupied.
     pub len: usize,

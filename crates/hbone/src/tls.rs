@@ -36,8 +36,10 @@ pub use crate::crypto::provider;
 /// A configuration that could not be built from the given identity.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsConfigError {
+    /// No certificate of the trust bundle can serve as a trust anchor.
     #[error("trust bundle holds no usable CA certificate: {0}")]
     Bundle(String),
+    /// rustls refused the certificate chain or the private key.
     #[error("certificate or key rejected by TLS: {0}")]
     Certificate(#[from] rustls::Error),
 }
@@ -88,6 +90,8 @@ pub struct ServerTls {
 }
 
 impl ServerTls {
+    /// The configuration for `identity`, accepting clients of
+    /// `trust_domains`.
     pub fn new(identity: &Identity, trust_domains: Vec<String>) -> Result<Self, TlsConfigError> {
         let config = server_config(identity, trust_domains.clone())?;
         Ok(ServerTls {
@@ -172,7 +176,9 @@ pub fn placeholder_server_name(addr: std::net::IpAddr) -> ServerName<'static> {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("server presented {presented}, expected one of [{}]", join_ids(.expected))]
 pub struct UnexpectedPeer {
+    /// The identities the dialer would accept.
     pub expected: Vec<SpiffeId>,
+    /// The identity the server's certificate proves.
     pub presented: SpiffeId,
 }
 
@@ -187,7 +193,9 @@ fn join_ids(ids: &[SpiffeId]) -> String {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("client {presented} is outside trust domain(s) [{}]", .allowed.join(", "))]
 pub struct ForeignTrustDomain {
+    /// The trust domains the server accepts clients from.
     pub allowed: Vec<String>,
+    /// The identity the client's certificate proves.
     pub presented: SpiffeId,
 }
 
@@ -320,34 +328,52 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 /// Why a TLS handshake failed, as the dialer reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TlsFailure {
+    /// We do not trust the server's certificate: no CA of our bundle
+    /// signed it.
     #[error("server certificate is not signed by a CA in our trust bundle")]
     ServerUnknownCa,
+    /// The server's certificate is expired or not yet valid.
     #[error("server certificate is expired or not yet valid")]
     ServerCertExpired,
+    /// The server's certificate is valid but proves an identity we did
+    /// not expect.
     #[error("wrong server identity: presented {presented}, expected one of [{}]", join_ids(.expected))]
     WrongServerIdentity {
+        /// The identities we would accept.
         expected: Vec<SpiffeId>,
+        /// The identity the server proved.
         presented: SpiffeId,
     },
+    /// We rejected the server's certificate for another reason.
     #[error("server certificate rejected: {0}")]
     ServerCertInvalid(String),
+    /// The server does not trust our certificate's CA (`unknown_ca` alert).
     #[error("server rejected our certificate: its CA is unknown to the server")]
     RejectedUnknownCa,
+    /// The server found our certificate expired or not yet valid.
     #[error("server rejected our certificate: expired or not yet valid")]
     RejectedExpired,
+    /// The server refused our identity (`access_denied` alert), typically
+    /// a foreign trust domain.
     #[error("server rejected our identity: not in its trust domain")]
     RejectedNotAuthorized,
+    /// The server wants a client certificate and got none.
     #[error("server requires a client certificate")]
     RejectedCertificateRequired,
+    /// The server sent another alert, named here.
     #[error("server rejected the handshake: {0} alert")]
     RejectedOther(String),
+    /// The two sides did not agree on ALPN `h2`.
     #[error("peer did not negotiate ALPN h2")]
     NoH2,
+    /// The server closed the connection right after the handshake; in TLS
+    /// 1.3 that most likely means it rejected our certificate.
     #[error(
         "server closed the connection right after the handshake, before any answer; \
          it most likely rejected our certificate (its alert was lost to the close)"
     )]
     ClosedAfterHandshake,
+    /// Any other TLS error.
     #[error("TLS protocol error: {0}")]
     Protocol(String),
 }

@@ -62,36 +62,60 @@ impl std::fmt::Display for Stage {
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    /// The route lists no SPIFFE ID the server (or gateway) must prove.
     #[error("no expected server identity given: pass at least one SPIFFE ID")]
     NoExpectedIdentity,
+    /// The TCP connection to the HBONE server could not be made.
     #[error("TCP connect to HBONE server {server} failed: {source}")]
     Connect {
+        /// The HBONE server dialed.
         server: SocketAddr,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
+    /// The TLS handshake failed: a bad or unexpected certificate on either
+    /// side, or a protocol error.
     #[error("TLS handshake with {server} failed: {failure}")]
     Tls {
+        /// The HBONE server concerned.
         server: SocketAddr,
+        /// What went wrong.
         failure: TlsFailure,
     },
+    /// The HTTP/2 connection or the CONNECT stream failed.
     #[error("HTTP/2 error with {server}: {source}")]
     Http2 {
+        /// The HBONE server concerned.
         server: SocketAddr,
+        /// The underlying error.
         #[source]
         source: h2::Error,
     },
+    /// The connection closed before the server answered the CONNECT.
     #[error("HBONE connection to {server} closed before the tunnel could open")]
-    Closed { server: SocketAddr },
+    Closed {
+        /// The HBONE server concerned.
+        server: SocketAddr,
+    },
+    /// The server answered the CONNECT with a status other than 200.
     #[error("{server} refused the tunnel to {target}: HTTP {status}")]
     Status {
+        /// The HBONE server that refused.
         server: SocketAddr,
         /// The `:authority` that was refused.
         target: String,
+        /// The status it answered with.
         status: StatusCode,
     },
+    /// A step took longer than its limit in [`Timeouts`].
     #[error("{stage} with {server} timed out")]
-    Timeout { server: SocketAddr, stage: Stage },
+    Timeout {
+        /// The HBONE server concerned.
+        server: SocketAddr,
+        /// The step that ran out of time.
+        stage: Stage,
+    },
 }
 
 impl DialError {
@@ -152,7 +176,9 @@ impl DialError {
 /// How a dialer behaves.
 #[derive(Debug, Clone)]
 pub struct DialerConfig {
+    /// HTTP/2 settings for the dialer's connections.
     pub h2: H2Settings,
+    /// Limits on connecting, handshaking and waiting for the CONNECT answer.
     pub timeouts: Timeouts,
     /// Share HTTP/2 connections between tunnels. Off, every tunnel gets a
     /// fresh TLS + HTTP/2 connection (for measuring handshake cost).
@@ -638,16 +664,22 @@ fn clone_request(request: &Request<()>) -> Request<()> {
 pub enum Route {
     /// Straight to an HBONE server, which must prove one of `server_ids`.
     Direct {
+        /// The HBONE server's address.
         server: SocketAddr,
+        /// The identities the server may prove; at least one.
         server_ids: Vec<SpiffeId>,
     },
     /// Double HBONE: through the gateway at `gateway` (proving one of
     /// `gateway_ids`) to the service `hostname:port`, whose server must
     /// prove one of `server_ids`.
     Gateway {
+        /// The gateway's HBONE address.
         gateway: SocketAddr,
+        /// The identities the gateway may prove; at least one.
         gateway_ids: Vec<SpiffeId>,
+        /// The service's `hostname:port`, the outer CONNECT's authority.
         service: String,
+        /// The identities the final server may prove; at least one.
         server_ids: Vec<SpiffeId>,
     },
 }
@@ -664,6 +696,7 @@ pub struct TunnelRequest {
 }
 
 impl TunnelRequest {
+    /// A tunnel to `target`, with no original client and a new trace.
     pub fn new(target: SocketAddr) -> Self {
         TunnelRequest {
             target,

@@ -39,13 +39,21 @@ const ATYP_IPV6: u8 = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Reply {
+    /// The tunnel is open; bytes flow from here on.
     Succeeded = 0,
+    /// Any failure without a better code.
     GeneralFailure = 1,
+    /// Refused by policy (HTTP 403) or the TLS handshake failed.
     NotAllowed = 2,
+    /// The HBONE server's network is unreachable.
     NetworkUnreachable = 3,
+    /// The HBONE server or the target could not be reached, or not in time.
     HostUnreachable = 4,
+    /// The HBONE server refused the connection, or answered 503.
     ConnectionRefused = 5,
+    /// The client asked for something other than CONNECT.
     CommandNotSupported = 7,
+    /// The client sent a domain name or an unknown address type.
     AddressTypeNotSupported = 8,
 }
 
@@ -78,7 +86,10 @@ impl Reply {
 pub enum SocksConfig {
     /// To port 15008 of each requested address, as Istio ambient does; the
     /// server there must prove one of `server_ids`.
-    PerTarget { server_ids: Vec<SpiffeId> },
+    PerTarget {
+        /// The identities each server may prove; at least one.
+        server_ids: Vec<SpiffeId>,
+    },
     /// Every tunnel along one route (one server, or a gateway).
     Fixed(Route),
 }

@@ -15,8 +15,10 @@ use crate::copy::{self, Transferred};
 /// Why a stdin/stdout tunnel ended badly.
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
+    /// The tunnel could not be opened.
     #[error(transparent)]
     Dial(#[from] DialError),
+    /// The tunnel opened, then failed while relaying.
     #[error("tunnel failed: {0}")]
     Copy(#[from] copy::CopyError),
 }

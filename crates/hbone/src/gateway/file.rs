@@ -11,19 +11,33 @@ use crate::HBONE_PORT;
 /// Why a routing table could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesError {
+    /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The text is not valid TOML, or not a routing table.
     #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The file, or the name given for the text.
+        path: String,
+        /// What the TOML parser said.
+        message: String,
+    },
+    /// One route is not usable (a bad host, endpoint or empty list).
     #[error("{path}: route {index} ({host}): {message}")]
     Route {
+        /// The file, or the name given for the text.
         path: String,
+        /// Which `[[route]]`, counting from 1.
         index: usize,
+        /// The route's host.
         host: String,
+        /// What is wrong with it.
         message: String,
     },
 }

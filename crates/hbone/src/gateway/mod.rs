@@ -32,8 +32,10 @@ struct Route {
 /// Why a route cannot be added.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteSpecError {
+    /// The host is empty or holds a `:`, `/` or space.
     #[error("host must be a bare host name")]
     Host,
+    /// The route lists no endpoint.
     #[error("needs at least one endpoint")]
     NoEndpoint,
 }
@@ -41,8 +43,10 @@ pub enum RouteSpecError {
 /// Why an outer `:authority` has no route.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
+    /// The authority is not `hostname:port` (answered with 400).
     #[error("authority {0:?} is not hostname:port")]
     Malformed(String),
+    /// No route matches the host name and port (answered with 503).
     #[error("no route for service {0}")]
     Unknown(String),
 }

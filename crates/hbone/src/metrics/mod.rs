@@ -55,6 +55,7 @@ impl Reporter {
 /// Istio's `response_flags`: why a tunnel failed, `-` when it did not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResponseFlag {
+    /// The tunnel did not fail (`-`).
     None,
     /// Denied by authorization policy (403).
     Deny,
@@ -73,6 +74,7 @@ pub enum ResponseFlag {
 }
 
 impl ResponseFlag {
+    /// The label value, as Istio writes it (`-`, `DENY`, `NR`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             ResponseFlag::None => "-",

@@ -311,7 +311,7 @@ impl Metrics {
 
     /// Counters of the successful path for one (source, destination,
     /// service) combination, resolved once per connection (and per
-    /// metadata the connection's tunnels bring, see [`PerConnection`]) so
+    /// metadata the connection's tunnels bring, see [`super::PerConnection`]) so
     /// tunnels do not look them up.
     pub fn tunnel_counters(
         &self,
@@ -369,6 +369,8 @@ impl Metrics {
         self.failed.get_or_create(&labels).inc();
     }
 
+    /// Records a TLS handshake's duration and result in
+    /// `hbone_tls_handshake_seconds`.
     pub fn handshake(&self, reporter: Reporter, succeeded: bool, took: Duration) {
         let labels = HandshakeLabels {
             role: reporter.role(),
@@ -386,6 +388,8 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a policy decision in `hbone_policy_decisions`, by the rule
+    /// that decided.
     pub fn policy_decision(&self, rule: &str, allowed: bool) {
         let labels = DecisionLabels {
             rule: rule.to_owned(),

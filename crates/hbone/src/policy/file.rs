@@ -28,18 +28,32 @@ use super::{Action, IdPattern, IpNet, Policy, Rule, ServiceRule, TargetRule};
 /// A policy file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyFileError {
+    /// The file could not be read.
     #[error("cannot read policy file {path}: {source}")]
     Read {
+        /// The file.
         path: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The text is not valid TOML, or not a policy (an unknown key, a
+    /// value of the wrong type).
     #[error("{path}: {message}")]
-    Syntax { path: String, message: String },
+    Syntax {
+        /// The file, or the name given for the text.
+        path: String,
+        /// What the TOML parser said, with the line.
+        message: String,
+    },
+    /// A rule's value is not usable (a bad pattern, network or port).
     #[error("{path}, line {line}: {message}")]
     Rule {
+        /// The file, or the name given for the text.
         path: String,
+        /// The line of the offending value, counting from 1.
         line: usize,
+        /// What is wrong, and what would be valid.
         message: String,
     },
 }

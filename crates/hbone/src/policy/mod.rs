@@ -10,7 +10,8 @@
 //! The server is not an open proxy: with no rules at all, any peer of its
 //! trust domain may reach loopback targets and nothing else. The CLI's
 //! `--allow-target` and `--allow-id` flags are shorthand for one allow
-//! rule; a policy file (see [`mod@file`]) holds any number.
+//! rule; a policy file (the `file` module, with the `files` feature)
+//! holds any number.
 
 #[cfg(feature = "files")]
 pub mod file;
@@ -30,14 +31,23 @@ use crate::identity::SpiffeId;
 /// Why a tunnel was refused by policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
+    /// No allow rule matches the peer (by identity and source) at all.
     #[error("identity {0} is not allowed to open tunnels")]
     Identity(SpiffeId),
+    /// Rules allow the peer, but none for this target.
     #[error("target {0} is not allowed")]
     Target(SocketAddr),
+    /// A deny rule matched.
     #[error("denied by rule {rule:?}")]
-    Rule { rule: String },
+    Rule {
+        /// The deny rule's name.
+        rule: String,
+    },
+    /// The target is link-local, unspecified or broadcast, and no allow
+    /// rule names it.
     #[error("target {0} is link-local, unspecified or broadcast; allowed only by a rule naming it")]
     BuiltIn(SocketAddr),
+    /// The target is the server's own listener; the tunnel would loop.
     #[error("target {0} is this server's own listener")]
     OwnListener(SocketAddr),
 }
@@ -77,7 +87,9 @@ fn built_in_denial(ip: IpAddr) -> Option<IpNet> {
 /// What a rule does when it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// Let matching tunnels through (unless a deny rule matches too).
     Allow,
+    /// Refuse matching tunnels, whatever allow rules say.
     Deny,
 }
 
@@ -95,7 +107,9 @@ impl fmt::Display for Action {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Rule {
+    /// Names the rule in denials, logs and metric labels.
     pub name: String,
+    /// What the rule does when it matches.
     pub action: Action,
     /// Peers, by SPIFFE ID.
     pub from: Vec<IdPattern>,
@@ -187,6 +201,7 @@ impl Rule {
 /// The outcome of [`Policy::decide`] when allowed: the deciding rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed<'a> {
+    /// The name of the allow rule that matched.
     pub rule: &'a str,
 }
 
@@ -354,6 +369,7 @@ pub struct PolicyHandle {
 }
 
 impl PolicyHandle {
+    /// A handle that starts with `policy`.
     pub fn new(policy: Policy) -> Self {
         PolicyHandle {
             current: Arc::new(RwLock::new(Arc::new(policy))),

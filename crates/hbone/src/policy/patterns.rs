@@ -16,13 +16,17 @@ pub enum IdPattern {
     TrustDomain(String),
     /// Any Istio-form ID in a namespace: `spiffe://td/ns/NS/*`.
     Namespace {
+        /// The trust domain (`td`).
         trust_domain: String,
+        /// The namespace (`NS`).
         namespace: String,
     },
     /// A service account of that name in any namespace:
     /// `spiffe://td/ns/*/sa/SA`.
     ServiceAccount {
+        /// The trust domain (`td`).
         trust_domain: String,
+        /// The service account's name (`SA`).
         service_account: String,
     },
 }
@@ -51,8 +55,10 @@ impl IdPattern {
 /// Why an ID pattern does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdPatternError {
+    /// Apart from its wildcard, the pattern is not a valid SPIFFE ID.
     #[error("{0}")]
     Id(#[from] SpiffeIdError),
+    /// A `*` somewhere other than the three accepted forms.
     #[error("'*' is allowed only as spiffe://TD/*, spiffe://TD/ns/NS/* or spiffe://TD/ns/*/sa/SA")]
     Wildcard,
 }
@@ -197,23 +203,33 @@ impl fmt::Display for IpNet {
 /// Targets a tunnel may reach: a network and a port range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetRule {
+    /// The network a target's address must be in.
     pub net: IpNet,
+    /// The lowest and highest port allowed, inclusive; `(1, 65535)` for
+    /// any port.
     pub ports: (u16, u16),
 }
 
 /// Why a target rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetRuleError {
+    /// The text is not shaped like `CIDR[:PORT|:PORT-PORT]`.
     #[error("expected CIDR[:PORT|:PORT-PORT], e.g. 10.0.0.0/8:443 or [fd00::/8]:80-90")]
     Syntax,
+    /// The network's address is not an IP address.
     #[error("invalid IP address {0:?}")]
     Address(String),
+    /// The prefix is longer than the address (given, then the maximum).
     #[error("prefix /{0} is longer than /{1}")]
     Prefix(u8, u8),
+    /// The address has bits set beyond the prefix.
     #[error("{0} has host bits set; use the network address")]
     HostBits(String),
+    /// An IPv4-mapped network with a prefix shorter than /96, which would
+    /// cover other IPv6 addresses too.
     #[error("{0} mixes IPv4-mapped and other IPv6 addresses; write IPv4 networks in IPv4 form")]
     Mapped(String),
+    /// A port is 0, not a number, or the range runs backwards.
     #[error("invalid port or port range {0:?} (1-65535, low-high)")]
     Ports(String),
 }
@@ -311,16 +327,21 @@ impl fmt::Display for TargetRule {
 pub struct ServiceRule {
     /// Lower case, no trailing dot.
     pub host: String,
+    /// The lowest and highest service port allowed, inclusive; `(1, 65535)`
+    /// for any port.
     pub ports: (u16, u16),
 }
 
 /// Why a service rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceRuleError {
+    /// The host is not a qualified host name (it needs a dot), or the text
+    /// is not shaped like `HOST[:PORT|:PORT-PORT]`.
     #[error(
         "expected a qualified service HOST[:PORT|:PORT-PORT], e.g. echo.default.svc.cluster.local:8081"
     )]
     Syntax,
+    /// A port is 0, not a number, or the range runs backwards.
     #[error("invalid port or port range {0:?} (1-65535, low-high)")]
     Ports(String),
 }

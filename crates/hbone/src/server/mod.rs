@@ -48,12 +48,19 @@ use crate::tls;
 pub struct ServerConfig {
     /// Where to listen; Istio's HBONE port is 15008.
     pub listen: SocketAddr,
+    /// The certificate the server proves itself with, and the trust bundle
+    /// it checks clients against.
     pub identity: Identity,
     /// Trust domains whose clients may connect; empty means the server's own.
     pub trust_domains: Vec<String>,
+    /// Who may open tunnels to what; by default any peer of the trust
+    /// domain, to loopback targets only.
     pub policy: Policy,
+    /// HTTP/2 settings for accepted connections.
     pub h2: H2Settings,
+    /// Limits on handshakes, target dials and idle connections or tunnels.
     pub timeouts: Timeouts,
+    /// Receives one record per tunnel; by default a `tracing` line.
     pub access_log: Arc<dyn AccessLog>,
     /// Send a PROXY protocol v2 header to each target first, naming the
     /// original client and carrying the peer's SPIFFE ID (TLV 0xD0).
@@ -67,6 +74,7 @@ pub struct ServerConfig {
     /// a service instead of an address (ztunnel does in double HBONE).
     /// Empty by default: such requests are refused as unknown services.
     pub services: ServiceTable,
+    /// Caps on connections and tunnels.
     pub limits: Limits,
     /// Metrics and the open-tunnel list, when the process keeps them.
     pub telemetry: Telemetry,
@@ -96,12 +104,16 @@ impl ServerConfig {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The identity could not be made into a TLS configuration.
     #[error(transparent)]
     Tls(#[from] tls::TlsConfigError),
 }

@@ -13,26 +13,38 @@ use crate::services::ServiceError;
 /// Why a CONNECT was refused. The only place statuses and reasons are chosen.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
+    /// The request is not a CONNECT (405).
     #[error("method {0} is not allowed; HBONE accepts CONNECT only")]
     MethodNotAllowed(Method),
+    /// An extended CONNECT, with `:scheme` or `:path` (400).
     #[error("CONNECT must not carry :scheme or :path")]
     NotPlainConnect,
+    /// The `:authority` is not a usable target (400).
     #[error(transparent)]
     BadAuthority(#[from] AuthorityError),
+    /// The policy refuses the tunnel (403).
     #[error(transparent)]
     Denied(#[from] Denial),
+    /// A gateway has no route for the service asked for (400 or 503).
     #[error(transparent)]
     NoRoute(#[from] RouteError),
+    /// The service asked for is not in the server's table, or did not
+    /// resolve (503).
     #[error(transparent)]
     UnknownService(#[from] ServiceError),
+    /// Connecting to the target failed (503).
     #[error("target {target} unreachable: {source}")]
     Unreachable {
+        /// The target's address.
         target: SocketAddr,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// Connecting to the target took longer than the connect timeout (504).
     #[error("target {0} did not answer in time")]
     DialTimeout(SocketAddr),
+    /// The server already carries its maximum number of tunnels (503).
     #[error("the server carries its maximum number of tunnels")]
     TunnelLimit,
 }

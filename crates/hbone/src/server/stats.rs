@@ -18,11 +18,18 @@ pub struct ServerStats {
 /// A point-in-time copy of [`ServerStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StatsSnapshot {
+    /// TCP connections taken on (within the limits) since the start.
     pub connections_accepted: u64,
+    /// Connections open now, handshaking included.
     pub connections_active: u64,
+    /// Connections whose TLS or HTTP/2 handshake failed or timed out.
     pub handshake_failures: u64,
+    /// Tunnels whose target was reached.
     pub tunnels_opened: u64,
+    /// Tunnels open now.
     pub tunnels_active: u64,
+    /// CONNECT requests answered with an error status (denied, bad
+    /// request, unreachable target, a limit).
     pub refusals: u64,
     /// `forwarded`, `traceparent` or `baggage` values that were ignored.
     pub malformed_headers: u64,
@@ -31,6 +38,7 @@ pub struct StatsSnapshot {
 }
 
 impl ServerStats {
+    /// Reads every counter; active counts are never negative.
     pub fn snapshot(&self) -> StatsSnapshot {
         let load = |c: &AtomicU64| c.load(Ordering::Acquire);
         // Closes first: every close counted was preceded by its open, so

@@ -12,18 +12,32 @@ use super::ServiceTable;
 /// A services file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesFileError {
+    /// The file could not be read.
     #[error("cannot read services file {path}: {source}")]
     Read {
+        /// The file.
         path: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The text is not valid TOML, or not a services table (an unknown
+    /// key, a value of the wrong type).
     #[error("{path}: {message}")]
-    Syntax { path: String, message: String },
+    Syntax {
+        /// The file, or the name given for the text.
+        path: String,
+        /// What the TOML parser said, with the line.
+        message: String,
+    },
+    /// An entry's value is not usable (a bad host, port or address).
     #[error("{path}, line {line}: {message}")]
     Entry {
+        /// The file, or the name given for the text.
         path: String,
+        /// The line of the offending value, counting from 1.
         line: usize,
+        /// What is wrong with it.
         message: String,
     },
 }

@@ -36,14 +36,18 @@ pub use file::ServicesFileError;
 /// Why a service cannot be listed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceSpecError {
+    /// The service's host is not a valid host name.
     #[error(
         "host {0:?} is not a host name (letters, digits, '-' and '.', e.g. echo.default.svc.cluster.local)"
     )]
     Host(String),
+    /// The host is already in the table.
     #[error("host {0} is listed twice; give one entry all its ports")]
     Duplicate(String),
+    /// A service or target port is 0.
     #[error("ports are 1-65535")]
     Port,
+    /// A resolve domain is not a valid domain name.
     #[error("{0:?} is not a domain name, e.g. internal.example")]
     Domain(String),
 }
@@ -51,16 +55,28 @@ pub enum ServiceSpecError {
 /// Why a service name has no target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServiceError {
+    /// No service lists the name, and it is under no resolve domain.
     #[error("unknown service {0}: not in this server's services table")]
     Unknown(ServiceName),
+    /// The service is listed, but its port map lacks the port asked for.
     #[error("service {name} has no port {port} (it serves {known})")]
     UnknownPort {
+        /// The service's host name.
         name: String,
+        /// The service port asked for.
         port: u16,
+        /// The service ports it does map, comma-separated.
         known: String,
     },
+    /// Looking up a name under a resolve domain failed, timed out, or
+    /// gave no usable address.
     #[error("cannot resolve {name}: {reason}")]
-    Resolve { name: ServiceName, reason: String },
+    Resolve {
+        /// The name looked up.
+        name: ServiceName,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Where a service's traffic goes.
@@ -192,6 +208,7 @@ pub struct ServicesHandle {
 }
 
 impl ServicesHandle {
+    /// A handle that starts with `table`.
     pub fn new(table: ServiceTable) -> Self {
         ServicesHandle {
             current: Arc::new(RwLock::new(Arc::new(table))),
