@@ -21,8 +21,7 @@ use crate::client::{DialError, Dialer, Route, TunnelRequest};
 use crate::copy::Phased;
 use crate::identity::SpiffeId;
 
-/// Without a configured server, each tunnel goes to this port of its target.
-pub use crate::HBONE_PORT;
+use crate::HBONE_PORT;
 
 /// How long a client may take to send its greeting and request.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);

@@ -31,7 +31,7 @@ impl Metrics {
     }
 
     /// See the `metrics` feature's `Metrics::tunnel_counters`.
-    pub fn tunnel_counters(
+    pub(crate) fn tunnel_counters(
         &self,
         _reporter: Reporter,
         _source: &WorkloadMeta,
@@ -42,7 +42,7 @@ impl Metrics {
     }
 
     /// See the `metrics` feature's `Metrics::tunnel_failed`.
-    pub fn tunnel_failed(
+    pub(crate) fn tunnel_failed(
         &self,
         _reporter: Reporter,
         _source: &WorkloadMeta,
@@ -54,22 +54,22 @@ impl Metrics {
     }
 
     /// See the `metrics` feature's `Metrics::handshake`.
-    pub fn handshake(&self, _reporter: Reporter, _succeeded: bool, _took: Duration) {
+    pub(crate) fn handshake(&self, _reporter: Reporter, _succeeded: bool, _took: Duration) {
         match *self {}
     }
 
     /// See the `metrics` feature's `Metrics::limit_refused`.
-    pub fn limit_refused(&self, _limit: &'static str) {
+    pub(crate) fn limit_refused(&self, _limit: &'static str) {
         match *self {}
     }
 
     /// See the `metrics` feature's `Metrics::policy_decision`.
-    pub fn policy_decision(&self, _rule: &str, _allowed: bool) {
+    pub(crate) fn policy_decision(&self, _rule: &str, _allowed: bool) {
         match *self {}
     }
 
     /// See the `metrics` feature's `Metrics::server_connection`.
-    pub fn server_connection(&self) -> ConnectionGauge {
+    pub(crate) fn server_connection(&self) -> ConnectionGauge {
         match *self {}
     }
 

@@ -229,7 +229,7 @@ const PER_CONNECTION_MORE: usize = 7;
 /// more are kept under a lock; beyond that each is resolved anew, so a
 /// peer that varies its metadata cannot grow the connection's memory.
 #[derive(Debug)]
-pub struct PerConnection<K, V> {
+pub(crate) struct PerConnection<K, V> {
     first: OnceLock<(K, V)>,
     more: Mutex<Vec<(K, V)>>,
 }
@@ -247,7 +247,11 @@ impl<K, V: Clone> PerConnection<K, V> {
     /// The value kept for the key `matches` accepts, else the one `make`
     /// builds (with its key, which `matches` must accept), kept if there
     /// is room.
-    pub fn get_or_make(&self, matches: impl Fn(&K) -> bool, make: impl FnOnce() -> (K, V)) -> V {
+    pub(crate) fn get_or_make(
+        &self,
+        matches: impl Fn(&K) -> bool,
+        make: impl FnOnce() -> (K, V),
+    ) -> V {
         let mut make = Some(make);
         if let Some((key, value)) = self.first.get()
             && matches(key)

@@ -313,7 +313,7 @@ impl Metrics {
     /// service) combination, resolved once per connection (and per
     /// metadata the connection's tunnels bring, see [`super::PerConnection`]) so
     /// tunnels do not look them up.
-    pub fn tunnel_counters(
+    pub(crate) fn tunnel_counters(
         &self,
         reporter: Reporter,
         source: &WorkloadMeta,
@@ -357,7 +357,7 @@ impl Metrics {
 
     /// A tunnel that never opened, or a failed handshake (the peer is
     /// all `unknown` then: [`WorkloadMeta::default`]).
-    pub fn tunnel_failed(
+    pub(crate) fn tunnel_failed(
         &self,
         reporter: Reporter,
         source: &WorkloadMeta,
@@ -371,7 +371,7 @@ impl Metrics {
 
     /// Records a TLS handshake's duration and result in
     /// `hbone_tls_handshake_seconds`.
-    pub fn handshake(&self, reporter: Reporter, succeeded: bool, took: Duration) {
+    pub(crate) fn handshake(&self, reporter: Reporter, succeeded: bool, took: Duration) {
         let labels = HandshakeLabels {
             role: reporter.role(),
             result: if succeeded { "success" } else { "failure" },
@@ -382,7 +382,7 @@ impl Metrics {
     }
 
     /// `limit` is one of `connections`, `connections_per_ip`, `tunnels`.
-    pub fn limit_refused(&self, limit: &'static str) {
+    pub(crate) fn limit_refused(&self, limit: &'static str) {
         self.limit_refusals
             .get_or_create(&LimitLabels { limit })
             .inc();
@@ -390,7 +390,7 @@ impl Metrics {
 
     /// Counts a policy decision in `hbone_policy_decisions`, by the rule
     /// that decided.
-    pub fn policy_decision(&self, rule: &str, allowed: bool) {
+    pub(crate) fn policy_decision(&self, rule: &str, allowed: bool) {
         let labels = DecisionLabels {
             rule: rule.to_owned(),
             decision: if allowed { "allow" } else { "deny" },
@@ -399,7 +399,7 @@ impl Metrics {
     }
 
     /// Counts an HBONE connection open on a server until the guard drops.
-    pub fn server_connection(&self) -> ConnectionGauge {
+    pub(crate) fn server_connection(&self) -> ConnectionGauge {
         self.server_connections.inc();
         ConnectionGauge(self.server_connections.clone())
     }
