@@ -1065,3 +1065,96 @@ async fn istio_standard_labels_between_workloads_with_metadata() {
         "the gateway relays the inner TLS connection: more than the payload"
     );
 }
+
+/// An asymmetric tunnel (100 bytes from the application, 10,000 back):
+/// the access records, `/tunnels` and Istio's byte counters of both ends
+/// say the same, in Istio's convention: `received` from the source side,
+/// `sent` back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_directions_agree_in_log_tunnels_and_metrics() {
+    let setup = setup().await;
+    let entry_addr = setup.entry.address("SOCKS5 entry ready");
+    let admins = [
+        ("server", setup.server.address("admin endpoint ready")),
+        ("client", setup.entry.address("admin endpoint ready")),
+    ];
+    // A target that reads 100 bytes, answers 10,000, then waits for EOF.
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = target.accept().await.unwrap();
+        let mut request = [0u8; 100];
+        socket.read_exact(&mut request).await.unwrap();
+        socket.write_all(&[7u8; 10_000]).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = socket.read_to_end(&mut rest).await;
+    });
+    let (reply, mut app) = socks5(entry_addr, target_addr).await;
+    assert_eq!(reply, 0);
+    app.write_all(&[1u8; 100]).await.unwrap();
+    let mut answer = vec![0u8; 10_000];
+    tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // While it is open: /tunnels on both ends.
+    for (role, admin) in admins {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = http(admin, "GET", "/tunnels").await;
+            let listed: Value = serde_json::from_str(&body).unwrap();
+            let tunnel = &listed["tunnels"][0];
+            if tunnel["received_bytes"] == 100 && tunnel["sent_bytes"] == 10_000 {
+                assert_eq!(tunnel["role"], role);
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{role}: /tunnels says {tunnel}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    app.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    for process in [&setup.server, &setup.entry] {
+        eventually(Duration::from_secs(10), || {
+            !process.access_records().is_empty()
+        })
+        .await;
+        let record = &process.access_records()[0];
+        assert_eq!(
+            (&record["received"], &record["sent"]),
+            (&Value::from(100), &Value::from(10_000)),
+            "{record}"
+        );
+    }
+    for (reporter, admin, source, destination) in [
+        ("destination", admins[0].1, CLIENT_ID, SERVER_ID),
+        ("source", admins[1].1, CLIENT_ID, SERVER_ID),
+    ] {
+        let (_, scrape) = http(admin, "GET", "/metrics").await;
+        let received = istio(
+            "istio_tcp_received_bytes_total",
+            reporter,
+            source,
+            destination,
+            "-",
+        );
+        let sent = istio(
+            "istio_tcp_sent_bytes_total",
+            reporter,
+            source,
+            destination,
+            "-",
+        );
+        assert_eq!(sample(&scrape, &received), 100, "{received} in\n{scrape}");
+        assert_eq!(sample(&scrape, &sent), 10_000, "{sent} in\n{scrape}");
+    }
+}

@@ -50,9 +50,12 @@ pub struct TunnelRecord {
     pub trace: Option<TraceParent>,
     /// How the tunnel ended.
     pub outcome: Outcome,
-    /// Bytes from the source side towards the target.
+    /// Bytes sent back to the source side (the downstream: the HBONE
+    /// client for a server, the application for an entry), as Istio's
+    /// `istio_tcp_sent_bytes_total` counts them.
     pub bytes_sent: u64,
-    /// Bytes from the target back to the source side.
+    /// Bytes received from the source side, towards the target, as Istio's
+    /// `istio_tcp_received_bytes_total` counts them.
     pub bytes_received: u64,
     /// How long the tunnel was open, or how long refusing it took.
     pub duration: Duration,

@@ -111,7 +111,8 @@ fn now_ms() -> u64 {
 }
 
 impl ActiveTunnel {
-    /// Bytes from the source side towards the target, and back, so far.
+    /// Bytes sent back to the source side, and received from it, so far
+    /// (Istio's convention, as in the access record and the metrics).
     pub fn bytes(&self) -> (u64, u64) {
         (
             self.sent.load(Ordering::Relaxed),
@@ -239,7 +240,9 @@ impl Registration {
     /// Publishes the byte counts so far (`a` is the socket side, as in
     /// [`Transferred`]; `source_is_socket` says whether that is the source).
     pub fn update(&self, moved: Transferred, source_is_socket: bool) {
-        let (sent, received) = if source_is_socket {
+        // Istio's convention, as in the access record: received from the
+        // source side, sent back to it.
+        let (received, sent) = if source_is_socket {
             (moved.a_to_b, moved.b_to_a)
         } else {
             (moved.b_to_a, moved.a_to_b)

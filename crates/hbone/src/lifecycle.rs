@@ -162,8 +162,10 @@ impl TunnelLifecycle {
         self.record_once();
     }
 
+    /// Istio's convention, from this proxy's side: received from the
+    /// source side, sent back to it.
     fn set_bytes(&mut self, moved: Transferred) {
-        let (sent, received) = if self.socket_is_source {
+        let (received, sent) = if self.socket_is_source {
             (moved.a_to_b, moved.b_to_a)
         } else {
             (moved.b_to_a, moved.a_to_b)
@@ -242,19 +244,16 @@ mod tests {
             a_to_b: 100,
             b_to_a: 10_000,
         };
-        // A server's socket is the target: a_to_b flows back to the source.
+        // A server's socket is the target: a_to_b is sent back to the
+        // source. An entry's socket is the application: a_to_b is received
+        // from the source.
         open(Role::Server, &log).finish(Ok(moved));
         open(Role::Client, &log).finish(Ok(moved));
         let records = log.0.lock().unwrap();
         assert_eq!(records.len(), 2);
-        assert_eq!(
-            (records[0].bytes_sent, records[0].bytes_received),
-            (10_000, 100)
-        );
-        assert_eq!(
-            (records[1].bytes_sent, records[1].bytes_received),
-            (100, 10_000)
-        );
+        let bytes = |r: &TunnelRecord| (r.bytes_sent, r.bytes_received);
+        assert_eq!(bytes(&records[0]), (100, 10_000));
+        assert_eq!(bytes(&records[1]), (10_000, 100));
         assert!(records.iter().all(|r| r.outcome == Outcome::Completed));
     }
 
@@ -272,7 +271,7 @@ mod tests {
         let records = log.0.lock().unwrap();
         assert_eq!(records.len(), 2, "one record each, no more");
         assert_eq!(records[0].outcome, Outcome::Failed(CUT_SHORT.into()));
-        assert_eq!((records[0].bytes_sent, records[0].bytes_received), (7, 5));
+        assert_eq!((records[0].bytes_sent, records[0].bytes_received), (5, 7));
         assert_eq!(
             records[1].outcome,
             Outcome::Failed("client went away".into())
