@@ -415,9 +415,17 @@ async fn metrics_and_access_log_after_a_known_sequence() {
     assert_eq!(entry_records[0]["role"], "client");
     assert_eq!(entry_records[0]["peer"], SERVER_ID);
     assert_eq!(entry_records[0]["sent"], 4);
+    // Both ends log the trace the CONNECT carried, refusals included.
+    for (client, server) in entry_records.iter().zip(&records) {
+        assert_eq!(client["trace"], server["trace"], "{client} vs {server}");
+        assert_eq!(client["trace"].as_str().unwrap().len(), 32, "{client}");
+    }
+    // The client says what happened, in its own words.
     assert_eq!(entry_records[1]["status"], 403);
+    assert_eq!(entry_records[1]["reason"], "denied_by_server");
     assert_eq!(entry_records[1]["peer"], "");
     assert_eq!(entry_records[2]["status"], 503);
+    assert_eq!(entry_records[2]["reason"], "server_could_not_reach_target");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

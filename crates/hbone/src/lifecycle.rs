@@ -16,6 +16,7 @@ use std::time::Instant;
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
 use crate::active::{ActiveTunnels, Registration, TunnelInfo};
 use crate::copy::{CopyError, Transferred};
+use crate::headers::TraceParent;
 use crate::metrics::{Metrics, TunnelCounters};
 
 /// What a server or dialer reports to, beyond its access log. Both parts
@@ -125,6 +126,13 @@ impl TunnelLifecycle {
             dialer.telemetry(),
             tunnel.counters().cloned(),
         )
+    }
+
+    /// Records `trace` as the tunnel's trace context: the one its CONNECT
+    /// carried, so that both ends log the same trace id.
+    pub fn with_trace(mut self, trace: TraceParent) -> Self {
+        self.record.trace = Some(trace);
+        self
     }
 
     /// The tunnel's Istio byte counters, for a relay to add to as bytes

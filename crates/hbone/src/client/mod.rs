@@ -158,6 +158,39 @@ impl DialError {
         }
     }
 
+    /// A short, stable word for logs: what happened, from the client's
+    /// side. The server's refusals are told apart by status; a server we
+    /// never reached is not confused with a target the server could not
+    /// reach.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DialError::NoExpectedIdentity => "no_expected_identity",
+            DialError::Connect { .. } => "server_unreachable",
+            DialError::Timeout {
+                stage: Stage::Connect,
+                ..
+            } => "server_timeout",
+            DialError::Timeout {
+                stage: Stage::Handshake,
+                ..
+            } => "handshake_timeout",
+            DialError::Timeout {
+                stage: Stage::Response,
+                ..
+            } => "response_timeout",
+            DialError::Tls { .. } => "tls_failure",
+            DialError::Http2 { .. } => "http2_error",
+            DialError::Closed { .. } => "connection_closed",
+            DialError::Status { status, .. } => match status.as_u16() {
+                403 => "denied_by_server",
+                400 | 405 | 431 => "refused_as_bad_request",
+                503 => "server_could_not_reach_target",
+                504 => "server_timed_out_reaching_target",
+                _ => "refused_by_server",
+            },
+        }
+    }
+
     /// Istio's `response_flags` for a tunnel that could not be opened.
     pub fn response_flag(&self) -> ResponseFlag {
         match self {
@@ -730,6 +763,42 @@ impl std::fmt::Display for Route {
                 ids(gateway_ids),
                 ids(server_ids)
             ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_tell_the_server_from_its_target() {
+        let server: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+        let status = |code: u16| DialError::Status {
+            server,
+            target: "10.0.0.1:80".into(),
+            status: StatusCode::from_u16(code).unwrap(),
+        };
+        let timeout = |stage| DialError::Timeout { server, stage };
+        let refused = DialError::Connect {
+            server,
+            source: io::ErrorKind::ConnectionRefused.into(),
+        };
+        for (error, reason) in [
+            (refused, "server_unreachable"),
+            (timeout(Stage::Connect), "server_timeout"),
+            (timeout(Stage::Handshake), "handshake_timeout"),
+            (timeout(Stage::Response), "response_timeout"),
+            (status(403), "denied_by_server"),
+            (status(400), "refused_as_bad_request"),
+            (status(503), "server_could_not_reach_target"),
+            (status(504), "server_timed_out_reaching_target"),
+            (status(502), "refused_by_server"),
+        ] {
+            assert_eq!(error.reason(), reason, "{error}");
+            // Waiters of a failed dial get an equal error.
+            assert_eq!(error.duplicate().reason(), reason);
+            assert_eq!(error.duplicate().to_string(), error.to_string());
         }
     }
 }

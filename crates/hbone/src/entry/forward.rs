@@ -4,13 +4,12 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{ClientRelay, record_dial_failure};
+use super::{Attempt, ClientRelay, record_dial_failure};
 use crate::access::AccessLog;
-use crate::client::{Dialer, Route, TunnelRequest};
+use crate::client::{Dialer, Route};
 use crate::copy::Phased;
 
 /// What every forwarded connection shares.
@@ -60,30 +59,18 @@ pub async fn serve(
 /// Opens the tunnel for one accepted connection and returns its relay, or
 /// logs why it could not.
 async fn open(forward: Arc<Forward>, app: TcpStream, source: SocketAddr) -> Option<ClientRelay> {
-    let started = Instant::now();
     let Forward {
         dialer,
         route,
         target,
         log,
     } = &*forward;
-    let request = TunnelRequest {
-        source: Some(source),
-        ..TunnelRequest::new(*target)
-    };
-    match dialer.open(route, &request).await {
-        Ok(tunnel) => Some(ClientRelay::new(
-            app,
-            source,
-            tunnel,
-            *target,
-            log.clone(),
-            started,
-            dialer,
-        )),
+    let attempt = Attempt::new(source, *target);
+    match dialer.open(route, &attempt.request()).await {
+        Ok(tunnel) => Some(ClientRelay::new(app, tunnel, &attempt, log.clone(), dialer)),
         Err(e) => {
             tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");
-            record_dial_failure(log, source, dialer, *target, &e, started);
+            record_dial_failure(log, dialer, &attempt, &e);
             None
         }
     }

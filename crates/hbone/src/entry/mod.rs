@@ -15,8 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
-use crate::client::{DialError, Dialer, Tunnel};
+use crate::client::{DialError, Dialer, Tunnel, TunnelRequest};
 use crate::copy;
+use crate::headers::TraceParent;
 use crate::lifecycle::TunnelLifecycle;
 use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 
@@ -125,17 +126,54 @@ pub(crate) struct ClientRelay {
     lifecycle: Option<TunnelLifecycle>,
 }
 
+/// One application connection an entry tunnels: where from, where to,
+/// since when, and the trace its CONNECT carries (so both ends log the
+/// same trace id).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempt {
+    pub(crate) source: SocketAddr,
+    pub(crate) target: SocketAddr,
+    pub(crate) started: Instant,
+    pub(crate) trace: TraceParent,
+}
+
+impl Attempt {
+    pub(crate) fn new(source: SocketAddr, target: SocketAddr) -> Self {
+        Attempt {
+            source,
+            target,
+            started: Instant::now(),
+            trace: TraceParent::random(),
+        }
+    }
+
+    /// The tunnel request for it.
+    pub(crate) fn request(&self) -> TunnelRequest {
+        TunnelRequest {
+            source: Some(self.source),
+            trace: Some(self.trace),
+            ..TunnelRequest::new(self.target)
+        }
+    }
+}
+
 impl ClientRelay {
     pub(crate) fn new(
         app: TcpStream,
-        source: SocketAddr,
         tunnel: Tunnel,
-        target: SocketAddr,
+        attempt: &Attempt,
         log: Arc<dyn AccessLog>,
-        started: Instant,
         dialer: &Dialer,
     ) -> Self {
-        let lifecycle = TunnelLifecycle::for_tunnel(dialer, &tunnel, source, target, log, started);
+        let lifecycle = TunnelLifecycle::for_tunnel(
+            dialer,
+            &tunnel,
+            attempt.source,
+            attempt.target,
+            log,
+            attempt.started,
+        )
+        .with_trace(attempt.trace);
         let mut relay = copy::Relay::new(app, tunnel);
         if let Some(counters) = lifecycle.counters() {
             relay = relay.with_byte_counters(counters.relay_bytes());
@@ -168,12 +206,16 @@ impl Future for ClientRelay {
 /// counts it.
 pub(crate) fn record_dial_failure(
     log: &Arc<dyn AccessLog>,
-    source: SocketAddr,
     dialer: &Dialer,
-    target: SocketAddr,
+    attempt: &Attempt,
     error: &DialError,
-    started: Instant,
 ) {
+    let Attempt {
+        source,
+        target,
+        started,
+        trace,
+    } = *attempt;
     let status = match error {
         DialError::Status { status, .. } => status.as_u16(),
         _ => 0,
@@ -185,10 +227,10 @@ pub(crate) fn record_dial_failure(
         local_id: dialer.local_id_arc(),
         target: target.to_string(),
         original_source: None,
-        trace: None,
+        trace: Some(trace),
         outcome: Outcome::Refused {
             status,
-            reason: "dial_failed",
+            reason: error.reason(),
             detail: error.to_string(),
         },
         bytes_sent: 0,

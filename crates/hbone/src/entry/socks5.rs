@@ -15,9 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-use super::{ClientRelay, record_dial_failure};
+use super::{Attempt, ClientRelay, record_dial_failure};
 use crate::access::AccessLog;
-use crate::client::{DialError, Dialer, Route, TunnelRequest};
+use crate::client::{DialError, Dialer, Route};
 use crate::copy::Phased;
 use crate::identity::SpiffeId;
 
@@ -177,26 +177,28 @@ async fn negotiate_and_open(
         Ok(Ok(Err(reply))) => return send_reply(&mut app, reply).await.map(|()| None),
         Ok(Ok(Ok(target))) => target,
     };
-    let request = TunnelRequest {
-        source: Some(source),
-        ..TunnelRequest::new(target)
+    // Counted from the accept, negotiation included.
+    let attempt = Attempt {
+        started,
+        ..Attempt::new(source, target)
     };
-    match dialer.open(&config.route_for(target), &request).await {
+    match dialer
+        .open(&config.route_for(target), &attempt.request())
+        .await
+    {
         Ok(tunnel) => {
             send_reply(&mut app, Reply::Succeeded).await?;
             Ok(Some(ClientRelay::new(
                 app,
-                source,
                 tunnel,
-                target,
+                &attempt,
                 log.clone(),
-                started,
                 dialer,
             )))
         }
         Err(e) => {
             tracing::warn!(%source, %target, error = %e, "socks5: tunnel failed");
-            record_dial_failure(log, source, dialer, target, &e, started);
+            record_dial_failure(log, dialer, &attempt, &e);
             send_reply(&mut app, Reply::for_dial_error(&e))
                 .await
                 .map(|()| None)
