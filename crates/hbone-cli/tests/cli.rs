@@ -1118,3 +1118,51 @@ async fn json_access_log_has_one_record_per_tunnel() {
     assert!(record["source"].as_str().unwrap().starts_with("127.0.0.1:"));
     child.kill().await.unwrap();
 }
+
+/// Shell completions and the manual page come from the same definition as
+/// `--help`: each names every subcommand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_man_page_cover_every_subcommand() {
+    let subcommands = [
+        "ca",
+        "server",
+        "forward",
+        "connect",
+        "socks5",
+        "policy",
+        "gateway",
+        "demo",
+        "bench",
+        "run",
+        "config",
+        "completions",
+        "man",
+    ];
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run_ok(&["completions", shell]).await;
+        for sub in subcommands {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+        // And the flags of a subcommand.
+        assert!(
+            script.contains("identity-dir"),
+            "{shell}: no --identity-dir"
+        );
+    }
+    let page = run_ok(&["man"]).await;
+    assert!(
+        page.starts_with(".ie"),
+        "not roff: {}",
+        &page[..40.min(page.len())]
+    );
+    for sub in subcommands {
+        let section = format!(".SH \"HBONE {}\"", sub.to_uppercase());
+        assert!(page.contains(&section), "man page lacks {section}");
+    }
+    assert!(
+        page.contains(".SH \"HBONE CA ISSUE\""),
+        "nested subcommands too"
+    );
+    let output = hbone(&["completions", "tcsh"]).output().await.unwrap();
+    assert!(!output.status.success(), "an unknown shell is refused");
+}

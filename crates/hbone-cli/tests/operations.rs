@@ -1166,3 +1166,38 @@ async fn byte_directions_agree_in_log_tunnels_and_metrics() {
         assert_eq!(sample(&scrape, &sent), 10_000, "{sent} in\n{scrape}");
     }
 }
+
+/// A peer turned away in the TLS handshake (a certificate from another CA)
+/// gets one line under the access log's target, with its address and why,
+/// so a log shipper that keeps only access records sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_handshakes_are_in_the_access_log() {
+    let setup = setup().await;
+    let server_addr = setup.server.address("HBONE server ready");
+    let stranger = crate::common::Pki::new();
+    let attempt = crate::common::raw_tls(server_addr, Some(&stranger.client)).await;
+    if let Ok(mut tls) = attempt {
+        // TLS 1.3: the refusal arrives on the first read.
+        let mut buf = [0u8; 16];
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    }
+    eventually(Duration::from_secs(10), || {
+        setup
+            .server
+            .access_records()
+            .iter()
+            .any(|r| r["message"] == "handshake failed")
+    })
+    .await;
+    let record = setup
+        .server
+        .access_records()
+        .into_iter()
+        .find(|r| r["message"] == "handshake failed")
+        .unwrap();
+    assert!(
+        record["source"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{record}"
+    );
+    assert!(!record["reason"].as_str().unwrap().is_empty(), "{record}");
+}

@@ -290,7 +290,9 @@ mod tests {
         assert_eq!(tunnels.len(), 2);
         let listed = tunnels.list(10);
         assert_eq!(listed.len(), 2);
-        assert_eq!(listed[1].bytes(), (7, 5), "oldest first");
+        // A server's socket is the target: a_to_b went back to the source
+        // (sent), b_to_a came from it (received).
+        assert_eq!(listed[1].bytes(), (5, 7), "oldest first");
         assert_eq!(listed[0].source.to_string(), "[::1]:1");
         assert_eq!(
             listed[0].original_source.map(|o| o.to_string()).as_deref(),

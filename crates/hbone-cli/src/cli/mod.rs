@@ -125,6 +125,18 @@ See docs/config.md for every field.")]
     /// Configuration file: check one, or print a commented example.
     #[command(subcommand)]
     Config(config_file::ConfigCommand),
+    /// Print a shell completion script for bash, zsh, fish, elvish or
+    /// PowerShell.
+    #[command(after_help = "Example:
+  hbone completions bash > /etc/bash_completion.d/hbone")]
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), every subcommand included.
+    #[command(after_help = "Example:
+  hbone man > hbone.1 && man ./hbone.1")]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -331,8 +343,52 @@ pub async fn run(
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => hbone_bench::run(args, logwriter::flush_before_exit).await,
         Command::Config(command) => config_file::run(command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hbone", &mut script);
+            print_all(&script)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            write_man_page(&mut page)?;
+            print_all(&page)
+        }
         Command::Run(args) => anyhow::bail!("{}: not loaded", args.config.display()),
     }
+}
+
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is
+/// not an error.
+fn print_all(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The manual page: the top-level page, then a section per subcommand
+/// (and per nested subcommand), all from the clap definition.
+fn write_man_page(out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let root = Cli::command();
+    clap_mangen::Man::new(root.clone()).render(out)?;
+    fn sections(
+        command: &clap::Command,
+        path: &str,
+        out: &mut impl std::io::Write,
+    ) -> anyhow::Result<()> {
+        for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = format!("{path} {}", sub.get_name());
+            writeln!(out, ".SH \"{}\"", name.to_uppercase())?;
+            clap_mangen::Man::new(sub.clone()).render_description_section(out)?;
+            clap_mangen::Man::new(sub.clone()).render_options_section(out)?;
+            sections(sub, &name, out)?;
+        }
+        Ok(())
+    }
+    sections(&root, "hbone", out)
 }
 
 #[cfg(test)]

@@ -331,7 +331,12 @@ impl Shared {
                         ResponseFlag::TlsFailure,
                     );
                 }
-                tracing::info!(%peer_addr, %reason, "HBONE handshake failed");
+                // Under the access log's target, so that a shipper keeping only
+                // access records still sees the peers that were turned away.
+                tracing::info!(
+                    target: "hbone::access", source = %peer_addr, reason = %reason,
+                    "handshake failed"
+                );
                 return;
             }
         };
