@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => e.exit(),
     };
-    let (_log_writer, logging) = cli::init_logging(&args);
+    let (log_writer, logging) = cli::init_logging(&args);
     cli::raise_fd_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads() {
@@ -40,7 +40,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(args, &matches, file.as_ref(), logging)) {
+    let result = runtime.block_on(cli::run(args, &matches, file.as_ref(), logging));
+    // Stop every task first (their last records go to the log buffer), then
+    // let the log writer write it all out and finish, so that a fatal error
+    // is the last thing printed.
+    drop(runtime);
+    drop(log_writer);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));

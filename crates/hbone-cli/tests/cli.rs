@@ -408,6 +408,45 @@ async fn operator_mistakes_get_clear_errors() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("does not belong"));
 
+    // A fatal error is the last line printed, after what was logged, and a
+    // broken policy file is named with its line, on one line.
+    let broken_routes = dir.path().join("r3.toml");
+    std::fs::write(
+        &broken_routes,
+        "[[route]]\nhost = \"echo\"\nendpoints = []\n",
+    )
+    .unwrap();
+    let broken_policy = dir.path().join("p3.toml");
+    std::fs::write(&broken_policy, "[[rule]]\nto = [\"10.0.0.0/8\"\n").unwrap();
+    for (args, needle) in [
+        (
+            vec!["gateway", "--routes", broken_routes.to_str().unwrap()],
+            "needs at least one endpoint",
+        ),
+        (
+            vec!["server", "--policy", broken_policy.to_str().unwrap()],
+            "p3.toml: line ",
+        ),
+    ] {
+        let identity = path(dir.path(), "client");
+        let mut full = vec!["--log", "info"];
+        full.extend(&args);
+        full.extend(["--identity-dir", identity.as_str()]);
+        let output = hbone(&full).output().await.unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("hint:")).collect();
+        let last = lines.last().copied().unwrap_or_default();
+        assert!(
+            last.starts_with("error: ") && last.contains(needle),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("identity loaded"),
+            "logged before: {stderr}"
+        );
+    }
+
     // A missing policy file gets a hint about paths, not about the CA.
     let output = hbone(&[
         "server",

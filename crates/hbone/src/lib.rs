@@ -66,6 +66,8 @@ pub mod server;
 pub mod services;
 mod stream;
 pub mod tls;
+#[cfg(feature = "files")]
+mod toml_error;
 mod x509;
 
 /// Istio's HBONE port: where ztunnel listens for tunnels, and where this

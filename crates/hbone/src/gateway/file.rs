@@ -73,7 +73,7 @@ impl Routes {
     pub fn parse(text: &str, name: &str) -> Result<Routes, RoutesError> {
         let file: File = toml::from_str(text).map_err(|e| RoutesError::Parse {
             path: name.to_owned(),
-            message: e.to_string(),
+            message: crate::toml_error::one_line(text, &e),
         })?;
         let mut routes = Routes::new();
         for (index, entry) in file.route.into_iter().enumerate() {

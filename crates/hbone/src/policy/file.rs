@@ -92,7 +92,7 @@ pub fn load(path: &Path) -> Result<Policy, PolicyFileError> {
 pub fn parse(text: &str, name: &str) -> Result<Policy, PolicyFileError> {
     let file: File = toml::from_str(text).map_err(|e| PolicyFileError::Syntax {
         path: name.to_owned(),
-        message: e.to_string(),
+        message: crate::toml_error::one_line(text, &e),
     })?;
     let fail = |span: std::ops::Range<usize>, message: String| PolicyFileError::Rule {
         path: name.to_owned(),
@@ -391,6 +391,7 @@ to = ["Echo.demo.svc.cluster.local:8080-8081", "10.9.0.0/16:22"]
             syntax.contains("p.toml") && syntax.contains("line 2"),
             "{syntax}"
         );
+        assert!(!syntax.contains('\n'), "one line: {syntax}");
         let unknown = parse("[[rule]]\nallow = true\n", "p.toml")
             .unwrap_err()
             .to_string();

@@ -76,7 +76,7 @@ impl ServiceTable {
     pub fn parse(text: &str, name: &str) -> Result<Self, ServicesFileError> {
         let file: File = toml::from_str(text).map_err(|e| ServicesFileError::Syntax {
             path: name.to_owned(),
-            message: e.to_string(),
+            message: crate::toml_error::one_line(text, &e),
         })?;
         let fail = |span: std::ops::Range<usize>, message: String| ServicesFileError::Entry {
             path: name.to_owned(),
