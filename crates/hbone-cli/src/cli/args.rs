@@ -2,7 +2,7 @@
 //! configuration.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -40,7 +40,19 @@ impl IdentityArgs {
         let identity = self.read()?;
         tracing::info!(id = %identity.id(), "identity loaded");
         warn_if_expiring(&identity);
+        if let Some(key) = self.key_path() {
+            warn_if_key_is_readable_by_others(&key);
+        }
         Ok(identity)
+    }
+
+    /// The private key file in use.
+    fn key_path(&self) -> Option<PathBuf> {
+        match (&self.identity_dir, &self.key) {
+            (Some(dir), _) => Some(dir.join(hbone::identity::KEY_FILE)),
+            (None, Some(key)) => Some(key.clone()),
+            (None, None) => None,
+        }
     }
 
     /// Loads the identity without a word (for the rotation watcher's
@@ -93,6 +105,23 @@ impl IdentityArgs {
 /// expired one an error) at every load and hourly, so rotation that stopped
 /// is noticed in time. Istio rotates its 24-hour certificates at half
 /// their life, so a healthy mesh never sees this.
+/// A private key others on the machine can read is as good as theirs: say
+/// so, with the fix.
+fn warn_if_key_is_readable_by_others(key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(metadata) = std::fs::metadata(key) else {
+        return;
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            key = %key.display(), mode = format!("{mode:o}"),
+            "private key is readable by group or others; fix: chmod 600 {}",
+            key.display()
+        );
+    }
+}
+
 pub(super) fn warn_if_expiring(identity: &Identity) {
     let Some((issued, expires)) = identity.validity() else {
         return;

@@ -27,7 +27,9 @@ pub(super) async fn watch(files: Vec<PathBuf>, mut handle: impl FnMut(Event)) {
     let mut last = stamp(&files);
     let mut hangup = signal(SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    // Not at once: whoever started the watcher has just checked.
+    let hour = Duration::from_secs(3600);
+    let mut hourly = tokio::time::interval_at(tokio::time::Instant::now() + hour, hour);
     loop {
         let hangup_received = async {
             match hangup.as_mut() {
