@@ -162,3 +162,41 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
     })
     .await;
 }
+
+/// A server address that is not TLS at all (a plain TCP service) is named
+/// as such, not as a "corrupt message of type InvalidContentType".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_tcp_port_is_named_as_not_speaking_tls() {
+    let pki = Pki::new();
+    // A plain service that greets first, as SSH or SMTP do.
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let plain = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = socket.write_all(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buf)).await;
+        }
+    });
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let error = tokio::time::timeout(
+        Duration::from_secs(10),
+        dialer.connect(plain, std::slice::from_ref(&pki.server_id), plain),
+    )
+    .await
+    .expect("the dial ends")
+    .err()
+    .expect("a plain port is not an HBONE server");
+    assert!(
+        matches!(
+            error,
+            DialError::Tls {
+                failure: TlsFailure::NotTls,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("not speaking TLS"), "{error}");
+}

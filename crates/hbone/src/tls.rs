@@ -373,6 +373,18 @@ pub enum TlsFailure {
          it most likely rejected our certificate (its alert was lost to the close)"
     )]
     ClosedAfterHandshake,
+    /// The peer answered with something that is not TLS: probably not an
+    /// HBONE server at all (a plain TCP service on that port).
+    #[error("the peer is not speaking TLS: is it an HBONE server?")]
+    NotTls,
+    /// The server closed the connection before the handshake completed,
+    /// without an alert: typically a server at its connection limit, or
+    /// something that is not an HBONE server.
+    #[error(
+        "the server closed the connection during the TLS handshake, without saying why \
+         (at its connection limit, or not an HBONE server?)"
+    )]
+    ClosedDuringHandshake,
     /// Any other TLS error.
     #[error("TLS protocol error: {0}")]
     Protocol(String),
@@ -409,7 +421,24 @@ impl TlsFailure {
                 other => TlsFailure::RejectedOther(format!("{other:?}")),
             },
             E::NoApplicationProtocol => TlsFailure::NoH2,
+            E::InvalidMessage(rustls::InvalidMessage::InvalidContentType) => TlsFailure::NotTls,
             other => TlsFailure::Protocol(other.to_string()),
+        }
+    }
+
+    /// Classifies an error of the client's TLS handshake: a rustls error,
+    /// or the connection ending under it.
+    pub fn from_handshake_error(error: &io::Error) -> TlsFailure {
+        match TlsFailure::from_io(error) {
+            Some(failure) => failure,
+            None if matches!(
+                error.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            ) =>
+            {
+                TlsFailure::ClosedDuringHandshake
+            }
+            None => TlsFailure::Protocol(error.to_string()),
         }
     }
 

@@ -89,8 +89,7 @@ impl Dialer {
             })?
             .map_err(|e| DialError::Tls {
                 server,
-                failure: TlsFailure::from_io(&e)
-                    .unwrap_or_else(|| TlsFailure::Protocol(e.to_string())),
+                failure: TlsFailure::from_handshake_error(&e),
             })?;
         let (_, session) = tls_stream.get_ref();
         if session.alpn_protocol() != Some(tls::ALPN_H2) {

@@ -59,6 +59,17 @@ impl std::fmt::Display for Stage {
     }
 }
 
+/// What a refusal status says, in words, for error messages.
+fn status_meaning(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        403 => "denied by the server's policy",
+        400 | 405 | 431 => "the server found the request malformed",
+        503 => "the server could not reach the target, or knows no such service",
+        504 => "the server timed out reaching the target",
+        _ => "see the server's log",
+    }
+}
+
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -99,7 +110,7 @@ pub enum DialError {
         server: SocketAddr,
     },
     /// The server answered the CONNECT with a status other than 200.
-    #[error("{server} refused the tunnel to {target}: HTTP {status}")]
+    #[error("{server} refused the tunnel to {target}: HTTP {status} ({})", status_meaning(*.status))]
     Status {
         /// The HBONE server that refused.
         server: SocketAddr,
@@ -796,6 +807,16 @@ mod tests {
             (status(502), "refused_by_server"),
         ] {
             assert_eq!(error.reason(), reason, "{error}");
+            if let DialError::Status { status, .. } = &error
+                && status.as_u16() == 403
+            {
+                assert!(
+                    error
+                        .to_string()
+                        .ends_with("HTTP 403 Forbidden (denied by the server's policy)"),
+                    "{error}"
+                );
+            }
             // Waiters of a failed dial get an equal error.
             assert_eq!(error.duplicate().reason(), reason);
             assert_eq!(error.duplicate().to_string(), error.to_string());
