@@ -965,6 +965,53 @@ async fn policy_file_check_test_and_live_reload() {
         Some(1),
         "the address alone matches no rule"
     );
+    assert!(
+        String::from_utf8_lossy(&unnamed.stdout).contains("(source 127.0.0.1 assumed"),
+        "the default source is said"
+    );
+
+    // With rules on source networks, the source must be given, and a wrong
+    // one is named as the reason.
+    let office = dir.path().join("office.toml");
+    std::fs::write(
+        &office,
+        format!(
+            "[[rule]]\nname = \"office\"\nfrom = [\"{CLIENT_ID}\"]\nsource = [\"192.0.2.0/24\"]\n"
+        ),
+    )
+    .unwrap();
+    let office = office.to_str().unwrap();
+    let base = [
+        "policy",
+        "test",
+        office,
+        "--id",
+        CLIENT_ID,
+        "--target",
+        "10.1.2.3:5432",
+    ];
+    let output = hbone(&base).output().await.unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("give --source IP"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let outside = hbone(&[&base[..], &["--source", "10.0.0.5"]].concat())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(outside.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&outside.stdout);
+    assert!(said.contains("deny: source 10.0.0.5 is outside"), "{said}");
+    let inside = run_ok(&[&base[..], &["--source", "192.0.2.7"]].concat()).await;
+    assert!(inside.contains("allow: rule \"office\""), "{inside}");
+
+    // A policy that allows nothing says so.
+    let nothing = dir.path().join("nothing.toml");
+    std::fs::write(&nothing, "").unwrap();
+    let checked = run_ok(&["policy", "check", nothing.to_str().unwrap()]).await;
+    assert!(checked.contains("allows nothing"), "{checked}");
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[[rule]]\nname = \"x\"\nto = [\"10.0.0.1/8\"]\n").unwrap();
     let output = hbone(&["policy", "check", bad.to_str().unwrap()])

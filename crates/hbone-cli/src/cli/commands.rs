@@ -66,6 +66,7 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     ops.equip(&mut config);
     let flags = (args.allow_ids, args.allow_targets);
     config.policy = server_policy(args.policy.as_deref(), &flags)?;
+    warn_of_rules_that_never_match(&config.policy, config.identity.id().trust_domain());
     config.proxy_protocol = args.proxy_protocol;
     config.baggage = baggage;
     if let Some(path) = &args.services {
@@ -94,6 +95,30 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
         move |identity| Ok(tls.reload(identity)?),
     );
     ops.serve(server, args.serve.drain_timeout).await
+}
+
+/// Rules naming peers of a trust domain this server accepts no client
+/// from can never match: say so at start, loudly.
+fn warn_of_rules_that_never_match(policy: &Policy, trust_domain: &str) {
+    for rule in policy.rules() {
+        for pattern in rule
+            .from
+            .iter()
+            .filter(|p| p.trust_domain() != trust_domain)
+        {
+            tracing::warn!(
+                rule = %rule.name, %pattern,
+                "this pattern can never match: the server accepts clients of trust domain {trust_domain} only"
+            );
+        }
+    }
+    if policy
+        .rules()
+        .iter()
+        .all(|r| r.action == policy::Action::Deny)
+    {
+        tracing::warn!("the policy allows nothing: every tunnel will be denied (403)");
+    }
 }
 
 /// The policy from the file (if any) plus the rule the --allow-* flags
@@ -219,6 +244,13 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
                 file.display(),
                 policy.rules().len()
             );
+            if policy
+                .rules()
+                .iter()
+                .all(|r| r.action == policy::Action::Deny)
+            {
+                println!("  it allows nothing: every tunnel would be denied (403)");
+            }
             for rule in policy.rules() {
                 println!("  {} {:?}", rule.action, rule.name);
             }
@@ -231,6 +263,18 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
             source,
         } => {
             let policy = policy::file::load(&file)?;
+            let names_sources = policy.rules().iter().any(|r| !r.source.is_empty());
+            let source = match source {
+                Some(source) => source,
+                None if names_sources => anyhow::bail!(
+                    "{}: its rules name source networks, so the answer depends on where the peer connects from: give --source IP",
+                    file.display()
+                ),
+                None => {
+                    println!("(source 127.0.0.1 assumed: no rule names a source network)");
+                    std::net::IpAddr::from([127, 0, 0, 1])
+                }
+            };
             match policy.decide_service(&id, source, target, service.as_ref()) {
                 Ok(allowed) => println!("allow: rule {:?}", allowed.rule),
                 Err(denial) => {

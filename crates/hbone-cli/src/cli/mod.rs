@@ -146,7 +146,7 @@ pub(super) enum PolicyCommand {
     Check { file: PathBuf },
     /// Say which rule decides a tunnel (exit status 1 when denied).
     #[command(after_help = "Example:
-  hbone policy test policy.toml --id spiffe://cluster.local/ns/web/sa/app --target 10.1.2.3:5432")]
+  hbone policy test policy.toml --id spiffe://cluster.local/ns/web/sa/app --source 10.0.0.5 --target 10.1.2.3:5432")]
     Test {
         file: PathBuf,
         /// The peer's SPIFFE ID.
@@ -159,9 +159,10 @@ pub(super) enum PolicyCommand {
         /// rules naming services match it.
         #[arg(long, value_name = "HOST:PORT", value_parser = parse_service_name)]
         service: Option<hbone::authority::ServiceName>,
-        /// The peer's TCP source address.
-        #[arg(long, default_value = "127.0.0.1")]
-        source: std::net::IpAddr,
+        /// The peer's TCP source address. Required when a rule names source
+        /// networks; otherwise 127.0.0.1 is assumed (and said).
+        #[arg(long)]
+        source: Option<std::net::IpAddr>,
     },
 }
 

@@ -68,7 +68,7 @@ struct File {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleEntry {
-    name: Option<String>,
+    name: Option<Spanned<String>>,
     action: Option<Spanned<String>>,
     #[serde(default)]
     from: Vec<Spanned<String>>,
@@ -118,9 +118,14 @@ pub fn parse(text: &str, name: &str) -> Result<Policy, PolicyFileError> {
             .from
             .iter()
             .map(|p| {
-                p.get_ref()
+                let pattern = p
+                    .get_ref()
                     .parse::<IdPattern>()
-                    .map_err(|e| fail(p.span(), format!("from {:?}: {e}", p.get_ref())))
+                    .map_err(|e| fail(p.span(), format!("from {:?}: {e}", p.get_ref())))?;
+                match never_a_workload(&pattern) {
+                    Some(hint) => Err(fail(p.span(), format!("from {:?}: {hint}", p.get_ref()))),
+                    None => Ok(pattern),
+                }
             })
             .collect::<Result<Vec<_>, _>>()?;
         let source = entry
@@ -152,8 +157,21 @@ pub fn parse(text: &str, name: &str) -> Result<Policy, PolicyFileError> {
                 }
             }
         }
+        let (name, name_span) = match entry.name {
+            Some(name) => (name.get_ref().clone(), Some(name.span())),
+            None => (format!("rule {}", index + 1), None),
+        };
+        if let Some(earlier) = rules.iter().position(|r: &Rule| r.name == name) {
+            return Err(fail(
+                name_span.unwrap_or(0..0),
+                format!(
+                    "rule name {name:?} is already used by rule {}; names label the policy metrics, so each must be unique",
+                    earlier + 1
+                ),
+            ));
+        }
         rules.push(Rule {
-            name: entry.name.unwrap_or_else(|| format!("rule {}", index + 1)),
+            name,
             action,
             from,
             source,
@@ -190,6 +208,23 @@ fn parse_target(text: &str) -> Result<Either, String> {
                 ))
             }
         }
+    }
+}
+
+/// A pattern that can never match an Istio workload: an exact ID that is
+/// only a namespace (`spiffe://TD/ns/NS`), which is nearly always the
+/// namespace wildcard with its `/*` forgotten.
+fn never_a_workload(pattern: &IdPattern) -> Option<String> {
+    let IdPattern::Exact(id) = pattern else {
+        return None;
+    };
+    let segments: Vec<&str> = id.path().split('/').skip(1).collect();
+    match segments.as_slice() {
+        ["ns", namespace] => Some(format!(
+            "matches only that exact ID, which no workload has; for every workload of the namespace write spiffe://{}/ns/{namespace}/*",
+            id.trust_domain()
+        )),
+        _ => None,
     }
 }
 
@@ -268,9 +303,17 @@ to = ["10.0.0.0/8"]
                 .rule,
             "office to anything internal"
         );
+        // The office rule allows any identity, but only from the office.
         assert_eq!(
             policy.decide(&other, inside, addr("10.5.5.5:80")),
-            Err(Denial::Identity(other.clone()))
+            Err(Denial::Source(inside))
+        );
+        // The office rule names no identity: from the office, anyone.
+        let intruder_web = id("spiffe://elsewhere/ns/x/sa/y");
+        assert!(
+            policy
+                .decide(&intruder_web, office, addr("10.5.5.5:80"))
+                .is_ok()
         );
         // Loopback is not allowed by any rule here.
         assert!(policy.decide(&web, inside, addr("127.0.0.1:5432")).is_err());
@@ -371,6 +414,21 @@ to = ["Echo.demo.svc.cluster.local:8080-8081", "10.9.0.0/16:22"]
                 "[[rule]]\nto = [\"echo_demo:80\"]\n",
                 2,
                 "HOST[:PORT|:PORT-PORT]",
+            ),
+            (
+                "[[rule]]\nto = [\"not-an-address\"]\n",
+                2,
+                "qualified service",
+            ),
+            (
+                "[[rule]]\nfrom = [\"spiffe://td/ns/web\"]\n",
+                2,
+                "write spiffe://td/ns/web/*",
+            ),
+            (
+                "[[rule]]\nname = \"a\"\n\n[[rule]]\nname = \"a\"\n",
+                5,
+                "already used by rule 1",
             ),
         ];
         for (text, line, needle) in cases {

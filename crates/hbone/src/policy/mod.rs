@@ -31,9 +31,12 @@ use crate::identity::SpiffeId;
 /// Why a tunnel was refused by policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
-    /// No allow rule matches the peer (by identity and source) at all.
+    /// No allow rule names the peer's identity at all.
     #[error("identity {0} is not allowed to open tunnels")]
     Identity(SpiffeId),
+    /// Rules allow the peer's identity, but not from this source address.
+    #[error("source {0} is outside the networks the rules allow this identity from")]
+    Source(IpAddr),
     /// Rules allow the peer, but none for this target.
     #[error("target {0} is not allowed")]
     Target(SocketAddr),
@@ -58,7 +61,9 @@ impl Denial {
     pub fn rule_label(&self) -> String {
         match self {
             Denial::Rule { rule } => rule.clone(),
-            Denial::Identity(_) | Denial::Target(_) => "(no rule allows)".to_owned(),
+            Denial::Identity(_) | Denial::Source(_) | Denial::Target(_) => {
+                "(no rule allows)".to_owned()
+            }
             Denial::BuiltIn(_) | Denial::OwnListener(_) => "(built-in)".to_owned(),
         }
     }
@@ -313,6 +318,7 @@ impl Policy {
             (Some(rule), _) => Ok(Allowed { rule: &rule.name }),
             (None, Some(_)) => Err(Denial::BuiltIn(target)),
             (None, None) if self.allows_peer(peer, source) => Err(Denial::Target(target)),
+            (None, None) if self.allows_identity(peer) => Err(Denial::Source(source)),
             (None, None) => Err(Denial::Identity(peer.clone())),
         }
     }
@@ -336,6 +342,14 @@ impl Policy {
             .find(|r| r.action == Action::Allow && r.matches_peer(peer, source))
             .map(|r| Allowed { rule: &r.name })
             .ok_or_else(|| Denial::Identity(peer.clone()))
+    }
+
+    /// Whether an allow rule names `peer`, wherever it connects from.
+    fn allows_identity(&self, peer: &SpiffeId) -> bool {
+        self.rules.iter().any(|r| {
+            r.action == Action::Allow
+                && (r.from.is_empty() || r.from.iter().any(|p| p.matches(peer)))
+        })
     }
 
     fn allows_peer(&self, peer: &SpiffeId, source: IpAddr) -> bool {

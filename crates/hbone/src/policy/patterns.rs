@@ -32,6 +32,16 @@ pub enum IdPattern {
 }
 
 impl IdPattern {
+    /// The trust domain every ID of the set belongs to.
+    pub fn trust_domain(&self) -> &str {
+        match self {
+            IdPattern::Exact(id) => id.trust_domain(),
+            IdPattern::TrustDomain(td) => td,
+            IdPattern::Namespace { trust_domain, .. }
+            | IdPattern::ServiceAccount { trust_domain, .. } => trust_domain,
+        }
+    }
+
     /// Whether `id` belongs to the set.
     pub fn matches(&self, id: &SpiffeId) -> bool {
         match self {
