@@ -51,11 +51,11 @@ fn keep_last(lines: &mut VecDeque<String>, line: String, limit: usize) {
 }
 
 /// A warning or error, or an access-log record of a tunnel that did not
-/// end cleanly (`result=` other than `ok`).
+/// end cleanly (`result=` other than `done`).
 fn is_problem(line: &str) -> bool {
     line.contains(" WARN ")
         || line.contains(" ERROR ")
-        || (line.contains(" result=") && !line.contains(" result=ok"))
+        || (line.contains(" result=") && !line.contains(" result=done"))
 }
 
 #[cfg(test)]
@@ -65,8 +65,11 @@ mod tests {
     #[test]
     fn counts_problems_and_keeps_the_tail() {
         let mut log = ChildLog::default();
-        log.push("t  INFO hbone::access: tunnel closed sent=1 result=ok".into());
-        log.push("t  INFO hbone::access: tunnel closed sent=1 result=connection reset".into());
+        log.push("t  INFO hbone::access: tunnel closed sent=1 result=done".into());
+        log.push(
+            "t  INFO hbone::access: tunnel closed sent=1 result=reset detail=\"connection reset\""
+                .into(),
+        );
         log.push("t  WARN hbone::entry::forward: forward: tunnel failed".into());
         for i in 0..100 {
             log.push(format!("t  INFO line {i}"));

@@ -776,7 +776,7 @@ async fn entries_through_a_gateway_end_the_outer_tunnel_normally() {
 
     for (who, log) in [("gateway", &gateway_log), ("server", &server_log)] {
         for line in log_lines(log, "tunnel closed", 2).await {
-            assert!(line.contains("result=ok"), "{who}: {line}");
+            assert!(line.contains("result=done"), "{who}: {line}");
         }
     }
 }
@@ -886,7 +886,7 @@ async fn drain_deadline_closes_what_is_left() {
     // And the tunnel cut at the deadline has its access record.
     let closed = log_lines(&server_log, "tunnel closed", 1).await;
     assert!(
-        closed[0].contains("drain deadline or shutdown") && closed[0].contains("sent=1"),
+        closed[0].contains("result=drain_deadline") && closed[0].contains("sent=1"),
         "{closed:?}"
     );
 }
@@ -1199,7 +1199,7 @@ async fn json_access_log_has_one_record_per_tunnel() {
     assert_eq!(record["target_addr"], echo.to_string());
     assert_eq!(record["sent"], 5);
     assert_eq!(record["received"], 5);
-    assert_eq!(record["result"], "ok");
+    assert_eq!(record["result"], "done");
     assert_eq!(record["trace"].as_str().unwrap().len(), 32, "{record}");
     assert!(record["source"].as_str().unwrap().starts_with("127.0.0.1:"));
     child.kill().await.unwrap();

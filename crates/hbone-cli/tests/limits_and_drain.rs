@@ -166,9 +166,13 @@ async fn idle_tunnels_are_closed_when_a_limit_is_set() {
         b"still busy"
     );
     eventually("the idle tunnel was logged", || {
-        records.all().iter().any(
-            |r| matches!(&r.outcome, hbone::access::Outcome::Failed(why) if why.contains("idle")),
-        )
+        records.all().iter().any(|r| {
+            matches!(
+                &r.outcome,
+                hbone::access::Outcome::Failed { end: hbone::access::End::IdleTimeout, detail }
+                    if detail.contains("idle")
+            )
+        })
     })
     .await;
 }

@@ -390,7 +390,7 @@ async fn metrics_and_access_log_after_a_known_sequence() {
     assert_eq!(ok["target_addr"], echo.as_str());
     assert_eq!(ok["sent"], 4);
     assert_eq!(ok["received"], 4);
-    assert_eq!(ok["result"], "ok");
+    assert_eq!(ok["result"], "done");
     assert_eq!(ok["trace"].as_str().unwrap().len(), 32, "trace id");
     assert!(
         ok["original"].as_str().unwrap().starts_with("127.0.0.1:"),

@@ -13,10 +13,16 @@ use crate::identity::SpiffeId;
 /// How a tunnel ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Both directions reached EOF.
+    /// Both directions reached EOF (or the client cancelled the stream,
+    /// HBONE's normal end).
     Completed,
-    /// The tunnel was open and then failed (reset, I/O error).
-    Failed(String),
+    /// The tunnel was open and then failed.
+    Failed {
+        /// What happened, in a stable word.
+        end: End,
+        /// The error's own text, for people.
+        detail: String,
+    },
     /// Refused before any byte flowed, with the status sent.
     Refused {
         /// The HTTP status answered, or 0 when the client never got one
@@ -27,6 +33,52 @@ pub enum Outcome {
         /// The full error message.
         detail: String,
     },
+}
+
+/// How an open tunnel that did not complete ended: stable words for logs,
+/// dashboards and alerts, never a library's error text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum End {
+    /// One side reset it: a TCP reset, or RST_STREAM with an error code.
+    Reset,
+    /// No byte moved either way for the tunnel idle timeout.
+    IdleTimeout,
+    /// Still open when the process stopped: a drain deadline, or shutdown.
+    DrainDeadline,
+    /// The HBONE connection under it went away without a clean end.
+    ConnectionLost,
+    /// The client went away before the tunnel could start.
+    ClientGone,
+    /// Any other I/O error.
+    Error,
+}
+
+impl End {
+    /// The word logged as `result=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Reset => "reset",
+            End::IdleTimeout => "idle_timeout",
+            End::DrainDeadline => "drain_deadline",
+            End::ConnectionLost => "connection_lost",
+            End::ClientGone => "client_gone",
+            End::Error => "error",
+        }
+    }
+
+    /// Classifies a relay's I/O error.
+    pub fn of(error: &std::io::Error) -> End {
+        use std::io::ErrorKind;
+        match error.kind() {
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+                End::Reset
+            }
+            ErrorKind::TimedOut => End::IdleTimeout,
+            ErrorKind::UnexpectedEof => End::ConnectionLost,
+            _ => End::Error,
+        }
+    }
 }
 
 /// What happened to one tunnel.
@@ -104,12 +156,20 @@ impl AccessLog for TracingLog {
                 target_addr = %r.target, original, trace, status, reason, detail = %detail,
                 "tunnel refused"
             ),
-            outcome => tracing::info!(
+            Outcome::Completed => tracing::info!(
                 target: "hbone::access", role, source = %r.source, peer, local = %r.local_id,
                 target_addr = %r.target, original, trace, sent = r.bytes_sent,
                 received = r.bytes_received,
                 duration_ms = r.duration.as_millis() as u64,
-                result = %match outcome { Outcome::Failed(e) => e.as_str(), _ => "ok" },
+                result = %"done",
+                "tunnel closed"
+            ),
+            Outcome::Failed { end, detail } => tracing::info!(
+                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id,
+                target_addr = %r.target, original, trace, sent = r.bytes_sent,
+                received = r.bytes_received,
+                duration_ms = r.duration.as_millis() as u64,
+                result = %end.as_str(), detail = %detail,
                 "tunnel closed"
             ),
         }

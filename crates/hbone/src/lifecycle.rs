@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
+use crate::access::{AccessLog, End, Outcome, Role, TunnelRecord};
 use crate::active::{ActiveTunnels, Registration, TunnelInfo};
 use crate::copy::{CopyError, Transferred};
 use crate::headers::TraceParent;
@@ -158,15 +158,18 @@ impl TunnelLifecycle {
             Ok(moved) => self.set_bytes(moved),
             Err(error) => {
                 self.set_bytes(error.transferred);
-                self.record.outcome = Outcome::Failed(error.to_string());
+                self.record.outcome = Outcome::Failed {
+                    end: End::of(&error.error),
+                    detail: error.to_string(),
+                };
             }
         }
         self.record_once();
     }
 
     /// Records a tunnel that failed before any byte was relayed.
-    pub(crate) fn fail(mut self, why: String) {
-        self.record.outcome = Outcome::Failed(why);
+    pub(crate) fn fail(mut self, end: End, why: String) {
+        self.record.outcome = Outcome::Failed { end, detail: why };
         self.record_once();
     }
 
@@ -190,7 +193,7 @@ impl TunnelLifecycle {
         self.record.duration = self.started.elapsed();
         self.log.record(&self.record);
         if let Some(counters) = &self.counters {
-            let broken = matches!(self.record.outcome, Outcome::Failed(_));
+            let broken = matches!(self.record.outcome, Outcome::Failed { .. });
             counters.ended(self.record.duration, broken);
         }
     }
@@ -199,7 +202,10 @@ impl TunnelLifecycle {
 impl Drop for TunnelLifecycle {
     fn drop(&mut self) {
         if !self.recorded {
-            self.record.outcome = Outcome::Failed(CUT_SHORT.to_owned());
+            self.record.outcome = Outcome::Failed {
+                end: End::DrainDeadline,
+                detail: CUT_SHORT.to_owned(),
+            };
             self.record_once();
         }
     }
@@ -275,14 +281,27 @@ mod tests {
         });
         drop(lifecycle);
         let failed = TunnelLifecycle::fail;
-        failed(open(Role::Client, &log), "client went away".into());
+        failed(
+            open(Role::Client, &log),
+            End::ClientGone,
+            "client went away".into(),
+        );
         let records = log.0.lock().unwrap();
         assert_eq!(records.len(), 2, "one record each, no more");
-        assert_eq!(records[0].outcome, Outcome::Failed(CUT_SHORT.into()));
+        assert_eq!(
+            records[0].outcome,
+            Outcome::Failed {
+                end: End::DrainDeadline,
+                detail: CUT_SHORT.into()
+            }
+        );
         assert_eq!((records[0].bytes_sent, records[0].bytes_received), (5, 7));
         assert_eq!(
             records[1].outcome,
-            Outcome::Failed("client went away".into())
+            Outcome::Failed {
+                end: End::ClientGone,
+                detail: "client went away".into()
+            }
         );
     }
 }

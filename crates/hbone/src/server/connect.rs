@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use super::{Refusal, Shared};
-use crate::access::{Outcome, Role, TunnelRecord};
+use crate::access::{End, Outcome, Role, TunnelRecord};
 use crate::authority::{ServiceName, Target, parse_target};
 use crate::copy::{self, Phased};
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
@@ -189,7 +189,10 @@ impl Shared {
             opened = dial => opened,
             reason = cancelled => {
                 let reason = reason.map(|r| format!("{r:?}")).unwrap_or_else(|e| e.to_string());
-                record.outcome = Outcome::Failed(format!("client reset the stream ({reason}) while the target was dialled"));
+                record.outcome = Outcome::Failed {
+                    end: End::ClientGone,
+                    detail: format!("client reset the stream ({reason}) while the target was dialled"),
+                };
                 record.duration = started.elapsed();
                 self.access_log.record(&record);
                 self.count_failure(&peer_id, &context, ResponseFlag::Connect);
@@ -234,7 +237,7 @@ impl Shared {
             }),
             Err(e) => {
                 self.stats.tunnels_closed.fetch_add(1, Ordering::AcqRel);
-                lifecycle.fail(format!("client went away: {e}"));
+                lifecycle.fail(End::ClientGone, format!("client went away: {e}"));
                 None
             }
         }
