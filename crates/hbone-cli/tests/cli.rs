@@ -1314,3 +1314,58 @@ async fn key_permissions_and_expiry_are_reported_once_each() {
         "a 0600 key gets no warning: {lines:?}"
     );
 }
+
+/// An entry drains like a server: on SIGTERM it stops accepting, gives its
+/// open tunnels --drain-timeout, then closes them, each phase logged, the
+/// tunnel it cut recorded, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_drains_until_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let (_server, server) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let (mut forward, forward_addr, log) = spawn_logged(&[
+        "forward",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        &server.to_string(),
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        &echo.to_string(),
+        "--drain-timeout",
+        "400ms",
+    ])
+    .await;
+    let mut app = TcpStream::connect(forward_addr).await.unwrap();
+    app.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(10), app.read_exact(&mut one))
+        .await
+        .unwrap()
+        .unwrap();
+    let started = std::time::Instant::now();
+    terminate(&forward);
+    let status = tokio::time::timeout(Duration::from_secs(10), forward.wait())
+        .await
+        .expect("the entry exits after its deadline")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    log_lines(&log, "draining: stopped accepting", 1).await;
+    log_lines(&log, "drain deadline passed", 1).await;
+    let record = log_lines(&log, "tunnel closed", 1).await;
+    assert!(record[0].contains("result=drain_deadline"), "{record:?}");
+    // No new connection is accepted once it stopped.
+    assert!(TcpStream::connect(forward_addr).await.is_err());
+}

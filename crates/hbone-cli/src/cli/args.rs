@@ -431,6 +431,10 @@ pub(super) struct ForwardArgs {
     /// Target (ip:port) the server connects each tunnel to.
     #[arg(long)]
     pub(super) target: SocketAddr,
+    /// On SIGTERM or Ctrl-C: stop accepting and give open tunnels this long
+    /// to finish (0s: close them at once). A second signal exits at once.
+    #[arg(long, default_value = "30s", value_parser = parse_drain_timeout)]
+    pub(super) drain_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -457,6 +461,10 @@ pub(super) struct Socks5Args {
     /// HBONE server for every tunnel; default: port 15008 of each target.
     #[arg(long)]
     pub(super) server: Option<SocketAddr>,
+    /// On SIGTERM or Ctrl-C: stop accepting and give open tunnels this long
+    /// to finish (0s: close them at once). A second signal exits at once.
+    #[arg(long, default_value = "30s", value_parser = parse_drain_timeout)]
+    pub(super) drain_timeout: Duration,
 }
 
 /// A limit of at least 1: a limit of 0 would refuse everything.

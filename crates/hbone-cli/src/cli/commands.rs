@@ -341,16 +341,17 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
         log,
         ops.shutdown_requested(),
     );
-    drain_entry(serving, ops, &dialer).await;
+    drain_entry(serving, ops, &dialer, args.drain_timeout).await;
     Ok(())
 }
 
 /// Runs an entry until shutdown, then lets its open tunnels finish for up
-/// to [`ENTRY_CLOSE_LIMIT`] and ends its connections cleanly.
+/// to `deadline` and ends its connections cleanly.
 async fn drain_entry(
     serving: impl std::future::Future<Output = ()>,
     ops: &Ops,
     dialer: &hbone::Dialer,
+    deadline: Duration,
 ) {
     tokio::pin!(serving);
     // The entry itself stops accepting once shutdown is requested.
@@ -359,13 +360,13 @@ async fn drain_entry(
         () = ops.shutdown_requested() => false,
     };
     tracing::info!(
-        deadline_s = ENTRY_CLOSE_LIMIT.as_secs(),
+        deadline_s = deadline.as_secs_f64(),
         "draining: stopped accepting; waiting for open tunnels"
     );
     let drained = finished
         || tokio::select! {
             () = &mut serving => true,
-            () = tokio::time::sleep(ENTRY_CLOSE_LIMIT) => false,
+            () = tokio::time::sleep(deadline) => false,
         };
     if drained {
         tracing::info!("drained: every tunnel finished");
@@ -374,9 +375,6 @@ async fn drain_entry(
     }
     close_connections(dialer, CONNECT_CLOSE_LIMIT).await;
 }
-
-/// How long a stopping entry gives its open tunnels before it exits.
-const ENTRY_CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// How long `hbone connect` waits for its connection to close cleanly.
 const CONNECT_CLOSE_LIMIT: Duration = Duration::from_secs(2);
@@ -420,6 +418,6 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
         Arc::new(TracingLog),
         ops.shutdown_requested(),
     );
-    drain_entry(serving, ops, &dialer).await;
+    drain_entry(serving, ops, &dialer, args.drain_timeout).await;
     Ok(())
 }
