@@ -447,7 +447,10 @@ async fn admin_endpoints_and_readiness_during_drain() {
         config["server"]["allow-target"],
         serde_json::json!(["127.0.0.1/32"])
     );
-    assert_eq!(config["server"]["drain-timeout"], "20s");
+    // Typed: durations as seconds, numbers as numbers, switches as booleans.
+    assert_eq!(config["server"]["drain-timeout"], 20.0);
+    assert_eq!(config["server"]["max-tunnels"], 100_000);
+    assert_eq!(config["server"]["proxy-protocol"], false);
     assert_eq!(config["log-format"], "json");
 
     assert_eq!(http(admin, "GET", "/logging").await.0, 200);
@@ -580,8 +583,8 @@ target = "{echo}"
     let (_, effective) = http(admin, "GET", "/config").await;
     let effective: Value = serde_json::from_str(&effective).unwrap();
     assert_eq!(effective["log-format"], "json", "the flag wins");
-    assert_eq!(effective["server"]["drain-timeout"], "7s", "from the file");
-    assert_eq!(effective["server"]["max-tunnels"], "50");
+    assert_eq!(effective["server"]["drain-timeout"], 7.0, "from the file");
+    assert_eq!(effective["server"]["max-tunnels"], 50);
     assert_eq!(effective["forward"][0]["target"], echo.to_string());
     let identity = effective["server"]["identity-dir"].as_str().unwrap();
     assert_eq!(Path::new(identity), dir.path().join("server"));
@@ -603,8 +606,8 @@ target = "{echo}"
     let admin2 = server.address("admin endpoint ready");
     let (_, effective) = http(admin2, "GET", "/config").await;
     let effective: Value = serde_json::from_str(&effective).unwrap();
-    assert_eq!(effective["server"]["max-tunnels"], "5", "the flag wins");
-    assert_eq!(effective["server"]["drain-timeout"], "7s", "from the file");
+    assert_eq!(effective["server"]["max-tunnels"], 5, "the flag wins");
+    assert_eq!(effective["server"]["drain-timeout"], 7.0, "from the file");
 
     run.terminate();
     let status = tokio::time::timeout(Duration::from_secs(10), run.child.wait())

@@ -189,6 +189,30 @@ async fn handle_signals(requested: watch::Sender<bool>, readiness: Readiness) {
 /// with its value and where the value came from. Values of arguments
 /// that could hold secrets are redacted (there are none today: keys are
 /// only referenced by path).
+/// A flag's value as JSON of its own type: switches as booleans, numbers
+/// as numbers, durations as seconds (a number); `None` for the rest, which
+/// are shown as given.
+fn typed_value(matches: &clap::ArgMatches, id: &str) -> Option<serde_json::Value> {
+    if let Ok(Some(switch)) = matches.try_get_one::<bool>(id) {
+        return Some((*switch).into());
+    }
+    if let Ok(Some(duration)) = matches.try_get_one::<std::time::Duration>(id) {
+        return Some(duration.as_secs_f64().into());
+    }
+    if let Ok(Some(duration)) = matches.try_get_one::<Option<std::time::Duration>>(id) {
+        return Some(duration.map(|d| d.as_secs_f64()).into());
+    }
+    macro_rules! number {
+        ($($t:ty),*) => {$(
+            if let Ok(Some(n)) = matches.try_get_one::<$t>(id) {
+                return Some((*n).into());
+            }
+        )*};
+    }
+    number!(u16, u32, u64, usize, i64);
+    None
+}
+
 pub(super) fn effective_config(
     matches: &clap::ArgMatches,
     command: &clap::Command,
@@ -209,6 +233,8 @@ pub(super) fn effective_config(
             .any(|s| name.contains(s));
         let value = if secret {
             serde_json::Value::from("<redacted>")
+        } else if let Some(typed) = typed_value(matches, id) {
+            typed
         } else if matches!(arg.get_action(), clap::ArgAction::Append) {
             serde_json::Value::from(values)
         } else {
