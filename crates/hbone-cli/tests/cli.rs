@@ -1369,3 +1369,55 @@ async fn an_entry_drains_until_its_deadline() {
     // No new connection is accepted once it stopped.
     assert!(TcpStream::connect(forward_addr).await.is_err());
 }
+
+/// systemd's readiness protocol, read from a Unix datagram socket as
+/// systemd would: READY=1 once listening, RELOADING=1 (with the monotonic
+/// time) then READY=1 around a SIGHUP reload of `hbone run`, STOPPING=1
+/// when the drain starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let socket_path = dir.path().join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let config = dir.path().join("hbone.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin = \"off\"\n\n[server]\nidentity-dir = \"{}\"\nlisten = \"127.0.0.1:0\"\ndrain-timeout = \"0s\"\n",
+            path(dir.path(), "server")
+        ),
+    )
+    .unwrap();
+    let mut child = hbone(&["run", "--config", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let next = || async {
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(20), notify.recv(&mut buf))
+            .await
+            .expect("a notification")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next().await.trim(), "READY=1");
+    let pid = child.id().unwrap() as i32;
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let reloading = next().await;
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next().await.trim(), "READY=1");
+    terminate(&child);
+    assert_eq!(next().await.trim(), "STOPPING=1");
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

@@ -70,12 +70,12 @@ impl Readiness {
     }
 
     /// Counts one listener as bound; ready once all are (and nothing else
-    /// holds readiness back).
-    pub fn listener_bound(&self) {
-        let _ = self
-            .inner
+    /// holds readiness back). Returns whether this was the last one.
+    pub fn listener_bound(&self) -> bool {
+        self.inner
             .pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            == Ok(1)
     }
 
     /// Unready from now on: orchestrators stop sending new traffic while

@@ -8,6 +8,7 @@ mod logwriter;
 pub mod merge;
 mod ops;
 mod run;
+mod systemd;
 mod watch;
 
 use std::path::PathBuf;

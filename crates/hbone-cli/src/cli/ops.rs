@@ -121,7 +121,9 @@ impl Ops {
 
     /// A listener is bound; the process is ready once all are.
     pub(super) fn listener_bound(&self) {
-        self.readiness.listener_bound();
+        if self.readiness.listener_bound() {
+            super::systemd::ready();
+        }
     }
 
     /// Serves until shutdown, then drains: no new connections, GOAWAY on
@@ -175,6 +177,7 @@ async fn handle_signals(requested: watch::Sender<bool>, readiness: Readiness) {
         _ = terminate.recv() => {}
     }
     readiness.start_draining();
+    super::systemd::stopping();
     requested.send_replace(true);
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -185,10 +188,6 @@ async fn handle_signals(requested: watch::Sender<bool>, readiness: Readiness) {
     std::process::exit(130)
 }
 
-/// The effective settings of a command, for `/config`: every argument
-/// with its value and where the value came from. Values of arguments
-/// that could hold secrets are redacted (there are none today: keys are
-/// only referenced by path).
 /// A flag's value as JSON of its own type: switches as booleans, numbers
 /// as numbers, durations as seconds (a number); `None` for the rest, which
 /// are shown as given.
@@ -213,6 +212,10 @@ fn typed_value(matches: &clap::ArgMatches, id: &str) -> Option<serde_json::Value
     None
 }
 
+/// The effective settings of a command, for `/config`: every argument
+/// with its value and where the value came from. Values of arguments
+/// that could hold secrets are redacted (there are none today: keys are
+/// only referenced by path).
 pub(super) fn effective_config(
     matches: &clap::ArgMatches,
     command: &clap::Command,

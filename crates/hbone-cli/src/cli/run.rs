@@ -129,7 +129,32 @@ fn watch_config(
     let path = current.path.clone();
     tokio::spawn(watch(vec![path.clone()], move |event| {
         let Event::Reload(why) = event else { return };
-        let loaded = config_file::load(&path);
+        // systemd hears of the reload (ExecReload sends SIGHUP) until done.
+        super::systemd::reloading();
+        reload_config(
+            why,
+            &path,
+            &mut current,
+            log_flag_given,
+            &*logging,
+            metrics.as_deref(),
+        );
+        super::systemd::reloaded();
+    }));
+}
+
+/// One reload of the config file: the log filter applies at once, other
+/// changes are named as taking effect after a restart.
+fn reload_config(
+    why: &'static str,
+    path: &std::path::Path,
+    current: &mut ConfigFile,
+    log_flag_given: bool,
+    logging: &dyn LogControl,
+    metrics: Option<&hbone::metrics::Metrics>,
+) {
+    {
+        let loaded = config_file::load(path);
         if let Some(metrics) = &metrics {
             metrics.reload("config", loaded.is_ok());
         }
@@ -140,7 +165,7 @@ fn watch_config(
                 return;
             }
         };
-        let mut changed = changed_fields(&current, &new);
+        let mut changed = changed_fields(current, &new);
         if let Some(at) = changed.iter().position(|name| name == "log")
             && !log_flag_given
         {
@@ -164,8 +189,8 @@ fn watch_config(
                 "config file changed: these take effect after a restart; running with the old values"
             );
         }
-        current = new;
-    }));
+        *current = new;
+    }
 }
 
 /// The fields that differ between two versions of a file, named as
