@@ -13,12 +13,16 @@ fn hbone(dir: &Path, args: &[&str]) -> Output {
         .expect("run hbone")
 }
 
-/// Runs `hbone config check hbone.toml` on `text`, from the file's
-/// directory so that errors name it `hbone.toml` as the docs do.
+/// Runs `hbone config check --syntax-only hbone.toml` on `text`, from the
+/// file's directory so that errors name it `hbone.toml` as the docs do.
+/// (The docs' examples name files under /etc/hbone that are not here.)
 fn check(text: &str) -> Output {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hbone.toml"), text).unwrap();
-    hbone(dir.path(), &["config", "check", "hbone.toml"])
+    hbone(
+        dir.path(),
+        &["config", "check", "--syntax-only", "hbone.toml"],
+    )
 }
 
 fn stdout(output: &Output) -> String {
@@ -133,5 +137,85 @@ fn an_error_names_the_line_and_field() {
         stderr(&output),
         "error: hbone.toml:4: [server] max-tunnels: invalid value \"lots\": \
          invalid digit found in string; expected an integer\n"
+    );
+}
+
+/// Without --syntax-only, `config check` reads the files a config names, as
+/// the commands would: each problem on its own line naming line, section
+/// and field, in the file's order, then one error.
+#[test]
+fn check_reads_the_files_a_config_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let certs = dir.path().join("certs");
+    let run = |args: &[&str]| hbone(dir.path(), args);
+    assert!(
+        run(&["ca", "init", "--out", ca.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let issued = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--id",
+        "spiffe://cluster.local/ns/demo/sa/server",
+        "--out",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(issued.status.success());
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "[[rule]]\nto = [\"10.0.0.1/8\"]\n",
+    )
+    .unwrap();
+    let config = "[server]\nidentity-dir = \"certs\"\npolicy = \"policy.toml\"\n\n\
+                  [gateway]\nidentity-dir = \"missing\"\nlisten = \"127.0.0.1:15009\"\nroutes = \"routes.toml\"\n";
+    std::fs::write(dir.path().join("hbone.toml"), config).unwrap();
+
+    let output = run(&["config", "check", "hbone.toml"]);
+    assert!(!output.status.success());
+    let lines: Vec<String> = stderr(&output).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(
+        lines[0].starts_with("hbone.toml:3: [server] policy: ") && lines[0].contains("host bits"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("hbone.toml:6: [gateway] identity-dir: "),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("hbone.toml:8: [gateway] routes: ")
+            && lines[2].contains("routes.toml"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[3].starts_with("error: hbone.toml: 3 problem(s)"),
+        "{lines:?}"
+    );
+
+    // The same file passes on syntax alone.
+    let syntax = run(&["config", "check", "--syntax-only", "hbone.toml"]);
+    assert!(syntax.status.success(), "{}", stderr(&syntax));
+
+    // Fixed, it passes in full.
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "[[rule]]\nto = [\"10.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("hbone.toml"),
+        "[server]\nidentity-dir = \"certs\"\npolicy = \"policy.toml\"\n",
+    )
+    .unwrap();
+    let full = run(&["config", "check", "hbone.toml"]);
+    assert!(full.status.success(), "{}", stderr(&full));
+    assert!(
+        stdout(&full).contains("server: listen"),
+        "{}",
+        stdout(&full)
     );
 }

@@ -8,6 +8,7 @@
 mod check;
 mod docs;
 mod example;
+mod files;
 mod read;
 mod schema;
 #[cfg(test)]
@@ -138,9 +139,18 @@ fn effective(schema: &Schema, section: &Section, name: &str) -> Option<String> {
 /// Config file commands.
 #[derive(Subcommand)]
 pub(super) enum ConfigCommand {
-    /// Validate a config file and say what it would run; errors name the line.
+    /// Validate a config file and the files it names (identities exist,
+    /// match and are not expired; policy, routes and services files load),
+    /// and say what it would run; errors name the line.
     #[command(after_help = "Example:\n  hbone config check hbone.toml")]
-    Check { file: PathBuf },
+    Check {
+        /// The config file.
+        file: PathBuf,
+        /// Check the file's own syntax and values only, not the files it
+        /// names (for a file written on another machine).
+        #[arg(long)]
+        syntax_only: bool,
+    },
     /// Print a complete, commented example config file.
     #[command(after_help = "Example:\n  hbone config example > hbone.toml")]
     Example,
@@ -151,8 +161,22 @@ pub(super) enum ConfigCommand {
 
 pub(super) fn run(command: ConfigCommand) -> anyhow::Result<()> {
     match command {
-        ConfigCommand::Check { file } => {
-            for line in load(&file)?.summary() {
+        ConfigCommand::Check { file, syntax_only } => {
+            let config = load(&file)?;
+            if !syntax_only {
+                let problems = files::problems(&config);
+                if !problems.is_empty() {
+                    for problem in &problems {
+                        eprintln!("{problem}");
+                    }
+                    anyhow::bail!(
+                        "{}: {} problem(s) with the files it names (--syntax-only skips them)",
+                        file.display(),
+                        problems.len()
+                    );
+                }
+            }
+            for line in config.summary() {
                 println!("{line}");
             }
         }
