@@ -89,7 +89,10 @@ impl Ops {
             tokio::spawn(admin.serve(listener));
         }
         let (requested, shutdown) = watch::channel(false);
-        tokio::spawn(handle_signals(requested, readiness.clone()));
+        // Taken over now, before any listener says it is ready, so an early
+        // SIGTERM drains instead of killing.
+        let signals = StopSignals::listen()?;
+        tokio::spawn(handle_signals(signals, requested, readiness.clone()));
         Ok(Ops {
             telemetry,
             readiness,
@@ -162,27 +165,40 @@ impl Ops {
     }
 }
 
-/// First SIGTERM or Ctrl-C: ask everything to stop. Second: exit now.
-async fn handle_signals(requested: watch::Sender<bool>, readiness: Readiness) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(terminate) => terminate,
-        Err(e) => {
-            tracing::error!("cannot listen for SIGTERM: {e}");
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// SIGTERM and SIGINT (Ctrl-C), listened for.
+struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
     }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// First SIGTERM or Ctrl-C: ask everything to stop. Second: exit now.
+async fn handle_signals(
+    mut signals: StopSignals,
+    requested: watch::Sender<bool>,
+    readiness: Readiness,
+) {
+    signals.next().await;
     readiness.start_draining();
     super::systemd::stopping();
     requested.send_replace(true);
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    signals.next().await;
     tracing::warn!("second signal: exiting now");
     super::logwriter::flush_before_exit();
     std::process::exit(130)

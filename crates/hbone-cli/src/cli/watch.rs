@@ -15,9 +15,25 @@ pub(super) enum Event {
 }
 
 /// Calls `handle` with [`Event::Reload`] when one of `files` changes or the
-/// process gets SIGHUP, and with [`Event::Hourly`] once an hour. Runs
-/// forever; spawn it.
-pub(super) async fn watch(files: Vec<PathBuf>, mut handle: impl FnMut(Event)) {
+/// process gets SIGHUP, and with [`Event::Hourly`] once an hour. The
+/// returned future runs forever; spawn it. SIGHUP is taken over before this
+/// returns, not when the task first runs: a reload signal sent as soon as
+/// the process says it is ready must not meet the default action (exit).
+pub(super) fn watch(
+    files: Vec<PathBuf>,
+    handle: impl FnMut(Event) + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let hangup = signal(SignalKind::hangup())
+        .inspect_err(|e| tracing::warn!("cannot listen for SIGHUP: {e}"))
+        .ok();
+    watch_with(files, hangup, handle)
+}
+
+async fn watch_with(
+    files: Vec<PathBuf>,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+    mut handle: impl FnMut(Event),
+) {
     let stamp = |files: &[PathBuf]| -> Vec<Option<SystemTime>> {
         files
             .iter()
@@ -25,7 +41,6 @@ pub(super) async fn watch(files: Vec<PathBuf>, mut handle: impl FnMut(Event)) {
             .collect()
     };
     let mut last = stamp(&files);
-    let mut hangup = signal(SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     // Not at once: whoever started the watcher has just checked.
     let hour = Duration::from_secs(3600);
