@@ -14,7 +14,7 @@ use hbone::access::TracingLog;
 use hbone::ca::DevCa;
 use hbone::lifecycle::TunnelLifecycle;
 use hbone::metrics::Metrics;
-use hbone::{Dialer, DialerConfig, Server, ServerConfig, SpiffeId, Transferred};
+use hbone::{Dialer, DialerConfig, Server, ServerConfig, SpiffeId};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
@@ -49,7 +49,13 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
     let client_id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/client".parse()?;
     let sink = TcpListener::bind("127.0.0.1:0").await?;
     let sink_addr = sink.local_addr()?;
-    tokio::spawn(async move { while sink.accept().await.is_ok() {} });
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut conn, &mut tokio::io::sink()).await;
+            });
+        }
+    });
 
     let mut config = ServerConfig::new(
         "127.0.0.1:0".parse()?,
@@ -66,13 +72,13 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
     };
     let dialer = Dialer::with_config(&ca.issue(&client_id, day)?.identity()?, dialer_config)?;
     let asked = std::time::Instant::now();
-    let mut tunnel = dialer
+    let tunnel = dialer
         .connect(server_addr, std::slice::from_ref(&server_id), sink_addr)
         .await?;
     // A tunnel relayed by the application itself is counted, logged and
     // listed through its lifecycle, as hbone's own entries do.
     let local: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let mut lifecycle = TunnelLifecycle::for_tunnel(
+    let lifecycle = TunnelLifecycle::for_tunnel(
         &dialer,
         &tunnel,
         local,
@@ -80,16 +86,14 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
         Arc::new(TracingLog),
         asked,
     );
-    tunnel.write_all(b"counted").await?;
-    tunnel.shutdown().await?;
-    lifecycle.progress(Transferred {
-        a_to_b: 7,
-        b_to_a: 0,
-    });
-    lifecycle.finish(Ok(Transferred {
-        a_to_b: 7,
-        b_to_a: 0,
-    }));
+    // The application's end of the relay: an in-memory stream here, a
+    // socket or a Unix stream in practice.
+    let (mut app, local) = tokio::io::duplex(16 << 10);
+    app.write_all(b"counted").await?;
+    app.shutdown().await?;
+    let result = tunnel.relay(local).await;
+    lifecycle.finish(result.as_ref().copied());
+    assert_eq!(result?.to_tunnel, 7);
     requests.inc();
 
     // Gauges computed from live state are brought up to date, then the
@@ -97,7 +101,6 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
     metrics.refresh();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
-    drop(tunnel);
     dialer.close(Duration::from_secs(2)).await;
     Ok(text)
 }

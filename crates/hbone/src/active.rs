@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::access::Role;
-use crate::copy::Transferred;
 use crate::headers::ForwardedFor;
 use crate::identity::SpiffeId;
+use crate::relay::Transferred;
 
 /// Spreads registrations over several locks, so that tunnels opening on
 /// different threads rarely wait for each other.
@@ -237,15 +237,15 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Publishes the byte counts so far (`a` is the socket side, as in
-    /// [`Transferred`]; `source_is_socket` says whether that is the source).
-    pub fn update(&self, moved: Transferred, source_is_socket: bool) {
+    /// Publishes the byte counts so far; `local_is_source` says whether the
+    /// relay's local side (see [`Transferred`]) is the tunnel's source.
+    pub fn update(&self, moved: Transferred, local_is_source: bool) {
         // Istio's convention, as in the access record: received from the
         // source side, sent back to it.
-        let (received, sent) = if source_is_socket {
-            (moved.a_to_b, moved.b_to_a)
+        let (received, sent) = if local_is_source {
+            (moved.to_tunnel, moved.from_tunnel)
         } else {
-            (moved.b_to_a, moved.a_to_b)
+            (moved.from_tunnel, moved.to_tunnel)
         };
         self.tunnel.sent.store(sent, Ordering::Relaxed);
         self.tunnel.received.store(received, Ordering::Relaxed);
@@ -282,16 +282,16 @@ mod tests {
         let second = tunnels.register(info());
         second.update(
             Transferred {
-                a_to_b: 5,
-                b_to_a: 7,
+                to_tunnel: 5,
+                from_tunnel: 7,
             },
             false,
         );
         assert_eq!(tunnels.len(), 2);
         let listed = tunnels.list(10);
         assert_eq!(listed.len(), 2);
-        // A server's socket is the target: a_to_b went back to the source
-        // (sent), b_to_a came from it (received).
+        // A server's local side is the target: to_tunnel went back to the
+        // source (sent), from_tunnel came from it (received).
         assert_eq!(listed[1].bytes(), (5, 7), "oldest first");
         assert_eq!(listed[0].source.to_string(), "[::1]:1");
         assert_eq!(

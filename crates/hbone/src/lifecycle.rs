@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use crate::access::{AccessLog, End, Outcome, Role, TunnelRecord};
 use crate::active::{ActiveTunnels, Registration, TunnelInfo};
-use crate::copy::{CopyError, Transferred};
 use crate::headers::TraceParent;
 use crate::metrics::{Metrics, TunnelCounters};
+use crate::relay::{CopyError, Transferred};
 
 /// What a server or dialer reports to, beyond its access log. Both parts
 /// are optional: without them nothing is counted or tracked. A dialer
@@ -44,9 +44,10 @@ pub struct TunnelLifecycle {
     log: Arc<dyn AccessLog>,
     counters: Option<Arc<TunnelCounters>>,
     registration: Option<Registration>,
-    /// Whether the relay's socket (the `a` side of [`Transferred`]) is the
-    /// tunnel's source: the application for a client, not for a server.
-    socket_is_source: bool,
+    /// Whether the relay's local side is the tunnel's source: the
+    /// application for a client; for a server the source is across the
+    /// tunnel and the local side is the target.
+    local_is_source: bool,
     recorded: bool,
 }
 
@@ -85,7 +86,7 @@ impl TunnelLifecycle {
             })
         });
         TunnelLifecycle {
-            socket_is_source: record.role == Role::Client,
+            local_is_source: record.role == Role::Client,
             record,
             started,
             log,
@@ -142,12 +143,11 @@ impl TunnelLifecycle {
     }
 
     /// Notes the bytes moved so far (for the record, should the tunnel be
-    /// cut short) and publishes them to the open-tunnel list; `a` in
-    /// `moved` is the relay's socket side.
+    /// cut short) and publishes them to the open-tunnel list.
     pub fn progress(&mut self, moved: Transferred) {
         self.set_bytes(moved);
         if let Some(registration) = &self.registration {
-            registration.update(moved, self.socket_is_source);
+            registration.update(moved, self.local_is_source);
         }
     }
 
@@ -176,10 +176,10 @@ impl TunnelLifecycle {
     /// Istio's convention, from this proxy's side: received from the
     /// source side, sent back to it.
     fn set_bytes(&mut self, moved: Transferred) {
-        let (received, sent) = if self.socket_is_source {
-            (moved.a_to_b, moved.b_to_a)
+        let (received, sent) = if self.local_is_source {
+            (moved.to_tunnel, moved.from_tunnel)
         } else {
-            (moved.b_to_a, moved.a_to_b)
+            (moved.from_tunnel, moved.to_tunnel)
         };
         self.record.bytes_sent = sent;
         self.record.bytes_received = received;
@@ -255,11 +255,11 @@ mod tests {
     fn finished_is_recorded_once_with_bytes_by_direction() {
         let log = Arc::new(Kept::default());
         let moved = Transferred {
-            a_to_b: 100,
-            b_to_a: 10_000,
+            to_tunnel: 100,
+            from_tunnel: 10_000,
         };
-        // A server's socket is the target: a_to_b is sent back to the
-        // source. An entry's socket is the application: a_to_b is received
+        // A server's local side is the target: to_tunnel is sent back to
+        // the source. An entry's local side is the application: to_tunnel is received
         // from the source.
         open(Role::Server, &log).finish(Ok(moved));
         open(Role::Client, &log).finish(Ok(moved));
@@ -276,8 +276,8 @@ mod tests {
         let log = Arc::new(Kept::default());
         let mut lifecycle = open(Role::Server, &log);
         lifecycle.progress(Transferred {
-            a_to_b: 5,
-            b_to_a: 7,
+            to_tunnel: 5,
+            from_tunnel: 7,
         });
         drop(lifecycle);
         let failed = TunnelLifecycle::fail;

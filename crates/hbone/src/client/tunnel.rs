@@ -7,11 +7,11 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::copy::AsH2Stream;
 use crate::headers::Baggage;
 use crate::identity::SpiffeId;
 use crate::metrics::{PerConnection, TunnelCounters};
 use crate::pool::StreamLease;
+use crate::relay::{AnyStream, AsH2Stream, CopyError, Relay, Transferred};
 use crate::stream::H2Stream;
 
 /// An open tunnel: a byte stream to the target, through the HBONE server.
@@ -53,6 +53,20 @@ impl Tunnel {
     pub fn reset(&mut self) {
         self.stream.reset(h2::Reason::CONNECT_ERROR);
     }
+
+    /// Relays between this tunnel and `local` (a socket, a Unix stream,
+    /// stdin/stdout joined, a TLS stream) until both directions end, with
+    /// half-close: EOF from `local` ends the tunnel's sending side, the end
+    /// of the tunnel shuts `local`'s writing side down. Holds no buffer
+    /// while idle, and returns the peer's flow-control window only as
+    /// bytes are written to `local`. If either side fails, the tunnel is
+    /// reset; the error carries what was moved until then.
+    pub async fn relay<L>(self, local: L) -> Result<Transferred, CopyError>
+    where
+        L: AsyncRead + AsyncWrite + Unpin,
+    {
+        Relay::new(AnyStream(local), self).await.1
+    }
 }
 
 /// What a server said about itself in the `baggage` of a 200, and the
@@ -66,7 +80,7 @@ pub(crate) struct PeerMeta {
 /// A connection's [`PeerMeta`]s, by the raw `baggage` of the 200.
 pub(crate) type PeerCache = PerConnection<Option<http::HeaderValue>, Arc<PeerMeta>>;
 
-/// The underlying stream, for the zero-copy relay in `copy`.
+/// The underlying stream, for the relay.
 impl AsH2Stream for Tunnel {
     fn h2_stream(&mut self) -> &mut H2Stream {
         &mut self.stream

@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{Attempt, ClientRelay, record_dial_failure};
 use crate::access::AccessLog;
 use crate::client::{Dialer, Route};
-use crate::copy::Phased;
+use crate::phased::Phased;
 
 /// What every forwarded connection shares.
 struct Forward {

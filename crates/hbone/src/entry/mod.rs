@@ -16,10 +16,10 @@ use tokio::sync::Notify;
 
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
 use crate::client::{DialError, Dialer, Tunnel, TunnelRequest};
-use crate::copy;
 use crate::headers::TraceParent;
 use crate::lifecycle::TunnelLifecycle;
 use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
+use crate::relay::Relay;
 
 pub mod forward;
 pub mod socks5;
@@ -119,9 +119,9 @@ impl<T> Drop for Tracked<T> {
 
 /// Relays an accepted application connection through a tunnel and
 /// finishes the tunnel's lifecycle. A failure on either side is passed on
-/// as a reset. A plain future (see [`copy::Phased`] for why).
+/// as a reset. A plain future (see [`crate::phased::Phased`] for why).
 pub(crate) struct ClientRelay {
-    relay: copy::Relay<Tunnel>,
+    relay: Relay<TcpStream, Tunnel>,
     /// Taken when the relay ends; dropped unfinished if the task is.
     lifecycle: Option<TunnelLifecycle>,
 }
@@ -174,7 +174,7 @@ impl ClientRelay {
             attempt.started,
         )
         .with_trace(attempt.trace);
-        let mut relay = copy::Relay::new(app, tunnel);
+        let mut relay = Relay::new(app, tunnel);
         if let Some(counters) = lifecycle.counters() {
             relay = relay.with_byte_counters(counters.relay_bytes());
         }

@@ -18,8 +18,8 @@ use tokio::time::timeout;
 use super::{Attempt, ClientRelay, record_dial_failure};
 use crate::access::AccessLog;
 use crate::client::{DialError, Dialer, Route};
-use crate::copy::Phased;
 use crate::identity::SpiffeId;
+use crate::phased::Phased;
 
 use crate::HBONE_PORT;
 

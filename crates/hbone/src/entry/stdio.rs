@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, Stdin, Stdout};
 
 use crate::client::{DialError, Dialer, Route, TunnelRequest};
-use crate::copy::{self, Transferred};
+use crate::relay::{CopyError, Transferred};
 
 /// Why a stdin/stdout tunnel ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,7 @@ pub enum StdioError {
     Dial(#[from] DialError),
     /// The tunnel opened, then failed while relaying.
     #[error("tunnel failed: {0}")]
-    Copy(#[from] copy::CopyError),
+    Copy(#[from] CopyError),
 }
 
 /// Opens one tunnel and relays stdin/stdout through it until both ends close.
@@ -29,12 +29,12 @@ pub async fn run(
     route: &Route,
     target: SocketAddr,
 ) -> Result<Transferred, StdioError> {
-    let mut tunnel = dialer.open(route, &TunnelRequest::new(target)).await?;
-    let mut stdio = StdioStream {
+    let tunnel = dialer.open(route, &TunnelRequest::new(target)).await?;
+    let stdio = StdioStream {
         stdin: tokio::io::stdin(),
         stdout: tokio::io::stdout(),
     };
-    Ok(copy::bidirectional(&mut stdio, &mut tunnel).await?)
+    Ok(tunnel.relay(stdio).await?)
 }
 
 /// stdin as the read half, stdout as the write half.

@@ -112,7 +112,7 @@ impl TunnelCounters {
 
 impl RelayBytes {
     /// See the `metrics` feature's `RelayBytes::add`.
-    pub fn add(&self, _from_socket: u64, _to_socket: u64) {
+    pub fn add(&self, _to_tunnel: u64, _from_tunnel: u64) {
         match *self {}
     }
 }

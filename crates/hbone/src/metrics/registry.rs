@@ -338,19 +338,20 @@ impl Metrics {
         }
     }
 
-    /// The downstream side is the socket for a source (the application)
-    /// and the tunnel for a destination (whose socket is the target).
+    /// The downstream side is the relay's local side for a source (the
+    /// application) and the tunnel for a destination (whose local side is
+    /// the target).
     fn relay_bytes(&self, reporter: Reporter, labels: &TcpLabels) -> RelayBytes {
         let received = self.received_bytes.get_or_create_owned(labels);
         let sent = self.sent_bytes.get_or_create_owned(labels);
         match reporter {
             Reporter::Source => RelayBytes {
-                from_socket: received,
-                to_socket: sent,
+                to_tunnel: received,
+                from_tunnel: sent,
             },
             Reporter::Destination => RelayBytes {
-                from_socket: sent,
-                to_socket: received,
+                to_tunnel: sent,
+                from_tunnel: received,
             },
         }
     }
@@ -525,21 +526,21 @@ impl TunnelCounters {
     }
 }
 
-/// Istio's byte counters as a relay sees them: by socket direction.
+/// Istio's byte counters as a relay sees them: into and out of the tunnel.
 #[derive(Debug)]
 pub struct RelayBytes {
-    from_socket: Counter,
-    to_socket: Counter,
+    to_tunnel: Counter,
+    from_tunnel: Counter,
 }
 
 impl RelayBytes {
-    /// Bytes read from the relay's socket and written to it.
-    pub fn add(&self, from_socket: u64, to_socket: u64) {
-        if from_socket > 0 {
-            self.from_socket.inc_by(from_socket);
+    /// Bytes the relay sent into the tunnel and received from it.
+    pub fn add(&self, to_tunnel: u64, from_tunnel: u64) {
+        if to_tunnel > 0 {
+            self.to_tunnel.inc_by(to_tunnel);
         }
-        if to_socket > 0 {
-            self.to_socket.inc_by(to_socket);
+        if from_tunnel > 0 {
+            self.from_tunnel.inc_by(from_tunnel);
         }
     }
 }

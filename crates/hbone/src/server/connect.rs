@@ -20,7 +20,6 @@ use tokio::time::timeout;
 use super::{Refusal, Shared};
 use crate::access::{End, Outcome, Role, TunnelRecord};
 use crate::authority::{ServiceName, Target, parse_target};
-use crate::copy::{self, Phased};
 use crate::headers::{self, Baggage, ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
 use crate::lifecycle::TunnelLifecycle;
@@ -28,8 +27,10 @@ use crate::metrics::{
     DestinationService, Metrics, PerConnection, Reporter, ResponseFlag, TunnelCounters,
     WorkloadMeta, service_host,
 };
+use crate::phased::Phased;
 use crate::policy::{Allowed, Denial};
 use crate::proxy_protocol;
+use crate::relay::Relay;
 use crate::server::limits::TunnelSlot;
 use crate::services::{Resolution, ServiceError};
 use crate::stream::H2Stream;
@@ -44,9 +45,9 @@ struct OpenTunnel {
 
 /// Relays an answered tunnel and finishes its lifecycle; counts it closed
 /// in the server's stats however it ends. A plain future (see
-/// [`copy::Phased`] for why).
+/// [`Phased`] for why).
 struct ServerRelay {
-    relay: copy::Relay<H2Stream>,
+    relay: Relay<TcpStream, H2Stream>,
     /// Taken when the relay ends; dropped unfinished if the task is.
     lifecycle: Option<TunnelLifecycle>,
     _slot: TunnelSlot,
@@ -116,7 +117,7 @@ impl Shared {
                     respond,
                 )
                 .await?;
-            let mut relay = copy::Relay::new(open.target, open.stream);
+            let mut relay = Relay::new(open.target, open.stream);
             if let Some(limit) = self.timeouts.tunnel_idle {
                 relay = relay.with_idle_limit(limit);
             }

@@ -1,0 +1,390 @@
+//! The relay: moves bytes both ways between a local byte stream (a TCP
+//! socket, stdin/stdout, an application's Unix or TLS stream) and a tunnel,
+//! with half-close, until both directions end.
+//!
+//! One engine for every entry and the server. What it keeps:
+//! - No buffer while idle: a read buffer is allocated only once the local
+//!   stream is readable (for TCP, tested without allocating first) and handed
+//!   to h2 as the DATA frame itself; received DATA frames are written out as
+//!   h2 decoded them. An idle tunnel's relay holds no buffer at all.
+//! - Flow-control window returned to the peer only as received bytes are
+//!   written out, so a stalled reader stalls its sender.
+//! - Half-close: EOF on one side becomes END_STREAM (or a write shutdown)
+//!   on the other, and the opposite direction keeps flowing.
+//! - Byte counts that survive an error, so the access log can say how far
+//!   a failed tunnel got.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+use crate::metrics::RelayBytes;
+use crate::stream::H2Stream;
+
+/// Bytes a relay moved, by direction, seen from the tunnel.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// Read from the local stream and sent into the tunnel.
+    pub to_tunnel: u64,
+    /// Received from the tunnel and written to the local stream.
+    pub from_tunnel: u64,
+}
+
+/// A relay that stopped on an I/O error, with what it had moved.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct CopyError {
+    /// What was moved before the error.
+    pub transferred: Transferred,
+    /// The I/O error that stopped the relay.
+    #[source]
+    pub error: io::Error,
+}
+
+/// What the relay needs of its local side beyond reading and writing.
+pub(crate) trait LocalStream: AsyncRead + AsyncWrite + Unpin {
+    /// Waits until a read would find something (data, EOF or an error),
+    /// without a buffer. Streams that cannot tell say yes at once.
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// The relay failed: end the stream as abruptly as it allows.
+    fn abort(&self) {}
+}
+
+impl LocalStream for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    /// Closing with zero linger sends RST: the peer sees a reset, as the
+    /// tunnel's other end did.
+    fn abort(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+/// Any other byte stream, relayed as it is.
+pub(crate) struct AnyStream<T>(pub(crate) T);
+
+impl<T: AsyncRead + Unpin> AsyncRead for AnyStream<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for AnyStream<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> LocalStream for AnyStream<T> {}
+
+/// Smallest read from the local stream into a DATA frame. Reads that fill the
+/// buffer double it, up to [`MAX_READ`], so bulk transfers reach large
+/// frames and TLS record batches within a few reads.
+const MIN_READ: usize = 4 << 10;
+const MAX_READ: usize = 256 << 10;
+
+/// Relays between a local stream and a tunnel stream, both ways, with
+/// half-close, without copying bytes through an intermediate buffer.
+///
+/// Local reads land in a fresh buffer that is frozen and handed to h2 as a
+/// DATA frame; received DATA frames are written out as h2 decoded them.
+///
+/// A plain struct rather than an `async fn`, so that an idle tunnel's task
+/// holds exactly this state. On an error both sides are reset (RST_STREAM
+/// CONNECT_ERROR on the tunnel, [`LocalStream::abort`] on the local side).
+/// The stream comes back with the result.
+pub(crate) struct Relay<L, S> {
+    parts: Option<(L, S)>,
+    up: ToTunnel,
+    down: FromTunnel,
+    /// Only when asked for: most tunnels have no idle limit.
+    idle: Option<IdleLimit>,
+    /// Metrics to add moved bytes to, as they move.
+    bytes: Option<Arc<RelayBytes>>,
+}
+
+/// Ends a relay that moved no byte for `limit`.
+struct IdleLimit {
+    limit: std::time::Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    seen: u64,
+}
+
+impl<L: LocalStream, S: AsH2Stream + Unpin> Relay<L, S> {
+    pub(crate) fn new(local: L, stream: S) -> Self {
+        Relay {
+            parts: Some((local, stream)),
+            up: ToTunnel::default(),
+            down: FromTunnel::default(),
+            idle: None,
+            bytes: None,
+        }
+    }
+
+    /// Adds the bytes moved to `counters` as they move.
+    pub(crate) fn with_byte_counters(mut self, counters: Arc<RelayBytes>) -> Self {
+        self.bytes = Some(counters);
+        self
+    }
+
+    /// Closes the tunnel (as an error, so both sides are reset) once no
+    /// byte has moved either way for `limit`.
+    pub(crate) fn with_idle_limit(mut self, limit: std::time::Duration) -> Self {
+        self.idle = Some(IdleLimit {
+            limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            seen: 0,
+        });
+        self
+    }
+
+    /// Whether the idle limit ran out; restarts it when bytes moved.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> bool {
+        let moved = self.up.bytes + self.down.bytes;
+        let Some(idle) = self.idle.as_mut() else {
+            return false;
+        };
+        if moved != idle.seen {
+            idle.seen = moved;
+            idle.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle.limit);
+        }
+        idle.timer.as_mut().poll(cx).is_ready()
+    }
+
+    /// Bytes moved so far.
+    pub(crate) fn transferred(&self) -> Transferred {
+        Transferred {
+            to_tunnel: self.up.bytes,
+            from_tunnel: self.down.bytes,
+        }
+    }
+}
+
+impl<L: LocalStream, S: AsH2Stream + Unpin> Future for Relay<L, S> {
+    type Output = (S, Result<Transferred, CopyError>);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some((local, stream)) = this.parts.as_mut() else {
+            return Poll::Pending;
+        };
+        let stream = stream.h2_stream();
+        let before = (this.up.bytes, this.down.bytes);
+        let up = this.up.poll(cx, local, stream);
+        let down = match up {
+            Poll::Ready(Err(_)) => Poll::Pending,
+            _ => this.down.poll(cx, stream, local),
+        };
+        if let Some(bytes) = &this.bytes {
+            bytes.add(this.up.bytes - before.0, this.down.bytes - before.1);
+        }
+        let cancelled = stream.cancelled();
+        let outcome = match (up, down) {
+            // The peer cancelled the tunnel: a normal end, whatever was
+            // still in flight; the local stream closes with the relay.
+            _ if cancelled => Ok(()),
+            (Poll::Ready(Err(error)), _) | (_, Poll::Ready(Err(error))) => Err(error),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Ok(()),
+            _ if this.poll_idle(cx) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "tunnel idle for too long",
+            )),
+            _ => return Poll::Pending,
+        };
+        let transferred = this.transferred();
+        let Some((local, mut stream)) = this.parts.take() else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match outcome {
+            Ok(()) => (stream, Ok(transferred)),
+            Err(error) => {
+                // Pass the failure on as a reset, in both directions.
+                stream.h2_stream().reset(h2::Reason::CONNECT_ERROR);
+                local.abort();
+                (stream, Err(CopyError { transferred, error }))
+            }
+        })
+    }
+}
+
+/// What the relay needs of a tunnel: its HTTP/2 stream. Kept inside the
+/// crate so that no `h2` type shows in the public API.
+pub(crate) trait AsH2Stream {
+    fn h2_stream(&mut self) -> &mut H2Stream;
+}
+
+impl AsH2Stream for H2Stream {
+    fn h2_stream(&mut self) -> &mut H2Stream {
+        self
+    }
+}
+
+/// Local reads become DATA frames.
+struct ToTunnel {
+    /// Read from the local stream, not yet within the peer's window.
+    pending: Bytes,
+    read_size: usize,
+    eof: bool,
+    finished: bool,
+    bytes: u64,
+}
+
+impl Default for ToTunnel {
+    fn default() -> Self {
+        ToTunnel {
+            pending: Bytes::new(),
+            read_size: MIN_READ,
+            eof: false,
+            finished: false,
+            bytes: 0,
+        }
+    }
+}
+
+impl ToTunnel {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        local: &mut impl LocalStream,
+        stream: &mut H2Stream,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(Ok(()));
+            }
+            if !self.pending.is_empty() {
+                let n = ready!(stream.poll_send_capacity(cx, self.pending.len()))?;
+                let chunk = self.pending.split_to(n);
+                stream.send_chunk(cx, chunk)?;
+                self.bytes += n as u64;
+                continue;
+            }
+            if self.eof {
+                stream.finish(cx)?;
+                self.finished = true;
+                continue;
+            }
+            ready!(local.poll_read_ready(cx))?;
+            // Read through `poll_read`, not a readiness test plus `try_read`:
+            // tokio then knows a short read drained the socket and waits for
+            // the next edge instead of trying a read that finds nothing.
+            // The buffer is dropped if nothing came, so idle holds none.
+            let mut buf = BytesMut::with_capacity(self.read_size);
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *local),
+                cx,
+                &mut buf
+            )) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    if n == self.read_size {
+                        self.read_size = (self.read_size * 2).min(MAX_READ);
+                    }
+                    self.pending = buf.freeze();
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// DATA frames become local writes.
+#[derive(Default)]
+struct FromTunnel {
+    /// Received, not yet written to the local stream.
+    pending: Bytes,
+    /// Written since the last flush (buffered local streams such as TLS or
+    /// stdout hold bytes until flushed; TCP's flush is free).
+    needs_flush: bool,
+    finished: bool,
+    bytes: u64,
+}
+
+impl FromTunnel {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut H2Stream,
+        local: &mut impl LocalStream,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.finished {
+                return Poll::Ready(Ok(()));
+            }
+            if !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *local).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(n);
+                stream.release(n);
+                self.bytes += n as u64;
+                self.needs_flush = true;
+                continue;
+            }
+            let chunk = match stream.poll_chunk(cx) {
+                Poll::Ready(chunk) => chunk?,
+                Poll::Pending => {
+                    // Nothing more for now: what was written must reach the
+                    // local side before the relay waits.
+                    if self.needs_flush {
+                        ready!(Pin::new(&mut *local).poll_flush(cx))?;
+                        self.needs_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            };
+            match chunk {
+                Some(chunk) => self.pending = chunk,
+                None => {
+                    ready!(Pin::new(&mut *local).poll_shutdown(cx))?;
+                    self.finished = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
