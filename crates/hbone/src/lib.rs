@@ -65,6 +65,8 @@ pub mod proxy_protocol;
 pub mod server;
 pub mod services;
 mod stream;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 #[cfg(feature = "files")]
 mod toml_error;

@@ -11,10 +11,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+// The runtime's clock, like the sleeps in `closed_when_idle`: the idle
+// stamps and the timers then agree, also under paused time.
+use tokio::time::Instant;
 
 use crate::identity::SpiffeId;
 use crate::tls::TlsFailure;
@@ -385,3 +388,6 @@ impl Pool {
             .count()
     }
 }
+
+#[cfg(test)]
+mod tests;
