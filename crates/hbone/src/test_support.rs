@@ -48,3 +48,21 @@ pub(crate) async fn default_h2_pair() -> H2Pair {
 pub(crate) async fn settle() {
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
+
+/// `spiffe://cluster.local/ns/test/sa/{name}`.
+pub(crate) fn test_id(name: &str) -> crate::SpiffeId {
+    format!("spiffe://cluster.local/ns/test/sa/{name}")
+        .parse()
+        .expect("a valid SPIFFE ID")
+}
+
+/// An identity for `test_id(name)`, from a development CA of its own.
+#[cfg(feature = "ca")]
+pub(crate) fn test_identity(name: &str) -> crate::Identity {
+    let day = Duration::from_secs(86_400);
+    let ca = crate::ca::DevCa::generate("cluster.local", day).expect("a CA");
+    ca.issue(&test_id(name), day)
+        .expect("a certificate")
+        .identity()
+        .expect("an identity")
+}

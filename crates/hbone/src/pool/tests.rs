@@ -13,13 +13,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::client::DialError;
-use crate::test_support::{default_h2_pair, h2_pair, settle};
-
-fn id(name: &str) -> SpiffeId {
-    format!("spiffe://cluster.local/ns/test/sa/{name}")
-        .parse()
-        .unwrap()
-}
+use crate::test_support::{default_h2_pair, h2_pair, settle, test_id as id};
 
 fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
