@@ -389,5 +389,26 @@ impl Pool {
     }
 }
 
+/// What the dialer's unit tests look at.
+#[cfg(all(test, feature = "ca"))]
+impl ConnState {
+    /// Streams in use, whether or not the connection is closed.
+    pub(crate) fn streams_in_use(&self) -> usize {
+        self.slots.load(Ordering::Acquire) & !CLOSED
+    }
+
+    pub(crate) fn closed(&self) -> bool {
+        self.is_closed()
+    }
+}
+
+#[cfg(all(test, feature = "ca"))]
+impl Pool {
+    /// Keys with connections or a dial gate in use.
+    pub(crate) fn keys(&self) -> usize {
+        self.entries().len()
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -233,18 +233,38 @@ fn identity_lists_in_keys_compare_as_sets() {
         )
     );
     assert_ne!(
-        via(&[a.clone()], "echo:80", &[b.clone()]),
-        via(&[a.clone()], "echo:81", &[b.clone()])
+        via(
+            std::slice::from_ref(&a),
+            "echo:80",
+            std::slice::from_ref(&b)
+        ),
+        via(
+            std::slice::from_ref(&a),
+            "echo:81",
+            std::slice::from_ref(&b)
+        )
     );
     // The gateway's identities and the server's are not interchangeable.
     assert_ne!(
-        via(&[a.clone()], "echo:80", &[b.clone()]),
-        via(&[b.clone()], "echo:80", &[a.clone()])
+        via(
+            std::slice::from_ref(&a),
+            "echo:80",
+            std::slice::from_ref(&b)
+        ),
+        via(
+            std::slice::from_ref(&b),
+            "echo:80",
+            std::slice::from_ref(&a)
+        )
     );
     // A direct connection to the gateway is not an inner one.
     assert_ne!(
-        PoolKey::direct(gateway, &[a.clone()]),
-        via(&[a.clone()], "echo:80", &[a.clone()])
+        PoolKey::direct(gateway, std::slice::from_ref(&a)),
+        via(
+            std::slice::from_ref(&a),
+            "echo:80",
+            std::slice::from_ref(&a)
+        )
     );
 }
 
@@ -385,7 +405,9 @@ async fn waiters_of_a_failed_dial_fail_together_with_its_error() {
     let pool = Arc::new(Pool::default());
     let key = PoolKey::direct(addr("127.0.0.1:15008"), &[id("a")]);
     let gate = pool.dial_gate(&key);
-    let turn = gate.enter().await.ok().expect("the first caller dials");
+    let Ok(turn) = gate.enter().await else {
+        panic!("the first caller dials");
+    };
     let waiters: Vec<_> = (0..3)
         .map(|_| {
             let gate = pool.dial_gate(&key);
@@ -414,13 +436,17 @@ async fn waiters_of_a_successful_dial_check_out_its_connection() {
     let pool = Arc::new(Pool::default());
     let key = PoolKey::direct(addr("127.0.0.1:15008"), &[id("a")]);
     let gate = pool.dial_gate(&key);
-    let turn = gate.enter().await.ok().unwrap();
+    let Ok(turn) = gate.enter().await else {
+        panic!("the first caller dials");
+    };
     let waiters: Vec<_> = (0..3)
         .map(|_| {
             let (pool, key) = (pool.clone(), key.clone());
             let gate = pool.dial_gate(&key);
             tokio::spawn(async move {
-                let _turn = gate.enter().await.ok().expect("no failure to share");
+                let Ok(_turn) = gate.enter().await else {
+                    panic!("no failure to share");
+                };
                 // What the dialer does first with its turn.
                 pool.checkout(&key).map(|(_, lease)| lease)
             })
