@@ -66,6 +66,8 @@ mod relay;
 pub mod server;
 pub mod services;
 mod stream;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 #[cfg(feature = "files")]
 mod toml_error;

@@ -11,10 +11,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
+// The runtime's clock, like the sleeps in `closed_when_idle`: the idle
+// stamps and the timers then agree, also under paused time.
+use tokio::time::Instant;
 
 use crate::identity::SpiffeId;
 use crate::tls::TlsFailure;
@@ -385,3 +388,27 @@ impl Pool {
             .count()
     }
 }
+
+/// What the dialer's unit tests look at.
+#[cfg(all(test, feature = "ca"))]
+impl ConnState {
+    /// Streams in use, whether or not the connection is closed.
+    pub(crate) fn streams_in_use(&self) -> usize {
+        self.slots.load(Ordering::Acquire) & !CLOSED
+    }
+
+    pub(crate) fn closed(&self) -> bool {
+        self.is_closed()
+    }
+}
+
+#[cfg(all(test, feature = "ca"))]
+impl Pool {
+    /// Keys with connections or a dial gate in use.
+    pub(crate) fn keys(&self) -> usize {
+        self.entries().len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -210,3 +210,6 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(self.finish(cx))
     }
 }
+
+#[cfg(test)]
+mod tests;

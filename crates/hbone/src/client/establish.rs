@@ -278,3 +278,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ErrorRecorder<T> {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(all(test, feature = "ca"))]
+mod tests;

@@ -14,6 +14,8 @@
 //! stream, not two handshakes.
 
 mod establish;
+#[cfg(all(test, feature = "ca"))]
+mod in_memory_tests;
 mod tunnel;
 
 use std::future::Future;

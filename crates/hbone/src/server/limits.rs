@@ -157,4 +157,95 @@ mod tests {
         drop(t);
         assert!(gate.admit_tunnel().is_some());
     }
+
+    fn open_connections(gate: &Gate) -> (usize, usize) {
+        let per_ip = gate.per_ip.lock().unwrap();
+        (
+            gate.connections.load(Ordering::Acquire),
+            per_ip.values().sum(),
+        )
+    }
+
+    #[test]
+    fn a_refused_connection_takes_no_place() {
+        let gate = Arc::new(Gate::new(Limits {
+            max_connections: 2,
+            max_connections_per_ip: 1,
+            max_tunnels: 1,
+        }));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let _a1 = gate.admit_connection(a).unwrap();
+        // Refused per source: the place it took in the total is returned.
+        for _ in 0..5 {
+            assert_eq!(
+                gate.admit_connection(a).err(),
+                Some(ConnectionRefusal::PerIp)
+            );
+        }
+        assert_eq!(open_connections(&gate), (1, 1));
+        let _b1 = gate.admit_connection("10.0.0.2".parse().unwrap()).unwrap();
+        // Refused in total: no source's count moves.
+        assert_eq!(
+            gate.admit_connection("10.0.0.3".parse().unwrap()).err(),
+            Some(ConnectionRefusal::Total)
+        );
+        assert_eq!(open_connections(&gate), (2, 2));
+    }
+
+    #[test]
+    fn sources_are_counted_apart_and_forgotten_when_their_last_connection_ends() {
+        let gate = Arc::new(Gate::new(Limits {
+            max_connections: 10,
+            max_connections_per_ip: 1,
+            max_tunnels: 1,
+        }));
+        let v4 = gate.admit_connection("127.0.0.1".parse().unwrap()).unwrap();
+        let v6 = gate.admit_connection("::1".parse().unwrap()).unwrap();
+        let other = gate.admit_connection("127.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(gate.per_ip.lock().unwrap().len(), 3);
+        drop((v4, v6, other));
+        assert!(
+            gate.per_ip.lock().unwrap().is_empty(),
+            "no entry left behind"
+        );
+        assert_eq!(open_connections(&gate), (0, 0));
+    }
+
+    #[test]
+    fn slots_taken_and_dropped_on_many_threads_add_up() {
+        let gate = Arc::new(Gate::new(Limits {
+            max_connections: 8,
+            max_connections_per_ip: 3,
+            max_tunnels: 5,
+        }));
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let gate = gate.clone();
+                std::thread::spawn(move || {
+                    let ip = IpAddr::from([10, 0, 0, t % 2]);
+                    let mut held = Vec::new();
+                    let mut tunnels = Vec::new();
+                    for i in 0..2_000 {
+                        if let Ok(slot) = gate.admit_connection(ip) {
+                            held.push(slot);
+                        }
+                        tunnels.extend(gate.admit_tunnel());
+                        if i % 3 == 0 {
+                            held.clear();
+                            tunnels.clear();
+                        }
+                        let (total, _) = open_connections(&gate);
+                        assert!(total <= 8, "over the total cap: {total}");
+                        assert!(gate.tunnels.load(Ordering::Acquire) <= 5);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(open_connections(&gate), (0, 0));
+        assert!(gate.per_ip.lock().unwrap().is_empty());
+        assert_eq!(gate.tunnels.load(Ordering::Acquire), 0);
+    }
 }

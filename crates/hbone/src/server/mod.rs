@@ -15,6 +15,8 @@ mod connect;
 mod limits;
 mod refusal;
 mod stats;
+#[cfg(all(test, feature = "ca"))]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

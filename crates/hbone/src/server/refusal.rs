@@ -98,3 +98,85 @@ impl Refusal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+    use crate::authority::{AuthorityError, Target, parse_target};
+    use crate::client::DialError;
+
+    fn all() -> Vec<Refusal> {
+        let target: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let Ok(Target::Service(name)) = parse_target("echo.default.svc:80") else {
+            panic!("a service name");
+        };
+        vec![
+            Refusal::MethodNotAllowed(Method::GET),
+            Refusal::NotPlainConnect,
+            Refusal::BadAuthority(AuthorityError::PortZero("127.0.0.1:0".into())),
+            Refusal::Denied(Denial::Target(target)),
+            Refusal::NoRoute(RouteError::Malformed("echo".into())),
+            Refusal::NoRoute(RouteError::Unknown("echo:80".into())),
+            Refusal::UnknownService(ServiceError::Unknown(name.clone())),
+            Refusal::UnknownService(ServiceError::Resolve {
+                name,
+                reason: "no address".into(),
+            }),
+            Refusal::Unreachable {
+                target,
+                source: io::ErrorKind::ConnectionRefused.into(),
+            },
+            Refusal::DialTimeout(target),
+            Refusal::TunnelLimit,
+        ]
+    }
+
+    #[test]
+    fn each_refusal_has_its_status_flag_and_reason() {
+        use ResponseFlag::*;
+        let expected = [
+            (405, BadRequest, "method_not_allowed"),
+            (400, BadRequest, "bad_request"),
+            (400, BadRequest, "bad_authority"),
+            (403, Deny, "denied"),
+            (400, BadRequest, "bad_authority"),
+            (503, NoRoute, "unknown_service"),
+            (503, NoRoute, "unknown_service"),
+            (503, NoRoute, "resolve_failed"),
+            (503, Connect, "target_unreachable"),
+            (504, Connect, "target_timeout"),
+            (503, Overload, "tunnel_limit"),
+        ];
+        let refusals = all();
+        assert_eq!(refusals.len(), expected.len());
+        for (refusal, (status, flag, reason)) in refusals.iter().zip(expected) {
+            assert_eq!(refusal.status().as_u16(), status, "{refusal}");
+            assert_eq!(refusal.response_flag(), flag, "{refusal}");
+            assert_eq!(refusal.reason(), reason, "{refusal}");
+        }
+    }
+
+    /// The dialer tells the server's refusals apart by status alone: each
+    /// status the server sends must mean something specific there, never
+    /// the catch-all.
+    #[test]
+    fn the_dialer_has_a_word_for_every_status_the_server_refuses_with() {
+        let server: SocketAddr = "127.0.0.1:15008".parse().unwrap();
+        for refusal in all() {
+            let seen = DialError::Status {
+                server,
+                target: "127.0.0.1:8080".into(),
+                status: refusal.status(),
+            };
+            assert_ne!(seen.reason(), "refused_by_server", "{refusal}");
+            if refusal.status() == StatusCode::FORBIDDEN {
+                assert_eq!(seen.response_flag(), ResponseFlag::Deny);
+            }
+            if refusal.response_flag() == ResponseFlag::BadRequest {
+                assert_eq!(seen.response_flag(), ResponseFlag::BadRequest, "{refusal}");
+            }
+        }
+    }
+}

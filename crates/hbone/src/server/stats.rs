@@ -109,4 +109,56 @@ mod tests {
         assert!(snapshots > 0);
         assert_eq!(stats.snapshot().connections_active, 0);
     }
+
+    #[test]
+    fn each_counter_lands_in_its_field() {
+        let stats = ServerStats::default();
+        for (counter, n) in [
+            (&stats.connections_accepted, 10),
+            (&stats.connections_closed, 3),
+            (&stats.handshake_failures, 2),
+            (&stats.tunnels_opened, 20),
+            (&stats.tunnels_closed, 15),
+            (&stats.refusals, 4),
+            (&stats.malformed_headers, 5),
+            (&stats.limit_refusals, 1),
+        ] {
+            counter.fetch_add(n, Ordering::AcqRel);
+        }
+        let snapshot = stats.snapshot();
+        assert_eq!(
+            (
+                snapshot.connections_accepted,
+                snapshot.connections_active,
+                snapshot.handshake_failures
+            ),
+            (10, 7, 2)
+        );
+        assert_eq!((snapshot.tunnels_opened, snapshot.tunnels_active), (20, 5));
+        assert_eq!(
+            (
+                snapshot.refusals,
+                snapshot.malformed_headers,
+                snapshot.limit_refusals
+            ),
+            (4, 5, 1)
+        );
+    }
+
+    #[test]
+    fn count_on_drop_counts_once_on_every_exit() {
+        let stats = ServerStats::default();
+        let early_return = |fail: bool| -> Result<(), ()> {
+            let _closed = CountOnDrop(&stats.connections_closed);
+            if fail {
+                return Err(());
+            }
+            Ok(())
+        };
+        stats.connections_accepted.fetch_add(2, Ordering::AcqRel);
+        assert!(early_return(true).is_err());
+        assert_eq!(stats.snapshot().connections_active, 1);
+        assert!(early_return(false).is_ok());
+        assert_eq!(stats.snapshot().connections_active, 0);
+    }
 }
