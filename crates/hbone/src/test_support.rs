@@ -41,6 +41,47 @@ pub(crate) async fn default_h2_pair() -> H2Pair {
     h2_pair(&h2::client::Builder::new(), &h2::server::Builder::new()).await
 }
 
+/// One CONNECT stream over memory, as the client sees it and as the
+/// server sees it, each side granting `window` per stream.
+/// The `SendRequest` keeps the connection from closing under them.
+pub(crate) async fn stream_pair(
+    window: u32,
+) -> (
+    crate::stream::H2Stream,
+    crate::stream::H2Stream,
+    SendRequest<Bytes>,
+) {
+    use crate::stream::H2Stream;
+    use http::{Method, Request, Response};
+    let mut client = h2::client::Builder::new();
+    client
+        .initial_window_size(window)
+        .initial_connection_window_size(1 << 20);
+    let mut server = h2::server::Builder::new();
+    server
+        .initial_window_size(window)
+        .initial_connection_window_size(1 << 20);
+    let pair = h2_pair(&client, &server).await;
+    tokio::spawn(pair.client);
+    let mut server_conn = pair.server;
+    let (accepted, server_stream) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (request, mut respond) = server_conn.accept().await.unwrap().unwrap();
+        let send = respond.send_response(Response::new(()), false).unwrap();
+        let _ = accepted.send(H2Stream::new(send, request.into_body()));
+        // Drives the connection for as long as the client keeps it.
+        while server_conn.accept().await.is_some() {}
+    });
+    let mut request = Request::new(());
+    *request.method_mut() = Method::CONNECT;
+    *request.uri_mut() = "127.0.0.1:8080".parse().unwrap();
+    let mut send = pair.send.ready().await.unwrap();
+    let (response, send_stream) = send.send_request(request, false).unwrap();
+    let response = response.await.unwrap();
+    let client_stream = H2Stream::new(send_stream, response.into_body());
+    (client_stream, server_stream.await.unwrap(), send)
+}
+
 /// Lets every other task run until nothing is left to do. Under paused
 /// time the runtime only moves the clock when all tasks are idle, so this
 /// returns once the others are blocked (and advances the clock by a

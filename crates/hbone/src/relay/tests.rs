@@ -3,41 +3,15 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, DuplexStream, duplex};
 
 use super::*;
 
-/// An HTTP/2 connection over an in-memory pipe, with one stream open:
-/// (the relay's end, the peer's end). `window` is the stream window each
-/// side grants.
+/// The relay's end and the peer's end of one stream over memory. The
+/// connection stays up while the stream is open.
 async fn h2_pair(window: u32) -> (H2Stream, H2Stream) {
-    let (client_io, server_io) = duplex(1 << 20);
-    let server = tokio::spawn(async move {
-        let mut conn = h2::server::Builder::new()
-            .initial_window_size(window)
-            .handshake::<_, Bytes>(server_io)
-            .await
-            .unwrap();
-        let (request, mut respond) = conn.accept().await.unwrap().unwrap();
-        let send = respond
-            .send_response(http::Response::new(()), false)
-            .unwrap();
-        tokio::spawn(async move { while conn.accept().await.is_some() {} });
-        H2Stream::new(send, request.into_body())
-    });
-    let (mut client, conn) = h2::client::Builder::new()
-        .initial_window_size(window)
-        .handshake::<_, Bytes>(client_io)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client = client.ready().await.unwrap();
-    let request = http::Request::connect("127.0.0.1:1").body(()).unwrap();
-    let (response, send) = client.send_request(request, false).unwrap();
-    let peer = server.await.unwrap();
-    let recv = response.await.unwrap().into_body();
-    (peer, H2Stream::new(send, recv))
+    let (ours, peer, _send) = crate::test_support::stream_pair(window).await;
+    (ours, peer)
 }
 
 type TestRelay = Relay<AnyStream<DuplexStream>, H2Stream>;

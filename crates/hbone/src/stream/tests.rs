@@ -7,45 +7,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::{Method, Request, Response};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::test_support::{h2_pair, settle};
+use crate::test_support::settle;
 
 /// The flow-control window of each stream, both ways.
 const WINDOW: usize = 16 << 10;
 
-/// One CONNECT stream as the client sees it and as the server sees it.
-/// The `SendRequest` keeps the connection from closing under them.
 async fn stream_pair() -> (H2Stream, H2Stream, SendRequest<Bytes>) {
-    let mut client = h2::client::Builder::new();
-    client
-        .initial_window_size(WINDOW as u32)
-        .initial_connection_window_size(1 << 20);
-    let mut server = h2::server::Builder::new();
-    server
-        .initial_window_size(WINDOW as u32)
-        .initial_connection_window_size(1 << 20);
-    let pair = h2_pair(&client, &server).await;
-    tokio::spawn(pair.client);
-    let mut server_conn = pair.server;
-    let (accepted, server_stream) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (request, mut respond) = server_conn.accept().await.unwrap().unwrap();
-        let send = respond.send_response(Response::new(()), false).unwrap();
-        let _ = accepted.send(H2Stream::new(send, request.into_body()));
-        // Drives the connection for as long as the client keeps it.
-        while server_conn.accept().await.is_some() {}
-    });
-    let mut request = Request::new(());
-    *request.method_mut() = Method::CONNECT;
-    *request.uri_mut() = "127.0.0.1:8080".parse().unwrap();
-    let mut send = pair.send.ready().await.unwrap();
-    let (response, send_stream) = send.send_request(request, false).unwrap();
-    let response = response.await.unwrap();
-    let client_stream = H2Stream::new(send_stream, response.into_body());
-    (client_stream, server_stream.await.unwrap(), send)
+    crate::test_support::stream_pair(WINDOW as u32).await
 }
 
 /// The `i`th byte of the test data: position-dependent, so that lost,
