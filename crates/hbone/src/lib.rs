@@ -25,7 +25,7 @@
 //! use hbone::{Dialer, Identity, SpiffeId};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
-//! let identity = Identity::from_dir("certs/client".as_ref())?;
+//! let identity = Identity::from_dir("certs/client")?;
 //! let dialer = Dialer::new(&identity)?;
 //! let server_id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/server".parse()?;
 //! let mut tunnel = dialer

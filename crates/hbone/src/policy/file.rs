@@ -79,7 +79,8 @@ struct RuleEntry {
 }
 
 /// Reads and checks a policy file.
-pub fn load(path: &Path) -> Result<Policy, PolicyFileError> {
+pub fn load(path: impl AsRef<Path>) -> Result<Policy, PolicyFileError> {
+    let path = path.as_ref();
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
         path: name.clone(),
