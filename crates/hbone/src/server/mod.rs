@@ -113,6 +113,10 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The listener given to [`Server::from_listener`] has no local
+    /// address: it is not a bound TCP socket.
+    #[error("the listener given has no local address: {0}")]
+    Listener(#[source] std::io::Error),
     /// The identity could not be made into a TLS configuration.
     #[error(transparent)]
     Tls(#[from] tls::TlsConfigError),
@@ -121,6 +125,8 @@ pub enum ServerError {
 /// A bound HBONE server.
 pub struct Server {
     listener: TcpListener,
+    /// The listener's address, read once.
+    local_addr: SocketAddr,
     shared: Arc<Shared>,
 }
 
@@ -146,14 +152,11 @@ struct Shared {
 }
 
 impl Server {
-    /// Builds the TLS configuration and binds the listener.
+    /// Builds the TLS configuration and binds a listener on
+    /// [`ServerConfig::listen`].
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
-        let trust_domains = if config.trust_domains.is_empty() {
-            vec![config.identity.id().trust_domain().to_owned()]
-        } else {
-            config.trust_domains.clone()
-        };
-        let tls = tls::ServerTls::new(&config.identity, trust_domains)?;
+        // TLS first: a bad identity is reported without touching the port.
+        let tls = Self::server_tls(&config)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -161,12 +164,63 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let own = listener.local_addr().unwrap_or(config.listen);
+        Self::serve_on(listener, tls, config)
+    }
+
+    /// Builds the TLS configuration and serves `listener`, a socket bound
+    /// elsewhere: handed over by systemd socket activation, inherited, or
+    /// bound by the embedder with options of its own. `config.listen` is
+    /// ignored; [`Server::local_addr`] is the listener's address, and it
+    /// is the address the policy refuses as a target (the tunnel would
+    /// loop).
+    ///
+    /// A `std::net::TcpListener` must be made non-blocking first, then
+    /// converted inside the runtime:
+    ///
+    /// ```no_run
+    /// # async fn example(identity: hbone::Identity) -> Result<(), Box<dyn std::error::Error>> {
+    /// use hbone::{Server, ServerConfig};
+    ///
+    /// let socket = std::net::TcpListener::bind("127.0.0.1:15008")?;
+    /// socket.set_nonblocking(true)?;
+    /// let listener = tokio::net::TcpListener::from_std(socket)?;
+    /// // `listen` is not used: the server takes the listener's address.
+    /// let config = ServerConfig::new(([0, 0, 0, 0], 0).into(), identity);
+    /// let server = Server::from_listener(listener, config)?;
+    /// tokio::spawn(server.run());
+    /// # Ok(()) }
+    /// ```
+    pub fn from_listener(
+        listener: TcpListener,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        let tls = Self::server_tls(&config)?;
+        Self::serve_on(listener, tls, config)
+    }
+
+    /// The TLS configuration for `config`'s identity and trust domains.
+    fn server_tls(config: &ServerConfig) -> Result<tls::ServerTls, ServerError> {
+        let trust_domains = if config.trust_domains.is_empty() {
+            vec![config.identity.id().trust_domain().to_owned()]
+        } else {
+            config.trust_domains.clone()
+        };
+        Ok(tls::ServerTls::new(&config.identity, trust_domains)?)
+    }
+
+    /// The server on `listener`, whichever way it was bound.
+    fn serve_on(
+        listener: TcpListener,
+        tls: tls::ServerTls,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        let local_addr = listener.local_addr().map_err(ServerError::Listener)?;
         Ok(Server {
             listener,
+            local_addr,
             shared: Arc::new(Shared {
                 tls,
-                policy: PolicyHandle::new(config.policy.with_own_listener(own)),
+                policy: PolicyHandle::new(config.policy.with_own_listener(local_addr)),
                 h2: config.h2,
                 timeouts: config.timeouts,
                 access_log: config.access_log,
@@ -189,9 +243,7 @@ impl Server {
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.local_addr
     }
 
     /// The identity this server proves.
