@@ -122,6 +122,16 @@ pub enum Role {
     Server,
 }
 
+impl Role {
+    /// The word logged as `role=`: `client` or `server`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+        }
+    }
+}
+
 /// Receives a record for every tunnel.
 pub trait AccessLog: Send + Sync {
     /// Called once per tunnel, when it ends or is refused. It is called
@@ -135,10 +145,7 @@ pub struct TracingLog;
 
 impl AccessLog for TracingLog {
     fn record(&self, r: &TunnelRecord) {
-        let role = match r.role {
-            Role::Client => "client",
-            Role::Server => "server",
-        };
+        let role = r.role.as_str();
         let original = r.original_source.map(|o| o.to_string()).unwrap_or_default();
         let peer = r
             .peer_id

@@ -217,8 +217,20 @@ impl DialError {
     }
 }
 
-/// How a dialer behaves.
+/// How a dialer behaves: start from [`DialerConfig::default`] and change
+/// what you need with the `with_*` methods.
+///
+/// ```
+/// use hbone::DialerConfig;
+/// use hbone::config::Timeouts;
+/// use std::time::Duration;
+///
+/// let config = DialerConfig::default()
+///     .with_timeouts(Timeouts::default().with_connect(Duration::from_secs(1)))
+///     .with_network("west");
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DialerConfig {
     /// HTTP/2 settings for the dialer's connections.
     pub h2: H2Settings,
@@ -250,6 +262,57 @@ impl Default for DialerConfig {
             network: None,
             telemetry: Telemetry::default(),
         }
+    }
+}
+
+impl DialerConfig {
+    /// Sets [`DialerConfig::h2`].
+    #[must_use]
+    pub fn with_h2(mut self, h2: H2Settings) -> Self {
+        self.h2 = h2;
+        self
+    }
+
+    /// Sets [`DialerConfig::timeouts`].
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Sets [`DialerConfig::pooling`].
+    #[must_use]
+    pub fn with_pooling(mut self, pooling: bool) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// Sets [`DialerConfig::idle_timeout`].
+    #[must_use]
+    pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// Sets [`DialerConfig::baggage`].
+    #[must_use]
+    pub fn with_baggage(mut self, baggage: Baggage) -> Self {
+        self.baggage = baggage;
+        self
+    }
+
+    /// Sets our network name ([`DialerConfig::network`]).
+    #[must_use]
+    pub fn with_network(mut self, network: impl Into<String>) -> Self {
+        self.network = Some(network.into());
+        self
+    }
+
+    /// Sets [`DialerConfig::telemetry`].
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 }
 
@@ -728,8 +791,17 @@ pub enum Route {
     },
 }
 
-/// One tunnel to open.
+/// One tunnel to open: [`TunnelRequest::new`], then the `with_*` methods.
+///
+/// ```
+/// use hbone::TunnelRequest;
+///
+/// let request = TunnelRequest::new("10.0.0.7:8080".parse().unwrap())
+///     .with_source("192.0.2.1:40000".parse().unwrap());
+/// assert!(request.trace.is_none());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TunnelRequest {
     /// What the final server connects to.
     pub target: SocketAddr,
@@ -747,6 +819,20 @@ impl TunnelRequest {
             source: None,
             trace: None,
         }
+    }
+
+    /// Names the original client ([`TunnelRequest::source`]).
+    #[must_use]
+    pub fn with_source(mut self, source: SocketAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Joins `trace` ([`TunnelRequest::trace`]).
+    #[must_use]
+    pub fn with_trace(mut self, trace: TraceParent) -> Self {
+        self.trace = Some(trace);
+        self
     }
 }
 

@@ -43,10 +43,27 @@ use crate::policy::{Policy, PolicyHandle};
 use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;
 
-/// Everything a server needs.
+/// Everything a server needs: start from [`ServerConfig::new`] and change
+/// what you need with the `with_*` methods.
+///
+/// ```
+/// # fn example(identity: hbone::Identity) -> Result<(), Box<dyn std::error::Error>> {
+/// use hbone::ServerConfig;
+/// use hbone::config::Timeouts;
+/// use hbone::server::Limits;
+/// use std::time::Duration;
+///
+/// let config = ServerConfig::new("0.0.0.0:15008".parse()?, identity)
+///     .with_timeouts(Timeouts::default().with_tunnel_idle(Duration::from_secs(3600)))
+///     .with_limits(Limits::default().with_max_tunnels(10_000))
+///     .with_proxy_protocol(true);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
-    /// Where to listen; Istio's HBONE port is 15008.
+    /// Where to listen; Istio's HBONE port is 15008. Ignored by
+    /// [`Server::from_listener`], which serves the socket it is given.
     pub listen: SocketAddr,
     /// The certificate the server proves itself with, and the trust bundle
     /// it checks clients against.
@@ -99,10 +116,92 @@ impl ServerConfig {
             telemetry: Telemetry::default(),
         }
     }
+
+    /// Sets [`ServerConfig::trust_domains`].
+    #[must_use]
+    pub fn with_trust_domains(
+        mut self,
+        trust_domains: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.trust_domains = trust_domains.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`ServerConfig::policy`].
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets [`ServerConfig::h2`].
+    #[must_use]
+    pub fn with_h2(mut self, h2: H2Settings) -> Self {
+        self.h2 = h2;
+        self
+    }
+
+    /// Sets [`ServerConfig::timeouts`].
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Sets [`ServerConfig::access_log`].
+    #[must_use]
+    pub fn with_access_log(mut self, access_log: Arc<dyn AccessLog>) -> Self {
+        self.access_log = access_log;
+        self
+    }
+
+    /// Sets [`ServerConfig::proxy_protocol`].
+    #[must_use]
+    pub fn with_proxy_protocol(mut self, proxy_protocol: bool) -> Self {
+        self.proxy_protocol = proxy_protocol;
+        self
+    }
+
+    /// Sets [`ServerConfig::baggage`].
+    #[must_use]
+    pub fn with_baggage(mut self, baggage: Baggage) -> Self {
+        self.baggage = baggage;
+        self
+    }
+
+    /// Makes the server a double-HBONE gateway with `routes`
+    /// ([`ServerConfig::gateway_routes`]).
+    #[must_use]
+    pub fn with_gateway_routes(mut self, routes: impl Into<Arc<Routes>>) -> Self {
+        self.gateway_routes = Some(routes.into());
+        self
+    }
+
+    /// Sets [`ServerConfig::services`].
+    #[must_use]
+    pub fn with_services(mut self, services: ServiceTable) -> Self {
+        self.services = services;
+        self
+    }
+
+    /// Sets [`ServerConfig::limits`].
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets [`ServerConfig::telemetry`].
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
 }
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
