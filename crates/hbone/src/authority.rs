@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 
 /// Why an authority is not a usable target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuthorityError {
     /// The request has no `:authority`, or an empty one.
     #[error("missing :authority")]

@@ -28,6 +28,7 @@ const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// A CA problem, naming the file where there is one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CaError {
     /// Making a key or signing a certificate failed.
     #[error("certificate generation failed: {0}")]

@@ -33,6 +33,7 @@ pub struct SpiffeId {
 
 /// Why a string is not a SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SpiffeIdError {
     /// The text does not start with `spiffe://`.
     #[error("SPIFFE ID must start with \"spiffe://\"")]
@@ -170,6 +171,7 @@ impl fmt::Debug for SpiffeId {
 
 /// Why a certificate carries no usable SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CertIdError {
     /// The certificate could not be parsed.
     #[error("certificate is not valid X.509 DER: {0}")]
@@ -200,6 +202,7 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdError> 
 
 /// A problem with identity files, naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdentityError {
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]

@@ -70,8 +70,10 @@ fn status_meaning(status: StatusCode) -> &'static str {
     }
 }
 
-/// Why a tunnel could not be opened.
+/// Why a tunnel could not be opened. [`DialError::reason`] and
+/// [`DialError::response_flag`] classify it for logs and metrics.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DialError {
     /// The route lists no SPIFFE ID the server (or gateway) must prove.
     #[error("no expected server identity given: pass at least one SPIFFE ID")]

@@ -27,6 +27,7 @@ use super::{Action, IdPattern, IpNet, Policy, Rule, ServiceRule, TargetRule};
 
 /// A policy file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PolicyFileError {
     /// The file could not be read.
     #[error("cannot read policy file {path}: {source}")]

@@ -30,6 +30,7 @@ use crate::identity::SpiffeId;
 
 /// Why a tunnel was refused by policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Denial {
     /// No allow rule names the peer's identity at all.
     #[error("identity {0} is not allowed to open tunnels")]

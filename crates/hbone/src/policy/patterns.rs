@@ -64,6 +64,7 @@ impl IdPattern {
 
 /// Why an ID pattern does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdPatternError {
     /// Apart from its wildcard, the pattern is not a valid SPIFFE ID.
     #[error("{0}")]
@@ -222,6 +223,7 @@ pub struct TargetRule {
 
 /// Why a target rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TargetRuleError {
     /// The text is not shaped like `CIDR[:PORT|:PORT-PORT]`.
     #[error("expected CIDR[:PORT|:PORT-PORT], e.g. 10.0.0.0/8:443 or [fd00::/8]:80-90")]
@@ -344,6 +346,7 @@ pub struct ServiceRule {
 
 /// Why a service rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServiceRuleError {
     /// The host is not a qualified host name (it needs a dot), or the text
     /// is not shaped like `HOST[:PORT|:PORT-PORT]`.
