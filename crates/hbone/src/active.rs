@@ -44,6 +44,8 @@ impl fmt::Debug for ActiveTunnels {
 
 /// An address without the IPv6 flow and scope ids `SocketAddr` carries,
 /// and with the port optional (`forwarded` may name a bare IP).
+// Exhaustive on purpose: an address and a port are all there is to it, as
+// with `SocketAddr`; building one as a literal should stay possible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint {
     /// The IP address.

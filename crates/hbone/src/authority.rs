@@ -53,6 +53,9 @@ pub fn parse_authority(authority: &str) -> Result<SocketAddr, AuthorityError> {
 }
 
 /// What a CONNECT asks for.
+// Exhaustive on purpose: an authority is `host:port` with the host an IP
+// literal or a name (RFC 9110 §7.2); there is no third form, and callers
+// must handle both to be right.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A literal address.

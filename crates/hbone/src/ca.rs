@@ -82,6 +82,7 @@ pub struct DevCa {
 
 /// A certificate issued by [`DevCa`], in PEM.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct IssuedCert {
     /// Leaf then CA certificate.
     pub chain_pem: String,

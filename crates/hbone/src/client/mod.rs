@@ -40,6 +40,7 @@ use crate::tls::{self, ClientBase, TlsFailure};
 
 /// The step of opening a tunnel that ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Stage {
     /// TCP connect to the HBONE server.
     Connect,
@@ -768,8 +769,10 @@ fn clone_request(request: &Request<()>) -> Request<()> {
     copy
 }
 
-/// Where a tunnel goes.
+/// Where a tunnel goes. Ways to route may be added, so a `match` on a
+/// route needs a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Route {
     /// Straight to an HBONE server, which must prove one of `server_ids`.
     Direct {

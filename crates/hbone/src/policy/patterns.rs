@@ -9,6 +9,7 @@ use crate::identity::{SpiffeId, SpiffeIdError};
 
 /// A set of peers, by SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdPattern {
     /// Exactly this ID.
     Exact(SpiffeId),
@@ -212,6 +213,9 @@ impl fmt::Display for IpNet {
 }
 
 /// Targets a tunnel may reach: a network and a port range.
+// Exhaustive on purpose: a value made of a network and a port range, with
+// the text form CIDR[:PORTS]; narrowing a rule further is `Rule`'s job
+// (which is non-exhaustive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetRule {
     /// The network a target's address must be in.
@@ -335,6 +339,7 @@ impl fmt::Display for TargetRule {
 
 /// Services a tunnel may reach by name: a host name (as the CONNECT named
 /// it) and a port range of the service port.
+// Exhaustive on purpose, as `TargetRule`: a host name and a port range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRule {
     /// Lower case, no trailing dot.

@@ -83,6 +83,7 @@ pub enum ServiceError {
 
 /// Where a service's traffic goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Resolution {
     /// This address.
     Addr(SocketAddr),
