@@ -201,10 +201,7 @@ async fn the_server_reads_close_notify_only_after_close() {
 async fn an_idle_connection_closes_with_close_notify_too() {
     let pki = Pki::new();
     let (server, ending) = witness_server(&pki).await;
-    let config = DialerConfig {
-        idle_timeout: Duration::from_millis(200),
-        ..DialerConfig::default()
-    };
+    let config = DialerConfig::default().with_idle_timeout(Duration::from_millis(200));
     let dialer = Dialer::with_config(&pki.client, config).unwrap();
     let target = closed_port().await;
     let tunnel = timeout(

@@ -567,7 +567,7 @@ async fn double_hbone_through_hbone_gateway() {
 
     // As ztunnel does it: both CONNECTs name the service, and the inner
     // one is resolved by the server's services table.
-    let client = hbone::Identity::from_dir(&dir.path().join("client")).unwrap();
+    let client = hbone::Identity::from_dir(dir.path().join("client")).unwrap();
     let outer = raw_h2_over(raw_tls(gateway, Some(&client)).await.unwrap()).await;
     let inner_over_gateway = |service: &'static str| {
         let outer = outer.clone();
@@ -1035,7 +1035,7 @@ async fn policy_file_check_test_and_live_reload() {
         &policy_s,
     ])
     .await;
-    let client = hbone::Identity::from_dir(&dir.path().join("client")).unwrap();
+    let client = hbone::Identity::from_dir(dir.path().join("client")).unwrap();
     let dialer = hbone::Dialer::new(&client).unwrap();
     let server_id = hbone::SpiffeId::parse(SERVER_ID).unwrap();
     let tunnel = dialer
@@ -1178,7 +1178,7 @@ async fn json_access_log_has_one_record_per_tunnel() {
         }
     };
 
-    let client = hbone::Identity::from_dir(&dir.path().join("client")).unwrap();
+    let client = hbone::Identity::from_dir(dir.path().join("client")).unwrap();
     let dialer = hbone::Dialer::new(&client).unwrap();
     let server_id = hbone::SpiffeId::parse(SERVER_ID).unwrap();
     let tunnel = dialer
@@ -1263,7 +1263,7 @@ async fn key_permissions_and_expiry_are_reported_once_each() {
     let key = dir.path().join("server/key.pem");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     // An expired certificate for the server, from the same CA.
-    let ca = hbone::ca::DevCa::load(&dir.path().join("ca")).unwrap();
+    let ca = hbone::ca::DevCa::load(dir.path().join("ca")).unwrap();
     let two_days_ago = time::OffsetDateTime::now_utc() - time::Duration::days(2);
     ca.issue_any(
         &hbone::SpiffeId::parse(SERVER_ID).unwrap(),
@@ -1271,7 +1271,7 @@ async fn key_permissions_and_expiry_are_reported_once_each() {
         Duration::from_secs(3600),
     )
     .unwrap()
-    .save(&dir.path().join("expired"))
+    .save(dir.path().join("expired"))
     .unwrap();
     std::fs::set_permissions(
         dir.path().join("expired/key.pem"),

@@ -29,11 +29,9 @@ async fn client_headers_reach_the_access_log_and_server_baggage_comes_back() {
     let dialer = Dialer::with_config(&pki.client, dialer_config).unwrap();
     let trace = TraceParent::random();
     let original: std::net::SocketAddr = "192.0.2.10:40000".parse().unwrap();
-    let request = TunnelRequest {
-        source: Some(original),
-        trace: Some(trace),
-        ..TunnelRequest::new(echo)
-    };
+    let request = TunnelRequest::new(echo)
+        .with_source(original)
+        .with_trace(trace);
     let route = Route::Direct {
         server: server.addr,
         server_ids: vec![pki.server_id.clone()],
@@ -122,10 +120,7 @@ async fn proxy_protocol_names_the_original_client_and_its_identity() {
         server_ids: vec![pki.server_id.clone()],
     };
     let original: std::net::SocketAddr = "192.0.2.44:5555".parse().unwrap();
-    let request = TunnelRequest {
-        source: Some(original),
-        ..TunnelRequest::new(target_addr)
-    };
+    let request = TunnelRequest::new(target_addr).with_source(original);
     let mut tunnel = dialer.open(&route, &request).await.unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut tunnel, b"payload")
         .await

@@ -215,7 +215,7 @@ impl PeerFiles {
             pki.ca
                 .issue(id, DAY)
                 .unwrap()
-                .save(&dir.path().join(name))
+                .save(dir.path().join(name))
                 .unwrap();
         }
         PeerFiles { dir }

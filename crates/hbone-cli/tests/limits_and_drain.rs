@@ -9,18 +9,13 @@ use hbone::{DialError, Dialer, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn limited(pki: &Pki, limits: Limits) -> ServerConfig {
-    let mut config = ServerConfig::new(loopback(), pki.server.clone());
-    config.limits = limits;
-    config
+    ServerConfig::new(loopback(), pki.server.clone()).with_limits(limits)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_source_connection_limit_closes_new_connections_only() {
     let pki = Pki::new();
-    let limits = Limits {
-        max_connections_per_ip: 1,
-        ..Limits::default()
-    };
+    let limits = Limits::default().with_max_connections_per_ip(1);
     let server = start_server(limited(&pki, limits)).await;
     let echo = start_echo().await;
     let first = Dialer::new(&pki.client).unwrap();
@@ -69,10 +64,7 @@ async fn per_source_connection_limit_closes_new_connections_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_limit_answers_503_and_frees_on_close() {
     let pki = Pki::new();
-    let limits = Limits {
-        max_tunnels: 1,
-        ..Limits::default()
-    };
+    let limits = Limits::default().with_max_tunnels(1);
     let server = start_server(limited(&pki, limits)).await;
     let echo = start_echo().await;
     let dialer = Dialer::new(&pki.client).unwrap();

@@ -85,11 +85,8 @@ async fn full_connection_opens_another_and_takes_tunnels_again_once_one_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_servers_stream_limit_caps_ours() {
     let pki = Pki::new();
-    let mut config = ServerConfig::new(loopback(), pki.server.clone());
-    config.h2 = H2Settings {
-        max_concurrent_streams: 3,
-        ..H2Settings::server()
-    };
+    let config = ServerConfig::new(loopback(), pki.server.clone())
+        .with_h2(H2Settings::server().with_max_concurrent_streams(3));
     let server = start_server(config).await;
     let echo = start_echo().await;
     let dialer = Dialer::new(&pki.client).unwrap();
@@ -137,10 +134,8 @@ async fn a_silent_server_fails_keepalive_and_gets_no_new_tunnels() {
     let echo = start_echo().await;
     let relay = Relay::start(server.addr).await;
     let dialer = dialer_with(&pki, |c| {
-        c.timeouts.keepalive = Keepalive {
-            interval: Duration::from_millis(100),
-            timeout: Duration::from_millis(300),
-        }
+        c.timeouts.keepalive =
+            Keepalive::new(Duration::from_millis(100), Duration::from_millis(300))
     });
     let mut stuck = open(&dialer, relay.addr, &pki, echo).await;
     // Keepalive passes while the path is healthy.

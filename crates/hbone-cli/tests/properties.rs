@@ -323,6 +323,7 @@ proptest! {
                 IdPattern::ServiceAccount { trust_domain, service_account } => {
                     prop_assert_eq!(format!("spiffe://{trust_domain}/ns/*/sa/{service_account}"), s)
                 }
+                other => prop_assert!(false, "a pattern form this test does not know: {other:?}"),
             }
         }
     }

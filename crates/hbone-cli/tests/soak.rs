@@ -60,7 +60,7 @@ async fn mixed_load_with_client_kills_leaks_nothing() {
     pki.ca
         .issue(&pki.client_id, DAY)
         .unwrap()
-        .save(&dir.path().join("client"))
+        .save(dir.path().join("client"))
         .unwrap();
     let server = start_server(ServerConfig::new(loopback(), pki.server.clone())).await;
     let echo = start_echo().await;

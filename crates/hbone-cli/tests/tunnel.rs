@@ -1,10 +1,11 @@
 //! Data through tunnels: bulk transfer, many tunnels at once, half-close in
-//! both directions, and connection sharing.
+//! both directions, connection sharing, and a server on a listener bound
+//! beforehand.
 
 use std::time::Duration;
 
 use crate::common::*;
-use hbone::Dialer;
+use hbone::{DialError, Dialer, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -196,4 +197,41 @@ async fn target_reset_reaches_the_client_as_an_error() {
         .unwrap();
     let error = result.expect_err("a reset target must not look like a clean EOF");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+}
+
+/// An embedder binds the socket itself (as systemd socket activation hands
+/// one over) and the server serves it: `from_listener` ignores the
+/// configured `listen`, reports the listener's address, and refuses
+/// tunnels back to that address as to its own listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_bound_beforehand_is_served() {
+    let pki = Pki::new();
+    let socket = std::net::TcpListener::bind(loopback()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let bound = socket.local_addr().unwrap();
+    let listener = TcpListener::from_std(socket).unwrap();
+    // Nothing listens at the configured address: only the listener given
+    // may be served.
+    let config = ServerConfig::new(closed_port().await, pki.server.clone());
+    let server = Server::from_listener(listener, config).unwrap();
+    assert_eq!(server.local_addr(), bound);
+    let stats = server.stats();
+    let running = tokio::spawn(server.run());
+
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    let tunnel = dialer.connect(bound, ids, echo).await.unwrap();
+    let sent = b"through a server on a listener bound beforehand";
+    let back = echo_roundtrip(tunnel, sent).await.unwrap();
+    assert_eq!(back, sent);
+    assert_eq!(stats.snapshot().tunnels_opened, 1);
+
+    // The listener's address is the server's own: a tunnel to it would loop.
+    match dialer.connect(bound, ids, bound).await {
+        Err(DialError::Status { status, .. }) => assert_eq!(status.as_u16(), 403),
+        Err(other) => panic!("expected 403, got {other}"),
+        Ok(_) => panic!("a tunnel to the server's own listener was let in"),
+    }
+    running.abort();
 }

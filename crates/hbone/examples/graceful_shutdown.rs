@@ -1,5 +1,5 @@
-//! Shut a server down gracefully: stop accepting, let the tunnel in flight
-//! finish, then return.
+//! Serve a listener bound beforehand, then shut the server down
+//! gracefully: stop accepting, let the tunnel in flight finish, return.
 //!
 //! ```sh
 //! cargo run -p hbone --example graceful_shutdown
@@ -38,12 +38,15 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
         }
     });
 
-    let server = Server::bind(ServerConfig::new(
-        "127.0.0.1:0".parse()?,
-        ca.issue(&server_id, day)?.identity()?,
-    ))
-    .await?;
-    let server_addr = server.local_addr();
+    // The server serves a socket bound beforehand, as one handed over by
+    // systemd socket activation would be; Server::bind would bind its own.
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let server_addr = listener.local_addr()?;
+    let server = Server::from_listener(
+        listener,
+        ServerConfig::new(server_addr, ca.issue(&server_id, day)?.identity()?),
+    )?;
+    assert_eq!(server.local_addr(), server_addr);
     let drainer = server.drainer();
     let running = tokio::spawn(server.run());
 

@@ -38,10 +38,7 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
     );
     // hbone's metrics, in the same registry.
     let metrics = Arc::new(Metrics::register(&mut registry));
-    let telemetry = Telemetry {
-        metrics: Some(metrics.clone()),
-        ..Telemetry::default()
-    };
+    let telemetry = Telemetry::default().with_metrics(metrics.clone());
 
     let day = Duration::from_secs(86_400);
     let ca = DevCa::generate("cluster.local", day)?;
@@ -57,19 +54,16 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
         }
     });
 
-    let mut config = ServerConfig::new(
+    let config = ServerConfig::new(
         "127.0.0.1:0".parse()?,
         ca.issue(&server_id, day)?.identity()?,
-    );
-    config.telemetry = telemetry.clone();
+    )
+    .with_telemetry(telemetry.clone());
     let server = Server::bind(config).await?;
     let server_addr = server.local_addr();
     tokio::spawn(server.run());
 
-    let dialer_config = DialerConfig {
-        telemetry,
-        ..DialerConfig::default()
-    };
+    let dialer_config = DialerConfig::default().with_telemetry(telemetry);
     let dialer = Dialer::with_config(&ca.issue(&client_id, day)?.identity()?, dialer_config)?;
     let asked = std::time::Instant::now();
     let tunnel = dialer

@@ -35,11 +35,11 @@ pub async fn run() -> Result<Vec<String>, Box<dyn Error>> {
     let rule = Rule::allow("web reaches the database")
         .from_ids(["spiffe://cluster.local/ns/web/*".parse()?])
         .to_targets([format!("127.0.0.1/32:{}", allowed_addr.port()).parse()?]);
-    let mut config = ServerConfig::new(
+    let config = ServerConfig::new(
         "127.0.0.1:0".parse()?,
         ca.issue(&server_id, day)?.identity()?,
-    );
-    config.policy = Policy::from_rules(vec![rule]);
+    )
+    .with_policy(Policy::from_rules(vec![rule]));
     let server = Server::bind(config).await?;
     let server_addr = server.local_addr();
     tokio::spawn(server.run());

@@ -10,8 +10,10 @@ use std::sync::Arc;
 use crate::headers::{ForwardedFor, TraceParent};
 use crate::identity::SpiffeId;
 
-/// How a tunnel ended.
+/// How a tunnel ended. Kinds of ending may be added: a log that matches
+/// on it keeps a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Both directions reached EOF (or the client cancelled the stream,
     /// HBONE's normal end).
@@ -81,8 +83,11 @@ impl End {
     }
 }
 
-/// What happened to one tunnel.
+/// What happened to one tunnel. Made by the server, the entries and
+/// [`crate::lifecycle::TunnelLifecycle`]; an [`AccessLog`] reads it.
+/// Fields may be added, so it cannot be built outside this crate.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TunnelRecord {
     /// Which end wrote the record.
     pub role: Role,
@@ -113,13 +118,25 @@ pub struct TunnelRecord {
     pub duration: Duration,
 }
 
-/// Which end of a tunnel a record comes from.
+/// Which end of a tunnel a record comes from. More may be told apart
+/// one day (a gateway, a waypoint), so a `match` needs a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Role {
     /// The end that dialed the tunnel.
     Client,
     /// The end that accepted it (a server or gateway).
     Server,
+}
+
+impl Role {
+    /// The word logged as `role=`: `client` or `server`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+        }
+    }
 }
 
 /// Receives a record for every tunnel.
@@ -135,10 +152,7 @@ pub struct TracingLog;
 
 impl AccessLog for TracingLog {
     fn record(&self, r: &TunnelRecord) {
-        let role = match r.role {
-            Role::Client => "client",
-            Role::Server => "server",
-        };
+        let role = r.role.as_str();
         let original = r.original_source.map(|o| o.to_string()).unwrap_or_default();
         let peer = r
             .peer_id

@@ -44,6 +44,8 @@ impl fmt::Debug for ActiveTunnels {
 
 /// An address without the IPv6 flow and scope ids `SocketAddr` carries,
 /// and with the port optional (`forwarded` may name a bare IP).
+// Exhaustive on purpose: an address and a port are all there is to it, as
+// with `SocketAddr`; building one as a literal should stay possible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint {
     /// The IP address.
@@ -131,7 +133,9 @@ impl ActiveTunnel {
     }
 }
 
-/// What describes a tunnel being registered.
+/// What describes a tunnel being registered: [`TunnelInfo::new`], then
+/// [`TunnelInfo::with_original_source`] where there is one.
+#[non_exhaustive]
 pub struct TunnelInfo {
     /// Which end of the tunnel registers it.
     pub role: Role,
@@ -143,6 +147,33 @@ pub struct TunnelInfo {
     pub peer_id: Arc<SpiffeId>,
     /// The requested target, as sent in `:authority`.
     pub target: String,
+}
+
+impl TunnelInfo {
+    /// A tunnel to `target` (as sent in `:authority`), seen from `role`'s
+    /// end, with `source` its TCP peer and `peer_id` the identity the
+    /// other HBONE end proved.
+    pub fn new(
+        role: Role,
+        source: SocketAddr,
+        peer_id: Arc<SpiffeId>,
+        target: impl Into<String>,
+    ) -> Self {
+        TunnelInfo {
+            role,
+            source,
+            original_source: None,
+            peer_id,
+            target: target.into(),
+        }
+    }
+
+    /// Sets [`TunnelInfo::original_source`].
+    #[must_use]
+    pub fn with_original_source(mut self, original: ForwardedFor) -> Self {
+        self.original_source = Some(original);
+        self
+    }
 }
 
 impl ActiveTunnels {

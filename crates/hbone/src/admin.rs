@@ -25,8 +25,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::access::Role;
 use crate::active::ActiveTunnels;
+use crate::lifecycle::Telemetry;
 use crate::metrics::Metrics;
 
 /// Connections served at once; more wait in the accept queue.
@@ -115,8 +115,10 @@ impl Readiness {
     }
 }
 
-/// What the admin endpoint serves.
+/// What the admin endpoint serves: `Admin::default()` serves `/healthz`
+/// and `/readyz`; the `with_*` methods add the rest.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct Admin {
     /// Served on `/metrics`; without it that path answers 404.
     pub metrics: Option<Arc<Metrics>>,
@@ -132,6 +134,50 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Serves `telemetry`'s metrics on `/metrics` and its open tunnels on
+    /// `/tunnels`, those it has.
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: &Telemetry) -> Self {
+        self.metrics = telemetry.metrics.clone();
+        self.tunnels = telemetry.tunnels.clone();
+        self
+    }
+
+    /// Serves `metrics` on `/metrics` ([`Admin::metrics`]).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Lists `tunnels` on `/tunnels` (the `tunnels` field).
+    #[must_use]
+    pub fn with_tunnels(mut self, tunnels: Arc<ActiveTunnels>) -> Self {
+        self.tunnels = Some(tunnels);
+        self
+    }
+
+    /// Sets [`Admin::readiness`].
+    #[must_use]
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
+    }
+
+    /// Serves `config` on `/config` ([`Admin::config`]).
+    #[must_use]
+    pub fn with_config(mut self, config: serde_json::Value) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Serves `/logging` through `logging` (the `logging` field).
+    #[must_use]
+    pub fn with_logging(mut self, logging: Arc<dyn LogControl>) -> Self {
+        self.logging = Some(logging);
+        self
+    }
+
     /// Serves on `listener` until the returned future is dropped.
     pub async fn serve(self, listener: TcpListener) {
         let admin = Arc::new(self);
@@ -231,7 +277,7 @@ impl Admin {
             .map(|t| {
                 let (sent, received) = t.bytes();
                 serde_json::json!({
-                    "role": match t.role { Role::Client => "client", Role::Server => "server" },
+                    "role": t.role.as_str(),
                     "source": t.source.to_string(),
                     "original_source": t.original_source.map(|o| o.to_string()),
                     "peer_id": t.peer_id.to_string(),

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 
 /// Why an authority is not a usable target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuthorityError {
     /// The request has no `:authority`, or an empty one.
     #[error("missing :authority")]
@@ -52,6 +53,9 @@ pub fn parse_authority(authority: &str) -> Result<SocketAddr, AuthorityError> {
 }
 
 /// What a CONNECT asks for.
+// Exhaustive on purpose: an authority is `host:port` with the host an IP
+// literal or a name (RFC 9110 §7.2); there is no third form, and callers
+// must handle both to be right.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A literal address.

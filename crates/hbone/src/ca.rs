@@ -28,6 +28,7 @@ const CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// A CA problem, naming the file where there is one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CaError {
     /// Making a key or signing a certificate failed.
     #[error("certificate generation failed: {0}")]
@@ -81,6 +82,7 @@ pub struct DevCa {
 
 /// A certificate issued by [`DevCa`], in PEM.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct IssuedCert {
     /// Leaf then CA certificate.
     pub chain_pem: String,
@@ -131,7 +133,8 @@ impl DevCa {
     }
 
     /// Loads a CA written by [`DevCa::save`].
-    pub fn load(dir: &Path) -> Result<Self, CaError> {
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self, CaError> {
+        let dir = dir.as_ref();
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         let cert_pem = fs::read_to_string(&cert_path).map_err(io_error(&cert_path))?;
@@ -161,7 +164,8 @@ impl DevCa {
 
     /// Writes `ca-cert.pem` and `ca-key.pem` (mode 0600) into `dir`,
     /// refusing to overwrite an existing key.
-    pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), CaError> {
+        let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         let key_path = dir.join(CA_KEY_FILE);
         if key_path.exists() {
@@ -233,7 +237,8 @@ impl IssuedCert {
     }
 
     /// Writes `cert.pem`, `key.pem` (mode 0600) and `bundle.pem` into `dir`.
-    pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), CaError> {
+        let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(io_error(dir))?;
         write_file(&dir.join(CERT_FILE), &self.chain_pem, false)?;
         write_file(&dir.join(KEY_FILE), &self.key_pem, true)?;

@@ -6,7 +6,11 @@ use std::time::Duration;
 use crate::keepalive::Keepalive;
 
 /// HTTP/2 settings for one side of a connection.
+///
+/// Start from [`H2Settings::client`] or [`H2Settings::server`] and change
+/// what you need with the `with_*` methods (or by assigning a field).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct H2Settings {
     /// Initial flow-control window of each stream (bytes).
     pub stream_window: u32,
@@ -53,6 +57,41 @@ impl H2Settings {
         }
     }
 
+    /// Sets [`H2Settings::stream_window`].
+    #[must_use]
+    pub fn with_stream_window(mut self, bytes: u32) -> Self {
+        self.stream_window = bytes;
+        self
+    }
+
+    /// Sets [`H2Settings::connection_window`].
+    #[must_use]
+    pub fn with_connection_window(mut self, bytes: u32) -> Self {
+        self.connection_window = bytes;
+        self
+    }
+
+    /// Sets [`H2Settings::max_frame_size`].
+    #[must_use]
+    pub fn with_max_frame_size(mut self, bytes: u32) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// Sets [`H2Settings::max_concurrent_streams`].
+    #[must_use]
+    pub fn with_max_concurrent_streams(mut self, streams: u32) -> Self {
+        self.max_concurrent_streams = streams;
+        self
+    }
+
+    /// Sets [`H2Settings::max_header_list_size`].
+    #[must_use]
+    pub fn with_max_header_list_size(mut self, bytes: u32) -> Self {
+        self.max_header_list_size = bytes;
+        self
+    }
+
     pub(crate) fn client_builder(&self) -> h2::client::Builder {
         let mut builder = h2::client::Builder::new();
         builder
@@ -78,7 +117,18 @@ impl H2Settings {
 }
 
 /// How long each waiting step may take.
+///
+/// ```
+/// use std::time::Duration;
+/// use hbone::config::Timeouts;
+///
+/// let timeouts = Timeouts::default()
+///     .with_connect(Duration::from_secs(2))
+///     .with_tunnel_idle(Duration::from_secs(600));
+/// assert_eq!(timeouts.tunnel_idle, Some(Duration::from_secs(600)));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Timeouts {
     /// PING probes on every HTTP/2 connection, both sides.
     pub keepalive: Keepalive,
@@ -109,6 +159,51 @@ impl Default for Timeouts {
             connection_idle: Duration::from_secs(300),
             tunnel_idle: None,
         }
+    }
+}
+
+impl Timeouts {
+    /// Sets [`Timeouts::keepalive`].
+    #[must_use]
+    pub fn with_keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.keepalive = keepalive;
+        self
+    }
+
+    /// Sets [`Timeouts::connect`].
+    #[must_use]
+    pub fn with_connect(mut self, limit: Duration) -> Self {
+        self.connect = limit;
+        self
+    }
+
+    /// Sets [`Timeouts::handshake`].
+    #[must_use]
+    pub fn with_handshake(mut self, limit: Duration) -> Self {
+        self.handshake = limit;
+        self
+    }
+
+    /// Sets [`Timeouts::response`].
+    #[must_use]
+    pub fn with_response(mut self, limit: Duration) -> Self {
+        self.response = limit;
+        self
+    }
+
+    /// Sets [`Timeouts::connection_idle`].
+    #[must_use]
+    pub fn with_connection_idle(mut self, limit: Duration) -> Self {
+        self.connection_idle = limit;
+        self
+    }
+
+    /// Closes tunnels idle for `limit` ([`Timeouts::tunnel_idle`]): a
+    /// `Duration`, or `None` for no limit.
+    #[must_use]
+    pub fn with_tunnel_idle(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.tunnel_idle = limit.into();
+        self
     }
 }
 

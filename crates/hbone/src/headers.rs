@@ -57,6 +57,9 @@ pub fn parse_forwarded_for(value: &str) -> Option<ForwardedFor> {
 }
 
 /// The original client named by `forwarded`.
+// Exhaustive on purpose: an address with or without a port is every form
+// we accept (obfuscated and `unknown` nodes are ignored), and callers match
+// on it to learn whether a port is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardedFor {
     /// An address with a port.
@@ -93,6 +96,8 @@ impl fmt::Display for ForwardedFor {
 }
 
 /// A W3C trace context: `00-<trace-id>-<parent-id>-<flags>`.
+// Exhaustive on purpose: version 00 of the format has exactly these three
+// fields, and building one from known ids is a legitimate use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceParent {
     /// The whole trace's id; never all zeros.

@@ -33,6 +33,7 @@ pub struct SpiffeId {
 
 /// Why a string is not a SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SpiffeIdError {
     /// The text does not start with `spiffe://`.
     #[error("SPIFFE ID must start with \"spiffe://\"")]
@@ -170,6 +171,7 @@ impl fmt::Debug for SpiffeId {
 
 /// Why a certificate carries no usable SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CertIdError {
     /// The certificate could not be parsed.
     #[error("certificate is not valid X.509 DER: {0}")]
@@ -200,6 +202,7 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertIdError> 
 
 /// A problem with identity files, naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdentityError {
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
@@ -278,17 +281,23 @@ pub const ISTIO_BUNDLE_FILE: &str = "root-cert.pem";
 impl Identity {
     /// Loads `cert.pem`, `key.pem` and `bundle.pem` from `dir`, or Istio's
     /// `cert-chain.pem`, `key.pem` and `root-cert.pem` when ours are absent.
-    pub fn from_dir(dir: &Path) -> Result<Self, IdentityError> {
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, IdentityError> {
+        let dir = dir.as_ref();
         let ours = dir.join(CERT_FILE);
         let istio = dir.join(ISTIO_CERT_FILE);
         if !ours.exists() && istio.exists() {
-            return Self::from_files(&istio, &dir.join(KEY_FILE), &dir.join(ISTIO_BUNDLE_FILE));
+            return Self::from_files(istio, dir.join(KEY_FILE), dir.join(ISTIO_BUNDLE_FILE));
         }
-        Self::from_files(&ours, &dir.join(KEY_FILE), &dir.join(BUNDLE_FILE))
+        Self::from_files(ours, dir.join(KEY_FILE), dir.join(BUNDLE_FILE))
     }
 
     /// Loads the certificate chain (leaf first), key and trust bundle files.
-    pub fn from_files(cert: &Path, key: &Path, bundle: &Path) -> Result<Self, IdentityError> {
+    pub fn from_files(
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+        bundle: impl AsRef<Path>,
+    ) -> Result<Self, IdentityError> {
+        let (cert, key, bundle) = (cert.as_ref(), key.as_ref(), bundle.as_ref());
         let read = |path: &Path| {
             std::fs::read(path).map_err(|source| IdentityError::Read {
                 path: path.to_owned(),

@@ -10,7 +10,11 @@ use std::time::Duration;
 use h2::{Ping, PingPong};
 
 /// How often to probe and how long to wait for the answer.
+///
+/// `Keepalive::default().with_interval(..)`, or [`Keepalive::new`] with
+/// both values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Keepalive {
     /// Time between PINGs; default 10 s.
     pub interval: Duration,
@@ -30,6 +34,25 @@ impl Default for Keepalive {
 }
 
 impl Keepalive {
+    /// A PING every `interval`, each allowed `timeout` to be answered.
+    pub fn new(interval: Duration, timeout: Duration) -> Self {
+        Keepalive { interval, timeout }
+    }
+
+    /// Sets [`Keepalive::interval`].
+    #[must_use]
+    pub fn with_interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Sets [`Keepalive::timeout`].
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
     /// Runs until the peer fails to answer a PING in time; returns why.
     /// Poll it alongside the connection, which is what delivers the PONG.
     pub async fn watch(self, ping_pong: Option<PingPong>) -> String {

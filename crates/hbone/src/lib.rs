@@ -25,7 +25,7 @@
 //! use hbone::{Dialer, Identity, SpiffeId};
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
-//! let identity = Identity::from_dir("certs/client".as_ref())?;
+//! let identity = Identity::from_dir("certs/client")?;
 //! let dialer = Dialer::new(&identity)?;
 //! let server_id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/server".parse()?;
 //! let mut tunnel = dialer
@@ -37,6 +37,43 @@
 //! tunnel.read_to_end(&mut answer).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! ## Configuration and stability
+//!
+//! Configuration types ([`ServerConfig`], [`DialerConfig`],
+//! [`config::Timeouts`], [`config::H2Settings`], [`server::Limits`],
+//! [`keepalive::Keepalive`], [`TunnelRequest`], [`Telemetry`], and
+//! `admin::Admin` with the `admin` feature) are
+//! `#[non_exhaustive]`: options may be added without breaking you, so
+//! they are not built as struct literals. Start from their constructor or
+//! `Default` and chain `with_<field>(value)` methods, each of which sets
+//! the field of that name and returns the value; the fields stay public,
+//! so reading one, or assigning one on a `let mut`, works too:
+//!
+//! ```
+//! use std::time::Duration;
+//! use hbone::DialerConfig;
+//! use hbone::config::Timeouts;
+//! use hbone::keepalive::Keepalive;
+//!
+//! let config = DialerConfig::default()
+//!     .with_idle_timeout(Duration::from_secs(30))
+//!     .with_timeouts(
+//!         Timeouts::default()
+//!             .with_connect(Duration::from_secs(2))
+//!             .with_keepalive(Keepalive::default().with_interval(Duration::from_secs(5))),
+//!     );
+//! assert_eq!(config.timeouts.keepalive.interval, Duration::from_secs(5));
+//! ```
+//!
+//! Error enums and most other enums (outcomes, reasons, flags) are
+//! `#[non_exhaustive]` too: a `match` on one needs a wildcard arm.
+//! Records the crate produces for you to read ([`access::TunnelRecord`],
+//! [`server::StatsSnapshot`]) cannot be built outside it.
+//!
+//! A [`Server`] binds its own listener ([`Server::bind`]) or serves one
+//! you hand it ([`Server::from_listener`]: systemd socket activation, a
+//! port bound beforehand).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -24,12 +24,32 @@ use crate::relay::{CopyError, Transferred};
 /// counts its handshakes and pooled connections; the tunnels themselves
 /// are counted by whatever relays them: the server and the entries, or a
 /// [`TunnelLifecycle`] for a [`crate::Tunnel`] an application relays.
+///
+/// `Telemetry::default()` reports nothing; add parts with the `with_*`
+/// methods.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Telemetry {
     /// Prometheus metrics (the `metrics` feature).
     pub metrics: Option<Arc<Metrics>>,
     /// Open tunnels, for `/tunnels`.
     pub tunnels: Option<Arc<ActiveTunnels>>,
+}
+
+impl Telemetry {
+    /// Counts into `metrics` ([`Telemetry::metrics`]).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Lists open tunnels in `tunnels` ([`Telemetry::tunnels`]).
+    #[must_use]
+    pub fn with_tunnels(mut self, tunnels: Arc<ActiveTunnels>) -> Self {
+        self.tunnels = Some(tunnels);
+        self
+    }
 }
 
 /// Why a lifecycle dropped unfinished is recorded as failed.

@@ -59,6 +59,7 @@ fn as_v6(ip: IpAddr) -> [u8; 16] {
 
 /// What a v2 header says, for tests and tools that read one.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Decoded {
     /// The original client.
     pub source: SocketAddr,

@@ -35,6 +35,7 @@ pub use crate::crypto::provider;
 
 /// A configuration that could not be built from the given identity.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsConfigError {
     /// No certificate of the trust bundle can serve as a trust anchor.
     #[error("trust bundle holds no usable CA certificate: {0}")]
@@ -175,6 +176,7 @@ pub fn placeholder_server_name(addr: std::net::IpAddr) -> ServerName<'static> {
 /// The server presented a valid certificate for someone we did not expect.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("server presented {presented}, expected one of [{}]", join_ids(.expected))]
+#[non_exhaustive]
 pub struct UnexpectedPeer {
     /// The identities the dialer would accept.
     pub expected: Vec<SpiffeId>,
@@ -192,6 +194,7 @@ fn join_ids(ids: &[SpiffeId]) -> String {
 /// The client's certificate is valid but from a trust domain we do not serve.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("client {presented} is outside trust domain(s) [{}]", .allowed.join(", "))]
+#[non_exhaustive]
 pub struct ForeignTrustDomain {
     /// The trust domains the server accepts clients from.
     pub allowed: Vec<String>,
@@ -327,6 +330,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
 /// Why a TLS handshake failed, as the dialer reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsFailure {
     /// We do not trust the server's certificate: no CA of our bundle
     /// signed it.

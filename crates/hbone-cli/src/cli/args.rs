@@ -253,23 +253,20 @@ pub(super) struct ServeArgs {
 impl ServeArgs {
     /// Applies these settings to `config`.
     pub(super) fn apply(&self, config: &mut ServerConfig) {
-        config.timeouts = Timeouts {
-            connect: self.connect_timeout,
-            handshake: self.handshake_timeout,
-            keepalive: Keepalive {
-                interval: self.keepalive_interval,
-                timeout: self.keepalive_timeout,
-            },
-            connection_idle: self.connection_idle_timeout,
-            tunnel_idle: self.tunnel_idle_timeout,
-            ..Timeouts::default()
-        };
+        config.timeouts = Timeouts::default()
+            .with_connect(self.connect_timeout)
+            .with_handshake(self.handshake_timeout)
+            .with_keepalive(Keepalive::new(
+                self.keepalive_interval,
+                self.keepalive_timeout,
+            ))
+            .with_connection_idle(self.connection_idle_timeout)
+            .with_tunnel_idle(self.tunnel_idle_timeout);
         config.h2.max_header_list_size = self.max_header_list_size;
-        config.limits = Limits {
-            max_connections: self.max_connections,
-            max_connections_per_ip: self.max_connections_per_ip,
-            max_tunnels: self.max_tunnels,
-        };
+        config.limits = Limits::default()
+            .with_max_connections(self.max_connections)
+            .with_max_connections_per_ip(self.max_connections_per_ip)
+            .with_max_tunnels(self.max_tunnels);
         config.h2.max_concurrent_streams = self.max_streams;
     }
 }
@@ -336,22 +333,20 @@ impl DialArgs {
         identity: &Identity,
         telemetry: hbone::Telemetry,
     ) -> anyhow::Result<Dialer> {
-        let config = DialerConfig {
-            timeouts: Timeouts {
-                connect: self.connect_timeout,
-                handshake: self.handshake_timeout,
-                keepalive: Keepalive {
-                    interval: self.keepalive_interval,
-                    timeout: self.keepalive_timeout,
-                },
-                ..Timeouts::default()
-            },
-            pooling: !self.no_pool,
-            baggage: self.meta.baggage(identity.id()),
-            network: self.network.clone(),
-            telemetry,
-            ..DialerConfig::default()
-        };
+        let mut config = DialerConfig::default()
+            .with_timeouts(
+                Timeouts::default()
+                    .with_connect(self.connect_timeout)
+                    .with_handshake(self.handshake_timeout)
+                    .with_keepalive(Keepalive::new(
+                        self.keepalive_interval,
+                        self.keepalive_timeout,
+                    )),
+            )
+            .with_pooling(!self.no_pool)
+            .with_baggage(self.meta.baggage(identity.id()))
+            .with_telemetry(telemetry);
+        config.network = self.network.clone();
         Ok(Dialer::with_config(identity, config)?)
     }
 

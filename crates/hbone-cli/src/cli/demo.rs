@@ -65,8 +65,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let echo_addr = echo.local_addr()?;
     tokio::spawn(run_echo(echo));
 
-    let mut server_config = ServerConfig::new(loopback, server_cert.identity()?);
-    server_config.access_log = records.clone();
+    let server_config =
+        ServerConfig::new(loopback, server_cert.identity()?).with_access_log(records.clone());
     let server = Server::bind(server_config).await?;
     let server_addr = server.local_addr();
     tokio::spawn(server.run());

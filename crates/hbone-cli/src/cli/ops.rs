@@ -56,10 +56,9 @@ impl Ops {
         let readiness = Readiness::new(listeners);
         let telemetry = match admin {
             AdminSetting::Off => Telemetry::default(),
-            AdminSetting::At(_) => Telemetry {
-                metrics: Some(Arc::new(Metrics::new())),
-                tunnels: Some(Arc::new(ActiveTunnels::default())),
-            },
+            AdminSetting::At(_) => Telemetry::default()
+                .with_metrics(Arc::new(Metrics::new()))
+                .with_tunnels(Arc::new(ActiveTunnels::default())),
         };
         if let (Some(metrics), Some(tunnels)) = (&telemetry.metrics, &telemetry.tunnels) {
             let tunnels = Arc::downgrade(tunnels);
@@ -79,13 +78,11 @@ impl Ops {
                 tracing::warn!(listen = %bound, "the admin endpoint has no authentication; keep it off public interfaces");
             }
             tracing::info!(listen = %bound, "admin endpoint ready (/metrics /healthz /readyz /config /tunnels /logging)");
-            let admin = Admin {
-                metrics: telemetry.metrics.clone(),
-                tunnels: telemetry.tunnels.clone(),
-                readiness: readiness.clone(),
-                config: Some(config),
-                logging: Some(logging),
-            };
+            let admin = Admin::default()
+                .with_telemetry(&telemetry)
+                .with_readiness(readiness.clone())
+                .with_config(config)
+                .with_logging(logging);
             tokio::spawn(admin.serve(listener));
         }
         let (requested, shutdown) = watch::channel(false);

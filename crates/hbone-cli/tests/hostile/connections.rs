@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use hbone::ServerConfig;
+use hbone::config::Timeouts;
 use hbone::server::Limits;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -22,13 +23,10 @@ async fn connection_flood_from_one_ip_is_capped() {
     const FLOOD: usize = 50;
     let _gate = shared().await;
     let pki = Pki::new();
-    let mut config = ServerConfig::new(loopback(), pki.server.clone());
-    config.limits = Limits {
-        max_connections_per_ip: PER_IP,
-        ..Limits::default()
-    };
-    // Long enough that the admitted flood connections stay open meanwhile.
-    config.timeouts.handshake = Duration::from_secs(10);
+    let config = ServerConfig::new(loopback(), pki.server.clone())
+        .with_limits(Limits::default().with_max_connections_per_ip(PER_IP))
+        // Long enough that the admitted flood connections stay open meanwhile.
+        .with_timeouts(Timeouts::default().with_handshake(Duration::from_secs(10)));
     let server = start_server(config).await;
     let mut alongside = Alongside::open(&server, &pki).await;
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hbone::ServerConfig;
+use hbone::config::Timeouts;
 use hbone::keepalive::Keepalive;
 use tokio::io::AsyncWriteExt;
 
@@ -256,11 +257,12 @@ async fn clients_that_stop_mid_handshake_are_closed_by_the_timeout() {
 async fn client_that_never_answers_ping_is_dropped_by_keepalive() {
     let _gate = shared().await;
     let pki = Pki::new();
-    let mut config = ServerConfig::new(loopback(), pki.server.clone());
-    config.timeouts.keepalive = Keepalive {
-        interval: Duration::from_millis(200),
-        timeout: Duration::from_millis(300),
-    };
+    let config = ServerConfig::new(loopback(), pki.server.clone()).with_timeouts(
+        Timeouts::default().with_keepalive(Keepalive::new(
+            Duration::from_millis(200),
+            Duration::from_millis(300),
+        )),
+    );
     let server = start_server(config).await;
     let mut alongside = Alongside::open(&server, &pki).await;
     let started = Instant::now();

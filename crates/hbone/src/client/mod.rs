@@ -42,6 +42,7 @@ use crate::tls::{self, ClientBase, TlsFailure};
 
 /// The step of opening a tunnel that ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Stage {
     /// TCP connect to the HBONE server.
     Connect,
@@ -72,8 +73,10 @@ fn status_meaning(status: StatusCode) -> &'static str {
     }
 }
 
-/// Why a tunnel could not be opened.
+/// Why a tunnel could not be opened. [`DialError::reason`] and
+/// [`DialError::response_flag`] classify it for logs and metrics.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DialError {
     /// The route lists no SPIFFE ID the server (or gateway) must prove.
     #[error("no expected server identity given: pass at least one SPIFFE ID")]
@@ -219,8 +222,20 @@ impl DialError {
     }
 }
 
-/// How a dialer behaves.
+/// How a dialer behaves: start from [`DialerConfig::default`] and change
+/// what you need with the `with_*` methods.
+///
+/// ```
+/// use hbone::DialerConfig;
+/// use hbone::config::Timeouts;
+/// use std::time::Duration;
+///
+/// let config = DialerConfig::default()
+///     .with_timeouts(Timeouts::default().with_connect(Duration::from_secs(1)))
+///     .with_network("west");
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DialerConfig {
     /// HTTP/2 settings for the dialer's connections.
     pub h2: H2Settings,
@@ -252,6 +267,57 @@ impl Default for DialerConfig {
             network: None,
             telemetry: Telemetry::default(),
         }
+    }
+}
+
+impl DialerConfig {
+    /// Sets [`DialerConfig::h2`].
+    #[must_use]
+    pub fn with_h2(mut self, h2: H2Settings) -> Self {
+        self.h2 = h2;
+        self
+    }
+
+    /// Sets [`DialerConfig::timeouts`].
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Sets [`DialerConfig::pooling`].
+    #[must_use]
+    pub fn with_pooling(mut self, pooling: bool) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// Sets [`DialerConfig::idle_timeout`].
+    #[must_use]
+    pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// Sets [`DialerConfig::baggage`].
+    #[must_use]
+    pub fn with_baggage(mut self, baggage: Baggage) -> Self {
+        self.baggage = baggage;
+        self
+    }
+
+    /// Sets our network name ([`DialerConfig::network`]).
+    #[must_use]
+    pub fn with_network(mut self, network: impl Into<String>) -> Self {
+        self.network = Some(network.into());
+        self
+    }
+
+    /// Sets [`DialerConfig::telemetry`].
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 }
 
@@ -705,8 +771,10 @@ fn clone_request(request: &Request<()>) -> Request<()> {
     copy
 }
 
-/// Where a tunnel goes.
+/// Where a tunnel goes. Ways to route may be added, so a `match` on a
+/// route needs a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Route {
     /// Straight to an HBONE server, which must prove one of `server_ids`.
     Direct {
@@ -730,8 +798,17 @@ pub enum Route {
     },
 }
 
-/// One tunnel to open.
+/// One tunnel to open: [`TunnelRequest::new`], then the `with_*` methods.
+///
+/// ```
+/// use hbone::TunnelRequest;
+///
+/// let request = TunnelRequest::new("10.0.0.7:8080".parse().unwrap())
+///     .with_source("192.0.2.1:40000".parse().unwrap());
+/// assert!(request.trace.is_none());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TunnelRequest {
     /// What the final server connects to.
     pub target: SocketAddr,
@@ -749,6 +826,20 @@ impl TunnelRequest {
             source: None,
             trace: None,
         }
+    }
+
+    /// Names the original client ([`TunnelRequest::source`]).
+    #[must_use]
+    pub fn with_source(mut self, source: SocketAddr) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Joins `trace` ([`TunnelRequest::trace`]).
+    #[must_use]
+    pub fn with_trace(mut self, trace: TraceParent) -> Self {
+        self.trace = Some(trace);
+        self
     }
 }
 

@@ -35,6 +35,7 @@ const ATYP_DOMAIN: u8 = 3;
 const ATYP_IPV6: u8 = 4;
 
 /// SOCKS5 reply codes (RFC 1928 §6).
+// Exhaustive on purpose: the codes are wire values fixed by the RFC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Reply {
@@ -82,6 +83,7 @@ impl Reply {
 
 /// Where a SOCKS5 entry sends its tunnels.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum SocksConfig {
     /// To port 15008 of each requested address, as Istio ambient does; the
     /// server there must prove one of `server_ids`.

@@ -14,6 +14,7 @@ use crate::relay::{CopyError, Transferred};
 
 /// Why a stdin/stdout tunnel ended badly.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StdioError {
     /// The tunnel could not be opened.
     #[error(transparent)]

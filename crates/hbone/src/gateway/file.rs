@@ -10,6 +10,7 @@ use crate::HBONE_PORT;
 
 /// Why a routing table could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RoutesError {
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]

@@ -31,6 +31,7 @@ struct Route {
 
 /// Why a route cannot be added.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RouteSpecError {
     /// The host is empty or holds a `:`, `/` or space.
     #[error("host must be a bare host name")]
@@ -42,6 +43,7 @@ pub enum RouteSpecError {
 
 /// Why an outer `:authority` has no route.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RouteError {
     /// The authority is not `hostname:port` (answered with 400).
     #[error("authority {0:?} is not hostname:port")]

@@ -25,8 +25,10 @@ pub use disabled::{ConnectionGauge, Metrics, RelayBytes, TunnelCounters};
 #[cfg(feature = "metrics")]
 pub use registry::{ConnectionGauge, Metrics, RelayBytes, TunnelCounters};
 
-/// Which end of a tunnel reports: Istio's `reporter` label.
+/// Which end of a tunnel reports: Istio's `reporter` label. Istio knows
+/// more reporters (`waypoint`), which may be added here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Reporter {
     /// The end that opened the tunnel (dialer, entries).
     Source,
@@ -53,7 +55,9 @@ impl Reporter {
 }
 
 /// Istio's `response_flags`: why a tunnel failed, `-` when it did not.
+/// Envoy defines many more flags, which may be added here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ResponseFlag {
     /// The tunnel did not fail (`-`).
     None,
@@ -103,7 +107,10 @@ pub(crate) const LATEST: &str = "latest";
 /// workload name; `canonical_revision` is the version (`service.version`,
 /// our `--app-version`), else `latest` once a canonical service is known.
 /// `app` and `version` are the app and version as given, nothing derived.
+/// Labels may be added, so it is built with [`WorkloadMeta::new`] (or
+/// `Default` and field assignment), never as a literal.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkloadMeta {
     /// The proven identity: `*_principal`.
     pub id: Option<SpiffeId>,
@@ -164,8 +171,10 @@ impl WorkloadMeta {
     }
 }
 
-/// Istio's `destination_service*` labels for a service host name.
+/// Istio's `destination_service*` labels for a service host name, made by
+/// [`DestinationService::from_host`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DestinationService {
     /// The host name, lowercase: `destination_service`.
     pub host: String,

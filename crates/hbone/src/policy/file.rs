@@ -27,6 +27,7 @@ use super::{Action, IdPattern, IpNet, Policy, Rule, ServiceRule, TargetRule};
 
 /// A policy file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PolicyFileError {
     /// The file could not be read.
     #[error("cannot read policy file {path}: {source}")]
@@ -79,7 +80,8 @@ struct RuleEntry {
 }
 
 /// Reads and checks a policy file.
-pub fn load(path: &Path) -> Result<Policy, PolicyFileError> {
+pub fn load(path: impl AsRef<Path>) -> Result<Policy, PolicyFileError> {
+    let path = path.as_ref();
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
         path: name.clone(),

@@ -30,6 +30,7 @@ use crate::identity::SpiffeId;
 
 /// Why a tunnel was refused by policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Denial {
     /// No allow rule names the peer's identity at all.
     #[error("identity {0} is not allowed to open tunnels")]
@@ -90,6 +91,9 @@ fn built_in_denial(ip: IpAddr) -> Option<IpNet> {
 }
 
 /// What a rule does when it matches.
+// Exhaustive on purpose: whoever reads a policy (a summary, a linter, a
+// converter) must handle both actions to be right, and a third action
+// would change what every rule means; it should break such code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Let matching tunnels through (unless a deny rule matches too).
@@ -205,6 +209,7 @@ impl Rule {
 
 /// The outcome of [`Policy::decide`] when allowed: the deciding rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Allowed<'a> {
     /// The name of the allow rule that matched.
     pub rule: &'a str,

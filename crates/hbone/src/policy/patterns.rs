@@ -9,6 +9,7 @@ use crate::identity::{SpiffeId, SpiffeIdError};
 
 /// A set of peers, by SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdPattern {
     /// Exactly this ID.
     Exact(SpiffeId),
@@ -64,6 +65,7 @@ impl IdPattern {
 
 /// Why an ID pattern does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdPatternError {
     /// Apart from its wildcard, the pattern is not a valid SPIFFE ID.
     #[error("{0}")]
@@ -211,6 +213,9 @@ impl fmt::Display for IpNet {
 }
 
 /// Targets a tunnel may reach: a network and a port range.
+// Exhaustive on purpose: a value made of a network and a port range, with
+// the text form CIDR[:PORTS]; narrowing a rule further is `Rule`'s job
+// (which is non-exhaustive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetRule {
     /// The network a target's address must be in.
@@ -222,6 +227,7 @@ pub struct TargetRule {
 
 /// Why a target rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TargetRuleError {
     /// The text is not shaped like `CIDR[:PORT|:PORT-PORT]`.
     #[error("expected CIDR[:PORT|:PORT-PORT], e.g. 10.0.0.0/8:443 or [fd00::/8]:80-90")]
@@ -333,6 +339,7 @@ impl fmt::Display for TargetRule {
 
 /// Services a tunnel may reach by name: a host name (as the CONNECT named
 /// it) and a port range of the service port.
+// Exhaustive on purpose, as `TargetRule`: a host name and a port range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRule {
     /// Lower case, no trailing dot.
@@ -344,6 +351,7 @@ pub struct ServiceRule {
 
 /// Why a service rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServiceRuleError {
     /// The host is not a qualified host name (it needs a dot), or the text
     /// is not shaped like `HOST[:PORT|:PORT-PORT]`.

@@ -8,8 +8,10 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The caps; each has a default meant for one busy node.
+/// The caps; each has a default meant for one busy node. Change one with
+/// the `with_*` methods: `Limits::default().with_max_tunnels(1_000)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Open connections, all sources together.
     pub max_connections: usize,
@@ -26,6 +28,29 @@ impl Default for Limits {
             max_connections_per_ip: 1_000,
             max_tunnels: 100_000,
         }
+    }
+}
+
+impl Limits {
+    /// Sets [`Limits::max_connections`].
+    #[must_use]
+    pub fn with_max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections;
+        self
+    }
+
+    /// Sets [`Limits::max_connections_per_ip`].
+    #[must_use]
+    pub fn with_max_connections_per_ip(mut self, connections: usize) -> Self {
+        self.max_connections_per_ip = connections;
+        self
+    }
+
+    /// Sets [`Limits::max_tunnels`].
+    #[must_use]
+    pub fn with_max_tunnels(mut self, tunnels: usize) -> Self {
+        self.max_tunnels = tunnels;
+        self
     }
 }
 

@@ -45,10 +45,27 @@ use crate::policy::{Policy, PolicyHandle};
 use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;
 
-/// Everything a server needs.
+/// Everything a server needs: start from [`ServerConfig::new`] and change
+/// what you need with the `with_*` methods.
+///
+/// ```
+/// # fn example(identity: hbone::Identity) -> Result<(), Box<dyn std::error::Error>> {
+/// use hbone::ServerConfig;
+/// use hbone::config::Timeouts;
+/// use hbone::server::Limits;
+/// use std::time::Duration;
+///
+/// let config = ServerConfig::new("0.0.0.0:15008".parse()?, identity)
+///     .with_timeouts(Timeouts::default().with_tunnel_idle(Duration::from_secs(3600)))
+///     .with_limits(Limits::default().with_max_tunnels(10_000))
+///     .with_proxy_protocol(true);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
-    /// Where to listen; Istio's HBONE port is 15008.
+    /// Where to listen; Istio's HBONE port is 15008. Ignored by
+    /// [`Server::from_listener`], which serves the socket it is given.
     pub listen: SocketAddr,
     /// The certificate the server proves itself with, and the trust bundle
     /// it checks clients against.
@@ -101,10 +118,92 @@ impl ServerConfig {
             telemetry: Telemetry::default(),
         }
     }
+
+    /// Sets [`ServerConfig::trust_domains`].
+    #[must_use]
+    pub fn with_trust_domains(
+        mut self,
+        trust_domains: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        self.trust_domains = trust_domains.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`ServerConfig::policy`].
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets [`ServerConfig::h2`].
+    #[must_use]
+    pub fn with_h2(mut self, h2: H2Settings) -> Self {
+        self.h2 = h2;
+        self
+    }
+
+    /// Sets [`ServerConfig::timeouts`].
+    #[must_use]
+    pub fn with_timeouts(mut self, timeouts: Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Sets [`ServerConfig::access_log`].
+    #[must_use]
+    pub fn with_access_log(mut self, access_log: Arc<dyn AccessLog>) -> Self {
+        self.access_log = access_log;
+        self
+    }
+
+    /// Sets [`ServerConfig::proxy_protocol`].
+    #[must_use]
+    pub fn with_proxy_protocol(mut self, proxy_protocol: bool) -> Self {
+        self.proxy_protocol = proxy_protocol;
+        self
+    }
+
+    /// Sets [`ServerConfig::baggage`].
+    #[must_use]
+    pub fn with_baggage(mut self, baggage: Baggage) -> Self {
+        self.baggage = baggage;
+        self
+    }
+
+    /// Makes the server a double-HBONE gateway with `routes`
+    /// ([`ServerConfig::gateway_routes`]).
+    #[must_use]
+    pub fn with_gateway_routes(mut self, routes: impl Into<Arc<Routes>>) -> Self {
+        self.gateway_routes = Some(routes.into());
+        self
+    }
+
+    /// Sets [`ServerConfig::services`].
+    #[must_use]
+    pub fn with_services(mut self, services: ServiceTable) -> Self {
+        self.services = services;
+        self
+    }
+
+    /// Sets [`ServerConfig::limits`].
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets [`ServerConfig::telemetry`].
+    #[must_use]
+    pub fn with_telemetry(mut self, telemetry: Telemetry) -> Self {
+        self.telemetry = telemetry;
+        self
+    }
 }
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -115,6 +214,10 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The listener given to [`Server::from_listener`] has no local
+    /// address: it is not a bound TCP socket.
+    #[error("the listener given has no local address: {0}")]
+    Listener(#[source] std::io::Error),
     /// The identity could not be made into a TLS configuration.
     #[error(transparent)]
     Tls(#[from] tls::TlsConfigError),
@@ -123,6 +226,8 @@ pub enum ServerError {
 /// A bound HBONE server.
 pub struct Server {
     listener: TcpListener,
+    /// The listener's address, read once.
+    local_addr: SocketAddr,
     shared: Arc<Shared>,
 }
 
@@ -148,14 +253,11 @@ struct Shared {
 }
 
 impl Server {
-    /// Builds the TLS configuration and binds the listener.
+    /// Builds the TLS configuration and binds a listener on
+    /// [`ServerConfig::listen`].
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
-        let trust_domains = if config.trust_domains.is_empty() {
-            vec![config.identity.id().trust_domain().to_owned()]
-        } else {
-            config.trust_domains.clone()
-        };
-        let tls = tls::ServerTls::new(&config.identity, trust_domains)?;
+        // TLS first: a bad identity is reported without touching the port.
+        let tls = Self::server_tls(&config)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -163,12 +265,63 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
-        let own = listener.local_addr().unwrap_or(config.listen);
+        Self::serve_on(listener, tls, config)
+    }
+
+    /// Builds the TLS configuration and serves `listener`, a socket bound
+    /// elsewhere: handed over by systemd socket activation, inherited, or
+    /// bound by the embedder with options of its own. `config.listen` is
+    /// ignored; [`Server::local_addr`] is the listener's address, and it
+    /// is the address the policy refuses as a target (the tunnel would
+    /// loop).
+    ///
+    /// A `std::net::TcpListener` must be made non-blocking first, then
+    /// converted inside the runtime:
+    ///
+    /// ```no_run
+    /// # async fn example(identity: hbone::Identity) -> Result<(), Box<dyn std::error::Error>> {
+    /// use hbone::{Server, ServerConfig};
+    ///
+    /// let socket = std::net::TcpListener::bind("127.0.0.1:15008")?;
+    /// socket.set_nonblocking(true)?;
+    /// let listener = tokio::net::TcpListener::from_std(socket)?;
+    /// // `listen` is not used: the server takes the listener's address.
+    /// let config = ServerConfig::new(([0, 0, 0, 0], 0).into(), identity);
+    /// let server = Server::from_listener(listener, config)?;
+    /// tokio::spawn(server.run());
+    /// # Ok(()) }
+    /// ```
+    pub fn from_listener(
+        listener: TcpListener,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        let tls = Self::server_tls(&config)?;
+        Self::serve_on(listener, tls, config)
+    }
+
+    /// The TLS configuration for `config`'s identity and trust domains.
+    fn server_tls(config: &ServerConfig) -> Result<tls::ServerTls, ServerError> {
+        let trust_domains = if config.trust_domains.is_empty() {
+            vec![config.identity.id().trust_domain().to_owned()]
+        } else {
+            config.trust_domains.clone()
+        };
+        Ok(tls::ServerTls::new(&config.identity, trust_domains)?)
+    }
+
+    /// The server on `listener`, whichever way it was bound.
+    fn serve_on(
+        listener: TcpListener,
+        tls: tls::ServerTls,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
+        let local_addr = listener.local_addr().map_err(ServerError::Listener)?;
         Ok(Server {
             listener,
+            local_addr,
             shared: Arc::new(Shared {
                 tls,
-                policy: PolicyHandle::new(config.policy.with_own_listener(own)),
+                policy: PolicyHandle::new(config.policy.with_own_listener(local_addr)),
                 h2: config.h2,
                 timeouts: config.timeouts,
                 access_log: config.access_log,
@@ -191,9 +344,7 @@ impl Server {
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.local_addr
     }
 
     /// The identity this server proves.

@@ -12,6 +12,7 @@ use crate::services::ServiceError;
 
 /// Why a CONNECT was refused. The only place statuses and reasons are chosen.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Refusal {
     /// The request is not a CONNECT (405).
     #[error("method {0} is not allowed; HBONE accepts CONNECT only")]

@@ -15,8 +15,10 @@ pub struct ServerStats {
     pub(super) limit_refusals: AtomicU64,
 }
 
-/// A point-in-time copy of [`ServerStats`].
+/// A point-in-time copy of [`ServerStats`]. Read-only: counters may be
+/// added, so it cannot be built outside this crate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct StatsSnapshot {
     /// TCP connections taken on (within the limits) since the start.
     pub connections_accepted: u64,

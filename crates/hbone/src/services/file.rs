@@ -11,6 +11,7 @@ use super::ServiceTable;
 
 /// A services file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServicesFileError {
     /// The file could not be read.
     #[error("cannot read services file {path}: {source}")]

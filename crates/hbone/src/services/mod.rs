@@ -35,6 +35,7 @@ pub use file::ServicesFileError;
 
 /// Why a service cannot be listed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServiceSpecError {
     /// The service's host is not a valid host name.
     #[error(
@@ -54,6 +55,7 @@ pub enum ServiceSpecError {
 
 /// Why a service name has no target.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServiceError {
     /// No service lists the name, and it is under no resolve domain.
     #[error("unknown service {0}: not in this server's services table")]
@@ -81,6 +83,7 @@ pub enum ServiceError {
 
 /// Where a service's traffic goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Resolution {
     /// This address.
     Addr(SocketAddr),
