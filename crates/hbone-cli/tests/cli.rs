@@ -1025,7 +1025,7 @@ async fn policy_file_check_test_and_live_reload() {
         "{stderr}"
     );
 
-    let (_server, server) = spawn_ready(&[
+    let (_server, server, log) = spawn_logged(&[
         "server",
         "--identity-dir",
         &path(dir.path(), "server"),
@@ -1066,7 +1066,7 @@ async fn policy_file_check_test_and_live_reload() {
 
     // A broken file keeps the last good policy: still denied.
     std::fs::write(&policy, "[[rule]\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    log_lines(&log, "policy not reloaded", 1).await;
     match dialer
         .connect(server, std::slice::from_ref(&server_id), echo)
         .await
@@ -1100,7 +1100,7 @@ async fn server_picks_up_rotated_files_and_refuses_a_mismatched_pair() {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path()).await;
     let server_dir = dir.path().join("server");
-    let (_server, server) = spawn_ready(&[
+    let (_server, server, log) = spawn_logged(&[
         "server",
         "--identity-dir",
         server_dir.to_str().unwrap(),
@@ -1125,7 +1125,7 @@ async fn server_picks_up_rotated_files_and_refuses_a_mismatched_pair() {
     ])
     .await;
     std::fs::copy(renewed.join("cert.pem"), server_dir.join("cert.pem")).unwrap();
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    log_lines(&log, "identity not reloaded", 1).await;
     assert_eq!(
         presented_cert(server).await,
         original,

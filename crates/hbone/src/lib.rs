@@ -12,6 +12,10 @@
 //!   [`gateway`] routes it is a double-HBONE gateway.
 //! - [`Identity`] and [`SpiffeId`]: certificates, keys and trust bundles,
 //!   and the SPIFFE IDs they prove; [`tls`] holds the verifiers.
+//! - [`Tunnel::relay`] relays a tunnel to any local byte stream (a socket,
+//!   a Unix stream, stdin/stdout), with the engine the entries and the
+//!   server use: no buffer while idle, half-close, counts that survive
+//!   errors.
 //! - [`lifecycle::TunnelLifecycle`]: one record per tunnel (access log,
 //!   Istio counters, open-tunnel list), for tunnels you relay yourself.
 //! - [`entry`]: the ways traffic gets in (port forward, stdin/stdout,
