@@ -163,7 +163,8 @@ async fn ca_server_forward_connect_and_socks5() {
     .await;
     let server_s = server.to_string();
 
-    // forward: a plain TCP client through a local port.
+    // forward: a plain TCP client through a local port; the server and
+    // the target named by host name, resolved for each connection.
     let (_forward, forward) = spawn_ready(&[
         "forward",
         "--identity-dir",
@@ -171,11 +172,11 @@ async fn ca_server_forward_connect_and_socks5() {
         "--listen",
         "127.0.0.1:0",
         "--server",
-        &server_s,
+        &format!("localhost:{}", server.port()),
         "--server-id",
         SERVER_ID,
         "--target",
-        &echo_s,
+        &format!("localhost:{}", echo.port()),
     ])
     .await;
     let data = payload(3, 4 << 20);
@@ -219,7 +220,7 @@ async fn ca_server_forward_connect_and_socks5() {
     );
     assert_eq!(output.stdout, b"through stdin and back");
 
-    // socks5, with every tunnel sent to our server.
+    // socks5, with every tunnel sent to our server (named).
     let (_socks, socks) = spawn_ready(&[
         "socks5",
         "--identity-dir",
@@ -227,7 +228,7 @@ async fn ca_server_forward_connect_and_socks5() {
         "--listen",
         "127.0.0.1:0",
         "--server",
-        &server_s,
+        &format!("LocalHost.:{}", server.port()),
         "--server-id",
         SERVER_ID,
     ])
@@ -250,10 +251,33 @@ async fn ca_server_forward_connect_and_socks5() {
         .await
         .unwrap();
     assert_eq!(read_reply(&mut client).await, 7, "command not supported");
-    // Domain names are not supported: reply 8.
+    // A domain name is resolved by the entry and its addresses tried.
     let mut client = socks5_greet(socks).await;
     client
-        .write_all(&[&[5u8, 1, 0, 3, 9][..], b"localhost", &[0, 80]].concat())
+        .write_all(
+            &[
+                &[5u8, 1, 0, 3, 9][..],
+                b"localhost",
+                &echo.port().to_be_bytes(),
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut client).await, 0, "succeeded");
+    let back = echo_roundtrip(client, b"by name").await.unwrap();
+    assert_eq!(back, b"by name");
+    // A name that does not resolve: host unreachable (4).
+    let mut client = socks5_greet(socks).await;
+    client
+        .write_all(&[&[5u8, 1, 0, 3, 15][..], b"nothing.invalid", &[0, 80]].concat())
+        .await
+        .unwrap();
+    assert_eq!(read_reply(&mut client).await, 4, "host unreachable");
+    // Something that is no host name: address type not supported (8).
+    let mut client = socks5_greet(socks).await;
+    client
+        .write_all(&[&[5u8, 1, 0, 3, 8][..], b"not a/na", &[0, 80]].concat())
         .await
         .unwrap();
     assert_eq!(
@@ -365,6 +389,27 @@ async fn operator_mistakes_get_clear_errors() {
             "--days",
         ),
         (&["ca", "init", "--out", "x", "--days", "0"], "--days"),
+        // Addresses: what is expected, with examples.
+        (
+            &[
+                "forward",
+                "--identity-dir",
+                "x",
+                "--listen",
+                "127.0.0.1:0",
+                "--server-id",
+                SERVER_ID,
+                "--server",
+                "10.0.0.2",
+                "--target",
+                "127.0.0.1:80",
+            ],
+            "expected HOST:PORT, e.g. 127.0.0.1:8080",
+        ),
+        (
+            &["server", "--listen", "localhost:15008"],
+            "expected IP:PORT, e.g. 127.0.0.1:8080",
+        ),
     ] {
         let output = hbone(args).output().await.unwrap();
         assert!(!output.status.success(), "{args:?} was accepted");

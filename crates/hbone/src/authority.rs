@@ -90,6 +90,56 @@ impl fmt::Display for ServiceName {
     }
 }
 
+impl Target {
+    /// The addresses this target stands for, in the order to try them: the
+    /// address itself, or what the system resolver answers for the name,
+    /// duplicates removed. Each call asks afresh, so a name that moves (a
+    /// Kubernetes Service, a DNS failover) is followed.
+    pub async fn resolve(&self) -> std::io::Result<Vec<SocketAddr>> {
+        let name = match self {
+            Target::Addr(addr) => return Ok(vec![*addr]),
+            Target::Service(name) => name,
+        };
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for addr in tokio::net::lookup_host((name.host(), name.port())).await? {
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{name} resolves to no address"),
+            ));
+        }
+        Ok(addrs)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Addr(addr) => addr.fmt(f),
+            Target::Service(name) => name.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = AuthorityError;
+
+    /// As [`parse_target`].
+    fn from_str(text: &str) -> Result<Self, AuthorityError> {
+        parse_target(text)
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Target::Addr(addr)
+    }
+}
+
 /// Parses an authority into an address or a service name. Anything that
 /// looks like an address but is not a valid one (`1.2.3:80`, `01.2.3.4:80`)
 /// is refused rather than taken for a name.
@@ -189,6 +239,33 @@ mod tests {
         assert_eq!(
             parse_target("[::1]:80"),
             Ok(Target::Addr("[::1]:80".parse().unwrap()))
+        );
+    }
+
+    #[tokio::test]
+    async fn targets_resolve_to_their_addresses() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(Target::from(addr).resolve().await.unwrap(), vec![addr]);
+        let local = parse_target("localhost:9")
+            .unwrap()
+            .resolve()
+            .await
+            .unwrap();
+        assert!(!local.is_empty());
+        assert!(
+            local.iter().all(|a| a.ip().is_loopback() && a.port() == 9),
+            "{local:?}"
+        );
+        let mut unique = local.clone();
+        unique.dedup();
+        assert_eq!(unique, local);
+        // A name under the reserved `.invalid` domain never resolves.
+        assert!(
+            parse_target("nothing.invalid:9")
+                .unwrap()
+                .resolve()
+                .await
+                .is_err()
         );
     }
 

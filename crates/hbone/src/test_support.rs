@@ -107,3 +107,17 @@ pub(crate) fn test_identity(name: &str) -> crate::Identity {
         .identity()
         .expect("an identity")
 }
+
+/// Identities for `test_id(name)` of each name, all from one development
+/// CA, so that they trust each other.
+#[cfg(feature = "ca")]
+pub(crate) fn test_identities<const N: usize>(names: [&str; N]) -> [crate::Identity; N] {
+    let day = Duration::from_secs(86_400);
+    let ca = crate::ca::DevCa::generate("cluster.local", day).expect("a CA");
+    names.map(|name| {
+        ca.issue(&test_id(name), day)
+            .expect("a certificate")
+            .identity()
+            .expect("an identity")
+    })
+}

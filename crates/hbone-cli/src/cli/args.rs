@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use anyhow::bail;
 use clap::Args;
+use hbone::authority::Target;
 use hbone::config::parse_duration;
 use hbone::config::{H2Settings, Timeouts};
+use hbone::entry::Destination;
 use hbone::headers::{self, Baggage};
 use hbone::identity;
 use hbone::keepalive::Keepalive;
@@ -156,10 +158,11 @@ pub(super) struct ServerArgs {
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
     /// Address to listen on.
-    #[arg(long, default_value = "[::]:15008")]
+    #[arg(long, default_value = "[::]:15008", value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
-    /// Targets tunnels may reach: CIDR[:PORT|:PORT-PORT], repeatable. Replaces the
-    /// loopback-only default.
+    /// Targets tunnels may reach: CIDR[:PORT|:PORT-PORT], repeatable, e.g.
+    /// 10.0.0.0/8:5432, 192.0.2.7:8000-8099, [fd00::/8]:443 (IPv6 in
+    /// brackets when a port follows). Replaces the loopback-only default.
     #[arg(long = "allow-target", value_name = "RULE")]
     pub(super) allow_targets: Vec<TargetRule>,
     /// Peers that may open tunnels: exact SPIFFE ID, spiffe://TD/* or
@@ -193,7 +196,7 @@ pub(super) struct GatewayArgs {
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
     /// Address to listen on.
-    #[arg(long, default_value = "[::]:15008")]
+    #[arg(long, default_value = "[::]:15008", value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
     /// Routing table (TOML): service host names to HBONE endpoints.
     #[arg(long, value_name = "FILE")]
@@ -350,17 +353,29 @@ impl DialArgs {
         Ok(Dialer::with_config(identity, config)?)
     }
 
-    /// The route to `server`, or through the gateway when one is given.
-    pub(super) fn route(&self, server: Option<SocketAddr>) -> anyhow::Result<Route> {
+    /// Where tunnels to `target` go: to `server` (an address or a host
+    /// name), or through the gateway when one is given.
+    pub(super) fn destination(
+        &self,
+        server: Option<&Target>,
+        target: &Target,
+    ) -> anyhow::Result<Destination> {
         let server_ids = self.server_ids.clone();
         match (self.gateway, server) {
-            (Some(gateway), None) => Ok(Route::Gateway {
-                gateway,
-                gateway_ids: self.gateway_ids.clone(),
-                service: self.service.clone().unwrap_or_default(),
+            (Some(gateway), None) => Ok(Destination::new(
+                Route::Gateway {
+                    gateway,
+                    gateway_ids: self.gateway_ids.clone(),
+                    service: self.service.clone().unwrap_or_default(),
+                    server_ids,
+                },
+                target.clone(),
+            )),
+            (None, Some(server)) => Ok(Destination::direct(
+                server.clone(),
                 server_ids,
-            }),
-            (None, Some(server)) => Ok(Route::Direct { server, server_ids }),
+                target.clone(),
+            )),
             (Some(_), Some(_)) => bail!("give either --server or --gateway, not both"),
             (None, None) => bail!(
                 "say where tunnels go: --server ADDR, or --gateway ADDR with --gateway-id and --service"
@@ -418,14 +433,17 @@ pub(super) struct ForwardArgs {
     #[command(flatten)]
     pub(super) dial: DialArgs,
     /// Local address to accept application connections on.
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
-    /// HBONE server address (or use --gateway).
-    #[arg(long)]
-    pub(super) server: Option<SocketAddr>,
-    /// Target (ip:port) the server connects each tunnel to.
-    #[arg(long)]
-    pub(super) target: SocketAddr,
+    /// HBONE server, IP:PORT or HOST:PORT (a name is resolved at each new
+    /// connection, every address tried in order); or use --gateway.
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]
+    pub(super) server: Option<Target>,
+    /// Target the server connects each tunnel to, IP:PORT or HOST:PORT (a
+    /// name is resolved here, at each new connection; the server's policy
+    /// judges the address).
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]
+    pub(super) target: Target,
     /// On SIGTERM or Ctrl-C: stop accepting and give open tunnels this long
     /// to finish (0s: close them at once). A second signal exits at once.
     #[arg(long, default_value = "30s", value_parser = parse_drain_timeout)]
@@ -436,12 +454,14 @@ pub(super) struct ForwardArgs {
 pub(super) struct ConnectArgs {
     #[command(flatten)]
     pub(super) dial: DialArgs,
-    /// HBONE server address (or use --gateway).
-    #[arg(long)]
-    pub(super) server: Option<SocketAddr>,
-    /// Target (ip:port) the server connects the tunnel to.
-    #[arg(long)]
-    pub(super) target: SocketAddr,
+    /// HBONE server, IP:PORT or HOST:PORT (every address a name resolves
+    /// to is tried in order); or use --gateway.
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]
+    pub(super) server: Option<Target>,
+    /// Target the server connects the tunnel to, IP:PORT or HOST:PORT (a
+    /// name is resolved here; the server's policy judges the address).
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]
+    pub(super) target: Target,
 }
 
 #[derive(Args)]
@@ -451,11 +471,12 @@ pub(super) struct Socks5Args {
     #[command(flatten)]
     pub(super) dial: DialArgs,
     /// Local address for SOCKS5 clients.
-    #[arg(long)]
+    #[arg(long, value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
-    /// HBONE server for every tunnel; default: port 15008 of each target.
-    #[arg(long)]
-    pub(super) server: Option<SocketAddr>,
+    /// HBONE server for every tunnel, IP:PORT or HOST:PORT; default: port
+    /// 15008 of each target.
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]
+    pub(super) server: Option<Target>,
     /// On SIGTERM or Ctrl-C: stop accepting and give open tunnels this long
     /// to finish (0s: close them at once). A second signal exits at once.
     #[arg(long, default_value = "30s", value_parser = parse_drain_timeout)]

@@ -320,7 +320,7 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<()> {
-    let route = args.dial.route(args.server)?;
+    let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
     let dialer = args.dial.dialer(ops)?;
     let reloading = dialer.clone();
     watch_identity(args.dial.identity.clone(), ops, move |identity| {
@@ -329,15 +329,14 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(
-        listen = %listener.local_addr()?, id = %dialer.local_id(), route = %route,
-        target = %args.target, "forward ready"
+        listen = %listener.local_addr()?, id = %dialer.local_id(), route = %destination,
+        "forward ready"
     );
     let log = Arc::new(TracingLog);
     let serving = entry::forward::serve(
         listener,
         dialer.clone(),
-        route,
-        args.target,
+        destination,
         log,
         ops.shutdown_requested(),
     );
@@ -388,20 +387,26 @@ async fn close_connections(dialer: &hbone::Dialer, limit: Duration) {
 }
 
 pub(super) async fn run_connect(args: ConnectArgs) -> anyhow::Result<()> {
-    let route = args.dial.route(args.server)?;
+    let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
     let dialer = args.dial.dialer_without_telemetry()?;
-    let result = entry::stdio::run(&dialer, &route, args.target).await;
+    let result = entry::stdio::run(&dialer, &destination).await;
     close_connections(&dialer, CONNECT_CLOSE_LIMIT).await;
     result?;
     Ok(())
 }
 
 pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()> {
+    let server_ids = args.dial.server_ids.clone();
     let config = match (args.server, args.dial.gateway) {
-        (None, None) => SocksConfig::PerTarget {
-            server_ids: args.dial.server_ids.clone(),
-        },
-        (server, _) => SocksConfig::Fixed(args.dial.route(server)?),
+        (None, None) => SocksConfig::PerTarget { server_ids },
+        (Some(server), None) => SocksConfig::Server { server, server_ids },
+        (None, Some(gateway)) => SocksConfig::Fixed(hbone::Route::Gateway {
+            gateway,
+            gateway_ids: args.dial.gateway_ids.clone(),
+            service: args.dial.service.clone().unwrap_or_default(),
+            server_ids,
+        }),
+        (Some(_), Some(_)) => anyhow::bail!("give either --server or --gateway, not both"),
     };
     let dialer = args.dial.dialer(ops)?;
     let reloading = dialer.clone();

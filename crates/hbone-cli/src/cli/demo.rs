@@ -81,8 +81,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tokio::spawn(entry::forward::run(
         forward,
         dialer,
-        route,
-        echo_addr,
+        entry::Destination::new(route, echo_addr),
         records.clone(),
     ));
 

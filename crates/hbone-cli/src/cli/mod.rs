@@ -167,6 +167,20 @@ pub(super) enum PolicyCommand {
     },
 }
 
+/// `--server`/`--target`: an address or a host name, with a message that
+/// says what is expected.
+pub(super) fn parse_host_port(text: &str) -> Result<hbone::authority::Target, String> {
+    hbone::authority::parse_target(text).map_err(|_| {
+        format!("{text:?}: expected HOST:PORT, e.g. 127.0.0.1:8080, db.internal:5432 or [::1]:8080")
+    })
+}
+
+/// `--listen` and other addresses that must be literal.
+pub(super) fn parse_ip_port(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?}: expected IP:PORT, e.g. 127.0.0.1:8080 or [::]:15008"))
+}
+
 fn parse_service_name(text: &str) -> Result<hbone::authority::ServiceName, String> {
     match hbone::authority::parse_target(text) {
         Ok(hbone::authority::Target::Service(name)) => Ok(name),

@@ -81,6 +81,15 @@ pub enum DialError {
     /// The route lists no SPIFFE ID the server (or gateway) must prove.
     #[error("no expected server identity given: pass at least one SPIFFE ID")]
     NoExpectedIdentity,
+    /// A host name (of the HBONE server or of the target) did not resolve.
+    #[error("cannot resolve {name}: {source}")]
+    Resolve {
+        /// The `host:port` that was looked up.
+        name: String,
+        /// What the resolver said.
+        #[source]
+        source: io::Error,
+    },
     /// The TCP connection to the HBONE server could not be made.
     #[error("TCP connect to HBONE server {server} failed: {source}")]
     Connect {
@@ -142,6 +151,10 @@ impl DialError {
         let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
         match self {
             DialError::NoExpectedIdentity => DialError::NoExpectedIdentity,
+            DialError::Resolve { name, source } => DialError::Resolve {
+                name: name.clone(),
+                source: io(source),
+            },
             DialError::Connect { server, source } => DialError::Connect {
                 server: *server,
                 source: io(source),
@@ -181,6 +194,7 @@ impl DialError {
     pub fn reason(&self) -> &'static str {
         match self {
             DialError::NoExpectedIdentity => "no_expected_identity",
+            DialError::Resolve { .. } => "resolve_failed",
             DialError::Connect { .. } => "server_unreachable",
             DialError::Timeout {
                 stage: Stage::Connect,

@@ -1,5 +1,6 @@
 //! A local port forward: every accepted TCP connection becomes a tunnel to
-//! one fixed target behind one HBONE server.
+//! one fixed target behind one HBONE server (either may be a host name,
+//! resolved at each connection: see [`Destination`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -7,28 +8,28 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Attempt, ClientRelay, record_dial_failure};
+use super::{Attempt, ClientRelay, Destination, record_dial_failure};
 use crate::access::AccessLog;
-use crate::client::{Dialer, Route};
+use crate::authority::Target;
+use crate::client::Dialer;
 use crate::phased::Phased;
 
 /// What every forwarded connection shares.
 struct Forward {
     dialer: Dialer,
-    route: Route,
-    target: SocketAddr,
+    destination: Destination,
     log: Arc<dyn AccessLog>,
 }
 
-/// Accepts on `listener` forever, tunnelling each connection to `target`.
+/// Accepts on `listener` forever, tunnelling each connection to
+/// `destination`.
 pub async fn run(
     listener: TcpListener,
     dialer: Dialer,
-    route: Route,
-    target: SocketAddr,
+    destination: Destination,
     log: Arc<dyn AccessLog>,
 ) {
-    serve(listener, dialer, route, target, log, std::future::pending()).await;
+    serve(listener, dialer, destination, log, std::future::pending()).await;
 }
 
 /// As [`run`], until `shutdown` resolves: then stops accepting and returns
@@ -37,15 +38,13 @@ pub async fn run(
 pub async fn serve(
     listener: TcpListener,
     dialer: Dialer,
-    route: Route,
-    target: SocketAddr,
+    destination: Destination,
     log: Arc<dyn AccessLog>,
     shutdown: impl Future<Output = ()>,
 ) {
     let forward = Arc::new(Forward {
         dialer,
-        route,
-        target,
+        destination,
         log,
     });
     // The dial is boxed and hands back the relay, so the task keeps only
@@ -61,17 +60,25 @@ pub async fn serve(
 async fn open(forward: Arc<Forward>, app: TcpStream, source: SocketAddr) -> Option<ClientRelay> {
     let Forward {
         dialer,
-        route,
-        target,
+        destination,
         log,
     } = &*forward;
-    let attempt = Attempt::new(source, *target);
-    match dialer.open(route, &attempt.request()).await {
+    let mut attempt = Attempt::new(source, placeholder(destination.target()));
+    match destination.open(dialer, &mut attempt).await {
         Ok(tunnel) => Some(ClientRelay::new(app, tunnel, &attempt, log.clone(), dialer)),
         Err(e) => {
+            let target = destination.target();
             tracing::warn!(%source, %target, error = %e, "forward: tunnel failed");
             record_dial_failure(log, dialer, &attempt, &e);
             None
         }
+    }
+}
+
+/// The target address an attempt starts with, until a name is resolved.
+pub(super) fn placeholder(target: &Target) -> SocketAddr {
+    match target {
+        Target::Addr(addr) => *addr,
+        Target::Service(name) => SocketAddr::from(([0, 0, 0, 0], name.port())),
     }
 }

@@ -21,9 +21,12 @@ use crate::lifecycle::TunnelLifecycle;
 use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 use crate::relay::Relay;
 
+mod destination;
 pub mod forward;
 pub mod socks5;
 pub mod stdio;
+
+pub use destination::Destination;
 
 /// Accepts on `listener` until `shutdown` resolves, running `task` for each
 /// connection (with TCP_NODELAY set); then closes the listener and waits
@@ -147,10 +150,11 @@ impl Attempt {
         }
     }
 
-    /// The tunnel request for it.
+    /// The tunnel request for it. An unspecified source (stdin/stdout has
+    /// no peer address) is not sent.
     pub(crate) fn request(&self) -> TunnelRequest {
         TunnelRequest {
-            source: Some(self.source),
+            source: (!self.source.ip().is_unspecified()).then_some(self.source),
             trace: Some(self.trace),
             ..TunnelRequest::new(self.target)
         }
@@ -216,6 +220,11 @@ pub(crate) fn record_dial_failure(
         started,
         trace,
     } = *attempt;
+    // A name that did not resolve is the target the record can name.
+    let target = match error {
+        DialError::Resolve { name, .. } => name.clone(),
+        _ => target.to_string(),
+    };
     let status = match error {
         DialError::Status { status, .. } => status.as_u16(),
         _ => 0,
@@ -225,7 +234,7 @@ pub(crate) fn record_dial_failure(
         source,
         peer_id: None,
         local_id: dialer.local_id_arc(),
-        target: target.to_string(),
+        target,
         original_source: None,
         trace: Some(trace),
         outcome: Outcome::Refused {

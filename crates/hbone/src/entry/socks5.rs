@@ -1,7 +1,8 @@
 //! A SOCKS5 entry (RFC 1928): no authentication, CONNECT only, IPv4 and
-//! IPv6 addresses. Domain names are refused with "address type not
-//! supported": HBONE targets are addresses, and resolving here would leak
-//! the name to local DNS.
+//! IPv6 addresses and domain names. A domain name is resolved here, with
+//! the system resolver, at each request; its addresses are tried in order
+//! and the HBONE server is asked for the address (the server's policy
+//! judges the IP it would connect to, never a name).
 //!
 //! Each request becomes a tunnel to the configured HBONE server or, without
 //! one, to port 15008 of the requested address, as Istio ambient does.
@@ -15,9 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-use super::{Attempt, ClientRelay, record_dial_failure};
+use super::destination::{open_first, resolve};
+use super::{Attempt, ClientRelay, Destination, record_dial_failure};
 use crate::access::AccessLog;
-use crate::client::{DialError, Dialer, Route};
+use crate::authority::{Target, parse_target};
+use crate::client::{DialError, Dialer, Route, Tunnel};
 use crate::identity::SpiffeId;
 use crate::phased::Phased;
 
@@ -53,7 +56,8 @@ pub enum Reply {
     ConnectionRefused = 5,
     /// The client asked for something other than CONNECT.
     CommandNotSupported = 7,
-    /// The client sent a domain name or an unknown address type.
+    /// The client sent an unknown address type, or a domain name that is
+    /// not a valid host name.
     AddressTypeNotSupported = 8,
 }
 
@@ -72,7 +76,7 @@ impl Reply {
                 io::ErrorKind::NetworkUnreachable => Reply::NetworkUnreachable,
                 _ => Reply::HostUnreachable,
             },
-            DialError::Timeout { .. } => Reply::HostUnreachable,
+            DialError::Timeout { .. } | DialError::Resolve { .. } => Reply::HostUnreachable,
             DialError::Tls { .. } => Reply::NotAllowed,
             DialError::NoExpectedIdentity | DialError::Http2 { .. } | DialError::Closed { .. } => {
                 Reply::GeneralFailure
@@ -93,16 +97,50 @@ pub enum SocksConfig {
     },
     /// Every tunnel along one route (one server, or a gateway).
     Fixed(Route),
+    /// Every tunnel to one HBONE server given by address or host name (a
+    /// name is resolved at each request, every address tried in order);
+    /// it must prove one of `server_ids`.
+    Server {
+        /// The HBONE server.
+        server: Target,
+        /// The identities it may prove; at least one.
+        server_ids: Vec<SpiffeId>,
+    },
 }
 
 impl SocksConfig {
-    fn route_for(&self, target: SocketAddr) -> Route {
+    /// Opens a tunnel to `target` the way this entry is configured to.
+    async fn open(
+        &self,
+        dialer: &Dialer,
+        target: Target,
+        attempt: &mut Attempt,
+    ) -> Result<Tunnel, DialError> {
         match self {
-            SocksConfig::PerTarget { server_ids } => Route::Direct {
-                server: SocketAddr::new(target.ip(), HBONE_PORT),
-                server_ids: server_ids.clone(),
-            },
-            SocksConfig::Fixed(route) => route.clone(),
+            SocksConfig::PerTarget { server_ids } => {
+                let candidates: Vec<(Route, SocketAddr)> = resolve(&target)
+                    .await?
+                    .into_iter()
+                    .map(|addr| {
+                        let route = Route::Direct {
+                            server: SocketAddr::new(addr.ip(), HBONE_PORT),
+                            server_ids: server_ids.clone(),
+                        };
+                        (route, addr)
+                    })
+                    .collect();
+                open_first(dialer, candidates, attempt).await
+            }
+            SocksConfig::Fixed(route) => {
+                Destination::new(route.clone(), target)
+                    .open(dialer, attempt)
+                    .await
+            }
+            SocksConfig::Server { server, server_ids } => {
+                Destination::direct(server.clone(), server_ids.clone(), target)
+                    .open(dialer, attempt)
+                    .await
+            }
         }
     }
 }
@@ -180,14 +218,11 @@ async fn negotiate_and_open(
         Ok(Ok(Ok(target))) => target,
     };
     // Counted from the accept, negotiation included.
-    let attempt = Attempt {
+    let mut attempt = Attempt {
         started,
-        ..Attempt::new(source, target)
+        ..Attempt::new(source, super::forward::placeholder(&target))
     };
-    match dialer
-        .open(&config.route_for(target), &attempt.request())
-        .await
-    {
+    match config.open(dialer, target.clone(), &mut attempt).await {
         Ok(tunnel) => {
             send_reply(&mut app, Reply::Succeeded).await?;
             Ok(Some(ClientRelay::new(
@@ -210,7 +245,7 @@ async fn negotiate_and_open(
 
 /// Reads the greeting and the request. The inner `Err` is a reply to send
 /// before closing (unsupported method, command or address type).
-async fn negotiate(app: &mut TcpStream) -> io::Result<Result<SocketAddr, Reply>> {
+async fn negotiate(app: &mut TcpStream) -> io::Result<Result<Target, Reply>> {
     let mut header = [0u8; 2];
     app.read_exact(&mut header).await?;
     if header[0] != VERSION {
@@ -252,9 +287,18 @@ async fn negotiate(app: &mut TcpStream) -> io::Result<Result<SocketAddr, Reply>>
         }
         ATYP_DOMAIN => {
             let len = app.read_u8().await?;
-            let mut name = vec![0u8; usize::from(len) + 2];
+            let mut name = vec![0u8; usize::from(len)];
             app.read_exact(&mut name).await?;
-            return Ok(Err(Reply::AddressTypeNotSupported));
+            let port = app.read_u16().await?;
+            if command != CMD_CONNECT {
+                return Ok(Err(Reply::CommandNotSupported));
+            }
+            // A host name (or an address written out, as some clients
+            // send); anything else is not an address this entry takes.
+            let host = String::from_utf8_lossy(&name);
+            return Ok(
+                parse_target(&format!("{host}:{port}")).map_err(|_| Reply::AddressTypeNotSupported)
+            );
         }
         _ => return Ok(Err(Reply::AddressTypeNotSupported)),
     };
@@ -262,7 +306,7 @@ async fn negotiate(app: &mut TcpStream) -> io::Result<Result<SocketAddr, Reply>>
     if command != CMD_CONNECT {
         return Ok(Err(Reply::CommandNotSupported));
     }
-    Ok(Ok(SocketAddr::new(ip, port)))
+    Ok(Ok(Target::Addr(SocketAddr::new(ip, port))))
 }
 
 async fn send_reply(app: &mut TcpStream, reply: Reply) -> io::Result<()> {

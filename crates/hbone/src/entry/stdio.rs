@@ -9,7 +9,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, Stdin, Stdout};
 
-use crate::client::{DialError, Dialer, Route, TunnelRequest};
+use super::{Attempt, Destination};
+use crate::client::{DialError, Dialer};
 use crate::relay::{CopyError, Transferred};
 
 /// Why a stdin/stdout tunnel ended badly.
@@ -25,12 +26,10 @@ pub enum StdioError {
 }
 
 /// Opens one tunnel and relays stdin/stdout through it until both ends close.
-pub async fn run(
-    dialer: &Dialer,
-    route: &Route,
-    target: SocketAddr,
-) -> Result<Transferred, StdioError> {
-    let tunnel = dialer.open(route, &TunnelRequest::new(target)).await?;
+pub async fn run(dialer: &Dialer, destination: &Destination) -> Result<Transferred, StdioError> {
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut attempt = Attempt::new(unknown, super::forward::placeholder(destination.target()));
+    let tunnel = destination.open(dialer, &mut attempt).await?;
     let stdio = StdioStream {
         stdin: tokio::io::stdin(),
         stdout: tokio::io::stdout(),

@@ -103,7 +103,12 @@ pub(super) fn value_error(key: &Key, cmd: &Command, text: &str, e: &clap::Error)
             .unwrap_or_else(|| first_line(e)),
     };
     match key.kind(cmd) {
+        // The flag's own parser may already say what it expects.
+        ValueKind::Address | ValueKind::HostPort if cause.contains("expected") => cause,
         ValueKind::Address => format!("{cause}; expected IP:PORT, e.g. 127.0.0.1:8080"),
+        ValueKind::HostPort => {
+            format!("{cause}; expected HOST:PORT, e.g. 127.0.0.1:8080 or db.internal:5432")
+        }
         ValueKind::Integer if text.parse::<i128>().is_err() => {
             format!("{cause}; expected an integer")
         }

@@ -106,6 +106,7 @@ fn value_cell(key: &Key, kind: &ValueKind) -> String {
         ValueKind::Boolean => "boolean".into(),
         ValueKind::Integer => format!("integer{name}"),
         ValueKind::Address => format!("address{name} (IP:PORT)"),
+        ValueKind::HostPort => format!("address{name} (an IP or a host name)"),
         ValueKind::Duration => "duration".into(),
         ValueKind::Path => format!("path{name}"),
         ValueKind::Choice(choices) => choices

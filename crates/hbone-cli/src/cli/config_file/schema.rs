@@ -50,7 +50,10 @@ pub(super) enum Shape {
 pub(super) enum ValueKind {
     Boolean,
     Integer,
+    /// An IP:PORT.
     Address,
+    /// An IP:PORT or a HOST:PORT.
+    HostPort,
     Duration,
     Path,
     Choice(Vec<String>),
@@ -244,7 +247,11 @@ impl Key {
             ValueKind::Duration
         } else if strict && self.accepts(cmd, "127.0.0.1:8080") && !self.accepts(cmd, "10.0.0.0/8")
         {
-            ValueKind::Address
+            if self.accepts(cmd, "localhost:8080") {
+                ValueKind::HostPort
+            } else {
+                ValueKind::Address
+            }
         } else {
             ValueKind::Text
         }
