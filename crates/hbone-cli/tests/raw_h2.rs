@@ -357,12 +357,15 @@ async fn cancel_ends_the_tunnel_cleanly_and_promptly() {
     let server = start_server(config).await;
     let target = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let target_addr = target.local_addr().unwrap();
+    let (got_hi, hi_arrived) = tokio::sync::oneshot::channel();
     let watcher = tokio::spawn(async move {
         let (mut socket, _) = target.accept().await.unwrap();
-        let mut rest = Vec::new();
+        let mut hi = [0u8; 2];
+        socket.read_exact(&mut hi).await.unwrap();
+        let _ = got_hi.send(hi);
         // The target never writes or closes; it waits for the server.
-        let _ = socket.read_to_end(&mut rest).await;
-        rest
+        let mut rest = Vec::new();
+        socket.read_to_end(&mut rest).await.map(|_| rest)
     });
 
     let send = raw_h2(server.addr, &pki).await;
@@ -372,14 +375,20 @@ async fn cancel_ends_the_tunnel_cleanly_and_promptly() {
         .unwrap();
     assert_eq!(response.await.unwrap().status(), StatusCode::OK);
     stream.send_data(Bytes::from_static(b"hi"), false).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hi = tokio::time::timeout(Duration::from_secs(10), hi_arrived)
+        .await
+        .expect("the data reaches the target")
+        .unwrap();
+    assert_eq!(&hi, b"hi");
     stream.send_reset(h2::Reason::CANCEL);
 
-    let received = tokio::time::timeout(Duration::from_secs(5), watcher)
+    let after = tokio::time::timeout(Duration::from_secs(10), watcher)
         .await
         .expect("the target's connection must close after CANCEL")
         .unwrap();
-    assert_eq!(received, b"hi");
+    // A normal end: the target reads a FIN (a clean EOF), not a reset.
+    let rest = after.expect("CANCEL closes the target connection with FIN, not RST");
+    assert!(rest.is_empty(), "{rest:?}");
     eventually("the tunnel was logged", || !records.all().is_empty()).await;
     assert_eq!(records.all()[0].outcome, hbone::access::Outcome::Completed);
     eventually("no tunnel left open", || {

@@ -138,9 +138,10 @@ where
     Ok(back)
 }
 
-/// Polls `check` until it holds or two seconds pass.
+/// Polls `check` until it holds, for up to ten seconds: generous, so that
+/// a loaded machine does not fail a test whose event is merely late.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if check() {
             return;
         }

@@ -192,10 +192,11 @@ async fn garbage_instead_of_the_http2_preface_is_closed_promptly() {
 
 /// Clients that stop half-way: a partial TLS record, a completed TLS
 /// handshake with no HTTP/2 preface, and half a preface. The handshake
-/// timeout (500 ms here) covers each step; all three are closed within it.
+/// timeout (2 s here, long enough for the test's own handshakes on a
+/// loaded machine) covers each step; all three are closed by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_that_stop_mid_handshake_are_closed_by_the_timeout() {
-    const LIMIT: Duration = Duration::from_millis(500);
+    const LIMIT: Duration = Duration::from_secs(2);
     let _gate = shared().await;
     let pki = Pki::new();
     let mut config = ServerConfig::new(loopback(), pki.server.clone());
@@ -208,7 +209,7 @@ async fn clients_that_stop_mid_handshake_are_closed_by_the_timeout() {
         let mut tcp = tcp_connect(addr).await;
         // A TLS handshake record header announcing 512 bytes, then nothing.
         write_ignoring_close(&mut tcp, &[0x16, 0x03, 0x01, 0x02, 0x00]).await;
-        read_until_closed(&mut tcp, 5 * SECOND).await
+        read_until_closed(&mut tcp, 10 * SECOND).await
     };
     let no_preface = async {
         let mut tls = tls_over(tcp_connect(addr).await, &pki).await;
@@ -233,7 +234,7 @@ async fn clients_that_stop_mid_handshake_are_closed_by_the_timeout() {
             closed.after
         );
         assert!(
-            closed.after < LIMIT + Duration::from_millis(1500),
+            closed.after < LIMIT + 3 * SECOND,
             "{what}: closed only after {:?}",
             closed.after
         );
@@ -251,16 +252,16 @@ async fn clients_that_stop_mid_handshake_are_closed_by_the_timeout() {
 }
 
 /// A client that completes the HTTP/2 handshake and then never reads or
-/// answers a PING is dropped by the server's keepalive (every 200 ms here,
-/// 300 ms to answer), while the healthy client, which answers, stays.
+/// answers a PING is dropped by the server's keepalive (every 300 ms here,
+/// 1 s to answer), while the healthy client, which answers, stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_never_answers_ping_is_dropped_by_keepalive() {
     let _gate = shared().await;
     let pki = Pki::new();
     let config = ServerConfig::new(loopback(), pki.server.clone()).with_timeouts(
         Timeouts::default().with_keepalive(Keepalive::new(
-            Duration::from_millis(200),
             Duration::from_millis(300),
+            Duration::from_secs(1),
         )),
     );
     let server = start_server(config).await;
@@ -268,7 +269,7 @@ async fn client_that_never_answers_ping_is_dropped_by_keepalive() {
     let started = Instant::now();
     let mut tls = h2_handshake(tcp_connect(server.addr).await, &pki).await;
     // Reading does not answer: only a PING ACK would.
-    let closed = read_until_closed(&mut tls, 5 * SECOND).await;
+    let closed = read_until_closed(&mut tls, 10 * SECOND).await;
     let frames = parse_frames(&closed.bytes);
     eprintln!(
         "silent h2 client: closed after {:?}, {} PING(s) seen",
@@ -279,8 +280,10 @@ async fn client_that_never_answers_ping_is_dropped_by_keepalive() {
         frames.iter().any(|f| f.kind == PING && f.flags & ACK == 0),
         "the server closed without probing"
     );
-    assert!(started.elapsed() >= Duration::from_millis(450));
-    assert!(started.elapsed() < Duration::from_secs(3));
+    // No earlier than one interval plus the time to answer; well before
+    // the generous upper bound.
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    assert!(started.elapsed() < Duration::from_secs(6));
     alongside.assert_flowing("after the keepalive drop").await;
     settle(&server, 1).await;
     assert_serves(&server, &pki).await;
