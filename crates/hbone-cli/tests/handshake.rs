@@ -210,3 +210,89 @@ async fn a_plain_tcp_port_is_named_as_not_speaking_tls() {
     );
     assert!(error.to_string().contains("not speaking TLS"), "{error}");
 }
+
+/// Each waiting step of the dialer has its own limit and says which one
+/// ran out: a server that accepts TCP and never speaks TLS fails the
+/// handshake step; one that completes TLS and HTTP/2 and never answers the
+/// CONNECT fails the response step. Neither fails before its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_client_side_timeout_names_its_stage() {
+    use hbone::client::Stage;
+    use hbone::config::Timeouts;
+    let pki = Pki::new();
+    let echo = start_echo().await;
+    let handshake = Duration::from_millis(300);
+    let response = Duration::from_millis(500);
+    let dialer = hbone::Dialer::with_config(
+        &pki.client,
+        hbone::DialerConfig::default().with_timeouts(
+            Timeouts::default()
+                .with_handshake(handshake)
+                .with_response(response),
+        ),
+    )
+    .unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+
+    // Accepts TCP, then silence.
+    let mute = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = mute.accept().await {
+            held.push(socket);
+        }
+    });
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        dialer.connect(mute_addr, ids, echo),
+    )
+    .await
+    {
+        Ok(Err(hbone::DialError::Timeout {
+            stage: Stage::Handshake,
+            ..
+        })) => {}
+        other => panic!(
+            "expected a handshake timeout, got {:?}",
+            other.map(|r| r.map(|_| ()))
+        ),
+    }
+    assert!(started.elapsed() >= handshake, "{:?}", started.elapsed());
+
+    // TLS and HTTP/2 complete; the CONNECT is never answered.
+    let acceptor = raw_tls_acceptor(&pki.server);
+    let silent = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = silent.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let mut connection = h2::server::handshake(tls).await.unwrap();
+                let mut unanswered = Vec::new();
+                while let Some(Ok(stream)) = connection.accept().await {
+                    unanswered.push(stream);
+                }
+            });
+        }
+    });
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        dialer.connect(silent_addr, ids, echo),
+    )
+    .await
+    {
+        Ok(Err(hbone::DialError::Timeout {
+            stage: Stage::Response,
+            ..
+        })) => {}
+        other => panic!(
+            "expected a response timeout, got {:?}",
+            other.map(|r| r.map(|_| ()))
+        ),
+    }
+    assert!(started.elapsed() >= response, "{:?}", started.elapsed());
+}

@@ -138,6 +138,27 @@ where
     Ok(back)
 }
 
+/// A TLS 1.3 acceptor with `identity`, requiring client certificates from
+/// its trust bundle and offering `h2`: the TLS side of a hand-made HBONE
+/// server whose HTTP/2 behaviour a test controls.
+pub fn raw_tls_acceptor(identity: &Identity) -> tokio_rustls::TlsAcceptor {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.bundle()[0].clone()).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain().to_vec(), identity.key().clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 /// Polls `check` until it holds, for up to ten seconds: generous, so that
 /// a loaded machine does not fail a test whose event is merely late.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
