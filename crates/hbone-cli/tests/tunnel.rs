@@ -199,6 +199,47 @@ async fn target_reset_reaches_the_client_as_an_error() {
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
 }
 
+/// The other direction: a client that resets its tunnel
+/// (RST_STREAM CONNECT_ERROR) makes the server reset the target's TCP
+/// connection, so the target reads an error, not a clean EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_reaches_the_target_as_a_reset() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let target = TcpListener::bind(loopback()).await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let (greeted, greeting) = tokio::sync::oneshot::channel();
+    let seen = tokio::spawn(async move {
+        let (mut socket, _) = target.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        socket.read_exact(&mut buf).await.unwrap();
+        let _ = greeted.send(());
+        let mut rest = Vec::new();
+        socket.read_to_end(&mut rest).await
+    });
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let mut tunnel = dialer
+        .connect(
+            server.addr,
+            std::slice::from_ref(&pki.server_id),
+            target_addr,
+        )
+        .await
+        .unwrap();
+    tunnel.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), greeting)
+        .await
+        .expect("the target got the greeting")
+        .unwrap();
+    tunnel.reset();
+    let result = tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .expect("the target's connection ends")
+        .unwrap();
+    let error = result.expect_err("a reset tunnel must not look like a clean EOF to the target");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+}
+
 /// An embedder binds the socket itself (as systemd socket activation hands
 /// one over) and the server serves it: `from_listener` ignores the
 /// configured `listen`, reports the listener's address, and refuses
