@@ -296,3 +296,59 @@ async fn each_client_side_timeout_names_its_stage() {
     }
     assert!(started.elapsed() >= response, "{:?}", started.elapsed());
 }
+
+/// The server speaks TLS 1.3 with AES-GCM only and never resumes a session
+/// (as ztunnel): a client offering only TLS 1.2, or only ChaCha20, is
+/// refused, and a client that keeps session tickets gets a full handshake
+/// every time. Clients written without hbone's TLS code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_versions_suites_and_resumption_are_restricted() {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let connect = |config: std::sync::Arc<rustls::ClientConfig>| async move {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::IpAddress(server.addr.ip().into());
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .expect("the handshake ends one way or the other")
+    };
+
+    let tls12 = raw_client_config_with(
+        Some(&pki.client),
+        &[&rustls::version::TLS12],
+        default_provider(),
+    );
+    let refused = connect(std::sync::Arc::new(tls12)).await;
+    assert!(refused.is_err(), "a TLS 1.2-only client was accepted");
+
+    let mut chacha = default_provider();
+    chacha.cipher_suites = vec![cipher_suite::TLS13_CHACHA20_POLY1305_SHA256];
+    let chacha = raw_client_config_with(Some(&pki.client), &[&rustls::version::TLS13], chacha);
+    let refused = connect(std::sync::Arc::new(chacha)).await;
+    assert!(refused.is_err(), "a ChaCha20-only client was accepted");
+
+    // rustls resumes by default when the server sends tickets or keeps
+    // sessions; this server does neither.
+    let resuming = std::sync::Arc::new(raw_client_config_with(
+        Some(&pki.client),
+        &[&rustls::version::TLS13],
+        default_provider(),
+    ));
+    for attempt in 0..3 {
+        let tls = connect(resuming.clone())
+            .await
+            .expect("an AES-GCM TLS 1.3 client is served");
+        let (_, connection) = tls.get_ref();
+        assert_eq!(
+            connection.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "connection {attempt} resumed a session"
+        );
+        // Read the server's first flight so that any ticket would arrive.
+        drop(tls);
+    }
+}

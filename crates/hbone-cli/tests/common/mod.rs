@@ -175,9 +175,23 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 /// server certificate (the tests check the server's behaviour, not ours)
 /// and presents `identity`'s certificate if given.
 pub fn raw_client_config(identity: Option<&Identity>) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Arc::new(raw_client_config_with(
+        identity,
+        &[&rustls::version::TLS13],
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+}
+
+/// [`raw_client_config`] offering only `versions`, with `provider`'s
+/// cipher suites, for clients the server should turn away.
+pub fn raw_client_config_with(
+    identity: Option<&Identity>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    provider: rustls::crypto::CryptoProvider,
+) -> rustls::ClientConfig {
+    let provider = Arc::new(provider);
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)));
@@ -188,7 +202,7 @@ pub fn raw_client_config(identity: Option<&Identity>) -> Arc<rustls::ClientConfi
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+    config
 }
 
 #[derive(Debug)]
