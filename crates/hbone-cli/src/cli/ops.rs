@@ -225,6 +225,16 @@ fn typed_value(matches: &clap::ArgMatches, id: &str) -> Option<serde_json::Value
     None
 }
 
+/// Which of a command's flags [`effective_config`] shows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fields {
+    /// Its own: `/config`'s section for the command.
+    Own,
+    /// Those about the whole process (logs, threads, admin): `/config`'s
+    /// top level.
+    Global,
+}
+
 /// The effective settings of a command, for `/config`: every argument
 /// with its value and where the value came from. Values of arguments
 /// that could hold secrets are redacted (there are none today: keys are
@@ -232,11 +242,16 @@ fn typed_value(matches: &clap::ArgMatches, id: &str) -> Option<serde_json::Value
 pub(super) fn effective_config(
     matches: &clap::ArgMatches,
     command: &clap::Command,
+    fields: Fields,
 ) -> serde_json::Value {
     let mut object = serde_json::Map::new();
     for arg in command.get_arguments() {
         let id = arg.get_id().as_str();
         if matches!(id, "help" | "version") {
+            continue;
+        }
+        let global = arg.get_help_heading() == Some(super::GLOBAL_OPTIONS);
+        if global != (fields == Fields::Global) {
             continue;
         }
         let Ok(Some(values)) = matches.try_get_raw(id) else {

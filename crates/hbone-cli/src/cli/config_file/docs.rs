@@ -216,7 +216,7 @@ without the leading `--`, the same values and the same defaults:
     );
     out.push_str(VALUES_EXAMPLE);
     out.push_str("```\n\n## Fields\n\n### Top level\n\nFor the whole process.\n\n");
-    write_table(&mut out, &schema.globals, &schema.root);
+    write_table(&mut out, &schema.globals, &schema.top_level);
     for section in &schema.sections {
         let _ = write!(
             out,

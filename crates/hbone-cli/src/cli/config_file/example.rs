@@ -161,7 +161,7 @@ pub(super) fn example_for(schema: &Schema) -> String {
 # ---- Top level: for the whole process ----
 ",
     );
-    write_fields(&mut out, "", &schema.globals, &schema.root);
+    write_fields(&mut out, "", &schema.globals, &schema.top_level);
     for section in &schema.sections {
         let about = section
             .cmd
@@ -196,7 +196,7 @@ pub(super) fn commented_samples() -> Vec<(String, String, String)> {
             }
         }
     };
-    collect("", &schema.globals, &schema.root);
+    collect("", &schema.globals, &schema.top_level);
     for section in &schema.sections {
         collect(section.kind, &section.keys, &section.cmd);
     }
