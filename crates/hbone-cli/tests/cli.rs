@@ -164,7 +164,7 @@ async fn ca_server_forward_connect_and_socks5() {
     let server_s = server.to_string();
 
     // forward: a plain TCP client through a local port.
-    let (_forward, forward) = spawn_ready(&[
+    let (_forward, forward, forward_log) = spawn_logged(&[
         "forward",
         "--identity-dir",
         &client_dir,
@@ -178,6 +178,16 @@ async fn ca_server_forward_connect_and_socks5() {
         &echo_s,
     ])
     .await;
+    // Its startup line says where tunnels go in words, not Rust's Debug.
+    let ready = log_lines(&forward_log, "forward ready", 1).await;
+    assert!(
+        ready[0].contains(&format!("route=server {server_s} ({SERVER_ID})")),
+        "{ready:?}"
+    );
+    assert!(
+        !ready[0].contains('{') && !ready[0].contains("SpiffeId("),
+        "{ready:?}"
+    );
     let data = payload(3, 4 << 20);
     let back = echo_roundtrip(TcpStream::connect(forward).await.unwrap(), &data)
         .await
@@ -879,6 +889,9 @@ async fn drain_deadline_closes_what_is_left() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() >= Duration::from_millis(300));
+    // The deadline in seconds, not as Rust's Debug of a Duration.
+    let draining = log_lines(&server_log, "draining", 1).await;
+    assert!(draining[0].contains("deadline_s=0.3"), "{draining:?}");
     // The tunnel that outlived the deadline is closed, not left hanging.
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;

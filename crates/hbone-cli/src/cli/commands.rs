@@ -412,7 +412,10 @@ const CONNECT_CLOSE_LIMIT: Duration = Duration::from_secs(2);
 /// servers and gateways log a normal end rather than a lost connection.
 async fn close_connections(dialer: &hbone::Dialer, limit: Duration) {
     if !dialer.close(limit).await {
-        tracing::info!(?limit, "stopping with HBONE connections still open");
+        tracing::info!(
+            limit_s = limit.as_secs_f64(),
+            "stopping with HBONE connections still open"
+        );
     }
 }
 

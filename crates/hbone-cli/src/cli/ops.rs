@@ -216,7 +216,7 @@ impl Ops {
         let open = stats.snapshot();
         tracing::info!(
             %listen, connections = open.connections_active, tunnels = open.tunnels_active,
-            deadline = ?deadline, "draining: stopped accepting, GOAWAY sent"
+            deadline_s = deadline.as_secs_f64(), "draining: stopped accepting, GOAWAY sent"
         );
         drainer.drain();
         tokio::select! {
