@@ -228,8 +228,10 @@ without the leading `--`, the same values and the same defaults:
     }
     let _ = write!(
         out,
-        "\n## Example\n\nThe output of `hbone config example`: every field, with defaults and \
-         examples commented out.\n\n```toml\n{}```\n",
+        "\n## Example\n\nThe output of `hbone config example`: `[server]` is on, and every \
+         other section is there commented out (remove one `# ` from each of its lines to turn \
+         it on); every field is listed with its help, and defaults and examples are commented \
+         out.\n\n```toml\n{}```\n",
         example_for(&schema)
     );
     out.push_str(

@@ -120,15 +120,45 @@ fn relative_paths_are_relative_to_the_file() {
     assert_eq!(args(network), ["--network", "a/b"]);
 }
 
+/// `example` with its commented-out sections turned on as a reader would:
+/// one `# ` removed from each line from the section's header down to the
+/// next `# ----` banner.
+fn all_sections_on(example: &str) -> String {
+    let headers: Vec<String> = Schema::cli()
+        .sections
+        .iter()
+        .map(|s| format!("# {}", s.header()))
+        .collect();
+    let mut on = false;
+    let mut text = String::new();
+    for line in example.lines() {
+        on = (on || headers.iter().any(|h| h == line)) && !line.starts_with("# ---- ");
+        text.push_str(if on {
+            line.strip_prefix("# ").unwrap_or(line)
+        } else {
+            line
+        });
+        text.push('\n');
+    }
+    text
+}
+
 #[test]
-fn the_example_passes_and_each_section_parses_as_its_subcommand() {
-    let file = ok(&example());
+fn the_example_runs_the_server_and_each_section_parses_as_its_subcommand() {
+    let example = example();
+    let file = ok(&example);
+    let kinds: Vec<_> = file.sections.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds, ["server"], "only [server] is on");
+
+    let file = ok(&all_sections_on(&example));
     let kinds: Vec<_> = file.sections.iter().map(|s| s.kind).collect();
     assert_eq!(kinds, ["server", "forward", "socks5", "gateway"]);
     for section in &file.sections {
+        // As `hbone SUBCOMMAND --config` merges them: the file's top-level
+        // fields after the section's.
         let mut argv = vec![OsString::from("hbone")];
-        argv.extend(global_argv(&file));
         argv.extend(section.argv());
+        argv.extend(global_argv(&file));
         let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         let parsed = match cli.command {
             Command::Server { .. } => "server",
