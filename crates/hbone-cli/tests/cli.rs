@@ -165,7 +165,7 @@ async fn ca_server_forward_connect_and_socks5() {
 
     // forward: a plain TCP client through a local port; the server and
     // the target named by host name, resolved for each connection.
-    let (_forward, forward) = spawn_ready(&[
+    let (_forward, forward, forward_log) = spawn_logged(&[
         "forward",
         "--identity-dir",
         &client_dir,
@@ -179,6 +179,20 @@ async fn ca_server_forward_connect_and_socks5() {
         &format!("localhost:{}", echo.port()),
     ])
     .await;
+    // Its startup line says where tunnels go in words, not Rust's Debug.
+    let ready = log_lines(&forward_log, "forward ready", 1).await;
+    assert!(
+        ready[0].contains(&format!(
+            "route=server localhost:{} ({SERVER_ID}) -> target localhost:{}",
+            server.port(),
+            echo.port()
+        )),
+        "{ready:?}"
+    );
+    assert!(
+        !ready[0].contains('{') && !ready[0].contains("SpiffeId("),
+        "{ready:?}"
+    );
     let data = payload(3, 4 << 20);
     let back = echo_roundtrip(TcpStream::connect(forward).await.unwrap(), &data)
         .await
@@ -924,6 +938,9 @@ async fn drain_deadline_closes_what_is_left() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() >= Duration::from_millis(300));
+    // The deadline in seconds, not as Rust's Debug of a Duration.
+    let draining = log_lines(&server_log, "draining", 1).await;
+    assert!(draining[0].contains("deadline_s=0.3"), "{draining:?}");
     // The tunnel that outlived the deadline is closed, not left hanging.
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest)).await;
@@ -1296,6 +1313,106 @@ async fn completions_and_man_page_cover_every_subcommand() {
     );
     let output = hbone(&["completions", "tcsh"]).output().await.unwrap();
     assert!(!output.status.success(), "an unknown shell is refused");
+}
+
+/// The long flags of the option lines of one section of a help text
+/// ("Options:", "Global options:"), in order.
+fn help_flags(help: &str, title: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| line.trim() != title)
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = match line.strip_prefix('-') {
+                Some(rest) if !rest.starts_with('-') => rest.split_once(", ")?.1,
+                _ => line,
+            };
+            let flag = line.strip_prefix("--")?;
+            let end = flag
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .unwrap_or(flag.len());
+            Some(flag[..end].to_owned())
+        })
+        .collect()
+}
+
+/// `--help` lists a subcommand's own flags first, then, under their own
+/// heading, the flags about the whole process that apply to it: `--admin`
+/// only where something serves until stopped, `--threads` where tunnels
+/// run, the log flags everywhere. Where they do not apply, clap refuses
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_groups_own_flags_then_the_global_ones_that_apply() {
+    let server = run_ok(&["server", "--help"]).await;
+    let own = help_flags(&server, "Options:");
+    assert!(
+        own.contains(&"listen".to_owned()) && own.contains(&"identity-dir".to_owned()),
+        "{own:?}"
+    );
+    let global = help_flags(&server, "Global options:");
+    assert_eq!(
+        global,
+        ["log", "log-format", "threads", "admin"],
+        "{server}"
+    );
+    for flag in &global {
+        assert!(!own.contains(flag), "--{flag} among the server's own flags");
+    }
+    assert!(
+        server.find("\nOptions:") < server.find("\nGlobal options:"),
+        "the server's own flags come first:\n{server}"
+    );
+
+    let cases: [(&[&str], &[&str]); 15] = [
+        (&["server"], &["log", "log-format", "threads", "admin"]),
+        (&["gateway"], &["log", "log-format", "threads", "admin"]),
+        (&["forward"], &["log", "log-format", "threads", "admin"]),
+        (&["socks5"], &["log", "log-format", "threads", "admin"]),
+        (&["run"], &["log", "log-format", "threads", "admin"]),
+        (&["connect"], &["log", "log-format", "threads"]),
+        (&["demo"], &["log", "log-format", "threads"]),
+        (&["ca", "init"], &["log", "log-format"]),
+        (&["ca", "issue"], &["log", "log-format"]),
+        (&["policy", "check"], &["log", "log-format"]),
+        (&["policy", "test"], &["log", "log-format"]),
+        (&["config", "check"], &["log", "log-format"]),
+        (&["config", "example"], &["log", "log-format"]),
+        (&["completions"], &["log", "log-format"]),
+        (&["man"], &["log", "log-format"]),
+    ];
+    for (command, wanted) in cases {
+        let help = run_ok(&[command, &["--help"]].concat()).await;
+        assert_eq!(
+            help_flags(&help, "Global options:"),
+            wanted,
+            "hbone {command:?} --help"
+        );
+        if !wanted.contains(&"admin") {
+            assert!(
+                !help.contains("--admin"),
+                "hbone {command:?} --help:\n{help}"
+            );
+        }
+    }
+
+    // Not offered, not accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let out = path(dir.path(), "ca");
+    for refused in [
+        &["ca", "init", "--admin", "127.0.0.1:1", "--out", &out][..],
+        &["ca", "init", "--threads", "2", "--out", &out],
+        &["completions", "bash", "--admin", "127.0.0.1:1"],
+    ] {
+        let output = hbone(refused).output().await.unwrap();
+        assert_eq!(output.status.code(), Some(2), "{refused:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("unexpected argument '--"),
+            "{refused:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(!dir.path().join("ca").exists(), "nothing was written");
 }
 
 /// A private key readable by others gets one warning naming the file and

@@ -100,11 +100,84 @@ fn the_files_in_the_docs_pass_and_the_errors_are_as_documented() {
     }
 }
 
+/// `text` with the commented-out section under `header` turned on, as
+/// the example tells a reader to: one `# ` removed from each line from
+/// `# HEADER` down to the next `# ----` banner.
+fn uncomment(text: &str, header: &str) -> String {
+    let mut on = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        on = (on || line == format!("# {header}")) && !line.starts_with("# ---- ");
+        out.push_str(if on {
+            line.strip_prefix("# ").unwrap_or(line)
+        } else {
+            line
+        });
+        out.push('\n');
+    }
+    out
+}
+
+/// The example has exactly one section on, a server; every other section
+/// `hbone run` accepts is there commented out, and stays valid when
+/// uncommented, one at a time or all together.
 #[test]
-fn the_example_passes_check() {
+fn the_example_has_one_section_on_and_the_others_commented_out() {
     let example = hbone(Path::new("."), &["config", "example"]);
     assert!(example.status.success());
-    let output = check(&stdout(&example));
+    let example = stdout(&example);
+    let output = check(&example);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "server: listen [::]:15008\n");
+    let on: Vec<&str> = example.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(
+        on,
+        ["[server]"],
+        "exactly one section header is not commented out"
+    );
+
+    // The sections `hbone run` accepts, as the checker lists them.
+    let refused = check("[nowhere]\n");
+    let listed = stderr(&refused);
+    let headers: Vec<&str> = listed
+        .split_once("valid sections: ")
+        .unwrap_or_else(|| panic!("no section list in {listed}"))
+        .1
+        .trim()
+        .split(", ")
+        .collect();
+    assert_eq!(headers.len(), 4, "{headers:?}");
+    let commented: Vec<&str> = headers
+        .iter()
+        .copied()
+        .filter(|h| !on.contains(h))
+        .collect();
+    assert_eq!(commented.len(), 3, "{headers:?}");
+
+    let mut all = example.clone();
+    for header in &commented {
+        assert!(
+            example.lines().any(|l| l == format!("# {header}")),
+            "{header} is not in the example, commented out"
+        );
+        let with_it = uncomment(&example, header);
+        assert_ne!(with_it, example);
+        let output = check(&with_it);
+        assert!(
+            output.status.success(),
+            "with {header} uncommented: {}",
+            stderr(&output)
+        );
+        let kind = header.trim_matches(['[', ']']);
+        assert_eq!(stdout(&output).lines().count(), 2, "{}", stdout(&output));
+        assert!(
+            stdout(&output).lines().nth(1).unwrap().starts_with(kind),
+            "{}",
+            stdout(&output)
+        );
+        all = uncomment(&all, header);
+    }
+    let output = check(&all);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(
         stdout(&output),
@@ -113,6 +186,29 @@ fn the_example_passes_check() {
          socks5 #1: listen 127.0.0.1:1080\n\
          gateway: listen [::]:15009\n"
     );
+}
+
+/// The commands the example's introduction gives make what its server
+/// needs: after them, the full check (identity files included) passes.
+#[test]
+fn the_example_server_runs_after_the_commands_it_gives() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = stdout(&hbone(dir.path(), &["config", "example"]));
+    let intro = example.split("# ---- ").next().unwrap();
+    let commands: Vec<Vec<&str>> = intro
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   hbone ca "))
+        .map(|l| ["ca"].into_iter().chain(l.split_whitespace()).collect())
+        .collect();
+    assert_eq!(commands.len(), 2, "ca init and ca issue: {intro}");
+    for command in &commands {
+        let output = hbone(dir.path(), command);
+        assert!(output.status.success(), "{command:?}: {}", stderr(&output));
+    }
+    std::fs::write(dir.path().join("hbone.toml"), &example).unwrap();
+    let output = hbone(dir.path(), &["config", "check", "hbone.toml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "server: listen [::]:15008\n");
 }
 
 #[test]

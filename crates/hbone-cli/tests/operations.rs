@@ -588,6 +588,13 @@ target = "{echo}"
     assert_eq!(effective["forward"][0]["target"], echo.to_string());
     let identity = effective["server"]["identity-dir"].as_str().unwrap();
     assert_eq!(Path::new(identity), dir.path().join("server"));
+    // Without a policy file or --allow-* flags: the default rule.
+    let rules = &effective["server"]["policy-rules"];
+    assert_eq!(rules[0]["origin"], "default", "{rules}");
+    assert_eq!(
+        rules[0]["to"],
+        serde_json::json!(["127.0.0.0/8", "[::1/128]"])
+    );
 
     // One subcommand, its section from the file, one field overridden.
     let server = Process::start(
@@ -727,6 +734,119 @@ async fn reloads_and_certificate_expiry_are_in_the_metrics() {
     assert!(
         (88..=90).contains(&days),
         "expires in {days} days: {scrape}"
+    );
+}
+
+/// `/config` shows a server's policy rules as they are in force: the
+/// policy file's, then the rule of the --allow-* flags; after a reload,
+/// the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_shows_the_policy_rules_in_force_and_follows_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[rule]]\nname = \"client to echo\"\nfrom = [\"{CLIENT_ID}\"]\n\
+             source = [\"127.0.0.0/8\"]\nto = [\"127.0.0.1/32:7\"]\n"
+        ),
+    )
+    .unwrap();
+    let server_dir = dir.path().join("server");
+    let server = Process::start(
+        &[
+            "server",
+            "--identity-dir",
+            server_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--allow-id",
+            "spiffe://cluster.local/ns/ops/*",
+            "--allow-target",
+            "127.0.0.2/32:22",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        2,
+    )
+    .await;
+    let admin = server.address("admin endpoint ready");
+    let rules_in_force = || async move {
+        let (status, body) = http(admin, "GET", "/config").await;
+        assert_eq!(status, 200, "{body}");
+        let config: Value = serde_json::from_str(&body).unwrap();
+        config["server"]["policy-rules"].clone()
+    };
+    let flags_rule = serde_json::json!({
+        "name": "command line",
+        "action": "allow",
+        "from": ["spiffe://cluster.local/ns/ops/*"],
+        "source": [],
+        "to": ["127.0.0.2/32:22"],
+        "services": [],
+        "origin": "flags",
+    });
+    assert_eq!(
+        rules_in_force().await,
+        serde_json::json!([
+            {
+                "name": "client to echo",
+                "action": "allow",
+                "from": [CLIENT_ID],
+                "source": ["127.0.0.0/8"],
+                "to": ["127.0.0.1/32:7"],
+                "services": [],
+                "origin": "policy file",
+            },
+            flags_rule,
+        ])
+    );
+
+    // A new file, whole at once (renamed into place), then SIGHUP.
+    let next = dir.path().join("policy.toml.new");
+    std::fs::write(
+        &next,
+        "[[rule]]\nname = \"no ssh\"\naction = \"deny\"\nto = [\"0.0.0.0/0:22\"]\n\n\
+         [[rule]]\nname = \"echo by name\"\nto = [\"echo.demo.svc.cluster.local:8080\"]\n",
+    )
+    .unwrap();
+    std::fs::rename(&next, &policy).unwrap();
+    let pid = server.child.id().unwrap() as i32;
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually(Duration::from_secs(10), || {
+        server
+            .with_message(|m| m == "policy reloaded")
+            .iter()
+            .any(|line| line["rules"] == 3)
+    })
+    .await;
+    assert_eq!(
+        rules_in_force().await,
+        serde_json::json!([
+            {
+                "name": "no ssh",
+                "action": "deny",
+                "from": [],
+                "source": [],
+                "to": ["0.0.0.0/0:22"],
+                "services": [],
+                "origin": "policy file",
+            },
+            {
+                "name": "echo by name",
+                "action": "allow",
+                "from": [],
+                "source": [],
+                "to": [],
+                "services": ["echo.demo.svc.cluster.local:8080"],
+                "origin": "policy file",
+            },
+            flags_rule,
+        ])
     );
 }
 

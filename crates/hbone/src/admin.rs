@@ -7,7 +7,7 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 once every listener is bound; 503 while draining or with an expired certificate |
 //! | `GET /metrics` | Prometheus text (OpenMetrics) |
-//! | `GET /config` | the effective configuration, JSON, secrets redacted |
+//! | `GET /config` | the effective configuration, JSON, secrets redacted; parts that change at run time (a reloaded policy) as they are now |
 //! | `GET /tunnels?limit=N` | open tunnels, oldest first, JSON |
 //! | `GET /logging`, `POST /logging?level=FILTER` | read or change the log filter |
 
@@ -115,6 +115,9 @@ impl Readiness {
     }
 }
 
+/// What `/config` serves, computed at each request ([`Admin::config_source`]).
+pub type ConfigSource = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// What the admin endpoint serves: `Admin::default()` serves `/healthz`
 /// and `/readyz`; the `with_*` methods add the rest.
 #[derive(Clone, Default)]
@@ -128,6 +131,10 @@ pub struct Admin {
     pub readiness: Readiness,
     /// The effective configuration, as JSON, already redacted.
     pub config: Option<serde_json::Value>,
+    /// Builds `/config` afresh for each request, for settings that change
+    /// while the process runs (a reloaded policy, say); when set, it is
+    /// served instead of `config`.
+    pub config_source: Option<ConfigSource>,
     /// Read and changed through `/logging`; without it that path answers
     /// 404.
     pub logging: Option<Arc<dyn LogControl>>,
@@ -169,6 +176,26 @@ impl Admin {
     pub fn with_config(mut self, config: serde_json::Value) -> Self {
         self.config = Some(config);
         self
+    }
+
+    /// Serves on `/config` what `source` returns at each request
+    /// ([`Admin::config_source`]), so that `/config` follows reloads.
+    #[must_use]
+    pub fn with_config_source(
+        mut self,
+        source: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.config_source = Some(Arc::new(source));
+        self
+    }
+
+    /// What `/config` shows now: the source's answer, else the fixed
+    /// configuration.
+    fn current_config(&self) -> Option<serde_json::Value> {
+        match &self.config_source {
+            Some(source) => Some(source()),
+            None => self.config.clone(),
+        }
     }
 
     /// Serves `/logging` through `logging` (the `logging` field).
@@ -245,8 +272,8 @@ impl Admin {
                 ),
                 None => text(StatusCode::NOT_FOUND, "metrics are off\n".into()),
             }),
-            "/config" => get_only(is_get, &|| match &self.config {
-                Some(config) => json(config),
+            "/config" => get_only(is_get, &|| match self.current_config() {
+                Some(config) => json(&config),
                 None => text(StatusCode::NOT_FOUND, "no configuration to show\n".into()),
             }),
             "/tunnels" => get_only(is_get, &|| self.tunnels(query)),
@@ -405,6 +432,24 @@ mod tests {
         assert_eq!(query_value("a=1", "level"), None);
         assert_eq!(percent_decode("100%"), "100%");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn config_comes_from_the_source_at_each_request() {
+        assert_eq!(Admin::default().current_config(), None);
+        let fixed = Admin::default().with_config(serde_json::json!({"listen": "a"}));
+        assert_eq!(
+            fixed.current_config(),
+            Some(serde_json::json!({"listen": "a"}))
+        );
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let live = fixed.with_config_source(
+            move || serde_json::json!({ "calls": counted.fetch_add(1, Ordering::SeqCst) + 1 }),
+        );
+        assert_eq!(live.current_config(), Some(serde_json::json!({"calls": 1})));
+        assert_eq!(live.current_config(), Some(serde_json::json!({"calls": 2})));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

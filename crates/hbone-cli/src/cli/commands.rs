@@ -17,7 +17,7 @@ use hbone::{Server, ServerConfig, SpiffeId};
 use tokio::net::TcpListener;
 
 use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, IdentityArgs, ServerArgs, Socks5Args};
-use super::ops::Ops;
+use super::ops::{Ops, PolicyInForce};
 use super::watch::{Event, watch};
 use super::{CaCommand, PolicyCommand};
 
@@ -77,6 +77,12 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     let rules = config.policy.rules().len();
     let services = config.services.len();
     let server = Server::bind(config).await?;
+    ops.policy_in_force(PolicyInForce {
+        section: "server",
+        handle: server.policy(),
+        flags_rule: flags_rule_origin(args.policy.is_some(), &flags),
+        targets: true,
+    });
     ops.listener_bound();
     tracing::info!(
         listen = %server.local_addr(), id = %server.local_id(),
@@ -136,6 +142,22 @@ fn server_policy(
         rules.push(Policy::flags_rule(ids.clone(), targets.clone()));
     }
     Ok(Policy::from_rules(rules))
+}
+
+/// Where the rule of the --allow-* flags comes from, when [`server_policy`]
+/// adds one (always last): `flags`, or `default` when neither flag was
+/// given and there is no file.
+fn flags_rule_origin(
+    file: bool,
+    (ids, targets): &(Vec<IdPattern>, Vec<TargetRule>),
+) -> Option<&'static str> {
+    if !ids.is_empty() || !targets.is_empty() {
+        Some("flags")
+    } else if !file {
+        Some("default")
+    } else {
+        None
+    }
 }
 
 /// Reloads the policy file when it changes and on SIGHUP. A file that
@@ -294,11 +316,18 @@ pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<
     let routes = Routes::load(&args.routes)?;
     let mut config = ServerConfig::new(args.listen, identity);
     ops.equip(&mut config);
+    let flags_rule = flags_rule_origin(false, &(args.allow_ids.clone(), Vec::new()));
     config.policy = Policy::new(args.allow_ids, Vec::new());
     args.serve.apply(&mut config);
     let route_count = routes.len();
     config.gateway_routes = Some(Arc::new(routes));
     let server = Server::bind(config).await?;
+    ops.policy_in_force(PolicyInForce {
+        section: "gateway",
+        handle: server.policy(),
+        flags_rule,
+        targets: false,
+    });
     ops.listener_bound();
     tracing::info!(
         listen = %server.local_addr(), id = %server.local_id(),
@@ -382,7 +411,10 @@ const CONNECT_CLOSE_LIMIT: Duration = Duration::from_secs(2);
 /// servers and gateways log a normal end rather than a lost connection.
 async fn close_connections(dialer: &hbone::Dialer, limit: Duration) {
     if !dialer.close(limit).await {
-        tracing::info!(?limit, "stopping with HBONE connections still open");
+        tracing::info!(
+            limit_s = limit.as_secs_f64(),
+            "stopping with HBONE connections still open"
+        );
     }
 }
 

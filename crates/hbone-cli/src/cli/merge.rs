@@ -122,7 +122,14 @@ mod tests {
     #[test]
     fn finds_the_subcommand_past_global_options() {
         assert_eq!(
-            subcommand(&os(&["hbone", "--log", "debug", "--admin=off", "run"])).as_deref(),
+            subcommand(&os(&[
+                "hbone",
+                "--log",
+                "debug",
+                "--log-format=json",
+                "run"
+            ]))
+            .as_deref(),
             Some("run")
         );
         assert_eq!(subcommand(&os(&["hbone", "--log-format", "json"])), None);

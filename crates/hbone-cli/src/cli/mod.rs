@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use args::{ConnectArgs, ForwardArgs, GatewayArgs, ServerArgs, Socks5Args};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use hbone::SpiffeId;
 use hbone::admin::LogControl;
 
@@ -28,27 +28,41 @@ use hbone::admin::LogControl;
 )]
 pub struct Cli {
     /// Log filter, e.g. `info`, `debug`, `hbone=trace` (env RUST_LOG also works).
-    #[arg(long, global = true, value_name = "FILTER")]
+    #[arg(long, global = true, value_name = "FILTER", help_heading = GLOBAL_OPTIONS)]
     log: Option<String>,
 
     /// Log lines as human-readable text, or as one JSON object per line
     /// (access records included) for log shippers.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, help_heading = GLOBAL_OPTIONS)]
     log_format: LogFormat,
 
-    /// Worker threads for the async runtime (default: one per CPU).
-    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-    threads: Option<u16>,
+    #[command(subcommand)]
+    command: Command,
+}
 
+/// The `--help` heading of the flags about the whole process (logs,
+/// threads, the admin endpoint), listed after a subcommand's own flags.
+pub(crate) const GLOBAL_OPTIONS: &str = "Global options";
+
+/// `--threads`, for the commands that run tunnels.
+#[derive(Args, Clone, Copy, Default)]
+pub(super) struct RuntimeArgs {
+    /// Worker threads for the async runtime (default: one per CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = GLOBAL_OPTIONS)]
+    threads: Option<u16>,
+}
+
+/// `--threads` and `--admin`, for the commands that serve until stopped.
+#[derive(Args, Clone, Copy, Default)]
+pub(super) struct ServiceArgs {
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Admin endpoint address (/metrics, /healthz, /readyz, /config,
     /// /tunnels, /logging), or `off`. Default: off, except for `hbone run`
     /// (127.0.0.1:15000). It has no authentication: keep it on loopback or
     /// a pod-internal port.
-    #[arg(long, global = true, value_name = "ADDR|off", value_parser = ops::parse_admin)]
+    #[arg(long, value_name = "ADDR|off", value_parser = ops::parse_admin, help_heading = GLOBAL_OPTIONS)]
     admin: Option<ops::AdminSetting>,
-
-    #[command(subcommand)]
-    command: Command,
 }
 
 /// How log lines are written.
@@ -71,18 +85,33 @@ enum Command {
 
 Without --allow-target only loopback targets are reachable. Statuses: 405 not CONNECT,
 400 bad request or authority, 403 denied by policy, 503 target unreachable, 504 dial timeout.")]
-    Server(ServerArgs),
+    Server {
+        #[command(flatten)]
+        args: ServerArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
     /// Forward a local TCP port through an HBONE tunnel to a fixed target.
     #[command(after_help = "Example:
   hbone forward --identity-dir certs/client --listen 127.0.0.1:8080 \\
       --server 10.0.0.2:15008 --server-id spiffe://cluster.local/ns/demo/sa/server \\
       --target 127.0.0.1:80")]
-    Forward(ForwardArgs),
+    Forward {
+        #[command(flatten)]
+        args: ForwardArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
     /// Open one tunnel between stdin/stdout and a target (ssh ProxyCommand).
     #[command(after_help = "Example:
   ssh -o ProxyCommand='hbone connect --identity-dir ~/.hbone --server 10.0.0.2:15008 \\
       --server-id spiffe://cluster.local/ns/ops/sa/bastion --target 127.0.0.1:22' host")]
-    Connect(ConnectArgs),
+    Connect {
+        #[command(flatten)]
+        args: ConnectArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// A SOCKS5 entry: each CONNECT request becomes an HBONE tunnel.
     #[command(after_help = "Example:
   hbone socks5 --identity-dir certs/client --listen 127.0.0.1:1080 \\
@@ -91,7 +120,12 @@ Without --allow-target only loopback targets are reachable. Statuses: 405 not CO
 
 Without --server each tunnel goes to port 15008 of the requested address, as in Istio ambient.
 Only IP addresses are accepted (no domain names).")]
-    Socks5(Socks5Args),
+    Socks5 {
+        #[command(flatten)]
+        args: Socks5Args,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
     /// Check a policy file, or ask it who may reach what.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -107,22 +141,42 @@ routes.toml:
 
 Clients reach it with --gateway ADDR --gateway-id ID --service HOST:PORT; the gateway relays the
 inner TLS connection to an endpoint and never sees the tunnelled bytes. Unknown services get 503.")]
-    Gateway(GatewayArgs),
+    Gateway {
+        #[command(flatten)]
+        args: GatewayArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
     /// Self-contained demonstration on loopback: CA, server, forward, 64 MiB echoed.
-    Demo(demo::DemoArgs),
+    Demo {
+        #[command(flatten)]
+        args: demo::DemoArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// Measure throughput, latency, connection rate and memory, direct and tunnelled.
-    Bench(hbone_bench::BenchArgs),
+    Bench {
+        #[command(flatten)]
+        args: hbone_bench::BenchArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
     /// Run every server, gateway and entry a config file declares.
     #[command(after_help = "Example:
   hbone config example > hbone.toml   # then edit it
   hbone config check hbone.toml
   hbone run --config hbone.toml --log-format json
 
-Global flags given here (--log, --log-format, --threads, --admin) override the file's top-level
+Global options given here (--log, --log-format, --threads, --admin) override the file's top-level
 fields. The admin endpoint defaults to 127.0.0.1:15000 (`admin = \"off\"` disables it).
 SIGTERM drains every listener together; SIGHUP reloads policy and identity files.
 See docs/config.md for every field.")]
-    Run(run::RunArgs),
+    Run {
+        #[command(flatten)]
+        args: run::RunArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
     /// Configuration file: check one, or print a commented example.
     #[command(subcommand)]
     Config(config_file::ConfigCommand),
@@ -231,8 +285,8 @@ pub(super) enum CaCommand {
 pub fn init_logging(cli: &Cli) -> (logwriter::FlushGuard, Arc<dyn LogControl>) {
     use tracing_subscriber::EnvFilter;
     let default = match cli.command {
-        Command::Connect(_) => "warn",
-        Command::Demo(_) | Command::Bench(_) => "warn",
+        Command::Connect { .. } => "warn",
+        Command::Demo { .. } | Command::Bench { .. } => "warn",
         _ => "info",
     };
     let filter = cli
@@ -287,8 +341,46 @@ impl<S: 'static> LogControl for ReloadableFilter<S> {
 impl Cli {
     /// Worker threads requested on the command line, if any.
     pub fn threads(&self) -> Option<usize> {
-        self.threads.map(usize::from)
+        self.command.runtime().threads.map(usize::from)
     }
+}
+
+impl Command {
+    /// `--threads`, for the commands that take it.
+    fn runtime(&self) -> RuntimeArgs {
+        match self {
+            Command::Server { service, .. }
+            | Command::Forward { service, .. }
+            | Command::Socks5 { service, .. }
+            | Command::Gateway { service, .. }
+            | Command::Run { service, .. } => service.runtime,
+            Command::Connect { runtime, .. }
+            | Command::Demo { runtime, .. }
+            | Command::Bench { runtime, .. } => *runtime,
+            Command::Ca(_)
+            | Command::Policy(_)
+            | Command::Config(_)
+            | Command::Completions { .. }
+            | Command::Man => RuntimeArgs::default(),
+        }
+    }
+}
+
+/// `/config`'s top level: the flags about the whole process, the root's
+/// and the subcommand's.
+fn global_config(matches: &clap::ArgMatches) -> serde_json::Value {
+    use clap::CommandFactory;
+    let root = Cli::command();
+    let mut config = ops::effective_config(matches, &root, ops::Fields::Global);
+    if let (Some((name, sub_matches)), serde_json::Value::Object(object)) =
+        (matches.subcommand(), &mut config)
+        && let Some(sub) = root.find_subcommand(name)
+        && let serde_json::Value::Object(process) =
+            ops::effective_config(sub_matches, sub, ops::Fields::Global)
+    {
+        object.extend(process);
+    }
+    config
 }
 
 /// Raises the soft limit on open files to the hard limit. Every tunnel
@@ -318,46 +410,47 @@ pub async fn run(
     file: Option<&config_file::ConfigFile>,
     logging: Arc<dyn LogControl>,
 ) -> anyhow::Result<()> {
-    if let (Command::Run(_), Some(file)) = (&cli.command, file) {
-        use clap::CommandFactory;
-        let global = ops::effective_config(matches, &Cli::command());
+    if let (Command::Run { service, .. }, Some(file)) = (&cli.command, file) {
         // The raw arguments: the file's own `log` was merged into `matches`.
         let log_flag_given =
             std::env::args().any(|arg| arg == "--log" || arg.starts_with("--log="));
-        return run::run(file, cli.admin, log_flag_given, global, logging).await;
+        let global = global_config(matches);
+        return run::run(file, service.admin, log_flag_given, global, logging).await;
     }
-    let serves = matches!(
-        cli.command,
-        Command::Server(_) | Command::Gateway(_) | Command::Forward(_) | Command::Socks5(_)
-    );
-    if cli.admin.is_some() && !serves {
-        anyhow::bail!(
-            "--admin applies to the long-running commands (run, server, gateway, forward, socks5)"
-        );
-    }
-    let admin = cli.admin.unwrap_or(ops::AdminSetting::Off);
-    let start_ops = |logging| async move {
+    let start_ops = |service: ServiceArgs, logging| async move {
         use clap::CommandFactory;
         let root = Cli::command();
-        let mut config = ops::effective_config(matches, &root);
+        let mut config = global_config(matches);
         if let (Some((name, sub_matches)), serde_json::Value::Object(object)) =
             (matches.subcommand(), &mut config)
             && let Some(sub) = root.find_subcommand(name)
         {
-            object.insert(name.to_owned(), ops::effective_config(sub_matches, sub));
+            object.insert(
+                name.to_owned(),
+                ops::effective_config(sub_matches, sub, ops::Fields::Own),
+            );
         }
+        let admin = service.admin.unwrap_or(ops::AdminSetting::Off);
         ops::Ops::start(admin, 1, config, logging).await
     };
     match cli.command {
         Command::Ca(command) => commands::run_ca(command),
-        Command::Server(args) => commands::run_server(args, &start_ops(logging).await?).await,
-        Command::Forward(args) => commands::run_forward(args, &start_ops(logging).await?).await,
-        Command::Connect(args) => commands::run_connect(args).await,
-        Command::Socks5(args) => commands::run_socks5(args, &start_ops(logging).await?).await,
-        Command::Gateway(args) => commands::run_gateway(args, &start_ops(logging).await?).await,
+        Command::Server { args, service } => {
+            commands::run_server(args, &start_ops(service, logging).await?).await
+        }
+        Command::Forward { args, service } => {
+            commands::run_forward(args, &start_ops(service, logging).await?).await
+        }
+        Command::Connect { args, .. } => commands::run_connect(args).await,
+        Command::Socks5 { args, service } => {
+            commands::run_socks5(args, &start_ops(service, logging).await?).await
+        }
+        Command::Gateway { args, service } => {
+            commands::run_gateway(args, &start_ops(service, logging).await?).await
+        }
         Command::Policy(command) => commands::run_policy(command),
-        Command::Demo(args) => demo::run(args).await,
-        Command::Bench(args) => hbone_bench::run(args, logwriter::flush_before_exit).await,
+        Command::Demo { args, .. } => demo::run(args).await,
+        Command::Bench { args, .. } => hbone_bench::run(args, logwriter::flush_before_exit).await,
         Command::Config(command) => config_file::run(command),
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -370,7 +463,7 @@ pub async fn run(
             write_man_page(&mut page)?;
             print_all(&page)
         }
-        Command::Run(args) => anyhow::bail!("{}: not loaded", args.config.display()),
+        Command::Run { args, .. } => anyhow::bail!("{}: not loaded", args.config.display()),
     }
 }
 

@@ -2,7 +2,7 @@
 //! readiness, the admin endpoint and the shutdown signal.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +11,7 @@ use hbone::Telemetry;
 use hbone::active::ActiveTunnels;
 use hbone::admin::{Admin, LogControl, Readiness};
 use hbone::metrics::Metrics;
+use hbone::policy::PolicyHandle;
 use hbone::{Server, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -39,6 +40,66 @@ pub(super) struct Ops {
     pub(super) telemetry: Telemetry,
     pub(super) readiness: Readiness,
     shutdown: watch::Receiver<bool>,
+    /// The policies in force, shown on `/config` as they are at each
+    /// request.
+    policies: Arc<Mutex<Vec<PolicyInForce>>>,
+}
+
+/// A server's or gateway's policy, for `/config`.
+pub(super) struct PolicyInForce {
+    /// The `/config` section it belongs to: `server` or `gateway`.
+    pub(super) section: &'static str,
+    /// Read at each request, so that `/config` follows reloads.
+    pub(super) handle: PolicyHandle,
+    /// Where the last rule comes from when the flags made it: `flags`, or
+    /// `default` when they were not given (see
+    /// [`hbone::policy::Policy::flags_rule`]).
+    pub(super) flags_rule: Option<&'static str>,
+    /// Whether targets apply (a gateway's targets are its routes).
+    pub(super) targets: bool,
+}
+
+impl PolicyInForce {
+    /// The rules as `/config` shows them: one object per rule, in order,
+    /// each list's items as a policy file writes them.
+    fn to_json(&self) -> serde_json::Value {
+        fn texts<T: ToString>(items: &[T]) -> Vec<String> {
+            items.iter().map(ToString::to_string).collect()
+        }
+        let policy = self.handle.current();
+        let rules = policy.rules();
+        let shown = rules.iter().enumerate().map(|(index, rule)| {
+            let origin = match self.flags_rule {
+                Some(origin) if index + 1 == rules.len() => origin,
+                _ => "policy file",
+            };
+            let mut shown = serde_json::json!({
+                "name": rule.name,
+                "action": rule.action.to_string(),
+                "from": texts(&rule.from),
+                "source": texts(&rule.source),
+            });
+            if self.targets {
+                shown["to"] = texts(&rule.to).into();
+                shown["services"] = texts(&rule.services).into();
+            }
+            shown["origin"] = origin.into();
+            shown
+        });
+        shown.collect::<Vec<_>>().into()
+    }
+}
+
+/// `config` with each policy's rules in force under its section, as
+/// `policy-rules`.
+fn with_policies(config: &serde_json::Value, policies: &[PolicyInForce]) -> serde_json::Value {
+    let mut config = config.clone();
+    for policy in policies {
+        if let Some(serde_json::Value::Object(section)) = config.get_mut(policy.section) {
+            section.insert("policy-rules".into(), policy.to_json());
+        }
+    }
+    config
 }
 
 impl Ops {
@@ -69,6 +130,7 @@ impl Ops {
                 }
             });
         }
+        let policies = Arc::new(Mutex::new(Vec::new()));
         if let AdminSetting::At(addr) = admin {
             let listener = TcpListener::bind(addr).await.with_context(|| {
                 format!("cannot listen on {addr} for the admin endpoint (--admin ADDR or `off`)")
@@ -78,10 +140,14 @@ impl Ops {
                 tracing::warn!(listen = %bound, "the admin endpoint has no authentication; keep it off public interfaces");
             }
             tracing::info!(listen = %bound, "admin endpoint ready (/metrics /healthz /readyz /config /tunnels /logging)");
+            let in_force = policies.clone();
             let admin = Admin::default()
                 .with_telemetry(&telemetry)
                 .with_readiness(readiness.clone())
-                .with_config(config)
+                .with_config_source(move || {
+                    let policies = in_force.lock().unwrap_or_else(|e| e.into_inner());
+                    with_policies(&config, &policies)
+                })
                 .with_logging(logging);
             tokio::spawn(admin.serve(listener));
         }
@@ -94,7 +160,17 @@ impl Ops {
             telemetry,
             readiness,
             shutdown,
+            policies,
         })
+    }
+
+    /// Shows `policy`'s rules on `/config` from now on, as they stand at
+    /// each request.
+    pub(super) fn policy_in_force(&self, policy: PolicyInForce) {
+        self.policies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(policy);
     }
 
     /// Resolves once a shutdown was asked for.
@@ -140,7 +216,7 @@ impl Ops {
         let open = stats.snapshot();
         tracing::info!(
             %listen, connections = open.connections_active, tunnels = open.tunnels_active,
-            deadline = ?deadline, "draining: stopped accepting, GOAWAY sent"
+            deadline_s = deadline.as_secs_f64(), "draining: stopped accepting, GOAWAY sent"
         );
         drainer.drain();
         tokio::select! {
@@ -225,6 +301,16 @@ fn typed_value(matches: &clap::ArgMatches, id: &str) -> Option<serde_json::Value
     None
 }
 
+/// Which of a command's flags [`effective_config`] shows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fields {
+    /// Its own: `/config`'s section for the command.
+    Own,
+    /// Those about the whole process (logs, threads, admin): `/config`'s
+    /// top level.
+    Global,
+}
+
 /// The effective settings of a command, for `/config`: every argument
 /// with its value and where the value came from. Values of arguments
 /// that could hold secrets are redacted (there are none today: keys are
@@ -232,11 +318,16 @@ fn typed_value(matches: &clap::ArgMatches, id: &str) -> Option<serde_json::Value
 pub(super) fn effective_config(
     matches: &clap::ArgMatches,
     command: &clap::Command,
+    fields: Fields,
 ) -> serde_json::Value {
     let mut object = serde_json::Map::new();
     for arg in command.get_arguments() {
         let id = arg.get_id().as_str();
         if matches!(id, "help" | "version") {
+            continue;
+        }
+        let global = arg.get_help_heading() == Some(super::GLOBAL_OPTIONS);
+        if global != (fields == Fields::Global) {
             continue;
         }
         let Ok(Some(values)) = matches.try_get_raw(id) else {
@@ -259,4 +350,64 @@ pub(super) fn effective_config(
         object.insert(name, value);
     }
     serde_json::Value::Object(object)
+}
+
+#[cfg(test)]
+mod tests {
+    use hbone::policy::{IpNet, Policy, Rule};
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn config_shows_the_rules_in_force_under_their_section() {
+        let id = "spiffe://td/ns/a/*";
+        let handle = PolicyHandle::new(Policy::new(vec![id.parse().unwrap()], Vec::new()));
+        let gateway = PolicyInForce {
+            section: "gateway",
+            handle: handle.clone(),
+            flags_rule: Some("flags"),
+            targets: false,
+        };
+        let config = json!({ "log": "info", "gateway": { "listen": "[::]:15009" } });
+        let flags_rule = json!({
+            "name": "default: loopback only",
+            "action": "allow",
+            "from": [id],
+            "source": [],
+            "origin": "flags",
+        });
+        assert_eq!(
+            with_policies(&config, std::slice::from_ref(&gateway)),
+            json!({
+                "log": "info",
+                "gateway": { "listen": "[::]:15009", "policy-rules": [flags_rule] },
+            })
+        );
+        // A replaced policy shows at once; a gateway's rules have no targets.
+        handle.replace(Policy::from_rules(vec![
+            Rule::deny("nobody from outside")
+                .from_networks([IpNet::new([10, 0, 0, 0].into(), 8).unwrap()]),
+            Policy::flags_rule(vec![id.parse().unwrap()], Vec::new()),
+        ]));
+        assert_eq!(
+            gateway.to_json(),
+            json!([
+                {
+                    "name": "nobody from outside",
+                    "action": "deny",
+                    "from": [],
+                    "source": ["10.0.0.0/8"],
+                    "origin": "policy file",
+                },
+                flags_rule,
+            ])
+        );
+        // A section the config lacks gets nothing.
+        let server = PolicyInForce {
+            section: "server",
+            ..gateway
+        };
+        assert_eq!(with_policies(&config, &[server]), config);
+    }
 }

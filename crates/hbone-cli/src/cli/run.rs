@@ -63,7 +63,7 @@ pub(super) async fn run(
         };
         let effective = root
             .find_subcommand(section.kind)
-            .map(|sub| ops::effective_config(sub_matches, sub))
+            .map(|sub| ops::effective_config(sub_matches, sub, ops::Fields::Own))
             .unwrap_or_default();
         match config.get_mut(section.kind) {
             Some(serde_json::Value::Array(list)) => list.push(effective),
@@ -96,10 +96,10 @@ pub(super) async fn run(
         let ops = ops.clone();
         running.spawn(async move {
             let result = match component.command {
-                Command::Server(args) => commands::run_server(args, &ops).await,
-                Command::Gateway(args) => commands::run_gateway(args, &ops).await,
-                Command::Forward(args) => commands::run_forward(args, &ops).await,
-                Command::Socks5(args) => commands::run_socks5(args, &ops).await,
+                Command::Server { args, .. } => commands::run_server(args, &ops).await,
+                Command::Gateway { args, .. } => commands::run_gateway(args, &ops).await,
+                Command::Forward { args, .. } => commands::run_forward(args, &ops).await,
+                Command::Socks5 { args, .. } => commands::run_socks5(args, &ops).await,
                 _ => Ok(()),
             };
             result.with_context(|| format!("[{}]", component.title))

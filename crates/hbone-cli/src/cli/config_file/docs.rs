@@ -217,7 +217,7 @@ without the leading `--`, the same values and the same defaults:
     );
     out.push_str(VALUES_EXAMPLE);
     out.push_str("```\n\n## Fields\n\n### Top level\n\nFor the whole process.\n\n");
-    write_table(&mut out, &schema.globals, &schema.root);
+    write_table(&mut out, &schema.globals, &schema.top_level);
     for section in &schema.sections {
         let _ = write!(
             out,
@@ -229,8 +229,10 @@ without the leading `--`, the same values and the same defaults:
     }
     let _ = write!(
         out,
-        "\n## Example\n\nThe output of `hbone config example`: every field, with defaults and \
-         examples commented out.\n\n```toml\n{}```\n",
+        "\n## Example\n\nThe output of `hbone config example`: `[server]` is on, and every \
+         other section is there commented out (remove one `# ` from each of its lines to turn \
+         it on); every field is listed with its help, and defaults and examples are commented \
+         out.\n\n```toml\n{}```\n",
         example_for(&schema)
     );
     out.push_str(

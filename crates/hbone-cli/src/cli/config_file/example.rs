@@ -38,17 +38,43 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
     })
 }
 
+/// The section the example has on: the one a newcomer can run as it is,
+/// with the certificate `hbone ca issue` writes.
+const ACTIVE: &str = "server";
+
 /// Fields the example sets, besides clap's required ones, so that every
 /// section would start; listeners are distinct so they do not collide.
+/// Identities are where `hbone ca issue --out` puts them (see the intro
+/// and each section's note), relative to the file.
 fn preset(kind: &str, name: &str) -> Option<&'static str> {
     match (kind, name) {
-        (_, "identity-dir") => sample(name),
+        ("server", "identity-dir") => Some("certs/server"),
+        ("forward" | "socks5", "identity-dir") => Some("certs/client"),
+        ("gateway", "identity-dir") => Some("certs/gateway"),
         ("forward", "listen") => Some("127.0.0.1:8080"),
-        ("forward", "server") => sample(name),
+        // The [server] of this file: the forward works once uncommented.
+        ("forward", "server") => Some("127.0.0.1:15008"),
         ("socks5", "listen") => Some("127.0.0.1:1080"),
         ("gateway", "listen") => Some("[::]:15009"),
+        ("gateway", "routes") => Some("routes.toml"),
         _ => None,
     }
+}
+
+/// What a commented-out section needs besides uncommenting: words, and
+/// the command that makes it.
+fn needs(kind: &str) -> Option<(&'static str, &'static str)> {
+    Some(match kind {
+        "forward" | "socks5" => (
+            "It needs a client identity:",
+            "hbone ca issue --ca ca --id spiffe://cluster.local/ns/demo/sa/client --out certs/client",
+        ),
+        "gateway" => (
+            "It needs a routes file (see hbone gateway --help) and an identity:",
+            "hbone ca issue --ca ca --id spiffe://cluster.local/ns/istio-system/sa/gateway --out certs/gateway",
+        ),
+        _ => return None,
+    })
 }
 
 /// How a field appears in the example.
@@ -141,17 +167,26 @@ fn write_fields(out: &mut String, kind: &str, keys: &[Key], cmd: &Command) {
 }
 
 /// A complete, commented config: every field with its help, defaults and
-/// examples commented out, and what each section needs set.
+/// examples commented out, and what each section needs set. Only
+/// [`ACTIVE`] is on; every other section is there commented out, line by
+/// line, so that removing one `# ` from each of its lines turns it on.
 pub(in crate::cli) fn example() -> String {
     example_for(&Schema::cli())
 }
 
 pub(super) fn example_for(schema: &Schema) -> String {
-    let mut out = String::from(
+    let mut out = format!(
         "# hbone configuration file (TOML).
 #
-#   hbone run --config hbone.toml      runs every section below in one process
+#   hbone run --config hbone.toml      runs every section that is on
 #   hbone config check hbone.toml      validates it and lists what would run
+#
+# Only [{ACTIVE}] is on. The other sections are commented out: to add one,
+# remove the \"# \" that starts each of its lines. To run the [{ACTIVE}] as it
+# is, create a development CA and its certificate in this file's directory:
+#
+#   hbone ca init --out ca
+#   hbone ca issue --ca ca --id spiffe://cluster.local/ns/demo/sa/server --out certs/server
 #
 # Each field is the command-line flag of the same name without its \"--\", and
 # takes the same values. Flags given on the command line override the file.
@@ -159,9 +194,9 @@ pub(super) fn example_for(schema: &Schema) -> String {
 # show defaults (marked) and example values.
 #
 # ---- Top level: for the whole process ----
-",
+"
     );
-    write_fields(&mut out, "", &schema.globals, &schema.root);
+    write_fields(&mut out, "", &schema.globals, &schema.top_level);
     for section in &schema.sections {
         let about = section
             .cmd
@@ -173,15 +208,38 @@ pub(super) fn example_for(schema: &Schema) -> String {
         } else {
             String::new()
         };
-        let _ = write!(
-            out,
-            "\n# ---- {}: {about}{repeat} ----\n{}\n",
-            section.header(),
-            section.header()
-        );
-        write_fields(&mut out, section.kind, &section.keys, &section.cmd);
+        let _ = writeln!(out, "\n# ---- {}: {about}{repeat} ----", section.header());
+        let mut body = format!("{}\n", section.header());
+        write_fields(&mut body, section.kind, &section.keys, &section.cmd);
+        if section.kind == ACTIVE {
+            out.push_str(&body);
+            continue;
+        }
+        if let Some((needed, command)) = needs(section.kind) {
+            for text in wrap(needed, 76) {
+                let _ = writeln!(out, "# {text}");
+            }
+            let _ = writeln!(out, "#   {command}");
+        }
+        let note = "Commented out: to use it, remove one \"# \" from each line below, \
+                    down to the next \"# ----\" line.";
+        for text in wrap(note, 76) {
+            let _ = writeln!(out, "# {text}");
+        }
+        out.push_str(&comment_out(&body));
     }
     out
+}
+
+/// `text` with every line commented out by one `# `; blank lines stay
+/// blank.
+fn comment_out(text: &str) -> String {
+    text.lines()
+        .map(|line| match line {
+            "" => "\n".to_owned(),
+            line => format!("# {line}\n"),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -196,7 +254,7 @@ pub(super) fn commented_samples() -> Vec<(String, String, String)> {
             }
         }
     };
-    collect("", &schema.globals, &schema.root);
+    collect("", &schema.globals, &schema.top_level);
     for section in &schema.sections {
         collect(section.kind, &section.keys, &section.cmd);
     }

@@ -24,7 +24,7 @@ pub(super) fn document(
         if let Some(section) = schema.section(name) {
             read_sections(schema, section, src, value, &mut sections)?;
         } else if let Some(field) = schema.global(name) {
-            global.push(read_field(&schema.root, field, "", src, key, value)?);
+            global.push(read_field(&schema.top_level, field, "", src, key, value)?);
         } else if is_table_like(value.get_ref()) {
             let suggestion = closest(name, schema.sections.iter().map(|s| s.kind))
                 .and_then(|kind| schema.section(kind))

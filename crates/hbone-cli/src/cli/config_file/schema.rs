@@ -16,7 +16,9 @@ pub(super) const SECTIONS: [(&str, bool); 4] = [
 ];
 
 pub(super) struct Schema {
-    pub root: Command,
+    /// The command whose flags the top-level fields are, each checked by
+    /// its parser: `hbone run`, which takes them all.
+    pub top_level: Command,
     pub globals: Vec<Key>,
     pub sections: Vec<SectionSchema>,
 }
@@ -70,7 +72,16 @@ impl Schema {
         // Building propagates the global args and adds help/version, which
         // are then filtered out like any other non-field.
         root.build();
-        let globals = keys(&root, |arg| arg.is_global_set());
+        // The top level: the root's global flags (logs), then those of
+        // `hbone run` about the whole process (threads, admin).
+        let top_level = root
+            .find_subcommand("run")
+            .expect("the CLI has a `run` subcommand")
+            .clone();
+        let mut globals = keys(&root, |arg| arg.is_global_set());
+        globals.extend(keys(&top_level, |arg| {
+            is_process_flag(arg) && !arg.is_global_set()
+        }));
         let sections = SECTIONS
             .iter()
             .map(|&(kind, repeats)| {
@@ -78,7 +89,7 @@ impl Schema {
                     .find_subcommand(kind)
                     .unwrap_or_else(|| panic!("the CLI has no `{kind}` subcommand"))
                     .clone();
-                let keys = keys(&cmd, |arg| !arg.is_global_set());
+                let keys = keys(&cmd, |arg| !is_process_flag(arg));
                 SectionSchema {
                     kind,
                     repeats,
@@ -88,7 +99,7 @@ impl Schema {
             })
             .collect();
         Schema {
-            root,
+            top_level,
             globals,
             sections,
         }
@@ -124,6 +135,12 @@ pub(super) fn header(kind: &str, repeats: bool) -> String {
     } else {
         format!("[{kind}]")
     }
+}
+
+/// A flag about the whole process (logs, threads, admin endpoint): a
+/// top-level field, never a section's.
+fn is_process_flag(arg: &Arg) -> bool {
+    arg.is_global_set() || arg.get_help_heading() == Some(crate::cli::GLOBAL_OPTIONS)
 }
 
 fn keys(cmd: &Command, keep: impl Fn(&Arg) -> bool) -> Vec<Key> {

@@ -27,12 +27,11 @@ fn args(field: &Field) -> Vec<&str> {
 fn schema_mirrors_the_cli() {
     let schema = Schema::cli();
     let globals: Vec<_> = schema.globals.iter().map(|k| k.name.as_str()).collect();
-    for name in ["log", "log-format", "threads"] {
-        assert!(globals.contains(&name), "{globals:?}");
-    }
-    assert!(!globals.contains(&"help") && !globals.contains(&"version"));
+    assert_eq!(globals, ["log", "log-format", "threads", "admin"]);
     let server = schema.section("server").unwrap();
-    assert!(server.key("help").is_none() && server.key("log").is_none());
+    for name in ["help", "log", "threads", "admin"] {
+        assert!(server.key(name).is_none(), "{name} is not a [server] field");
+    }
     assert_eq!(server.key("proxy-protocol").unwrap().shape, Shape::Switch);
     assert_eq!(server.key("allow-target").unwrap().shape, Shape::Many);
     assert_eq!(server.key("listen").unwrap().shape, Shape::One);
@@ -43,7 +42,11 @@ fn schema_mirrors_the_cli() {
             .find_subcommand(section.kind)
             .unwrap()
             .clone();
-        for arg in cmd.get_arguments() {
+        // Except the file itself and the flags about the whole process.
+        let fields = cmd
+            .get_arguments()
+            .filter(|arg| arg.get_help_heading() != Some(crate::cli::GLOBAL_OPTIONS));
+        for arg in fields {
             if let Some(long) = arg.get_long().filter(|long| *long != "config") {
                 assert!(section.key(long).is_some(), "{} --{long}", section.kind);
             }
@@ -117,21 +120,51 @@ fn relative_paths_are_relative_to_the_file() {
     assert_eq!(args(network), ["--network", "a/b"]);
 }
 
+/// `example` with its commented-out sections turned on as a reader would:
+/// one `# ` removed from each line from the section's header down to the
+/// next `# ----` banner.
+fn all_sections_on(example: &str) -> String {
+    let headers: Vec<String> = Schema::cli()
+        .sections
+        .iter()
+        .map(|s| format!("# {}", s.header()))
+        .collect();
+    let mut on = false;
+    let mut text = String::new();
+    for line in example.lines() {
+        on = (on || headers.iter().any(|h| h == line)) && !line.starts_with("# ---- ");
+        text.push_str(if on {
+            line.strip_prefix("# ").unwrap_or(line)
+        } else {
+            line
+        });
+        text.push('\n');
+    }
+    text
+}
+
 #[test]
-fn the_example_passes_and_each_section_parses_as_its_subcommand() {
-    let file = ok(&example());
+fn the_example_runs_the_server_and_each_section_parses_as_its_subcommand() {
+    let example = example();
+    let file = ok(&example);
+    let kinds: Vec<_> = file.sections.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds, ["server"], "only [server] is on");
+
+    let file = ok(&all_sections_on(&example));
     let kinds: Vec<_> = file.sections.iter().map(|s| s.kind).collect();
     assert_eq!(kinds, ["server", "forward", "socks5", "gateway"]);
     for section in &file.sections {
+        // As `hbone SUBCOMMAND --config` merges them: the file's top-level
+        // fields after the section's.
         let mut argv = vec![OsString::from("hbone")];
-        argv.extend(global_argv(&file));
         argv.extend(section.argv());
+        argv.extend(global_argv(&file));
         let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         let parsed = match cli.command {
-            Command::Server(_) => "server",
-            Command::Forward(_) => "forward",
-            Command::Socks5(_) => "socks5",
-            Command::Gateway(_) => "gateway",
+            Command::Server { .. } => "server",
+            Command::Forward { .. } => "forward",
+            Command::Socks5 { .. } => "socks5",
+            Command::Gateway { .. } => "gateway",
             _ => "other",
         };
         assert_eq!(parsed, section.kind);
