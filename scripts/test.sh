@@ -16,3 +16,9 @@ fi
 bash scripts/install-test-deps.sh
 
 cargo test --workspace --locked "$@"
+
+# The fuzz targets' checks on stable, over their seeds and fixed-seed
+# mutations (FUZZING.md). fuzz/ is its own workspace (libFuzzer needs it);
+# building it here keeps it compiling, and sharing the build directory
+# rebuilds only the library.
+cargo test --manifest-path fuzz/Cargo.toml --locked --target-dir "${CARGO_TARGET_DIR:-target}"

@@ -355,7 +355,8 @@ fn structured_routes(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     let mut model = Vec::new();
     for _ in 0..u.int_in_range(0..=4)? {
         let host = *u.choose(&HOSTS)?;
-        let port: Option<u16> = u.arbitrary()?;
+        // Port 0 names nothing and is refused; the model writes valid files.
+        let port: Option<u16> = u.arbitrary::<Option<u16>>()?.filter(|p| *p != 0);
         toml.push_str(&format!("[[route]]\nhost = \"{host}\"\n"));
         if let Some(port) = port {
             toml.push_str(&format!("port = {port}\n"));
@@ -364,7 +365,7 @@ fn structured_routes(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         let mut endpoints = Vec::new();
         for _ in 0..u.int_in_range(1..=3)? {
             let ip: IpAddr = u.arbitrary()?;
-            let port: Option<u16> = u.arbitrary()?;
+            let port: Option<u16> = u.arbitrary::<Option<u16>>()?.filter(|p| *p != 0);
             written.push(match (ip, port) {
                 (IpAddr::V4(v4), None) => format!("\"{v4}\""),
                 (IpAddr::V4(v4), Some(p)) => format!("\"{v4}:{p}\""),
