@@ -281,6 +281,27 @@ async fn ca_server_forward_connect_and_socks5() {
     assert_eq!(read_reply(&mut client).await, 0, "succeeded");
     let back = echo_roundtrip(client, b"by name").await.unwrap();
     assert_eq!(back, b"by name");
+    // A client that sends its greeting, its request and its first bytes
+    // at once, without waiting for the replies, gets them all through.
+    let mut client = TcpStream::connect(socks).await.unwrap();
+    let SocketAddr::V4(echo_v4) = echo else {
+        panic!("the echo listens on IPv4")
+    };
+    let mut burst = vec![5u8, 1, 0, 5, 1, 0, 1];
+    burst.extend_from_slice(&echo_v4.ip().octets());
+    burst.extend_from_slice(&echo.port().to_be_bytes());
+    burst.extend_from_slice(b"early bytes");
+    client.write_all(&burst).await.unwrap();
+    let mut choice = [0u8; 2];
+    client.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 0]);
+    assert_eq!(read_reply(&mut client).await, 0, "succeeded");
+    let mut early = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut early))
+        .await
+        .expect("the early bytes come back through the tunnel")
+        .unwrap();
+    assert_eq!(&early, b"early bytes");
     // A name that does not resolve: host unreachable (4).
     let mut client = socks5_greet(socks).await;
     client

@@ -30,7 +30,9 @@ fn root_or_skip(test: &str) -> bool {
         std::env::var_os("CI").is_none(),
         "{test} needs root (network namespaces, iptables), and CI must run it"
     );
-    eprintln!("SKIPPED {test}: needs root (network namespaces, iptables); run as root or with CI set");
+    eprintln!(
+        "SKIPPED {test}: needs root (network namespaces, iptables); run as root or with CI set"
+    );
     false
 }
 

@@ -8,7 +8,7 @@
 //! one, to port 15008 of the requested address, as Istio ambient does.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -206,7 +206,7 @@ async fn negotiate_and_open(
     log: &Arc<dyn AccessLog>,
 ) -> io::Result<Option<ClientRelay>> {
     let started = Instant::now();
-    let target = match timeout(NEGOTIATION_TIMEOUT, negotiate(&mut app)).await {
+    let (target, early) = match timeout(NEGOTIATION_TIMEOUT, negotiate(&mut app)).await {
         Err(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -214,8 +214,8 @@ async fn negotiate_and_open(
             ));
         }
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(Err(reply))) => return send_reply(&mut app, reply).await.map(|()| None),
-        Ok(Ok(Ok(target))) => target,
+        Ok(Ok((Err(reply), _))) => return send_reply(&mut app, reply).await.map(|()| None),
+        Ok(Ok((Ok(target), early))) => (target, early),
     };
     // Counted from the accept, negotiation included.
     let mut attempt = Attempt {
@@ -223,8 +223,11 @@ async fn negotiate_and_open(
         ..Attempt::new(source, super::forward::placeholder(&target))
     };
     match config.open(dialer, target.clone(), &mut attempt).await {
-        Ok(tunnel) => {
+        Ok(mut tunnel) => {
             send_reply(&mut app, Reply::Succeeded).await?;
+            if !early.is_empty() {
+                tunnel.write_all(&early).await?;
+            }
             Ok(Some(ClientRelay::new(
                 app,
                 tunnel,
@@ -243,20 +246,69 @@ async fn negotiate_and_open(
     }
 }
 
-/// Reads the greeting and the request. The inner `Err` is a reply to send
-/// before closing (unsupported method, command or address type).
-async fn negotiate(app: &mut TcpStream) -> io::Result<Result<Target, Reply>> {
-    let mut header = [0u8; 2];
-    app.read_exact(&mut header).await?;
-    if header[0] != VERSION {
+/// The client's bytes during negotiation, read with as few reads as the
+/// client allows: each read takes whatever has arrived (a greeting or a
+/// request comes in one segment), and the parser takes what it needs from
+/// that. Bytes a client sends after its request without waiting for the
+/// reply (optimistic data) are kept, to go into the tunnel first.
+#[derive(Default)]
+struct Incoming {
+    buf: Vec<u8>,
+    taken: usize,
+}
+
+/// A read's size during negotiation: more than a greeting or a request.
+const NEGOTIATION_READ: usize = 512;
+
+impl Incoming {
+    /// The next `n` bytes, reading until they have arrived.
+    async fn take(&mut self, app: &mut TcpStream, n: usize) -> io::Result<&[u8]> {
+        while self.buf.len() - self.taken < n {
+            self.buf.reserve(NEGOTIATION_READ);
+            if app.read_buf(&mut self.buf).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let start = self.taken;
+        self.taken += n;
+        Ok(&self.buf[start..self.taken])
+    }
+
+    /// The next `N` bytes as an array.
+    async fn array<const N: usize>(&mut self, app: &mut TcpStream) -> io::Result<[u8; N]> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(app, N).await?);
+        Ok(out)
+    }
+
+    async fn byte(&mut self, app: &mut TcpStream) -> io::Result<u8> {
+        Ok(self.array::<1>(app).await?[0])
+    }
+
+    async fn port(&mut self, app: &mut TcpStream) -> io::Result<u16> {
+        Ok(u16::from_be_bytes(self.array(app).await?))
+    }
+
+    /// What came after the request.
+    fn rest(mut self) -> Vec<u8> {
+        self.buf.drain(..self.taken);
+        self.buf
+    }
+}
+
+/// Reads the greeting and the request, and returns the target with any
+/// bytes the client sent after its request. The inner `Err` is a reply to
+/// send before closing (unsupported method, command or address type).
+async fn negotiate(app: &mut TcpStream) -> io::Result<(Result<Target, Reply>, Vec<u8>)> {
+    let mut incoming = Incoming::default();
+    if incoming.byte(app).await? != VERSION {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "not a SOCKS5 client",
         ));
     }
-    let mut methods = vec![0u8; usize::from(header[1])];
-    app.read_exact(&mut methods).await?;
-    if !methods.contains(&NO_AUTH) {
+    let count = usize::from(incoming.byte(app).await?);
+    if !incoming.take(app, count).await?.contains(&NO_AUTH) {
         app.write_all(&[VERSION, NO_ACCEPTABLE_METHOD]).await?;
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -265,48 +317,46 @@ async fn negotiate(app: &mut TcpStream) -> io::Result<Result<Target, Reply>> {
     }
     app.write_all(&[VERSION, NO_AUTH]).await?;
 
-    let mut request = [0u8; 4];
-    app.read_exact(&mut request).await?;
-    let [version, command, _reserved, address_type] = request;
+    let [version, command, _reserved, address_type] = incoming.array(app).await?;
     if version != VERSION {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "bad SOCKS5 request version",
         ));
     }
-    let ip = match address_type {
+    let target = match address_type {
         ATYP_IPV4 => {
-            let mut octets = [0u8; 4];
-            app.read_exact(&mut octets).await?;
-            IpAddr::V4(Ipv4Addr::from(octets))
+            let octets: [u8; 4] = incoming.array(app).await?;
+            let port = incoming.port(app).await?;
+            Ok(Target::Addr(SocketAddr::new(
+                Ipv4Addr::from(octets).into(),
+                port,
+            )))
         }
         ATYP_IPV6 => {
-            let mut octets = [0u8; 16];
-            app.read_exact(&mut octets).await?;
-            IpAddr::V6(Ipv6Addr::from(octets))
+            let octets: [u8; 16] = incoming.array(app).await?;
+            let port = incoming.port(app).await?;
+            Ok(Target::Addr(SocketAddr::new(
+                Ipv6Addr::from(octets).into(),
+                port,
+            )))
         }
         ATYP_DOMAIN => {
-            let len = app.read_u8().await?;
-            let mut name = vec![0u8; usize::from(len)];
-            app.read_exact(&mut name).await?;
-            let port = app.read_u16().await?;
-            if command != CMD_CONNECT {
-                return Ok(Err(Reply::CommandNotSupported));
-            }
+            let len = usize::from(incoming.byte(app).await?);
+            let host = String::from_utf8_lossy(incoming.take(app, len).await?).into_owned();
+            let port = incoming.port(app).await?;
             // A host name (or an address written out, as some clients
             // send); anything else is not an address this entry takes.
-            let host = String::from_utf8_lossy(&name);
-            return Ok(
-                parse_target(&format!("{host}:{port}")).map_err(|_| Reply::AddressTypeNotSupported)
-            );
+            parse_target(&format!("{host}:{port}")).map_err(|_| Reply::AddressTypeNotSupported)
         }
-        _ => return Ok(Err(Reply::AddressTypeNotSupported)),
+        _ => Err(Reply::AddressTypeNotSupported),
     };
-    let port = app.read_u16().await?;
-    if command != CMD_CONNECT {
-        return Ok(Err(Reply::CommandNotSupported));
-    }
-    Ok(Ok(Target::Addr(SocketAddr::new(ip, port))))
+    let target = if command == CMD_CONNECT {
+        target
+    } else {
+        Err(Reply::CommandNotSupported)
+    };
+    Ok((target, incoming.rest()))
 }
 
 async fn send_reply(app: &mut TcpStream, reply: Reply) -> io::Result<()> {
