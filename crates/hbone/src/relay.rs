@@ -116,11 +116,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AnyStream<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> LocalStream for AnyStream<T> {}
 
-/// Smallest read from the local stream into a DATA frame. Reads that fill the
-/// buffer double it, up to [`MAX_READ`], so bulk transfers reach large
-/// frames and TLS record batches within a few reads.
-const MIN_READ: usize = 4 << 10;
-const MAX_READ: usize = 256 << 10;
+/// Read sizes from the local stream, each the payload of one DATA frame:
+/// a read that fills its buffer moves to the next size, so bulk transfers
+/// reach large frames within a few reads. From 16 KiB up each is whole TLS
+/// records (16,384 bytes of plaintext each) less the 9-byte frame header,
+/// so that a frame does not spill a few bytes into a record of their own.
+const READ_SIZES: [usize; 7] = [
+    4 << 10,
+    8 << 10,
+    TLS_RECORD - FRAME_HEADER,
+    2 * TLS_RECORD - FRAME_HEADER,
+    4 * TLS_RECORD - FRAME_HEADER,
+    8 * TLS_RECORD - FRAME_HEADER,
+    16 * TLS_RECORD - FRAME_HEADER,
+];
+const TLS_RECORD: usize = 16 << 10;
+const FRAME_HEADER: usize = 9;
 
 /// Relays between a local stream and a tunnel stream, both ways, with
 /// half-close, without copying bytes through an intermediate buffer.
@@ -264,6 +275,7 @@ impl AsH2Stream for H2Stream {
 struct ToTunnel {
     /// Read from the local stream, not yet within the peer's window.
     pending: Bytes,
+    /// Index into [`READ_SIZES`].
     read_size: usize,
     eof: bool,
     finished: bool,
@@ -274,7 +286,7 @@ impl Default for ToTunnel {
     fn default() -> Self {
         ToTunnel {
             pending: Bytes::new(),
-            read_size: MIN_READ,
+            read_size: 0,
             eof: false,
             finished: false,
             bytes: 0,
@@ -310,7 +322,8 @@ impl ToTunnel {
             // tokio then knows a short read drained the socket and waits for
             // the next edge instead of trying a read that finds nothing.
             // The buffer is dropped if nothing came, so idle holds none.
-            let mut buf = BytesMut::with_capacity(self.read_size);
+            let size = READ_SIZES[self.read_size];
+            let mut buf = BytesMut::with_capacity(size);
             match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *local),
                 cx,
@@ -318,8 +331,8 @@ impl ToTunnel {
             )) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
-                    if n == self.read_size {
-                        self.read_size = (self.read_size * 2).min(MAX_READ);
+                    if n == size {
+                        self.read_size = (self.read_size + 1).min(READ_SIZES.len() - 1);
                     }
                     self.pending = buf.freeze();
                 }
