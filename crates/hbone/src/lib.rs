@@ -103,6 +103,7 @@ mod phased;
 pub mod policy;
 mod pool;
 pub mod proxy_protocol;
+mod read_ahead;
 mod relay;
 pub mod server;
 pub mod services;

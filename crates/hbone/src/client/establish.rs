@@ -22,6 +22,7 @@ use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::keepalive::Keepalive;
 use crate::metrics::Reporter;
 use crate::pool::{ConnState, PooledConn};
+use crate::read_ahead::ReadAhead;
 use crate::tls::{self, TlsFailure};
 
 impl Dialer {
@@ -40,7 +41,7 @@ impl Dialer {
             })?
             .map_err(|source| DialError::Connect { server, source })?;
         let _ = tcp.set_nodelay(true);
-        self.establish(tcp, server, expected).await
+        self.establish(ReadAhead::new(tcp), server, expected).await
     }
 
     /// TLS handshake over `io` (verifying that the server is one of

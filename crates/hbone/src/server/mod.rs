@@ -28,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
+use crate::read_ahead::ReadAhead;
+
 pub use limits::Limits;
 use limits::{ConnectionRefusal, Gate};
 pub use refusal::Refusal;
@@ -571,17 +573,18 @@ impl Shared {
         peer_addr: SocketAddr,
     ) -> Result<
         (
-            h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+            h2::server::Connection<tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>, Bytes>,
             SpiffeId,
         ),
         String,
     > {
         let limit = self.timeouts.handshake;
         let acceptor = TlsAcceptor::from(self.tls.current());
+        let tcp = ReadAhead::new(tcp);
         let tls_stream = match timeout(limit, acceptor.accept(tcp).into_fallible()).await {
             Err(_) => return Err(format!("TLS handshake timed out after {limit:?}")),
             Ok(Err((error, tcp))) => {
-                linger_close(tcp).await;
+                linger_close(tcp.into_inner()).await;
                 return Err(format!("TLS: {error}"));
             }
             Ok(Ok(tls_stream)) => tls_stream,
