@@ -419,3 +419,19 @@ fn structured_routes(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     ));
     Ok(())
 }
+
+/// Reading a peer's SPIFFE ID out of its certificate (DER from the wire):
+/// never panics, and whatever ID it returns is a valid SPIFFE ID that
+/// appears in the certificate's bytes, as the URI SAN it came from.
+pub fn peer_certificate(data: &[u8]) {
+    let cert = rustls_pki_types::CertificateDer::from(data);
+    if let Ok(id) = hbone::identity::spiffe_id_of(&cert) {
+        let text = id.as_str();
+        assert!(spiffe_grammar(text), "{text:?}");
+        assert!(
+            data.windows(text.len())
+                .any(|w| w.eq_ignore_ascii_case(text.as_bytes())),
+            "{text:?} is not in the certificate"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use std::path::Path;
 
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 7] = [
+const TARGETS: [(&str, Check); 8] = [
     ("spiffe_id", hbone_fuzz::spiffe_id),
     ("authority", hbone_fuzz::authority),
     ("target_rule", hbone_fuzz::target_rule),
@@ -18,6 +18,7 @@ const TARGETS: [(&str, Check); 7] = [
     ("headers", hbone_fuzz::headers),
     ("proxy_protocol_decode", hbone_fuzz::proxy_protocol_decode),
     ("gateway_routes", hbone_fuzz::gateway_routes),
+    ("peer_certificate", hbone_fuzz::peer_certificate),
 ];
 
 /// Byte strings worth splicing in: the punctuation of the grammars.
