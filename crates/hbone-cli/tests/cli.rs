@@ -328,6 +328,53 @@ async fn ca_server_forward_connect_and_socks5() {
     assert_eq!(choice, [5, 0xff]);
 }
 
+/// Without `--server`, the SOCKS5 entry sends each tunnel to port 15008
+/// of the requested address, as Istio ambient does: a server on
+/// 127.0.0.2:15008 (an address no other test uses) carries a tunnel to an
+/// echo on 127.0.0.2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_sends_each_tunnel_to_port_15008_of_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo_listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let echo = echo_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = echo_listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    let (_server, server) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.2:15008",
+    ])
+    .await;
+    assert_eq!(server.port(), 15008);
+    let (_socks, socks) = spawn_ready(&[
+        "socks5",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--server-id",
+        SERVER_ID,
+    ])
+    .await;
+    let mut client = socks5_connect(socks, echo).await;
+    assert_eq!(read_reply(&mut client).await, 0, "succeeded");
+    assert_eq!(
+        echo_roundtrip(client, b"to 15008 of the target")
+            .await
+            .unwrap(),
+        b"to 15008 of the target"
+    );
+}
+
 async fn socks5_greet(socks: SocketAddr) -> TcpStream {
     let mut client = TcpStream::connect(socks).await.unwrap();
     client.write_all(&[5, 1, 0]).await.unwrap();
@@ -887,11 +934,7 @@ async fn sigterm_drains_then_exits_zero() {
     app.read_exact(&mut buf).await.unwrap();
 
     terminate(&server);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        TcpStream::connect(server_addr).await.is_err(),
-        "no new connections while draining"
-    );
+    refuses_connections_soon(server_addr).await;
     assert!(
         server.try_wait().unwrap().is_none(),
         "still serving the open tunnel"
@@ -907,6 +950,52 @@ async fn sigterm_drains_then_exits_zero() {
         .expect("the server exits once drained")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Waits until `addr` refuses connections, as a draining listener does.
+async fn refuses_connections_soon(addr: SocketAddr) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no new connections while draining");
+}
+
+/// A second SIGTERM during a drain exits at once (status 130), without
+/// waiting for the open tunnel or the drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let (mut server, server_addr, log) = spawn_logged(&[
+        "server",
+        "--identity-dir",
+        &path(dir.path(), "server"),
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "1h",
+    ])
+    .await;
+    let (_forward, forward) = spawn_forward(dir.path(), server_addr, echo).await;
+    let mut app = TcpStream::connect(forward).await.unwrap();
+    app.write_all(b"open ").await.unwrap();
+    let mut buf = [0u8; 5];
+    app.read_exact(&mut buf).await.unwrap();
+
+    terminate(&server);
+    log_lines(&log, "draining", 1).await;
+    assert!(server.try_wait().unwrap().is_none(), "draining, not gone");
+    terminate(&server);
+    let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("a second signal exits at once, whatever is open")
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    drop(app);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
