@@ -1317,6 +1317,57 @@ async fn server_picks_up_rotated_files_and_refuses_a_mismatched_pair() {
         .expect("the server must rotate to the renewed certificate");
 }
 
+/// SIGHUP reloads the identity by itself: the renewed files are put in
+/// place with their old modification times, so the 2 s poll sees no
+/// change and only the signal can have loaded them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let server_dir = dir.path().join("server");
+    let (server_child, server, log) = spawn_logged(&[
+        "server",
+        "--identity-dir",
+        server_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let renewed = dir.path().join("renewed");
+    run_ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--id",
+        SERVER_ID,
+        "--out",
+        renewed.to_str().unwrap(),
+    ])
+    .await;
+    for file in ["cert.pem", "key.pem"] {
+        let target = server_dir.join(file);
+        let stamp = std::fs::metadata(&target).unwrap().modified().unwrap();
+        std::fs::copy(renewed.join(file), &target).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .set_modified(stamp)
+            .unwrap();
+    }
+    let pid = server_child.id().unwrap() as i32;
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let reloaded = log_lines(&log, "identity reloaded", 1).await;
+    assert!(reloaded[0].contains("SIGHUP"), "{reloaded:?}");
+    assert_eq!(
+        presented_cert(server).await,
+        leaf_der(&renewed.join("cert.pem")),
+        "new handshakes use the reloaded certificate"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_access_log_has_one_record_per_tunnel() {
     let dir = tempfile::tempdir().unwrap();
