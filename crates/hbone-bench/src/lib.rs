@@ -32,6 +32,7 @@
 mod apps;
 mod child;
 mod childlog;
+mod cost;
 mod load;
 mod machine;
 mod markdown;
