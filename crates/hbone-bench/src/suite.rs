@@ -84,7 +84,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     watched.extend(&bench.joined.procs);
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
-    let verdicts = targets::judge(&bench.results, options.tunnels);
+    let verdicts = targets::judge(&bench.results, options.tunnels, options.quick);
     let measured = Measured {
         results: bench.results,
         costs: bench.costs,

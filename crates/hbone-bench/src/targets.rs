@@ -1,7 +1,7 @@
 //! The bench's targets, judged on the medians of the topology they are
 //! stated for: the server and the entry in processes of their own. A
-//! target that could not be judged (a figure missing) says so instead of
-//! passing quietly.
+//! target that could not be judged (a figure missing, or a `--quick` run)
+//! says so instead of passing or failing quietly.
 
 use super::report::{number, percent};
 use super::results::{Metric, Results, Topology};
@@ -26,8 +26,23 @@ impl Verdict {
     }
 }
 
-/// Every target, in the order the report lists them.
-pub fn judge(results: &Results, tunnels: u32) -> Vec<Verdict> {
+/// Every target, in the order the report lists them. `quick`: one short
+/// run measures nothing a target speaks of, so none is judged.
+pub fn judge(results: &Results, tunnels: u32, quick: bool) -> Vec<Verdict> {
+    let mut verdicts = judge_medians(results, tunnels);
+    if quick {
+        for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
+            verdict.met = None;
+            verdict.detail = format!(
+                "not judged: --quick is a smoke test, not a measurement ({})",
+                verdict.detail
+            );
+        }
+    }
+    verdicts
+}
+
+fn judge_medians(results: &Results, tunnels: u32) -> Vec<Verdict> {
     const SPLIT: Topology = Topology::Split;
     let share = |target, metric, least: f64| match results.ratio(metric, SPLIT) {
         Some(ratio) => Verdict {
@@ -113,7 +128,7 @@ mod tests {
         results.tunnel(Metric::Bulk1, Topology::Joined, 9.0);
         results.direct(Metric::ReqP50, 24.0);
         results.tunnel(Metric::ReqP50, Topology::Split, 104.0);
-        let verdicts = judge(&results, 10_000);
+        let verdicts = judge(&results, 10_000, false);
         assert_eq!(
             verdicts[0].met,
             Some(false),
@@ -121,5 +136,20 @@ mod tests {
         );
         assert_eq!(verdicts[4].met, Some(false), "+80 µs > 50 µs");
         assert_eq!(verdicts[6].met, None);
+    }
+
+    #[test]
+    fn quick_runs_judge_nothing() {
+        let mut results = Results::default();
+        results.direct(Metric::Bulk1, 30.0);
+        results.tunnel(Metric::Bulk1, Topology::Split, 6.0);
+        let verdicts = judge(&results, 200, true);
+        assert!(verdicts.iter().all(|v| v.met.is_none()));
+        assert!(
+            verdicts[0].detail.contains("--quick"),
+            "{}",
+            verdicts[0].detail
+        );
+        assert!(verdicts[0].detail.contains("20.0 %"), "the figure stays");
     }
 }

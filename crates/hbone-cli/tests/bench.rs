@@ -206,6 +206,17 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         .find(|l| l.contains("idle: ≤ 5 KB per tunnel"))
         .unwrap_or_else(|| panic!("no idle target in:\n{table}"));
     assert!(idle.contains("not judged"), "{idle}");
+    // Nor any other target from one 500 ms run.
+    let verdicts: Vec<&str> = table
+        .lines()
+        .skip_while(|line| !line.starts_with("Targets"))
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .collect();
+    assert!(verdicts.len() >= 7, "{table}");
+    for verdict in verdicts {
+        assert!(verdict.trim_start().starts_with("unknown"), "{verdict}");
+    }
 
     let written = std::fs::read_to_string(&markdown).unwrap();
     for part in [
