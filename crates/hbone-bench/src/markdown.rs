@@ -78,6 +78,12 @@ fn render(doc: &Document) -> String {
     }
     out += "\n## Throughput, latency, memory\n\n";
     out += &report::table(&HEADERS, &report::rows(&m.results));
+    if !m.notes.is_empty() {
+        out += "\n";
+    }
+    for note in &m.notes {
+        let _ = writeln!(out, "- {note}.");
+    }
     out += "\nDirect and tunnelled figures come from the same run on the same machine; \
             compare the hbone/direct ratios more than the absolute numbers. \
             *2 processes*: `hbone server` and each entry in a process of its own (double \

@@ -16,6 +16,8 @@ pub struct Measured {
     pub costs: Costs,
     /// Whether perf counted the syscalls (and why not).
     pub syscalls: Syscalls,
+    /// How figures were measured differently from the usual, and why.
+    pub notes: Vec<String>,
 }
 
 /// The rows of the results table: workload, direct, then for each
@@ -67,6 +69,9 @@ pub fn render(
 ) -> String {
     let mut out = format!("{heading}\n\n");
     out += &table(&HEADERS, &rows(&measured.results));
+    for note in &measured.notes {
+        out += &format!("  {note}\n");
+    }
     out += &format!("\n{PER_UNIT_HEADING}:\n\n");
     out += &table(&cost::HEADERS, &measured.costs.rows(&measured.syscalls));
     for note in cost::notes(&measured.costs, &measured.syscalls) {
