@@ -78,7 +78,8 @@ impl Proc {
         self.child.id()
     }
 
-    /// The address from the child's "... ready listen=ADDR" log line.
+    /// The address from the child's next "... ready listen=ADDR" log line
+    /// (`hbone run` prints one per server and entry it runs).
     pub fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<SocketAddr> {
         match self.ready.recv_timeout(limit) {
             Ok(addr) => Ok(addr),
@@ -184,15 +185,12 @@ impl Drop for Proc {
 }
 
 fn drain_stderr(stderr: impl Read, log: &Mutex<ChildLog>, ready: &mpsc::Sender<SocketAddr>) {
-    let mut announced = false;
     for line in BufReader::new(stderr).lines() {
         let Ok(line) = line else { break };
-        if !announced
-            && line.contains("ready")
+        if line.contains("ready")
             && !line.contains("admin endpoint")
             && let Some(addr) = listen_addr(&line)
         {
-            announced = true;
             let _ = ready.send(addr);
         }
         log.lock().unwrap_or_else(|e| e.into_inner()).push(line);
@@ -210,7 +208,7 @@ fn listen_addr(line: &str) -> Option<SocketAddr> {
 /// so a bench killed by a signal leaves no servers behind. The bench starts
 /// all children from one thread that lives until the bench ends.
 #[cfg(target_os = "linux")]
-fn die_with_parent(command: &mut Command) {
+pub(super) fn die_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id();
     // SAFETY: between fork and exec the closure only calls prctl and
@@ -229,7 +227,7 @@ fn die_with_parent(command: &mut Command) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn die_with_parent(_command: &mut Command) {}
+pub(super) fn die_with_parent(_command: &mut Command) {}
 
 #[cfg(test)]
 mod tests {

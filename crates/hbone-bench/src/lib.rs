@@ -2,23 +2,29 @@
 //! and memory of HBONE tunnels, each measured directly against the target
 //! application and through the tunnel in the same run, so the figures can
 //! be compared on the machine at hand rather than against a number from
-//! somewhere else.
+//! somewhere else; and what each unit of work (a MB, a request, a tunnel)
+//! costs the hbone processes in CPU time, context switches, migrations and
+//! syscalls, counts that a busy machine hardly moves.
 //!
 //! The apps, the server, the client entries and the load generator are
 //! separate processes (this binary re-executed with hidden subcommands):
 //! the load generator is single-threaded, and /proc gives each process's
-//! memory and CPU time on its own.
+//! memory and CPU time on its own. The server and the entries also run
+//! together in one `hbone run` process, as ztunnel runs, and every main
+//! workload goes through both.
 //!
 //! | file | concern |
 //! |---|---|
 //! | `suite` | the order of workloads and runs, progress on stderr |
 //! | `runner` | one load generator run, its figures, and what went wrong |
-//! | `stack` | identities on disk and the processes under test |
+//! | `stack` | identities on disk and the processes under test, apart or in one |
 //! | `child`, `childlog` | starting, reading and killing child processes |
 //! | `apps` | the sink and echo applications (`bench apps`) |
 //! | `load`, `workloads` | the load generator (`bench load`) |
 //! | `wire` | the load generator's `key=value` result line |
-//! | `sample` | memory and CPU time from /proc |
+//! | `sample` | memory, CPU time, context switches and migrations from /proc |
+//! | `perf` | syscall counts from `perf stat` |
+//! | `cost` | the counters around a run, and the cost per unit of work |
 //! | `results`, `stats` | figures per metric, median and spread |
 //! | `report`, `targets` | the table on stdout and the verdicts |
 //! | `markdown`, `machine` | `--write`: the results with their circumstances |
@@ -26,9 +32,11 @@
 mod apps;
 mod child;
 mod childlog;
+mod cost;
 mod load;
 mod machine;
 mod markdown;
+mod perf;
 mod report;
 mod results;
 mod runner;

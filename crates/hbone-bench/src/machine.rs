@@ -65,6 +65,24 @@ pub fn open_file_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// Raises this process's open-file limit (children inherit it) to at least
+/// `needed` where it is lower: above the hard limit only with the privilege
+/// to (root), so the result may still fall short. Returns the limit now.
+pub fn raise_open_file_limit(needed: u64) -> u64 {
+    let current = open_file_limit();
+    if current < needed {
+        let wanted = libc::rlimit {
+            rlim_cur: needed,
+            rlim_max: needed,
+        };
+        // SAFETY: setrlimit only reads the struct we pass. An unprivileged
+        // process may not raise its hard limit: the call then fails and
+        // changes nothing.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) };
+    }
+    open_file_limit()
+}
+
 /// Whether this binary was built with optimizations.
 pub fn build_profile() -> &'static str {
     if cfg!(debug_assertions) {

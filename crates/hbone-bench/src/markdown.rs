@@ -1,6 +1,7 @@
 //! `--write FILE`: the results as Markdown, with what a reader needs to
 //! trust or doubt them: the machine, the build, the exact command, how
-//! busy the machine was and how far the runs disagreed. Only figures
+//! busy the machine was and how far the runs disagreed. The headline is
+//! the cost per unit of work, counted rather than timed. Only figures
 //! measured in the same run are compared: direct TCP against the tunnel.
 
 use std::fmt::Write as _;
@@ -10,15 +11,17 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::Options;
+use super::cost::{self, NO_PERF};
 use super::machine::{self, Machine};
-use super::report::{self, HEADERS};
-use super::results::{Metric, Results};
+use super::perf::Syscalls;
+use super::report::{self, HEADERS, Measured};
+use super::results::{Metric, Topology};
 use super::targets::Verdict;
 
 /// Everything the document reports.
 pub struct Document<'a> {
     pub options: &'a Options,
-    pub results: &'a Results,
+    pub measured: &'a Measured,
     pub verdicts: &'a [Verdict],
     /// Problems the processes under test logged.
     pub logged: &'a [String],
@@ -34,15 +37,70 @@ pub fn write(path: &Path, doc: &Document) -> anyhow::Result<()> {
 
 fn render(doc: &Document) -> String {
     let o = doc.options;
+    let m = doc.measured;
     let machine = Machine::describe();
     let mut out = String::from("# hbone benchmarks\n\n");
     let _ = writeln!(
         out,
-        "Measured with `hbone bench` on {}; the whole bench took {:.0} s.\n",
+        "Measured with `hbone bench` on {}; the whole bench took {:.0} s. {} run(s) of each \
+         workload, {} ms each; each figure is the median of the runs, with the lowest and \
+         highest in parentheses.\n",
         doc.date,
-        doc.elapsed.as_secs_f64()
+        doc.elapsed.as_secs_f64(),
+        o.runs,
+        o.duration.as_millis(),
     );
-    out += "## Machine\n\n";
+    out += "## Per unit of work\n\n";
+    out += "What each unit of work costs the hbone processes (never the apps or the load \
+            generator). Counts per unit hardly move when the machine is busy, unlike rates: \
+            these are the figures to compare.\n\n";
+    out += &report::table(&cost::HEADERS, &m.costs.rows(&m.syscalls));
+    out += "\n";
+    out += PER_UNIT_METHOD;
+    match &m.syscalls {
+        Syscalls::Counted { .. } => out += PERF_METHOD,
+        Syscalls::Unavailable(why) => {
+            let _ = writeln!(out, "- syscalls: {NO_PERF} ({why}).");
+        }
+    }
+    for note in cost::notes(&m.costs, &m.syscalls) {
+        if !note.starts_with("syscalls:") {
+            let _ = writeln!(out, "- {note}.");
+        }
+    }
+    let mix = m.costs.mix_rows();
+    if !mix.is_empty() {
+        out += "\n### Where the syscalls go\n\n";
+        out += "The syscalls made most per unit (medians), from perf's per-syscall \
+                tracepoints (`syscalls:sys_enter_NAME`); \"other\" is every syscall not \
+                named.\n\n";
+        out += &report::table(&cost::MIX_HEADERS, &mix);
+    }
+    out += "\n## Throughput, latency, memory\n\n";
+    out += &report::table(&HEADERS, &report::rows(&m.results));
+    if !m.notes.is_empty() {
+        out += "\n";
+    }
+    for note in &m.notes {
+        let _ = writeln!(out, "- {note}.");
+    }
+    out += "\nDirect and tunnelled figures come from the same run on the same machine; \
+            compare the hbone/direct ratios more than the absolute numbers. \
+            *2 processes*: `hbone server` and each entry in a process of its own (double \
+            HBONE: the entry, `hbone gateway` and the server). *1 process*: `hbone run` with \
+            the server and the entries in one process, as ztunnel runs.\n\n";
+    out += "## Targets, judged on the medians\n\n";
+    out += "Stated for the server and the entry in processes of their own (2 processes).\n\n";
+    for verdict in doc.verdicts {
+        let _ = writeln!(
+            out,
+            "- **{}**: {} ({})",
+            verdict.mark(),
+            verdict.target,
+            verdict.detail
+        );
+    }
+    out += "\n## Machine\n\n";
     let _ = writeln!(out, "- CPUs: {} × {}", machine.cpus, machine.cpu_model);
     let _ = writeln!(out, "- memory: {}", machine.memory);
     let _ = writeln!(out, "- kernel: {}", machine.kernel);
@@ -57,7 +115,7 @@ fn render(doc: &Document) -> String {
     let _ = writeln!(
         out,
         "{} run(s) of each workload, {} ms each; idle memory with {} tunnels, read {} ms after \
-         they are all open. Client entry: `{}`; server and entry log filter: `{}`; {}. Each figure is the median of the runs, with the lowest and highest in parentheses.\n",
+         they are all open. Client entry: `{}`; server and entry log filter: `{}`; {}.\n",
         o.runs,
         o.duration.as_millis(),
         o.tunnels,
@@ -72,21 +130,7 @@ fn render(doc: &Document) -> String {
              metrics, no open-tunnel list)"
         }
     );
-    out += "## Results\n\n";
-    out += &report::table(&HEADERS, &report::rows(doc.results));
-    out += "\nDirect and tunnelled figures come from the same run on the same machine; \
-            compare the hbone/direct ratios more than the absolute numbers.\n\n";
-    out += "## Targets, judged on the medians\n\n";
-    for verdict in doc.verdicts {
-        let _ = writeln!(
-            out,
-            "- **{}**: {} ({})",
-            verdict.mark(),
-            verdict.target,
-            verdict.detail
-        );
-    }
-    out += "\n## Problems logged\n\n";
+    out += "## Problems logged\n\n";
     if doc.logged.is_empty() {
         out += "The server, entries and apps logged no warnings, errors or failed tunnels.\n";
     }
@@ -103,20 +147,31 @@ fn render(doc: &Document) -> String {
 /// Which figures the runs disagreed on, and how busy the machine was.
 fn variation(doc: &Document) -> String {
     let mut out = String::new();
+    let m = doc.measured;
     if doc.options.runs < 2 {
         out += "- One run per workload: no spread to report.\n";
     } else {
         let mut spreads: Vec<(String, f64)> = Vec::new();
         for metric in Metric::ALL {
             let summaries = [
-                ("direct", doc.results.direct_summary(metric)),
-                ("through hbone", doc.results.tunnel_summary(metric)),
+                ("direct", m.results.direct_summary(metric)),
+                (
+                    "hbone, 2 processes",
+                    m.results.tunnel_summary(metric, Topology::Split),
+                ),
+                (
+                    "hbone, 1 process",
+                    m.results.tunnel_summary(metric, Topology::Joined),
+                ),
             ];
             for (side, summary) in summaries {
                 if let Some(s) = summary {
                     spreads.push((format!("{}, {side}", metric.label()), s.relative_spread()));
                 }
             }
+        }
+        for (label, summary) in m.costs.summaries() {
+            spreads.push((label, summary.relative_spread()));
         }
         spreads.sort_by(|a, b| b.1.total_cmp(&a.1));
         let wide: Vec<_> = spreads.iter().filter(|(_, s)| *s > 0.10).collect();
@@ -135,13 +190,44 @@ fn variation(doc: &Document) -> String {
          load generator share the machine's cores with anything else running.",
         doc.load_before, doc.load_after
     );
-    out += "- Direct and tunnelled runs alternate, so a change in background load touches both \
-            columns alike.\n";
+    out += "- Each run goes direct, then through the 2 processes, then through the 1 process, \
+            so a change in background load touches every column alike.\n";
     if doc.options.quick {
         out += "- `--quick` was used: a smoke test, not a measurement.\n";
     }
     out
 }
+
+/// How the per-unit figures are counted.
+const PER_UNIT_METHOD: &str = "\
+- Processes counted: *2 processes*: `hbone server` and every client entry (`hbone forward` to \
+the sink, to the echo app, and to the echo app with `--no-pool`; with `--entry socks5`, a pooled \
+and an unpooled `hbone socks5`), each its own process, all counted whichever entry the workload \
+uses. *1 process*: one `hbone run --config` process whose file holds a `[server]` and the same \
+entries as `[[forward]]` (or `[[socks5]]`) sections. *3 processes*: `hbone server`, `hbone \
+gateway` and both forwards that go through it. Never the apps, the load generator or perf.
+- Window: the counters are read just before the load generator starts and just after it exits, \
+so a run's window also holds its connection set-up.
+- Units: everything the load generator did in the window, warm-up included. Bulk: MB (10^6 \
+bytes) delivered to the sink (µs of CPU per MB are ms per GB: ÷ 1000 for s/GB); req/resp: \
+1 KiB exchanges; connection workloads: tunnels opened (each a connection, a 1-byte echo and a \
+close).
+- CPU: utime + stime of each process from `/proc/PID/stat` (every thread, ended ones \
+included), in clock ticks (10 ms at the usual 100 Hz), after minus before.
+- Context switches: `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of \
+`/proc/PID/task/TID/status`, after minus before, thread by thread and summed (threads started \
+in the window count from zero); involuntary ones (preemptions) are shown apart, and are the \
+ones a busy machine adds. CPU migrations: `se.nr_migrations` of `/proc/PID/task/TID/sched`, \
+the same way.
+";
+
+const PERF_METHOD: &str = "\
+- Syscalls: `perf stat -e raw_syscalls:sys_enter -p PIDS` (every syscall entry of every thread \
+of those processes, threads started later included), attached before the window with its \
+counters disabled, enabled just before the load generator starts and disabled just after it \
+exits, over perf's control pipe. Counting costs the counted processes a little CPU per syscall, \
+so the figures above are measured with it on.
+";
 
 const METHOD: &str = "\
 - Processes: the target apps, `hbone server`, the client entries and a single-threaded load \
@@ -161,8 +247,14 @@ connection with a full mutual TLS 1.3 handshake and HTTP/2 setup.
 inner connections are shared, so each user connection is one inner HTTP/2 stream. 'fresh inner \
 each': the entry runs with `--no-pool`, so every user connection costs an outer tunnel plus a new \
 inner TLS + HTTP/2 handshake, which is what ztunnel does.
-- CPU per GB: user + system CPU time of the server and the entry during the 1-stream bulk run \
-through hbone, over the bytes delivered (GB = 10^9 bytes).
-- Idle: a fresh server and forward entry; VmRSS of both, before and after opening N tunnels to \
-the echo app (each proven with a 1-byte echo), over N. KB = 1024 bytes, as /proc reports.
+- CPU per GB: user + system CPU time of the server and the entries during the 1-stream bulk \
+run through hbone, over the bytes delivered (GB = 10^9 bytes); the per-MB CPU of the table \
+above, ÷ 1000.
+- One process: `hbone run --config FILE` with a `[server]` and the same entries as \
+`[[forward]]` (or `[[socks5]]`) sections; the server's port is picked free and written into the \
+file, since the entries must know it. It runs every workload but double HBONE, right after the \
+2-process run of the same workload.
+- Idle: a fresh server and forward entry (or a fresh one-process `hbone run` with both); VmRSS \
+of the processes, before and after opening N tunnels to the echo app (each proven with a 1-byte \
+echo), over N. KB = 1024 bytes, as /proc reports.
 ";

@@ -1,47 +1,82 @@
 //! The results table, printed on stdout and reused in the Markdown file.
 //! It is a pipe table padded for the terminal, which Markdown also accepts.
 
-use super::results::{Comparison, Metric, Results};
+use super::cost::{self, Costs};
+use super::perf::Syscalls;
+use super::results::{Comparison, Metric, Results, Topology};
 use super::stats::Summary;
 use super::targets::Verdict;
 
 /// What stands in a cell that was not measured.
 pub const NOT_MEASURED: &str = "n/a";
 
-/// The rows of the results table: workload, direct, through hbone,
-/// hbone/direct.
+/// Everything the bench measured.
+pub struct Measured {
+    pub results: Results,
+    pub costs: Costs,
+    /// Whether perf counted the syscalls (and why not).
+    pub syscalls: Syscalls,
+    /// How figures were measured differently from the usual, and why.
+    pub notes: Vec<String>,
+}
+
+/// The rows of the results table: workload, direct, then for each
+/// topology through hbone and how it compares with direct.
 pub fn rows(results: &Results) -> Vec<Vec<String>> {
     Metric::ALL
         .iter()
         .map(|&metric| {
-            let compared = match metric.comparison() {
-                Comparison::Ratio => results
-                    .ratio(metric)
-                    .map(|r| percent(r * 100.0))
-                    .unwrap_or_default(),
-                Comparison::Added => results
-                    .added(metric)
-                    .map(|us| format!("{us:+.0} µs"))
-                    .unwrap_or_default(),
-                Comparison::TunnelOnly => String::new(),
-            };
-            vec![
+            let mut row = vec![
                 metric.label().to_owned(),
                 cell(results.direct_summary(metric)),
-                cell(results.tunnel_summary(metric)),
-                compared,
-            ]
+            ];
+            for topology in [Topology::Split, Topology::Joined] {
+                let compared = match metric.comparison() {
+                    Comparison::Ratio => results
+                        .ratio(metric, topology)
+                        .map(|r| percent(r * 100.0))
+                        .unwrap_or_default(),
+                    Comparison::Added => results
+                        .added(metric, topology)
+                        .map(|us| format!("{us:+.0} µs"))
+                        .unwrap_or_default(),
+                    Comparison::TunnelOnly => String::new(),
+                };
+                row.push(cell(results.tunnel_summary(metric, topology)));
+                row.push(compared);
+            }
+            row
         })
         .collect()
 }
 
-pub const HEADERS: [&str; 4] = ["workload", "direct", "through hbone", "hbone/direct"];
+pub const HEADERS: [&str; 6] = [
+    "workload",
+    "direct",
+    "hbone, 2 processes",
+    "vs direct",
+    "hbone, 1 process",
+    "vs direct",
+];
 
-/// The whole stdout report: a heading line, the table, the targets, and
+/// The whole stdout report: a heading line, the tables, the targets, and
 /// the problems the processes under test logged.
-pub fn render(heading: &str, results: &Results, verdicts: &[Verdict], logged: &[String]) -> String {
+pub fn render(
+    heading: &str,
+    measured: &Measured,
+    verdicts: &[Verdict],
+    logged: &[String],
+) -> String {
     let mut out = format!("{heading}\n\n");
-    out += &table(&HEADERS, &rows(results));
+    out += &table(&HEADERS, &rows(&measured.results));
+    for note in &measured.notes {
+        out += &format!("  {note}\n");
+    }
+    out += &format!("\n{PER_UNIT_HEADING}:\n\n");
+    out += &table(&cost::HEADERS, &measured.costs.rows(&measured.syscalls));
+    for note in cost::notes(&measured.costs, &measured.syscalls) {
+        out += &format!("  {note}\n");
+    }
     out += "\nTargets, judged on the medians:\n";
     for verdict in verdicts {
         out += &format!(
@@ -61,6 +96,10 @@ pub fn render(heading: &str, results: &Results, verdicts: &[Verdict], logged: &[
     }
     out
 }
+
+/// The per-unit table's title on stdout; tests/bench.rs finds it by this.
+pub const PER_UNIT_HEADING: &str =
+    "Per unit of work, server + entries (or + gateway) only, medians of the runs";
 
 /// A padded pipe table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -1,5 +1,5 @@
 //! What the bench measured: for each metric, one figure per run, direct
-//! and through the tunnel.
+//! and through the tunnel in each topology.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +19,30 @@ pub enum Metric {
     GatewayFresh,
     CpuPerGb,
     KbPerTunnel,
+}
+
+/// Where the server and the entries under test run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Topology {
+    /// `hbone server` and each entry in a process of its own: a tunnel
+    /// crosses two hbone processes.
+    Split,
+    /// `hbone run` with the server and the entries in one process, as
+    /// ztunnel runs: a tunnel enters and leaves the same process.
+    Joined,
+    /// Double HBONE: the entry, `hbone gateway` and the server, each in a
+    /// process of its own.
+    Gateway,
+}
+
+impl Topology {
+    pub fn label(self) -> &'static str {
+        match self {
+            Topology::Split => "2 processes",
+            Topology::Joined => "1 process",
+            Topology::Gateway => "3 processes",
+        }
+    }
 }
 
 /// How the tunnelled figure of a metric compares with the direct one.
@@ -59,7 +83,7 @@ impl Metric {
             Metric::Handshakes => "mTLS + HTTP/2 handshakes, no pool (/s)",
             Metric::GatewayPooled => "double HBONE via gateway, inner pooled (conn/s)",
             Metric::GatewayFresh => "double HBONE via gateway, fresh inner each (conn/s)",
-            Metric::CpuPerGb => "CPU, server + entry, bulk 1 stream (s/GB)",
+            Metric::CpuPerGb => "CPU, server + entries, bulk 1 stream (s/GB)",
             Metric::KbPerTunnel => "idle tunnels, server + entry (KB/tunnel)",
         }
     }
@@ -81,7 +105,19 @@ impl Metric {
 #[derive(Debug, Default, Clone)]
 pub struct Series {
     pub direct: Vec<f64>,
+    /// Server and entries apart (or, for double HBONE, via the gateway).
     pub tunnel: Vec<f64>,
+    /// Server and entries in one process.
+    pub joined: Vec<f64>,
+}
+
+impl Series {
+    fn through(&self, topology: Topology) -> &Vec<f64> {
+        match topology {
+            Topology::Split | Topology::Gateway => &self.tunnel,
+            Topology::Joined => &self.joined,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -92,8 +128,13 @@ impl Results {
         self.0.entry(metric).or_default().direct.push(value);
     }
 
-    pub fn tunnel(&mut self, metric: Metric, value: f64) {
-        self.0.entry(metric).or_default().tunnel.push(value);
+    /// A figure through hbone; a gateway's goes beside the split ones.
+    pub fn tunnel(&mut self, metric: Metric, topology: Topology, value: f64) {
+        let series = self.0.entry(metric).or_default();
+        match topology {
+            Topology::Split | Topology::Gateway => series.tunnel.push(value),
+            Topology::Joined => series.joined.push(value),
+        }
     }
 
     /// Median and spread of the direct runs.
@@ -101,20 +142,22 @@ impl Results {
         self.0.get(&metric).and_then(|s| Summary::of(&s.direct))
     }
 
-    /// Median and spread of the tunnelled runs.
-    pub fn tunnel_summary(&self, metric: Metric) -> Option<Summary> {
-        self.0.get(&metric).and_then(|s| Summary::of(&s.tunnel))
+    /// Median and spread of the tunnelled runs in `topology`.
+    pub fn tunnel_summary(&self, metric: Metric, topology: Topology) -> Option<Summary> {
+        self.0
+            .get(&metric)
+            .and_then(|s| Summary::of(s.through(topology)))
     }
 
     /// Tunnel median / direct median.
-    pub fn ratio(&self, metric: Metric) -> Option<f64> {
+    pub fn ratio(&self, metric: Metric, topology: Topology) -> Option<f64> {
         let direct = self.direct_summary(metric)?.median;
-        let tunnel = self.tunnel_summary(metric)?.median;
+        let tunnel = self.tunnel_summary(metric, topology)?.median;
         (direct > 0.0).then(|| tunnel / direct)
     }
 
     /// Tunnel median − direct median.
-    pub fn added(&self, metric: Metric) -> Option<f64> {
-        Some(self.tunnel_summary(metric)?.median - self.direct_summary(metric)?.median)
+    pub fn added(&self, metric: Metric, topology: Topology) -> Option<f64> {
+        Some(self.tunnel_summary(metric, topology)?.median - self.direct_summary(metric)?.median)
     }
 }

@@ -99,6 +99,18 @@ pub fn conn_rate(fields: &Fields) -> anyhow::Result<f64> {
     Ok(fields.positive("connections")? / fields.positive("seconds")?)
 }
 
+/// Units of work of a run for the per-unit costs: everything the load
+/// generator did, warm-up included, since the proxies did it all. Bulk:
+/// MB (10^6 bytes) delivered; req/resp: exchanges; connect: tunnels.
+pub fn units(workload: Workload, fields: &Fields) -> anyhow::Result<f64> {
+    Ok(match workload {
+        Workload::Bulk => fields.positive("bytes")? / 1e6,
+        Workload::ReqResp => fields.positive("requests")? + fields.positive("warmup")?,
+        Workload::Connect => fields.positive("connections")? + fields.positive("warmup")?,
+        Workload::Idle => fields.positive("open")?,
+    })
+}
+
 /// The figures of one request/response run.
 pub struct RoundTrips {
     pub rate: f64,

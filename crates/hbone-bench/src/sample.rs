@@ -1,8 +1,13 @@
-//! Reading a process's memory and CPU time from /proc (Linux).
+//! Reading a process's memory, CPU time and scheduling counts from /proc
+//! (Linux).
 //!
 //! Resident memory (VmRSS) is what a deployment pays per tunnel; utime +
 //! stime is the CPU the process burned, including its kernel work on its
-//! sockets, which is where much of a proxy's cost lies.
+//! sockets, which is where much of a proxy's cost lies. Context switches
+//! and migrations are kept per thread only, so a [`Snapshot`] holds each
+//! thread's and [`Snapshot::since`] subtracts thread by thread.
+
+use std::collections::BTreeMap;
 
 use anyhow::{Context, bail};
 
@@ -49,9 +54,177 @@ pub fn total_cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
     pids.iter().map(|&pid| cpu_seconds(pid)).sum()
 }
 
+/// What one thread's scheduler counted so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct ThreadCounts {
+    voluntary: u64,
+    involuntary: u64,
+    /// `None` where /proc/PID/task/TID/sched is missing (a kernel built
+    /// without scheduler debugging).
+    migrations: Option<u64>,
+}
+
+/// CPU time and per-thread scheduling counts of some processes at one
+/// moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    cpu_seconds: f64,
+    threads: BTreeMap<(u32, u32), ThreadCounts>,
+}
+
+/// What the processes spent between two snapshots.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spent {
+    pub cpu_seconds: f64,
+    pub voluntary: u64,
+    pub involuntary: u64,
+    /// `None` if any thread's migrations could not be read.
+    pub migrations: Option<u64>,
+    /// Threads seen in the first snapshot and gone in the second: their
+    /// context switches and migrations since the first are missing.
+    pub threads_gone: usize,
+}
+
+impl Snapshot {
+    /// Reads every thread of `pids` now.
+    pub fn take(pids: &[u32]) -> anyhow::Result<Snapshot> {
+        let mut threads = BTreeMap::new();
+        for &pid in pids {
+            let dir = format!("/proc/{pid}/task");
+            let tasks = std::fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))?;
+            for task in tasks {
+                let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                    continue;
+                };
+                // A thread may end between the listing and the reading.
+                if let Some(counts) = thread_counts(pid, tid) {
+                    threads.insert((pid, tid), counts);
+                }
+            }
+        }
+        Ok(Snapshot {
+            cpu_seconds: total_cpu_seconds(pids)?,
+            threads,
+        })
+    }
+
+    /// What was spent from `earlier` to this snapshot. Threads started in
+    /// between count from zero.
+    pub fn since(&self, earlier: &Snapshot) -> Spent {
+        let mut spent = Spent {
+            cpu_seconds: self.cpu_seconds - earlier.cpu_seconds,
+            migrations: Some(0),
+            ..Spent::default()
+        };
+        for (key, now) in &self.threads {
+            let before = earlier.threads.get(key).copied().unwrap_or(ThreadCounts {
+                migrations: Some(0),
+                ..ThreadCounts::default()
+            });
+            spent.voluntary += now.voluntary.saturating_sub(before.voluntary);
+            spent.involuntary += now.involuntary.saturating_sub(before.involuntary);
+            spent.migrations = match (spent.migrations, now.migrations, before.migrations) {
+                (Some(sum), Some(now), Some(before)) => Some(sum + now.saturating_sub(before)),
+                _ => None,
+            };
+        }
+        spent.threads_gone = earlier
+            .threads
+            .keys()
+            .filter(|key| !self.threads.contains_key(key))
+            .count();
+        spent
+    }
+}
+
+/// One thread's counts, or `None` if it has ended.
+fn thread_counts(pid: u32, tid: u32) -> Option<ThreadCounts> {
+    let dir = format!("/proc/{pid}/task/{tid}");
+    let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+    let (voluntary, involuntary) = parse_switches(&status)?;
+    let migrations = std::fs::read_to_string(format!("{dir}/sched"))
+        .ok()
+        .and_then(|sched| parse_migrations(&sched));
+    Some(ThreadCounts {
+        voluntary,
+        involuntary,
+        migrations,
+    })
+}
+
+/// `voluntary_ctxt_switches` and `nonvoluntary_ctxt_switches` of a
+/// /proc/…/status file.
+fn parse_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    Some((
+        field("voluntary_ctxt_switches:")?,
+        field("nonvoluntary_ctxt_switches:")?,
+    ))
+}
+
+/// `se.nr_migrations` of a /proc/…/sched file.
+fn parse_migrations(sched: &str) -> Option<u64> {
+    sched.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        (name.trim() == "se.nr_migrations")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_switches_and_migrations() {
+        let status =
+            "Name:\thbone\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), Some((120, 7)));
+        assert_eq!(parse_switches("Name:\thbone\n"), None);
+        let sched = "hbone (42, #threads: 3)\n---\nse.exec_start   :   1.5\nse.nr_migrations   :   31\nnr_switches : 9\n";
+        assert_eq!(parse_migrations(sched), Some(31));
+        assert_eq!(parse_migrations("nr_switches : 9\n"), None);
+    }
+
+    #[test]
+    fn snapshots_subtract_thread_by_thread() {
+        let counts = |voluntary, involuntary, migrations| ThreadCounts {
+            voluntary,
+            involuntary,
+            migrations: Some(migrations),
+        };
+        let before = Snapshot {
+            cpu_seconds: 1.0,
+            threads: BTreeMap::from([((1, 1), counts(10, 1, 2)), ((1, 2), counts(5, 0, 0))]),
+        };
+        let after = Snapshot {
+            cpu_seconds: 1.5,
+            threads: BTreeMap::from([((1, 1), counts(30, 2, 3)), ((1, 3), counts(4, 1, 1))]),
+        };
+        let spent = after.since(&before);
+        assert_eq!(spent.voluntary, 20 + 4);
+        assert_eq!(spent.involuntary, 1 + 1);
+        assert_eq!(spent.migrations, Some(1 + 1));
+        assert_eq!(spent.threads_gone, 1);
+        assert!((spent.cpu_seconds - 0.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn snapshots_this_process() {
+        let me = std::process::id();
+        let before = Snapshot::take(&[me]).unwrap();
+        std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_millis(5)))
+            .join()
+            .unwrap();
+        let spent = Snapshot::take(&[me]).unwrap().since(&before);
+        assert!(spent.cpu_seconds >= 0.0);
+        assert!(!before.threads.is_empty());
+    }
 
     #[test]
     fn parses_status_and_stat() {

@@ -1,11 +1,12 @@
 //! The deployment under test: identities on disk, the target apps, an
-//! HBONE server and the client entries, each its own process on loopback.
+//! HBONE server and the client entries on loopback, either each in its
+//! own process or the server and the entries in one (`hbone run`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use hbone::SpiffeId;
 use hbone::ca::DevCa;
 
@@ -176,11 +177,45 @@ pub fn start_gateway_forward(
     Ok(Listening { proc, addr })
 }
 
-/// A client entry: a forward to one target, or a SOCKS5 entry for any.
-pub struct Entry {
-    pub listening: Listening,
+/// One client entry the bench runs: a forward to one target, or a SOCKS5
+/// entry for any; `pool: false` makes every tunnel a fresh handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct EntrySpec {
+    pub kind: EntryKind,
     /// The forward's fixed target; `None` for SOCKS5.
-    target: Option<SocketAddr>,
+    pub target: Option<SocketAddr>,
+    pub pool: bool,
+}
+
+impl EntrySpec {
+    /// An entry of `kind`; `target` is used by a forward only.
+    pub fn new(kind: EntryKind, target: SocketAddr, pool: bool) -> EntrySpec {
+        let target = (kind == EntryKind::Forward).then_some(target);
+        EntrySpec { kind, target, pool }
+    }
+
+    fn name(&self) -> String {
+        let name = match self.target {
+            Some(target) => format!("forward entry to {target}"),
+            None => "SOCKS5 entry".to_owned(),
+        };
+        if self.pool {
+            name
+        } else {
+            format!("{name} (no pool)")
+        }
+    }
+
+    fn command(&self) -> &'static str {
+        self.kind.name()
+    }
+}
+
+/// A client entry that is listening.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub spec: EntrySpec,
+    pub addr: SocketAddr,
 }
 
 /// How the load generator reaches a target: connect to `addr`, and ask a
@@ -198,105 +233,224 @@ impl Route {
 }
 
 impl Entry {
-    /// Starts an entry of `kind` towards `server`; `target` is used by a
-    /// forward only. `pool: false` makes every tunnel a fresh handshake.
-    pub fn start(
-        kind: EntryKind,
-        pki: &Pki,
-        server: SocketAddr,
-        target: SocketAddr,
-        pool: bool,
-        flags: &ChildFlags,
-    ) -> anyhow::Result<Entry> {
-        let (command, name, target) = match kind {
-            EntryKind::Forward => (
-                "forward",
-                format!("forward entry to {target}"),
-                Some(target),
-            ),
-            EntryKind::Socks5 => ("socks5", "SOCKS5 entry".to_owned(), None),
-        };
-        let name = if pool {
-            name
-        } else {
-            format!("{name} (no pool)")
-        };
-        let mut args = strings(&[command, "--listen", LOOPBACK_ANY_PORT]);
-        push_path(&mut args, "--identity-dir", &pki.client_dir);
-        args.extend(strings(&["--server", &server.to_string()]));
-        args.extend(strings(&["--server-id", pki.server_id.as_str()]));
-        if let Some(target) = target {
-            args.extend(strings(&["--target", &target.to_string()]));
-        }
-        if !pool {
-            args.push("--no-pool".into());
-        }
-        args.extend(flags.args());
-        let mut proc = Proc::spawn(&name, &args)?;
-        let addr = proc.wait_ready(START_LIMIT)?;
-        Ok(Entry {
-            listening: Listening { proc, addr },
-            target,
-        })
-    }
-
     /// Whether this entry can carry tunnels to `target`.
     pub fn serves(&self, target: SocketAddr) -> bool {
-        self.target.is_none_or(|fixed| fixed == target)
+        self.spec.target.is_none_or(|fixed| fixed == target)
     }
 
     /// The route to `target` through this entry.
     pub fn route(&self, target: SocketAddr) -> Route {
-        match self.target {
-            Some(_) => Route::direct(self.listening.addr),
+        match self.spec.target {
+            Some(_) => Route::direct(self.addr),
             None => Route {
                 addr: target,
-                socks5: Some(self.listening.addr),
+                socks5: Some(self.addr),
             },
         }
     }
 }
 
-/// The client side of the tunnel: pooled entries for the sink and the echo
-/// app, and one with pooling off for the handshake rate.
-pub struct ClientSide {
-    pub pooled: Vec<Entry>,
-    pub no_pool: Entry,
+/// Starts `hbone forward` or `hbone socks5` towards `server`.
+pub fn start_entry(
+    spec: EntrySpec,
+    pki: &Pki,
+    server: SocketAddr,
+    flags: &ChildFlags,
+) -> anyhow::Result<(Proc, Entry)> {
+    let mut args = strings(&[spec.command(), "--listen", LOOPBACK_ANY_PORT]);
+    push_path(&mut args, "--identity-dir", &pki.client_dir);
+    args.extend(strings(&["--server", &server.to_string()]));
+    args.extend(strings(&["--server-id", pki.server_id.as_str()]));
+    if let Some(target) = spec.target {
+        args.extend(strings(&["--target", &target.to_string()]));
+    }
+    if !spec.pool {
+        args.push("--no-pool".into());
+    }
+    args.extend(flags.args());
+    let mut proc = Proc::spawn(&spec.name(), &args)?;
+    let addr = proc.wait_ready(START_LIMIT)?;
+    Ok((proc, Entry { spec, addr }))
 }
 
-impl ClientSide {
-    pub fn start(
-        kind: EntryKind,
+/// The entries of the main workloads: pooled ones for the sink and the
+/// echo app (one SOCKS5 entry serves both), and one with pooling off for
+/// the handshake rate.
+pub fn entry_specs(kind: EntryKind, apps: &Apps) -> Vec<EntrySpec> {
+    let mut specs = match kind {
+        EntryKind::Forward => vec![
+            EntrySpec::new(kind, apps.sink, true),
+            EntrySpec::new(kind, apps.echo, true),
+        ],
+        EntryKind::Socks5 => vec![EntrySpec::new(kind, apps.sink, true)],
+    };
+    specs.push(EntrySpec::new(kind, apps.echo, false));
+    specs
+}
+
+/// The server and the client entries under test, in one topology: each
+/// in a process of its own, or all in one `hbone run` process.
+pub struct Proxies {
+    pub server: SocketAddr,
+    pub entries: Vec<Entry>,
+    /// The processes they run in: the server's first.
+    pub procs: Vec<Proc>,
+}
+
+impl Proxies {
+    /// `hbone server`, then one process per entry.
+    pub fn start_split(
+        specs: &[EntrySpec],
         pki: &Pki,
-        server: SocketAddr,
-        apps: &Apps,
         flags: &ChildFlags,
-    ) -> anyhow::Result<ClientSide> {
-        let pooled = match kind {
-            EntryKind::Forward => vec![
-                Entry::start(kind, pki, server, apps.sink, true, flags)?,
-                Entry::start(kind, pki, server, apps.echo, true, flags)?,
-            ],
-            EntryKind::Socks5 => vec![Entry::start(kind, pki, server, apps.sink, true, flags)?],
-        };
-        let no_pool = Entry::start(kind, pki, server, apps.echo, false, flags)?;
-        Ok(ClientSide { pooled, no_pool })
+    ) -> anyhow::Result<Proxies> {
+        let server = start_server(pki, flags)?;
+        let mut procs = vec![server.proc];
+        let mut entries = Vec::new();
+        for &spec in specs {
+            let (proc, entry) = start_entry(spec, pki, server.addr, flags)?;
+            procs.push(proc);
+            entries.push(entry);
+        }
+        Ok(Proxies {
+            server: server.addr,
+            entries,
+            procs,
+        })
+    }
+
+    /// `hbone run` with a config file holding a `[server]` and a section
+    /// per entry. The entries must know the server's port before it runs,
+    /// so every port is picked free beforehand; should another process
+    /// take one meanwhile, the start is tried again with new ports.
+    pub fn start_joined(
+        specs: &[EntrySpec],
+        pki: &Pki,
+        dir: &Path,
+        flags: &ChildFlags,
+    ) -> anyhow::Result<Proxies> {
+        let mut attempt = 1;
+        loop {
+            match Proxies::try_joined(specs, pki, dir, flags) {
+                Ok(proxies) => return Ok(proxies),
+                Err(e) if attempt < JOINED_ATTEMPTS && format!("{e:#}").contains(PORT_TAKEN) => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn try_joined(
+        specs: &[EntrySpec],
+        pki: &Pki,
+        dir: &Path,
+        flags: &ChildFlags,
+    ) -> anyhow::Result<Proxies> {
+        let ports = free_ports(1 + specs.len())?;
+        let server: SocketAddr = ([127, 0, 0, 1], ports[0]).into();
+        let entries: Vec<Entry> = specs
+            .iter()
+            .zip(&ports[1..])
+            .map(|(&spec, &port)| Entry {
+                spec,
+                addr: ([127, 0, 0, 1], port).into(),
+            })
+            .collect();
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        // A file per process: `hbone run` watches its file for changes.
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let config = dir.join(format!("one-process-{n}.toml"));
+        std::fs::write(&config, joined_config(pki, server, &entries))
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        let mut args = strings(&["run"]);
+        push_path(&mut args, "--config", &config);
+        args.extend(flags.run_args());
+        let mut proc = Proc::spawn("hbone run (server and entries in one process)", &args)?;
+        let mut ready = Vec::new();
+        for _ in 0..1 + entries.len() {
+            ready.push(proc.wait_ready(START_LIMIT)?);
+        }
+        ready.sort();
+        let mut expected: Vec<SocketAddr> = entries.iter().map(|e| e.addr).collect();
+        expected.push(server);
+        expected.sort();
+        if ready != expected {
+            bail!("hbone run listens on {ready:?}, not on the configured {expected:?}");
+        }
+        Ok(Proxies {
+            server,
+            entries,
+            procs: vec![proc],
+        })
     }
 
     /// The pooled entry that carries tunnels to `target`.
     pub fn entry_for(&self, target: SocketAddr) -> anyhow::Result<&Entry> {
-        self.pooled
+        self.entries
             .iter()
-            .find(|entry| entry.serves(target))
+            .find(|entry| entry.spec.pool && entry.serves(target))
             .with_context(|| format!("no entry leads to {target}"))
     }
 
-    pub fn procs_mut(&mut self) -> impl Iterator<Item = &mut Proc> {
-        self.pooled
-            .iter_mut()
-            .chain(std::iter::once(&mut self.no_pool))
-            .map(|entry| &mut entry.listening.proc)
+    /// The entry with pooling off that carries tunnels to `target`.
+    pub fn no_pool_for(&self, target: SocketAddr) -> anyhow::Result<&Entry> {
+        self.entries
+            .iter()
+            .find(|entry| !entry.spec.pool && entry.serves(target))
+            .with_context(|| format!("no entry without a pool leads to {target}"))
     }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(Proc::pid).collect()
+    }
+}
+
+/// How often a one-process start is tried when a picked port was taken.
+const JOINED_ATTEMPTS: u32 = 3;
+/// What `hbone` says when it cannot bind.
+const PORT_TAKEN: &str = "cannot listen on";
+
+/// `n` loopback ports that were free a moment ago.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    // All held at once, so they differ.
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind(LOOPBACK_ANY_PORT))
+        .collect::<Result<_, _>>()
+        .context("cannot find free loopback ports")?;
+    held.iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect()
+}
+
+/// The config file of the one-process topology.
+fn joined_config(pki: &Pki, server: SocketAddr, entries: &[Entry]) -> String {
+    let quoted = |path: &Path| toml_string(&path.display().to_string());
+    let mut out = format!(
+        "[server]\nidentity-dir = {}\nlisten = \"{server}\"\n",
+        quoted(&pki.server_dir)
+    );
+    for entry in entries {
+        out += &format!(
+            "\n[[{}]]\nidentity-dir = {}\nlisten = \"{}\"\nserver = \"{server}\"\nserver-id = {}\n",
+            entry.spec.command(),
+            quoted(&pki.client_dir),
+            entry.addr,
+            toml_string(pki.server_id.as_str()),
+        );
+        if let Some(target) = entry.spec.target {
+            out += &format!("target = \"{target}\"\n");
+        }
+        if !entry.spec.pool {
+            out += "no-pool = true\n";
+        }
+    }
+    out
+}
+
+/// A TOML basic string.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
 }
 
 /// What every server, gateway and entry process of the bench is started with.
@@ -319,6 +473,15 @@ impl ChildFlags {
         }
         args
     }
+
+    /// The same for `hbone run`, whose admin endpoint is on by default.
+    fn run_args(&self) -> Vec<String> {
+        let mut args = self.args();
+        if !self.admin {
+            args.extend(strings(&["--admin", "off"]));
+        }
+        args
+    }
 }
 
 fn push_path(args: &mut Vec<String>, flag: &str, path: &Path) {
@@ -328,4 +491,69 @@ fn push_path(args: &mut Vec<String>, flag: &str, path: &Path) {
 
 pub fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_process_config_holds_the_server_and_every_entry() {
+        let dir = Path::new("/tmp/bench \"quoted\"");
+        let pki = Pki {
+            server_dir: dir.join("server"),
+            client_dir: dir.join("client"),
+            gateway_dir: dir.join("gateway"),
+            server_id: SpiffeId::istio(TRUST_DOMAIN, "bench", "server").unwrap(),
+            gateway_id: SpiffeId::istio(TRUST_DOMAIN, "bench", "gateway").unwrap(),
+        };
+        let (sink, echo): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:7001".parse().unwrap(),
+            "127.0.0.1:7002".parse().unwrap(),
+        );
+        let entries = [
+            Entry {
+                spec: EntrySpec::new(EntryKind::Forward, sink, true),
+                addr: "127.0.0.1:8001".parse().unwrap(),
+            },
+            Entry {
+                spec: EntrySpec::new(EntryKind::Forward, echo, false),
+                addr: "127.0.0.1:8002".parse().unwrap(),
+            },
+            Entry {
+                spec: EntrySpec::new(EntryKind::Socks5, echo, true),
+                addr: "127.0.0.1:8003".parse().unwrap(),
+            },
+        ];
+        let server = "127.0.0.1:9000".parse().unwrap();
+        let text = joined_config(&pki, server, &entries);
+        let file: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(file["server"]["listen"].as_str(), Some("127.0.0.1:9000"));
+        assert_eq!(
+            file["server"]["identity-dir"].as_str(),
+            Some("/tmp/bench \"quoted\"/server")
+        );
+        let forwards = file["forward"].as_array().unwrap();
+        assert_eq!(forwards.len(), 2);
+        assert_eq!(forwards[0]["target"].as_str(), Some("127.0.0.1:7001"));
+        assert_eq!(forwards[0]["server"].as_str(), Some("127.0.0.1:9000"));
+        assert!(forwards[0].get("no-pool").is_none());
+        assert_eq!(forwards[1]["no-pool"].as_bool(), Some(true));
+        let socks5 = &file["socks5"].as_array().unwrap()[0];
+        assert_eq!(socks5["listen"].as_str(), Some("127.0.0.1:8003"));
+        assert!(socks5.get("target").is_none());
+        assert_eq!(
+            socks5["server-id"].as_str(),
+            Some("spiffe://cluster.local/ns/bench/sa/server")
+        );
+    }
+
+    #[test]
+    fn free_ports_differ() {
+        let ports = free_ports(4).unwrap();
+        let mut unique = ports.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 4, "{ports:?}");
+    }
 }

@@ -1,22 +1,27 @@
-//! The bench from start to end: start the deployment, run each workload
-//! `runs` times (direct, then through hbone, alternating so that drift in
-//! background load touches both alike), then print the table and write the
+//! The bench from start to end: start the deployment (the server and the
+//! entries once apart and once in one process), run each workload `runs`
+//! times (direct, then through hbone in each topology, alternating so that
+//! drift in background load touches all alike) with the proxies' counters
+//! read around each tunnelled run, then print the tables and write the
 //! Markdown file.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use super::child::Proc;
+use super::cost::{Cost, Costs, Meter, NO_PERF};
 use super::load::Workload;
 use super::markdown::{self, Document};
-use super::report::{self, number, percent};
-use super::results::{Metric, Results};
+use super::perf::Syscalls;
+use super::report::{self, Measured, number, percent};
+use super::results::{Metric, Results, Topology};
 use super::runner::{self, RESULT_GRACE, RoundTrips, conn_rate, gbits, run_load};
 use super::sample;
 use super::stack::{
-    Apps, ClientSide, Entry, Listening, Pki, Route, WorkDir, start_gateway, start_gateway_forward,
-    start_server,
+    Apps, EntrySpec, Pki, Proxies, Route, WorkDir, entry_specs, start_gateway,
+    start_gateway_forward,
 };
 use super::targets;
 use super::wire::Fields;
@@ -33,27 +38,38 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     let started = Instant::now();
     let date = machine::now_utc();
     let load_before = machine::load_average();
-    check_open_files(options.tunnels)?;
+    let (joined_tunnels, joined_note) = check_open_files(options.tunnels)?;
     let pki = Pki::write(dir.path()).context("cannot create the bench identities")?;
     let apps = Apps::start()?;
     let flags = &options.child_flags();
-    let server = start_server(&pki, flags)?;
-    let clients = ClientSide::start(options.entry, &pki, server.addr, &apps, flags)?;
+    let specs = entry_specs(options.entry, &apps);
+    let split = Proxies::start_split(&specs, &pki, flags)?;
+    let joined = Proxies::start_joined(&specs, &pki, dir.path(), flags)?;
+    let syscalls = Syscalls::probe(apps.proc.pid(), dir.path(), options.quick);
     eprintln!(
-        "hbone bench: {} run(s) of {} ms per workload, {} idle tunnels, entry {}, build {}",
+        "hbone bench: {} run(s) of {} ms per workload, {} idle tunnels, entry {}, build {}; {}",
         options.runs,
         options.duration.as_millis(),
         options.tunnels,
         options.entry.name(),
-        machine::build_profile()
+        machine::build_profile(),
+        match &syscalls {
+            Syscalls::Counted { .. } => "syscalls counted with perf".to_owned(),
+            Syscalls::Unavailable(why) => format!("syscalls: {NO_PERF} ({why})"),
+        }
     );
     let mut bench = Bench {
         options,
         pki,
+        dir: dir.path().to_owned(),
         apps,
-        server,
-        clients,
+        split,
+        joined,
         results: Results::default(),
+        costs: Costs::default(),
+        syscalls,
+        joined_tunnels,
+        notes: Vec::from_iter(joined_note),
         logged: Vec::new(),
         started,
     };
@@ -62,15 +78,21 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     bench.req_resp()?;
     bench.connections()?;
     bench.handshakes()?;
-    bench.gateway(dir.path())?;
+    bench.gateway()?;
     bench.idle()?;
     let mut logged = std::mem::take(&mut bench.logged);
-    let mut watched = vec![&bench.server.proc, &bench.apps.proc];
-    watched.extend(bench.clients.pooled.iter().map(|e| &e.listening.proc));
-    watched.push(&bench.clients.no_pool.listening.proc);
+    let mut watched = vec![&bench.apps.proc];
+    watched.extend(&bench.split.procs);
+    watched.extend(&bench.joined.procs);
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
-    let verdicts = targets::judge(&bench.results, options.tunnels);
+    let verdicts = targets::judge(&bench.results, options.tunnels, options.quick);
+    let measured = Measured {
+        results: bench.results,
+        costs: bench.costs,
+        syscalls: bench.syscalls,
+        notes: bench.notes,
+    };
     let heading = format!(
         "hbone bench: median of {} run(s), min–max in parentheses; {} ms per run; entry {}; {} build",
         options.runs,
@@ -84,12 +106,12 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     );
     print!(
         "{}",
-        report::render(&heading, &bench.results, &verdicts, &logged)
+        report::render(&heading, &measured, &verdicts, &logged)
     );
     if let Some(path) = &options.write {
         let doc = Document {
             options,
-            results: &bench.results,
+            measured: &measured,
             verdicts: &verdicts,
             logged: &logged,
             date,
@@ -103,59 +125,98 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every process of the bench holds about one socket per idle tunnel.
-fn check_open_files(tunnels: u32) -> anyhow::Result<()> {
+/// Every process of the bench holds about one socket per idle tunnel, and
+/// a process holding both the entry and the server two. The first is
+/// needed. Where the limit cannot be raised for the second, the
+/// one-process idle run opens as many tunnels as fit; returns how many,
+/// with a note saying why when that is fewer.
+fn check_open_files(tunnels: u32) -> anyhow::Result<(u32, Option<String>)> {
     let needed = u64::from(tunnels) + SPARE_FILES;
-    let limit = machine::open_file_limit();
+    let joined = 2 * u64::from(tunnels) + SPARE_FILES;
+    let limit = machine::raise_open_file_limit(joined);
     if limit < needed {
         bail!(
             "{tunnels} idle tunnels need about {needed} open files per process, but the limit \
              is {limit}; lower --tunnels or raise the hard limit (ulimit -Hn)"
         );
     }
-    Ok(())
+    if limit >= joined {
+        return Ok((tunnels, None));
+    }
+    let fit = u32::try_from((limit - SPARE_FILES) / 2).unwrap_or(tunnels);
+    let note = format!(
+        "{}, 1 process: with {fit} tunnels, not {tunnels}: one process holds a socket on each \
+         side of every tunnel, and the open-file limit is {limit} (the hard limit could not be \
+         raised to {joined}; `ulimit -Hn` can)",
+        Metric::KbPerTunnel.label()
+    );
+    Ok((fit, Some(note)))
 }
 
 struct Bench<'a> {
     options: &'a Options,
     pki: Pki,
+    /// Where config files and perf's output go.
+    dir: PathBuf,
     apps: Apps,
-    server: Listening,
-    clients: ClientSide,
+    /// The server and the entries, each in a process of its own.
+    split: Proxies,
+    /// The same in one `hbone run` process.
+    joined: Proxies,
     results: Results,
+    costs: Costs,
+    /// Whether perf counts syscalls (it may give up during the bench).
+    syscalls: Syscalls,
+    /// Idle tunnels the one-process run opens: fewer than asked where the
+    /// open-file limit is too low for both sides in one process.
+    joined_tunnels: u32,
+    /// How figures were measured differently from the usual, and why.
+    notes: Vec<String>,
     /// Problems logged by processes that have already been stopped.
     logged: Vec<String>,
     /// For the elapsed time shown with each progress line.
     started: Instant,
 }
 
+/// The topologies every main workload runs through, in this order after
+/// its direct run.
+const COMPARED: [Topology; 2] = [Topology::Split, Topology::Joined];
+
 impl Bench<'_> {
+    fn proxies(&self, topology: Topology) -> &Proxies {
+        match topology {
+            Topology::Joined => &self.joined,
+            Topology::Split | Topology::Gateway => &self.split,
+        }
+    }
+
     /// Bulk to the sink; with one stream, also the CPU the server and the
-    /// entry spend per GB.
+    /// entries spend per GB.
     fn bulk(&mut self, streams: usize, metric: Metric) -> anyhow::Result<()> {
         let sink = self.apps.sink;
-        let entry = self.clients.entry_for(sink)?;
-        let tunnel = entry.route(sink);
-        let pids = [self.server.proc.pid(), entry.listening.proc.pid()];
         let extra = ["--streams".to_owned(), streams.to_string()];
         for run in 1..=self.options.runs {
             let direct = gbits(&self.load(Workload::Bulk, DIRECT, Route::direct(sink), &extra)?)?;
-            let cpu_before = sample::total_cpu_seconds(&pids)?;
-            let fields = self.load(Workload::Bulk, TUNNEL, tunnel, &extra)?;
-            let cpu = sample::total_cpu_seconds(&pids)? - cpu_before;
-            let through = gbits(&fields)?;
             self.results.direct(metric, direct);
-            self.results.tunnel(metric, through);
-            let mut line = format!(
-                "direct {} Gbit/s, hbone {} Gbit/s ({})",
-                number(direct),
-                number(through),
-                percent(through / direct * 100.0)
-            );
-            if streams == 1 {
-                let per_gb = cpu / (fields.positive("bytes")? / 1e9);
-                self.results.tunnel(Metric::CpuPerGb, per_gb);
-                line += &format!(", CPU {} s/GB", number(per_gb));
+            let mut line = format!("direct {} Gbit/s", number(direct));
+            for topology in COMPARED {
+                let route = self.proxies(topology).entry_for(sink)?.route(sink);
+                let (fields, cost) = self.metered(topology, Workload::Bulk, route, &extra)?;
+                let through = gbits(&fields)?;
+                self.results.tunnel(metric, topology, through);
+                if streams == 1 {
+                    // µs per MB is ms per GB.
+                    self.results
+                        .tunnel(Metric::CpuPerGb, topology, cost.cpu_us / 1000.0);
+                }
+                line += &format!(
+                    "; {}: {} Gbit/s ({}), per MB {}",
+                    topology.label(),
+                    number(through),
+                    percent(through / direct * 100.0),
+                    cost.brief()
+                );
+                self.costs.push(metric, topology, cost);
             }
             self.progress(metric, run, &line);
         }
@@ -164,44 +225,53 @@ impl Bench<'_> {
 
     fn req_resp(&mut self) -> anyhow::Result<()> {
         let echo = self.apps.echo;
-        let tunnel = self.clients.entry_for(echo)?.route(echo);
         for run in 1..=self.options.runs {
             let direct = self.load(Workload::ReqResp, DIRECT, Route::direct(echo), &[])?;
             let direct = RoundTrips::from(&direct)?;
-            let through = RoundTrips::from(&self.load(Workload::ReqResp, TUNNEL, tunnel, &[])?)?;
-            let pairs = [
-                (Metric::ReqRate, direct.rate, through.rate),
-                (Metric::ReqP50, direct.p50, through.p50),
-                (Metric::ReqP99, direct.p99, through.p99),
-            ];
-            for (metric, d, t) in pairs {
-                self.results.direct(metric, d);
-                self.results.tunnel(metric, t);
+            self.results.direct(Metric::ReqRate, direct.rate);
+            self.results.direct(Metric::ReqP50, direct.p50);
+            self.results.direct(Metric::ReqP99, direct.p99);
+            let mut line = format!("direct {direct}");
+            for topology in COMPARED {
+                let route = self.proxies(topology).entry_for(echo)?.route(echo);
+                let (fields, cost) = self.metered(topology, Workload::ReqResp, route, &[])?;
+                let through = RoundTrips::from(&fields)?;
+                self.results.tunnel(Metric::ReqRate, topology, through.rate);
+                self.results.tunnel(Metric::ReqP50, topology, through.p50);
+                self.results.tunnel(Metric::ReqP99, topology, through.p99);
+                line += &format!(
+                    "; {}: {through}, per request {}",
+                    topology.label(),
+                    cost.brief()
+                );
+                self.costs.push(Metric::ReqRate, topology, cost);
             }
-            self.progress(
-                Metric::ReqRate,
-                run,
-                &format!("direct {direct}; hbone {through}"),
-            );
+            self.progress(Metric::ReqRate, run, &line);
         }
         Ok(())
     }
 
     fn connections(&mut self) -> anyhow::Result<()> {
         let echo = self.apps.echo;
-        let tunnel = self.clients.entry_for(echo)?.route(echo);
         for run in 1..=self.options.runs {
             let direct =
                 conn_rate(&self.load(Workload::Connect, DIRECT, Route::direct(echo), &[])?)?;
-            let through = conn_rate(&self.load(Workload::Connect, TUNNEL, tunnel, &[])?)?;
             self.results.direct(Metric::ConnRate, direct);
-            self.results.tunnel(Metric::ConnRate, through);
-            let line = format!(
-                "direct {}/s, hbone {}/s ({})",
-                number(direct),
-                number(through),
-                percent(through / direct * 100.0)
-            );
+            let mut line = format!("direct {}/s", number(direct));
+            for topology in COMPARED {
+                let route = self.proxies(topology).entry_for(echo)?.route(echo);
+                let (fields, cost) = self.metered(topology, Workload::Connect, route, &[])?;
+                let through = conn_rate(&fields)?;
+                self.results.tunnel(Metric::ConnRate, topology, through);
+                line += &format!(
+                    "; {}: {}/s ({}), per tunnel {}",
+                    topology.label(),
+                    number(through),
+                    percent(through / direct * 100.0),
+                    cost.brief()
+                );
+                self.costs.push(Metric::ConnRate, topology, cost);
+            }
             self.progress(Metric::ConnRate, run, &line);
         }
         Ok(())
@@ -211,22 +281,33 @@ impl Bench<'_> {
     /// connection costs a full mTLS and HTTP/2 handshake.
     fn handshakes(&mut self) -> anyhow::Result<()> {
         let echo = self.apps.echo;
-        let route = self.clients.no_pool.route(echo);
         for run in 1..=self.options.runs {
-            let side = "through hbone, no pool";
-            let rate = conn_rate(&self.load(Workload::Connect, side, route, &[])?)?;
-            self.results.tunnel(Metric::Handshakes, rate);
-            self.progress(Metric::Handshakes, run, &format!("{}/s", number(rate)));
+            let mut line = Vec::new();
+            for topology in COMPARED {
+                let route = self.proxies(topology).no_pool_for(echo)?.route(echo);
+                let (fields, cost) = self.metered(topology, Workload::Connect, route, &[])?;
+                let rate = conn_rate(&fields)?;
+                self.results.tunnel(Metric::Handshakes, topology, rate);
+                line.push(format!(
+                    "{}: {}/s, per tunnel {}",
+                    topology.label(),
+                    number(rate),
+                    cost.brief()
+                ));
+                self.costs.push(Metric::Handshakes, topology, cost);
+            }
+            self.progress(Metric::Handshakes, run, &line.join("; "));
         }
         Ok(())
     }
 
     /// The connection workload through `hbone gateway` (double HBONE),
     /// with inner connections pooled and, as ztunnel does, fresh for each.
-    fn gateway(&mut self, dir: &std::path::Path) -> anyhow::Result<()> {
+    fn gateway(&mut self) -> anyhow::Result<()> {
         let flags = &self.options.child_flags();
         let echo = self.apps.echo;
-        let mut gateway = start_gateway(&self.pki, dir, self.server.addr, flags)?;
+        let server = self.split.server;
+        let mut gateway = start_gateway(&self.pki, &self.dir, server, flags)?;
         let mut entries = [
             (
                 Metric::GatewayPooled,
@@ -237,11 +318,20 @@ impl Bench<'_> {
                 start_gateway_forward(&self.pki, gateway.addr, echo, false, flags)?,
             ),
         ];
+        // The server, the gateway and both entries: all the proxies of
+        // double HBONE.
+        let pids = [
+            self.split.procs[0].pid(),
+            gateway.proc.pid(),
+            entries[0].1.proc.pid(),
+            entries[1].1.proc.pid(),
+        ];
         for run in 1..=self.options.runs {
             for (metric, entry) in entries.iter_mut() {
                 let route = Route::direct(entry.addr);
+                let meter = Meter::start(&pids, &mut self.syscalls, &self.dir)?;
                 let mut watched: Vec<&mut Proc> = vec![
-                    &mut self.server.proc,
+                    &mut self.split.procs[0],
                     &mut self.apps.proc,
                     &mut gateway.proc,
                     &mut entry.proc,
@@ -254,9 +344,14 @@ impl Bench<'_> {
                     &[],
                     &mut watched,
                 )?;
+                let cost = meter
+                    .finish(&mut self.syscalls)?
+                    .per(runner::units(Workload::Connect, &fields)?);
                 let rate = conn_rate(&fields)?;
-                self.results.tunnel(*metric, rate);
-                self.progress(*metric, run, &format!("{}/s", number(rate)));
+                self.results.tunnel(*metric, Topology::Gateway, rate);
+                let line = format!("{}/s, per tunnel {}", number(rate), cost.brief());
+                self.costs.push(*metric, Topology::Gateway, cost);
+                self.progress(*metric, run, &line);
             }
         }
         for proc in [&gateway.proc, &entries[0].1.proc, &entries[1].1.proc] {
@@ -268,56 +363,91 @@ impl Bench<'_> {
     }
 
     /// Memory per idle tunnel, on a fresh server and forward entry each run
-    /// so that memory the allocator kept from earlier workloads cannot
-    /// absorb the tunnels.
+    /// (in each topology) so that memory the allocator kept from earlier
+    /// workloads cannot absorb the tunnels.
     fn idle(&mut self) -> anyhow::Result<()> {
-        let n = self.options.tunnels;
-        let limit = RESULT_GRACE * 2 + Duration::from_millis(10) * n;
         let (flags, echo) = (&self.options.child_flags(), self.apps.echo);
+        let specs = [EntrySpec::new(EntryKind::Forward, echo, true)];
         for run in 1..=self.options.runs {
-            let mut server = start_server(&self.pki, flags)?;
-            let mut entry = Entry::start(
-                EntryKind::Forward,
-                &self.pki,
-                server.addr,
-                echo,
-                true,
-                flags,
-            )?;
-            let pids = [server.proc.pid(), entry.listening.proc.pid()];
-            std::thread::sleep(self.options.settle);
-            let before = rss_kib(&pids)?;
-            let extra = ["--tunnels".to_owned(), n.to_string()];
-            let args = runner::load_args(Workload::Idle, entry.route(echo), self.options, &extra);
-            let mut load = Proc::spawn("load generator (idle, through hbone)", &args)?;
-            let opened = load
-                .next_line(limit)
-                .and_then(|line| Fields::parse(&line))
-                .map_err(|e| {
-                    runner::explain(e, &mut [&mut server.proc, &mut entry.listening.proc])
-                })?;
-            std::thread::sleep(self.options.settle);
-            let after = rss_kib(&pids)?;
-            load.close_stdin();
-            load.wait_success(limit)?;
-            let grown = [after[0] - before[0], after[1] - before[1]];
-            let per_tunnel = (grown[0] + grown[1]) / f64::from(n);
-            self.results.tunnel(Metric::KbPerTunnel, per_tunnel);
-            let line = format!(
-                "{n} open in {:.1} s; server +{:.1} MiB, entry +{:.1} MiB: {} KB per tunnel",
-                opened.positive("seconds")?,
-                grown[0] / 1024.0,
-                grown[1] / 1024.0,
-                number(per_tunnel)
-            );
-            self.progress(Metric::KbPerTunnel, run, &line);
-            for proc in [&server.proc, &entry.listening.proc] {
-                if let Some(summary) = proc.problem_summary() {
-                    self.logged.push(format!("idle run {run}, {summary}"));
+            for topology in COMPARED {
+                let n = match topology {
+                    Topology::Joined => self.joined_tunnels,
+                    _ => self.options.tunnels,
+                };
+                let limit = RESULT_GRACE * 2 + Duration::from_millis(10) * n;
+                let mut proxies = match topology {
+                    Topology::Joined => Proxies::start_joined(&specs, &self.pki, &self.dir, flags)?,
+                    _ => Proxies::start_split(&specs, &self.pki, flags)?,
+                };
+                let pids = proxies.pids();
+                std::thread::sleep(self.options.settle);
+                let before = rss_kib(&pids)?;
+                let extra = ["--tunnels".to_owned(), n.to_string()];
+                let route = proxies.entry_for(echo)?.route(echo);
+                let args = runner::load_args(Workload::Idle, route, self.options, &extra);
+                let mut load = Proc::spawn("load generator (idle, through hbone)", &args)?;
+                let opened = load
+                    .next_line(limit)
+                    .and_then(|line| Fields::parse(&line))
+                    .map_err(|e| {
+                        let mut watched: Vec<&mut Proc> = proxies.procs.iter_mut().collect();
+                        runner::explain(e, &mut watched)
+                    })?;
+                std::thread::sleep(self.options.settle);
+                let after = rss_kib(&pids)?;
+                load.close_stdin();
+                load.wait_success(limit)?;
+                let grown: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+                let per_tunnel = grown.iter().sum::<f64>() / f64::from(n);
+                self.results
+                    .tunnel(Metric::KbPerTunnel, topology, per_tunnel);
+                let growth = match topology {
+                    Topology::Joined => format!("process +{:.1} MiB", grown[0] / 1024.0),
+                    _ => format!(
+                        "server +{:.1} MiB, entry +{:.1} MiB",
+                        grown[0] / 1024.0,
+                        grown[1] / 1024.0
+                    ),
+                };
+                let line = format!(
+                    "{}: {n} open in {:.1} s; {growth}: {} KB per tunnel",
+                    topology.label(),
+                    opened.positive("seconds")?,
+                    number(per_tunnel)
+                );
+                self.progress(Metric::KbPerTunnel, run, &line);
+                for proc in &proxies.procs {
+                    if let Some(summary) = proc.problem_summary() {
+                        self.logged.push(format!("idle run {run}, {summary}"));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// One tunnelled run in `topology`, with the counters of its server
+    /// and entries read around it; returns its result and its cost per unit.
+    fn metered(
+        &mut self,
+        topology: Topology,
+        workload: Workload,
+        route: Route,
+        extra: &[String],
+    ) -> anyhow::Result<(Fields, Cost)> {
+        let pids = self.proxies(topology).pids();
+        let side = match topology {
+            Topology::Joined => "through hbone, one process",
+            _ => TUNNEL,
+        };
+        let meter = Meter::start(&pids, &mut self.syscalls, &self.dir)
+            .map_err(|e| runner::explain(e, &mut self.watched()))?;
+        let fields = self.load(workload, side, route, extra)?;
+        let usage = meter
+            .finish(&mut self.syscalls)
+            .map_err(|e| runner::explain(e, &mut self.watched()))?;
+        let cost = usage.per(runner::units(workload, &fields)?);
+        Ok((fields, cost))
     }
 
     /// One load generator run, watching every process under test.
@@ -328,9 +458,17 @@ impl Bench<'_> {
         route: Route,
         extra: &[String],
     ) -> anyhow::Result<Fields> {
-        let mut watched: Vec<&mut Proc> = vec![&mut self.server.proc, &mut self.apps.proc];
-        watched.extend(self.clients.procs_mut());
-        run_load(self.options, workload, side, route, extra, &mut watched)
+        let options = self.options;
+        run_load(options, workload, side, route, extra, &mut self.watched())
+    }
+
+    /// The apps and every server and entry: the processes whose exit or
+    /// warnings explain a failed run.
+    fn watched(&mut self) -> Vec<&mut Proc> {
+        let mut watched: Vec<&mut Proc> = vec![&mut self.apps.proc];
+        watched.extend(self.split.procs.iter_mut());
+        watched.extend(self.joined.procs.iter_mut());
+        watched
     }
 
     fn progress(&self, metric: Metric, run: u32, line: &str) {
@@ -345,9 +483,8 @@ impl Bench<'_> {
     }
 }
 
-fn rss_kib(pids: &[u32; 2]) -> anyhow::Result<[f64; 2]> {
-    Ok([
-        sample::rss_kib(pids[0])? as f64,
-        sample::rss_kib(pids[1])? as f64,
-    ])
+fn rss_kib(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
+    pids.iter()
+        .map(|&pid| Ok(sample::rss_kib(pid)? as f64))
+        .collect()
 }

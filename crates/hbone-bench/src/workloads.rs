@@ -94,7 +94,8 @@ async fn bulk_stream(mut stream: TcpStream, deadline: Instant) -> anyhow::Result
 }
 
 /// One connection, 1 KiB out and the same 1 KiB back, again and again.
-/// Result: `requests`, `seconds`, and `p50_us`/`p99_us` latency.
+/// Result: `requests`, `seconds`, and `p50_us`/`p99_us` latency of the
+/// timed ones, and the `warmup` exchanges before them.
 async fn req_resp(args: &LoadArgs) -> anyhow::Result<String> {
     let mut stream = dial(args).await?;
     let request: Vec<u8> = (0..MESSAGE).map(|i| (i % 251) as u8).collect();
@@ -119,6 +120,7 @@ async fn req_resp(args: &LoadArgs) -> anyhow::Result<String> {
         ("seconds", seconds),
         ("p50_us", micros(percentile(&latencies, 50))),
         ("p99_us", micros(percentile(&latencies, 99))),
+        ("warmup", WARMUP_REQUESTS as f64),
     ]))
 }
 
@@ -149,7 +151,8 @@ fn micros(duration: Duration) -> f64 {
 }
 
 /// `concurrency` workers each connect, echo one byte and close, until the
-/// deadline. Result: `connections` completed and `seconds`.
+/// deadline. Result: `connections` completed and `seconds`, and the 1
+/// `warmup` connection before them.
 async fn connect(args: &LoadArgs) -> anyhow::Result<String> {
     // One connection first, so a pooled entry has its HTTP/2 connection
     // before timing starts (with pooling off it makes no difference).
@@ -179,6 +182,7 @@ async fn connect(args: &LoadArgs) -> anyhow::Result<String> {
     Ok(Fields::line(&[
         ("connections", connections as f64),
         ("seconds", seconds),
+        ("warmup", 1.0),
     ]))
 }
 

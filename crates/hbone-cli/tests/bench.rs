@@ -1,6 +1,8 @@
 //! `hbone bench --quick` end to end: every workload runs directly and
-//! through the tunnel (separate processes on loopback), the table has a
-//! positive figure in each measured cell, and `--write` produces the
+//! through the tunnel (separate processes on loopback, and the server and
+//! entries in one process), the table has a positive figure in each
+//! measured cell, the per-unit table has counted CPU, context switches and
+//! syscalls (or says perf is not available), and `--write` produces the
 //! Markdown report. The figures themselves are not judged: a debug build
 //! on a busy machine says nothing about performance.
 
@@ -25,9 +27,41 @@ const TUNNEL_ONLY: [&str; 5] = [
     "mTLS + HTTP/2 handshakes, no pool (/s)",
     "double HBONE via gateway, inner pooled (conn/s)",
     "double HBONE via gateway, fresh inner each (conn/s)",
-    "CPU, server + entry, bulk 1 stream (s/GB)",
+    "CPU, server + entries, bulk 1 stream (s/GB)",
     "idle tunnels, server + entry (KB/tunnel)",
 ];
+
+/// Rows not measured with the server and entries in one process.
+const NOT_IN_ONE_PROCESS: [&str; 2] = [
+    "double HBONE via gateway, inner pooled (conn/s)",
+    "double HBONE via gateway, fresh inner each (conn/s)",
+];
+
+/// The per-unit table's rows: work, unit and processes.
+const PER_UNIT: [(&str, &str, &str); 12] = [
+    ("bulk, 1 stream", "MB", "2 processes"),
+    ("bulk, 1 stream", "MB", "1 process"),
+    ("bulk, 8 streams", "MB", "2 processes"),
+    ("bulk, 8 streams", "MB", "1 process"),
+    ("1 KiB req/resp", "request", "2 processes"),
+    ("1 KiB req/resp", "request", "1 process"),
+    ("new conn + 1-byte echo", "tunnel", "2 processes"),
+    ("new conn + 1-byte echo", "tunnel", "1 process"),
+    (
+        "new conn, mTLS handshake each (no pool)",
+        "tunnel",
+        "2 processes",
+    ),
+    (
+        "new conn, mTLS handshake each (no pool)",
+        "tunnel",
+        "1 process",
+    ),
+    ("double HBONE, inner pooled", "tunnel", "3 processes"),
+    ("double HBONE, fresh inner each", "tunnel", "3 processes"),
+];
+/// What the syscall cells say where perf cannot count.
+const NO_PERF: &str = "perf not available";
 
 /// Runs the bench, killing it if it outlives `LIMIT`; returns stdout.
 fn run_bench(args: &[&str]) -> String {
@@ -65,14 +99,39 @@ fn run_bench(args: &[&str]) -> String {
     stdout
 }
 
-/// The (direct, through hbone) cells of the row labelled `label`.
-fn cells<'a>(table: &'a str, label: &str) -> (&'a str, &'a str) {
+/// The cells of the row labelled `label`, label first.
+fn row<'a>(table: &'a str, label: &str) -> Vec<&'a str> {
     let row = table
         .lines()
         .find(|line| line.starts_with(&format!("| {label} ")))
         .unwrap_or_else(|| panic!("no row {label:?} in:\n{table}"));
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    (cells[2], cells[3])
+    cells[1..cells.len() - 1].to_vec()
+}
+
+/// The (direct, 2 processes, 1 process) cells of the results row `label`.
+fn cells<'a>(table: &'a str, label: &str) -> (&'a str, &'a str, &'a str) {
+    let cells = row(table, label);
+    (cells[1], cells[2], cells[4])
+}
+
+/// The rows of the per-unit table, from its heading to the blank line.
+fn per_unit_rows(report: &str) -> Vec<Vec<&str>> {
+    let table: Vec<&str> = report
+        .lines()
+        .skip_while(|line| !line.starts_with("Per unit of work"))
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+        .collect();
+    assert!(table.len() > 2, "no per-unit table in:\n{report}");
+    assert!(table[0].contains("syscalls"), "{}", table[0]);
+    table[2..]
+        .iter()
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            cells[1..cells.len() - 1].to_vec()
+        })
+        .collect()
 }
 
 /// The median at the start of a cell like `1,234 (1,100–1,300)`.
@@ -97,14 +156,46 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
     let markdown = dir.path().join("bench.md");
     let table = run_bench(&["bench", "--quick", "--write", markdown.to_str().unwrap()]);
     for label in COMPARED {
-        let (direct, tunnel) = cells(&table, label);
+        let (direct, tunnel, joined) = cells(&table, label);
         assert_positive(&table, label, direct, "direct");
         assert_positive(&table, label, tunnel, "through hbone");
+        assert_positive(&table, label, joined, "through hbone, one process");
     }
     for label in TUNNEL_ONLY {
-        let (direct, tunnel) = cells(&table, label);
+        let (direct, tunnel, joined) = cells(&table, label);
         assert_eq!(direct, "n/a", "{label} has no direct figure");
         assert_positive(&table, label, tunnel, "through hbone");
+        if NOT_IN_ONE_PROCESS.contains(&label) {
+            assert_eq!(joined, "n/a", "{label} is not run in one process");
+        } else {
+            assert_positive(&table, label, joined, "through hbone, one process");
+        }
+    }
+
+    // What each unit of work cost the hbone processes: every row counted,
+    // CPU and context switches as figures, syscalls as a figure or as the
+    // plain statement that perf could not count them.
+    let per_unit = per_unit_rows(&table);
+    assert_eq!(per_unit.len(), PER_UNIT.len(), "{per_unit:?}");
+    let mut perf_counted = None;
+    for (cells, (work, unit, processes)) in per_unit.iter().zip(PER_UNIT) {
+        assert_eq!(cells[..3], [work, unit, processes], "{table}");
+        let what = format!("{work}, {processes}");
+        assert_positive(&table, &what, cells[3], "CPU per unit");
+        assert_positive(&table, &what, cells[4], "context switches per unit");
+        let syscalls = cells[7];
+        let counted = syscalls != NO_PERF;
+        if counted {
+            assert_positive(&table, &what, syscalls, "syscalls per unit");
+        }
+        // perf counts every row or none.
+        assert_eq!(*perf_counted.get_or_insert(counted), counted, "{table}");
+    }
+    if perf_counted == Some(false) {
+        assert!(
+            table.contains(&format!("syscalls: {NO_PERF} (")),
+            "no reason given for the missing syscall figures in:\n{table}"
+        );
     }
     assert!(table.contains("Targets"), "no targets in:\n{table}");
     // The product speaks of its own targets, and a quick run does not
@@ -115,10 +206,25 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         .find(|l| l.contains("idle: ≤ 5 KB per tunnel"))
         .unwrap_or_else(|| panic!("no idle target in:\n{table}"));
     assert!(idle.contains("not judged"), "{idle}");
+    // Nor any other target from one 500 ms run.
+    let verdicts: Vec<&str> = table
+        .lines()
+        .skip_while(|line| !line.starts_with("Targets"))
+        .skip(1)
+        .take_while(|line| !line.is_empty())
+        .collect();
+    assert!(verdicts.len() >= 7, "{table}");
+    for verdict in verdicts {
+        assert!(verdict.trim_start().starts_with("unknown"), "{verdict}");
+    }
 
     let written = std::fs::read_to_string(&markdown).unwrap();
     for part in [
         "# hbone benchmarks",
+        "## Per unit of work",
+        "| 1 KiB req/resp ",
+        "/proc/PID/stat",
+        "`hbone run --config`",
         "## Machine",
         "hbone bench --quick --write",
         "| bulk, 1 stream (Gbit/s)",
@@ -126,6 +232,12 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
     ] {
         assert!(written.contains(part), "{part:?} missing from:\n{written}");
     }
+    // The per-unit figures are the headline: they come first.
+    let headline = written.find("## Per unit of work").unwrap();
+    assert!(
+        headline < written.find("## Throughput").unwrap(),
+        "{written}"
+    );
     assert!(!written.contains("ztunnel, from"), "{written}");
     let words: Vec<&str> = written.split_whitespace().collect();
     assert!(

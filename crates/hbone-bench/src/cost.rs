@@ -1,0 +1,377 @@
+//! What a unit of work costs the processes under test (the server, the
+//! gateway and the entries; never the apps or the load generator): CPU
+//! time, context switches, migrations between CPUs and syscalls, per MB
+//! moved, per request answered, per tunnel opened.
+//!
+//! Counts like syscalls per request hardly move when the machine is busy,
+//! unlike rates, so they are the figures to compare across machines and
+//! changes. A [`Meter`] reads the counters just before a load generator
+//! starts and just after it exits, so the window holds one run and its
+//! start-up; the units are everything the load generator did in it,
+//! warm-up included.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::perf::{Counter, SyscallCounts, Syscalls};
+use super::report::{NOT_MEASURED, cell, number};
+use super::results::{Metric, Topology};
+use super::sample::{Snapshot, Spent};
+use super::stats::Summary;
+
+/// What stands in the syscall cells when perf could not count.
+pub const NO_PERF: &str = "perf not available";
+/// Syscalls the mix names before "other".
+const MIX_SHOWN: usize = 8;
+
+/// Counters running over one load generator run.
+pub struct Meter {
+    pids: Vec<u32>,
+    before: Snapshot,
+    perf: Option<Counter>,
+}
+
+impl Meter {
+    /// Attaches perf (if `syscalls` says it counts) and reads /proc. A perf
+    /// that fails now is reported unavailable from here on.
+    pub fn start(pids: &[u32], syscalls: &mut Syscalls, dir: &Path) -> anyhow::Result<Meter> {
+        let perf = match syscalls {
+            Syscalls::Counted { .. } => match Counter::start(pids, &syscalls.events(), dir) {
+                Ok(counter) => Some(counter),
+                Err(e) => {
+                    *syscalls = Syscalls::Unavailable(format!("{e:#}"));
+                    None
+                }
+            },
+            Syscalls::Unavailable(_) => None,
+        };
+        Ok(Meter {
+            pids: pids.to_vec(),
+            before: Snapshot::take(pids)?,
+            perf,
+        })
+    }
+
+    /// Reads /proc again and stops perf.
+    pub fn finish(self, syscalls: &mut Syscalls) -> anyhow::Result<Usage> {
+        let spent = Snapshot::take(&self.pids)?.since(&self.before);
+        let counted = match self.perf.map(Counter::finish) {
+            Some(Ok(counts)) => Some(counts),
+            Some(Err(e)) => {
+                *syscalls = Syscalls::Unavailable(format!("{e:#}"));
+                None
+            }
+            None => None,
+        };
+        Ok(Usage {
+            spent,
+            syscalls: counted,
+        })
+    }
+}
+
+/// What the processes under test spent over one run.
+pub struct Usage {
+    spent: Spent,
+    syscalls: Option<SyscallCounts>,
+}
+
+impl Usage {
+    /// The same, per unit of work.
+    pub fn per(&self, units: f64) -> Cost {
+        let each = |count: u64| count as f64 / units;
+        Cost {
+            cpu_us: self.spent.cpu_seconds * 1e6 / units,
+            switches: each(self.spent.voluntary + self.spent.involuntary),
+            involuntary: each(self.spent.involuntary),
+            migrations: self.spent.migrations.map(each),
+            syscalls: self.syscalls.as_ref().map(|s| each(s.total)),
+            mix: self
+                .syscalls
+                .iter()
+                .flat_map(|s| s.by_name.iter().map(|(name, &n)| (name.clone(), each(n))))
+                .collect(),
+            threads_gone: self.spent.threads_gone,
+        }
+    }
+}
+
+/// One run's cost per unit of work.
+#[derive(Debug, Clone, Default)]
+pub struct Cost {
+    pub cpu_us: f64,
+    /// Voluntary and involuntary.
+    pub switches: f64,
+    pub involuntary: f64,
+    pub migrations: Option<f64>,
+    pub syscalls: Option<f64>,
+    /// Per syscall of the mix.
+    pub mix: BTreeMap<String, f64>,
+    /// Threads that ended during the run (their switches are missing).
+    pub threads_gone: usize,
+}
+
+impl Cost {
+    /// For a progress line: `CPU 85.2 µs, 14.0 syscalls, 3.10 switches`.
+    pub fn brief(&self) -> String {
+        let syscalls = self
+            .syscalls
+            .map(|n| format!(", {} syscalls", number(n)))
+            .unwrap_or_default();
+        format!(
+            "CPU {} µs{syscalls}, {} context switches",
+            number(self.cpu_us),
+            number(self.switches)
+        )
+    }
+}
+
+/// The unit each workload's cost is given per.
+pub fn unit(metric: Metric) -> Option<&'static str> {
+    match metric {
+        Metric::Bulk1 | Metric::Bulk8 => Some("MB"),
+        Metric::ReqRate => Some("request"),
+        Metric::ConnRate | Metric::Handshakes | Metric::GatewayPooled | Metric::GatewayFresh => {
+            Some("tunnel")
+        }
+        _ => None,
+    }
+}
+
+/// The workload's name in the per-unit table.
+fn work(metric: Metric) -> &'static str {
+    match metric {
+        Metric::Bulk1 => "bulk, 1 stream",
+        Metric::Bulk8 => "bulk, 8 streams",
+        Metric::ReqRate => "1 KiB req/resp",
+        Metric::ConnRate => "new conn + 1-byte echo",
+        Metric::Handshakes => "new conn, mTLS handshake each (no pool)",
+        Metric::GatewayPooled => "double HBONE, inner pooled",
+        Metric::GatewayFresh => "double HBONE, fresh inner each",
+        _ => metric.label(),
+    }
+}
+
+/// Every run's cost, by workload and topology.
+#[derive(Debug, Default, Clone)]
+pub struct Costs(BTreeMap<(Metric, Topology), Vec<Cost>>);
+
+pub const HEADERS: [&str; 8] = [
+    "work",
+    "per",
+    "processes",
+    "CPU (µs)",
+    "context switches",
+    "of them involuntary",
+    "CPU migrations",
+    "syscalls",
+];
+
+impl Costs {
+    pub fn push(&mut self, metric: Metric, topology: Topology, cost: Cost) {
+        self.0.entry((metric, topology)).or_default().push(cost);
+    }
+
+    /// Median (min–max) of one figure over runs, for the "What varied" list.
+    pub fn summaries(&self) -> Vec<(String, Summary)> {
+        let mut out = Vec::new();
+        for ((metric, topology), runs) in &self.0 {
+            let name = |what: &str| {
+                format!(
+                    "{what} per {}, {}, {}",
+                    unit_of(*metric),
+                    work(*metric),
+                    topology.label()
+                )
+            };
+            let cpu: Vec<f64> = runs.iter().map(|c| c.cpu_us).collect();
+            let syscalls: Vec<f64> = runs.iter().filter_map(|c| c.syscalls).collect();
+            if let Some(s) = Summary::of(&cpu) {
+                out.push((name("CPU"), s));
+            }
+            if let Some(s) = Summary::of(&syscalls) {
+                out.push((name("syscalls"), s));
+            }
+        }
+        out
+    }
+
+    /// The per-unit table: one row per workload and topology measured.
+    pub fn rows(&self, syscalls: &Syscalls) -> Vec<Vec<String>> {
+        self.0
+            .iter()
+            .map(|((metric, topology), runs)| {
+                let of = |figure: fn(&Cost) -> Option<f64>| {
+                    let values: Vec<f64> = runs.iter().filter_map(figure).collect();
+                    if values.len() < runs.len() {
+                        NOT_MEASURED.to_owned()
+                    } else {
+                        cell(Summary::of(&values))
+                    }
+                };
+                let syscall_cell = if syscalls.available() {
+                    of(|c| c.syscalls)
+                } else {
+                    NO_PERF.to_owned()
+                };
+                vec![
+                    work(*metric).to_owned(),
+                    unit_of(*metric).to_owned(),
+                    topology.label().to_owned(),
+                    of(|c| Some(c.cpu_us)),
+                    of(|c| Some(c.switches)),
+                    of(|c| Some(c.involuntary)),
+                    of(|c| c.migrations),
+                    syscall_cell,
+                ]
+            })
+            .collect()
+    }
+
+    /// The syscall mix: per workload and topology, the syscalls made most
+    /// per unit (medians over runs), then the rest as "other".
+    pub fn mix_rows(&self) -> Vec<Vec<String>> {
+        let mut rows = Vec::new();
+        for ((metric, topology), runs) in &self.0 {
+            let totals: Vec<f64> = runs.iter().filter_map(|c| c.syscalls).collect();
+            let (Some(total), false) = (Summary::of(&totals), runs[0].mix.is_empty()) else {
+                continue;
+            };
+            let mut named: Vec<(&str, f64)> = runs[0]
+                .mix
+                .keys()
+                .filter_map(|name| {
+                    let values: Vec<f64> = runs
+                        .iter()
+                        .filter_map(|c| c.mix.get(name).copied())
+                        .collect();
+                    Some((name.as_str(), Summary::of(&values)?.median))
+                })
+                .filter(|(_, median)| *median > 0.0)
+                .collect();
+            named.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let shown: f64 = named.iter().take(MIX_SHOWN).map(|(_, n)| n).sum();
+            let mut parts: Vec<String> = named
+                .iter()
+                .take(MIX_SHOWN)
+                .map(|(name, n)| format!("{name} {}", number(*n)))
+                .collect();
+            parts.push(format!("other {}", number((total.median - shown).max(0.0))));
+            rows.push(vec![
+                work(*metric).to_owned(),
+                unit_of(*metric).to_owned(),
+                topology.label().to_owned(),
+                number(total.median),
+                parts.join(", "),
+            ]);
+        }
+        rows
+    }
+
+    /// Threads that ended during some run, over all runs.
+    pub fn threads_gone(&self) -> usize {
+        self.0.values().flatten().map(|c| c.threads_gone).sum()
+    }
+}
+
+pub const MIX_HEADERS: [&str; 5] = [
+    "work",
+    "per",
+    "processes",
+    "syscalls",
+    "most made (per unit)",
+];
+
+fn unit_of(metric: Metric) -> &'static str {
+    unit(metric).unwrap_or("run")
+}
+
+/// The notes printed under the per-unit table: what could not be counted.
+pub fn notes(costs: &Costs, syscalls: &Syscalls) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Syscalls::Unavailable(why) = syscalls {
+        notes.push(format!("syscalls: {NO_PERF} ({why})"));
+    } else if let Syscalls::Counted {
+        no_mix: Some(why), ..
+    } = syscalls
+    {
+        notes.push(format!("syscall mix: {why}"));
+    }
+    let gone = costs.threads_gone();
+    if gone > 0 {
+        notes.push(format!(
+            "{gone} thread(s) ended during a run: their context switches and migrations in that \
+             run are missing (CPU time is not: /proc/PID/stat keeps ended threads' time)"
+        ));
+    }
+    notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cost(cpu_us: f64, syscalls: Option<f64>) -> Cost {
+        Cost {
+            cpu_us,
+            switches: 4.0,
+            involuntary: 1.0,
+            migrations: Some(0.5),
+            syscalls,
+            mix: BTreeMap::from([("read".to_owned(), 2.0), ("futex".to_owned(), 0.0)]),
+            threads_gone: 0,
+        }
+    }
+
+    #[test]
+    fn usage_divides_by_units() {
+        let usage = Usage {
+            spent: Spent {
+                cpu_seconds: 0.5,
+                voluntary: 3000,
+                involuntary: 1000,
+                migrations: Some(100),
+                threads_gone: 0,
+            },
+            syscalls: Some(SyscallCounts {
+                total: 20_000,
+                by_name: BTreeMap::from([("read".to_owned(), 5000)]),
+            }),
+        };
+        let cost = usage.per(1000.0);
+        assert_eq!(cost.cpu_us, 500.0);
+        assert_eq!(cost.switches, 4.0);
+        assert_eq!(cost.involuntary, 1.0);
+        assert_eq!(cost.migrations, Some(0.1));
+        assert_eq!(cost.syscalls, Some(20.0));
+        assert_eq!(cost.mix["read"], 5.0);
+    }
+
+    #[test]
+    fn rows_say_when_perf_could_not_count() {
+        let mut costs = Costs::default();
+        costs.push(Metric::ReqRate, Topology::Split, cost(80.0, Some(12.0)));
+        costs.push(Metric::ReqRate, Topology::Split, cost(90.0, Some(14.0)));
+        costs.push(Metric::ReqRate, Topology::Joined, cost(60.0, Some(10.0)));
+        let counted = Syscalls::Counted {
+            mix: vec!["read"],
+            no_mix: None,
+        };
+        let rows = costs.rows(&counted);
+        assert_eq!(
+            rows[0][..4],
+            [
+                "1 KiB req/resp",
+                "request",
+                "2 processes",
+                "85.0 (80.0–90.0)"
+            ]
+        );
+        assert_eq!(rows[0][7], "13.0 (12.0–14.0)");
+        assert_eq!(rows[1][2], "1 process");
+        let rows = costs.rows(&Syscalls::Unavailable("perf is not installed".into()));
+        assert_eq!(rows[0][7], NO_PERF);
+        let mix = costs.mix_rows();
+        assert_eq!(mix[0][4], "read 2.00, other 11.0");
+    }
+}
