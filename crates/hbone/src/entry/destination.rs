@@ -13,12 +13,13 @@ use crate::identity::SpiffeId;
 /// A route and a target, either of which may be a host name.
 ///
 /// ```
+/// use hbone::authority::Target;
 /// use hbone::entry::Destination;
 ///
 /// let destination = Destination::direct(
 ///     "localhost:15008".parse().unwrap(),
 ///     vec!["spiffe://cluster.local/ns/demo/sa/server".parse().unwrap()],
-///     "db.internal:5432".parse().unwrap(),
+///     "db.internal:5432".parse::<Target>().unwrap(),
 /// );
 /// assert_eq!(destination.target().to_string(), "db.internal:5432");
 /// ```
