@@ -32,11 +32,17 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// Attaches perf (if `syscalls` says it counts) and reads /proc. A perf
-    /// that fails now is reported unavailable from here on.
-    pub fn start(pids: &[u32], syscalls: &mut Syscalls, dir: &Path) -> anyhow::Result<Meter> {
+    /// Attaches perf (if `syscalls` says it counts; with a counter per
+    /// syscall of the mix if `mix`) and reads /proc. A perf that fails now
+    /// is reported unavailable from here on.
+    pub fn start(
+        pids: &[u32],
+        syscalls: &mut Syscalls,
+        mix: bool,
+        dir: &Path,
+    ) -> anyhow::Result<Meter> {
         let perf = match syscalls {
-            Syscalls::Counted { .. } => match Counter::start(pids, &syscalls.events(), dir) {
+            Syscalls::Counted { .. } => match Counter::start(pids, &syscalls.events(mix), dir) {
                 Ok(counter) => Some(counter),
                 Err(e) => {
                     *syscalls = Syscalls::Unavailable(format!("{e:#}"));
@@ -152,9 +158,13 @@ fn work(metric: Metric) -> &'static str {
     }
 }
 
-/// Every run's cost, by workload and topology.
+/// Every run's cost, by workload and topology, and the syscall mix of
+/// each from its extra run.
 #[derive(Debug, Default, Clone)]
-pub struct Costs(BTreeMap<(Metric, Topology), Vec<Cost>>);
+pub struct Costs {
+    runs: BTreeMap<(Metric, Topology), Vec<Cost>>,
+    mixes: BTreeMap<(Metric, Topology), Cost>,
+}
 
 pub const HEADERS: [&str; 8] = [
     "work",
@@ -169,13 +179,18 @@ pub const HEADERS: [&str; 8] = [
 
 impl Costs {
     pub fn push(&mut self, metric: Metric, topology: Topology, cost: Cost) {
-        self.0.entry((metric, topology)).or_default().push(cost);
+        self.runs.entry((metric, topology)).or_default().push(cost);
+    }
+
+    /// The cost of the untimed run that counted each syscall of the mix.
+    pub fn push_mix(&mut self, metric: Metric, topology: Topology, cost: Cost) {
+        self.mixes.insert((metric, topology), cost);
     }
 
     /// Median (min–max) of one figure over runs, for the "What varied" list.
     pub fn summaries(&self) -> Vec<(String, Summary)> {
         let mut out = Vec::new();
-        for ((metric, topology), runs) in &self.0 {
+        for ((metric, topology), runs) in &self.runs {
             let name = |what: &str| {
                 format!(
                     "{what} per {}, {}, {}",
@@ -198,7 +213,7 @@ impl Costs {
 
     /// The per-unit table: one row per workload and topology measured.
     pub fn rows(&self, syscalls: &Syscalls) -> Vec<Vec<String>> {
-        self.0
+        self.runs
             .iter()
             .map(|((metric, topology), runs)| {
                 let of = |figure: fn(&Cost) -> Option<f64>| {
@@ -228,26 +243,19 @@ impl Costs {
             .collect()
     }
 
-    /// The syscall mix: per workload and topology, the syscalls made most
-    /// per unit (medians over runs), then the rest as "other".
+    /// The syscall mix: per workload and topology, the syscalls its extra
+    /// run made most per unit, then the rest as "other".
     pub fn mix_rows(&self) -> Vec<Vec<String>> {
         let mut rows = Vec::new();
-        for ((metric, topology), runs) in &self.0 {
-            let totals: Vec<f64> = runs.iter().filter_map(|c| c.syscalls).collect();
-            let (Some(total), false) = (Summary::of(&totals), runs[0].mix.is_empty()) else {
+        for ((metric, topology), cost) in &self.mixes {
+            let Some(total) = cost.syscalls.filter(|_| !cost.mix.is_empty()) else {
                 continue;
             };
-            let mut named: Vec<(&str, f64)> = runs[0]
+            let mut named: Vec<(&str, f64)> = cost
                 .mix
-                .keys()
-                .filter_map(|name| {
-                    let values: Vec<f64> = runs
-                        .iter()
-                        .filter_map(|c| c.mix.get(name).copied())
-                        .collect();
-                    Some((name.as_str(), Summary::of(&values)?.median))
-                })
-                .filter(|(_, median)| *median > 0.0)
+                .iter()
+                .map(|(name, &n)| (name.as_str(), n))
+                .filter(|(_, n)| *n > 0.0)
                 .collect();
             named.sort_by(|a, b| b.1.total_cmp(&a.1));
             let shown: f64 = named.iter().take(MIX_SHOWN).map(|(_, n)| n).sum();
@@ -256,12 +264,12 @@ impl Costs {
                 .take(MIX_SHOWN)
                 .map(|(name, n)| format!("{name} {}", number(*n)))
                 .collect();
-            parts.push(format!("other {}", number((total.median - shown).max(0.0))));
+            parts.push(format!("other {}", number((total - shown).max(0.0))));
             rows.push(vec![
                 work(*metric).to_owned(),
                 unit_of(*metric).to_owned(),
                 topology.label().to_owned(),
-                number(total.median),
+                number(total),
                 parts.join(", "),
             ]);
         }
@@ -270,7 +278,7 @@ impl Costs {
 
     /// Threads that ended during some run, over all runs.
     pub fn threads_gone(&self) -> usize {
-        self.0.values().flatten().map(|c| c.threads_gone).sum()
+        self.runs.values().flatten().map(|c| c.threads_gone).sum()
     }
 }
 
@@ -371,7 +379,13 @@ mod tests {
         assert_eq!(rows[1][2], "1 process");
         let rows = costs.rows(&Syscalls::Unavailable("perf is not installed".into()));
         assert_eq!(rows[0][7], NO_PERF);
+        assert!(costs.mix_rows().is_empty(), "no mix run, no mix");
+        costs.push_mix(Metric::ReqRate, Topology::Split, cost(70.0, Some(13.0)));
         let mix = costs.mix_rows();
+        assert_eq!(
+            mix[0][..4],
+            ["1 KiB req/resp", "request", "2 processes", "13.0"]
+        );
         assert_eq!(mix[0][4], "read 2.00, other 11.0");
     }
 }

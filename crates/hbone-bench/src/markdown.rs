@@ -71,8 +71,9 @@ fn render(doc: &Document) -> String {
     let mix = m.costs.mix_rows();
     if !mix.is_empty() {
         out += "\n### Where the syscalls go\n\n";
-        out += "The syscalls made most per unit (medians), from perf's per-syscall \
-                tracepoints (`syscalls:sys_enter_NAME`); \"other\" is every syscall not \
+        out += "The syscalls made most per unit, counted with a perf counter per syscall \
+                (`syscalls:sys_enter_NAME` tracepoints) in one extra run of each workload in \
+                each topology, of 1 s at most and not timed; \"other\" is every syscall not \
                 named.\n\n";
         out += &report::table(&cost::MIX_HEADERS, &mix);
     }
@@ -225,8 +226,12 @@ const PERF_METHOD: &str = "\
 - Syscalls: `perf stat -e raw_syscalls:sys_enter -p PIDS` (every syscall entry of every thread \
 of those processes, threads started later included), attached before the window with its \
 counters disabled, enabled just before the load generator starts and disabled just after it \
-exits, over perf's control pipe. Counting costs the counted processes a little CPU per syscall, \
-so the figures above are measured with it on.
+exits, over perf's control pipe. That one counter per thread costs the counted processes a \
+little CPU per syscall and per context switch, and the timed figures are measured with it on. \
+A counter per syscall costs much more: perf switches every one of a thread's counters at each \
+context switch, and in an A/B on a 2-core machine the p50 of 1 KiB req/resp through 2 processes \
+went from about 140 µs without perf to about 150 µs with the one counter and about 215 µs with \
+thirty. So the mix below comes from an extra, untimed run instead.
 ";
 
 const METHOD: &str = "\

@@ -79,8 +79,8 @@ pub enum Syscalls {
 }
 
 /// Why a `--quick` run counts no mix.
-const QUICK_NO_MIX: &str = "not counted with --quick: perf takes about a second per run to \
-                            attach the per-syscall tracepoints";
+const QUICK_NO_MIX: &str = "not counted with --quick: it takes an extra run per workload, and \
+                            perf takes about a second to attach the per-syscall tracepoints";
 
 impl Syscalls {
     /// Tries perf on `pid` (any process of the bench's own): with the mix
@@ -99,7 +99,8 @@ impl Syscalls {
                 (true, false) => Some(format!("perf could not count it ({why})")),
             };
             let probe = Syscalls::Counted { mix, no_mix };
-            let counted = Counter::start(&[pid], &probe.events(), dir).and_then(Counter::finish);
+            let counted =
+                Counter::start(&[pid], &probe.events(true), dir).and_then(Counter::finish);
             match counted {
                 Ok(_) => return probe,
                 Err(e) => why = format!("{e:#}"),
@@ -112,11 +113,24 @@ impl Syscalls {
         matches!(self, Syscalls::Counted { .. })
     }
 
-    /// The perf events to count: the total first.
-    pub fn events(&self) -> Vec<String> {
+    /// Whether a mix can be counted.
+    pub fn has_mix(&self) -> bool {
+        matches!(self, Syscalls::Counted { mix, .. } if !mix.is_empty())
+    }
+
+    /// The perf events to count: the total, and with `mix` one per syscall
+    /// of the mix. Every event is a counter on every thread, switched with
+    /// the thread at each context switch: the mix's thirty make switches
+    /// slow enough to move latency, so timed runs count the total alone.
+    pub fn events(&self, mix: bool) -> Vec<String> {
         match self {
-            Syscalls::Counted { mix, .. } => std::iter::once(TOTAL_EVENT.to_owned())
-                .chain(mix.iter().map(|name| format!("syscalls:sys_enter_{name}")))
+            Syscalls::Counted { mix: names, .. } => std::iter::once(TOTAL_EVENT.to_owned())
+                .chain(
+                    names
+                        .iter()
+                        .filter(|_| mix)
+                        .map(|name| format!("syscalls:sys_enter_{name}")),
+                )
                 .collect(),
             Syscalls::Unavailable(_) => Vec::new(),
         }
@@ -378,13 +392,19 @@ mod tests {
             no_mix: None,
         };
         assert_eq!(
-            counted.events(),
+            counted.events(true),
             [
                 "raw_syscalls:sys_enter",
                 "syscalls:sys_enter_read",
                 "syscalls:sys_enter_futex"
             ]
         );
-        assert!(Syscalls::Unavailable("no perf".into()).events().is_empty());
+        assert_eq!(counted.events(false), ["raw_syscalls:sys_enter"]);
+        assert!(counted.has_mix());
+        assert!(
+            Syscalls::Unavailable("no perf".into())
+                .events(true)
+                .is_empty()
+        );
     }
 }

@@ -181,6 +181,9 @@ struct Bench<'a> {
 /// The topologies every main workload runs through, in this order after
 /// its direct run.
 const COMPARED: [Topology; 2] = [Topology::Split, Topology::Joined];
+/// The longest extra run that counts the syscall mix: counts per unit
+/// need no more.
+const MIX_DURATION: Duration = Duration::from_secs(1);
 
 impl Bench<'_> {
     fn proxies(&self, topology: Topology) -> &Proxies {
@@ -220,7 +223,9 @@ impl Bench<'_> {
             }
             self.progress(metric, run, &line);
         }
-        Ok(())
+        self.mixes(metric, Workload::Bulk, &extra, |p| {
+            Ok(p.entry_for(sink)?.route(sink))
+        })
     }
 
     fn req_resp(&mut self) -> anyhow::Result<()> {
@@ -248,7 +253,9 @@ impl Bench<'_> {
             }
             self.progress(Metric::ReqRate, run, &line);
         }
-        Ok(())
+        self.mixes(Metric::ReqRate, Workload::ReqResp, &[], |p| {
+            Ok(p.entry_for(echo)?.route(echo))
+        })
     }
 
     fn connections(&mut self) -> anyhow::Result<()> {
@@ -274,7 +281,9 @@ impl Bench<'_> {
             }
             self.progress(Metric::ConnRate, run, &line);
         }
-        Ok(())
+        self.mixes(Metric::ConnRate, Workload::Connect, &[], |p| {
+            Ok(p.entry_for(echo)?.route(echo))
+        })
     }
 
     /// The connection workload through the entry with pooling off: each
@@ -298,7 +307,9 @@ impl Bench<'_> {
             }
             self.progress(Metric::Handshakes, run, &line.join("; "));
         }
-        Ok(())
+        self.mixes(Metric::Handshakes, Workload::Connect, &[], |p| {
+            Ok(p.no_pool_for(echo)?.route(echo))
+        })
     }
 
     /// The connection workload through `hbone gateway` (double HBONE),
@@ -329,7 +340,7 @@ impl Bench<'_> {
         for run in 1..=self.options.runs {
             for (metric, entry) in entries.iter_mut() {
                 let route = Route::direct(entry.addr);
-                let meter = Meter::start(&pids, &mut self.syscalls, &self.dir)?;
+                let meter = Meter::start(&pids, &mut self.syscalls, false, &self.dir)?;
                 let mut watched: Vec<&mut Proc> = vec![
                     &mut self.split.procs[0],
                     &mut self.apps.proc,
@@ -352,6 +363,15 @@ impl Bench<'_> {
                 let line = format!("{}/s, per tunnel {}", number(rate), cost.brief());
                 self.costs.push(*metric, Topology::Gateway, cost);
                 self.progress(*metric, run, &line);
+            }
+        }
+        if self.syscalls.has_mix() {
+            for (metric, entry) in entries.iter_mut() {
+                let route = Route::direct(entry.addr);
+                let mut also = [&mut gateway.proc, &mut entry.proc];
+                let cost = self.count_mix(&pids, Workload::Connect, route, &[], &mut also)?;
+                self.progress_mix(*metric, &mix_brief(&cost));
+                self.costs.push_mix(*metric, Topology::Gateway, cost);
             }
         }
         for proc in [&gateway.proc, &entries[0].1.proc, &entries[1].1.proc] {
@@ -426,6 +446,63 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// The untimed extra run of `workload` in each topology that counts
+    /// each syscall of the mix; none where perf cannot.
+    fn mixes(
+        &mut self,
+        metric: Metric,
+        workload: Workload,
+        extra: &[String],
+        route: impl Fn(&Proxies) -> anyhow::Result<Route>,
+    ) -> anyhow::Result<()> {
+        if !self.syscalls.has_mix() {
+            return Ok(());
+        }
+        let mut line = Vec::new();
+        for topology in COMPARED {
+            let route = route(self.proxies(topology))?;
+            let pids = self.proxies(topology).pids();
+            let cost = self.count_mix(&pids, workload, route, extra, &mut [])?;
+            line.push(format!("{}: {}", topology.label(), mix_brief(&cost)));
+            self.costs.push_mix(metric, topology, cost);
+        }
+        self.progress_mix(metric, &line.join("; "));
+        Ok(())
+    }
+
+    /// One run of [`MIX_DURATION`] at most with a perf counter per syscall
+    /// of the mix on `pids`; `also` are processes beyond the usual to watch.
+    fn count_mix(
+        &mut self,
+        pids: &[u32],
+        workload: Workload,
+        route: Route,
+        extra: &[String],
+        also: &mut [&mut Proc],
+    ) -> anyhow::Result<Cost> {
+        let options = Options {
+            duration: self.options.duration.min(MIX_DURATION),
+            ..self.options.clone()
+        };
+        let meter = Meter::start(pids, &mut self.syscalls, true, &self.dir)?;
+        let mut watched = self.watched();
+        watched.extend(also.iter_mut().map(|proc| &mut **proc));
+        let side = "through hbone, counting each syscall";
+        let fields = run_load(&options, workload, side, route, extra, &mut watched)?;
+        let usage = meter.finish(&mut self.syscalls)?;
+        Ok(usage.per(runner::units(workload, &fields)?))
+    }
+
+    fn progress_mix(&self, metric: Metric, line: &str) {
+        let elapsed = self.started.elapsed().as_secs();
+        eprintln!(
+            "  [{:>2}m{:02}s] {} [syscall mix]: {line}",
+            elapsed / 60,
+            elapsed % 60,
+            metric.label()
+        );
+    }
+
     /// One tunnelled run in `topology`, with the counters of its server
     /// and entries read around it; returns its result and its cost per unit.
     fn metered(
@@ -440,7 +517,7 @@ impl Bench<'_> {
             Topology::Joined => "through hbone, one process",
             _ => TUNNEL,
         };
-        let meter = Meter::start(&pids, &mut self.syscalls, &self.dir)
+        let meter = Meter::start(&pids, &mut self.syscalls, false, &self.dir)
             .map_err(|e| runner::explain(e, &mut self.watched()))?;
         let fields = self.load(workload, side, route, extra)?;
         let usage = meter
@@ -481,6 +558,22 @@ impl Bench<'_> {
             metric.label()
         );
     }
+}
+
+/// For a progress line: the syscalls per unit and the two most made.
+fn mix_brief(cost: &Cost) -> String {
+    let mut named: Vec<(&String, &f64)> = cost.mix.iter().collect();
+    named.sort_by(|a, b| b.1.total_cmp(a.1));
+    let top: Vec<String> = named
+        .iter()
+        .take(2)
+        .map(|(name, n)| format!("{name} {}", number(**n)))
+        .collect();
+    format!(
+        "{} syscalls per unit ({})",
+        cost.syscalls.map(number).unwrap_or_default(),
+        top.join(", ")
+    )
 }
 
 fn rss_kib(pids: &[u32]) -> anyhow::Result<Vec<f64>> {
