@@ -52,8 +52,10 @@ fn render(doc: &Document) -> String {
     );
     out += "## Per unit of work\n\n";
     out += "What each unit of work costs the hbone processes (never the apps or the load \
-            generator). Counts per unit hardly move when the machine is busy, unlike rates: \
-            these are the figures to compare.\n\n";
+            generator). Syscalls and context switches per unit are counts: they hardly move \
+            when the machine is busy, unlike rates, and are the figures to compare across runs \
+            and machines. CPU time per unit is a time, and moves with what else the machine's \
+            cores and caches serve.\n\n";
     out += &report::table(&cost::HEADERS, &m.costs.rows(&m.syscalls));
     out += "\n";
     out += PER_UNIT_METHOD;
