@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::keepalive::Keepalive;
+use crate::window::Windows;
 
 /// HTTP/2 settings for one side of a connection.
 ///
@@ -12,11 +13,20 @@ use crate::keepalive::Keepalive;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct H2Settings {
-    /// Initial flow-control window of each stream (bytes).
+    /// Flow-control window of each stream (bytes): the largest one granted
+    /// when `adaptive_windows` is on, the only one when it is off.
     pub stream_window: u32,
-    /// Flow-control window of the whole connection (bytes). Keep it well
-    /// above `stream_window`: equal windows have deadlocked in the field.
+    /// Flow-control window of the whole connection (bytes), used when
+    /// `adaptive_windows` is off. Keep it well above `stream_window`: equal
+    /// windows have deadlocked in the field.
     pub connection_window: u32,
+    /// Start with small windows and grow them to the bandwidth-delay
+    /// product measured with PINGs while data flows (up to
+    /// `stream_window`, and four stream windows per connection), instead
+    /// of granting the largest windows at once. On by default: every
+    /// tunnel to a peer shares one connection, and data in flight on it is
+    /// a queue that a small request waits behind.
+    pub adaptive_windows: bool,
     /// Largest DATA frame we accept (bytes).
     pub max_frame_size: u32,
     /// Streams one connection may carry at once.
@@ -51,6 +61,7 @@ impl H2Settings {
         H2Settings {
             stream_window: 4 << 20,
             connection_window: 16 << 20,
+            adaptive_windows: true,
             max_frame_size: 1 << 20,
             max_concurrent_streams: 100,
             max_header_list_size: 16 << 10,
@@ -68,6 +79,13 @@ impl H2Settings {
     #[must_use]
     pub fn with_connection_window(mut self, bytes: u32) -> Self {
         self.connection_window = bytes;
+        self
+    }
+
+    /// Sets [`H2Settings::adaptive_windows`].
+    #[must_use]
+    pub fn with_adaptive_windows(mut self, adaptive: bool) -> Self {
+        self.adaptive_windows = adaptive;
         self
     }
 
@@ -93,10 +111,11 @@ impl H2Settings {
     }
 
     pub(crate) fn client_builder(&self) -> h2::client::Builder {
+        let initial = Windows::initial(self);
         let mut builder = h2::client::Builder::new();
         builder
-            .initial_window_size(self.stream_window)
-            .initial_connection_window_size(self.connection_window)
+            .initial_window_size(initial.stream)
+            .initial_connection_window_size(initial.connection)
             .max_frame_size(self.max_frame_size)
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_header_list_size(self.max_header_list_size)
@@ -105,10 +124,11 @@ impl H2Settings {
     }
 
     pub(crate) fn server_builder(&self) -> h2::server::Builder {
+        let initial = Windows::initial(self);
         let mut builder = h2::server::Builder::new();
         builder
-            .initial_window_size(self.stream_window)
-            .initial_connection_window_size(self.connection_window)
+            .initial_window_size(initial.stream)
+            .initial_connection_window_size(initial.connection)
             .max_frame_size(self.max_frame_size)
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_header_list_size(self.max_header_list_size);

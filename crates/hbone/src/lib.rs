@@ -113,6 +113,7 @@ mod test_support;
 pub mod tls;
 #[cfg(feature = "files")]
 mod toml_error;
+mod window;
 mod x509;
 
 /// Istio's HBONE port: where ztunnel listens for tunnels, and where this

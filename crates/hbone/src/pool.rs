@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::identity::SpiffeId;
 use crate::tls::TlsFailure;
+use crate::window::Probe;
 
 /// Identifies connections that may be shared.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -91,6 +92,8 @@ pub(crate) struct ConnState {
     /// what [`crate::Dialer::close`] waits for.
     ended: AtomicBool,
     end: tokio::sync::Notify,
+    /// What the connection's tunnels received, for its window sizing.
+    pub(crate) probe: Arc<Probe>,
 }
 
 impl Default for ConnState {
@@ -109,6 +112,7 @@ impl ConnState {
             peers: PeerCache::default(),
             ended: AtomicBool::new(false),
             end: tokio::sync::Notify::new(),
+            probe: Arc::default(),
         }
     }
 

@@ -11,11 +11,14 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::window::Probe;
 
 /// Largest chunk handed to h2 in one write; matches the 1 MiB frame size.
 const MAX_WRITE: usize = 1 << 20;
@@ -29,6 +32,8 @@ pub struct H2Stream {
     write_closed: bool,
     /// The peer ended the stream with RST_STREAM NO_ERROR or CANCEL.
     cancelled: bool,
+    /// Where the connection's window sizing learns what arrived.
+    probe: Option<Arc<Probe>>,
 }
 
 impl H2Stream {
@@ -40,7 +45,14 @@ impl H2Stream {
             pending: Bytes::new(),
             write_closed: false,
             cancelled: false,
+            probe: None,
         }
+    }
+
+    /// Reports the bytes received to the connection's window sizing.
+    pub(crate) fn with_probe(mut self, probe: Option<Arc<Probe>>) -> Self {
+        self.probe = probe;
+        self
     }
 
     /// Ends the stream abruptly with `reason` (RST_STREAM). Use a reason
@@ -87,7 +99,12 @@ impl H2Stream {
                 None => Poll::Ready(Ok(None)),
                 // An empty DATA frame (as END_STREAM often comes) is no chunk.
                 Some(Ok(data)) if data.is_empty() => continue,
-                Some(Ok(data)) => Poll::Ready(Ok(Some(data))),
+                Some(Ok(data)) => {
+                    if let Some(probe) = &self.probe {
+                        probe.record(data.len());
+                    }
+                    Poll::Ready(Ok(Some(data)))
+                }
                 Some(Err(e)) if is_graceful(&e) => {
                     self.cancelled = true;
                     Poll::Ready(Ok(None))

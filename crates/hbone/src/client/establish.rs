@@ -14,16 +14,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use super::{DialError, Dialer, Inner, Stage};
 use crate::identity::{SpiffeId, spiffe_id_of};
-use crate::keepalive::Keepalive;
 use crate::metrics::Reporter;
 use crate::pool::{ConnState, PooledConn};
 use crate::read_ahead::ReadAhead;
 use crate::tls::{self, TlsFailure};
+use crate::window::{self, PingPlan, Windows};
 
 impl Dialer {
     /// TCP connect to `server`, then [`Dialer::establish`].
@@ -108,6 +109,7 @@ impl Dialer {
                 failure: TlsFailure::Protocol("server sent no SPIFFE certificate".into()),
             })?;
         let state = Arc::new(ConnState::new());
+        let h2 = &self.inner.config.h2;
         let io = ErrorRecorder {
             inner: tls_stream,
             state: state.clone(),
@@ -115,11 +117,7 @@ impl Dialer {
         };
         let (send, connection) = timeout(
             timeouts.handshake,
-            self.inner
-                .config
-                .h2
-                .client_builder()
-                .handshake::<_, Bytes>(io),
+            h2.client_builder().handshake::<_, Bytes>(io),
         )
         .await
         .map_err(|_| DialError::Timeout {
@@ -131,7 +129,7 @@ impl Dialer {
             connection,
             state.clone(),
             server,
-            timeouts.keepalive,
+            PingPlan::new(timeouts.keepalive, h2),
             self.inner.config.idle_timeout,
             timeouts.handshake,
             Arc::downgrade(&self.inner),
@@ -154,35 +152,50 @@ async fn drive<IO>(
     mut connection: h2::client::Connection<IO, Bytes>,
     state: Arc<ConnState>,
     server: SocketAddr,
-    keepalive: Keepalive,
+    pings: PingPlan,
     idle_timeout: Duration,
     close_limit: Duration,
     dialer: Weak<Inner>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let ping_pong = connection.ping_pong();
-    tokio::select! {
-        result = &mut connection => {
-            if let Err(e) = result {
-                tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
+    let (windows, mut new_windows) = watch::channel(Windows::ZERO);
+    let pinging = window::ping(connection.ping_pong(), pings, state.probe.clone(), windows);
+    tokio::pin!(pinging);
+    let idle = state.closed_when_idle(idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
+                }
+            }
+            reason = &mut pinging => {
+                tracing::info!(%server, %reason, "closing HBONE connection: peer unresponsive");
+            }
+            Ok(()) = new_windows.changed() => {
+                let granted = *new_windows.borrow_and_update();
+                connection.set_target_window_size(granted.connection);
+                if let Err(e) = connection.set_initial_window_size(granted.stream) {
+                    tracing::debug!(%server, error = %e, "cannot grow the stream window");
+                }
+                continue;
+            }
+            () = &mut idle => {
+                tracing::debug!(%server, "closing idle HBONE connection");
+                // The pool's handle is the last: dropping it lets h2 close.
+                if let Some(inner) = dialer.upgrade() {
+                    inner.pool.forget_closed();
+                }
+                match timeout(close_limit, &mut connection).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%server, error = %e, "idle HBONE connection ended with an error"),
+                    Err(_) => tracing::debug!(%server, "idle HBONE connection did not close in time"),
+                }
             }
         }
-        reason = keepalive.watch(ping_pong) => {
-            tracing::info!(%server, %reason, "closing HBONE connection: peer unresponsive");
-        }
-        () = state.closed_when_idle(idle_timeout) => {
-            tracing::debug!(%server, "closing idle HBONE connection");
-            // The pool's handle is the last: dropping it lets h2 close.
-            if let Some(inner) = dialer.upgrade() {
-                inner.pool.forget_closed();
-            }
-            match timeout(close_limit, &mut connection).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(%server, error = %e, "idle HBONE connection ended with an error"),
-                Err(_) => tracing::debug!(%server, "idle HBONE connection did not close in time"),
-            }
-        }
+        break;
     }
     state.set_ended();
 }

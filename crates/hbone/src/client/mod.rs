@@ -693,7 +693,8 @@ impl Dialer {
         }
         let peer = self.peer_meta(conn, on.service, response.headers().get(headers::BAGGAGE));
         Ok(Tunnel {
-            stream: H2Stream::new(send, response.into_body()),
+            stream: H2Stream::new(send, response.into_body())
+                .with_probe(Some(conn.state.probe.clone())),
             peer_id: conn.peer_id.clone(),
             peer,
             _lease: lease,

@@ -34,6 +34,7 @@ use crate::relay::Relay;
 use crate::server::limits::TunnelSlot;
 use crate::services::{Resolution, ServiceError};
 use crate::stream::H2Stream;
+use crate::window::Probe;
 
 /// A tunnel that was answered 200, ready to relay.
 struct OpenTunnel {
@@ -93,31 +94,42 @@ struct RequestHeaders {
     baggage: Baggage,
 }
 
+/// What the streams of one HBONE connection share.
+#[derive(Clone)]
+pub(super) struct FromConnection {
+    /// The client's address.
+    pub source: SocketAddr,
+    /// Our address the connection arrived on.
+    pub arrived_on: IpAddr,
+    pub peer_id: Arc<SpiffeId>,
+    pub counters: Option<Arc<ConnCounters>>,
+    /// What the connection's window sizing learns from.
+    pub probe: Arc<Probe>,
+}
+
 impl Shared {
     /// Serves one CONNECT stream. Everything up to the answer is boxed:
     /// checking, dialing and the PROXY header need far more state than
     /// relaying does, and an idle tunnel should keep only the latter.
     pub(super) fn serve_stream(
         self: Arc<Self>,
-        source: SocketAddr,
-        arrived_on: IpAddr,
-        peer_id: Arc<SpiffeId>,
-        counters: Option<Arc<ConnCounters>>,
+        conn: FromConnection,
         request: Request<RecvStream>,
         respond: SendResponse<Bytes>,
     ) -> impl Future<Output = ()> + Send + 'static {
         Phased::new(async move {
             let open = self
                 .open_tunnel(
-                    source,
-                    arrived_on,
-                    peer_id,
-                    counters.as_deref(),
+                    conn.source,
+                    conn.arrived_on,
+                    conn.peer_id,
+                    conn.counters.as_deref(),
                     request,
                     respond,
                 )
                 .await?;
-            let mut relay = Relay::new(open.target, open.stream);
+            let stream = open.stream.with_probe(Some(conn.probe));
+            let mut relay = Relay::new(open.target, stream);
             if let Some(limit) = self.timeouts.tunnel_idle {
                 relay = relay.with_idle_limit(limit);
             }

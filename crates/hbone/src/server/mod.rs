@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
@@ -46,6 +47,7 @@ use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta};
 use crate::policy::{Policy, PolicyHandle};
 use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;
+use crate::window::{self, PingPlan, Probe, Windows};
 
 /// Everything a server needs: start from [`ServerConfig::new`] and change
 /// what you need with the `with_*` methods.
@@ -501,7 +503,10 @@ impl Shared {
         // client's metadata, which comes with each request.
         let counters = metrics.map(|_| Arc::default());
         let _open = metrics.map(|metrics| metrics.server_connection());
-        let keepalive = self.timeouts.keepalive.watch(connection.ping_pong());
+        let probe = Arc::new(Probe::default());
+        let pings = PingPlan::new(self.timeouts.keepalive, &self.h2);
+        let (windows, mut new_windows) = watch::channel(Windows::ZERO);
+        let keepalive = window::ping(connection.ping_pong(), pings, probe.clone(), windows);
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
         let mut goaway_sent = false;
@@ -511,6 +516,13 @@ impl Shared {
         let idle_timer = tokio::time::sleep(idle_limit);
         tokio::pin!(idle_timer);
         let mut last_stream = tokio::time::Instant::now();
+        let from = connect::FromConnection {
+            source: peer_addr,
+            arrived_on,
+            peer_id: peer_id.clone(),
+            counters,
+            probe,
+        };
         loop {
             let next = tokio::select! {
                 next = connection.accept() => next,
@@ -531,6 +543,14 @@ impl Shared {
                     tracing::info!(%peer_addr, %peer_id, %reason, "closing HBONE connection: client unresponsive");
                     break;
                 }
+                Ok(()) = new_windows.changed() => {
+                    let granted = *new_windows.borrow_and_update();
+                    connection.set_target_window_size(granted.connection);
+                    if let Err(e) = connection.set_initial_window_size(granted.stream) {
+                        tracing::debug!(%peer_addr, error = %e, "cannot grow the stream window");
+                    }
+                    continue;
+                }
                 _ = draining.wait_for(|d| *d), if !goaway_sent => {
                     // GOAWAY: the client opens no new streams here; the
                     // ones in flight finish and accept() then ends.
@@ -542,14 +562,7 @@ impl Shared {
             match next {
                 Some(Ok((request, respond))) => {
                     last_stream = tokio::time::Instant::now();
-                    let serve = self.clone().serve_stream(
-                        peer_addr,
-                        arrived_on,
-                        peer_id.clone(),
-                        counters.clone(),
-                        request,
-                        respond,
-                    );
+                    let serve = self.clone().serve_stream(from.clone(), request, respond);
                     tokio::spawn(serve);
                 }
                 Some(Err(e)) => {

@@ -14,6 +14,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::connect::FromConnection;
 use super::*;
 use crate::access::{AccessLog, Outcome, TunnelRecord};
 use crate::headers::{BAGGAGE, FORWARDED, ForwardedFor, TRACEPARENT};
@@ -80,14 +81,14 @@ async fn harness(configure: impl FnOnce(&mut ServerConfig)) -> Harness {
         let peer_id = Arc::new(test_id("client"));
         let arrived_on = IpAddr::from([127, 0, 0, 1]);
         while let Some(Ok((request, respond))) = conn.accept().await {
-            tokio::spawn(dispatch.clone().serve_stream(
-                SOURCE.parse().unwrap(),
+            let from = FromConnection {
+                source: SOURCE.parse().unwrap(),
                 arrived_on,
-                peer_id.clone(),
-                None,
-                request,
-                respond,
-            ));
+                peer_id: peer_id.clone(),
+                counters: None,
+                probe: Arc::default(),
+            };
+            tokio::spawn(dispatch.clone().serve_stream(from, request, respond));
         }
     });
     Harness {

@@ -6,6 +6,7 @@ use std::sync::Weak;
 use tokio::time::Instant;
 
 use super::*;
+use crate::keepalive::Keepalive;
 use crate::pool::PoolKey;
 use crate::test_support::{default_h2_pair, test_id, test_identity};
 
@@ -46,7 +47,10 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_and_leaves_the_pool
         pair.client,
         state.clone(),
         server(),
-        keepalive(),
+        PingPlan {
+            keepalive: keepalive(),
+            sizing: None,
+        },
         idle,
         Duration::from_secs(10),
         Arc::downgrade(&dialer.inner),
@@ -72,7 +76,10 @@ async fn a_peer_that_answers_pings_keeps_the_connection_and_a_silent_one_loses_i
         pair.client,
         state.clone(),
         server(),
-        keepalive(),
+        PingPlan {
+            keepalive: keepalive(),
+            sizing: None,
+        },
         Duration::from_secs(3600),
         Duration::from_secs(10),
         Weak::new(),
@@ -91,7 +98,10 @@ async fn a_peer_that_answers_pings_keeps_the_connection_and_a_silent_one_loses_i
         pair.client,
         state.clone(),
         server(),
-        keepalive(),
+        PingPlan {
+            keepalive: keepalive(),
+            sizing: None,
+        },
         Duration::from_secs(3600),
         Duration::from_secs(10),
         Weak::new(),
