@@ -253,7 +253,7 @@ pub(super) struct ServeArgs {
     #[arg(long, default_value_t = Limits::default().max_control_frames, value_parser = clap::value_parser!(u32).range(1..))]
     pub(super) max_control_frames: u32,
     /// The period --max-control-frames is counted over.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_window)]
     pub(super) control_frame_window: Duration,
     /// On SIGTERM or Ctrl-C: stop accepting, send GOAWAY, and give open
     /// tunnels this long to finish (0s: close them at once). A second
@@ -499,6 +499,16 @@ fn at_least_one(text: &str) -> Result<usize, String> {
         Ok(0) => Err("0 would refuse everything; give at least 1".into()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("invalid value {text:?}: {e}")),
+    }
+}
+
+/// A period to count over: zero would count nothing.
+fn parse_window(text: &str) -> Result<Duration, String> {
+    match text.trim_end_matches(|c: char| c.is_ascii_alphabetic()) {
+        "0" => {
+            Err("a window of zero would count nothing; give a positive duration, e.g. 10s".into())
+        }
+        _ => parse_duration(text),
     }
 }
 

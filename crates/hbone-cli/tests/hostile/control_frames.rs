@@ -214,7 +214,7 @@ async fn busy_legitimate_client_is_never_calmed() {
         tokio::select! {
             _ = pings.tick() => {
                 let mut out = frame(PING, 0, 0, &sent_pings.to_be_bytes());
-                if sent_pings % 2 == 0 {
+                if sent_pings.is_multiple_of(2) {
                     out.extend(frame(SETTINGS, 0, 0, &settings));
                 }
                 sent_pings += 1;

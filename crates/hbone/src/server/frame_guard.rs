@@ -673,9 +673,9 @@ mod tests {
         // against 30 per 10 s.
         let mut budget = budget(30, 10);
         let mut now = Instant::now;
-        for second in 0..3_600 {
+        for second in 0..3_600u32 {
             assert!(budget.received(head(PING, 0, 8), &mut now), "{second}");
-            if second % 2 == 0 {
+            if second.is_multiple_of(2) {
                 assert!(budget.received(head(SETTINGS, 0, 6), &mut now));
             }
             tokio::time::advance(Duration::from_secs(1)).await;
