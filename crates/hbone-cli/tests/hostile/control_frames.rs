@@ -301,3 +301,28 @@ async fn the_limit_is_configurable() {
     drop(calm);
     assert_serves(&server, &pki).await;
 }
+
+/// A double-HBONE gateway serves its connections the same way, budget
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_calms_floods_too() {
+    let limit = Limits::default().max_control_frames as usize;
+    let _gate = shared().await;
+    let pki = Pki::new();
+    let config = ServerConfig::new(loopback(), pki.server.clone())
+        .with_gateway_routes(hbone::gateway::Routes::new());
+    let gateway = start_server(config).await;
+    let mut wire = Wire::open(gateway.addr, &pki).await;
+    let calmed = flood_until_calmed(&mut wire, &frame(PING, 0, 0, b"floodme!")).await;
+    eprintln!("PING flood on a gateway: {calmed:?}");
+    assert_eq!(wire.goaway().map(|g| g.1), Some(ENHANCE_YOUR_CALM));
+    assert!(calmed.processed <= limit + 2 * (BATCH + 1));
+    assert_eq!(gateway.stats.snapshot().control_frame_floods, 1);
+    // Another connection to the gateway is served.
+    let mut next = Wire::open(gateway.addr, &pki).await;
+    next.send(&frame(PING, 0, 0, b"12345678")).await.unwrap();
+    assert!(
+        next.wait(5 * SECOND, |w| w.frames.iter().any(|f| f.kind == PING))
+            .await
+    );
+}
