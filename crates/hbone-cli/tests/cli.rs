@@ -453,6 +453,14 @@ async fn operator_mistakes_get_clear_errors() {
     for (args, needle) in [
         (&["server", "--max-streams", "0"][..], "--max-streams"),
         (
+            &["server", "--max-control-frames", "0"],
+            "--max-control-frames",
+        ),
+        (
+            &["gateway", "--control-frame-window", "0s"],
+            "a window of zero would count nothing",
+        ),
+        (
             &["server", "--max-tunnels", "0"],
             "0 would refuse everything",
         ),

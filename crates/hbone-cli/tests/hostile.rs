@@ -19,6 +19,7 @@ mod hostile {
     pub mod wire;
 
     mod connections;
+    mod control_frames;
     mod floods;
     mod frames;
     mod not_hbone;

@@ -246,6 +246,15 @@ pub(super) struct ServeArgs {
     /// Concurrent streams per connection, announced in SETTINGS.
     #[arg(long, default_value_t = H2Settings::server().max_concurrent_streams, value_parser = clap::value_parser!(u32).range(1..))]
     pub(super) max_streams: u32,
+    /// Control frames (SETTINGS, PING, PRIORITY, empty DATA, and
+    /// WINDOW_UPDATE or RST_STREAM beyond what the traffic accounts for)
+    /// one connection may send per --control-frame-window; one more and
+    /// it is closed with GOAWAY(ENHANCE_YOUR_CALM).
+    #[arg(long, default_value_t = Limits::default().max_control_frames, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(super) max_control_frames: u32,
+    /// The period --max-control-frames is counted over.
+    #[arg(long, default_value = "10s", value_parser = parse_window)]
+    pub(super) control_frame_window: Duration,
     /// On SIGTERM or Ctrl-C: stop accepting, send GOAWAY, and give open
     /// tunnels this long to finish (0s: close them at once). A second
     /// signal exits at once.
@@ -269,7 +278,8 @@ impl ServeArgs {
         config.limits = Limits::default()
             .with_max_connections(self.max_connections)
             .with_max_connections_per_ip(self.max_connections_per_ip)
-            .with_max_tunnels(self.max_tunnels);
+            .with_max_tunnels(self.max_tunnels)
+            .with_max_control_frames(self.max_control_frames, self.control_frame_window);
         config.h2.max_concurrent_streams = self.max_streams;
     }
 }
@@ -489,6 +499,16 @@ fn at_least_one(text: &str) -> Result<usize, String> {
         Ok(0) => Err("0 would refuse everything; give at least 1".into()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("invalid value {text:?}: {e}")),
+    }
+}
+
+/// A period to count over: zero would count nothing.
+fn parse_window(text: &str) -> Result<Duration, String> {
+    match text.trim_end_matches(|c: char| c.is_ascii_alphabetic()) {
+        "0" => {
+            Err("a window of zero would count nothing; give a positive duration, e.g. 10s".into())
+        }
+        _ => parse_duration(text),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Control-frame floods: SETTINGS and PING frames, each demanding an ACK,
 //! sent without ever reading the ACKs. h2 writes each ACK before it reads
 //! the next frame, so once the ACKs back up the server stops reading and
-//! TCP pushes back on the flooder: memory and CPU stay bounded.
+//! TCP pushes back on the flooder; before that, the control-frame budget
+//! closes the connection (`control_frames.rs` has floods from clients that
+//! do read). Either way memory and CPU stay bounded.
 
 use std::time::{Duration, Instant};
 

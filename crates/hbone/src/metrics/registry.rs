@@ -382,7 +382,8 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// `limit` is one of `connections`, `connections_per_ip`, `tunnels`.
+    /// `limit` is one of `connections`, `connections_per_ip`, `tunnels`,
+    /// `control_frames`.
     pub(crate) fn limit_refused(&self, limit: &'static str) {
         self.limit_refusals
             .get_or_create(&LimitLabels { limit })

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The caps; each has a default meant for one busy node. Change one with
 /// the `with_*` methods: `Limits::default().with_max_tunnels(1_000)`.
@@ -19,6 +20,20 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     /// Open tunnels, all connections together.
     pub max_tunnels: usize,
+    /// Control frames one connection may send per
+    /// [`Limits::control_frame_window`] (a burst of this many at once is
+    /// allowed too); one more and the connection is closed with
+    /// GOAWAY(ENHANCE_YOUR_CALM). Counted: SETTINGS, PING, PRIORITY,
+    /// GOAWAY, frame types HTTP/2 does not define, DATA that carries no
+    /// data and does not end its stream, and WINDOW_UPDATE and RST_STREAM
+    /// beyond those that traffic accounts for (two per DATA frame the
+    /// server sends, two per stream the client opens). Default 1,000: a
+    /// client that PINGs every second and changes its SETTINGS now and
+    /// then sends a few dozen.
+    pub max_control_frames: u32,
+    /// The period [`Limits::max_control_frames`] is counted over; 10 s by
+    /// default.
+    pub control_frame_window: Duration,
 }
 
 impl Default for Limits {
@@ -27,6 +42,8 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
             max_tunnels: 100_000,
+            max_control_frames: 1_000,
+            control_frame_window: Duration::from_secs(10),
         }
     }
 }
@@ -50,6 +67,17 @@ impl Limits {
     #[must_use]
     pub fn with_max_tunnels(mut self, tunnels: usize) -> Self {
         self.max_tunnels = tunnels;
+        self
+    }
+
+    /// Sets [`Limits::max_control_frames`] and
+    /// [`Limits::control_frame_window`]: at most `frames` control frames
+    /// per `window` on one connection. `frames` of 0 counts as 1; a
+    /// `window` of zero turns the check off.
+    #[must_use]
+    pub fn with_max_control_frames(mut self, frames: u32, window: Duration) -> Self {
+        self.max_control_frames = frames;
+        self.control_frame_window = window;
         self
     }
 }
@@ -155,6 +183,7 @@ mod tests {
             max_connections: 3,
             max_connections_per_ip: 2,
             max_tunnels: 1,
+            ..Limits::default()
         }));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
@@ -197,6 +226,7 @@ mod tests {
             max_connections: 2,
             max_connections_per_ip: 1,
             max_tunnels: 1,
+            ..Limits::default()
         }));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let _a1 = gate.admit_connection(a).unwrap();
@@ -223,6 +253,7 @@ mod tests {
             max_connections: 10,
             max_connections_per_ip: 1,
             max_tunnels: 1,
+            ..Limits::default()
         }));
         let v4 = gate.admit_connection("127.0.0.1".parse().unwrap()).unwrap();
         let v6 = gate.admit_connection("::1".parse().unwrap()).unwrap();
@@ -242,6 +273,7 @@ mod tests {
             max_connections: 8,
             max_connections_per_ip: 3,
             max_tunnels: 5,
+            ..Limits::default()
         }));
         let threads: Vec<_> = (0..4u8)
             .map(|t| {

@@ -12,6 +12,7 @@
 //! and relays the (inner, encrypted) bytes without looking at them.
 
 mod connect;
+mod frame_guard;
 mod limits;
 mod refusal;
 mod stats;
@@ -30,6 +31,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
 use crate::read_ahead::ReadAhead;
+use frame_guard::{FrameGuard, Rate, Tripwire};
 
 pub use limits::Limits;
 use limits::{ConnectionRefusal, Gate};
@@ -252,6 +254,8 @@ struct Shared {
     gateway_routes: Option<Arc<Routes>>,
     services: ServicesHandle,
     gate: Arc<Gate>,
+    /// How fast one connection may send control frames.
+    control_frames: Rate,
     /// Flips to true when the server starts draining.
     draining: tokio::sync::watch::Sender<bool>,
 }
@@ -340,6 +344,10 @@ impl Server {
                     .and_then(|b| http::HeaderValue::from_str(&b).ok()),
                 gateway_routes: config.gateway_routes,
                 services: ServicesHandle::new(config.services),
+                control_frames: Rate {
+                    frames: config.limits.max_control_frames,
+                    window: config.limits.control_frame_window,
+                },
                 gate: Arc::new(Gate::new(config.limits)),
                 draining: tokio::sync::watch::Sender::new(false),
             }),
@@ -466,7 +474,8 @@ impl Shared {
             .local_addr()
             .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
         let handshake_started = std::time::Instant::now();
-        let handshake = self.handshake(tcp, peer_addr).await;
+        let tripwire = Arc::new(Tripwire::default());
+        let handshake = self.handshake(tcp, peer_addr, tripwire.clone()).await;
         let metrics = self.telemetry.metrics.as_deref();
         if let Some(metrics) = metrics {
             metrics.handshake(
@@ -510,6 +519,7 @@ impl Shared {
         tokio::pin!(keepalive);
         let mut draining = self.draining.subscribe();
         let mut goaway_sent = false;
+        let mut calmed = false;
         // One timer per connection, looked at only when it fires: a new
         // stream just moves the time it will be judged from.
         let idle_limit = self.timeouts.connection_idle;
@@ -537,6 +547,27 @@ impl Shared {
                         connection.graceful_shutdown();
                         goaway_sent = true;
                     }
+                    continue;
+                }
+                trip = tripwire.tripped(), if !calmed => {
+                    // The guard passes h2 nothing more; GOAWAY goes out
+                    // and the connection closes as h2 is driven on.
+                    connection.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                    calmed = true;
+                    goaway_sent = true;
+                    self.stats.control_frame_floods.fetch_add(1, Ordering::AcqRel);
+                    self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
+                    if let Some(metrics) = metrics {
+                        metrics.limit_refused("control_frames");
+                    }
+                    tracing::warn!(
+                        %peer_addr, %peer_id,
+                        frames = trip.charged,
+                        last = frame_guard::kind_name(trip.kind),
+                        limit = self.control_frames.frames,
+                        per = ?self.control_frames.window,
+                        "closing HBONE connection with ENHANCE_YOUR_CALM: control-frame flood"
+                    );
                     continue;
                 }
                 reason = &mut keepalive => {
@@ -584,13 +615,8 @@ impl Shared {
         &self,
         tcp: TcpStream,
         peer_addr: SocketAddr,
-    ) -> Result<
-        (
-            h2::server::Connection<tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>, Bytes>,
-            SpiffeId,
-        ),
-        String,
-    > {
+        tripwire: Arc<Tripwire>,
+    ) -> Result<(h2::server::Connection<Guarded, Bytes>, SpiffeId), String> {
         let limit = self.timeouts.handshake;
         let acceptor = TlsAcceptor::from(self.tls.current());
         let tcp = ReadAhead::new(tcp);
@@ -613,7 +639,8 @@ impl Shared {
             .and_then(|cert| {
                 spiffe_id_of(cert).map_err(|_| "client certificate has no SPIFFE ID")
             })?;
-        let connection = timeout(limit, self.h2.server_builder().handshake(tls_stream))
+        let guarded = FrameGuard::new(tls_stream, self.control_frames, tripwire);
+        let connection = timeout(limit, self.h2.server_builder().handshake(guarded))
             .await
             .map_err(|_| format!("HTTP/2 preface timed out after {limit:?}"))?
             .map_err(|e| format!("HTTP/2: {e}"))?;
@@ -621,6 +648,10 @@ impl Shared {
         Ok((connection, peer_id))
     }
 }
+
+/// What h2 reads and writes on a server connection: TLS over TCP, with
+/// the control-frame budget watching the frames go by.
+type Guarded = FrameGuard<tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>>;
 
 /// Closes a connection whose handshake failed so that the peer reads our
 /// alert: send FIN, then read and discard what the peer had in flight.

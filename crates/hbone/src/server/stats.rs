@@ -13,6 +13,7 @@ pub struct ServerStats {
     pub(super) refusals: AtomicU64,
     pub(super) malformed_headers: AtomicU64,
     pub(super) limit_refusals: AtomicU64,
+    pub(super) control_frame_floods: AtomicU64,
 }
 
 /// A point-in-time copy of [`ServerStats`]. Read-only: counters may be
@@ -35,8 +36,12 @@ pub struct StatsSnapshot {
     pub refusals: u64,
     /// `forwarded`, `traceparent` or `baggage` values that were ignored.
     pub malformed_headers: u64,
-    /// Connections closed and tunnels refused because a limit was reached.
+    /// Connections closed and tunnels refused because a limit was reached
+    /// (control-frame floods included).
     pub limit_refusals: u64,
+    /// Connections closed with GOAWAY(ENHANCE_YOUR_CALM) for sending
+    /// control frames faster than `Limits::max_control_frames` allows.
+    pub control_frame_floods: u64,
 }
 
 impl ServerStats {
@@ -60,6 +65,7 @@ impl ServerStats {
             refusals: load(&self.refusals),
             malformed_headers: load(&self.malformed_headers),
             limit_refusals: load(&self.limit_refusals),
+            control_frame_floods: load(&self.control_frame_floods),
         }
     }
 }
@@ -124,6 +130,7 @@ mod tests {
             (&stats.refusals, 4),
             (&stats.malformed_headers, 5),
             (&stats.limit_refusals, 1),
+            (&stats.control_frame_floods, 6),
         ] {
             counter.fetch_add(n, Ordering::AcqRel);
         }
@@ -145,6 +152,7 @@ mod tests {
             ),
             (4, 5, 1)
         );
+        assert_eq!(snapshot.control_frame_floods, 6);
     }
 
     #[test]

@@ -1,0 +1,851 @@
+//! A budget on control frames, enforced under `h2`.
+//!
+//! `h2` answers every SETTINGS and PING and ignores PRIORITY and unknown
+//! frame types, without limit: a client that reads its ACKs can keep a
+//! server busy at line rate forever. [`FrameGuard`] wraps the decrypted
+//! stream handed to `h2::server` and reads the 9-byte header of every
+//! frame as the bytes go by (after the 24-byte client preface), skipping
+//! payloads without copying them. Control frames are charged to a token
+//! bucket: a burst of up to `frames`, refilled at `frames` per `window`.
+//! The frame that finds the bucket empty trips the guard: it is not passed
+//! to `h2`, reading stops, and the server closes the connection with
+//! GOAWAY(ENHANCE_YOUR_CALM) (see [`Tripwire`]). Failing the read instead
+//! would not do: `h2` takes an I/O error as the end of the connection and
+//! closes it without a GOAWAY, so the peer would not learn why.
+//!
+//! What is charged:
+//! - SETTINGS (with or without ACK), PING (with or without ACK; our own
+//!   keepalive PING draws at most one ACK per interval), PRIORITY, GOAWAY,
+//!   frame types `h2` does not know, and DATA frames that carry no data
+//!   (padding aside) and do not end their stream.
+//! - WINDOW_UPDATE and RST_STREAM, unless paid for by traffic. A client
+//!   that receives data must return window, and some clients do so for
+//!   every DATA frame, on the stream and on the connection: a 10 Gbit/s
+//!   download in 16 KiB frames then draws some 150,000 WINDOW_UPDATEs a
+//!   second, more than a control-frame flood sends. A count alone cannot
+//!   tell the two apart, so each DATA frame the server writes earns two
+//!   free frames, and each HEADERS frame the client sends (a new stream,
+//!   which may be cancelled or given more window) earns two more. Only
+//!   WINDOW_UPDATE and RST_STREAM beyond what was earned are charged.
+//!   Earnings are capped ([`EARNED_CAP`]), so a client cannot save up for
+//!   a flood later.
+//!
+//! HEADERS, CONTINUATION and DATA that carries data are not charged: `h2`
+//! bounds them itself (streams, header sizes, flow control, rapid reset).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The client connection preface (RFC 9113 §3.4), passed unparsed.
+const PREFACE_LEN: usize = 24;
+/// Length, type, flags and stream identifier.
+const HEADER_LEN: usize = 9;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PRIORITY: u8 = 0x2;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const PADDED: u8 = 0x8;
+
+/// The most free WINDOW_UPDATE and RST_STREAM frames a connection can
+/// hold in reserve: twice the DATA frames of a full 16 MiB connection
+/// window in 16 KiB frames.
+pub(super) const EARNED_CAP: u32 = 4096;
+
+/// How long a tripped connection goes on reading (and discarding) after
+/// its GOAWAY, and how much, so that closing it does not make the kernel
+/// reset the connection while the GOAWAY is still on its way out.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 1 << 20;
+
+/// One frame header, as far as the guard needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Head {
+    pub(super) kind: u8,
+    pub(super) flags: u8,
+    /// Payload length; for a PADDED DATA frame, the data it carries
+    /// (padding and the pad length byte excluded).
+    pub(super) length: u32,
+}
+
+/// Finds frame headers in a byte stream fed in pieces of any size. Keeps
+/// at most one partial header between pieces; payloads are skipped.
+#[derive(Debug, Clone)]
+pub(super) struct Scanner {
+    /// Bytes of the preface still to pass over.
+    preface: usize,
+    header: [u8; HEADER_LEN],
+    /// Bytes of `header` filled so far.
+    have: usize,
+    /// Payload bytes still to skip.
+    skip: u32,
+    /// A PADDED DATA frame whose pad length byte comes next.
+    pad_of: Option<Head>,
+}
+
+impl Scanner {
+    /// A scanner for what a client sends: the preface, then frames.
+    pub(super) fn client() -> Self {
+        Self::after(PREFACE_LEN)
+    }
+
+    /// A scanner for what a server sends: frames from the first byte.
+    pub(super) fn server() -> Self {
+        Self::after(0)
+    }
+
+    fn after(preface: usize) -> Self {
+        Scanner {
+            preface,
+            header: [0; HEADER_LEN],
+            have: 0,
+            skip: 0,
+            pad_of: None,
+        }
+    }
+
+    /// Reads `bytes`, calling `frame` with each complete header. Stops
+    /// when `frame` returns false, and returns where in `bytes` that
+    /// frame's header began (0 when it began in an earlier piece).
+    pub(super) fn scan(
+        &mut self,
+        bytes: &[u8],
+        mut frame: impl FnMut(Head) -> bool,
+    ) -> Option<usize> {
+        let mut at = 0;
+        if self.preface > 0 {
+            let n = self.preface.min(bytes.len());
+            self.preface -= n;
+            at = n;
+        }
+        // Where the frame now being read began in `bytes`.
+        let mut start = 0;
+        while at < bytes.len() {
+            if let Some(mut head) = self.pad_of.take() {
+                let pad = u32::from(bytes[at]);
+                at += 1;
+                self.skip -= 1;
+                head.length = self.skip.saturating_sub(pad);
+                if !frame(head) {
+                    return Some(start);
+                }
+                continue;
+            }
+            if self.skip > 0 {
+                let n = (self.skip as usize).min(bytes.len() - at);
+                at += n;
+                // n <= skip, a u32.
+                self.skip -= n as u32;
+                continue;
+            }
+            if self.have == 0 {
+                start = at;
+            }
+            let n = (HEADER_LEN - self.have).min(bytes.len() - at);
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[at..at + n]);
+            self.have += n;
+            at += n;
+            if self.have < HEADER_LEN {
+                break;
+            }
+            self.have = 0;
+            let h = &self.header;
+            let length = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+            let head = Head {
+                kind: h[3],
+                flags: h[4],
+                length,
+            };
+            self.skip = length;
+            if head.kind == DATA && head.flags & PADDED != 0 && length > 0 {
+                self.pad_of = Some(head);
+                continue;
+            }
+            if !frame(head) {
+                return Some(start);
+            }
+        }
+        None
+    }
+}
+
+/// How a client's frame is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Charge {
+    /// Not counted here.
+    Free,
+    /// Opens a stream: earns free frames.
+    Earns,
+    /// Free while earned, charged beyond.
+    Earned,
+    /// Always charged.
+    Control,
+}
+
+fn charge(head: Head) -> Charge {
+    match head.kind {
+        DATA if head.length == 0 && head.flags & END_STREAM == 0 => Charge::Control,
+        DATA | CONTINUATION | PUSH_PROMISE => Charge::Free,
+        HEADERS => Charge::Earns,
+        RST_STREAM | WINDOW_UPDATE => Charge::Earned,
+        PRIORITY | SETTINGS | PING | GOAWAY => Charge::Control,
+        _ => Charge::Control,
+    }
+}
+
+/// The name of a frame type, for the log.
+pub(super) fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        DATA => "empty DATA",
+        HEADERS => "HEADERS",
+        PRIORITY => "PRIORITY",
+        RST_STREAM => "RST_STREAM",
+        SETTINGS => "SETTINGS",
+        PUSH_PROMISE => "PUSH_PROMISE",
+        PING => "PING",
+        GOAWAY => "GOAWAY",
+        WINDOW_UPDATE => "WINDOW_UPDATE",
+        CONTINUATION => "CONTINUATION",
+        _ => "unknown type",
+    }
+}
+
+/// The rate control frames may arrive at: a burst of up to `frames`, and
+/// `frames` per `window` sustained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Rate {
+    pub(super) frames: u32,
+    pub(super) window: Duration,
+}
+
+/// A token bucket in the form of a theoretical arrival time (GCRA): each
+/// charged frame moves `due` on by `window / frames`; a frame that would
+/// put `due` more than `window` ahead of now finds the bucket empty.
+#[derive(Debug, Clone)]
+pub(super) struct Budget {
+    step: Duration,
+    window: Duration,
+    due: Option<Instant>,
+    earned: u32,
+    /// Frames charged, the one that tripped included.
+    pub(super) charged: u64,
+}
+
+impl Budget {
+    pub(super) fn new(rate: Rate) -> Self {
+        Budget {
+            step: rate.window / rate.frames.max(1),
+            window: rate.window,
+            due: None,
+            earned: 0,
+            charged: 0,
+        }
+    }
+
+    fn earn(&mut self, frames: u32) {
+        self.earned = self.earned.saturating_add(frames).min(EARNED_CAP);
+    }
+
+    /// A frame the server wrote: DATA that carries data earns the client
+    /// its WINDOW_UPDATEs.
+    pub(super) fn sent(&mut self, head: Head) {
+        if head.kind == DATA && head.length > 0 {
+            self.earn(2);
+        }
+    }
+
+    /// A frame the client sent, at `now` (read only for charged frames);
+    /// false when it is one too many.
+    pub(super) fn received(&mut self, head: Head, now: &mut impl FnMut() -> Instant) -> bool {
+        match charge(head) {
+            Charge::Free => return true,
+            Charge::Earns => {
+                self.earn(2);
+                return true;
+            }
+            Charge::Earned if self.earned > 0 => {
+                self.earned -= 1;
+                return true;
+            }
+            Charge::Earned | Charge::Control => {}
+        }
+        self.charged += 1;
+        let now = now();
+        let due = self.due.filter(|due| *due > now).unwrap_or(now) + self.step;
+        self.due = Some(due);
+        due - now <= self.window
+    }
+}
+
+/// What tripped a guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Trip {
+    /// The type of the frame that found the budget spent.
+    pub(super) kind: u8,
+    /// Control frames charged on the connection, that one included.
+    pub(super) charged: u64,
+}
+
+/// Shared between a [`FrameGuard`] (inside `h2`) and the task serving its
+/// connection, which waits on [`Tripwire::tripped`] and closes the
+/// connection when it fires.
+#[derive(Debug, Default)]
+pub(super) struct Tripwire {
+    trip: OnceLock<Trip>,
+    notify: Notify,
+}
+
+impl Tripwire {
+    /// Waits until the guard trips; returns at once if it has.
+    pub(super) async fn tripped(&self) -> Trip {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(trip) = self.trip.get() {
+                return *trip;
+            }
+            notified.await;
+        }
+    }
+
+    fn set(&self, trip: Trip) {
+        if self.trip.set(trip).is_ok() {
+            self.notify.notify_one();
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.trip.get().is_some()
+    }
+}
+
+/// The decrypted stream of one server connection, with its frame headers
+/// read on the way in and out (see the module documentation).
+pub(super) struct FrameGuard<S> {
+    inner: S,
+    incoming: Scanner,
+    outgoing: Scanner,
+    budget: Budget,
+    tripwire: Arc<Tripwire>,
+    /// After a trip: whether our side is shut down, the end of the
+    /// linger, and what it has discarded.
+    shut: bool,
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    discarded: usize,
+}
+
+impl<S> FrameGuard<S> {
+    pub(super) fn new(inner: S, rate: Rate, tripwire: Arc<Tripwire>) -> Self {
+        FrameGuard {
+            inner,
+            incoming: Scanner::client(),
+            outgoing: Scanner::server(),
+            budget: Budget::new(rate),
+            tripwire,
+            shut: false,
+            linger: None,
+            discarded: 0,
+        }
+    }
+
+    fn wrote(&mut self, bytes: &[u8]) {
+        let budget = &mut self.budget;
+        self.outgoing.scan(bytes, |head| {
+            budget.sent(head);
+            true
+        });
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.tripwire.is_set() {
+            // Nothing more for h2: the server task, woken by the trip,
+            // closes the connection.
+            return Poll::Pending;
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(Instant::now);
+        let budget = &mut this.budget;
+        let mut tripped_by = None;
+        let cut = this.incoming.scan(&buf.filled()[before..], |head| {
+            let within = budget.received(head, &mut now);
+            if !within {
+                tripped_by = Some(head.kind);
+            }
+            within
+        });
+        let (Some(cut), Some(kind)) = (cut, tripped_by) else {
+            return Poll::Ready(Ok(()));
+        };
+        this.tripwire.set(Trip {
+            kind,
+            charged: this.budget.charged,
+        });
+        // h2 gets what came before the frame that tripped (the preface,
+        // perhaps), and never that frame.
+        buf.set_filled(before + cut);
+        if cut == 0 {
+            // Returning no bytes would read as end of stream.
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.wrote(&buf[..n]);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        for slice in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(slice.len());
+            this.wrote(&slice[..take]);
+            left -= take;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    /// After a trip, closing goes on reading for a moment: closing a
+    /// socket with unread data makes the kernel send a reset, which
+    /// throws away whatever it has not sent yet, the GOAWAY included.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.tripwire.is_set() {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        }
+        if !this.shut {
+            let shutdown = ready!(Pin::new(&mut this.inner).poll_shutdown(cx));
+            this.shut = true;
+            if shutdown.is_err() {
+                return Poll::Ready(shutdown);
+            }
+        }
+        let linger = this
+            .linger
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        let mut scratch = [0u8; 8 << 10];
+        while this.discarded < LINGER_BYTES {
+            let mut discard = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut discard) {
+                Poll::Ready(Ok(())) if !discard.filled().is_empty() => {
+                    this.discarded += discard.filled().len();
+                }
+                // End of stream or an error: nothing more will come.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return linger.as_mut().poll(cx).map(Ok),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap();
+        let mut out = len.to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn head(kind: u8, flags: u8, length: u32) -> Head {
+        Head {
+            kind,
+            flags,
+            length,
+        }
+    }
+
+    /// A client's bytes, and the headers in them: every kind of frame,
+    /// empty ones, a payload longer than any piece, a padded DATA frame
+    /// with data and one that is all padding.
+    fn client_stream() -> (Vec<u8>, Vec<Head>) {
+        let mut bytes = PREFACE.to_vec();
+        let mut heads = Vec::new();
+        let mut add = |kind: u8, flags: u8, payload: &[u8], length: u32| {
+            bytes.extend(frame(kind, flags, 1, payload));
+            heads.push(head(kind, flags, length));
+        };
+        add(SETTINGS, 0, &[0, 4, 0, 0, 0xff, 0xff], 6);
+        add(SETTINGS, 1, &[], 0);
+        add(HEADERS, 0x4, &[0x82; 40], 40);
+        add(PING, 0, b"12345678", 8);
+        add(DATA, 0, &[7; 3000], 3000);
+        // Pad length 2: 3 bytes of data.
+        add(DATA, PADDED, &[2, 1, 2, 3, 0, 0], 3);
+        // Pad length 4: nothing but padding.
+        add(DATA, PADDED, &[4, 0, 0, 0, 0], 0);
+        add(DATA, 0, &[], 0);
+        add(WINDOW_UPDATE, 0, &[0, 0, 1, 0], 4);
+        add(PRIORITY, 0, &[0, 0, 0, 0, 16], 5);
+        add(0xfa, 0, &[9; 17], 17);
+        add(RST_STREAM, 0, &[0, 0, 0, 8], 4);
+        add(DATA, END_STREAM, &[], 0);
+        (bytes, heads)
+    }
+
+    fn scan_in_pieces(bytes: &[u8], cuts: &[usize]) -> Vec<Head> {
+        let mut scanner = Scanner::client();
+        let mut seen = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain([&bytes.len()]) {
+            let cut = scanner.scan(&bytes[from..to], |head| {
+                seen.push(head);
+                true
+            });
+            assert_eq!(cut, None);
+            from = to;
+        }
+        seen
+    }
+
+    #[test]
+    fn headers_are_found_however_the_bytes_are_split() {
+        let (bytes, heads) = client_stream();
+        assert_eq!(scan_in_pieces(&bytes, &[]), heads);
+        // One split at every offset: inside the preface, inside each
+        // header, on the pad length byte and inside each payload.
+        for at in 0..=bytes.len() {
+            assert_eq!(scan_in_pieces(&bytes, &[at]), heads, "split at {at}");
+        }
+        // A byte at a time.
+        let every: Vec<usize> = (1..bytes.len()).collect();
+        assert_eq!(scan_in_pieces(&bytes, &every), heads);
+        // Two splits, a few bytes apart, everywhere.
+        for at in 0..bytes.len() {
+            for gap in 1..11 {
+                let second = (at + gap).min(bytes.len());
+                assert_eq!(scan_in_pieces(&bytes, &[at, second]), heads);
+            }
+        }
+    }
+
+    #[test]
+    fn the_preface_is_never_read_as_a_header() {
+        // A preface alone, then a piece that is one frame.
+        let mut scanner = Scanner::client();
+        let mut seen = Vec::new();
+        for piece in [&PREFACE[..10], &PREFACE[10..]] {
+            scanner.scan(piece, |h| {
+                seen.push(h);
+                true
+            });
+        }
+        assert!(seen.is_empty(), "{seen:?}");
+        scanner.scan(&frame(PING, 0, 0, &[0; 8]), |h| {
+            seen.push(h);
+            true
+        });
+        assert_eq!(seen, [head(PING, 0, 8)]);
+        // The server's side has no preface.
+        let mut seen = Vec::new();
+        Scanner::server().scan(&frame(SETTINGS, 0, 0, &[]), |h| {
+            seen.push(h);
+            true
+        });
+        assert_eq!(seen, [head(SETTINGS, 0, 0)]);
+    }
+
+    #[test]
+    fn a_stop_reports_where_the_frame_began() {
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(PING, 0, 0, &[0; 8]));
+        let second = bytes.len();
+        bytes.extend(frame(PING, 0, 0, &[0; 8]));
+        let stop_at_second = |scanner: &mut Scanner, piece: &[u8], seen: &mut usize| {
+            scanner.scan(piece, |_| {
+                *seen += 1;
+                *seen < 2
+            })
+        };
+        let (mut scanner, mut seen) = (Scanner::client(), 0);
+        assert_eq!(
+            stop_at_second(&mut scanner, &bytes, &mut seen),
+            Some(second)
+        );
+        // Header split: the second frame began in the earlier piece.
+        let (mut scanner, mut seen) = (Scanner::client(), 0);
+        assert_eq!(
+            stop_at_second(&mut scanner, &bytes[..second + 4], &mut seen),
+            None
+        );
+        assert_eq!(
+            stop_at_second(&mut scanner, &bytes[second + 4..], &mut seen),
+            Some(0)
+        );
+    }
+
+    fn budget(frames: u32, secs: u64) -> Budget {
+        Budget::new(Rate {
+            frames,
+            window: Duration::from_secs(secs),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_allowed_then_the_rate() {
+        let mut budget = budget(100, 10);
+        let mut now = Instant::now;
+        for _ in 0..100 {
+            assert!(budget.received(head(PING, 0, 8), &mut now));
+        }
+        assert!(!budget.received(head(SETTINGS, 0, 0), &mut now));
+        assert_eq!(budget.charged, 101);
+        // 100 per 10 s: one more every 100 ms.
+        let mut budget = budget_spent(100, 10);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(budget.received(head(PING, 0, 8), &mut now));
+        assert!(!budget.received(head(PING, 0, 8), &mut now));
+        // A quiet window refills the whole burst, no more.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..100 {
+            assert!(budget.received(head(PRIORITY, 0, 5), &mut now));
+        }
+        assert!(!budget.received(head(PRIORITY, 0, 5), &mut now));
+    }
+
+    fn budget_spent(frames: u32, secs: u64) -> Budget {
+        let mut budget = budget(frames, secs);
+        let mut now = Instant::now;
+        for _ in 0..frames {
+            assert!(budget.received(head(PING, 0, 8), &mut now));
+        }
+        budget
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_client_below_the_rate_is_never_stopped() {
+        // A PING every second and a SETTINGS every 2 s, for an hour,
+        // against 30 per 10 s.
+        let mut budget = budget(30, 10);
+        let mut now = Instant::now;
+        for second in 0..3_600u32 {
+            assert!(budget.received(head(PING, 0, 8), &mut now), "{second}");
+            if second.is_multiple_of(2) {
+                assert!(budget.received(head(SETTINGS, 0, 6), &mut now));
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_is_charged() {
+        let mut budget = budget_spent(10, 10);
+        let mut now = Instant::now;
+        let free = [
+            head(DATA, 0, 1),
+            head(DATA, END_STREAM, 0),
+            head(CONTINUATION, 0, 100),
+            head(PUSH_PROMISE, 0, 4),
+        ];
+        for h in free {
+            assert!(budget.received(h, &mut now), "{h:?} charged");
+        }
+        for h in [
+            head(DATA, 0, 0),
+            head(DATA, PADDED, 0),
+            head(SETTINGS, 1, 0),
+            head(PING, 1, 8),
+            head(PRIORITY, 0, 5),
+            head(GOAWAY, 0, 8),
+            head(0x20, 0, 0),
+            head(WINDOW_UPDATE, 0, 4),
+            head(RST_STREAM, 0, 4),
+        ] {
+            let mut spent = budget.clone();
+            assert!(!spent.received(h, &mut now), "{h:?} not charged");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_pays_for_window_updates_and_resets() {
+        let mut budget = budget_spent(10, 10);
+        let mut now = Instant::now;
+        // Three DATA frames out: six WINDOW_UPDATEs free. Empty DATA and
+        // other frames out earn nothing.
+        for h in [
+            head(DATA, 0, 16_384),
+            head(DATA, 0, 1),
+            head(DATA, END_STREAM, 5),
+            head(DATA, END_STREAM, 0),
+            head(HEADERS, 0x4, 10),
+            head(PING, 1, 8),
+        ] {
+            budget.sent(h);
+        }
+        for _ in 0..6 {
+            assert!(budget.received(head(WINDOW_UPDATE, 0, 4), &mut now));
+        }
+        assert!(!budget.clone().received(head(WINDOW_UPDATE, 0, 4), &mut now));
+        // A stream opened: its reset and one WINDOW_UPDATE are free.
+        assert!(budget.received(head(HEADERS, 0x4, 20), &mut now));
+        assert!(budget.received(head(RST_STREAM, 0, 4), &mut now));
+        assert!(budget.received(head(WINDOW_UPDATE, 0, 4), &mut now));
+        assert!(!budget.clone().received(head(RST_STREAM, 0, 4), &mut now));
+        // Earnings are capped.
+        for _ in 0..100_000 {
+            budget.sent(head(DATA, 0, 1));
+        }
+        for _ in 0..EARNED_CAP {
+            assert!(budget.received(head(WINDOW_UPDATE, 0, 4), &mut now));
+        }
+        assert!(!budget.received(head(WINDOW_UPDATE, 0, 4), &mut now));
+    }
+
+    fn rate(frames: u32) -> Rate {
+        Rate {
+            frames,
+            window: Duration::from_secs(10),
+        }
+    }
+
+    /// Polls a read once, without waiting.
+    fn read_now<S: AsyncRead + Unpin>(
+        guard: &mut FrameGuard<S>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut read = ReadBuf::new(buf);
+        Pin::new(guard)
+            .poll_read(&mut cx, &mut read)
+            .map_ok(|()| read.filled().len())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_frame_that_trips_never_reaches_h2() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let tripwire = Arc::new(Tripwire::default());
+        let mut guard = FrameGuard::new(server, rate(5), tripwire.clone());
+        let mut bytes = PREFACE.to_vec();
+        let ping = frame(PING, 0, 0, &[0; 8]);
+        for _ in 0..5 {
+            bytes.extend(&ping);
+        }
+        let allowed = bytes.len();
+        for _ in 0..100 {
+            bytes.extend(&ping);
+        }
+        client.write_all(&bytes).await.unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        // The preface and five PINGs, in one read.
+        assert!(matches!(read_now(&mut guard, &mut buf), Poll::Ready(Ok(n)) if n == allowed));
+        assert!(tripwire.trip.get().is_some());
+        // Then nothing, ever: not an end of stream, not an error.
+        assert!(read_now(&mut guard, &mut buf).is_pending());
+        client.write_all(&ping).await.unwrap();
+        assert!(read_now(&mut guard, &mut buf).is_pending());
+        let trip = tokio::time::timeout(Duration::from_secs(1), tripwire.tripped())
+            .await
+            .unwrap();
+        assert_eq!(
+            trip,
+            Trip {
+                kind: PING,
+                charged: 6
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trip_on_the_first_frame_of_a_read_returns_no_bytes() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let tripwire = Arc::new(Tripwire::default());
+        let mut guard = FrameGuard::new(server, rate(1), tripwire.clone());
+        let mut buf = vec![0u8; 64 << 10];
+        let mut first = PREFACE.to_vec();
+        first.extend(frame(SETTINGS, 0, 0, &[]));
+        client.write_all(&first).await.unwrap();
+        assert!(matches!(read_now(&mut guard, &mut buf), Poll::Ready(Ok(n)) if n == first.len()));
+        client.write_all(&frame(SETTINGS, 1, 0, &[])).await.unwrap();
+        assert!(read_now(&mut guard, &mut buf).is_pending());
+        assert_eq!(
+            tripwire.trip.get().copied(),
+            Some(Trip {
+                kind: SETTINGS,
+                charged: 2
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn data_written_pays_for_the_clients_window_updates() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let tripwire = Arc::new(Tripwire::default());
+        let mut guard = FrameGuard::new(server, rate(1), tripwire.clone());
+        // 50 DATA frames out, written in pieces that split the headers.
+        let data: Vec<u8> = (0..50).flat_map(|_| frame(DATA, 0, 1, &[1; 100])).collect();
+        for piece in data.chunks(7) {
+            guard.write_all(piece).await.unwrap();
+        }
+        let mut sink = vec![0u8; data.len()];
+        client.read_exact(&mut sink).await.unwrap();
+        // 100 WINDOW_UPDATEs back cost nothing; the 101st and 102nd are
+        // charged (a budget of one).
+        let mut bytes = PREFACE.to_vec();
+        for _ in 0..102 {
+            bytes.extend(frame(WINDOW_UPDATE, 0, 1, &[0, 0, 0, 100]));
+        }
+        client.write_all(&bytes).await.unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let passed = bytes.len() - 13;
+        assert!(matches!(read_now(&mut guard, &mut buf), Poll::Ready(Ok(n)) if n == passed));
+        assert_eq!(tripwire.trip.get().map(|t| t.charged), Some(2));
+    }
+}
