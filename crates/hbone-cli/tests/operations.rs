@@ -1397,3 +1397,62 @@ async fn refused_handshakes_are_in_the_access_log() {
     );
     assert!(!record["reason"].as_str().unwrap().is_empty(), "{record}");
 }
+
+/// A certificate in the last fifth of its validity is warned about when it
+/// is loaded; a fresh one is not. (The warning comes before the listeners'
+/// ready lines, so once those are in, its absence is final.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_its_expiry_is_warned_about_and_a_fresh_one_is_not() {
+    const WARNING: &str = "certificate is in the last fifth of its validity; rotate it";
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    // Valid for ten days, nine of them gone: a tenth of its life is left.
+    let ca = hbone::ca::DevCa::load(dir.path().join("ca")).unwrap();
+    let id = hbone::SpiffeId::parse(SERVER_ID).unwrap();
+    let day = time::Duration::days(1);
+    let ageing = dir.path().join("ageing");
+    ca.issue_any(
+        &id,
+        time::OffsetDateTime::now_utc() - day * 9,
+        Duration::from_secs(10 * 86_400),
+    )
+    .unwrap()
+    .save(&ageing)
+    .unwrap();
+
+    let serve = |identity: std::path::PathBuf| async move {
+        Process::start(
+            &[
+                "server",
+                "--identity-dir",
+                identity.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ],
+            2,
+        )
+        .await
+    };
+    let old = serve(ageing).await;
+    let warnings = old.with_message(|m| m == WARNING);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0]["level"], "WARN");
+    assert_eq!(warnings[0]["id"], SERVER_ID);
+    let minutes_left = warnings[0]["minutes_left"].as_u64().unwrap();
+    // About a day (the CA may add a few minutes for clock skew).
+    assert!(
+        (23 * 60..=25 * 60).contains(&minutes_left),
+        "{minutes_left} minutes left"
+    );
+
+    let fresh = serve(dir.path().join("server")).await;
+    assert!(
+        !fresh
+            .with_message(|m| m.starts_with("identity loaded"))
+            .is_empty(),
+        "the fresh identity was loaded"
+    );
+    assert_eq!(fresh.with_message(|m| m == WARNING), Vec::<Value>::new());
+}
