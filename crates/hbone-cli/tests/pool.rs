@@ -190,7 +190,10 @@ async fn a_connection_that_just_died_is_replaced_without_failing_the_tunnel() {
     let server = start_default_server(&pki).await;
     let echo = start_echo().await;
     let relay = Relay::start(server.addr).await;
-    let dialer = Dialer::new(&pki.client).unwrap();
+    // No keepalive PING of ours may touch the connection first.
+    let dialer = dialer_with(&pki, |c| {
+        c.timeouts.keepalive = Keepalive::new(Duration::from_secs(3600), Duration::from_secs(60))
+    });
     check(open(&dialer, relay.addr, &pki, echo).await, "before").await;
     // The connection dies the moment the next CONNECT goes out on it, so
     // the pool surely hands it out: the dialer must notice that the request
