@@ -435,3 +435,119 @@ pub fn peer_certificate(data: &[u8]) {
         );
     }
 }
+
+/// The SOCKS5 entry's negotiation, on the bytes a client sends: greeting,
+/// request, then whatever follows. Each step is decided by the bytes it
+/// says it took, and only by them: the same on exactly those bytes and
+/// with anything appended, and "incomplete" on any shorter prefix that
+/// does not already break the rules. A greeting is complete only when it
+/// offers "no authentication"; an address request gives back the address
+/// and port written in it; a name request gives a service that prints and
+/// parses back equal; only CONNECT gets a target.
+pub fn socks5_negotiation(data: &[u8]) {
+    use hbone::authority::{Target, parse_target};
+    use hbone::entry::socks5::{NegotiationError, Parsed, Reply, parse_greeting, parse_request};
+
+    let greeting = parse_greeting(data);
+    let used = match greeting {
+        Ok(Parsed::Incomplete) => {
+            assert!(data.is_empty() || data[0] == 5);
+            assert!(data.len() < 2 || data.len() < 2 + usize::from(data[1]));
+            return;
+        }
+        Err(NegotiationError::NotSocks5) => {
+            assert_ne!(data[0], 5);
+            return;
+        }
+        Err(NegotiationError::NoAcceptableMethod) => {
+            let count = usize::from(data[1]);
+            assert!(data[0] == 5 && data.len() >= 2 + count);
+            assert!(!data[2..2 + count].contains(&0));
+            return;
+        }
+        Err(other) => panic!("a greeting cannot fail with {other:?}"),
+        Ok(Parsed::Complete((), used)) => used,
+    };
+    assert_eq!(used, 2 + usize::from(data[1]));
+    assert!(data[0] == 5 && used <= data.len() && data[2..used].contains(&0));
+    assert_eq!(parse_greeting(&data[..used]), greeting);
+    for short in 0..used {
+        assert_eq!(parse_greeting(&data[..short]), Ok(Parsed::Incomplete));
+    }
+
+    let request = &data[used..];
+    let parsed = parse_request(request);
+    let mut extended = request.to_vec();
+    extended.extend_from_slice(b"\x05\x01\x00\x01after");
+    let (target, used) = match &parsed {
+        Ok(Parsed::Incomplete) => {
+            for short in 0..request.len() {
+                assert_eq!(parse_request(&request[..short]), Ok(Parsed::Incomplete));
+            }
+            return;
+        }
+        Err(NegotiationError::BadRequestVersion) => {
+            assert!(request.len() >= 4 && request[0] != 5);
+            assert_eq!(parse_request(&extended), parsed);
+            return;
+        }
+        Err(other) => panic!("a request cannot fail with {other:?}"),
+        Ok(Parsed::Complete(target, used)) => (target.clone(), *used),
+    };
+    assert!(4 <= used && used <= request.len() && request[0] == 5);
+    let own = &request[..used];
+    assert_eq!(parse_request(own), parsed);
+    assert_eq!(parse_request(&extended), parsed);
+    for short in 0..used {
+        assert_eq!(parse_request(&own[..short]), Ok(Parsed::Incomplete));
+    }
+    let (command, address_type) = (own[1], own[3]);
+    if command != 1 {
+        assert_eq!(target, Err(Reply::CommandNotSupported));
+    }
+    let port = |bytes: &[u8]| u16::from_be_bytes([bytes[used - 2], bytes[used - 1]]);
+    match target {
+        Err(Reply::CommandNotSupported) => assert_ne!(command, 1),
+        Err(Reply::AddressTypeNotSupported) => {
+            assert!(!matches!(address_type, 1 | 4), "{address_type}");
+            if address_type == 3 {
+                let host = String::from_utf8_lossy(&own[5..used - 2]);
+                assert!(parse_target(&format!("{host}:{}", port(own))).is_err());
+            } else {
+                assert_eq!(used, 4);
+            }
+        }
+        Err(other) => panic!("the parser never answers {other:?}"),
+        Ok(Target::Addr(addr)) => {
+            assert_eq!(addr.port(), port(own));
+            match (address_type, addr.ip()) {
+                (1, IpAddr::V4(ip)) => {
+                    assert_eq!(used, 10);
+                    assert_eq!(own[4..8], ip.octets());
+                }
+                (4, IpAddr::V6(ip)) => {
+                    assert_eq!(used, 22);
+                    assert_eq!(own[4..20], ip.octets());
+                }
+                // An address written out as a name.
+                (3, ip) => {
+                    let host = String::from_utf8_lossy(&own[5..used - 2]);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    assert_eq!(host.parse::<IpAddr>().ok(), Some(ip), "{host}");
+                }
+                other => panic!("address type and address disagree: {other:?}"),
+            }
+        }
+        Ok(Target::Service(service)) => {
+            assert_eq!(address_type, 3);
+            assert_eq!(used, 4 + 1 + usize::from(own[4]) + 2);
+            assert_eq!(service.port(), port(own));
+            let printed = service.to_string();
+            assert_eq!(
+                parse_target(&printed).ok(),
+                Some(Target::Service(service.clone())),
+                "{printed}"
+            );
+        }
+    }
+}

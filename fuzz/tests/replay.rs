@@ -10,7 +10,7 @@ use std::path::Path;
 
 type Check = fn(&[u8]);
 
-const TARGETS: [(&str, Check); 8] = [
+const TARGETS: [(&str, Check); 9] = [
     ("spiffe_id", hbone_fuzz::spiffe_id),
     ("authority", hbone_fuzz::authority),
     ("target_rule", hbone_fuzz::target_rule),
@@ -19,6 +19,7 @@ const TARGETS: [(&str, Check); 8] = [
     ("proxy_protocol_decode", hbone_fuzz::proxy_protocol_decode),
     ("gateway_routes", hbone_fuzz::gateway_routes),
     ("peer_certificate", hbone_fuzz::peer_certificate),
+    ("socks5_negotiation", hbone_fuzz::socks5_negotiation),
 ];
 
 /// Byte strings worth splicing in: the punctuation of the grammars.

@@ -986,3 +986,98 @@ async fn curl_through_haproxy_h2_connect_to_hbone_server() {
     .await;
     assert_eq!(server.stats.snapshot().tunnels_opened, 1);
 }
+
+// ---------------------------------------------------------------------------
+// hbone server -> PROXY v2 -> HAProxy (accept-proxy) -> echo
+
+/// HAProxy reads the PROXY v2 headers the server sends (an IPv4 one, and
+/// an IPv6 one for a client on IPv6 reaching an IPv4 target): it takes the
+/// connection, names the original client the header carries, and passes
+/// the bytes after it through unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_reads_the_proxy_v2_headers_the_server_sends() {
+    let haproxy = require("haproxy", "haproxy");
+    let pki = Pki::new();
+    let mut config = hbone::ServerConfig::new(loopback(), pki.server.clone());
+    config.proxy_protocol = true;
+    let server = start_server(config).await;
+    let echo = start_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, _) = free_ports().await;
+    let config = std::fs::read_to_string(interop_dir().join("haproxy/proxy-v2.cfg.in"))
+        .unwrap()
+        .replace("@PORT@", &port.to_string())
+        .replace("@ECHO_ADDR@", &echo.to_string());
+    assert!(!config.contains('@'), "unfilled placeholder in {config}");
+    let config_path = dir.path().join("haproxy.cfg");
+    std::fs::write(&config_path, &config).unwrap();
+    let mut child = Command::new(&haproxy)
+        .arg("-db")
+        .arg("-f")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("could not start haproxy");
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let kept = log.clone();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    let haproxy_log = || log.lock().unwrap().join("\n");
+    let frontend = SocketAddr::from(([127, 0, 0, 1], port));
+    tokio::time::timeout(WAIT, async {
+        while TcpStream::connect(frontend).await.is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("haproxy exited ({status}):\n{}\n{config}", haproxy_log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("haproxy did not listen:\n{}", haproxy_log()));
+
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let route = hbone::Route::Direct {
+        server: server.addr,
+        server_ids: vec![pki.server_id.clone()],
+    };
+    for (original, logged) in [
+        (
+            "192.0.2.44:5555",
+            format!("proxied from 192.0.2.44:5555 to {frontend}"),
+        ),
+        // Mixed families go as IPv6, the IPv4 destination mapped.
+        (
+            "[2001:db8::7]:6000",
+            format!("proxied from 2001:db8::7:6000 to ::ffff:127.0.0.1:{port}"),
+        ),
+    ] {
+        let request = hbone::TunnelRequest::new(frontend).with_source(original.parse().unwrap());
+        let tunnel = tokio::time::timeout(WAIT, dialer.open(&route, &request))
+            .await
+            .expect("the tunnel opens in time")
+            .unwrap();
+        let text = format!("from {original}");
+        let back = tokio::time::timeout(WAIT, echo_roundtrip(tunnel, text.as_bytes()))
+            .await
+            .expect("the echo ends in time")
+            .unwrap();
+        assert_eq!(
+            back,
+            text.as_bytes(),
+            "through HAProxy, the header taken off:\n{}",
+            haproxy_log()
+        );
+        eventually("HAProxy logs the client from the header", || {
+            log.lock().unwrap().iter().any(|line| line == &logged)
+        })
+        .await;
+    }
+    assert_eq!(server.stats.snapshot().tunnels_opened, 2);
+}

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod admin_limits;
 mod clean_close;
 mod double_hbone;
 mod handshake;

@@ -108,16 +108,56 @@ async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) {
 
 /// One HTTP/1.1 request; returns status and body.
 async fn http(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut tcp = TcpStream::connect(admin).await.unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    tcp.read_to_string(&mut answer).await.unwrap();
+    let (status, _, body) = http_with_headers(admin, method, path).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request; returns status, header lines (names lowercased)
+/// and body.
+async fn http_with_headers(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+) -> (u16, Vec<(String, String)>, String) {
+    let exchange = async {
+        let mut tcp = TcpStream::connect(admin).await.unwrap();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {method} {path}"));
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .map(|line| {
+            let (name, value) = line.split_once(':').unwrap();
+            (name.to_ascii_lowercase(), value.trim().to_owned())
+        })
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+/// The values of header `name` (lowercase) among `headers`.
+fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
 }
 
 /// A SOCKS5 CONNECT to `target` through `entry`; the reply code and the stream.
@@ -438,7 +478,26 @@ async fn admin_endpoints_and_readiness_during_drain() {
     assert_eq!(http(admin, "GET", "/readyz").await, (200, "ready\n".into()));
     let (status, body) = http(admin, "GET", "/nowhere").await;
     assert_eq!(status, 404, "{body}");
-    assert_eq!(http(admin, "POST", "/metrics").await.0, 405);
+    // A 405 names in `Allow` exactly the methods the path answers: each
+    // one listed is served, and a method left out is the one refused.
+    for (path, refused, allowed) in [
+        ("/metrics", "POST", "GET, HEAD"),
+        ("/healthz", "DELETE", "GET, HEAD"),
+        ("/logging", "DELETE", "GET, HEAD, POST, PUT"),
+    ] {
+        let (status, headers, body) = http_with_headers(admin, refused, path).await;
+        assert_eq!(status, 405, "{refused} {path}: {body}");
+        assert_eq!(
+            header_values(&headers, "allow"),
+            [allowed],
+            "{refused} {path}"
+        );
+        for method in allowed.split(", ") {
+            // Query-less POST and PUT to /logging are 400s: served, not 405.
+            let (status, _, body) = http_with_headers(admin, method, path).await;
+            assert_ne!(status, 405, "{method} {path} is listed in Allow: {body}");
+        }
+    }
 
     let (status, config) = http(admin, "GET", "/config").await;
     assert_eq!(status, 200);
@@ -453,13 +512,24 @@ async fn admin_endpoints_and_readiness_during_drain() {
     assert_eq!(config["server"]["proxy-protocol"], false);
     assert_eq!(config["log-format"], "json");
 
-    assert_eq!(http(admin, "GET", "/logging").await.0, 200);
+    // At the default filter (info) the server's debug lines are off.
+    let accepted = |server: &Process| {
+        server
+            .with_message(|m| m == "HBONE connection accepted")
+            .len()
+    };
+    assert_eq!(http(admin, "GET", "/logging").await, (200, "info\n".into()));
     let (status, body) = http(admin, "POST", "/logging?level=hbone%3Ddebug").await;
     assert_eq!((status, body.as_str()), (200, "hbone=debug\n"));
     assert_eq!(http(admin, "GET", "/logging").await.1, "hbone=debug\n");
     let (status, body) = http(admin, "POST", "/logging?level=%3D%3D%3D").await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(http(admin, "POST", "/logging").await.0, 400);
+    // The rejected filters left the previous one in force: it still reads
+    // back, and it still acts (checked below, once the first tunnel has
+    // made the server accept a connection).
+    assert_eq!(http(admin, "GET", "/logging").await.1, "hbone=debug\n");
+    assert_eq!(accepted(&setup.server), 0, "no connection yet");
 
     // An open tunnel shows in /tunnels with its bytes.
     let (reply, mut tunnel) = socks5(entry_addr, setup.echo).await;
@@ -471,6 +541,9 @@ async fn admin_endpoints_and_readiness_during_drain() {
     assert_eq!(status, 200);
     let listed: Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed["total"], 1);
+    // The entry's first tunnel opened the first HBONE connection; the
+    // server logs its acceptance at debug, shown only under hbone=debug.
+    eventually(Duration::from_secs(10), || accepted(&setup.server) == 1).await;
     let open = &listed["tunnels"][0];
     assert_eq!(open["peer_id"], CLIENT_ID);
     assert_eq!(open["target"], setup.echo.to_string());
@@ -1323,4 +1396,63 @@ async fn refused_handshakes_are_in_the_access_log() {
         "{record}"
     );
     assert!(!record["reason"].as_str().unwrap().is_empty(), "{record}");
+}
+
+/// A certificate in the last fifth of its validity is warned about when it
+/// is loaded; a fresh one is not. (The warning comes before the listeners'
+/// ready lines, so once those are in, its absence is final.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_its_expiry_is_warned_about_and_a_fresh_one_is_not() {
+    const WARNING: &str = "certificate is in the last fifth of its validity; rotate it";
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    // Valid for ten days, nine of them gone: a tenth of its life is left.
+    let ca = hbone::ca::DevCa::load(dir.path().join("ca")).unwrap();
+    let id = hbone::SpiffeId::parse(SERVER_ID).unwrap();
+    let day = time::Duration::days(1);
+    let ageing = dir.path().join("ageing");
+    ca.issue_any(
+        &id,
+        time::OffsetDateTime::now_utc() - day * 9,
+        Duration::from_secs(10 * 86_400),
+    )
+    .unwrap()
+    .save(&ageing)
+    .unwrap();
+
+    let serve = |identity: std::path::PathBuf| async move {
+        Process::start(
+            &[
+                "server",
+                "--identity-dir",
+                identity.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ],
+            2,
+        )
+        .await
+    };
+    let old = serve(ageing).await;
+    let warnings = old.with_message(|m| m == WARNING);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0]["level"], "WARN");
+    assert_eq!(warnings[0]["id"], SERVER_ID);
+    let minutes_left = warnings[0]["minutes_left"].as_u64().unwrap();
+    // About a day (the CA may add a few minutes for clock skew).
+    assert!(
+        (23 * 60..=25 * 60).contains(&minutes_left),
+        "{minutes_left} minutes left"
+    );
+
+    let fresh = serve(dir.path().join("server")).await;
+    assert!(
+        !fresh
+            .with_message(|m| m.starts_with("identity loaded"))
+            .is_empty(),
+        "the fresh identity was loaded"
+    );
+    assert_eq!(fresh.with_message(|m| m == WARNING), Vec::<Value>::new());
 }

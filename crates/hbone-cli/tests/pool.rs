@@ -177,6 +177,11 @@ async fn a_failed_connection_is_never_handed_out() {
     .await;
     check(open(&dialer, relay.addr, &pki, echo).await, "after").await;
     assert_eq!(server.stats.snapshot().connections_accepted, 2);
+    assert_eq!(
+        dialer.pooled_connections_retired(),
+        0,
+        "no tunnel was tried on the reset connection"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,38 +190,69 @@ async fn a_connection_that_just_died_is_replaced_without_failing_the_tunnel() {
     let server = start_default_server(&pki).await;
     let echo = start_echo().await;
     let relay = Relay::start(server.addr).await;
-    let dialer = Dialer::new(&pki.client).unwrap();
+    // No keepalive PING of ours may touch the connection first.
+    let dialer = dialer_with(&pki, |c| {
+        c.timeouts.keepalive = Keepalive::new(Duration::from_secs(3600), Duration::from_secs(60))
+    });
     check(open(&dialer, relay.addr, &pki, echo).await, "before").await;
-    relay.set(RelayMode::Kill);
-    // No waiting: the pool may still hold the dead connection. The dialer
-    // must notice when the request cannot go out, and use a fresh one.
+    // The connection dies the moment the next CONNECT goes out on it, so
+    // the pool surely hands it out: the dialer must notice that the request
+    // got no answer, retire the connection and use a fresh one.
+    relay.set(RelayMode::ResetOnNextSend);
+    assert_eq!(dialer.pooled_connections(), 1);
     check(open(&dialer, relay.addr, &pki, echo).await, "right after").await;
+    assert_eq!(
+        dialer.pooled_connections_retired(),
+        1,
+        "the tunnel went out on the dead connection first"
+    );
+    assert_eq!(
+        server.stats.snapshot().connections_accepted,
+        2,
+        "and then on a new one"
+    );
+}
+
+/// What a [`start_goaway_server`] saw.
+#[derive(Default)]
+struct GoawayLog {
+    /// Connections accepted.
+    connections: std::sync::atomic::AtomicUsize,
+    /// Connections whose client has read the GOAWAY: it answered a PING
+    /// sent after it, and frames are read in order.
+    goaway_read: std::sync::atomic::AtomicUsize,
+    /// Streams a client opened on a connection after its first one (the
+    /// server refuses them).
+    late_streams: std::sync::atomic::AtomicUsize,
 }
 
 /// A minimal HBONE server that sends GOAWAY on each connection right after
 /// its first stream, but keeps accepting new connections.
-async fn start_goaway_server(
-    pki: &Pki,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+async fn start_goaway_server(pki: &Pki) -> (std::net::SocketAddr, std::sync::Arc<GoawayLog>) {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let acceptor = raw_tls_acceptor(&pki.server);
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let connections = Arc::new(AtomicUsize::new(0));
-    let counter = connections.clone();
+    let log = Arc::new(GoawayLog::default());
+    let kept = log.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
+            kept.connections.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
+            let log = kept.clone();
             tokio::spawn(async move {
                 let tls = acceptor.accept(tcp).await.unwrap();
                 let mut connection = h2::server::handshake(tls).await.unwrap();
+                let mut ping_pong = connection.ping_pong();
                 let mut first = true;
                 while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    if !first {
+                        log.late_streams.fetch_add(1, Ordering::SeqCst);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    first = false;
                     let target: std::net::SocketAddr =
                         request.uri().authority().unwrap().as_str().parse().unwrap();
                     let send = respond
@@ -227,15 +263,21 @@ async fn start_goaway_server(
                         let mut target = tokio::net::TcpStream::connect(target).await.unwrap();
                         let _ = tokio::io::copy_bidirectional(&mut stream, &mut target).await;
                     });
-                    if first {
-                        first = false;
-                        connection.graceful_shutdown();
-                    }
+                    // The GOAWAY is written before any PING queued after
+                    // it, so the PING's answer means the client read it.
+                    connection.graceful_shutdown();
+                    let mut ping_pong = ping_pong.take().unwrap();
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        if ping_pong.ping(h2::Ping::opaque()).await.is_ok() {
+                            log.goaway_read.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
                 }
             });
         }
     });
-    (addr, connections)
+    (addr, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,14 +285,30 @@ async fn goaway_stops_new_streams_while_in_flight_ones_finish() {
     use std::sync::atomic::Ordering;
     let pki = Pki::new();
     let echo = start_echo().await;
-    let (server, connections) = start_goaway_server(&pki).await;
+    let (server, log) = start_goaway_server(&pki).await;
     let dialer = Dialer::new(&pki.client).unwrap();
     let in_flight = open(&dialer, server, &pki, echo).await;
-    // Give the GOAWAY time to arrive.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let next = open(&dialer, server, &pki, echo).await;
+    eventually("the client read the GOAWAY", || {
+        log.goaway_read.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The pool still holds the connection (its stream is in flight); the
+    // dialer must not open a stream on it but retire it and dial anew.
+    let next = tokio::time::timeout(Duration::from_secs(10), open(&dialer, server, &pki, echo))
+        .await
+        .expect("the second tunnel opens");
     assert_eq!(
-        connections.load(Ordering::SeqCst),
+        log.late_streams.load(Ordering::SeqCst),
+        0,
+        "a stream went out on the connection after its GOAWAY"
+    );
+    assert_eq!(
+        dialer.pooled_connections_retired(),
+        1,
+        "the connection that sent GOAWAY was retired"
+    );
+    assert_eq!(
+        log.connections.load(Ordering::SeqCst),
         2,
         "the second tunnel needed a new connection"
     );

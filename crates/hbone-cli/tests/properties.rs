@@ -21,14 +21,32 @@ use hbone::proxy_protocol::{self, SIGNATURE};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-/// 128 cases per property unless `PROPTEST_CASES` says otherwise; no
-/// regression files are written into the tree (failures print the case).
+/// 128 cases per property unless `PROPTEST_CASES` says otherwise.
+///
+/// Every failure can be replayed: each property prints its RNG seed (shown
+/// with a failing test's output), and `PROPTEST_RNG_SEED=N` runs the same
+/// cases again; a failure is also saved in `tests/properties.regressions`,
+/// whose cases run first on every later run, so commit it with the fix.
 fn config() -> ProptestConfig {
+    use proptest::test_runner::{FileFailurePersistence, RngSeed};
+    use std::hash::{BuildHasher, Hasher};
+    // Reads the PROPTEST_* variables, PROPTEST_RNG_SEED included.
     let mut config = ProptestConfig::default();
     if std::env::var_os("PROPTEST_CASES").is_none() {
         config.cases = 128;
     }
-    config.failure_persistence = None;
+    if config.rng_seed == RngSeed::Random {
+        // A fresh seed each run, as proptest would pick, but known.
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        config.rng_seed = RngSeed::Fixed(seed);
+    }
+    eprintln!(
+        "proptest: PROPTEST_RNG_SEED={} replays these cases",
+        config.rng_seed
+    );
+    config.failure_persistence = Some(Box::new(FileFailurePersistence::WithSource("regressions")));
     config
 }
 
@@ -1242,8 +1260,10 @@ proptest! {
 /// A route as (host, port, endpoints written, endpoints meant).
 type RouteSpec = (String, Option<u16>, Vec<(String, SocketAddr)>);
 
+/// An endpoint as a table may write it; port 0 names no endpoint and is
+/// refused, so a written port is 1 or more.
 fn endpoint() -> impl Strategy<Value = (String, SocketAddr)> {
-    (ip(), proptest::option::of(any::<u16>()), any::<bool>()).prop_map(|(ip, port, bare)| {
+    (ip(), proptest::option::of(1..=u16::MAX), any::<bool>()).prop_map(|(ip, port, bare)| {
         let written = match (ip, port) {
             (IpAddr::V4(v4), None) => v4.to_string(),
             (IpAddr::V4(v4), Some(p)) => format!("{v4}:{p}"),

@@ -29,12 +29,19 @@ async fn status_of(
     send: &SendRequest<Bytes>,
     request: Request<()>,
 ) -> Result<StatusCode, h2::Error> {
+    Ok(response_to(send, request).await?.status())
+}
+
+/// The response's head to `request`, sent on `send`.
+async fn response_to(
+    send: &SendRequest<Bytes>,
+    request: Request<()>,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
     let mut send = send.clone().ready().await?;
     let (response, _body) = send.send_request(request, false)?;
-    let response = tokio::time::timeout(Duration::from_secs(10), response)
+    tokio::time::timeout(Duration::from_secs(10), response)
         .await
-        .expect("the server must answer every request")?;
-    Ok(response.status())
+        .expect("the server must answer every request")
 }
 
 /// A CONNECT tunnel on `send` to `echo`, opened and half used.
@@ -103,17 +110,29 @@ async fn bad_requests_get_their_status_and_leave_the_good_tunnel_alone() {
     let send = raw_h2(server.addr, &pki).await;
     let healthy = HealthyTunnel::open(&send, echo).await;
 
-    // Not CONNECT.
-    let get = request(Method::GET, &format!("https://{echo}/"));
-    assert_eq!(
-        status_of(&send, get).await.unwrap(),
-        StatusCode::METHOD_NOT_ALLOWED
-    );
-    let post = request(Method::POST, &format!("https://{echo}/upload"));
-    assert_eq!(
-        status_of(&send, post).await.unwrap(),
-        StatusCode::METHOD_NOT_ALLOWED
-    );
+    // Not CONNECT: a 405 that names the one method served.
+    for (method, path) in [(Method::GET, "/"), (Method::POST, "/upload")] {
+        let response = response_to(
+            &send,
+            request(method.clone(), &format!("https://{echo}{path}")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method}"
+        );
+        assert_eq!(
+            response
+                .headers()
+                .get_all(http::header::ALLOW)
+                .iter()
+                .collect::<Vec<_>>(),
+            ["CONNECT"],
+            "{method}"
+        );
+    }
 
     // Authorities that are neither ip:port nor hostname:port.
     for bad in [

@@ -245,7 +245,7 @@ impl Admin {
             if allowed {
                 build()
             } else {
-                method_not_allowed("GET")
+                method_not_allowed("GET, HEAD")
             }
         };
         let is_get = method == Method::GET || method == Method::HEAD;
@@ -347,7 +347,7 @@ impl Admin {
                     ),
                 }
             }
-            _ => method_not_allowed("GET, POST"),
+            _ => method_not_allowed("GET, HEAD, POST, PUT"),
         }
     }
 }
@@ -404,6 +404,8 @@ fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
     respond(StatusCode::OK, "application/json", body)
 }
 
+/// A 405 naming in `Allow` every method the path answers (RFC 9110
+/// requires the header on a 405).
 fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     let mut response = text(
         StatusCode::METHOD_NOT_ALLOWED,

@@ -251,6 +251,9 @@ impl Drop for StreamLease {
 #[derive(Default)]
 pub(crate) struct Pool {
     entries: Mutex<HashMap<PoolKey, Entry>>,
+    /// Pooled connections a tunnel found unusable before the server
+    /// answered (dead, or gone away), so that it moved on to another.
+    retired: AtomicU64,
 }
 
 #[derive(Default)]
@@ -381,6 +384,18 @@ impl Pool {
             counts.1 += slots as i64;
         }
         peers.into_iter().map(|(p, (c, s))| (p, c, s)).collect()
+    }
+
+    /// A tunnel found `conn` unusable before the server answered: no new
+    /// streams go on it, and the tunnel moves on.
+    pub(crate) fn retire(&self, conn: &PooledConn) {
+        conn.state.mark_closed();
+        self.retired.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections retired by [`Pool::retire`] so far.
+    pub(crate) fn retired(&self) -> u64 {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// Open connections across all keys (for tests and metrics).

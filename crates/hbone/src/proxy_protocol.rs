@@ -136,6 +136,145 @@ mod tests {
         assert_eq!(decoded.len, header.len());
     }
 
+    /// Whole headers written out byte by byte from the PROXY protocol
+    /// specification (section 2.2 of haproxy's proxy-protocol.txt), not
+    /// from this module: the 12-byte signature, 0x21 (version 2, PROXY),
+    /// the family and transport byte, the length of what follows (network
+    /// order), both addresses, both ports, then the TLVs.
+    const SIG: [u8; 12] = [
+        0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+    ];
+
+    fn bytes(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    #[test]
+    fn ipv4_header_with_identity_is_byte_exact() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let expected = bytes(&[
+            &SIG,
+            &[0x21],                   // version 2, command PROXY
+            &[0x11],                   // AF_INET, STREAM
+            &[0x00, 0x2F],             // 12 address bytes + 3 + 32 TLV bytes
+            &[0x0A, 0x00, 0x00, 0x01], // source 10.0.0.1
+            &[0x7F, 0x00, 0x00, 0x01], // destination 127.0.0.1
+            &[0x15, 0xB3],             // source port 5555
+            &[0x1F, 0x90],             // destination port 8080
+            &[0xD0, 0x00, 0x20],       // TLV 0xD0, 32 bytes
+            b"spiffe://cluster.local/ns/a/sa/b",
+        ]);
+        let header = encode(
+            "10.0.0.1:5555".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+            Some(&id),
+        );
+        assert_eq!(header, expected);
+    }
+
+    #[test]
+    fn ipv4_header_without_identity_is_byte_exact() {
+        let expected = bytes(&[
+            &SIG,
+            &[0x21, 0x11, 0x00, 0x0C],
+            &[0xC0, 0x00, 0x02, 0x07], // source 192.0.2.7
+            &[0xC6, 0x33, 0x64, 0xFE], // destination 198.51.100.254
+            &[0xFF, 0xFF],             // source port 65535
+            &[0x00, 0x01],             // destination port 1
+        ]);
+        let header = encode(
+            "192.0.2.7:65535".parse().unwrap(),
+            "198.51.100.254:1".parse().unwrap(),
+            None,
+        );
+        assert_eq!(header, expected);
+    }
+
+    #[test]
+    fn ipv6_header_with_identity_is_byte_exact() {
+        let id = SpiffeId::parse("spiffe://td/x").unwrap();
+        let expected = bytes(&[
+            &SIG,
+            &[0x21],       // version 2, command PROXY
+            &[0x21],       // AF_INET6, STREAM
+            &[0x00, 0x34], // 36 address bytes + 3 + 13 TLV bytes
+            // source 2001:db8::1
+            &[
+                0x20, 0x01, 0x0D, 0xB8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
+            ],
+            // destination ::1
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01],
+            &[0x01, 0xBB],       // source port 443
+            &[0x3A, 0xA0],       // destination port 15008
+            &[0xD0, 0x00, 0x0D], // TLV 0xD0, 13 bytes
+            b"spiffe://td/x",
+        ]);
+        let header = encode(
+            "[2001:db8::1]:443".parse().unwrap(),
+            "[::1]:15008".parse().unwrap(),
+            Some(&id),
+        );
+        assert_eq!(header, expected);
+    }
+
+    #[test]
+    fn mixed_header_maps_ipv4_into_ipv6_byte_exact() {
+        let expected = bytes(&[
+            &SIG,
+            &[0x21, 0x21, 0x00, 0x24],
+            // source ::ffff:10.0.0.1
+            &[
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x0A, 0x00, 0x00, 0x01,
+            ],
+            // destination ::1
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01],
+            &[0x00, 0x01, 0x00, 0x02],
+        ]);
+        let header = encode(
+            "10.0.0.1:1".parse().unwrap(),
+            "[::1]:2".parse().unwrap(),
+            None,
+        );
+        assert_eq!(header, expected);
+    }
+
+    /// The decoder reads a header written by hand, skipping TLVs it does
+    /// not know (here PP2_TYPE_NOOP, 0x04), and refuses LOCAL and other
+    /// versions.
+    #[test]
+    fn hand_written_headers_decode() {
+        let header = bytes(&[
+            &SIG,
+            &[0x21, 0x11, 0x00, 0x18],
+            &[0x0A, 0x00, 0x00, 0x01, 0x7F, 0x00, 0x00, 0x01],
+            &[0x15, 0xB3, 0x1F, 0x90],
+            &[0x04, 0x00, 0x02, 0xAA, 0xBB], // NOOP, 2 bytes
+            &[0xD0, 0x00, 0x04, b't', b'd', b':', b'x'], // 0xD0, 4 bytes
+            b"payload",
+        ]);
+        let decoded = decode(&header).unwrap();
+        assert_eq!(
+            decoded.source,
+            "10.0.0.1:5555".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            decoded.destination,
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(decoded.peer_identity.as_deref(), Some("td:x"));
+        assert_eq!(decoded.len, header.len() - b"payload".len());
+
+        let mut local = header.clone();
+        local[12] = 0x20; // version 2, command LOCAL
+        assert_eq!(decode(&local), None);
+        let mut version_1 = header.clone();
+        version_1[12] = 0x11;
+        assert_eq!(decode(&version_1), None);
+        let mut udp = header;
+        udp[13] = 0x12; // AF_INET, DGRAM
+        assert_eq!(decode(&udp), None);
+    }
+
     #[test]
     fn mixed_families_use_ipv6() {
         let src: SocketAddr = "10.0.0.1:1".parse().unwrap();

@@ -43,6 +43,38 @@ pub enum TlsConfigError {
     /// rustls refused the certificate chain or the private key.
     #[error("certificate or key rejected by TLS: {0}")]
     Certificate(#[from] rustls::Error),
+    /// A rotation would present a chain that its own trust bundle cannot
+    /// verify (an intermediate left out, or a bundle without the issuer),
+    /// where the chain in use could: peers sharing the bundle would refuse
+    /// every new handshake.
+    #[error("certificate chain does not lead to the trust bundle: {0}")]
+    IncompleteChain(String),
+}
+
+/// Whether `identity`'s chain leads to a certificate of its own trust
+/// bundle. Only a missing link or a bad signature counts against it: an
+/// expired certificate or a missing key usage is reported elsewhere.
+fn chains_to_own_bundle(identity: &Identity) -> Result<(), String> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(identity.bundle().iter().cloned());
+    let Some((leaf, intermediates)) = identity.chain().split_first() else {
+        return Err("no certificate".into());
+    };
+    let parsed = ParsedCertificate::try_from(leaf).map_err(|e| e.to_string())?;
+    match rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &roots,
+        intermediates,
+        UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    ) {
+        Err(
+            e @ rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature,
+            ),
+        ) => Err(e.to_string()),
+        _ => Ok(()),
+    }
 }
 
 fn root_store(identity: &Identity) -> Result<Arc<RootCertStore>, TlsConfigError> {
@@ -86,7 +118,8 @@ pub fn server_config(
 /// theirs (certificate rotation without dropping tunnels).
 #[derive(Clone)]
 pub struct ServerTls {
-    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+    /// The configuration, and whether its chain leads to its own bundle.
+    current: Arc<RwLock<(Arc<rustls::ServerConfig>, bool)>>,
     trust_domains: Vec<String>,
 }
 
@@ -95,8 +128,9 @@ impl ServerTls {
     /// `trust_domains`.
     pub fn new(identity: &Identity, trust_domains: Vec<String>) -> Result<Self, TlsConfigError> {
         let config = server_config(identity, trust_domains.clone())?;
+        let chained = chains_to_own_bundle(identity).is_ok();
         Ok(ServerTls {
-            current: Arc::new(RwLock::new(config)),
+            current: Arc::new(RwLock::new((config, chained))),
             trust_domains,
         })
     }
@@ -106,14 +140,23 @@ impl ServerTls {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .0
             .clone()
     }
 
     /// Switches to `identity` (certificate, key and trust bundle) for new
-    /// handshakes. On error the previous material stays in force.
+    /// handshakes. On error the previous material stays in force. A chain
+    /// that its own bundle cannot verify is refused when the chain in use
+    /// could be verified ([`TlsConfigError::IncompleteChain`]): a rotation
+    /// that lost an intermediate would otherwise fail every handshake.
     pub fn reload(&self, identity: &Identity) -> Result<(), TlsConfigError> {
         let config = server_config(identity, self.trust_domains.clone())?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        let chained = chains_to_own_bundle(identity);
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if let (true, Err(why)) = (current.1, &chained) {
+            return Err(TlsConfigError::IncompleteChain(why.clone()));
+        }
+        *current = (config, chained.is_ok());
         Ok(())
     }
 }

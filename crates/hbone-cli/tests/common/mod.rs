@@ -266,6 +266,11 @@ pub enum RelayMode {
     Freeze,
     /// Reset every existing connection. New connections still pass.
     Kill,
+    /// Stop forwarding on existing connections, and reset each one as soon
+    /// as its client next sends: a peer that lost the connection (its host
+    /// restarted), which the client learns only by writing. New
+    /// connections still pass.
+    ResetOnNextSend,
 }
 
 /// A TCP relay on loopback that can black-hole or reset the connections it
@@ -301,6 +306,15 @@ impl Relay {
                     };
                     match order {
                         RelayMode::Kill => {
+                            let _ = inbound.set_zero_linger();
+                            let _ = outbound.set_zero_linger();
+                        }
+                        RelayMode::ResetOnNextSend => {
+                            let mut byte = [0u8; 1];
+                            tokio::select! {
+                                _ = inbound.read(&mut byte) => {}
+                                _ = watch.wait_for(|_| false) => {}
+                            }
                             let _ = inbound.set_zero_linger();
                             let _ = outbound.set_zero_linger();
                         }

@@ -425,6 +425,14 @@ impl Dialer {
         self.inner.pool.len()
     }
 
+    /// Pooled connections retired so far because a tunnel found them
+    /// unusable before the server answered (the peer had closed or reset
+    /// them, or sent GOAWAY); each time the tunnel went on another
+    /// connection instead of failing.
+    pub fn pooled_connections_retired(&self) -> u64 {
+        self.inner.pool.retired()
+    }
+
     /// The identity this dialer presents.
     pub fn local_id(&self) -> &SpiffeId {
         &self.inner.local_id
@@ -595,7 +603,7 @@ impl Dialer {
                 Err(OpenError::Tunnel(e)) => return Err(e),
                 Err(OpenError::Unusable(e)) => {
                     tracing::debug!(%server, error = %e, "retiring pooled connection");
-                    conn.state.mark_closed();
+                    self.inner.pool.retire(&conn);
                 }
             }
         }

@@ -246,117 +246,152 @@ async fn negotiate_and_open(
     }
 }
 
-/// The client's bytes during negotiation, read with as few reads as the
-/// client allows: each read takes whatever has arrived (a greeting or a
-/// request comes in one segment), and the parser takes what it needs from
-/// that. Bytes a client sends after its request without waiting for the
-/// reply (optimistic data) are kept, to go into the tunnel first.
-#[derive(Default)]
-struct Incoming {
-    buf: Vec<u8>,
-    taken: usize,
+/// How far a step of the negotiation has got on the bytes received so far.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed<T> {
+    /// The step needs more bytes than have arrived.
+    Incomplete,
+    /// The step is complete: what it said, and how many bytes it took.
+    Complete(T, usize),
+}
+
+/// A client the entry stops talking to (no reply can help it).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NegotiationError {
+    /// The greeting's version is not 5.
+    NotSocks5,
+    /// The greeting does not offer "no authentication" (the entry answers
+    /// "no acceptable method" before closing).
+    NoAcceptableMethod,
+    /// The request's version is not 5.
+    BadRequestVersion,
+}
+
+impl std::fmt::Display for NegotiationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NegotiationError::NotSocks5 => "not a SOCKS5 client",
+            NegotiationError::NoAcceptableMethod => "client offers no no-auth method",
+            NegotiationError::BadRequestVersion => "bad SOCKS5 request version",
+        })
+    }
+}
+
+/// Reads the greeting (version, method count, methods) at the start of
+/// `data`. Pure, so that it can be tested and fuzzed without sockets;
+/// decided on as few bytes as possible (a wrong version on the first).
+#[doc(hidden)]
+pub fn parse_greeting(data: &[u8]) -> Result<Parsed<()>, NegotiationError> {
+    match data {
+        [] => Ok(Parsed::Incomplete),
+        [version, ..] if *version != VERSION => Err(NegotiationError::NotSocks5),
+        [_] => Ok(Parsed::Incomplete),
+        [_, count, methods @ ..] => {
+            let count = usize::from(*count);
+            match methods.get(..count) {
+                None => Ok(Parsed::Incomplete),
+                Some(offered) if offered.contains(&NO_AUTH) => Ok(Parsed::Complete((), 2 + count)),
+                Some(_) => Err(NegotiationError::NoAcceptableMethod),
+            }
+        }
+    }
+}
+
+/// Reads the request (version, command, reserved byte, address, port) at
+/// the start of `data`. Complete with the target, or with the reply that
+/// refuses it (unsupported command or address type). Pure, like
+/// [`parse_greeting`].
+#[doc(hidden)]
+pub fn parse_request(data: &[u8]) -> Result<Parsed<Result<Target, Reply>>, NegotiationError> {
+    let Some(&[version, command, _reserved, address_type]) = data.get(..4) else {
+        return Ok(Parsed::Incomplete);
+    };
+    if version != VERSION {
+        return Err(NegotiationError::BadRequestVersion);
+    }
+    let rest = &data[4..];
+    let port_at = |at: usize| {
+        rest.get(at..at + 2)
+            .map(|p| (u16::from_be_bytes([p[0], p[1]]), 4 + at + 2))
+    };
+    let parsed = match address_type {
+        ATYP_IPV4 => port_at(4).map(|(port, used)| {
+            let octets: [u8; 4] = rest[..4].try_into().expect("four bytes");
+            let addr = SocketAddr::new(Ipv4Addr::from(octets).into(), port);
+            (Ok(Target::Addr(addr)), used)
+        }),
+        ATYP_IPV6 => port_at(16).map(|(port, used)| {
+            let octets: [u8; 16] = rest[..16].try_into().expect("sixteen bytes");
+            let addr = SocketAddr::new(Ipv6Addr::from(octets).into(), port);
+            (Ok(Target::Addr(addr)), used)
+        }),
+        ATYP_DOMAIN => rest.first().and_then(|&len| {
+            let len = usize::from(len);
+            port_at(1 + len).map(|(port, used)| {
+                let host = String::from_utf8_lossy(&rest[1..1 + len]);
+                // A host name (or an address written out, as some clients
+                // send); anything else is not an address this entry takes.
+                let target = parse_target(&format!("{host}:{port}"))
+                    .map_err(|_| Reply::AddressTypeNotSupported);
+                (target, used)
+            })
+        }),
+        _ => Some((Err(Reply::AddressTypeNotSupported), 4)),
+    };
+    Ok(match parsed {
+        None => Parsed::Incomplete,
+        Some((_, used)) if command != CMD_CONNECT => {
+            Parsed::Complete(Err(Reply::CommandNotSupported), used)
+        }
+        Some((target, used)) => Parsed::Complete(target, used),
+    })
 }
 
 /// A read's size during negotiation: more than a greeting or a request.
 const NEGOTIATION_READ: usize = 512;
 
-impl Incoming {
-    /// The next `n` bytes, reading until they have arrived.
-    async fn take(&mut self, app: &mut TcpStream, n: usize) -> io::Result<&[u8]> {
-        while self.buf.len() - self.taken < n {
-            self.buf.reserve(NEGOTIATION_READ);
-            if app.read_buf(&mut self.buf).await? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        let start = self.taken;
-        self.taken += n;
-        Ok(&self.buf[start..self.taken])
+/// Reads more of the client's bytes onto `buf`; each read takes whatever
+/// has arrived (a greeting or a request comes in one segment).
+async fn read_more(app: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
+    buf.reserve(NEGOTIATION_READ);
+    if app.read_buf(buf).await? == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
     }
-
-    /// The next `N` bytes as an array.
-    async fn array<const N: usize>(&mut self, app: &mut TcpStream) -> io::Result<[u8; N]> {
-        let mut out = [0u8; N];
-        out.copy_from_slice(self.take(app, N).await?);
-        Ok(out)
-    }
-
-    async fn byte(&mut self, app: &mut TcpStream) -> io::Result<u8> {
-        Ok(self.array::<1>(app).await?[0])
-    }
-
-    async fn port(&mut self, app: &mut TcpStream) -> io::Result<u16> {
-        Ok(u16::from_be_bytes(self.array(app).await?))
-    }
-
-    /// What came after the request.
-    fn rest(mut self) -> Vec<u8> {
-        self.buf.drain(..self.taken);
-        self.buf
-    }
+    Ok(())
 }
 
 /// Reads the greeting and the request, and returns the target with any
-/// bytes the client sent after its request. The inner `Err` is a reply to
-/// send before closing (unsupported method, command or address type).
+/// bytes the client sent after its request without waiting for the reply
+/// (optimistic data, to go into the tunnel first). The inner `Err` is a
+/// reply to send before closing (unsupported command or address type).
 async fn negotiate(app: &mut TcpStream) -> io::Result<(Result<Target, Reply>, Vec<u8>)> {
-    let mut incoming = Incoming::default();
-    if incoming.byte(app).await? != VERSION {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a SOCKS5 client",
-        ));
-    }
-    let count = usize::from(incoming.byte(app).await?);
-    if !incoming.take(app, count).await?.contains(&NO_AUTH) {
-        app.write_all(&[VERSION, NO_ACCEPTABLE_METHOD]).await?;
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "client offers no no-auth method",
-        ));
-    }
+    let invalid = |e: NegotiationError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    let mut buf = Vec::new();
+    let greeting = loop {
+        match parse_greeting(&buf) {
+            Ok(Parsed::Complete((), used)) => break used,
+            Ok(Parsed::Incomplete) => read_more(app, &mut buf).await?,
+            Err(e) => {
+                if e == NegotiationError::NoAcceptableMethod {
+                    app.write_all(&[VERSION, NO_ACCEPTABLE_METHOD]).await?;
+                }
+                return Err(invalid(e));
+            }
+        }
+    };
     app.write_all(&[VERSION, NO_AUTH]).await?;
-
-    let [version, command, _reserved, address_type] = incoming.array(app).await?;
-    if version != VERSION {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bad SOCKS5 request version",
-        ));
+    buf.drain(..greeting);
+    loop {
+        match parse_request(&buf).map_err(invalid)? {
+            Parsed::Complete(target, used) => {
+                buf.drain(..used);
+                return Ok((target, buf));
+            }
+            Parsed::Incomplete => read_more(app, &mut buf).await?,
+        }
     }
-    let target = match address_type {
-        ATYP_IPV4 => {
-            let octets: [u8; 4] = incoming.array(app).await?;
-            let port = incoming.port(app).await?;
-            Ok(Target::Addr(SocketAddr::new(
-                Ipv4Addr::from(octets).into(),
-                port,
-            )))
-        }
-        ATYP_IPV6 => {
-            let octets: [u8; 16] = incoming.array(app).await?;
-            let port = incoming.port(app).await?;
-            Ok(Target::Addr(SocketAddr::new(
-                Ipv6Addr::from(octets).into(),
-                port,
-            )))
-        }
-        ATYP_DOMAIN => {
-            let len = usize::from(incoming.byte(app).await?);
-            let host = String::from_utf8_lossy(incoming.take(app, len).await?).into_owned();
-            let port = incoming.port(app).await?;
-            // A host name (or an address written out, as some clients
-            // send); anything else is not an address this entry takes.
-            parse_target(&format!("{host}:{port}")).map_err(|_| Reply::AddressTypeNotSupported)
-        }
-        _ => Err(Reply::AddressTypeNotSupported),
-    };
-    let target = if command == CMD_CONNECT {
-        target
-    } else {
-        Err(Reply::CommandNotSupported)
-    };
-    Ok((target, incoming.rest()))
 }
 
 async fn send_reply(app: &mut TcpStream, reply: Reply) -> io::Result<()> {
@@ -364,4 +399,67 @@ async fn send_reply(app: &mut TcpStream, reply: Reply) -> io::Result<()> {
     // (the real connection is made by the HBONE server), so send zeros.
     app.write_all(&[VERSION, reply as u8, 0, ATYP_IPV4, 0, 0, 0, 0, 0, 0])
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_are_decided_on_as_few_bytes_as_possible() {
+        assert_eq!(parse_greeting(&[]), Ok(Parsed::Incomplete));
+        assert_eq!(parse_greeting(&[4]), Err(NegotiationError::NotSocks5));
+        assert_eq!(parse_greeting(&[5]), Ok(Parsed::Incomplete));
+        assert_eq!(parse_greeting(&[5, 2, 2]), Ok(Parsed::Incomplete));
+        assert_eq!(
+            parse_greeting(&[5, 2, 2, 0, 9]),
+            Ok(Parsed::Complete((), 4))
+        );
+        assert_eq!(
+            parse_greeting(&[5, 1, 2]),
+            Err(NegotiationError::NoAcceptableMethod)
+        );
+        assert_eq!(
+            parse_greeting(&[5, 0]),
+            Err(NegotiationError::NoAcceptableMethod)
+        );
+    }
+
+    #[test]
+    fn requests_give_their_target_or_the_reply_refusing_it() {
+        let v4 = [5, 1, 0, 1, 127, 0, 0, 1, 0x1F, 0x90];
+        for short in 0..v4.len() {
+            assert_eq!(parse_request(&v4[..short]), Ok(Parsed::Incomplete));
+        }
+        let addr = Target::Addr("127.0.0.1:8080".parse().unwrap());
+        assert_eq!(parse_request(&v4), Ok(Parsed::Complete(Ok(addr), 10)));
+        let mut v6 = vec![5, 1, 0, 4];
+        v6.extend_from_slice(&[0; 15]);
+        v6.extend_from_slice(&[1, 0, 80, b'x']);
+        let addr = Target::Addr("[::1]:80".parse().unwrap());
+        assert_eq!(parse_request(&v6), Ok(Parsed::Complete(Ok(addr), 22)));
+        let name = [&[5, 1, 0, 3, 5][..], b"a.B.c", &[0, 80]].concat();
+        let Ok(Parsed::Complete(Ok(Target::Service(service)), 12)) = parse_request(&name) else {
+            panic!("{:?}", parse_request(&name));
+        };
+        assert_eq!(service.to_string(), "a.b.c:80");
+        let bad_name = [&[5, 1, 0, 3, 2][..], b"a/", &[0, 80]].concat();
+        assert_eq!(
+            parse_request(&bad_name),
+            Ok(Parsed::Complete(Err(Reply::AddressTypeNotSupported), 9))
+        );
+        assert_eq!(
+            parse_request(&[5, 1, 0, 9, 1]),
+            Ok(Parsed::Complete(Err(Reply::AddressTypeNotSupported), 4))
+        );
+        let bind = [5, 2, 0, 1, 127, 0, 0, 1, 0, 80];
+        assert_eq!(
+            parse_request(&bind),
+            Ok(Parsed::Complete(Err(Reply::CommandNotSupported), 10))
+        );
+        assert_eq!(
+            parse_request(&[4, 1, 0, 1]),
+            Err(NegotiationError::BadRequestVersion)
+        );
+    }
 }

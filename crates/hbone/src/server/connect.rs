@@ -277,6 +277,13 @@ impl Shared {
         }
         let mut response = Response::new(());
         *response.status_mut() = refusal.status();
+        if matches!(refusal, Refusal::MethodNotAllowed(_)) {
+            // A 405 must say what the resource does accept (RFC 9110).
+            response.headers_mut().insert(
+                http::header::ALLOW,
+                http::HeaderValue::from_static("CONNECT"),
+            );
+        }
         let _ = respond.send_response(response, true);
         record.outcome = Outcome::Refused {
             status: refusal.status().as_u16(),
