@@ -236,7 +236,8 @@ A 1 KiB request/response tunnel alone and beside bulk streams that go through th
 the same server, so that they share one pooled HTTP/2 connection, as every tunnel between two \
 nodes does; and what the bulk streams keep of their aggregate throughput beside it. The entry is \
 one `hbone socks5` (a forward entry pools per target, so it would give each kind of tunnel a \
-connection of its own), with a server, started for this workload alone, whatever `--entry` says. \
+connection of its own) and a server, both started for this workload alone, whatever `--entry` \
+says. \
 Direct: the same load generators straight to the echo app and the sink.\n\n";
 
 /// How the per-unit figures are counted.
@@ -301,8 +302,8 @@ file, since the entries must know it. It runs every workload but double HBONE, r
 2-process run of the same workload.
 - Isolation: a bulk load generator with N streams to the sink (128 KiB writes, as in bulk) starts \
 first; after a settle of 500 ms (200 ms with `--quick`) the 1 KiB req/resp load generator runs \
-for the duration to the echo app (its 50 warm-up exchanges included), and as soon as it is done \
-the bulk generator is told to stop (its stdin closes). The bulk figure beside req/resp is its \
+to the echo app (its 50 untimed warm-up exchanges, then the duration, timed), and as soon as it \
+is done the bulk generator is told to stop (its stdin closes). The bulk figure beside req/resp is its \
 bytes over its whole run, settle included; then the same N streams run alone for as long, and \
 '% of alone' is the first over the second, run by run. 'alone' rows: the req/resp generator \
 through the same entry with nothing beside it. Each run measures alone, then beside 1, 4 and 16 \
