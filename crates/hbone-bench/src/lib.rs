@@ -16,6 +16,7 @@
 //! | file | concern |
 //! |---|---|
 //! | `suite` | the order of workloads and runs, progress on stderr |
+//! | `suite/isolation` | req/resp alone and beside bulk through one SOCKS5 entry |
 //! | `runner` | one load generator run, its figures, and what went wrong |
 //! | `stack` | identities on disk and the processes under test, apart or in one |
 //! | `child`, `childlog` | starting, reading and killing child processes |

@@ -66,6 +66,11 @@ pub struct LoadArgs {
     /// Connections to hold (idle).
     #[arg(long, default_value_t = 1000)]
     pub tunnels: usize,
+    /// Bulk: also stop when stdin closes, if that comes before the
+    /// duration ends, so the bench can end the bulk when a run beside it
+    /// is over.
+    #[arg(long)]
+    pub until_stdin_closes: bool,
 }
 
 /// Runs the workload on its own current-thread runtime.

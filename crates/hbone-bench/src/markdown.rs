@@ -14,7 +14,7 @@ use super::Options;
 use super::cost::{self, NO_PERF};
 use super::machine::{self, Machine};
 use super::perf::Syscalls;
-use super::report::{self, HEADERS, Measured};
+use super::report::{self, HEADERS, ISOLATION_HEADERS, Measured};
 use super::results::{Metric, Topology};
 use super::targets::Verdict;
 
@@ -92,8 +92,23 @@ fn render(doc: &Document) -> String {
             *2 processes*: `hbone server` and each entry in a process of its own (double \
             HBONE: the entry, `hbone gateway` and the server). *1 process*: `hbone run` with \
             the server and the entries in one process, as ztunnel runs.\n\n";
+    let isolation = report::isolation_rows(&m.isolation);
+    if !isolation.is_empty() {
+        out += "## Latency isolation\n\n";
+        out += ISOLATION_INTRO;
+        out += &report::table(&ISOLATION_HEADERS, &isolation);
+        if !m.isolation_notes.is_empty() {
+            out += "\n";
+        }
+        for note in &m.isolation_notes {
+            let _ = writeln!(out, "- {note}.");
+        }
+        out += "\n";
+    }
     out += "## Targets, judged on the medians\n\n";
-    out += "Stated for the server and the entry in processes of their own (2 processes).\n\n";
+    out += "Stated for the server and the entry in processes of their own (2 processes); \
+            those on latency isolation for the server and the entry in one process (1 process), \
+            as a node runs them.\n\n";
     for verdict in doc.verdicts {
         let _ = writeln!(
             out,
@@ -173,6 +188,20 @@ fn variation(doc: &Document) -> String {
                 }
             }
         }
+        for (bulk, figure) in m.isolation.measured() {
+            for (side, topology) in [
+                ("direct", None),
+                ("hbone, 2 processes", Some(Topology::Split)),
+                ("hbone, 1 process", Some(Topology::Joined)),
+            ] {
+                if let Some(s) = m.isolation.summary(bulk, figure, topology) {
+                    spreads.push((
+                        format!("isolation: {}, {side}", figure.label(bulk)),
+                        s.relative_spread(),
+                    ));
+                }
+            }
+        }
         for (label, summary) in m.costs.summaries() {
             spreads.push((label, summary.relative_spread()));
         }
@@ -200,6 +229,16 @@ fn variation(doc: &Document) -> String {
     }
     out
 }
+
+/// What the isolation table shows, before it.
+const ISOLATION_INTRO: &str = "\
+A 1 KiB request/response tunnel alone and beside bulk streams that go through the same entry and \
+the same server, so that they share one pooled HTTP/2 connection, as every tunnel between two \
+nodes does; and what the bulk streams keep of their aggregate throughput beside it. The entry is \
+one `hbone socks5` (a forward entry pools per target, so it would give each kind of tunnel a \
+connection of its own) and a server, both started for this workload alone, whatever `--entry` \
+says. \
+Direct: the same load generators straight to the echo app and the sink.\n\n";
 
 /// How the per-unit figures are counted.
 const PER_UNIT_METHOD: &str = "\
@@ -261,6 +300,14 @@ above, ÷ 1000.
 `[[forward]]` (or `[[socks5]]`) sections; the server's port is picked free and written into the \
 file, since the entries must know it. It runs every workload but double HBONE, right after the \
 2-process run of the same workload.
+- Isolation: a bulk load generator with N streams to the sink (128 KiB writes, as in bulk) starts \
+first; after a settle of 500 ms (200 ms with `--quick`) the 1 KiB req/resp load generator runs \
+to the echo app (its 50 untimed warm-up exchanges, then the duration, timed), and as soon as it \
+is done the bulk generator is told to stop (its stdin closes). The bulk figure beside req/resp is its \
+bytes over its whole run, settle included; then the same N streams run alone for as long, and \
+'% of alone' is the first over the second, run by run. 'alone' rows: the req/resp generator \
+through the same entry with nothing beside it. Each run measures alone, then beside 1, 4 and 16 \
+streams (only 4 with `--quick`), each direct, through 2 processes and through 1 process in turn.
 - Idle: a fresh server and forward entry (or a fresh one-process `hbone run` with both); VmRSS \
 of the processes, before and after opening N tunnels to the echo app (each proven with a 1-byte \
 echo), over N. KB = 1024 bytes, as /proc reports.

@@ -3,7 +3,7 @@
 
 use super::cost::{self, Costs};
 use super::perf::Syscalls;
-use super::results::{Comparison, Metric, Results, Topology};
+use super::results::{Comparison, Isolation, Metric, Results, Topology};
 use super::stats::Summary;
 use super::targets::Verdict;
 
@@ -18,6 +18,11 @@ pub struct Measured {
     pub syscalls: Syscalls,
     /// How figures were measured differently from the usual, and why.
     pub notes: Vec<String>,
+    /// Request/response alone and beside bulk streams.
+    pub isolation: Isolation,
+    /// How the isolation figures were measured, where that differs from
+    /// the usual.
+    pub isolation_notes: Vec<String>,
 }
 
 /// The rows of the results table: workload, direct, then for each
@@ -50,6 +55,32 @@ pub fn rows(results: &Results) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The rows of the isolation table: figure, then direct and through
+/// hbone in each topology.
+pub fn isolation_rows(isolation: &Isolation) -> Vec<Vec<String>> {
+    isolation
+        .measured()
+        .map(|(bulk, figure)| {
+            let mut row = vec![figure.label(bulk)];
+            for side in [None, Some(Topology::Split), Some(Topology::Joined)] {
+                row.push(cell(isolation.summary(bulk, figure, side)));
+            }
+            row
+        })
+        .collect()
+}
+
+pub const ISOLATION_HEADERS: [&str; 4] = [
+    "1 KiB req/resp and bulk, one SOCKS5 entry",
+    "direct",
+    "hbone, 2 processes",
+    "hbone, 1 process",
+];
+
+/// The isolation table's title on stdout; tests/bench.rs finds it by this.
+pub const ISOLATION_HEADING: &str = "Latency isolation: 1 KiB req/resp alone and beside bulk \
+     streams through the same entry and server, medians of the runs";
+
 pub const HEADERS: [&str; 6] = [
     "workload",
     "direct",
@@ -71,6 +102,14 @@ pub fn render(
     out += &table(&HEADERS, &rows(&measured.results));
     for note in &measured.notes {
         out += &format!("  {note}\n");
+    }
+    let isolation = isolation_rows(&measured.isolation);
+    if !isolation.is_empty() {
+        out += &format!("\n{ISOLATION_HEADING}:\n\n");
+        out += &table(&ISOLATION_HEADERS, &isolation);
+        for note in &measured.isolation_notes {
+            out += &format!("  {note}\n");
+        }
     }
     out += &format!("\n{PER_UNIT_HEADING}:\n\n");
     out += &table(&cost::HEADERS, &measured.costs.rows(&measured.syscalls));

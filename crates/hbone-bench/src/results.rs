@@ -118,6 +118,22 @@ impl Series {
             Topology::Joined => &self.joined,
         }
     }
+
+    /// The runs direct (`None`) or through hbone in a topology.
+    fn side(&self, side: Option<Topology>) -> &Vec<f64> {
+        match side {
+            None => &self.direct,
+            Some(topology) => self.through(topology),
+        }
+    }
+
+    fn push(&mut self, side: Option<Topology>, value: f64) {
+        match side {
+            None => self.direct.push(value),
+            Some(Topology::Split | Topology::Gateway) => self.tunnel.push(value),
+            Some(Topology::Joined) => self.joined.push(value),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -159,5 +175,76 @@ impl Results {
     /// Tunnel median − direct median.
     pub fn added(&self, metric: Metric, topology: Topology) -> Option<f64> {
         Some(self.tunnel_summary(metric, topology)?.median - self.direct_summary(metric)?.median)
+    }
+}
+
+/// A figure of the isolation workload: a 1 KiB request/response tunnel
+/// alone or beside bulk streams through the same entry and server, and
+/// those bulk streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum IsoFigure {
+    /// Request/response p50, in µs.
+    P50,
+    /// Request/response p99, in µs.
+    P99,
+    /// Request/response rate, in req/s.
+    Rate,
+    /// The bulk streams' aggregate throughput while the request/response
+    /// ran beside them, in Gbit/s.
+    BulkGbits,
+    /// That throughput as a share of what the same streams reach alone
+    /// right after, in percent.
+    BulkKept,
+}
+
+impl IsoFigure {
+    /// The row label for the figure with `bulk` streams beside the
+    /// request/response (0: alone). tests/bench.rs looks rows up by these.
+    pub fn label(self, bulk: u32) -> String {
+        let streams = match bulk {
+            1 => "1 bulk stream".to_owned(),
+            n => format!("{n} bulk streams"),
+        };
+        let req_resp = match bulk {
+            0 => "req/resp alone".to_owned(),
+            _ => format!("req/resp beside {streams}"),
+        };
+        match self {
+            IsoFigure::P50 => format!("{req_resp}, p50 (µs)"),
+            IsoFigure::P99 => format!("{req_resp}, p99 (µs)"),
+            IsoFigure::Rate => format!("{req_resp} (req/s)"),
+            IsoFigure::BulkGbits => format!("{streams} beside req/resp (Gbit/s)"),
+            IsoFigure::BulkKept => format!("{streams} beside req/resp, % of alone"),
+        }
+    }
+}
+
+/// The isolation workload's figures, per number of bulk streams beside
+/// the request/response (0: alone) and figure, direct and through hbone.
+#[derive(Debug, Default, Clone)]
+pub struct Isolation(BTreeMap<(u32, IsoFigure), Series>);
+
+impl Isolation {
+    /// A figure of one run, direct (`side` `None`) or through hbone.
+    pub fn push(&mut self, bulk: u32, figure: IsoFigure, side: Option<Topology>, value: f64) {
+        self.0.entry((bulk, figure)).or_default().push(side, value);
+    }
+
+    pub fn summary(&self, bulk: u32, figure: IsoFigure, side: Option<Topology>) -> Option<Summary> {
+        self.0
+            .get(&(bulk, figure))
+            .and_then(|series| Summary::of(series.side(side)))
+    }
+
+    /// What was measured, alone first, then by the number of bulk streams.
+    pub fn measured(&self) -> impl Iterator<Item = (u32, IsoFigure)> + '_ {
+        self.0.keys().copied()
+    }
+
+    /// The numbers of bulk streams measured beside the request/response.
+    pub fn beside(&self) -> Vec<u32> {
+        let mut counts: Vec<u32> = self.measured().map(|(n, _)| n).filter(|&n| n > 0).collect();
+        counts.dedup();
+        counts
     }
 }

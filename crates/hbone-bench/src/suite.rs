@@ -5,6 +5,8 @@
 //! read around each tunnelled run, then print the tables and write the
 //! Markdown file.
 
+mod isolation;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use super::load::Workload;
 use super::markdown::{self, Document};
 use super::perf::Syscalls;
 use super::report::{self, Measured, number, percent};
-use super::results::{Metric, Results, Topology};
+use super::results::{Isolation, Metric, Results, Topology};
 use super::runner::{self, RESULT_GRACE, RoundTrips, conn_rate, gbits, run_load};
 use super::sample;
 use super::stack::{
@@ -66,6 +68,8 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         split,
         joined,
         results: Results::default(),
+        isolation: Isolation::default(),
+        isolation_notes: Vec::new(),
         costs: Costs::default(),
         syscalls,
         joined_tunnels,
@@ -79,6 +83,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     bench.connections()?;
     bench.handshakes()?;
     bench.gateway()?;
+    bench.isolation()?;
     bench.idle()?;
     let mut logged = std::mem::take(&mut bench.logged);
     let mut watched = vec![&bench.apps.proc];
@@ -86,12 +91,19 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     watched.extend(&bench.joined.procs);
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
-    let verdicts = targets::judge(&bench.results, options.tunnels, options.quick);
+    let verdicts = targets::judge(
+        &bench.results,
+        &bench.isolation,
+        options.tunnels,
+        options.quick,
+    );
     let measured = Measured {
         results: bench.results,
         costs: bench.costs,
         syscalls: bench.syscalls,
         notes: bench.notes,
+        isolation: bench.isolation,
+        isolation_notes: bench.isolation_notes,
     };
     let heading = format!(
         "hbone bench: median of {} run(s), min–max in parentheses; {} ms per run; entry {}; {} build",
@@ -164,6 +176,10 @@ struct Bench<'a> {
     /// The same in one `hbone run` process.
     joined: Proxies,
     results: Results,
+    /// The isolation workload's figures, and how they were measured where
+    /// that differs from the usual.
+    isolation: Isolation,
+    isolation_notes: Vec<String>,
     costs: Costs,
     /// Whether perf counts syscalls (it may give up during the bench).
     syscalls: Syscalls,
@@ -549,13 +565,17 @@ impl Bench<'_> {
     }
 
     fn progress(&self, metric: Metric, run: u32, line: &str) {
+        self.progress_as(metric.label(), run, line);
+    }
+
+    /// A progress line for the figures of `what`.
+    fn progress_as(&self, what: &str, run: u32, line: &str) {
         let runs = self.options.runs;
         let elapsed = self.started.elapsed().as_secs();
         eprintln!(
-            "  [{:>2}m{:02}s] {} [run {run}/{runs}]: {line}",
+            "  [{:>2}m{:02}s] {what} [run {run}/{runs}]: {line}",
             elapsed / 60,
             elapsed % 60,
-            metric.label()
         );
     }
 }

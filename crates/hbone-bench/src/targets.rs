@@ -1,10 +1,11 @@
 //! The bench's targets, judged on the medians of the topology they are
-//! stated for: the server and the entry in processes of their own. A
-//! target that could not be judged (a figure missing, or a `--quick` run)
-//! says so instead of passing or failing quietly.
+//! stated for: the server and the entry in processes of their own, and
+//! for latency isolation the server and the entry in one process, as a
+//! node runs them. A target that could not be judged (a figure missing,
+//! or a `--quick` run) says so instead of passing or failing quietly.
 
 use super::report::{number, percent};
-use super::results::{Metric, Results, Topology};
+use super::results::{IsoFigure, Isolation, Metric, Results, Topology};
 
 /// The tunnel count the memory target is stated for.
 pub const IDLE_TARGET_TUNNELS: u32 = 10_000;
@@ -28,8 +29,9 @@ impl Verdict {
 
 /// Every target, in the order the report lists them. `quick`: one short
 /// run measures nothing a target speaks of, so none is judged.
-pub fn judge(results: &Results, tunnels: u32, quick: bool) -> Vec<Verdict> {
+pub fn judge(results: &Results, isolation: &Isolation, tunnels: u32, quick: bool) -> Vec<Verdict> {
     let mut verdicts = judge_medians(results, tunnels);
+    verdicts.extend(judge_isolation(isolation));
     if quick {
         for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
             verdict.met = None;
@@ -108,6 +110,63 @@ fn judge_medians(results: &Results, tunnels: u32) -> Vec<Verdict> {
     ]
 }
 
+/// The isolation targets, for the server and the entry in one process.
+fn judge_isolation(isolation: &Isolation) -> Vec<Verdict> {
+    const JOINED: Option<Topology> = Some(Topology::Joined);
+    let median = |bulk, figure| isolation.summary(bulk, figure, JOINED).map(|s| s.median);
+    let latency = |target, bulk, figure, most_us: f64| match median(bulk, figure) {
+        Some(us) => Verdict {
+            target,
+            met: Some(us <= most_us),
+            detail: match median(0, figure) {
+                Some(alone) => format!("{} µs; alone {} µs", number(us), number(alone)),
+                None => format!("{} µs", number(us)),
+            },
+        },
+        None => missing(target),
+    };
+    let kept_target =
+        "isolation, 1 process: bulk streams beside req/resp keep ≥ 85 % of their throughput alone";
+    let kept: Vec<(u32, f64)> = isolation
+        .beside()
+        .into_iter()
+        .filter_map(|n| Some((n, median(n, IsoFigure::BulkKept)?)))
+        .collect();
+    let kept = match kept.iter().map(|&(_, k)| k).reduce(f64::min) {
+        Some(least) => Verdict {
+            target: kept_target,
+            met: Some(least >= 85.0),
+            detail: kept
+                .iter()
+                .map(|&(n, k)| format!("{} beside {n}", percent(k)))
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
+        None => missing(kept_target),
+    };
+    vec![
+        latency(
+            "isolation, 1 process: req/resp beside 4 bulk streams, p50 ≤ 1 ms",
+            4,
+            IsoFigure::P50,
+            1000.0,
+        ),
+        latency(
+            "isolation, 1 process: req/resp beside 4 bulk streams, p99 ≤ 5 ms",
+            4,
+            IsoFigure::P99,
+            5000.0,
+        ),
+        latency(
+            "isolation, 1 process: req/resp beside 16 bulk streams, p50 ≤ 2 ms",
+            16,
+            IsoFigure::P50,
+            2000.0,
+        ),
+        kept,
+    ]
+}
+
 fn missing(target: &'static str) -> Verdict {
     Verdict {
         target,
@@ -128,7 +187,7 @@ mod tests {
         results.tunnel(Metric::Bulk1, Topology::Joined, 9.0);
         results.direct(Metric::ReqP50, 24.0);
         results.tunnel(Metric::ReqP50, Topology::Split, 104.0);
-        let verdicts = judge(&results, 10_000, false);
+        let verdicts = judge(&results, &Isolation::default(), 10_000, false);
         assert_eq!(
             verdicts[0].met,
             Some(false),
@@ -143,7 +202,7 @@ mod tests {
         let mut results = Results::default();
         results.direct(Metric::Bulk1, 30.0);
         results.tunnel(Metric::Bulk1, Topology::Split, 6.0);
-        let verdicts = judge(&results, 200, true);
+        let verdicts = judge(&results, &Isolation::default(), 200, true);
         assert!(verdicts.iter().all(|v| v.met.is_none()));
         assert!(
             verdicts[0].detail.contains("--quick"),
@@ -151,5 +210,29 @@ mod tests {
             verdicts[0].detail
         );
         assert!(verdicts[0].detail.contains("20.0 %"), "the figure stays");
+    }
+
+    #[test]
+    fn judges_isolation_in_one_process() {
+        let joined = Some(Topology::Joined);
+        let mut isolation = Isolation::default();
+        isolation.push(0, IsoFigure::P50, joined, 150.0);
+        isolation.push(4, IsoFigure::P50, joined, 12_400.0);
+        isolation.push(4, IsoFigure::P99, joined, 4_000.0);
+        isolation.push(4, IsoFigure::BulkKept, joined, 97.0);
+        isolation.push(16, IsoFigure::BulkKept, joined, 80.0);
+        // Two processes meet what one does not: only one process counts.
+        isolation.push(4, IsoFigure::P50, Some(Topology::Split), 500.0);
+        let verdicts = judge_isolation(&isolation);
+        assert_eq!(verdicts[0].met, Some(false), "{}", verdicts[0].detail);
+        assert!(
+            verdicts[0].detail.contains("alone 150"),
+            "{}",
+            verdicts[0].detail
+        );
+        assert_eq!(verdicts[1].met, Some(true));
+        assert_eq!(verdicts[2].met, None, "16 streams: no p50 measured");
+        assert_eq!(verdicts[3].met, Some(false), "the least share counts");
+        assert!(verdicts[3].detail.contains("80.0 % beside 16"));
     }
 }

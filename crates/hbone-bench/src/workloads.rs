@@ -3,6 +3,8 @@
 //! with a message instead of hanging it, and every byte that comes back is
 //! checked, so a tunnel that corrupts or loses data cannot score.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -44,7 +46,8 @@ async fn limited<T>(what: &str, op: impl Future<Output = std::io::Result<T>>) ->
     }
 }
 
-/// `streams` connections write to the sink until the deadline, then
+/// `streams` connections write to the sink until the deadline (or, with
+/// `--until-stdin-closes`, until stdin closes if that comes first), then
 /// half-close and wait for the sink's count. Result: `bytes` delivered and
 /// `seconds` from the first write to the last count.
 async fn bulk(args: &LoadArgs) -> anyhow::Result<String> {
@@ -52,11 +55,21 @@ async fn bulk(args: &LoadArgs) -> anyhow::Result<String> {
     for _ in 0..args.streams {
         streams.push(dial(args).await?);
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    if args.until_stdin_closes {
+        // A plain thread, not the runtime's blocking pool: a read still
+        // pending when the deadline comes first must not hold up the exit.
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
     let started = Instant::now();
     let deadline = started + args.duration;
     let tasks: Vec<_> = streams
         .into_iter()
-        .map(|stream| tokio::spawn(bulk_stream(stream, deadline)))
+        .map(|stream| tokio::spawn(bulk_stream(stream, deadline, stop.clone())))
         .collect();
     let mut bytes = 0u64;
     for (i, task) in tasks.into_iter().enumerate() {
@@ -72,10 +85,14 @@ async fn bulk(args: &LoadArgs) -> anyhow::Result<String> {
     ]))
 }
 
-async fn bulk_stream(mut stream: TcpStream, deadline: Instant) -> anyhow::Result<u64> {
+async fn bulk_stream(
+    mut stream: TcpStream,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<u64> {
     let block = vec![0x5a_u8; BULK_BLOCK];
     let mut sent = 0u64;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         limited("writing", stream.write_all(&block)).await?;
         sent += BULK_BLOCK as u64;
     }

@@ -1,7 +1,9 @@
 //! `hbone bench --quick` end to end: every workload runs directly and
 //! through the tunnel (separate processes on loopback, and the server and
 //! entries in one process), the table has a positive figure in each
-//! measured cell, the per-unit table has counted CPU, context switches and
+//! measured cell, the latency-isolation table has request/response
+//! figures alone and beside bulk streams with the bulk's share of its
+//! throughput alone, the per-unit table has counted CPU, context switches and
 //! syscalls (or says perf is not available), and `--write` produces the
 //! Markdown report. The figures themselves are not judged: a debug build
 //! on a busy machine says nothing about performance.
@@ -36,6 +38,21 @@ const NOT_IN_ONE_PROCESS: [&str; 2] = [
     "double HBONE via gateway, inner pooled (conn/s)",
     "double HBONE via gateway, fresh inner each (conn/s)",
 ];
+
+/// The isolation table's request/response rows with `--quick`: alone, and
+/// beside 4 bulk streams (the only count a quick run measures).
+const ISOLATION_REQ_RESP: [&str; 6] = [
+    "req/resp alone, p50 (µs)",
+    "req/resp alone, p99 (µs)",
+    "req/resp alone (req/s)",
+    "req/resp beside 4 bulk streams, p50 (µs)",
+    "req/resp beside 4 bulk streams, p99 (µs)",
+    "req/resp beside 4 bulk streams (req/s)",
+];
+/// The bulk streams' throughput beside the request/response, and the share
+/// of their throughput alone that it is.
+const ISOLATION_BULK: &str = "4 bulk streams beside req/resp (Gbit/s)";
+const ISOLATION_KEPT: &str = "4 bulk streams beside req/resp, % of alone";
 
 /// The per-unit table's rows: work, unit and processes.
 const PER_UNIT: [(&str, &str, &str); 12] = [
@@ -172,6 +189,41 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         }
     }
 
+    // Latency isolation: every figure measured direct and in both
+    // topologies; the bulk keeps a plausible share of its throughput alone
+    // (a debug build on a busy machine can be lucky, not twice as fast).
+    assert!(table.contains("Latency isolation"), "{table}");
+    assert!(
+        table.contains("--quick: beside 4 bulk streams only"),
+        "no word that a quick run measures fewer counts in:\n{table}"
+    );
+    for label in ISOLATION_REQ_RESP.into_iter().chain([ISOLATION_BULK]) {
+        let cells = row(&table, label);
+        assert_eq!(cells.len(), 4, "{label}: {cells:?}");
+        for (cell, side) in cells[1..]
+            .iter()
+            .zip(["direct", "2 processes", "1 process"])
+        {
+            assert_positive(&table, label, cell, side);
+        }
+    }
+    for (cell, side) in
+        row(&table, ISOLATION_KEPT)[1..]
+            .iter()
+            .zip(["direct", "2 processes", "1 process"])
+    {
+        match median(cell) {
+            Some(kept) if kept > 0.0 && kept <= 200.0 => {}
+            _ => panic!("{ISOLATION_KEPT}, {side}: {cell:?} is not in (0, 200] in:\n{table}"),
+        }
+    }
+    assert!(
+        !table
+            .lines()
+            .any(|line| line.starts_with("| req/resp beside 16 bulk")),
+        "a quick run measures beside 4 bulk streams only:\n{table}"
+    );
+
     // What each unit of work cost the hbone processes: every row counted,
     // CPU and context switches as figures, syscalls as a figure or as the
     // plain statement that perf could not count them.
@@ -213,7 +265,11 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         .skip(1)
         .take_while(|line| !line.is_empty())
         .collect();
-    assert!(verdicts.len() >= 7, "{table}");
+    assert!(verdicts.len() >= 11, "{table}");
+    assert!(
+        table.contains("isolation, 1 process: req/resp beside 4 bulk streams, p50 ≤ 1 ms"),
+        "{table}"
+    );
     for verdict in verdicts {
         assert!(verdict.trim_start().starts_with("unknown"), "{verdict}");
     }
@@ -228,6 +284,8 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         "## Machine",
         "hbone bench --quick --write",
         "| bulk, 1 stream (Gbit/s)",
+        "## Latency isolation",
+        "| req/resp beside 4 bulk streams, p50 (µs)",
         "## Targets",
     ] {
         assert!(written.contains(part), "{part:?} missing from:\n{written}");
