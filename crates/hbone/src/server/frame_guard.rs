@@ -14,8 +14,10 @@
 //! closes it without a GOAWAY, so the peer would not learn why.
 //!
 //! What is charged:
-//! - SETTINGS (with or without ACK), PING (with or without ACK; our own
-//!   keepalive PING draws at most one ACK per interval), PRIORITY, GOAWAY,
+//! - SETTINGS and PING (an ACK only when it answers none of ours: each
+//!   PING or SETTINGS the server sends pays for its ACK, so the PINGs that
+//!   size flow-control windows while data flows cost the client nothing),
+//!   PRIORITY, GOAWAY,
 //!   frame types `h2` does not know, and DATA frames that carry no data
 //!   (padding aside) and do not end their stream.
 //! - WINDOW_UPDATE and RST_STREAM, unless paid for by traffic. A client
@@ -60,6 +62,11 @@ const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 
 const END_STREAM: u8 = 0x1;
+/// The flag of a PING or SETTINGS that answers one.
+const ACK: u8 = 0x1;
+/// Our PINGs and SETTINGS not answered yet that may be, free. h2 has at
+/// most a few of its own out at once; more is a peer's game.
+const ANSWERS_CAP: u32 = 16;
 const PADDED: u8 = 0x8;
 
 /// The most free WINDOW_UPDATE and RST_STREAM frames a connection can
@@ -242,6 +249,8 @@ pub(super) struct Budget {
     window: Duration,
     due: Option<Instant>,
     earned: u32,
+    /// Our PINGs and SETTINGS whose ACKs are free.
+    answers: u32,
     /// Frames charged, the one that tripped included.
     pub(super) charged: u64,
 }
@@ -253,6 +262,7 @@ impl Budget {
             window: rate.window,
             due: None,
             earned: 0,
+            answers: 0,
             charged: 0,
         }
     }
@@ -263,15 +273,25 @@ impl Budget {
 
     /// A frame the server wrote: DATA that carries data earns the client
     /// its WINDOW_UPDATEs.
+    /// PING and SETTINGS pay for their ACKs.
     pub(super) fn sent(&mut self, head: Head) {
-        if head.kind == DATA && head.length > 0 {
-            self.earn(2);
+        match head.kind {
+            DATA if head.length > 0 => self.earn(2),
+            PING | SETTINGS if head.flags & ACK == 0 => {
+                self.answers = (self.answers + 1).min(ANSWERS_CAP);
+            }
+            _ => {}
         }
     }
 
     /// A frame the client sent, at `now` (read only for charged frames);
     /// false when it is one too many.
     pub(super) fn received(&mut self, head: Head, now: &mut impl FnMut() -> Instant) -> bool {
+        let answer = matches!(head.kind, PING | SETTINGS) && head.flags & ACK != 0;
+        if answer && self.answers > 0 {
+            self.answers -= 1;
+            return true;
+        }
         match charge(head) {
             Charge::Free => return true,
             Charge::Earns => {
@@ -656,6 +676,21 @@ mod tests {
             assert!(budget.received(head(PRIORITY, 0, 5), &mut now));
         }
         assert!(!budget.received(head(PRIORITY, 0, 5), &mut now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_answers_to_our_pings_and_settings_are_free() {
+        let mut budget = budget_spent(10, 10);
+        let mut now = Instant::now;
+        for _ in 0..100 {
+            budget.sent(head(PING, 0, 8));
+            assert!(budget.received(head(PING, ACK, 8), &mut now));
+        }
+        budget.sent(head(SETTINGS, 0, 6));
+        assert!(budget.received(head(SETTINGS, ACK, 0), &mut now));
+        // Our own ACKs pay for nothing; an ACK of nothing is charged.
+        budget.sent(head(PING, ACK, 8));
+        assert!(!budget.received(head(PING, ACK, 8), &mut now));
     }
 
     fn budget_spent(frames: u32, secs: u64) -> Budget {
