@@ -15,4 +15,5 @@ mod limits_and_drain;
 mod pool;
 mod raw_h2;
 mod rotation;
+mod shared_connection;
 mod tunnel;
