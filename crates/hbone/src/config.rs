@@ -20,10 +20,10 @@ pub struct H2Settings {
     /// `adaptive_windows` is off. Keep it well above `stream_window`: equal
     /// windows have deadlocked in the field.
     pub connection_window: u32,
-    /// Start with small windows and grow them to the bandwidth-delay
-    /// product measured with PINGs while data flows (up to
-    /// `stream_window`, and four stream windows per connection), instead
-    /// of granting the largest windows at once. On by default: every
+    /// Start with small windows (64 KiB per stream, four stream windows
+    /// per connection) and double them, up to `stream_window`, while PINGs
+    /// show the peer filling them without a queue forming, instead of
+    /// granting the largest windows at once. On by default: every
     /// tunnel to a peer shares one connection, and data in flight on it is
     /// a queue that a small request waits behind.
     pub adaptive_windows: bool,

@@ -8,17 +8,25 @@
 //! tunnel queue tens of milliseconds of data on a CPU-bound node, ahead of
 //! every interactive tunnel sharing the connection.
 //!
-//! So the receiving side starts small and grows its windows to the
-//! bandwidth-delay product it measures: a PING's round trip while data
-//! flows, and the bytes that arrived meanwhile. The round trip is taken at
-//! its minimum (a full queue stretches it, and must not count as path),
-//! the bandwidth at its maximum, and the window granted is twice their
-//! product: enough to keep the path busy with a margin, little more. A
-//! path that is faster than the window allows shows it as a higher
-//! bandwidth at the same round trip, and the window doubles; a node that
-//! is slower than its peer shows it as a longer round trip at the same
-//! bandwidth, and the window stays. The same PINGs keep the connection
-//! alive ([`Keepalive`]).
+//! So the receiving side starts small (64 KiB per stream, four times that
+//! for the connection) and grows its windows only where they are what
+//! limits: while data flows, it sends a PING and counts the bytes that
+//! came in during its round trip. A peer held back by the window sends a
+//! window's worth per round trip and then waits, and its round trip stays
+//! at the path's minimum: no queue formed. After [`GROWTH_STREAK`] such
+//! round trips in a row the windows double. A node that is itself the
+//! bottleneck (a busy CPU) has a queue in front of it, which stretches
+//! the round trip well past the minimum, and its windows stay: more
+//! window would only lengthen the queue that every tunnel waits in.
+//!
+//! Rates are not measured: the bytes are counted as tunnels consume them,
+//! which on a busy node comes in bursts from h2's buffers, so a rate from
+//! them would be a fiction. Windows never shrink: a stream window lowered
+//! under data already in flight is a protocol error, and a connection
+//! window lowered under what stalled streams hold would stop the others.
+//! A receiver that is the bottleneck but now and then idle can still see
+//! a queue-free streak and grow; each step needs a fresh streak.
+//! The same PINGs keep the connection alive ([`Keepalive`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,9 +48,9 @@ pub(crate) const STREAMS_PER_CONNECTION_WINDOW: u32 = 4;
 const GROWING_INTERVAL: Duration = Duration::from_millis(20);
 /// The same while the peer sends less than the window allows.
 const STEADY_INTERVAL: Duration = Duration::from_millis(250);
-/// Windows grow by at least an eighth, or not at all: each change costs a
-/// SETTINGS frame, and measurements wobble.
-const LEAST_GROWTH_DIVISOR: u32 = 8;
+/// Filled, queue-free round trips in a row before the windows double: one
+/// could be a busy node's queue that happened to be empty.
+pub(crate) const GROWTH_STREAK: u32 = 3;
 /// A round trip up to this many times the shortest seen still counts as
 /// one without a queue.
 const QUEUE_FREE_RTT: f64 = 1.5;
@@ -87,8 +95,8 @@ impl Windows {
 #[derive(Debug)]
 pub(crate) struct Estimator {
     min_rtt: Option<Duration>,
-    /// Bytes per second.
-    max_bandwidth: f64,
+    /// Filled, queue-free round trips in a row.
+    streak: u32,
     windows: Windows,
     /// The largest stream window granted.
     ceiling: u32,
@@ -100,7 +108,7 @@ impl Estimator {
     pub(crate) fn new(initial: Windows, ceiling: u32) -> Self {
         Estimator {
             min_rtt: None,
-            max_bandwidth: 0.0,
+            streak: 0,
             windows: initial,
             ceiling: ceiling.max(initial.stream),
             filled: false,
@@ -117,20 +125,13 @@ impl Estimator {
         self.filled
     }
 
-    /// Takes one round trip and the bytes received during it; returns the
-    /// new windows when they grow. Windows never shrink: a smaller one
-    /// would strand bytes the peer already sent.
-    ///
-    /// Two ways to grow. The product of the best bandwidth and the
-    /// shortest round trip seen, doubled. And, since a peer held back by
-    /// the window cannot show a higher bandwidth, doubling while the peer
-    /// used at least half the window in a round trip (h2 returns window in
-    /// halves) and the round trip stayed near its minimum: no queue has
-    /// formed yet, so the path could carry more.
-    ///
-    /// `woke` is the burst that started the measurement (received before
-    /// the PING went out), `during` what arrived until its answer: only the
-    /// latter is a rate, but both show how much of the window was used.
+    /// Takes one round trip and the bytes received for it; returns the
+    /// new windows when they grow. `woke` is the burst that started the
+    /// measurement (received before the PING went out), `during` what
+    /// arrived until its answer. A round trip counts towards growth when
+    /// they add up to at least half a stream window (h2 returns window in
+    /// halves, so a peer held back by it may show no more) and it took at
+    /// most [`QUEUE_FREE_RTT`] times the shortest seen.
     pub(crate) fn sample(&mut self, rtt: Duration, woke: u64, during: u64) -> Option<Windows> {
         if rtt.is_zero() {
             return None;
@@ -138,20 +139,20 @@ impl Estimator {
         let min_rtt = *self
             .min_rtt
             .insert(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
-        self.max_bandwidth = self.max_bandwidth.max(during as f64 / rtt.as_secs_f64());
         let stream = self.windows.stream;
-        let mut wanted = 2.0 * self.max_bandwidth * min_rtt.as_secs_f64();
         self.filled = woke + during >= u64::from(stream / 2);
         let unqueued = rtt.as_secs_f64() <= min_rtt.as_secs_f64() * QUEUE_FREE_RTT;
-        if self.filled && unqueued {
-            wanted = wanted.max(2.0 * f64::from(stream));
+        if !(self.filled && unqueued) {
+            self.streak = 0;
+            return None;
         }
-        let wanted = wanted.min(f64::from(self.ceiling)) as u32;
-        let least = stream + stream / LEAST_GROWTH_DIVISOR;
-        (wanted >= least.min(self.ceiling) && wanted > stream).then(|| {
-            self.windows = Windows::for_stream(wanted);
-            self.windows
-        })
+        self.streak += 1;
+        if self.streak < GROWTH_STREAK || stream >= self.ceiling {
+            return None;
+        }
+        self.streak = 0;
+        self.windows = Windows::for_stream(stream.saturating_mul(2).min(self.ceiling));
+        Some(self.windows)
     }
 }
 
@@ -283,85 +284,76 @@ mod tests {
         Estimator::new(Windows::for_stream(MIN_STREAM_WINDOW), 4 << 20)
     }
 
-    #[test]
-    fn a_path_faster_than_the_window_doubles_it() {
-        let mut e = estimator();
-        // 1 ms round trip, a full window each time: the path takes more.
-        let first = e.sample(Duration::from_millis(1), 0, 65_535).unwrap();
-        assert_eq!(first.stream, 131_070);
-        assert_eq!(first.connection, 4 * 131_070);
-        let second = e.sample(Duration::from_millis(1), 0, 4 * 131_070).unwrap();
-        assert_eq!(second.stream, 8 * 131_070);
-    }
-
-    #[test]
-    fn a_longer_round_trip_at_the_same_bandwidth_leaves_the_window() {
-        let mut e = estimator();
-        e.sample(Duration::from_micros(100), 0, 20_000);
-        let settled = e.windows();
-        // The node is the bottleneck: queued bytes stretch the round trip
-        // in proportion, the bandwidth stays.
-        for queued in [2, 4, 8, 16] {
-            let rtt = Duration::from_micros(100 * queued);
-            assert_eq!(e.sample(rtt, 0, 20_000 * queued), None, "queue ×{queued}");
-        }
-        assert_eq!(e.windows(), settled);
+    /// Feeds `n` identical round trips; returns the last answer.
+    fn feed(e: &mut Estimator, n: u32, rtt: Duration, woke: u64, during: u64) -> Option<Windows> {
+        (0..n).map(|_| e.sample(rtt, woke, during)).last().flatten()
     }
 
     #[test]
     fn a_window_the_peer_fills_without_a_queue_doubles() {
         let mut e = estimator();
-        // A long path: half the window per round trip (h2 gives window
-        // back in halves), no higher bandwidth to be seen.
+        // A long path: the burst that woke the measurement, half a window
+        // (h2 gives window back in halves), then nothing until it returns.
         let mut stream = MIN_STREAM_WINDOW;
         for _ in 0..4 {
-            // The burst that woke the measurement; nothing more until the
-            // window comes back.
-            let grown = e.sample(Duration::from_millis(20), u64::from(stream / 2), 0);
-            stream = grown.expect("doubled").stream;
+            let rtt = Duration::from_millis(20);
+            assert_eq!(
+                feed(&mut e, GROWTH_STREAK - 1, rtt, u64::from(stream / 2), 0),
+                None
+            );
+            let grown = e.sample(rtt, u64::from(stream / 2), 0).expect("doubled");
+            assert_eq!(grown.stream, 2 * stream);
+            assert_eq!(
+                grown.connection,
+                STREAMS_PER_CONNECTION_WINDOW * grown.stream
+            );
+            stream = grown.stream;
         }
         assert_eq!(stream, 16 * MIN_STREAM_WINDOW);
         // The round trip grows: a queue formed, the path is full.
-        assert_eq!(
-            e.sample(Duration::from_millis(40), u64::from(stream), 0),
-            None
-        );
+        let queued = Duration::from_millis(40);
+        assert_eq!(feed(&mut e, 10, queued, u64::from(stream), 0), None);
     }
 
     #[test]
-    fn a_burst_is_not_a_rate() {
+    fn a_busy_node_with_a_queue_keeps_its_window() {
         let mut e = estimator();
-        // A window's worth that arrived at once, then a queue-free round
-        // trip: the window doubles for being filled, not for the burst's
-        // apparent speed.
-        let grown = e.sample(Duration::from_micros(100), 65_535, 0).unwrap();
-        assert_eq!(grown.stream, 131_070);
-        // Filled again, but behind a queue (ten times the round trip).
-        assert_eq!(e.sample(Duration::from_millis(1), 131_070, 0), None);
-    }
-
-    #[test]
-    fn a_small_change_is_not_worth_a_settings_frame() {
-        let mut e = estimator();
-        e.sample(Duration::from_millis(1), 0, 1_000);
-        // Queued (twice the shortest round trip); twice the product is
-        // 5 % above the window.
-        assert_eq!(e.sample(Duration::from_millis(2), 0, 68_812), None);
-        // 22 % above.
-        let grown = e.sample(Duration::from_millis(2), 0, 80_000).unwrap();
-        assert_eq!(grown.stream, 80_000);
-    }
-
-    #[test]
-    fn windows_stay_between_the_floor_and_the_ceiling() {
-        let mut e = estimator();
-        assert_eq!(e.sample(Duration::from_micros(50), 0, 100), None);
+        e.sample(Duration::from_micros(100), 0, 1_000);
+        // Megabytes consumed per round trip, but behind a queue that
+        // stretches it ten times and more.
+        for queued in [10, 20, 40] {
+            let rtt = Duration::from_micros(100 * queued);
+            assert_eq!(
+                feed(&mut e, 20, rtt, 1 << 20, 1 << 20),
+                None,
+                "queue ×{queued}"
+            );
+        }
+        // An empty queue now and then is not a streak.
+        for _ in 0..20 {
+            assert_eq!(e.sample(Duration::from_micros(110), 1 << 20, 0), None);
+            assert_eq!(e.sample(Duration::from_millis(2), 1 << 20, 0), None);
+        }
         assert_eq!(e.windows().stream, MIN_STREAM_WINDOW);
+    }
+
+    #[test]
+    fn a_window_the_peer_does_not_fill_stays() {
         let mut e = estimator();
-        let top = e.sample(Duration::from_millis(100), 0, 1 << 30).unwrap();
-        assert_eq!(top.stream, 4 << 20);
-        assert_eq!(e.sample(Duration::from_millis(100), 0, 1 << 31), None);
-        assert_eq!(e.sample(Duration::ZERO, 0, 1 << 20), None);
+        let rtt = Duration::from_millis(1);
+        assert_eq!(feed(&mut e, 50, rtt, 1_024, 1_024), None);
+        assert_eq!(e.windows().stream, MIN_STREAM_WINDOW);
+        assert!(!e.filled());
+    }
+
+    #[test]
+    fn windows_stop_at_the_ceiling() {
+        let mut e = Estimator::new(Windows::for_stream(MIN_STREAM_WINDOW), 100_000);
+        let rtt = Duration::from_millis(5);
+        let top = feed(&mut e, GROWTH_STREAK, rtt, 1 << 20, 0).unwrap();
+        assert_eq!(top.stream, 100_000);
+        assert_eq!(feed(&mut e, 10, rtt, 1 << 20, 0), None);
+        assert_eq!(e.sample(Duration::ZERO, 1 << 20, 0), None);
     }
 
     #[tokio::test]
