@@ -52,8 +52,14 @@ const STEADY_INTERVAL: Duration = Duration::from_millis(250);
 /// could be a busy node's queue that happened to be empty.
 pub(crate) const GROWTH_STREAK: u32 = 3;
 /// A round trip up to this many times the shortest seen still counts as
-/// one without a queue.
+/// one without a queue...
 const QUEUE_FREE_RTT: f64 = 1.5;
+/// ...and so does one up to this much longer than the shortest: on a
+/// short path, wake-ups and context switches move a round trip by more
+/// than its own length. It is also the queueing delay the sizing aims to
+/// stay under, on a node that is the bottleneck: the wait of a small
+/// request behind bulk data.
+const QUEUE_FREE_SLACK: Duration = Duration::from_micros(500);
 
 /// The windows granted to the peer: per stream, and for the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +137,8 @@ impl Estimator {
     /// arrived until its answer. A round trip counts towards growth when
     /// they add up to at least half a stream window (h2 returns window in
     /// halves, so a peer held back by it may show no more) and it took at
-    /// most [`QUEUE_FREE_RTT`] times the shortest seen.
+    /// most [`QUEUE_FREE_RTT`] times the shortest seen, or
+    /// [`QUEUE_FREE_SLACK`] more.
     pub(crate) fn sample(&mut self, rtt: Duration, woke: u64, during: u64) -> Option<Windows> {
         if rtt.is_zero() {
             return None;
@@ -141,7 +148,10 @@ impl Estimator {
             .insert(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
         let stream = self.windows.stream;
         self.filled = woke + during >= u64::from(stream / 2);
-        let unqueued = rtt.as_secs_f64() <= min_rtt.as_secs_f64() * QUEUE_FREE_RTT;
+        let unqueued = rtt
+            <= min_rtt
+                .mul_f64(QUEUE_FREE_RTT)
+                .max(min_rtt + QUEUE_FREE_SLACK);
         if !(self.filled && unqueued) {
             self.streak = 0;
             return None;
@@ -335,6 +345,21 @@ mod tests {
             assert_eq!(e.sample(Duration::from_millis(2), 1 << 20, 0), None);
         }
         assert_eq!(e.windows().stream, MIN_STREAM_WINDOW);
+    }
+
+    #[test]
+    fn on_a_short_path_jitter_under_the_slack_is_no_queue() {
+        let mut e = estimator();
+        e.sample(Duration::from_micros(40), 0, 100);
+        // Six times the shortest round trip, but within the slack.
+        let rtt = Duration::from_micros(240);
+        let grown = feed(&mut e, GROWTH_STREAK, rtt, 65_535, 0).expect("doubled");
+        assert_eq!(grown.stream, 2 * MIN_STREAM_WINDOW);
+        // Past the slack: a queue.
+        assert_eq!(
+            feed(&mut e, 10, Duration::from_micros(700), 1 << 20, 0),
+            None
+        );
     }
 
     #[test]
