@@ -16,16 +16,17 @@
 //! at the path's minimum: no queue formed. After [`GROWTH_STREAK`] such
 //! round trips in a row the windows double. A node that is itself the
 //! bottleneck (a busy CPU) has a queue in front of it, which stretches
-//! the round trip well past the minimum, and its windows stay: more
-//! window would only lengthen the queue that every tunnel waits in.
+//! the round trip well past the minimum: after [`SHRINK_STREAK`] such
+//! round trips in a row the stream window halves (never below the
+//! first), since more window would only lengthen the queue that every
+//! tunnel waits in.
 //!
 //! Rates are not measured: the bytes are counted as tunnels consume them,
 //! which on a busy node comes in bursts from h2's buffers, so a rate from
-//! them would be a fiction. Windows never shrink: a stream window lowered
-//! under data already in flight is a protocol error, and a connection
-//! window lowered under what stalled streams hold would stop the others.
-//! A receiver that is the bottleneck but now and then idle can still see
-//! a queue-free streak and grow; each step needs a fresh streak.
+//! them would be a fiction. A lower stream window is safe: the peer
+//! applies it before it acknowledges the SETTINGS, and until then data
+//! counts against the old one (RFC 9113 §6.9.2). The connection's window
+//! never shrinks: what stalled streams hold of it would stop the others.
 //! The same PINGs keep the connection alive ([`Keepalive`]).
 
 use std::sync::Arc;
@@ -51,6 +52,10 @@ const STEADY_INTERVAL: Duration = Duration::from_millis(250);
 /// Filled, queue-free round trips in a row before the windows double: one
 /// could be a busy node's queue that happened to be empty.
 pub(crate) const GROWTH_STREAK: u32 = 3;
+/// Filled round trips behind a queue in a row before the stream window
+/// halves: the node cannot take what the window lets in, and the surplus
+/// only waits, ahead of every other tunnel.
+pub(crate) const SHRINK_STREAK: u32 = 5;
 /// A round trip up to this many times the shortest seen still counts as
 /// one without a queue...
 const QUEUE_FREE_RTT: f64 = 1.5;
@@ -103,6 +108,8 @@ pub(crate) struct Estimator {
     min_rtt: Option<Duration>,
     /// Filled, queue-free round trips in a row.
     streak: u32,
+    /// Filled round trips behind a queue in a row.
+    queued: u32,
     windows: Windows,
     /// The largest stream window granted.
     ceiling: u32,
@@ -115,6 +122,7 @@ impl Estimator {
         Estimator {
             min_rtt: None,
             streak: 0,
+            queued: 0,
             windows: initial,
             ceiling: ceiling.max(initial.stream),
             filled: false,
@@ -132,7 +140,7 @@ impl Estimator {
     }
 
     /// Takes one round trip and the bytes received for it; returns the
-    /// new windows when they grow. `woke` is the burst that started the
+    /// new windows when they change. `woke` is the burst that started the
     /// measurement (received before the PING went out), `during` what
     /// arrived until its answer. A round trip counts towards growth when
     /// they add up to at least half a stream window (h2 returns window in
@@ -152,17 +160,37 @@ impl Estimator {
             <= min_rtt
                 .mul_f64(QUEUE_FREE_RTT)
                 .max(min_rtt + QUEUE_FREE_SLACK);
-        if !(self.filled && unqueued) {
-            self.streak = 0;
+        if !self.filled {
+            (self.streak, self.queued) = (0, 0);
             return None;
         }
+        if !unqueued {
+            self.streak = 0;
+            self.queued += 1;
+            if self.queued < SHRINK_STREAK || stream <= MIN_STREAM_WINDOW {
+                return None;
+            }
+            self.queued = 0;
+            return Some(self.set_stream((stream / 2).max(MIN_STREAM_WINDOW)));
+        }
+        self.queued = 0;
         self.streak += 1;
         if self.streak < GROWTH_STREAK || stream >= self.ceiling {
             return None;
         }
         self.streak = 0;
-        self.windows = Windows::for_stream(stream.saturating_mul(2).min(self.ceiling));
-        Some(self.windows)
+        Some(self.set_stream(stream.saturating_mul(2).min(self.ceiling)))
+    }
+
+    /// A new stream window; the connection's follows it up, never down:
+    /// what a stalled stream holds of it would stop the others.
+    fn set_stream(&mut self, stream: u32) -> Windows {
+        let connection = stream.saturating_mul(STREAMS_PER_CONNECTION_WINDOW);
+        self.windows = Windows {
+            stream,
+            connection: connection.max(self.windows.connection),
+        };
+        self.windows
     }
 }
 
@@ -275,7 +303,7 @@ pub(crate) async fn ping(
                 tracing::trace!(
                     stream = new.stream,
                     connection = new.connection,
-                    "flow-control windows grow"
+                    "flow-control windows change"
                 );
                 windows.send_replace(new);
                 GROWING_INTERVAL
@@ -322,7 +350,10 @@ mod tests {
         assert_eq!(stream, 16 * MIN_STREAM_WINDOW);
         // The round trip grows: a queue formed, the path is full.
         let queued = Duration::from_millis(40);
-        assert_eq!(feed(&mut e, 10, queued, u64::from(stream), 0), None);
+        assert_eq!(
+            feed(&mut e, SHRINK_STREAK - 1, queued, u64::from(stream), 0),
+            None
+        );
     }
 
     #[test]
@@ -360,6 +391,28 @@ mod tests {
             feed(&mut e, 10, Duration::from_micros(700), 1 << 20, 0),
             None
         );
+    }
+
+    #[test]
+    fn a_window_filled_behind_a_queue_halves_back_to_the_first() {
+        let mut e = estimator();
+        let short = Duration::from_millis(1);
+        feed(&mut e, 3 * GROWTH_STREAK, short, 1 << 20, 0).unwrap();
+        assert_eq!(e.windows().stream, 8 * MIN_STREAM_WINDOW);
+        let peak = e.windows().connection;
+        // Behind a queue: ten times the round trip.
+        let long = Duration::from_millis(10);
+        assert_eq!(feed(&mut e, SHRINK_STREAK - 1, long, 1 << 20, 0), None);
+        let halved = e.sample(long, 1 << 20, 0).expect("halved");
+        assert_eq!(halved.stream, 4 * MIN_STREAM_WINDOW);
+        assert_eq!(halved.connection, peak, "the connection's window stays");
+        feed(&mut e, 4 * SHRINK_STREAK, long, 1 << 20, 0);
+        assert_eq!(
+            e.windows().stream,
+            MIN_STREAM_WINDOW,
+            "never below the first"
+        );
+        assert_eq!(feed(&mut e, 4 * SHRINK_STREAK, long, 1 << 20, 0), None);
     }
 
     #[test]
