@@ -9,6 +9,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::support::*;
+use super::wire::{NO_ERROR, Wire};
 use crate::common::*;
 
 /// With at most 5 connections per source IP and a healthy tunnel already
@@ -73,4 +74,33 @@ async fn connection_flood_from_one_ip_is_capped() {
     .await;
     assert_serves(&server, &pki).await;
     alongside.finish().await;
+}
+
+/// A client that completes the handshakes and never opens a stream is
+/// told to go with GOAWAY(NO_ERROR), read here off the wire, once the
+/// connection has been idle for the limit, and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_gets_goaway_no_error_after_the_limit() {
+    const IDLE: Duration = Duration::from_millis(300);
+    let _gate = shared().await;
+    let pki = Pki::new();
+    let mut config = ServerConfig::new(loopback(), pki.server.clone());
+    config.timeouts.connection_idle = IDLE;
+    let server = start_server(config).await;
+    // Taken before the handshakes, so before the server's idle clock.
+    let opened = std::time::Instant::now();
+    let mut wire = Wire::open(server.addr, &pki).await;
+    assert!(
+        wire.wait(Duration::from_secs(10), |w| w.goaway().is_some())
+            .await,
+        "no GOAWAY for an idle connection: the connection ended with {:?}",
+        wire.end
+    );
+    let after = opened.elapsed();
+    assert!(
+        after >= IDLE,
+        "GOAWAY after {after:?}, before the idle limit"
+    );
+    assert_eq!(wire.goaway().map(|(_, code)| code), Some(NO_ERROR));
+    assert_serves(&server, &pki).await;
 }
