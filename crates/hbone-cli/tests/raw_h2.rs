@@ -11,7 +11,8 @@ use h2::client::SendRequest;
 use hbone::ServerConfig;
 use http::{Method, Request, StatusCode};
 
-async fn raw_h2(server: SocketAddr, pki: &Pki) -> SendRequest<Bytes> {
+/// A raw `h2` client connection to `server`, with the client identity.
+pub async fn raw_h2(server: SocketAddr, pki: &Pki) -> SendRequest<Bytes> {
     let tls = raw_tls(server, Some(&pki.client)).await.unwrap();
     let (send, connection) = h2::client::handshake(tls).await.unwrap();
     tokio::spawn(async move {

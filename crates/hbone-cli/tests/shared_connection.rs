@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::common::*;
+use crate::raw_h2::raw_h2;
 use bytes::Bytes;
 use h2::SendStream;
 use h2::client::SendRequest;
@@ -21,15 +22,6 @@ const FIRST_STREAM_WINDOW: usize = 65_535;
 const LARGEST_STREAM_WINDOW: usize = 4 << 20;
 /// How long a stream may wait for window before the test calls it stalled.
 const STALL: Duration = Duration::from_secs(2);
-
-async fn connect(server: SocketAddr, pki: &Pki) -> SendRequest<Bytes> {
-    let tls = raw_tls(server, Some(&pki.client)).await.unwrap();
-    let (send, connection) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    send
-}
 
 async fn open(
     send: &SendRequest<Bytes>,
@@ -78,7 +70,7 @@ async fn a_stalled_tunnel_holds_one_window_and_its_neighbour_keeps_going() {
         std::future::pending::<()>().await;
         drop(socket);
     });
-    let send = connect(server.addr, &pki).await;
+    let send = raw_h2(server.addr, &pki).await;
 
     // Before anything is measured, a stream gets one small window.
     let (mut bulk, _bulk_recv) = open(&send, stalled_addr).await;
