@@ -1752,3 +1752,55 @@ async fn systemd_hears_ready_reloading_and_stopping() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// The first window a client gets from `hbone server` (with `flags`) on a
+/// new stream: CONNECT to an echo target, then ask for 1 MiB.
+async fn first_grant(dir: &Path, flags: &[&str]) -> usize {
+    let echo = start_echo().await;
+    let server_dir = path(dir, "server");
+    let mut args = vec![
+        "server",
+        "--identity-dir",
+        &server_dir,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(flags);
+    let (_server, server) = spawn_ready(&args).await;
+    let client = hbone::Identity::from_dir(dir.join("client")).unwrap();
+    let tls = raw_tls(server, Some(&client)).await.unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(echo.to_string())
+        .body(())
+        .unwrap();
+    let mut send = send.ready().await.unwrap();
+    let (response, mut stream) = send.send_request(request, false).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("the server answers CONNECT")
+        .unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    stream.reserve_capacity(1 << 20);
+    let granted = std::future::poll_fn(|cx| stream.poll_capacity(cx));
+    tokio::time::timeout(Duration::from_secs(10), granted)
+        .await
+        .expect("the stream gets window")
+        .expect("the stream is open")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_windows_grant_the_largest_window_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let sized = first_grant(dir.path(), &[]).await;
+    assert!(
+        sized <= 65_535,
+        "sized windows start at 64 KiB, not {sized}"
+    );
+    let fixed = first_grant(dir.path(), &["--fixed-windows"]).await;
+    assert!(fixed > 4 * 65_535, "--fixed-windows granted only {fixed}");
+}

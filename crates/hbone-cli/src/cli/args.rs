@@ -260,6 +260,13 @@ pub(super) struct ServeArgs {
     /// signal exits at once.
     #[arg(long, default_value = "30s", value_parser = parse_drain_timeout)]
     pub(super) drain_timeout: Duration,
+    /// Grant clients the largest flow-control windows (4 MiB per stream,
+    /// 16 MiB per connection) at once, instead of starting at 64 KiB and
+    /// sizing them to what each connection carries: more throughput for
+    /// many bulk tunnels through a busy node, longer waits for the small
+    /// requests that share their connection.
+    #[arg(long)]
+    pub(super) fixed_windows: bool,
 }
 
 impl ServeArgs {
@@ -281,6 +288,7 @@ impl ServeArgs {
             .with_max_tunnels(self.max_tunnels)
             .with_max_control_frames(self.max_control_frames, self.control_frame_window);
         config.h2.max_concurrent_streams = self.max_streams;
+        config.h2.adaptive_windows = !self.fixed_windows;
     }
 }
 
@@ -326,6 +334,10 @@ pub(super) struct DialArgs {
     /// of double HBONE.
     #[arg(long, value_name = "NAME")]
     pub(super) network: Option<String>,
+    /// Grant servers the largest flow-control windows at once (see
+    /// `hbone server --fixed-windows`), for what they send back.
+    #[arg(long)]
+    pub(super) fixed_windows: bool,
 }
 
 impl DialArgs {
@@ -360,6 +372,7 @@ impl DialArgs {
             .with_baggage(self.meta.baggage(identity.id()))
             .with_telemetry(telemetry);
         config.network = self.network.clone();
+        config.h2.adaptive_windows = !self.fixed_windows;
         Ok(Dialer::with_config(identity, config)?)
     }
 
