@@ -334,8 +334,9 @@ pub(super) struct DialArgs {
     /// of double HBONE.
     #[arg(long, value_name = "NAME")]
     pub(super) network: Option<String>,
-    /// Grant servers the largest flow-control windows at once (see
-    /// `hbone server --fixed-windows`), for what they send back.
+    /// Grant servers the largest flow-control windows (4 MiB per stream,
+    /// 16 MiB per connection) at once for what they send back, instead of
+    /// sizing them to what each connection carries.
     #[arg(long)]
     pub(super) fixed_windows: bool,
 }
