@@ -332,6 +332,18 @@ async fn data_beyond_the_window_is_a_flow_control_error() {
     let hole = BlackHole::start().await;
     let (echo, _) = counting_echo().await;
     let mut wire = Wire::open(server.addr, &pki).await;
+    // The connection's window is 65,535 bytes until the server's first
+    // WINDOW_UPDATE on stream 0; only then is 80 KiB a stream-level excess
+    // rather than a connection-level one.
+    assert!(
+        wire.wait(5 * SECOND, |w| w
+            .frames
+            .iter()
+            .any(|f| f.kind == WINDOW_UPDATE && f.stream == 0))
+            .await,
+        "no connection WINDOW_UPDATE: end {:?}",
+        wire.end
+    );
     let block = connect_block(&hole.addr.to_string(), &[]);
     wire.send(&frame(HEADERS, END_HEADERS, 1, &block))
         .await
