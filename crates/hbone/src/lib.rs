@@ -96,6 +96,8 @@ pub mod entry;
 pub mod gateway;
 pub mod headers;
 pub mod identity;
+#[cfg(feature = "istio-ca")]
+pub mod istio_ca;
 pub mod keepalive;
 pub mod lifecycle;
 pub mod metrics;
