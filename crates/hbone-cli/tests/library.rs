@@ -11,6 +11,7 @@ mod double_hbone;
 mod handshake;
 mod headers;
 mod identity_files;
+mod istio_ca;
 mod limits_and_drain;
 mod pool;
 mod raw_h2;

@@ -2,6 +2,8 @@
 //! loopback, and payload helpers.
 #![allow(dead_code)]
 
+pub mod istio_ca;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -387,12 +387,7 @@ impl IstioCa {
         mut on_event: impl FnMut(Renewal<'_>) -> Result<(), String>,
     ) {
         let mut expires = current.expires_at().unwrap_or_else(SystemTime::now);
-        let mut wait = match current.validity() {
-            Some((issued, expires)) => {
-                schedule::renewal_delay(issued, expires, SystemTime::now(), schedule::jitter())
-            }
-            None => Duration::ZERO,
-        };
+        let mut wait = next_renewal(&current);
         let mut failures = 0u32;
         loop {
             tokio::time::sleep(wait).await;
@@ -409,15 +404,7 @@ impl IstioCa {
                 Ok(identity) => {
                     failures = 0;
                     expires = identity.expires_at().unwrap_or_else(SystemTime::now);
-                    wait = match identity.validity() {
-                        Some((issued, expires)) => schedule::renewal_delay(
-                            issued,
-                            expires,
-                            SystemTime::now(),
-                            schedule::jitter(),
-                        ),
-                        None => schedule::MAX_RETRY,
-                    };
+                    wait = next_renewal(&identity);
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
@@ -429,6 +416,19 @@ impl IstioCa {
                 }
             }
         }
+    }
+}
+
+/// The wait before renewing `identity`, just received. CAs backdate the
+/// start of validity for clocks that run behind (minutes, on certificates
+/// that may live seconds in tests), so the lifetime counts from now.
+fn next_renewal(identity: &Identity) -> Duration {
+    let now = SystemTime::now();
+    match identity.validity() {
+        Some((issued, expires)) => {
+            schedule::renewal_delay(issued.max(now), expires, now, schedule::jitter())
+        }
+        None => Duration::ZERO,
     }
 }
 
