@@ -59,8 +59,9 @@ pub(super) fn run_ca(command: CaCommand) -> anyhow::Result<()> {
 }
 
 pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()> {
-    let identity = args.identity.load()?;
+    let identity = args.identity.obtain().await?;
     ops.identity_in_use(&identity);
+    let first = identity.clone();
     let baggage = args.meta.baggage(identity.id());
     let mut config = ServerConfig::new(args.listen, identity);
     ops.equip(&mut config);
@@ -95,11 +96,9 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
         watch_services(path, server.services(), ops);
     }
     let tls = server.tls();
-    watch_identity(
-        args.identity,
-        ops,
-        move |identity| Ok(tls.reload(identity)?),
-    );
+    watch_identity(args.identity, first, ops, move |identity| {
+        Ok(tls.reload(identity)?)
+    });
     ops.serve(server, args.serve.drain_timeout).await
 }
 
@@ -217,11 +216,16 @@ fn watch_services(path: PathBuf, handle: ServicesHandle, ops: &Ops) {
 /// not match its certificate is refused, and the identity in use stays.
 fn watch_identity(
     args: IdentityArgs,
+    first: hbone::Identity,
     ops: &Ops,
     apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
 ) {
+    if let Some(ca) = args.istio_ca() {
+        tokio::spawn(renew_from_istio_ca(ca, first, ops, apply));
+        return;
+    }
     // The identity in use, for the hourly expiry check.
-    let mut current = args.read().ok();
+    let mut current = Some(first);
     let metrics = ops.telemetry.metrics.clone();
     let readiness = ops.readiness.clone();
     tokio::spawn(watch(args.files(), move |event| match event {
@@ -255,6 +259,54 @@ fn watch_identity(
             }
         },
     }));
+}
+
+/// Keeps the Istio CA's certificate fresh: each new one goes to `apply`
+/// (new handshakes use it, open tunnels continue); a failure leaves the
+/// one in use until it expires, and readiness fails only then.
+fn renew_from_istio_ca(
+    ca: hbone::istio_ca::IstioCa,
+    first: hbone::Identity,
+    ops: &Ops,
+    apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    use hbone::istio_ca::Renewal;
+    let metrics = ops.telemetry.metrics.clone();
+    let readiness = ops.readiness.clone();
+    let count = move |succeeded| {
+        if let Some(metrics) = &metrics {
+            metrics.renewal("istio-ca", succeeded);
+        }
+    };
+    let published = ops.telemetry.metrics.clone();
+    async move {
+        ca.keep_renewed(first, move |event| match event {
+            Renewal::Renewed(identity) => {
+                apply(identity).map_err(|e| format!("{e:#}"))?;
+                count(true);
+                if let Some((_, expires)) = identity.validity() {
+                    if let Some(metrics) = &published {
+                        metrics.certificate(identity.id(), expires);
+                    }
+                    readiness.certificate(&identity.id().to_string(), expires);
+                }
+                tracing::info!(
+                    id = %identity.id(), valid_s = super::args::seconds_left(identity),
+                    "certificate renewed by the Istio CA; new handshakes use it"
+                );
+                Ok(())
+            }
+            Renewal::Failed { error, retry_in } => {
+                count(false);
+                tracing::warn!(
+                    retry_in_s = retry_in.as_secs_f64(),
+                    "certificate not renewed; the one in use stays until it expires: {error}"
+                );
+                Ok(())
+            }
+        })
+        .await;
+    }
 }
 
 pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
@@ -311,8 +363,9 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
 }
 
 pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<()> {
-    let identity = args.identity.load()?;
+    let identity = args.identity.obtain().await?;
     ops.identity_in_use(&identity);
+    let first = identity.clone();
     let routes = Routes::load(&args.routes)?;
     let mut config = ServerConfig::new(args.listen, identity);
     ops.equip(&mut config);
@@ -334,11 +387,9 @@ pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<
         routes = route_count, "HBONE gateway ready"
     );
     let tls = server.tls();
-    watch_identity(
-        args.identity,
-        ops,
-        move |identity| Ok(tls.reload(identity)?),
-    );
+    watch_identity(args.identity, first, ops, move |identity| {
+        Ok(tls.reload(identity)?)
+    });
     ops.serve(server, args.serve.drain_timeout).await
 }
 
@@ -350,9 +401,9 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
 
 pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<()> {
     let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
-    let dialer = args.dial.dialer(ops)?;
+    let (dialer, first) = args.dial.dialer(ops).await?;
     let reloading = dialer.clone();
-    watch_identity(args.dial.identity.clone(), ops, move |identity| {
+    watch_identity(args.dial.identity.clone(), first, ops, move |identity| {
         Ok(reloading.reload_identity(identity)?)
     });
     let listener = bind(args.listen).await?;
@@ -420,7 +471,7 @@ async fn close_connections(dialer: &hbone::Dialer, limit: Duration) {
 
 pub(super) async fn run_connect(args: ConnectArgs) -> anyhow::Result<()> {
     let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
-    let dialer = args.dial.dialer_without_telemetry()?;
+    let dialer = args.dial.dialer_without_telemetry().await?;
     let result = entry::stdio::run(&dialer, &destination).await;
     close_connections(&dialer, CONNECT_CLOSE_LIMIT).await;
     result?;
@@ -440,9 +491,9 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
         }),
         (Some(_), Some(_)) => anyhow::bail!("give either --server or --gateway, not both"),
     };
-    let dialer = args.dial.dialer(ops)?;
+    let (dialer, first) = args.dial.dialer(ops).await?;
     let reloading = dialer.clone();
-    watch_identity(args.dial.identity.clone(), ops, move |identity| {
+    watch_identity(args.dial.identity.clone(), first, ops, move |identity| {
         Ok(reloading.reload_identity(identity)?)
     });
     let listener = bind(args.listen).await?;
