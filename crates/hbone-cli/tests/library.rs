@@ -18,3 +18,4 @@ mod raw_h2;
 mod rotation;
 mod shared_connection;
 mod tunnel;
+mod workload_api;

@@ -268,7 +268,7 @@ impl DevCa {
 }
 
 /// A leaf as Istio issues them: empty subject, the SPIFFE ID as the URI
-/// SAN, usable at either end of a tunnel.
+/// SAN, not a CA, usable at either end of a tunnel.
 fn leaf_params(
     id: &SpiffeId,
     not_before: OffsetDateTime,
@@ -286,6 +286,9 @@ fn leaf_params(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
+    // `CA:FALSE` spelled out, as Istio's leaves have it and as X.509-SVID
+    // parsers (the spiffe crate's among them) require.
+    params.is_ca = IsCa::ExplicitNoCa;
     params.serial_number = Some(random_serial());
     set_validity(&mut params, not_before, validity);
     Ok(params)

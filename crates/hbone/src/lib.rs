@@ -116,6 +116,8 @@ pub mod tls;
 #[cfg(feature = "files")]
 mod toml_error;
 mod window;
+#[cfg(feature = "workload-api")]
+pub mod workload_api;
 mod x509;
 
 /// Istio's HBONE port: where ztunnel listens for tunnels, and where this

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod istio_ca;
+pub mod workload_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
