@@ -213,3 +213,106 @@ async fn identity_source_mistakes_stop_the_start_with_clear_errors() {
         "{stderr}"
     );
 }
+
+/// A server whose identity and bundle come from a Workload API agent: an
+/// SVID rotation and a bundle update are used live; a client from a CA
+/// the bundle does not hold yet is refused, then accepted once the agent
+/// adds that CA, while a tunnel open across both updates carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_follows_the_workload_api_for_rotations_and_bundles() {
+    use crate::common::workload_api::{TestAgent, svid};
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Pki::new();
+    let agent = TestAgent::start(dir.path(), &svid(&mesh.ca, SERVER_ID), mesh.ca.cert_pem()).await;
+    let (_server, server, server_log) = spawn(&[
+        "server".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--workload-api".into(),
+        agent.endpoint(),
+    ])
+    .await;
+    log_lines(&server_log, "identity from the SPIFFE Workload API", 1).await;
+    let first = presented_cert(server).await;
+
+    // Clients with files: one from the mesh CA, one from a CA the server
+    // does not trust yet (both trust the mesh CA, the server's issuer).
+    let ours = svid(&mesh.ca, CLIENT_ID);
+    ours.save(dir.path().join("ours")).unwrap();
+    let newcomer = Pki::new();
+    let mut theirs = svid(&newcomer.ca, CLIENT_ID);
+    theirs.bundle_pem = mesh.ca.cert_pem().to_owned();
+    theirs.save(dir.path().join("theirs")).unwrap();
+    let echo = start_echo().await;
+    let forward = |name: &'static str| {
+        let identity = dir.path().join(name);
+        async move {
+            spawn(&[
+                "forward".into(),
+                "--identity-dir".into(),
+                identity.to_str().unwrap().into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--server".into(),
+                server.to_string(),
+                "--server-id".into(),
+                SERVER_ID.into(),
+                "--target".into(),
+                echo.to_string(),
+            ])
+            .await
+        }
+    };
+    let (_ours_forward, ours_entry, _) = forward("ours").await;
+    let (_theirs_forward, theirs_entry, _) = forward("theirs").await;
+    let mut open = TcpStream::connect(ours_entry).await.unwrap();
+    let mut back = [0u8; 5];
+    open.write_all(b"early").await.unwrap();
+    open.read_exact(&mut back).await.unwrap();
+    assert_refused(theirs_entry).await;
+
+    // Rotation: same CA, new SVID.
+    agent.push(&svid(&mesh.ca, SERVER_ID), mesh.ca.cert_pem());
+    log_lines(
+        &server_log,
+        "identity updated by the SPIFFE Workload API",
+        1,
+    )
+    .await;
+    assert_ne!(presented_cert(server).await, first);
+    assert_refused(theirs_entry).await;
+
+    // Bundle update: the newcomer's CA joins the trust bundle.
+    let both = format!("{}{}", mesh.ca.cert_pem(), newcomer.ca.cert_pem());
+    agent.push(&svid(&mesh.ca, SERVER_ID), &both);
+    log_lines(
+        &server_log,
+        "identity updated by the SPIFFE Workload API",
+        2,
+    )
+    .await;
+    let data = payload(9, 50_000);
+    assert_eq!(echo_through(theirs_entry, &data).await, data);
+
+    open.write_all(b"later").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), open.read_exact(&mut back))
+        .await
+        .expect("the open tunnel stalled across updates")
+        .unwrap();
+    assert_eq!(&back, b"later");
+}
+
+/// A forward whose tunnel the server refuses: the entry closes the
+/// client's connection without echoing anything.
+async fn assert_refused(entry: SocketAddr) {
+    let mut stream = TcpStream::connect(entry).await.unwrap();
+    let _ = stream.write_all(b"probe").await;
+    let mut buf = [0u8; 5];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+        .await
+        .expect("the refused tunnel neither answered nor closed");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "echoed through an untrusted client: {read:?}"
+    );
+}

@@ -17,6 +17,7 @@ use hbone::istio_ca::{IstioCa, IstioCaConfig};
 use hbone::keepalive::Keepalive;
 use hbone::policy::{IdPattern, TargetRule};
 use hbone::server::Limits;
+use hbone::workload_api::WorkloadApi;
 use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
 /// Where this process's certificate, key and trust bundle come from.
@@ -67,23 +68,61 @@ pub(super) struct IdentityArgs {
     /// Certificate lifetime to ask the Istio CA for (it may shorten it).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
     pub(super) cert_lifetime: Duration,
+    /// Take the identity from the SPIFFE Workload API at this endpoint
+    /// (e.g. unix:///run/spire/agent.sock, as SPIFFE_ENDPOINT_SOCKET holds
+    /// it) instead of files: the agent's default SVID and its trust
+    /// domain's bundle, rotated live on every update the agent streams.
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        conflicts_with_all = ["identity_dir", "cert", "key", "trust_bundle", "istio_ca"]
+    )]
+    pub(super) workload_api: Option<String>,
 }
+
+/// An identity as first obtained, with the live Workload API stream it
+/// came from (kept open for the updates that follow).
+pub(super) struct Obtained {
+    pub(super) identity: Identity,
+    pub(super) workload_api: Option<WorkloadApi>,
+}
+
+/// How long the first SVID from the Workload API may take at start.
+const WORKLOAD_API_FIRST_SYNC: Duration = Duration::from_secs(15);
 
 impl IdentityArgs {
     /// Gets the identity (from the Istio CA when one is set, else from
     /// files), logs it and warns when it nears expiry.
-    pub(super) async fn obtain(&self) -> anyhow::Result<Identity> {
-        let Some(ca) = self.istio_ca() else {
-            return self.load();
+    pub(super) async fn obtain(&self) -> anyhow::Result<Obtained> {
+        if let Some(endpoint) = &self.workload_api {
+            let api = WorkloadApi::connect(endpoint, WORKLOAD_API_FIRST_SYNC).await?;
+            let identity = api.identity()?;
+            tracing::info!(
+                id = %identity.id(), endpoint = %endpoint,
+                valid_s = seconds_left(&identity),
+                "identity from the SPIFFE Workload API"
+            );
+            return Ok(Obtained {
+                identity,
+                workload_api: Some(api),
+            });
+        }
+        let identity = match self.istio_ca() {
+            None => self.load()?,
+            Some(ca) => {
+                let identity = ca.issue().await?;
+                tracing::info!(
+                    id = %identity.id(), ca = %ca.config().address,
+                    valid_s = seconds_left(&identity),
+                    "certificate issued by the Istio CA"
+                );
+                identity
+            }
         };
-        let config = ca.config();
-        let identity = ca.issue().await?;
-        tracing::info!(
-            id = %identity.id(), ca = %config.address,
-            valid_s = seconds_left(&identity),
-            "certificate issued by the Istio CA"
-        );
-        Ok(identity)
+        Ok(Obtained {
+            identity,
+            workload_api: None,
+        })
     }
 
     /// The Istio CA client, when the identity comes from one.
@@ -139,7 +178,7 @@ impl IdentityArgs {
                     Identity::from_files(cert, key, bundle)?
                 }
                 _ => bail!(
-                    "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle, or --istio-ca with --istio-ca-root, --token-file and --id"
+                    "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle, or --istio-ca with --istio-ca-root, --token-file and --id, or --workload-api ENDPOINT"
                 ),
             },
         )
@@ -420,16 +459,16 @@ impl DialArgs {
     /// The dialer, counting into `ops`' telemetry.
     /// The dialer, counting into `ops`' telemetry, and the identity it
     /// started with.
-    pub(super) async fn dialer(&self, ops: &super::ops::Ops) -> anyhow::Result<(Dialer, Identity)> {
-        let identity = self.identity.obtain().await?;
-        ops.identity_in_use(&identity);
-        let dialer = self.dialer_with(&identity, ops.telemetry.clone())?;
-        Ok((dialer, identity))
+    pub(super) async fn dialer(&self, ops: &super::ops::Ops) -> anyhow::Result<(Dialer, Obtained)> {
+        let obtained = self.identity.obtain().await?;
+        ops.identity_in_use(&obtained.identity);
+        let dialer = self.dialer_with(&obtained.identity, ops.telemetry.clone())?;
+        Ok((dialer, obtained))
     }
 
     /// The dialer of a one-shot command (nothing to report to).
     pub(super) async fn dialer_without_telemetry(&self) -> anyhow::Result<Dialer> {
-        self.dialer_with(&self.identity.obtain().await?, Default::default())
+        self.dialer_with(&self.identity.obtain().await?.identity, Default::default())
     }
 
     fn dialer_with(

@@ -59,9 +59,9 @@ pub(super) fn run_ca(command: CaCommand) -> anyhow::Result<()> {
 }
 
 pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()> {
-    let identity = args.identity.obtain().await?;
+    let first = args.identity.obtain().await?;
+    let identity = first.identity.clone();
     ops.identity_in_use(&identity);
-    let first = identity.clone();
     let baggage = args.meta.baggage(identity.id());
     let mut config = ServerConfig::new(args.listen, identity);
     ops.equip(&mut config);
@@ -216,16 +216,20 @@ fn watch_services(path: PathBuf, handle: ServicesHandle, ops: &Ops) {
 /// not match its certificate is refused, and the identity in use stays.
 fn watch_identity(
     args: IdentityArgs,
-    first: hbone::Identity,
+    first: super::args::Obtained,
     ops: &Ops,
     apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
 ) {
+    if let Some(api) = first.workload_api {
+        tokio::spawn(follow_workload_api(api, first.identity, ops, apply));
+        return;
+    }
     if let Some(ca) = args.istio_ca() {
-        tokio::spawn(renew_from_istio_ca(ca, first, ops, apply));
+        tokio::spawn(renew_from_istio_ca(ca, first.identity, ops, apply));
         return;
     }
     // The identity in use, for the hourly expiry check.
-    let mut current = Some(first);
+    let mut current = Some(first.identity);
     let metrics = ops.telemetry.metrics.clone();
     let readiness = ops.readiness.clone();
     tokio::spawn(watch(args.files(), move |event| match event {
@@ -259,6 +263,58 @@ fn watch_identity(
             }
         },
     }));
+}
+
+/// Puts every identity the Workload API streams in use (new handshakes
+/// use it, open tunnels continue). Should the stream end for good, the
+/// identity in use stays until it expires.
+fn follow_workload_api(
+    api: hbone::workload_api::WorkloadApi,
+    first: hbone::Identity,
+    ops: &Ops,
+    apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let metrics = ops.telemetry.metrics.clone();
+    let readiness = ops.readiness.clone();
+    async move {
+        let mut in_use = first;
+        api.keep_updated(move |update| {
+            let unchanged = |new: &hbone::Identity| {
+                new.chain() == in_use.chain() && new.bundle() == in_use.bundle()
+            };
+            let outcome = match update {
+                Ok(identity) if unchanged(&identity) => return,
+                Ok(identity) => apply(&identity).map(|()| identity),
+                Err(e) => Err(e.into()),
+            };
+            if let Some(metrics) = &metrics {
+                metrics.renewal("workload-api", outcome.is_ok());
+            }
+            match outcome {
+                Ok(identity) => {
+                    if let Some((_, expires)) = identity.validity() {
+                        if let Some(metrics) = &metrics {
+                            metrics.certificate(identity.id(), expires);
+                        }
+                        readiness.certificate(&identity.id().to_string(), expires);
+                    }
+                    tracing::info!(
+                        id = %identity.id(), valid_s = super::args::seconds_left(&identity),
+                        "identity updated by the SPIFFE Workload API; new handshakes use it"
+                    );
+                    in_use = identity;
+                }
+                Err(e) => {
+                    tracing::warn!("Workload API update not used; the identity in use stays: {e:#}")
+                }
+            }
+        })
+        .await;
+        tracing::warn!(
+            endpoint = api.endpoint(),
+            "the SPIFFE Workload API stream ended; the identity in use stays until it expires"
+        );
+    }
 }
 
 /// Keeps the Istio CA's certificate fresh: each new one goes to `apply`
@@ -363,9 +419,9 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
 }
 
 pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<()> {
-    let identity = args.identity.obtain().await?;
+    let first = args.identity.obtain().await?;
+    let identity = first.identity.clone();
     ops.identity_in_use(&identity);
-    let first = identity.clone();
     let routes = Routes::load(&args.routes)?;
     let mut config = ServerConfig::new(args.listen, identity);
     ops.equip(&mut config);

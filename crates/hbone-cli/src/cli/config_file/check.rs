@@ -256,11 +256,12 @@ fn start_up_rules(
         && !given("identity-dir")
         && !given("cert")
         && !given("istio-ca")
+        && !given("workload-api")
     {
         return Err(src.error(
             section.line,
             label,
-            "no identity: set identity-dir, or cert, key and trust-bundle, or istio-ca",
+            "no identity: set identity-dir, or cert, key and trust-bundle, or istio-ca, or workload-api",
         ));
     }
     if has("server") && has("gateway") {
