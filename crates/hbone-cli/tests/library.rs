@@ -8,6 +8,7 @@ mod common;
 mod admin_limits;
 mod clean_close;
 mod double_hbone;
+mod federation;
 mod handshake;
 mod headers;
 mod identity_files;

@@ -61,6 +61,28 @@ async fn the_agent_svid_and_bundle_become_the_identity_and_updates_rotate_it() {
     let moved = next(&mut updates).await;
     assert_eq!(moved.bundle(), third.identity().unwrap().bundle());
     assert_ne!(moved.bundle(), rotated.bundle());
+    assert!(moved.federated_bundles().is_empty());
+
+    // Federation: the partner's bundle arrives beside ours.
+    let partner = hbone::ca::DevCa::generate("partner.example", DAY).unwrap();
+    agent.push_federated(
+        &third,
+        other.ca.cert_pem(),
+        &[("partner.example", partner.cert_pem())],
+    );
+    let federated = next(&mut updates).await;
+    let partner_roots = federated.federated_bundles().get("partner.example");
+    assert_eq!(
+        partner_roots.map(Vec::len),
+        Some(1),
+        "{:?}",
+        federated.federated_bundles().keys()
+    );
+    assert_eq!(
+        federated.bundle(),
+        moved.bundle(),
+        "our own bundle unchanged"
+    );
     watching.abort();
 }
 

@@ -242,7 +242,13 @@ pub struct Identity {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     bundle: Vec<CertificateDer<'static>>,
+    /// Roots of other trust domains (SPIFFE federation), by trust domain.
+    federated: FederatedBundles,
 }
+
+/// Trust bundles of federated trust domains: each domain's peers are
+/// verified against its own roots only.
+pub type FederatedBundles = std::collections::BTreeMap<String, Vec<CertificateDer<'static>>>;
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
@@ -251,6 +257,7 @@ impl Clone for Identity {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             bundle: self.bundle.clone(),
+            federated: self.federated.clone(),
         }
     }
 }
@@ -261,6 +268,7 @@ impl fmt::Debug for Identity {
             .field("id", &self.id)
             .field("chain_len", &self.chain.len())
             .field("bundle_len", &self.bundle.len())
+            .field("federated", &self.federated.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -342,6 +350,7 @@ impl Identity {
             chain,
             key,
             bundle,
+            federated: FederatedBundles::new(),
         };
         identity.check_key_matches(cert_path, key_path)?;
         Ok(identity)
@@ -367,6 +376,7 @@ impl Identity {
             chain,
             key,
             bundle,
+            federated: FederatedBundles::new(),
         };
         identity.check_key_matches(cert_path, key_path)?;
         Ok(identity)
@@ -388,6 +398,23 @@ impl Identity {
                 cert_path.display()
             ))
         })
+    }
+
+    /// Adds the roots of other trust domains (SPIFFE federation). A peer
+    /// of such a domain is verified against its domain's roots only, and a
+    /// server admits it only when its policy names the peer's identity.
+    /// An entry for this identity's own trust domain is ignored: its roots
+    /// are the bundle.
+    pub fn with_federated_bundles(mut self, mut bundles: FederatedBundles) -> Self {
+        bundles.remove(self.id.trust_domain());
+        bundles.retain(|_, roots| !roots.is_empty());
+        self.federated = bundles;
+        self
+    }
+
+    /// The roots of federated trust domains, by trust domain.
+    pub fn federated_bundles(&self) -> &FederatedBundles {
+        &self.federated
     }
 
     /// The SPIFFE ID the leaf certificate proves.

@@ -88,20 +88,60 @@ fn root_store(identity: &Identity) -> Result<Arc<RootCertStore>, TlsConfigError>
     Ok(Arc::new(roots))
 }
 
+/// Decides whether a peer of a federated trust domain, its chain verified
+/// against its own domain's roots, may complete the handshake: the server
+/// asks its policy whether a rule names the peer.
+pub type FederationGate = Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>;
+
+/// The roots of each federated trust domain of `identity`, as stores.
+fn federated_stores(
+    identity: &Identity,
+) -> Result<std::collections::BTreeMap<String, Arc<RootCertStore>>, TlsConfigError> {
+    identity
+        .federated_bundles()
+        .iter()
+        .map(|(domain, roots)| {
+            let mut store = RootCertStore::empty();
+            let (added, ignored) = store.add_parsable_certificates(roots.iter().cloned());
+            if added == 0 {
+                return Err(TlsConfigError::Bundle(format!(
+                    "trust domain {domain}: {ignored} certificate(s) could not be used as trust anchors"
+                )));
+            }
+            Ok((domain.clone(), Arc::new(store)))
+        })
+        .collect()
+}
+
+/// A client-certificate chain verifier trusting `roots`.
+fn chain_verifier_for(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsConfigError> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsConfigError::Bundle(e.to_string()))
+}
+
 /// Server side: require a client certificate chained to the bundle and in
-/// one of `trust_domains`.
+/// one of `trust_domains`. Peers of a federated trust domain of
+/// `identity` are verified against that domain's roots instead, and
+/// admitted only when `federation` says so (no gate: never).
 pub fn server_config(
     identity: &Identity,
     trust_domains: Vec<String>,
+    federation: Option<FederationGate>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     let provider = provider();
-    let chain_verifier =
-        WebPkiClientVerifier::builder_with_provider(root_store(identity)?, provider.clone())
-            .build()
-            .map_err(|e| TlsConfigError::Bundle(e.to_string()))?;
+    let chain_verifier = chain_verifier_for(root_store(identity)?)?;
+    let federated = federated_stores(identity)?
+        .into_iter()
+        .map(|(domain, roots)| Ok((domain, chain_verifier_for(roots)?)))
+        .collect::<Result<_, TlsConfigError>>()?;
     let verifier = Arc::new(SpiffeClientVerifier {
         chain_verifier,
         trust_domains,
+        federated,
+        federation,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -121,18 +161,33 @@ pub struct ServerTls {
     /// The configuration, and whether its chain leads to its own bundle.
     current: Arc<RwLock<(Arc<rustls::ServerConfig>, bool)>>,
     trust_domains: Vec<String>,
+    federation: Option<FederationGate>,
 }
 
 impl ServerTls {
     /// The configuration for `identity`, accepting clients of
-    /// `trust_domains`.
+    /// `trust_domains` (and of federated trust domains only once a gate is
+    /// set with [`ServerTls::with_federation_gate`]).
     pub fn new(identity: &Identity, trust_domains: Vec<String>) -> Result<Self, TlsConfigError> {
-        let config = server_config(identity, trust_domains.clone())?;
+        let config = server_config(identity, trust_domains.clone(), None)?;
         let chained = chains_to_own_bundle(identity).is_ok();
         Ok(ServerTls {
             current: Arc::new(RwLock::new((config, chained))),
             trust_domains,
+            federation: None,
         })
+    }
+
+    /// Admits peers of federated trust domains that `gate` approves, for
+    /// `identity` and every identity reloaded later.
+    pub fn with_federation_gate(
+        mut self,
+        identity: &Identity,
+        gate: FederationGate,
+    ) -> Result<Self, TlsConfigError> {
+        self.federation = Some(gate);
+        self.reload(identity)?;
+        Ok(self)
     }
 
     /// The configuration for the next handshake.
@@ -150,7 +205,11 @@ impl ServerTls {
     /// could be verified ([`TlsConfigError::IncompleteChain`]): a rotation
     /// that lost an intermediate would otherwise fail every handshake.
     pub fn reload(&self, identity: &Identity) -> Result<(), TlsConfigError> {
-        let config = server_config(identity, self.trust_domains.clone())?;
+        let config = server_config(
+            identity,
+            self.trust_domains.clone(),
+            self.federation.clone(),
+        )?;
         let chained = chains_to_own_bundle(identity);
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         if let (true, Err(why)) = (current.1, &chained) {
@@ -166,7 +225,12 @@ impl ServerTls {
 /// dialer and derive per-destination configs from it.
 pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigError> {
     let provider = provider();
-    let roots = root_store(identity)?;
+    let roots = TrustAnchors {
+        own_domain: identity.id().trust_domain().to_owned(),
+        own: root_store(identity)?,
+        federated: federated_stores(identity)?,
+    };
+    let roots = Arc::new(roots);
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: roots.clone(),
         algorithms: provider.signature_verification_algorithms,
@@ -191,7 +255,7 @@ pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigEr
 #[derive(Clone)]
 pub struct ClientBase {
     config: rustls::ClientConfig,
-    roots: Arc<RootCertStore>,
+    roots: Arc<TrustAnchors>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -249,9 +313,30 @@ fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
     CertificateError::Other(OtherError(Arc::new(e))).into()
 }
 
+/// The roots a client verifies servers with: a server claiming an ID of a
+/// federated trust domain must chain to that domain's roots; any other
+/// to the bundle.
+#[derive(Debug)]
+struct TrustAnchors {
+    own_domain: String,
+    own: Arc<RootCertStore>,
+    federated: std::collections::BTreeMap<String, Arc<RootCertStore>>,
+}
+
+impl TrustAnchors {
+    fn for_peer(&self, end_entity: &CertificateDer<'_>) -> &RootCertStore {
+        let federated = spiffe_id_of(end_entity).ok().and_then(|id| {
+            (id.trust_domain() != self.own_domain)
+                .then(|| self.federated.get(id.trust_domain()))
+                .flatten()
+        });
+        federated.unwrap_or(&self.own)
+    }
+}
+
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    roots: Arc<TrustAnchors>,
     algorithms: WebPkiSupportedAlgorithms,
     expected: Vec<SpiffeId>,
 }
@@ -268,7 +353,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            self.roots.for_peer(end_entity),
             intermediates,
             now,
             self.algorithms.all,
@@ -307,10 +392,53 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-#[derive(Debug)]
 struct SpiffeClientVerifier {
     chain_verifier: Arc<dyn ClientCertVerifier>,
     trust_domains: Vec<String>,
+    /// A chain verifier per federated trust domain.
+    federated: std::collections::BTreeMap<String, Arc<dyn ClientCertVerifier>>,
+    federation: Option<FederationGate>,
+}
+
+impl std::fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("trust_domains", &self.trust_domains)
+            .field("federated", &self.federated.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpiffeClientVerifier {
+    /// A peer of a federated trust domain: its domain's roots, then the
+    /// gate. `None` when `presented` is not of a federated domain.
+    fn verify_federated(
+        &self,
+        presented: &SpiffeId,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Option<Result<ClientCertVerified, rustls::Error>> {
+        if self
+            .trust_domains
+            .iter()
+            .any(|td| td == presented.trust_domain())
+        {
+            return None;
+        }
+        let verifier = self.federated.get(presented.trust_domain())?;
+        Some((|| {
+            verifier.verify_client_cert(end_entity, intermediates, now)?;
+            if self.federation.as_ref().is_some_and(|gate| gate(presented)) {
+                return Ok(ClientCertVerified::assertion());
+            }
+            tracing::debug!(
+                peer = %presented,
+                "peer of a federated trust domain that no policy rule names"
+            );
+            Err(CertificateError::ApplicationVerificationFailure.into())
+        })())
+    }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -324,6 +452,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        if let Ok(presented) = spiffe_id_of(end_entity)
+            && let Some(verdict) = self.verify_federated(&presented, end_entity, intermediates, now)
+        {
+            return verdict;
+        }
         self.chain_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
         let presented = spiffe_id_of(end_entity).map_err(other)?;

@@ -5,9 +5,9 @@
 //! The client is the `spiffe` crate's X.509 source, which keeps the stream
 //! open and reconnects with backoff; this module only turns what it holds
 //! into hbone's identity: the first SVID the agent lists (its default) and
-//! the bundle of that SVID's trust domain. Bundles of other (federated)
-//! trust domains are not trusted by this version; they are counted in the
-//! log so that an operator sees them arrive.
+//! the bundle of that SVID's trust domain, plus the bundles of federated
+//! trust domains: a peer of such a domain must chain to its own domain's
+//! roots, and a server admits it only when its policy names the peer.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -94,7 +94,7 @@ impl WorkloadApi {
     }
 
     /// The identity the agent gives now: its default SVID with the bundle
-    /// of the SVID's own trust domain.
+    /// of the SVID's own trust domain and those of federated domains.
     pub fn identity(&self) -> Result<Identity, WorkloadApiError> {
         let unusable = |problem: String| WorkloadApiError::Unusable {
             endpoint: self.endpoint.clone(),
@@ -109,20 +109,25 @@ impl WorkloadApi {
         let bundle = bundles
             .get(&trust_domain)
             .ok_or_else(|| unusable(format!("no bundle for trust domain {trust_domain}")))?;
-        let others = bundles.len().saturating_sub(1);
-        if others > 0 {
-            tracing::debug!(
-                federated = others,
-                "bundles of other trust domains received and not trusted"
-            );
-        }
         let der = |cert: &spiffe::cert::Certificate| CertificateDer::from(cert.as_bytes().to_vec());
         let chain = svid.cert_chain().iter().map(der).collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
             svid.private_key().as_bytes().to_vec(),
         ));
         let roots = bundle.authorities().iter().map(der).collect();
-        Identity::from_der(chain, key, roots).map_err(|e| unusable(e.to_string()))
+        let federated = bundles
+            .iter()
+            .filter(|(domain, _)| **domain != trust_domain)
+            .map(|(domain, bundle)| {
+                (
+                    domain.to_string(),
+                    bundle.authorities().iter().map(der).collect(),
+                )
+            })
+            .collect();
+        Identity::from_der(chain, key, roots)
+            .map(|identity| identity.with_federated_bundles(federated))
+            .map_err(|e| unusable(e.to_string()))
     }
 
     /// Calls `on_update` with the new identity after every SVID or bundle

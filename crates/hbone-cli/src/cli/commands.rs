@@ -67,7 +67,7 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     ops.equip(&mut config);
     let flags = (args.allow_ids, args.allow_targets);
     config.policy = server_policy(args.policy.as_deref(), &flags)?;
-    warn_of_rules_that_never_match(&config.policy, config.identity.id().trust_domain());
+    warn_of_rules_that_never_match(&config.policy, &config.identity);
     config.proxy_protocol = args.proxy_protocol;
     config.baggage = baggage;
     if let Some(path) = &args.services {
@@ -104,16 +104,16 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
 
 /// Rules naming peers of a trust domain this server accepts no client
 /// from can never match: say so at start, loudly.
-fn warn_of_rules_that_never_match(policy: &Policy, trust_domain: &str) {
+fn warn_of_rules_that_never_match(policy: &Policy, identity: &hbone::Identity) {
+    let trust_domain = identity.id().trust_domain();
+    let federated = identity.federated_bundles();
     for rule in policy.rules() {
-        for pattern in rule
-            .from
-            .iter()
-            .filter(|p| p.trust_domain() != trust_domain)
-        {
+        for pattern in rule.from.iter().filter(|p| {
+            p.trust_domain() != trust_domain && !federated.contains_key(p.trust_domain())
+        }) {
             tracing::warn!(
                 rule = %rule.name, %pattern,
-                "this pattern can never match: the server accepts clients of trust domain {trust_domain} only"
+                "this pattern can never match: the server accepts clients of trust domain {trust_domain} and of federated trust domains it has bundles for only"
             );
         }
     }
@@ -280,7 +280,9 @@ fn follow_workload_api(
         let mut in_use = first;
         api.keep_updated(move |update| {
             let unchanged = |new: &hbone::Identity| {
-                new.chain() == in_use.chain() && new.bundle() == in_use.bundle()
+                new.chain() == in_use.chain()
+                    && new.bundle() == in_use.bundle()
+                    && new.federated_bundles() == in_use.federated_bundles()
             };
             let outcome = match update {
                 Ok(identity) if unchanged(&identity) => return,

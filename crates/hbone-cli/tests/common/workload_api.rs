@@ -60,7 +60,7 @@ impl TestAgent {
     pub async fn start(dir: &Path, svid: &IssuedCert, bundle: &str) -> TestAgent {
         let socket = dir.join("agent.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        let (current, _) = watch::channel(encode(svid, bundle));
+        let (current, _) = watch::channel(encode(svid, bundle, &[]));
         let unmarked = Arc::new(Mutex::new(0));
         let task = tokio::spawn(serve(listener, current.clone(), unmarked.clone()));
         TestAgent {
@@ -78,7 +78,13 @@ impl TestAgent {
 
     /// Pushes a new SVID and bundle to every open stream.
     pub fn push(&self, svid: &IssuedCert, bundle: &str) {
-        self.current.send_replace(encode(svid, bundle));
+        self.current.send_replace(encode(svid, bundle, &[]));
+    }
+
+    /// Pushes an SVID with its bundle and the bundles (PEM) of federated
+    /// trust domains.
+    pub fn push_federated(&self, svid: &IssuedCert, bundle: &str, federated: &[(&str, &str)]) {
+        self.current.send_replace(encode(svid, bundle, federated));
     }
 }
 
@@ -100,7 +106,7 @@ fn der_of(pem: &str) -> Vec<u8> {
         .collect()
 }
 
-fn encode(svid: &IssuedCert, bundle: &str) -> Bytes {
+fn encode(svid: &IssuedCert, bundle: &str, federated: &[(&str, &str)]) -> Bytes {
     use rustls_pki_types::PrivateKeyDer;
     let leaf = svid.identity().unwrap();
     let key = match PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes()).unwrap() {
@@ -116,7 +122,10 @@ fn encode(svid: &IssuedCert, bundle: &str) -> Bytes {
             hint: String::new(),
         }],
         crl: Vec::new(),
-        federated_bundles: Default::default(),
+        federated_bundles: federated
+            .iter()
+            .map(|(domain, pem)| ((*domain).to_owned(), der_of(pem)))
+            .collect(),
     };
     let message = response.encode_to_vec();
     let mut framed = BytesMut::with_capacity(5 + message.len());

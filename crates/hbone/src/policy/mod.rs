@@ -349,6 +349,15 @@ impl Policy {
             .ok_or_else(|| Denial::Identity(peer.clone()))
     }
 
+    /// Whether an allow rule names `peer` by an identity pattern (a rule
+    /// open to every peer of the trust domain does not count): what admits
+    /// a peer of a federated trust domain to the handshake.
+    pub fn names_identity(&self, peer: &SpiffeId) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.action == Action::Allow && r.from.iter().any(|p| p.matches(peer)))
+    }
+
     /// Whether an allow rule names `peer`, wherever it connects from.
     fn allows_identity(&self, peer: &SpiffeId) -> bool {
         self.rules.iter().any(|r| {

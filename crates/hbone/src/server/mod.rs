@@ -324,12 +324,20 @@ impl Server {
         config: ServerConfig,
     ) -> Result<Server, ServerError> {
         let local_addr = listener.local_addr().map_err(ServerError::Listener)?;
+        let policy = PolicyHandle::new(config.policy.with_own_listener(local_addr));
+        // Peers of federated trust domains complete the handshake only when
+        // the policy in force names them.
+        let gate = {
+            let policy = policy.clone();
+            Arc::new(move |peer: &SpiffeId| policy.current().names_identity(peer))
+        };
+        let tls = tls.with_federation_gate(&config.identity, gate)?;
         Ok(Server {
             listener,
             local_addr,
             shared: Arc::new(Shared {
                 tls,
-                policy: PolicyHandle::new(config.policy.with_own_listener(local_addr)),
+                policy,
                 h2: config.h2,
                 timeouts: config.timeouts,
                 access_log: config.access_log,
