@@ -12,16 +12,16 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hbone");
-const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+pub(crate) const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+pub(crate) const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
-fn hbone(args: &[&str]) -> Command {
+pub(crate) fn hbone(args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
     command.args(args).kill_on_drop(true).env_remove("RUST_LOG");
     command
 }
 
-async fn run_ok(args: &[&str]) -> String {
+pub(crate) async fn run_ok(args: &[&str]) -> String {
     let output = hbone(args).output().await.unwrap();
     assert!(
         output.status.success(),
@@ -32,22 +32,22 @@ async fn run_ok(args: &[&str]) -> String {
 }
 
 /// `ca init` plus a client and a server certificate in `dir`.
-async fn make_pki(dir: &Path) {
+pub(crate) async fn make_pki(dir: &Path) {
     issue_with_cli(dir, &[(SERVER_ID, "server"), (CLIENT_ID, "client")]).await;
 }
 
 /// Starts a long-running subcommand and returns it with the address it
 /// reports in its "ready" log line (so `--listen 127.0.0.1:0` works).
-async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
+pub(crate) async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
     let (child, addr, _) = spawn_logged(args).await;
     (child, addr)
 }
 
 /// Log lines a subcommand has written so far.
-type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+pub(crate) type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// [`spawn_ready`], keeping every later log line.
-async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
+pub(crate) async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
     let mut child = hbone(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -83,7 +83,7 @@ async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
 
 /// The first `count` lines of `log` containing `wanted`, waiting up to
 /// 10 s for them.
-async fn log_lines(log: &Log, wanted: &str, count: usize) -> Vec<String> {
+pub(crate) async fn log_lines(log: &Log, wanted: &str, count: usize) -> Vec<String> {
     let find = || {
         let lines = log.lock().unwrap();
         let found: Vec<String> = lines
@@ -129,7 +129,7 @@ async fn spawn_forward(dir: &Path, server: SocketAddr, target: SocketAddr) -> (C
     .await
 }
 
-fn path(dir: &Path, name: &str) -> String {
+pub(crate) fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
 }
 
@@ -396,7 +396,7 @@ async fn socks5_connect(socks: SocketAddr, target: SocketAddr) -> TcpStream {
     client
 }
 
-async fn read_reply(client: &mut TcpStream) -> u8 {
+pub(crate) async fn read_reply(client: &mut TcpStream) -> u8 {
     let mut reply = [0u8; 10];
     tokio::time::timeout(Duration::from_secs(20), client.read_exact(&mut reply))
         .await
@@ -1260,12 +1260,12 @@ async fn policy_file_check_test_and_live_reload() {
 }
 
 /// The leaf certificate a server presents to a new connection.
-async fn presented_cert(server: SocketAddr) -> Vec<u8> {
+pub(crate) async fn presented_cert(server: SocketAddr) -> Vec<u8> {
     let tls = raw_tls(server, None).await.unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
-fn leaf_der(cert_pem: &std::path::Path) -> Vec<u8> {
+pub(crate) fn leaf_der(cert_pem: &std::path::Path) -> Vec<u8> {
     use rustls::pki_types::pem::PemObject;
     rustls::pki_types::CertificateDer::pem_file_iter(cert_pem)
         .unwrap()

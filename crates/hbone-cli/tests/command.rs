@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod config;
 mod deploy;
+mod entry_access;
 mod interop;
 mod netns;
 mod operations;

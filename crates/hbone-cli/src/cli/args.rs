@@ -18,6 +18,8 @@ use hbone::policy::{IdPattern, TargetRule};
 use hbone::server::Limits;
 use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
+use super::entry_access::EntryAccessArgs;
+
 /// Where this process's certificate, key and trust bundle come from.
 #[derive(Args, Clone)]
 pub(super) struct IdentityArgs {
@@ -456,9 +458,12 @@ pub(super) struct ForwardArgs {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) dial: DialArgs,
-    /// Local address to accept application connections on.
+    /// Local address to accept application connections on (an address
+    /// other than loopback needs --allow-source or --allow-remote-clients).
     #[arg(long, value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
+    #[command(flatten)]
+    pub(super) access: EntryAccessArgs,
     /// HBONE server, IP:PORT or HOST:PORT (a name is resolved at each new
     /// connection, every address tried in order); or use --gateway.
     #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]
@@ -494,9 +499,20 @@ pub(super) struct Socks5Args {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) dial: DialArgs,
-    /// Local address for SOCKS5 clients.
+    /// Local address for SOCKS5 clients (an address other than loopback
+    /// needs --allow-source, --allow-remote-clients or
+    /// --socks5-credentials).
     #[arg(long, value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
+    #[command(flatten)]
+    pub(super) access: EntryAccessArgs,
+    /// Ask each client for a user name and password (RFC 1929) from this
+    /// file: one user:password per line, # for comments, mode 0600 (it is
+    /// refused if group or others may read it). Reloaded when it changes
+    /// and on SIGHUP. Passwords cross the network as the client sends
+    /// them: on a network you do not trust, add --allow-source too.
+    #[arg(long, value_name = "FILE")]
+    pub(super) socks5_credentials: Option<PathBuf>,
     /// HBONE server for every tunnel, IP:PORT or HOST:PORT; default: port
     /// 15008 of each target.
     #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]

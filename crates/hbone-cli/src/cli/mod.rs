@@ -4,6 +4,7 @@ mod args;
 mod commands;
 pub(crate) mod config_file;
 mod demo;
+mod entry_access;
 mod logwriter;
 pub mod merge;
 mod ops;

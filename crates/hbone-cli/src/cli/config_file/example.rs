@@ -19,6 +19,8 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
         "allow-target" => "10.0.0.0/8:80-443",
         "allow-id" => "spiffe://cluster.local/ns/web/*",
         "policy" => "/etc/hbone/policy.toml",
+        "allow-source" => "10.1.0.0/16",
+        "socks5-credentials" => "/etc/hbone/socks5-users",
         "routes" => "/etc/hbone/routes.toml",
         "services" => "/etc/hbone/services.toml",
         "tunnel-idle-timeout" => "1h",
