@@ -1,6 +1,7 @@
 //! Who may use an entry, end to end: listeners off loopback refused unless
 //! allowed, sources outside --allow-source closed at accept, SOCKS5
-//! username/password (RFC 1929) with a reloaded credentials file.
+//! username/password (RFC 1929) with a reloaded credentials file, and
+//! private keys that others may read refused.
 //!
 //! Every connection here stays on loopback; the refused listeners are
 //! refused before anything is bound.
@@ -14,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::cli::{
-    SERVER_ID, hbone, log_lines, make_pki, path, read_reply, spawn_logged, spawn_ready,
+    SERVER_ID, hbone, log_lines, make_pki, path, presented_cert, read_reply, spawn_logged,
+    spawn_ready,
 };
 use crate::common::*;
 
@@ -392,5 +394,78 @@ async fn bad_credentials_files_are_refused_at_start() {
     assert!(
         stderr.contains(&format!("{malformed}:3: expected user:password")),
         "{stderr}"
+    );
+}
+
+/// A private key that group or others may read is refused at start, with
+/// the fix, unless --allow-insecure-key-permissions; and a key that
+/// becomes readable later is refused at reload, the identity in use kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_others_may_read_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let server_dir = dir.path().join("server");
+    let key = server_dir.join("key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let stderr = refused(&[
+        "server",
+        "--identity-dir",
+        server_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    assert!(
+        stderr.contains("readable by group or others (mode 640)")
+            && stderr.contains(&format!("chmod 600 {}", key.display()))
+            && stderr.contains("--allow-insecure-key-permissions"),
+        "{stderr}"
+    );
+    let (_allowed, _) = spawn_ready(&[
+        "server",
+        "--identity-dir",
+        server_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--allow-insecure-key-permissions",
+    ])
+    .await;
+
+    // Started with a private key; then the key becomes readable by all and
+    // a renewed certificate arrives: the reload is refused.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_server, server, log) = spawn_logged(&[
+        "server",
+        "--identity-dir",
+        server_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let original = presented_cert(server).await;
+    let renewed = dir.path().join("renewed");
+    crate::cli::run_ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--id",
+        SERVER_ID,
+        "--out",
+        renewed.to_str().unwrap(),
+    ])
+    .await;
+    std::fs::copy(renewed.join("key.pem"), &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::copy(renewed.join("cert.pem"), server_dir.join("cert.pem")).unwrap();
+    let refused = log_lines(&log, "identity not reloaded", 1).await;
+    assert!(
+        refused[0].contains("readable by group or others"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        presented_cert(server).await,
+        original,
+        "the old identity stays"
     );
 }

@@ -36,17 +36,24 @@ pub(super) struct IdentityArgs {
     /// CA certificates that peers must chain to (PEM).
     #[arg(long, value_name = "FILE", requires_all = ["cert", "key"])]
     pub(super) trust_bundle: Option<PathBuf>,
+    /// Start (and reload) with a private key that group or others may
+    /// read, with a warning. Without it such a key is refused: anyone who
+    /// can read it can be this workload.
+    #[arg(long)]
+    pub(super) allow_insecure_key_permissions: bool,
 }
 
 impl IdentityArgs {
-    /// Loads the identity, logs it and warns when it nears expiry.
+    /// Loads the identity, logs it and warns when it nears expiry. A key
+    /// that group or others may read is refused, unless allowed (then
+    /// warned of).
     pub(super) fn load(&self) -> anyhow::Result<Identity> {
+        if let Some(key) = self.key_path() {
+            check_key_permissions(&key, self.allow_insecure_key_permissions)?;
+        }
         let identity = self.read()?;
         tracing::info!(id = %identity.id(), "identity loaded");
         warn_if_expiring(&identity);
-        if let Some(key) = self.key_path() {
-            warn_if_key_is_readable_by_others(&key);
-        }
         Ok(identity)
     }
 
@@ -105,27 +112,38 @@ impl IdentityArgs {
     }
 }
 
+/// A private key others on the machine can read is as good as theirs:
+/// refuse it, with the fix, or (when allowed) warn. A key that cannot be
+/// looked at is left to the load, which says why.
+pub(crate) fn check_key_permissions(key: &Path, allowed: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(metadata) = std::fs::metadata(key) else {
+        return Ok(());
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if !allowed {
+        bail!(
+            "private key {} is readable by group or others (mode {mode:o}); fix: chmod 600 {}, \
+             or start with --allow-insecure-key-permissions",
+            key.display(),
+            key.display()
+        );
+    }
+    tracing::warn!(
+        key = %key.display(), mode = format!("{mode:o}"),
+        "private key is readable by group or others; fix: chmod 600 {}",
+        key.display()
+    );
+    Ok(())
+}
+
 /// A certificate in the last fifth of its validity gets a warning (and an
 /// expired one an error) at every load and hourly, so rotation that stopped
 /// is noticed in time. Istio rotates its 24-hour certificates at half
 /// their life, so a healthy mesh never sees this.
-/// A private key others on the machine can read is as good as theirs: say
-/// so, with the fix.
-fn warn_if_key_is_readable_by_others(key: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(metadata) = std::fs::metadata(key) else {
-        return;
-    };
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        tracing::warn!(
-            key = %key.display(), mode = format!("{mode:o}"),
-            "private key is readable by group or others; fix: chmod 600 {}",
-            key.display()
-        );
-    }
-}
-
 pub(super) fn warn_if_expiring(identity: &Identity) {
     let Some((issued, expires)) = identity.validity() else {
         return;
