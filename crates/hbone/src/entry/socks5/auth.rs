@@ -26,7 +26,14 @@ const MAX_FILE: u64 = 1 << 20;
 /// shows how many there are, never who or with what.
 #[derive(Clone, Default)]
 pub struct Credentials {
-    users: Vec<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>)>,
+    users: Vec<User>,
+}
+
+/// A user name and its password, both wiped from memory when dropped.
+#[derive(Clone)]
+struct User {
+    name: Zeroizing<Vec<u8>>,
+    password: Zeroizing<Vec<u8>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -107,7 +114,7 @@ impl Credentials {
 
     /// Parses the text of a credentials file; `path` names it in errors.
     pub fn parse(text: &[u8], path: &Path) -> Result<Self, CredentialsError> {
-        let mut users: Vec<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>)> = Vec::new();
+        let mut users: Vec<User> = Vec::new();
         for (index, line) in text.split(|&b| b == b'\n').enumerate() {
             let problem = |problem: &str| CredentialsError::Line {
                 path: path.to_owned(),
@@ -128,16 +135,16 @@ impl Credentials {
             if password.is_empty() || password.len() > 255 {
                 return Err(problem("the password must be 1 to 255 bytes"));
             }
-            if users.iter().any(|(known, _)| known.as_slice() == user) {
+            if users.iter().any(|known| known.name.as_slice() == user) {
                 return Err(problem(&format!(
                     "user {:?} is given twice",
                     String::from_utf8_lossy(user)
                 )));
             }
-            users.push((
-                Zeroizing::new(user.to_vec()),
-                Zeroizing::new(password.to_vec()),
-            ));
+            users.push(User {
+                name: Zeroizing::new(user.to_vec()),
+                password: Zeroizing::new(password.to_vec()),
+            });
         }
         if users.is_empty() {
             return Err(CredentialsError::Empty(path.to_owned()));
@@ -160,8 +167,8 @@ impl Credentials {
     /// nothing of how much of a name or password was right.
     pub fn verify(&self, user: &[u8], password: &[u8]) -> bool {
         let mut matched = false;
-        for (known_user, known_password) in &self.users {
-            let both = equal(known_user, user) & equal(known_password, password);
+        for known in &self.users {
+            let both = equal(&known.name, user) & equal(&known.password, password);
             matched |= both;
         }
         matched
