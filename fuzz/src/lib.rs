@@ -451,7 +451,9 @@ fn socks5_user_password(data: &[u8]) {
         Ok(Parsed::Incomplete) => {
             assert!(data.is_empty() || data[0] == 1);
             let user_end = data.get(1).map_or(2, |&n| 2 + usize::from(n));
-            let end = data.get(user_end).map_or(data.len() + 1, |&n| user_end + 1 + usize::from(n));
+            let end = data
+                .get(user_end)
+                .map_or(data.len() + 1, |&n| user_end + 1 + usize::from(n));
             assert!(data.len() < end);
         }
         Err(NegotiationError::BadAuthVersion) => {
@@ -464,7 +466,10 @@ fn socks5_user_password(data: &[u8]) {
             let user_len = usize::from(data[1]);
             assert_eq!(given.user, &data[2..2 + user_len]);
             let password_len = usize::from(data[2 + user_len]);
-            assert_eq!(given.password, &data[3 + user_len..3 + user_len + password_len]);
+            assert_eq!(
+                given.password,
+                &data[3 + user_len..3 + user_len + password_len]
+            );
             assert_eq!(used, 3 + user_len + password_len);
             assert_eq!(parse_auth(&extended), parsed);
             for short in 0..used {
