@@ -586,3 +586,80 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod auth_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// Runs `negotiate` with credentials for alice against a client that
+    /// sends `bytes` one at a time (so every step sees partial input);
+    /// what `negotiate` returned, and every byte the client got back.
+    async fn negotiate_slowly(bytes: Vec<u8>) -> (io::Result<Target>, Vec<u8>) {
+        let credentials = Credentials::parse(b"alice:s3cret\n", Path::new("users")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.set_nodelay(true).unwrap();
+            for byte in bytes {
+                // The entry may have closed already (refused credentials).
+                if client.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut answers = Vec::new();
+            let _ = client.read_to_end(&mut answers).await;
+            answers
+        });
+        let (mut app, _) = listener.accept().await.unwrap();
+        let negotiated = negotiate(&mut app, Some(&credentials)).await;
+        drop(app);
+        let answers = client.await.unwrap();
+        let target = negotiated.map(|(target, early)| {
+            assert!(early.is_empty());
+            target.expect("a CONNECT to an address")
+        });
+        (target, answers)
+    }
+
+    /// Greeting and credentials, and the request when `request`.
+    fn client_bytes(password: &[u8], request: bool) -> Vec<u8> {
+        let mut bytes = vec![5, 2, 0, 2, 1, 5];
+        bytes.extend_from_slice(b"alice");
+        bytes.push(password.len() as u8);
+        bytes.extend_from_slice(password);
+        if request {
+            bytes.extend_from_slice(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
+        }
+        bytes
+    }
+
+    #[tokio::test]
+    async fn the_right_password_arriving_byte_by_byte_gets_in() {
+        let (target, answers) = negotiate_slowly(client_bytes(b"s3cret", true)).await;
+        assert_eq!(
+            target.unwrap(),
+            Target::Addr("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(answers, [5, 2, 1, 0], "username/password chosen, accepted");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_is_told_and_refused() {
+        // No request follows: bytes left unread would turn the close into
+        // a reset, which may overtake the answer.
+        let (target, answers) = negotiate_slowly(client_bytes(b"s3creT", false)).await;
+        assert_eq!(target.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(answers, [5, 2, 1, 1], "username/password chosen, refused");
+    }
+
+    #[tokio::test]
+    async fn a_client_without_username_password_gets_no_acceptable_method() {
+        let (target, answers) = negotiate_slowly(vec![5, 1, 0]).await;
+        assert_eq!(target.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(answers, [5, 0xff]);
+    }
+}
