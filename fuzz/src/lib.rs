@@ -436,6 +436,49 @@ pub fn peer_certificate(data: &[u8]) {
     }
 }
 
+/// The username/password request (RFC 1929) a SOCKS5 entry with
+/// credentials reads after the greeting, on the same bytes: complete
+/// exactly when the version is 1 and both lengths and what they count
+/// have arrived, with the name and password where the lengths put them;
+/// "incomplete" on every shorter prefix; the same with anything appended.
+fn socks5_user_password(data: &[u8]) {
+    use hbone::entry::socks5::{NegotiationError, Parsed, parse_auth};
+
+    let parsed = parse_auth(data);
+    let mut extended = data.to_vec();
+    extended.extend_from_slice(b"\x01\x01after");
+    match parsed {
+        Ok(Parsed::Incomplete) => {
+            assert!(data.is_empty() || data[0] == 1);
+            let user_end = data.get(1).map_or(2, |&n| 2 + usize::from(n));
+            let end = data
+                .get(user_end)
+                .map_or(data.len() + 1, |&n| user_end + 1 + usize::from(n));
+            assert!(data.len() < end);
+        }
+        Err(NegotiationError::BadAuthVersion) => {
+            assert_ne!(data[0], 1);
+            assert_eq!(parse_auth(&extended), parsed);
+        }
+        Err(other) => panic!("a username/password request cannot fail with {other:?}"),
+        Ok(Parsed::Complete(given, used)) => {
+            assert_eq!(data[0], 1);
+            let user_len = usize::from(data[1]);
+            assert_eq!(given.user, &data[2..2 + user_len]);
+            let password_len = usize::from(data[2 + user_len]);
+            assert_eq!(
+                given.password,
+                &data[3 + user_len..3 + user_len + password_len]
+            );
+            assert_eq!(used, 3 + user_len + password_len);
+            assert_eq!(parse_auth(&extended), parsed);
+            for short in 0..used {
+                assert_eq!(parse_auth(&data[..short]), Ok(Parsed::Incomplete));
+            }
+        }
+    }
+}
+
 /// The SOCKS5 entry's negotiation, on the bytes a client sends: greeting,
 /// request, then whatever follows. Each step is decided by the bytes it
 /// says it took, and only by them: the same on exactly those bytes and
@@ -447,6 +490,8 @@ pub fn peer_certificate(data: &[u8]) {
 pub fn socks5_negotiation(data: &[u8]) {
     use hbone::authority::{Target, parse_target};
     use hbone::entry::socks5::{NegotiationError, Parsed, Reply, parse_greeting, parse_request};
+
+    socks5_user_password(data);
 
     let greeting = parse_greeting(data);
     let used = match greeting {

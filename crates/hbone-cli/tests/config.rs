@@ -315,3 +315,58 @@ fn check_reads_the_files_a_config_names() {
         stdout(&full)
     );
 }
+
+/// `config check` refuses what the commands would refuse at start: a key
+/// that others may read (unless allow-insecure-key-permissions) and a
+/// SOCKS5 credentials file that others may read, each named by line.
+#[test]
+fn check_refuses_keys_and_credentials_others_may_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| hbone(dir.path(), args);
+    assert!(run(&["ca", "init", "--out", "ca"]).status.success());
+    let issued = run(&[
+        "ca",
+        "issue",
+        "--ca",
+        "ca",
+        "--id",
+        "spiffe://cluster.local/ns/demo/sa/client",
+        "--out",
+        "certs",
+    ]);
+    assert!(issued.status.success());
+    let mode = |name: &str, mode: u32| {
+        std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(mode))
+            .unwrap()
+    };
+    mode("certs/key.pem", 0o644);
+    std::fs::write(dir.path().join("users"), "alice:s3cret\n").unwrap();
+    mode("users", 0o644);
+    let config = "[[socks5]]\nidentity-dir = \"certs\"\nserver-id = \"spiffe://cluster.local/ns/demo/sa/server\"\n\
+                  listen = \"127.0.0.1:1080\"\nsocks5-credentials = \"users\"\n";
+    std::fs::write(dir.path().join("hbone.toml"), config).unwrap();
+    let output = run(&["config", "check", "hbone.toml"]);
+    assert!(!output.status.success());
+    let lines: Vec<String> = stderr(&output).lines().map(str::to_owned).collect();
+    assert!(
+        lines[0].starts_with("hbone.toml:2: [socks5] identity-dir: private key ")
+            && lines[0].contains("chmod 600")
+            && lines[0].contains("set allow-insecure-key-permissions"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("hbone.toml:5: [socks5] socks5-credentials: ")
+            && lines[1].contains("readable by group or others"),
+        "{lines:?}"
+    );
+
+    mode("users", 0o600);
+    std::fs::write(
+        dir.path().join("hbone.toml"),
+        format!("{config}allow-insecure-key-permissions = true\n"),
+    )
+    .unwrap();
+    let output = run(&["config", "check", "hbone.toml"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}

@@ -7,9 +7,20 @@ use crate::common::*;
 use hbone::Identity;
 use hbone::identity::IdentityError;
 
+/// Writes a file readable by its owner only, as key files must be (the
+/// others do not mind).
 fn write(dir: &Path, name: &str, contents: &str) -> std::path::PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(name);
-    std::fs::write(&path, contents).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    file.write_all(contents.as_bytes()).unwrap();
     path
 }
 

@@ -881,6 +881,8 @@ async fn curl_through_haproxy_h2_connect_to_hbone_server() {
     let mut combined = std::fs::read_to_string(client.join("cert.pem")).unwrap();
     combined.push_str(&std::fs::read_to_string(client.join("key.pem")).unwrap());
     std::fs::write(&pem, combined).unwrap();
+    // It holds the key: the owner's alone, as hbone wants its own keys.
+    std::fs::set_permissions(&pem, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let other_ca = client.join("other-ca.pem");
     std::fs::write(&other_ca, DevCa::generate(TD, DAY).unwrap().cert_pem()).unwrap();
 

@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Trust domain Istio uses when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -236,7 +237,8 @@ impl IdentityError {
 }
 
 /// A workload's certificate chain, private key and trust bundle, and the
-/// SPIFFE ID its leaf certificate proves.
+/// SPIFFE ID its leaf certificate proves. The private key's bytes are wiped
+/// from memory when the identity (or a clone of it) is dropped.
 pub struct Identity {
     id: SpiffeId,
     chain: Vec<CertificateDer<'static>>,
@@ -259,6 +261,13 @@ impl Clone for Identity {
             bundle: self.bundle.clone(),
             federated: self.federated.clone(),
         }
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        // `PrivateKeyDer` can be wiped but does not wipe itself.
+        self.key.zeroize();
     }
 }
 
@@ -306,11 +315,14 @@ impl Identity {
         bundle: impl AsRef<Path>,
     ) -> Result<Self, IdentityError> {
         let (cert, key, bundle) = (cert.as_ref(), key.as_ref(), bundle.as_ref());
+        // Wiped when dropped: the key file's PEM is the key.
         let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| IdentityError::Read {
-                path: path.to_owned(),
-                source,
-            })
+            std::fs::read(path)
+                .map(Zeroizing::new)
+                .map_err(|source| IdentityError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
         };
         Self::from_pem_sources(
             (cert, &read(cert)?),
@@ -320,6 +332,8 @@ impl Identity {
     }
 
     /// Builds an identity from PEM text held in memory (the demo uses this).
+    /// The identity's own copy of the key is wiped when it is dropped; the
+    /// text given here is the caller's to wipe.
     pub fn from_pem(cert: &str, key: &str, bundle: &str) -> Result<Self, IdentityError> {
         Self::from_pem_sources(
             (Path::new("<certificate>"), cert.as_bytes()),

@@ -20,6 +20,8 @@ use hbone::server::Limits;
 use hbone::workload_api::WorkloadApi;
 use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
+use super::entry_access::EntryAccessArgs;
+
 /// Where this process's certificate, key and trust bundle come from.
 #[derive(Args, Clone)]
 pub(super) struct IdentityArgs {
@@ -78,6 +80,11 @@ pub(super) struct IdentityArgs {
         conflicts_with_all = ["identity_dir", "cert", "key", "trust_bundle", "istio_ca"]
     )]
     pub(super) workload_api: Option<String>,
+    /// Start (and reload) with a private key that group or others may
+    /// read, with a warning. Without it such a key is refused: anyone who
+    /// can read it can be this workload.
+    #[arg(long)]
+    pub(super) allow_insecure_key_permissions: bool,
 }
 
 /// An identity as first obtained, with the live Workload API stream it
@@ -143,14 +150,15 @@ impl IdentityArgs {
     }
 
     /// Loads the identity from files, logs it and warns when it nears
-    /// expiry.
+    /// expiry. A key that group or others may read is refused, unless
+    /// allowed (then warned of).
     pub(super) fn load(&self) -> anyhow::Result<Identity> {
+        if let Some(key) = self.key_path() {
+            check_key_permissions(&key, self.allow_insecure_key_permissions)?;
+        }
         let identity = self.read()?;
         tracing::info!(id = %identity.id(), "identity loaded");
         warn_if_expiring(&identity);
-        if let Some(key) = self.key_path() {
-            warn_if_key_is_readable_by_others(&key);
-        }
         Ok(identity)
     }
 
@@ -209,27 +217,38 @@ impl IdentityArgs {
     }
 }
 
+/// A private key others on the machine can read is as good as theirs:
+/// refuse it, with the fix, or (when allowed) warn. A key that cannot be
+/// looked at is left to the load, which says why.
+pub(crate) fn check_key_permissions(key: &Path, allowed: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(metadata) = std::fs::metadata(key) else {
+        return Ok(());
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if !allowed {
+        bail!(
+            "private key {} is readable by group or others (mode {mode:o}); fix: chmod 600 {}, \
+             or start with --allow-insecure-key-permissions",
+            key.display(),
+            key.display()
+        );
+    }
+    tracing::warn!(
+        key = %key.display(), mode = format!("{mode:o}"),
+        "private key is readable by group or others; fix: chmod 600 {}",
+        key.display()
+    );
+    Ok(())
+}
+
 /// A certificate in the last fifth of its validity gets a warning (and an
 /// expired one an error) at every load and hourly, so rotation that stopped
 /// is noticed in time. Istio rotates its 24-hour certificates at half
 /// their life, so a healthy mesh never sees this.
-/// A private key others on the machine can read is as good as theirs: say
-/// so, with the fix.
-fn warn_if_key_is_readable_by_others(key: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(metadata) = std::fs::metadata(key) else {
-        return;
-    };
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        tracing::warn!(
-            key = %key.display(), mode = format!("{mode:o}"),
-            "private key is readable by group or others; fix: chmod 600 {}",
-            key.display()
-        );
-    }
-}
-
 /// Seconds until `identity` expires (0 once it has), for logs.
 pub(super) fn seconds_left(identity: &Identity) -> u64 {
     identity
@@ -573,9 +592,12 @@ pub(super) struct ForwardArgs {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) dial: DialArgs,
-    /// Local address to accept application connections on.
+    /// Local address to accept application connections on (an address
+    /// other than loopback needs --allow-source or --allow-remote-clients).
     #[arg(long, value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
+    #[command(flatten)]
+    pub(super) access: EntryAccessArgs,
     /// HBONE server, IP:PORT or HOST:PORT (a name is resolved at each new
     /// connection, every address tried in order); or use --gateway.
     #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]
@@ -611,9 +633,20 @@ pub(super) struct Socks5Args {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) dial: DialArgs,
-    /// Local address for SOCKS5 clients.
+    /// Local address for SOCKS5 clients (an address other than loopback
+    /// needs --allow-source, --allow-remote-clients or
+    /// --socks5-credentials).
     #[arg(long, value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
+    #[command(flatten)]
+    pub(super) access: EntryAccessArgs,
+    /// Ask each client for a user name and password (RFC 1929) from this
+    /// file: one user:password per line, # for comments, mode 0600 (it is
+    /// refused if group or others may read it). Reloaded when it changes
+    /// and on SIGHUP. Passwords cross the network as the client sends
+    /// them: on a network you do not trust, add --allow-source too.
+    #[arg(long, value_name = "FILE")]
+    pub(super) socks5_credentials: Option<PathBuf>,
     /// HBONE server for every tunnel, IP:PORT or HOST:PORT; default: port
     /// 15008 of each target.
     #[arg(long, value_name = "HOST:PORT", value_parser = super::parse_host_port)]

@@ -17,6 +17,7 @@ use hbone::{Server, ServerConfig, SpiffeId};
 use tokio::net::TcpListener;
 
 use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, IdentityArgs, ServerArgs, Socks5Args};
+use super::entry_access;
 use super::ops::{Ops, PolicyInForce};
 use super::watch::{Event, watch};
 use super::{CaCommand, PolicyCommand};
@@ -458,6 +459,7 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<()> {
+    entry_access::check_listen(args.listen, &args.access, None)?;
     let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
     let (dialer, first) = args.dial.dialer(ops).await?;
     let reloading = dialer.clone();
@@ -471,11 +473,12 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
         "forward ready"
     );
     let log = Arc::new(TracingLog);
-    let serving = entry::forward::serve(
+    let serving = entry::forward::serve_with_access(
         listener,
         dialer.clone(),
         destination,
         log,
+        args.access.sources(),
         ops.shutdown_requested(),
     );
     drain_entry(serving, ops, &dialer, args.drain_timeout).await;
@@ -537,6 +540,9 @@ pub(super) async fn run_connect(args: ConnectArgs) -> anyhow::Result<()> {
 }
 
 pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()> {
+    let has_credentials = args.socks5_credentials.is_some();
+    entry_access::check_listen(args.listen, &args.access, Some(has_credentials))?;
+    let access = entry_access::socks_access(&args.access, args.socks5_credentials.clone(), ops)?;
     let server_ids = args.dial.server_ids.clone();
     let config = match (args.server, args.dial.gateway) {
         (None, None) => SocksConfig::PerTarget { server_ids },
@@ -557,11 +563,12 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(listen = %listener.local_addr()?, id = %dialer.local_id(), "SOCKS5 entry ready");
-    let serving = entry::socks5::serve(
+    let serving = entry::socks5::serve_with_access(
         listener,
         dialer.clone(),
         config,
         Arc::new(TracingLog),
+        access,
         ops.shutdown_requested(),
     );
     drain_entry(serving, ops, &dialer, args.drain_timeout).await;

@@ -4,6 +4,7 @@ mod args;
 mod commands;
 pub(crate) mod config_file;
 mod demo;
+mod entry_access;
 mod logwriter;
 pub mod merge;
 mod ops;
@@ -119,7 +120,12 @@ Without --allow-target only loopback targets are reachable. Statuses: 405 not CO
   curl --socks5 127.0.0.1:1080 http://127.0.0.1:8080/
 
 Without --server each tunnel goes to port 15008 of the requested address, as in Istio ambient.
-Only IP addresses are accepted (no domain names).")]
+Domain names (curl --socks5-hostname) are resolved by the entry.
+
+For other machines, say who may use it (it refuses to listen off loopback otherwise):
+  hbone socks5 ... --listen 0.0.0.0:1080 --allow-source 10.1.0.0/16
+  hbone socks5 ... --listen 0.0.0.0:1080 --socks5-credentials /etc/hbone/socks5-users
+  curl --socks5 alice:s3cret@10.1.0.5:1080 http://127.0.0.1:8080/")]
     Socks5 {
         #[command(flatten)]
         args: Socks5Args,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Attempt, ClientRelay, Destination, record_dial_failure};
+use super::{Attempt, ClientRelay, ClientSources, Destination, record_dial_failure};
 use crate::access::AccessLog;
 use crate::authority::Target;
 use crate::client::Dialer;
@@ -42,6 +42,20 @@ pub async fn serve(
     log: Arc<dyn AccessLog>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let sources = ClientSources::Any;
+    serve_with_access(listener, dialer, destination, log, sources, shutdown).await;
+}
+
+/// As [`serve`], tunnelling only connections from `sources`: others are
+/// closed right after accept, before anything is dialled.
+pub async fn serve_with_access(
+    listener: TcpListener,
+    dialer: Dialer,
+    destination: Destination,
+    log: Arc<dyn AccessLog>,
+    sources: ClientSources,
+    shutdown: impl Future<Output = ()>,
+) {
     let forward = Arc::new(Forward {
         dialer,
         destination,
@@ -49,7 +63,7 @@ pub async fn serve(
     });
     // The dial is boxed and hands back the relay, so the task keeps only
     // the relay's state for the tunnel's lifetime.
-    super::accept_until(listener, "forward", shutdown, |app, source| {
+    super::accept_until(listener, "forward", &sources, shutdown, |app, source| {
         Phased::new(open(forward.clone(), app, source))
     })
     .await;

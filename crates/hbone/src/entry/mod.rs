@@ -21,19 +21,23 @@ use crate::lifecycle::TunnelLifecycle;
 use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 use crate::relay::Relay;
 
+pub mod access;
 mod destination;
 pub mod forward;
 pub mod socks5;
 pub mod stdio;
 
+pub use access::ClientSources;
 pub use destination::Destination;
 
 /// Accepts on `listener` until `shutdown` resolves, running `task` for each
-/// connection (with TCP_NODELAY set); then closes the listener and waits
-/// for the tasks in flight. Callers bound that wait as they see fit.
+/// connection (with TCP_NODELAY set) from a source `sources` allows, and
+/// closing the others at once; then closes the listener and waits for the
+/// tasks in flight. Callers bound that wait as they see fit.
 pub(crate) async fn accept_until<S, T>(
     listener: TcpListener,
     entry: &'static str,
+    sources: &ClientSources,
     shutdown: S,
     mut task: impl FnMut(TcpStream, SocketAddr) -> T,
 ) where
@@ -41,6 +45,7 @@ pub(crate) async fn accept_until<S, T>(
     T: Future<Output = ()> + Send + Unpin + 'static,
 {
     let open = InFlight::default();
+    let refused = access::Refusals::new(entry, "source not allowed (allow-source)");
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -48,6 +53,10 @@ pub(crate) async fn accept_until<S, T>(
             () = &mut shutdown => break,
         };
         match accepted {
+            Ok((app, source)) if !sources.allows(source.ip()) => {
+                drop(app);
+                refused.note(source);
+            }
             Ok((app, source)) => {
                 let _ = app.set_nodelay(true);
                 tokio::spawn(open.track(task(app, source)));

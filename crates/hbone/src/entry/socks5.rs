@@ -1,5 +1,6 @@
-//! A SOCKS5 entry (RFC 1928): no authentication, CONNECT only, IPv4 and
-//! IPv6 addresses and domain names. A domain name is resolved here, with
+//! A SOCKS5 entry (RFC 1928): no authentication, or username and password
+//! (RFC 1929, see [`Credentials`]) when the entry is given credentials;
+//! CONNECT only, IPv4 and IPv6 addresses and domain names. A domain name is resolved here, with
 //! the system resolver, at each request; its addresses are tried in order
 //! and the HBONE server is asked for the address (the server's policy
 //! judges the IP it would connect to, never a name).
@@ -25,6 +26,15 @@ use crate::identity::SpiffeId;
 use crate::phased::Phased;
 
 use crate::HBONE_PORT;
+
+mod auth;
+
+pub use auth::{Credentials, CredentialsError, CredentialsHandle};
+#[doc(hidden)]
+pub use auth::{UserPassword, parse_auth};
+
+use super::ClientSources;
+use super::access::Refusals;
 
 /// How long a client may take to send its greeting and request.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,6 +155,31 @@ impl SocksConfig {
     }
 }
 
+/// Who may use a SOCKS5 entry.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SocksAccess {
+    /// The sources served; others are closed right after accept.
+    pub sources: ClientSources,
+    /// With credentials, clients must authenticate with a user name and
+    /// password (RFC 1929); without, no authentication is asked.
+    pub credentials: Option<CredentialsHandle>,
+}
+
+impl SocksAccess {
+    /// Serves only `sources`.
+    pub fn with_sources(mut self, sources: ClientSources) -> Self {
+        self.sources = sources;
+        self
+    }
+
+    /// Asks every client for a user name and password from `credentials`.
+    pub fn with_credentials(mut self, credentials: CredentialsHandle) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+}
+
 /// Accepts SOCKS5 clients on `listener` forever.
 pub async fn run(
     listener: TcpListener,
@@ -165,32 +200,57 @@ pub async fn serve(
     log: Arc<dyn AccessLog>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let config = Arc::new(config);
+    let access = SocksAccess::default();
+    serve_with_access(listener, dialer, config, log, access, shutdown).await;
+}
+
+/// As [`serve`], letting in only whom `access` allows.
+pub async fn serve_with_access(
+    listener: TcpListener,
+    dialer: Dialer,
+    config: SocksConfig,
+    log: Arc<dyn AccessLog>,
+    access: SocksAccess,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let entry = Arc::new(Socks {
+        dialer,
+        config,
+        log,
+        credentials: access.credentials,
+        refused: Refusals::new("socks5", "username/password refused"),
+    });
     // Negotiation and dial are boxed and hand back the relay, so the task
     // keeps only the relay's state for the tunnel's lifetime.
-    super::accept_until(listener, "socks5", shutdown, |app, source| {
-        Phased::new(open(
-            app,
-            source,
-            dialer.clone(),
-            config.clone(),
-            log.clone(),
-        ))
-    })
+    super::accept_until(
+        listener,
+        "socks5",
+        &access.sources,
+        shutdown,
+        |app, source| Phased::new(open(app, source, entry.clone())),
+    )
     .await;
+}
+
+/// What every client of one SOCKS5 entry shares.
+struct Socks {
+    dialer: Dialer,
+    config: SocksConfig,
+    log: Arc<dyn AccessLog>,
+    credentials: Option<CredentialsHandle>,
+    /// Clients that failed to authenticate.
+    refused: Refusals,
 }
 
 /// Negotiates, opens the tunnel and answers the client; returns the relay,
 /// or `None` once the client has been told why not.
-async fn open(
-    app: TcpStream,
-    source: SocketAddr,
-    dialer: Dialer,
-    config: Arc<SocksConfig>,
-    log: Arc<dyn AccessLog>,
-) -> Option<ClientRelay> {
-    match negotiate_and_open(app, source, &dialer, &config, &log).await {
+async fn open(app: TcpStream, source: SocketAddr, entry: Arc<Socks>) -> Option<ClientRelay> {
+    match negotiate_and_open(app, source, &entry).await {
         Ok(relay) => relay,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            entry.refused.note(source);
+            None
+        }
         Err(e) => {
             tracing::debug!(%source, error = %e, "socks5: client dropped");
             None
@@ -201,12 +261,23 @@ async fn open(
 async fn negotiate_and_open(
     mut app: TcpStream,
     source: SocketAddr,
-    dialer: &Dialer,
-    config: &SocksConfig,
-    log: &Arc<dyn AccessLog>,
+    entry: &Socks,
 ) -> io::Result<Option<ClientRelay>> {
+    let Socks {
+        dialer,
+        config,
+        log,
+        credentials,
+        ..
+    } = entry;
     let started = Instant::now();
-    let (target, early) = match timeout(NEGOTIATION_TIMEOUT, negotiate(&mut app)).await {
+    let credentials = credentials.as_ref().map(CredentialsHandle::current);
+    let negotiated = timeout(
+        NEGOTIATION_TIMEOUT,
+        negotiate(&mut app, credentials.as_deref()),
+    )
+    .await;
+    let (target, early) = match negotiated {
         Err(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -262,28 +333,43 @@ pub enum Parsed<T> {
 pub enum NegotiationError {
     /// The greeting's version is not 5.
     NotSocks5,
-    /// The greeting does not offer "no authentication" (the entry answers
-    /// "no acceptable method" before closing).
+    /// The greeting does not offer the method the entry asks for: "no
+    /// authentication", or "username/password" when the entry has
+    /// credentials (the entry answers "no acceptable method" before
+    /// closing).
     NoAcceptableMethod,
     /// The request's version is not 5.
     BadRequestVersion,
+    /// The username/password request's version is not 1.
+    BadAuthVersion,
 }
 
 impl std::fmt::Display for NegotiationError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             NegotiationError::NotSocks5 => "not a SOCKS5 client",
-            NegotiationError::NoAcceptableMethod => "client offers no no-auth method",
+            NegotiationError::NoAcceptableMethod => {
+                "client offers none of the methods the entry accepts"
+            }
             NegotiationError::BadRequestVersion => "bad SOCKS5 request version",
+            NegotiationError::BadAuthVersion => "bad username/password request version",
         })
     }
 }
 
 /// Reads the greeting (version, method count, methods) at the start of
-/// `data`. Pure, so that it can be tested and fuzzed without sockets;
-/// decided on as few bytes as possible (a wrong version on the first).
+/// `data`, for an entry without credentials (it must offer "no
+/// authentication"). Pure, so that it can be tested and fuzzed without
+/// sockets; decided on as few bytes as possible (a wrong version on the
+/// first).
 #[doc(hidden)]
 pub fn parse_greeting(data: &[u8]) -> Result<Parsed<()>, NegotiationError> {
+    parse_greeting_for(data, NO_AUTH)
+}
+
+/// As [`parse_greeting`], for an entry that asks for `method`.
+#[doc(hidden)]
+pub fn parse_greeting_for(data: &[u8], method: u8) -> Result<Parsed<()>, NegotiationError> {
     match data {
         [] => Ok(Parsed::Incomplete),
         [version, ..] if *version != VERSION => Err(NegotiationError::NotSocks5),
@@ -292,7 +378,7 @@ pub fn parse_greeting(data: &[u8]) -> Result<Parsed<()>, NegotiationError> {
             let count = usize::from(*count);
             match methods.get(..count) {
                 None => Ok(Parsed::Incomplete),
-                Some(offered) if offered.contains(&NO_AUTH) => Ok(Parsed::Complete((), 2 + count)),
+                Some(offered) if offered.contains(&method) => Ok(Parsed::Complete((), 2 + count)),
                 Some(_) => Err(NegotiationError::NoAcceptableMethod),
             }
         }
@@ -362,15 +448,25 @@ async fn read_more(app: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads the greeting and the request, and returns the target with any
-/// bytes the client sent after its request without waiting for the reply
-/// (optimistic data, to go into the tunnel first). The inner `Err` is a
-/// reply to send before closing (unsupported command or address type).
-async fn negotiate(app: &mut TcpStream) -> io::Result<(Result<Target, Reply>, Vec<u8>)> {
+/// Reads the greeting, the username and password when the entry has
+/// `credentials`, and the request; returns the target with any bytes the
+/// client sent after its request without waiting for the reply (optimistic
+/// data, to go into the tunnel first). The inner `Err` is a reply to send
+/// before closing (unsupported command or address type). Credentials that
+/// do not match end it with a `PermissionDenied` error, once the client
+/// has been told.
+async fn negotiate(
+    app: &mut TcpStream,
+    credentials: Option<&Credentials>,
+) -> io::Result<(Result<Target, Reply>, Vec<u8>)> {
     let invalid = |e: NegotiationError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    let method = match credentials {
+        Some(_) => auth::USER_PASS,
+        None => NO_AUTH,
+    };
     let mut buf = Vec::new();
     let greeting = loop {
-        match parse_greeting(&buf) {
+        match parse_greeting_for(&buf, method) {
             Ok(Parsed::Complete((), used)) => break used,
             Ok(Parsed::Incomplete) => read_more(app, &mut buf).await?,
             Err(e) => {
@@ -381,8 +477,26 @@ async fn negotiate(app: &mut TcpStream) -> io::Result<(Result<Target, Reply>, Ve
             }
         }
     };
-    app.write_all(&[VERSION, NO_AUTH]).await?;
+    app.write_all(&[VERSION, method]).await?;
     buf.drain(..greeting);
+    if let Some(credentials) = credentials {
+        let (accepted, used) = loop {
+            match parse_auth(&buf).map_err(invalid)? {
+                Parsed::Complete(given, used) => {
+                    break (credentials.verify(given.user, given.password), used);
+                }
+                Parsed::Incomplete => read_more(app, &mut buf).await?,
+            }
+        };
+        auth::consume_secret(&mut buf, used);
+        app.write_all(&auth::auth_reply(accepted)).await?;
+        if !accepted {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "username/password refused",
+            ));
+        }
+    }
     loop {
         match parse_request(&buf).map_err(invalid)? {
             Parsed::Complete(target, used) => {
@@ -423,6 +537,15 @@ mod tests {
             parse_greeting(&[5, 0]),
             Err(NegotiationError::NoAcceptableMethod)
         );
+        // An entry with credentials wants username/password, and only it.
+        assert_eq!(
+            parse_greeting_for(&[5, 2, 0, 2], auth::USER_PASS),
+            Ok(Parsed::Complete((), 4))
+        );
+        assert_eq!(
+            parse_greeting_for(&[5, 1, 0], auth::USER_PASS),
+            Err(NegotiationError::NoAcceptableMethod)
+        );
     }
 
     #[test]
@@ -461,5 +584,82 @@ mod tests {
             parse_request(&[4, 1, 0, 1]),
             Err(NegotiationError::BadRequestVersion)
         );
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// Runs `negotiate` with credentials for alice against a client that
+    /// sends `bytes` one at a time (so every step sees partial input);
+    /// what `negotiate` returned, and every byte the client got back.
+    async fn negotiate_slowly(bytes: Vec<u8>) -> (io::Result<Target>, Vec<u8>) {
+        let credentials = Credentials::parse(b"alice:s3cret\n", Path::new("users")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            client.set_nodelay(true).unwrap();
+            for byte in bytes {
+                // The entry may have closed already (refused credentials).
+                if client.write_all(&[byte]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut answers = Vec::new();
+            let _ = client.read_to_end(&mut answers).await;
+            answers
+        });
+        let (mut app, _) = listener.accept().await.unwrap();
+        let negotiated = negotiate(&mut app, Some(&credentials)).await;
+        drop(app);
+        let answers = client.await.unwrap();
+        let target = negotiated.map(|(target, early)| {
+            assert!(early.is_empty());
+            target.expect("a CONNECT to an address")
+        });
+        (target, answers)
+    }
+
+    /// Greeting and credentials, and the request when `request`.
+    fn client_bytes(password: &[u8], request: bool) -> Vec<u8> {
+        let mut bytes = vec![5, 2, 0, 2, 1, 5];
+        bytes.extend_from_slice(b"alice");
+        bytes.push(password.len() as u8);
+        bytes.extend_from_slice(password);
+        if request {
+            bytes.extend_from_slice(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80]);
+        }
+        bytes
+    }
+
+    #[tokio::test]
+    async fn the_right_password_arriving_byte_by_byte_gets_in() {
+        let (target, answers) = negotiate_slowly(client_bytes(b"s3cret", true)).await;
+        assert_eq!(
+            target.unwrap(),
+            Target::Addr("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(answers, [5, 2, 1, 0], "username/password chosen, accepted");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_is_told_and_refused() {
+        // No request follows: bytes left unread would turn the close into
+        // a reset, which may overtake the answer.
+        let (target, answers) = negotiate_slowly(client_bytes(b"s3creT", false)).await;
+        assert_eq!(target.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(answers, [5, 2, 1, 1], "username/password chosen, refused");
+    }
+
+    #[tokio::test]
+    async fn a_client_without_username_password_gets_no_acceptable_method() {
+        let (target, answers) = negotiate_slowly(vec![5, 1, 0]).await;
+        assert_eq!(target.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(answers, [5, 0xff]);
     }
 }

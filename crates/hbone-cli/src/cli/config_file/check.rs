@@ -12,6 +12,7 @@ use toml::de::DeValue;
 use super::example::sample;
 use super::schema::{Key, Schema, SectionSchema, ValueKind};
 use super::{ConfigError, ConfigFile, Section, Source, effective};
+use crate::cli::entry_access::Spelling;
 
 /// A toml error as one line, naming the section it is in.
 pub(super) fn syntax_error(schema: &Schema, src: &Source<'_>, e: &toml::de::Error) -> ConfigError {
@@ -273,6 +274,24 @@ fn start_up_rules(
                 section.line,
                 label,
                 "no route: set server, or gateway with gateway-id and service",
+            ));
+        }
+    }
+    if matches!(section.kind, "forward" | "socks5")
+        && let Some(listen) = section
+            .field("listen")
+            .and_then(|f| f.values().last().and_then(|v| v.to_str()?.parse().ok()))
+    {
+        let explicit =
+            given("allow-remote-clients") || given("allow-source") || given("socks5-credentials");
+        let socks5 = section.kind == "socks5";
+        if let Some(message) =
+            crate::cli::entry_access::refusal(listen, explicit, socks5, Spelling::Fields)
+        {
+            return Err(src.error(
+                field_line(section, "listen"),
+                &format!("{label} listen"),
+                message,
             ));
         }
     }

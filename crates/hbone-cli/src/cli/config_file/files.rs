@@ -1,7 +1,9 @@
 //! `hbone config check` beyond syntax, as `nginx -t` does: the files a
 //! config names are read as the commands would read them. Identities must
-//! exist, parse, have a key that matches the certificate and not be
-//! expired; policy, routes and services files must load.
+//! exist, parse, have a key that matches the certificate and that only its
+//! owner may read (unless allow-insecure-key-permissions), and not be
+//! expired; policy, routes, services and SOCKS5 credentials files must
+//! load.
 
 use std::path::Path;
 
@@ -38,6 +40,9 @@ pub(super) fn problems(file: &ConfigFile) -> Vec<String> {
                 "services" => hbone::services::ServiceTable::load(path)
                     .map(drop)
                     .map_err(|e| e.to_string()),
+                "socks5-credentials" => hbone::entry::socks5::Credentials::load(path)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
                 _ => Ok(()),
             };
             if let Err(problem) = loaded {
@@ -53,15 +58,25 @@ pub(super) fn problems(file: &ConfigFile) -> Vec<String> {
 fn identity_problem(section: &Section) -> Option<(&Field, String)> {
     let field = |name: &str| section.fields.iter().find(|f| f.name == name);
     let value = |f: &Field| f.values().first().map(|v| Path::new(*v).to_owned());
-    let (blame, loaded) = if let Some(dir) = field("identity-dir") {
-        (dir, hbone::Identity::from_dir(&value(dir)?))
+    let (blame, loaded, key) = if let Some(dir) = field("identity-dir") {
+        let path = value(dir)?;
+        let key = (dir, path.join(hbone::identity::KEY_FILE));
+        (dir, hbone::Identity::from_dir(&path), key)
     } else {
         let (cert, key, bundle) = (field("cert")?, field("key")?, field("trust-bundle")?);
         (
             cert,
             hbone::Identity::from_files(&value(cert)?, &value(key)?, &value(bundle)?),
+            (key, value(key)?),
         )
     };
+    let allowed = field("allow-insecure-key-permissions").is_some_and(|f| !f.args.is_empty());
+    if loaded.is_ok()
+        && !allowed
+        && let Err(e) = crate::cli::args::check_key_permissions(&key.1, false)
+    {
+        return Some((key.0, e.to_string().replace("start with --", "set ")));
+    }
     match loaded {
         Err(e) => Some((blame, e.to_string())),
         Ok(identity) => match identity.expires_at() {

@@ -337,12 +337,57 @@ fn listeners_must_not_collide() {
     ));
     assert_eq!(
         err(&format!(
-            "{}{}",
+            "{}{}allow-remote-clients = true\n",
             socks("127.0.0.1:1080"),
             socks("0.0.0.0:1080")
         )),
         "hbone.toml:8: [[socks5]] #2 listen 0.0.0.0:1080 conflicts with [[socks5]] #1 listen 127.0.0.1:1080 \
          at line 4: both would listen on port 1080; give one of them another address"
+    );
+}
+
+#[test]
+fn entries_off_loopback_must_say_who_may_use_them() {
+    let socks = |listen: &str, extra: &str| {
+        format!(
+            "[[socks5]]\nidentity-dir = \"/c\"\nserver-id = \"spiffe://td/s\"\nlisten = \"{listen}\"\n{extra}"
+        )
+    };
+    let refused = err(&socks("0.0.0.0:1080", ""));
+    assert!(
+        refused.starts_with(
+            "hbone.toml:4: [[socks5]] #1 listen: refusing to listen on 0.0.0.0:1080: it is not a loopback address"
+        ),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("allow-source = [") && refused.contains("socks5-credentials = "),
+        "{refused}"
+    );
+    assert!(err(&socks("[::]:1080", "")).contains("refusing to listen on [::]:1080"));
+    ok(&socks("[::1]:1080", ""));
+    ok(&socks("0.0.0.0:1080", "allow-remote-clients = true\n"));
+    ok(&socks("0.0.0.0:1080", "allow-source = [\"10.1.0.0/16\"]\n"));
+    ok(&socks("0.0.0.0:1080", "socks5-credentials = \"/users\"\n"));
+    // A switch set to false says nothing.
+    assert!(err(&socks("0.0.0.0:1080", "allow-remote-clients = false\n")).contains("refusing"));
+    let forward = "[[forward]]\nidentity-dir = \"/c\"\nserver = \"127.0.0.1:2\"\nserver-id = \"spiffe://td/s\"\n\
+                   target = \"127.0.0.1:3\"\nlisten = \"192.0.2.1:8080\"\n";
+    let refused = err(forward);
+    assert!(
+        refused.starts_with(
+            "hbone.toml:6: [[forward]] #1 listen: refusing to listen on 192.0.2.1:8080"
+        ),
+        "{refused}"
+    );
+    assert!(!refused.contains("credentials"), "{refused}");
+    ok(&format!("{forward}allow-source = \"192.0.2.0/24\"\n"));
+    assert!(err(&format!("{forward}allow-source = \"10.0.0.0/8:80\"\n")).contains("names a port"),);
+    assert!(
+        err(&format!(
+            "{forward}allow-source = \"10.0.0.0/8\"\nallow-remote-clients = true\n"
+        ))
+        .contains("cannot be used together"),
     );
 }
 
