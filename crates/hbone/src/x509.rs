@@ -90,6 +90,40 @@ pub(crate) fn parse(der: &[u8]) -> Result<CertInfo<'_>, DerError> {
     })
 }
 
+/// The `nextUpdate` of a DER-encoded CRL (RFC 5280 §5.1), which must be
+/// present: webpki refuses CRLs without one.
+pub(crate) fn crl_next_update(der: &[u8]) -> Result<SystemTime, DerError> {
+    let mut outer = Reader::new(der);
+    let list = outer.expect(SEQUENCE)?;
+    outer.end()?;
+    let mut list = Reader::new(list);
+    let mut tbs = Reader::new(list.expect(SEQUENCE)?);
+    if tbs.peek() == Some(INTEGER) {
+        tbs.any()?; // version
+    }
+    tbs.expect(SEQUENCE)?; // signature
+    tbs.expect(SEQUENCE)?; // issuer
+    time(&mut tbs)?; // thisUpdate
+    match tbs.peek() {
+        Some(UTC_TIME | GENERALIZED_TIME) => time(&mut tbs),
+        _ => Err(DerError("no nextUpdate")),
+    }
+}
+
+/// The serial number of a DER-encoded certificate, as its DER INTEGER
+/// content bytes.
+#[cfg(feature = "ca")]
+pub(crate) fn serial(der: &[u8]) -> Result<&[u8], DerError> {
+    let mut outer = Reader::new(der);
+    let certificate = outer.expect(SEQUENCE)?;
+    outer.end()?;
+    let mut tbs = Reader::new(Reader::new(certificate).expect(SEQUENCE)?);
+    if tbs.peek() == Some(VERSION) {
+        tbs.any()?;
+    }
+    tbs.expect(INTEGER)
+}
+
 /// The URIs among GeneralNames.
 fn uri_names(value: &[u8]) -> Result<Vec<&str>, DerError> {
     let mut wrapper = Reader::new(value);
