@@ -14,6 +14,7 @@ mod identity_files;
 mod limits_and_drain;
 mod pool;
 mod raw_h2;
+mod revocation;
 mod rotation;
 mod shared_connection;
 mod tunnel;

@@ -18,6 +18,8 @@ use hbone::policy::{IdPattern, TargetRule};
 use hbone::server::Limits;
 use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
+use super::revocation::RevocationArgs;
+
 /// Where this process's certificate, key and trust bundle come from.
 #[derive(Args, Clone)]
 pub(super) struct IdentityArgs {
@@ -157,6 +159,8 @@ pub(super) struct ServerArgs {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
+    #[command(flatten)]
+    pub(super) revocation: RevocationArgs,
     /// Address to listen on.
     #[arg(long, default_value = "[::]:15008", value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
@@ -195,6 +199,8 @@ pub(super) struct GatewayArgs {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
+    #[command(flatten)]
+    pub(super) revocation: RevocationArgs,
     /// Address to listen on.
     #[arg(long, default_value = "[::]:15008", value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
@@ -297,6 +303,8 @@ impl ServeArgs {
 pub(super) struct DialArgs {
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
+    #[command(flatten)]
+    pub(super) revocation: RevocationArgs,
     /// SPIFFE ID the server must present; repeat to accept any of several.
     #[arg(long = "server-id", value_name = "SPIFFE_ID", required = true)]
     pub(super) server_ids: Vec<SpiffeId>,
@@ -371,7 +379,8 @@ impl DialArgs {
             )
             .with_pooling(!self.no_pool)
             .with_baggage(self.meta.baggage(identity.id()))
-            .with_telemetry(telemetry);
+            .with_telemetry(telemetry)
+            .with_revocation(self.revocation.load()?);
         config.network = self.network.clone();
         config.h2.adaptive_windows = !self.fixed_windows;
         Ok(Dialer::with_config(identity, config)?)

@@ -17,7 +17,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::OffsetDateTime;
 
-use super::{CLOCK_SKEW, CaError, DevCa, io_error, write_file};
+use super::{CaError, DevCa, io_error, write_file};
 
 /// The serials a CA directory's CA revoked, and the number of its last
 /// CRL.
@@ -83,8 +83,7 @@ impl DevCa {
         validity: Duration,
     ) -> Result<String, CaError> {
         let params = CertificateRevocationListParams {
-            // Slack for peers whose clocks run behind, as for certificates.
-            this_update: this_update - CLOCK_SKEW,
+            this_update,
             next_update: this_update + validity,
             crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,

@@ -1,7 +1,7 @@
 //! `hbone config check` beyond syntax, as `nginx -t` does: the files a
 //! config names are read as the commands would read them. Identities must
 //! exist, parse, have a key that matches the certificate and not be
-//! expired; policy, routes and services files must load.
+//! expired; policy, routes, services and revocation list files must load.
 
 use std::path::Path;
 
@@ -36,6 +36,9 @@ pub(super) fn problems(file: &ConfigFile) -> Vec<String> {
                     .map(drop)
                     .map_err(|e| e.to_string()),
                 "services" => hbone::services::ServiceTable::load(path)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                "crl" => hbone::revocation::Revocation::from_files(field.values())
                     .map(drop)
                     .map_err(|e| e.to_string()),
                 _ => Ok(()),
