@@ -12,16 +12,16 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hbone");
-const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+pub(crate) const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+pub(crate) const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
-fn hbone(args: &[&str]) -> Command {
+pub(crate) fn hbone(args: &[&str]) -> Command {
     let mut command = Command::new(BIN);
     command.args(args).kill_on_drop(true).env_remove("RUST_LOG");
     command
 }
 
-async fn run_ok(args: &[&str]) -> String {
+pub(crate) async fn run_ok(args: &[&str]) -> String {
     let output = hbone(args).output().await.unwrap();
     assert!(
         output.status.success(),
@@ -32,7 +32,7 @@ async fn run_ok(args: &[&str]) -> String {
 }
 
 /// `ca init` plus a client and a server certificate in `dir`.
-async fn make_pki(dir: &Path) {
+pub(crate) async fn make_pki(dir: &Path) {
     issue_with_cli(dir, &[(SERVER_ID, "server"), (CLIENT_ID, "client")]).await;
 }
 
@@ -44,10 +44,10 @@ async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
 }
 
 /// Log lines a subcommand has written so far.
-type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+pub(crate) type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// [`spawn_ready`], keeping every later log line.
-async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
+pub(crate) async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
     let mut child = hbone(args)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -83,7 +83,7 @@ async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
 
 /// The first `count` lines of `log` containing `wanted`, waiting up to
 /// 10 s for them.
-async fn log_lines(log: &Log, wanted: &str, count: usize) -> Vec<String> {
+pub(crate) async fn log_lines(log: &Log, wanted: &str, count: usize) -> Vec<String> {
     let find = || {
         let lines = log.lock().unwrap();
         let found: Vec<String> = lines
@@ -129,7 +129,7 @@ async fn spawn_forward(dir: &Path, server: SocketAddr, target: SocketAddr) -> (C
     .await
 }
 
-fn path(dir: &Path, name: &str) -> String {
+pub(crate) fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_str().unwrap().to_owned()
 }
 

@@ -11,3 +11,4 @@ mod deploy;
 mod interop;
 mod netns;
 mod operations;
+mod revocation_cli;
