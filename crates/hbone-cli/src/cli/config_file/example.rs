@@ -16,6 +16,7 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
         "cert" => "/etc/hbone/certs/cert.pem",
         "key" => "/etc/hbone/certs/key.pem",
         "trust-bundle" => "/etc/hbone/certs/bundle.pem",
+        "crl" => "/etc/hbone/certs/crl.pem",
         "allow-target" => "10.0.0.0/8:80-443",
         "allow-id" => "spiffe://cluster.local/ns/web/*",
         "policy" => "/etc/hbone/policy.toml",
