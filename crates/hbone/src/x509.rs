@@ -1,6 +1,7 @@
-//! The little of X.509 that identities need: the URI SANs and the validity
-//! period of a certificate. rustls and webpki verify chains and
-//! signatures; this only reads two fields, with a strict DER walker that
+//! The little of X.509 that identities and revocation need: the URI SANs,
+//! validity period and serial number of a certificate, and the next
+//! update of a CRL. rustls and webpki verify chains, signatures and
+//! revocation; this only reads those fields, with a strict DER walker that
 //! refuses anything malformed instead of guessing, and pulls in no parser
 //! crates.
 
