@@ -244,3 +244,90 @@ async fn an_expired_crl_is_used_by_default_and_refuses_when_fail_closed() {
         other => panic!("expected an expired-CRL refusal, got {other:?}"),
     }
 }
+
+/// The whole chain is checked: an intermediate CA its root revoked takes
+/// every leaf it signed down with it, while a root CRL listing another
+/// serial refuses nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_intermediate_refuses_the_leaves_under_it() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+        RevokedCertParams, SanType, SerialNumber,
+    };
+    let ca_params = |name: &str, serial: u64| {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(SerialNumber::from(serial));
+        params
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca_params("revocation test root", 1);
+    let root_pem = root_params.self_signed(&root_key).unwrap().pem();
+    let root = Issuer::new(root_params, root_key);
+    let intermediate_key = KeyPair::generate().unwrap();
+    let intermediate_params = ca_params("revocation test intermediate", 2);
+    let intermediate_pem = intermediate_params
+        .signed_by(&intermediate_key, &root)
+        .unwrap()
+        .pem();
+    let intermediate = Issuer::new(intermediate_params, intermediate_key);
+    let identity = |id: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = params.signed_by(&key, &intermediate).unwrap().pem();
+        Identity::from_pem(
+            &format!("{leaf}{intermediate_pem}"),
+            &key.serialize_pem(),
+            &root_pem,
+        )
+        .unwrap()
+    };
+    let pki = Pki::new();
+    let (server_identity, client_identity) = (
+        identity(pki.server_id.as_str()),
+        identity(pki.client_id.as_str()),
+    );
+    let root_crl = |serial: u64| {
+        let now = time::OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![RevokedCertParams {
+                serial_number: SerialNumber::from(serial),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let pem = params.signed_by(&root).unwrap().pem().unwrap();
+        Revocation::from_bytes(pem.as_bytes(), "root.crl").unwrap()
+    };
+
+    let unrelated = start_server(
+        ServerConfig::new(loopback(), server_identity.clone()).with_revocation(root_crl(99)),
+    )
+    .await;
+    dial(&Dialer::new(&client_identity).unwrap(), &unrelated, &pki)
+        .await
+        .expect("a root CRL listing another serial refuses nobody");
+
+    let server =
+        start_server(ServerConfig::new(loopback(), server_identity).with_revocation(root_crl(2)))
+            .await;
+    assert_eq!(
+        tls_failure(dial(&Dialer::new(&client_identity).unwrap(), &server, &pki).await),
+        TlsFailure::RejectedRevoked
+    );
+}
