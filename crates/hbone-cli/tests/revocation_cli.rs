@@ -199,7 +199,7 @@ async fn a_rewritten_crl_refuses_new_handshakes_while_open_tunnels_go_on() {
     issue_with_cli_again(dir.path(), CLIENT_ID, "client2").await;
     revoke(dir.path(), "client2/cert.pem").await;
     let echo = start_echo().await;
-    let (_server, server, log) = spawn_logged(&[
+    let (_server, _, log) = spawn_logged(&[
         "server",
         "--identity-dir",
         &path(dir.path(), "server"),
@@ -207,8 +207,12 @@ async fn a_rewritten_crl_refuses_new_handshakes_while_open_tunnels_go_on() {
         &path(dir.path(), "crl.pem"),
         "--listen",
         "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
     ])
     .await;
+    let server = listen_of(&log, "HBONE server ready").await;
+    let admin = listen_of(&log, "admin endpoint ready").await;
     let (_forward, forward, _forward_log) = spawn_logged(&[
         "forward",
         "--identity-dir",
@@ -260,6 +264,11 @@ async fn a_rewritten_crl_refuses_new_handshakes_while_open_tunnels_go_on() {
         "{}",
         stderr(&still)
     );
+    let scraped = scrape(admin).await;
+    for result in ["success", "failure"] {
+        let sample = format!("hbone_reloads_total{{what=\"revocation\",result=\"{result}\"}} 1");
+        assert!(scraped.contains(&sample), "{sample} in\n{scraped}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
