@@ -384,3 +384,53 @@ async fn issue_with_cli_again(dir: &Path, id: &str, name: &str) {
     ])
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_revoke_writes_into_the_ca_directory_and_refuses_a_foreign_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let said = run_ok(&[
+        "ca",
+        "revoke",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--cert",
+        &path(dir.path(), "server/cert.pem"),
+    ])
+    .await;
+    assert!(said.contains(&path(dir.path(), "ca/crl.pem")), "{said}");
+    let crl = hbone::revocation::Revocation::from_files([dir.path().join("ca/crl.pem")]).unwrap();
+    assert_eq!(crl.len(), 1);
+    assert!(crl.stale(std::time::SystemTime::now() + 6 * DAY).is_empty());
+    assert_eq!(crl.stale(std::time::SystemTime::now() + 8 * DAY).len(), 1);
+
+    run_ok(&["ca", "init", "--out", &path(dir.path(), "other-ca")]).await;
+    run_ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir.path(), "other-ca"),
+        "--id",
+        CLIENT_ID,
+        "--out",
+        &path(dir.path(), "stranger"),
+    ])
+    .await;
+    let output = hbone(&[
+        "ca",
+        "revoke",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--cert",
+        &path(dir.path(), "stranger/cert.pem"),
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let said = stderr(&output);
+    assert!(
+        said.contains("stranger/cert.pem") && said.contains("not issued by this CA"),
+        "{said}"
+    );
+}

@@ -176,6 +176,8 @@ impl ServerTls {
     /// (replacing the lists in force); the identity stays. Connections
     /// already open are not re-checked. On error the previous lists stay.
     pub fn reload_revocation(&self, revocation: Revocation) -> Result<(), TlsConfigError> {
+        // Built under the write lock, as in `reload`: an identity reload
+        // and a revocation reload at once must not undo each other.
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         current.config = server_config(&current.identity, self.trust_domains.clone(), &revocation)?;
         current.revocation = revocation;

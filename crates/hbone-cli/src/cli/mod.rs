@@ -282,8 +282,8 @@ pub(super) enum CaCommand {
         after_help = "The revoked serials are kept in revoked.txt in the CA directory, so each
 run adds to the list and numbers the CRL one higher. Running it again
 (with any certificate already revoked) renews the CRL before its next
-update. Give the CRL to servers, gateways and entries with their crl
-setting; they reload it when the file changes.
+update. Give the CRL to servers, gateways and entries with --crl (crl in
+a config file); they reload it when the file changes.
 
 Example:
   hbone ca revoke --ca ca --cert certs/client/cert.pem --crl-out certs/crl.pem"
