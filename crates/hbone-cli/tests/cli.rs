@@ -38,7 +38,7 @@ pub(crate) async fn make_pki(dir: &Path) {
 
 /// Starts a long-running subcommand and returns it with the address it
 /// reports in its "ready" log line (so `--listen 127.0.0.1:0` works).
-async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
+pub(crate) async fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
     let (child, addr, _) = spawn_logged(args).await;
     (child, addr)
 }
@@ -1260,7 +1260,7 @@ async fn policy_file_check_test_and_live_reload() {
 }
 
 /// The leaf certificate a server presents to a new connection.
-async fn presented_cert(server: SocketAddr) -> Vec<u8> {
+pub(crate) async fn presented_cert(server: SocketAddr) -> Vec<u8> {
     let tls = raw_tls(server, None).await.unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }

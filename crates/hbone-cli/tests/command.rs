@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod config;
 mod deploy;
+mod identity_sources;
 mod interop;
 mod netns;
 mod operations;

@@ -210,20 +210,7 @@ impl DevCa {
         validity: Duration,
     ) -> Result<IssuedCert, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        set_validity(&mut params, not_before, validity);
+        let params = leaf_params(id, not_before, validity)?;
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let cert = params.signed_by(&key, &issuer)?;
         Ok(IssuedCert {
@@ -232,6 +219,83 @@ impl DevCa {
             bundle_pem: self.cert_pem.clone(),
         })
     }
+
+    /// Signs a certificate request (PEM PKCS#10) as a mesh CA does: the
+    /// request's one URI SAN must be a SPIFFE ID in this trust domain, and
+    /// only its key and that ID are taken from it. Returns the leaf PEM;
+    /// test servers use it to play Istio's CA.
+    pub fn sign_request(&self, csr_pem: &str, validity: Duration) -> Result<String, CaError> {
+        let bad = |problem: String| CaError::Content {
+            path: PathBuf::from("<certificate request>"),
+            problem,
+        };
+        let request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let uris: Vec<&str> = request
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| match san {
+                SanType::URI(uri) => Some(uri.as_str()),
+                _ => None,
+            })
+            .collect();
+        let [uri] = uris[..] else {
+            return Err(bad(format!(
+                "{} URI SANs; exactly one SPIFFE ID is expected",
+                uris.len()
+            )));
+        };
+        let id = SpiffeId::parse(uri).map_err(|e| bad(format!("{uri}: {e}")))?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(CaError::TrustDomain {
+                ca: self.trust_domain.clone(),
+                requested: id.trust_domain().to_owned(),
+            });
+        }
+        self.sign_request_for(csr_pem, &id, validity)
+    }
+
+    /// Signs the request's key for `id`, whatever the request asks for:
+    /// tests use it to play a CA that issues the wrong identity.
+    #[doc(hidden)]
+    pub fn sign_request_for(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        validity: Duration,
+    ) -> Result<String, CaError> {
+        let request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let params = leaf_params(id, OffsetDateTime::now_utc() - CLOCK_SKEW, validity)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        Ok(params.signed_by(&request.public_key, &issuer)?.pem())
+    }
+}
+
+/// A leaf as Istio issues them: empty subject, the SPIFFE ID as the URI
+/// SAN, not a CA, usable at either end of a tunnel.
+fn leaf_params(
+    id: &SpiffeId,
+    not_before: OffsetDateTime,
+    validity: Duration,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    // `CA:FALSE` spelled out, as Istio's leaves have it and as X.509-SVID
+    // parsers (the spiffe crate's among them) require.
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.serial_number = Some(random_serial());
+    set_validity(&mut params, not_before, validity);
+    Ok(params)
 }
 
 impl IssuedCert {
@@ -298,4 +362,54 @@ fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CaError>
             .map_err(io_error(path))?;
     }
     file.write_all(contents.as_bytes()).map_err(io_error(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+
+    fn request_for(uris: &[&str]) -> String {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|uri| SanType::URI((*uri).try_into().unwrap()))
+            .collect();
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn a_request_for_an_id_of_the_trust_domain_is_signed() {
+        let ca = DevCa::generate("td.example", Duration::from_secs(3600)).unwrap();
+        let leaf = ca
+            .sign_request(
+                &request_for(&["spiffe://td.example/ns/a/sa/b"]),
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(leaf.as_bytes()).unwrap();
+        assert_eq!(
+            crate::identity::spiffe_id_of(&der).unwrap().as_str(),
+            "spiffe://td.example/ns/a/sa/b"
+        );
+    }
+
+    #[test]
+    fn requests_outside_the_trust_domain_or_with_several_ids_are_refused() {
+        let ca = DevCa::generate("td.example", Duration::from_secs(3600)).unwrap();
+        let minute = Duration::from_secs(60);
+        let foreign = ca.sign_request(&request_for(&["spiffe://other/ns/a/sa/b"]), minute);
+        assert!(
+            matches!(foreign, Err(CaError::TrustDomain { .. })),
+            "{foreign:?}"
+        );
+        let two = ca.sign_request(
+            &request_for(&["spiffe://td.example/a", "spiffe://td.example/b"]),
+            minute,
+        );
+        assert!(two.unwrap_err().to_string().contains("2 URI SANs"));
+        let none = ca.sign_request(&request_for(&[]), minute);
+        assert!(none.unwrap_err().to_string().contains("0 URI SANs"));
+    }
 }

@@ -320,6 +320,33 @@ impl Identity {
         )
     }
 
+    /// Builds an identity from DER held in memory: the chain (leaf
+    /// first), its PKCS#8, SEC1 or PKCS#1 key and the trust bundle, as the
+    /// SPIFFE Workload API hands them out. The same checks as for files.
+    pub fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        bundle: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, IdentityError> {
+        let (cert_path, key_path, bundle_path) = (
+            Path::new("<certificate>"),
+            Path::new("<key>"),
+            Path::new("<bundle>"),
+        );
+        check_certs(cert_path, &chain)?;
+        check_certs(bundle_path, &bundle)?;
+        let id = spiffe_id_of(&chain[0])
+            .map_err(|e| IdentityError::content(cert_path, format!("first certificate: {e}")))?;
+        let identity = Identity {
+            id,
+            chain,
+            key,
+            bundle,
+        };
+        identity.check_key_matches(cert_path, key_path)?;
+        Ok(identity)
+    }
+
     fn from_pem_sources(
         (cert_path, cert_pem): (&Path, &[u8]),
         (key_path, key_pem): (&Path, &[u8]),
@@ -402,6 +429,15 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
     if certs.is_empty() {
         return Err(IdentityError::content(path, "no CERTIFICATE blocks found"));
     }
+    check_certs(path, &certs)?;
+    Ok(certs)
+}
+
+/// Every certificate parses as X.509, and there is at least one.
+fn check_certs(path: &Path, certs: &[CertificateDer<'static>]) -> Result<(), IdentityError> {
+    if certs.is_empty() {
+        return Err(IdentityError::content(path, "no certificates"));
+    }
     for (i, cert) in certs.iter().enumerate() {
         crate::x509::parse(cert.as_ref()).map_err(|e| {
             IdentityError::content(
@@ -410,7 +446,7 @@ fn parse_certs(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
             )
         })?;
     }
-    Ok(certs)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -96,6 +96,8 @@ pub mod entry;
 pub mod gateway;
 pub mod headers;
 pub mod identity;
+#[cfg(feature = "istio-ca")]
+pub mod istio_ca;
 pub mod keepalive;
 pub mod lifecycle;
 pub mod metrics;
@@ -115,6 +117,8 @@ pub mod tls;
 #[cfg(feature = "files")]
 mod toml_error;
 mod window;
+#[cfg(feature = "workload-api")]
+pub mod workload_api;
 mod x509;
 
 /// Istio's HBONE port: where ztunnel listens for tunnels, and where this

@@ -13,9 +13,11 @@ use hbone::config::{H2Settings, Timeouts};
 use hbone::entry::Destination;
 use hbone::headers::{self, Baggage};
 use hbone::identity;
+use hbone::istio_ca::{IstioCa, IstioCaConfig};
 use hbone::keepalive::Keepalive;
 use hbone::policy::{IdPattern, TargetRule};
 use hbone::server::Limits;
+use hbone::workload_api::WorkloadApi;
 use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
 use super::revocation::RevocationArgs;
@@ -36,10 +38,114 @@ pub(super) struct IdentityArgs {
     /// CA certificates that peers must chain to (PEM).
     #[arg(long, value_name = "FILE", requires_all = ["cert", "key"])]
     pub(super) trust_bundle: Option<PathBuf>,
+    /// Get the certificate from Istio's CA at HOST:PORT (istiod serves it
+    /// on 15012) instead of files: a key made in this process, renewed at
+    /// about half of each certificate's lifetime.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        conflicts_with_all = ["identity_dir", "cert", "key", "trust_bundle"],
+        requires_all = ["istio_ca_root", "token_file", "id"]
+    )]
+    pub(super) istio_ca: Option<String>,
+    /// The root certificate the Istio CA's own TLS certificate must chain
+    /// to (Istio's root-cert.pem).
+    #[arg(long, value_name = "FILE", requires = "istio_ca")]
+    pub(super) istio_ca_root: Option<PathBuf>,
+    /// The name the Istio CA's TLS certificate must carry, when it differs
+    /// from the host dialled (e.g. istiod.istio-system.svc when dialling
+    /// an IP address).
+    #[arg(long, value_name = "NAME", requires = "istio_ca")]
+    pub(super) istio_ca_name: Option<String>,
+    /// File holding the bearer token for the Istio CA (a service-account
+    /// token with audience istio-ca), read at every request.
+    #[arg(long, value_name = "FILE", requires = "istio_ca")]
+    pub(super) token_file: Option<PathBuf>,
+    /// Cluster the token comes from, sent to the Istio CA as ClusterID.
+    #[arg(long, value_name = "NAME", requires = "istio_ca")]
+    pub(super) cluster_id: Option<String>,
+    /// The SPIFFE ID to ask the Istio CA for (spiffe://TD/ns/NS/sa/SA).
+    #[arg(long, value_name = "SPIFFE-ID", requires = "istio_ca")]
+    pub(super) id: Option<SpiffeId>,
+    /// Certificate lifetime to ask the Istio CA for (it may shorten it).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub(super) cert_lifetime: Duration,
+    /// Take the identity from the SPIFFE Workload API at this endpoint
+    /// (e.g. unix:///run/spire/agent.sock, as SPIFFE_ENDPOINT_SOCKET holds
+    /// it) instead of files: the agent's default SVID and its trust
+    /// domain's bundle, rotated live on every update the agent streams.
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        conflicts_with_all = ["identity_dir", "cert", "key", "trust_bundle", "istio_ca"]
+    )]
+    pub(super) workload_api: Option<String>,
 }
 
+/// An identity as first obtained, with the live Workload API stream it
+/// came from (kept open for the updates that follow).
+pub(super) struct Obtained {
+    pub(super) identity: Identity,
+    pub(super) workload_api: Option<WorkloadApi>,
+}
+
+/// How long the first SVID from the Workload API may take at start.
+const WORKLOAD_API_FIRST_SYNC: Duration = Duration::from_secs(15);
+
 impl IdentityArgs {
-    /// Loads the identity, logs it and warns when it nears expiry.
+    /// Gets the identity (from the Istio CA when one is set, else from
+    /// files), logs it and warns when it nears expiry.
+    pub(super) async fn obtain(&self) -> anyhow::Result<Obtained> {
+        if let Some(endpoint) = &self.workload_api {
+            let api = WorkloadApi::connect(endpoint, WORKLOAD_API_FIRST_SYNC).await?;
+            let identity = api.identity()?;
+            tracing::info!(
+                id = %identity.id(), endpoint = %endpoint,
+                valid_s = seconds_left(&identity),
+                "identity from the SPIFFE Workload API"
+            );
+            return Ok(Obtained {
+                identity,
+                workload_api: Some(api),
+            });
+        }
+        let identity = match self.istio_ca() {
+            None => self.load()?,
+            Some(ca) => {
+                let identity = ca.issue().await?;
+                tracing::info!(
+                    id = %identity.id(), ca = %ca.config().address,
+                    valid_s = seconds_left(&identity),
+                    "certificate issued by the Istio CA"
+                );
+                identity
+            }
+        };
+        Ok(Obtained {
+            identity,
+            workload_api: None,
+        })
+    }
+
+    /// The Istio CA client, when the identity comes from one.
+    pub(super) fn istio_ca(&self) -> Option<IstioCa> {
+        let (Some(address), Some(root), Some(token), Some(id)) = (
+            &self.istio_ca,
+            &self.istio_ca_root,
+            &self.token_file,
+            &self.id,
+        ) else {
+            return None;
+        };
+        let mut config = IstioCaConfig::new(address.clone(), root, token, id.clone());
+        config.server_name = self.istio_ca_name.clone();
+        config.cluster_id = self.cluster_id.clone();
+        config.validity = self.cert_lifetime;
+        Some(IstioCa::new(config))
+    }
+
+    /// Loads the identity from files, logs it and warns when it nears
+    /// expiry.
     pub(super) fn load(&self) -> anyhow::Result<Identity> {
         let identity = self.read()?;
         tracing::info!(id = %identity.id(), "identity loaded");
@@ -74,7 +180,7 @@ impl IdentityArgs {
                     Identity::from_files(cert, key, bundle)?
                 }
                 _ => bail!(
-                    "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle"
+                    "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle, or --istio-ca with --istio-ca-root, --token-file and --id, or --workload-api ENDPOINT"
                 ),
             },
         )
@@ -124,6 +230,14 @@ fn warn_if_key_is_readable_by_others(key: &Path) {
             key.display()
         );
     }
+}
+
+/// Seconds until `identity` expires (0 once it has), for logs.
+pub(super) fn seconds_left(identity: &Identity) -> u64 {
+    identity
+        .expires_at()
+        .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
+        .map_or(0, |left| left.as_secs())
 }
 
 pub(super) fn warn_if_expiring(identity: &Identity) {
@@ -351,15 +465,18 @@ pub(super) struct DialArgs {
 
 impl DialArgs {
     /// The dialer, counting into `ops`' telemetry.
-    pub(super) fn dialer(&self, ops: &super::ops::Ops) -> anyhow::Result<Dialer> {
-        let identity = self.identity.load()?;
-        ops.identity_in_use(&identity);
-        self.dialer_with(&identity, ops.telemetry.clone())
+    /// The dialer, counting into `ops`' telemetry, and the identity it
+    /// started with.
+    pub(super) async fn dialer(&self, ops: &super::ops::Ops) -> anyhow::Result<(Dialer, Obtained)> {
+        let obtained = self.identity.obtain().await?;
+        ops.identity_in_use(&obtained.identity);
+        let dialer = self.dialer_with(&obtained.identity, ops.telemetry.clone())?;
+        Ok((dialer, obtained))
     }
 
     /// The dialer of a one-shot command (nothing to report to).
-    pub(super) fn dialer_without_telemetry(&self) -> anyhow::Result<Dialer> {
-        self.dialer_with(&self.identity.load()?, Default::default())
+    pub(super) async fn dialer_without_telemetry(&self) -> anyhow::Result<Dialer> {
+        self.dialer_with(&self.identity.obtain().await?.identity, Default::default())
     }
 
     fn dialer_with(

@@ -93,7 +93,8 @@ fn write_atomically(path: &std::path::Path, contents: &str) -> anyhow::Result<()
 }
 
 pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()> {
-    let identity = args.identity.load()?;
+    let first = args.identity.obtain().await?;
+    let identity = first.identity.clone();
     ops.identity_in_use(&identity);
     let baggage = args.meta.baggage(identity.id());
     let mut config = ServerConfig::new(args.listen, identity);
@@ -129,7 +130,7 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     if let Some(path) = args.services {
         watch_services(path, server.services(), ops);
     }
-    watch_tls(server.tls(), args.identity, args.revocation, ops);
+    watch_tls(server.tls(), args.identity, first, args.revocation, ops);
     ops.serve(server, args.serve.drain_timeout).await
 }
 
@@ -247,24 +248,32 @@ fn watch_services(path: PathBuf, handle: ServicesHandle, ops: &Ops) {
 fn watch_tls(
     tls: hbone::tls::ServerTls,
     identity: IdentityArgs,
+    first: super::args::Obtained,
     revocation: RevocationArgs,
     ops: &Ops,
 ) {
     let reloading = tls.clone();
     revocation.watch(ops, move |lists| Ok(reloading.reload_revocation(lists)?));
-    watch_identity(identity, ops, move |identity| Ok(tls.reload(identity)?));
+    watch_identity(identity, first, ops, move |identity| {
+        Ok(tls.reload(identity)?)
+    });
 }
 
 /// Reloads a dialer's identity and revocation lists when their files
 /// change and on SIGHUP.
-fn watch_dialer(dialer: &hbone::Dialer, args: &super::args::DialArgs, ops: &Ops) {
+fn watch_dialer(
+    dialer: &hbone::Dialer,
+    args: &super::args::DialArgs,
+    first: super::args::Obtained,
+    ops: &Ops,
+) {
     let reloading = dialer.clone();
     args.revocation.clone().watch(ops, move |lists| {
         reloading.reload_revocation(lists);
         Ok(())
     });
     let reloading = dialer.clone();
-    watch_identity(args.identity.clone(), ops, move |identity| {
+    watch_identity(args.identity.clone(), first, ops, move |identity| {
         Ok(reloading.reload_identity(identity)?)
     });
 }
@@ -274,11 +283,20 @@ fn watch_dialer(dialer: &hbone::Dialer, args: &super::args::DialArgs, ops: &Ops)
 /// not match its certificate is refused, and the identity in use stays.
 fn watch_identity(
     args: IdentityArgs,
+    first: super::args::Obtained,
     ops: &Ops,
     apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
 ) {
+    if let Some(api) = first.workload_api {
+        tokio::spawn(follow_workload_api(api, first.identity, ops, apply));
+        return;
+    }
+    if let Some(ca) = args.istio_ca() {
+        tokio::spawn(renew_from_istio_ca(ca, first.identity, ops, apply));
+        return;
+    }
     // The identity in use, for the hourly expiry check.
-    let mut current = args.read().ok();
+    let mut current = Some(first.identity);
     let metrics = ops.telemetry.metrics.clone();
     let readiness = ops.readiness.clone();
     tokio::spawn(watch(args.files(), move |event| match event {
@@ -312,6 +330,106 @@ fn watch_identity(
             }
         },
     }));
+}
+
+/// Puts every identity the Workload API streams in use (new handshakes
+/// use it, open tunnels continue). Should the stream end for good, the
+/// identity in use stays until it expires.
+fn follow_workload_api(
+    api: hbone::workload_api::WorkloadApi,
+    first: hbone::Identity,
+    ops: &Ops,
+    apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let metrics = ops.telemetry.metrics.clone();
+    let readiness = ops.readiness.clone();
+    async move {
+        let mut in_use = first;
+        api.keep_updated(move |update| {
+            let unchanged = |new: &hbone::Identity| {
+                new.chain() == in_use.chain() && new.bundle() == in_use.bundle()
+            };
+            let outcome = match update {
+                Ok(identity) if unchanged(&identity) => return,
+                Ok(identity) => apply(&identity).map(|()| identity),
+                Err(e) => Err(e.into()),
+            };
+            if let Some(metrics) = &metrics {
+                metrics.renewal("workload-api", outcome.is_ok());
+            }
+            match outcome {
+                Ok(identity) => {
+                    if let Some((_, expires)) = identity.validity() {
+                        if let Some(metrics) = &metrics {
+                            metrics.certificate(identity.id(), expires);
+                        }
+                        readiness.certificate(&identity.id().to_string(), expires);
+                    }
+                    tracing::info!(
+                        id = %identity.id(), valid_s = super::args::seconds_left(&identity),
+                        "identity updated by the SPIFFE Workload API; new handshakes use it"
+                    );
+                    in_use = identity;
+                }
+                Err(e) => {
+                    tracing::warn!("Workload API update not used; the identity in use stays: {e:#}")
+                }
+            }
+        })
+        .await;
+        tracing::warn!(
+            endpoint = api.endpoint(),
+            "the SPIFFE Workload API stream ended; the identity in use stays until it expires"
+        );
+    }
+}
+
+/// Keeps the Istio CA's certificate fresh: each new one goes to `apply`
+/// (new handshakes use it, open tunnels continue); a failure leaves the
+/// one in use until it expires, and readiness fails only then.
+fn renew_from_istio_ca(
+    ca: hbone::istio_ca::IstioCa,
+    first: hbone::Identity,
+    ops: &Ops,
+    apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    use hbone::istio_ca::Renewal;
+    let metrics = ops.telemetry.metrics.clone();
+    let readiness = ops.readiness.clone();
+    let count = move |succeeded| {
+        if let Some(metrics) = &metrics {
+            metrics.renewal("istio-ca", succeeded);
+        }
+    };
+    let published = ops.telemetry.metrics.clone();
+    async move {
+        ca.keep_renewed(first, move |event| match event {
+            Renewal::Renewed(identity) => {
+                apply(identity).map_err(|e| format!("{e:#}"))?;
+                count(true);
+                if let Some((_, expires)) = identity.validity() {
+                    if let Some(metrics) = &published {
+                        metrics.certificate(identity.id(), expires);
+                    }
+                    readiness.certificate(&identity.id().to_string(), expires);
+                }
+                tracing::info!(
+                    id = %identity.id(), valid_s = super::args::seconds_left(identity),
+                    "certificate renewed by the Istio CA; new handshakes use it"
+                );
+                Ok(())
+            }
+            Renewal::Failed { error, retry_in } => {
+                count(false);
+                tracing::warn!(
+                    retry_in_s = retry_in.as_secs_f64(),
+                    "certificate not renewed; the one in use stays until it expires: {error}"
+                );
+                Ok(())
+            }
+        })
+        .await;
+    }
 }
 
 pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
@@ -368,7 +486,8 @@ pub(super) fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
 }
 
 pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<()> {
-    let identity = args.identity.load()?;
+    let first = args.identity.obtain().await?;
+    let identity = first.identity.clone();
     ops.identity_in_use(&identity);
     let routes = Routes::load(&args.routes)?;
     let mut config = ServerConfig::new(args.listen, identity);
@@ -391,7 +510,7 @@ pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<
         listen = %server.local_addr(), id = %server.local_id(),
         routes = route_count, "HBONE gateway ready"
     );
-    watch_tls(server.tls(), args.identity, args.revocation, ops);
+    watch_tls(server.tls(), args.identity, first, args.revocation, ops);
     ops.serve(server, args.serve.drain_timeout).await
 }
 
@@ -403,8 +522,8 @@ async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
 
 pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<()> {
     let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
-    let dialer = args.dial.dialer(ops)?;
-    watch_dialer(&dialer, &args.dial, ops);
+    let (dialer, first) = args.dial.dialer(ops).await?;
+    watch_dialer(&dialer, &args.dial, first, ops);
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(
@@ -470,7 +589,7 @@ async fn close_connections(dialer: &hbone::Dialer, limit: Duration) {
 
 pub(super) async fn run_connect(args: ConnectArgs) -> anyhow::Result<()> {
     let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
-    let dialer = args.dial.dialer_without_telemetry()?;
+    let dialer = args.dial.dialer_without_telemetry().await?;
     let result = entry::stdio::run(&dialer, &destination).await;
     close_connections(&dialer, CONNECT_CLOSE_LIMIT).await;
     result?;
@@ -490,8 +609,8 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
         }),
         (Some(_), Some(_)) => anyhow::bail!("give either --server or --gateway, not both"),
     };
-    let dialer = args.dial.dialer(ops)?;
-    watch_dialer(&dialer, &args.dial, ops);
+    let (dialer, first) = args.dial.dialer(ops).await?;
+    watch_dialer(&dialer, &args.dial, first, ops);
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(listen = %listener.local_addr()?, id = %dialer.local_id(), "SOCKS5 entry ready");

@@ -2,6 +2,9 @@
 //! loopback, and payload helpers.
 #![allow(dead_code)]
 
+pub mod istio_ca;
+pub mod workload_api;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -88,6 +88,11 @@ impl Metrics {
         match *self {}
     }
 
+    /// See the `metrics` feature's `Metrics::renewal`.
+    pub fn renewal(&self, _source: &'static str, _succeeded: bool) {
+        match *self {}
+    }
+
     pub(crate) fn add_pool(&self, _peer: &SpiffeId, _connections: i64, _streams: i64) {
         match *self {}
     }

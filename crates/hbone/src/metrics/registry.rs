@@ -85,6 +85,12 @@ struct ReloadLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RenewalLabels {
+    source: &'static str,
+    result: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -121,6 +127,7 @@ pub struct Metrics {
     tunnels_open: Family<RoleLabels, Gauge>,
     cert_expiry: Family<IdLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
+    renewals: Family<RenewalLabels, Counter>,
     scrape_hooks: Mutex<Vec<ScrapeHook>>,
 }
 
@@ -175,6 +182,7 @@ impl Metrics {
             .set(1);
         let cert_expiry = Family::default();
         let reloads = Family::default();
+        let renewals = Family::default();
         // Counters get `_total` appended by the encoder.
         registry.register(
             "istio_tcp_connections_opened",
@@ -257,6 +265,11 @@ impl Metrics {
             "Reloads of configuration, policy and identity files",
             reloads.clone(),
         );
+        registry.register(
+            "hbone_certificate_renewals",
+            "Certificates asked of an identity source (e.g. istio-ca), by result",
+            renewals.clone(),
+        );
         Metrics {
             registry: None,
             opened,
@@ -275,6 +288,7 @@ impl Metrics {
             tunnels_open,
             cert_expiry,
             reloads,
+            renewals,
             scrape_hooks: Mutex::default(),
         }
     }
@@ -433,6 +447,15 @@ impl Metrics {
             result: if succeeded { "success" } else { "failure" },
         };
         self.reloads.get_or_create(&labels).inc();
+    }
+
+    /// A certificate asked of `source` (e.g. `istio-ca`) came, or did not.
+    pub fn renewal(&self, source: &'static str, succeeded: bool) {
+        let labels = RenewalLabels {
+            source,
+            result: if succeeded { "success" } else { "failure" },
+        };
+        self.renewals.get_or_create(&labels).inc();
     }
 
     /// Clears the pool gauges; scrape hooks then add each dialer's share.

@@ -251,11 +251,17 @@ fn start_up_rules(
 ) -> Result<(), ConfigError> {
     let given = |name: &str| section.field(name).is_some_and(|f| !f.args.is_empty());
     let has = |name: &str| shape.key(name).is_some();
-    if has("identity-dir") && has("cert") && !given("identity-dir") && !given("cert") {
+    if has("identity-dir")
+        && has("cert")
+        && !given("identity-dir")
+        && !given("cert")
+        && !given("istio-ca")
+        && !given("workload-api")
+    {
         return Err(src.error(
             section.line,
             label,
-            "no identity: set identity-dir, or cert, key and trust-bundle",
+            "no identity: set identity-dir, or cert, key and trust-bundle, or istio-ca, or workload-api",
         ));
     }
     if has("server") && has("gateway") {

@@ -304,7 +304,7 @@ fn whole_sections_are_checked() {
     );
     assert_eq!(
         err("[server]\nlisten = \"[::]:1\"\n"),
-        "hbone.toml:1: [server]: no identity: set identity-dir, or cert, key and trust-bundle"
+        "hbone.toml:1: [server]: no identity: set identity-dir, or cert, key and trust-bundle, or istio-ca, or workload-api"
     );
     let forward = "identity-dir = \"/c\"\nlisten = \"127.0.0.1:1\"\nserver-id = \"spiffe://td/s\"\ntarget = \"127.0.0.1:3\"\n";
     assert_eq!(
