@@ -13,3 +13,4 @@ mod identity_sources;
 mod interop;
 mod netns;
 mod operations;
+mod revocation_cli;

@@ -16,6 +16,7 @@ mod istio_ca;
 mod limits_and_drain;
 mod pool;
 mod raw_h2;
+mod revocation;
 mod rotation;
 mod shared_connection;
 mod tunnel;

@@ -4,6 +4,7 @@
 //! critical URI SAN carrying the SPIFFE ID, and both server and client
 //! authentication EKUs so one certificate serves either end of a tunnel.
 //! This is for development and tests; production meshes use their own CA.
+//! It can also revoke what it issued and sign CRLs ([`revoke`]).
 
 use std::fs;
 use std::io::Write;
@@ -17,6 +18,9 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use crate::identity::{BUNDLE_FILE, CERT_FILE, Identity, IdentityError, KEY_FILE, SpiffeId};
+
+mod revoke;
+pub use revoke::{CRL_FILE, REVOKED_FILE, Revoked, RevokedCert, revoke};
 
 /// File names inside a CA directory.
 pub const CA_CERT_FILE: &str = "ca-cert.pem";

@@ -107,6 +107,7 @@ mod pool;
 pub mod proxy_protocol;
 mod read_ahead;
 mod relay;
+pub mod revocation;
 pub mod server;
 pub mod services;
 mod stream;

@@ -8,6 +8,9 @@
 //! client's chain and that the client belongs to its trust domain; which
 //! identity may reach which target is decided later, by [`crate::policy`].
 //!
+//! Both sides can also check certificates against revocation lists, as
+//! [`crate::revocation`] describes.
+//!
 //! Session resumption is off on both sides: a resumed TLS 1.3 session skips
 //! certificate verification, and the client's expected identities differ per
 //! destination, so a ticket must never stand in for a full check.
@@ -15,18 +18,19 @@
 use std::io;
 use std::sync::{Arc, RwLock};
 
+use rustls::client::Resumption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{Resumption, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::{NoServerSessionStorage, ParsedCertificate};
 use rustls::{
     AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, OtherError,
     RootCertStore, SignatureScheme,
 };
 
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
+use crate::revocation::Revocation;
 
 /// The ALPN protocol both sides require.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -113,25 +117,23 @@ fn federated_stores(
         .collect()
 }
 
-/// A client-certificate chain verifier trusting `roots`.
-fn chain_verifier_for(
-    roots: Arc<RootCertStore>,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsConfigError> {
-    WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| TlsConfigError::Bundle(e.to_string()))
-}
-
-/// Server side: require a client certificate chained to the bundle and in
-/// one of `trust_domains`. Peers of a federated trust domain of
-/// `identity` are verified against that domain's roots instead, and
-/// admitted only when `federation` says so (no gate: never).
+/// Server side: require a client certificate chained to the bundle, not
+/// revoked by `revocation`, and in one of `trust_domains`. Peers of a
+/// federated trust domain of `identity` are verified against that
+/// domain's roots instead, and admitted only when `federation` says so
+/// (no gate: never).
 pub fn server_config(
     identity: &Identity,
     trust_domains: Vec<String>,
+    revocation: &Revocation,
     federation: Option<FederationGate>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
     let provider = provider();
+    let chain_verifier_for = |roots| {
+        revocation
+            .client_verifier(roots, provider.clone())
+            .map_err(|e| TlsConfigError::Bundle(e.to_string()))
+    };
     let chain_verifier = chain_verifier_for(root_store(identity)?)?;
     let federated = federated_stores(identity)?
         .into_iter()
@@ -158,10 +160,19 @@ pub fn server_config(
 /// theirs (certificate rotation without dropping tunnels).
 #[derive(Clone)]
 pub struct ServerTls {
-    /// The configuration, and whether its chain leads to its own bundle.
-    current: Arc<RwLock<(Arc<rustls::ServerConfig>, bool)>>,
+    current: Arc<RwLock<ServerState>>,
     trust_domains: Vec<String>,
     federation: Option<FederationGate>,
+}
+
+/// What the server's configuration was built from, so that either part
+/// can be replaced alone.
+struct ServerState {
+    config: Arc<rustls::ServerConfig>,
+    /// Whether the identity's chain leads to its own bundle.
+    chained: bool,
+    identity: Identity,
+    revocation: Revocation,
 }
 
 impl ServerTls {
@@ -169,10 +180,25 @@ impl ServerTls {
     /// `trust_domains` (and of federated trust domains only once a gate is
     /// set with [`ServerTls::with_federation_gate`]).
     pub fn new(identity: &Identity, trust_domains: Vec<String>) -> Result<Self, TlsConfigError> {
-        let config = server_config(identity, trust_domains.clone(), None)?;
+        Self::with_revocation(identity, trust_domains, Revocation::default())
+    }
+
+    /// As [`ServerTls::new`], refusing client certificates that
+    /// `revocation` revokes.
+    pub fn with_revocation(
+        identity: &Identity,
+        trust_domains: Vec<String>,
+        revocation: Revocation,
+    ) -> Result<Self, TlsConfigError> {
+        let config = server_config(identity, trust_domains.clone(), &revocation, None)?;
         let chained = chains_to_own_bundle(identity).is_ok();
         Ok(ServerTls {
-            current: Arc::new(RwLock::new((config, chained))),
+            current: Arc::new(RwLock::new(ServerState {
+                config,
+                chained,
+                identity: identity.clone(),
+                revocation,
+            })),
             trust_domains,
             federation: None,
         })
@@ -195,8 +221,25 @@ impl ServerTls {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .0
+            .config
             .clone()
+    }
+
+    /// Checks client certificates of new handshakes against `revocation`
+    /// (replacing the lists in force); the identity stays. Connections
+    /// already open are not re-checked. On error the previous lists stay.
+    pub fn reload_revocation(&self, revocation: Revocation) -> Result<(), TlsConfigError> {
+        // Built under the write lock, as in `reload`: an identity reload
+        // and a revocation reload at once must not undo each other.
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        current.config = server_config(
+            &current.identity,
+            self.trust_domains.clone(),
+            &revocation,
+            self.federation.clone(),
+        )?;
+        current.revocation = revocation;
+        Ok(())
     }
 
     /// Switches to `identity` (certificate, key and trust bundle) for new
@@ -204,25 +247,30 @@ impl ServerTls {
     /// that its own bundle cannot verify is refused when the chain in use
     /// could be verified ([`TlsConfigError::IncompleteChain`]): a rotation
     /// that lost an intermediate would otherwise fail every handshake.
+    /// The revocation lists in force are kept.
     pub fn reload(&self, identity: &Identity) -> Result<(), TlsConfigError> {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         let config = server_config(
             identity,
             self.trust_domains.clone(),
+            &current.revocation,
             self.federation.clone(),
         )?;
         let chained = chains_to_own_bundle(identity);
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if let (true, Err(why)) = (current.1, &chained) {
+        if let (true, Err(why)) = (current.chained, &chained) {
             return Err(TlsConfigError::IncompleteChain(why.clone()));
         }
-        *current = (config, chained.is_ok());
+        current.config = config;
+        current.chained = chained.is_ok();
+        current.identity = identity.clone();
         Ok(())
     }
 }
 
 /// Client side, without a verifier: [`ClientBase::for_peer`] adds the one that
 /// checks the identities expected of a given server. Build this once per
-/// dialer and derive per-destination configs from it.
+/// dialer and derive per-destination configs from it. It checks no
+/// revocation list until given some with [`ClientBase::with_revocation`].
 pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigError> {
     let provider = provider();
     let roots = TrustAnchors {
@@ -235,6 +283,7 @@ pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigEr
         roots: roots.clone(),
         algorithms: provider.signature_verification_algorithms,
         expected: Vec::new(),
+        revocation: Revocation::default(),
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -248,6 +297,7 @@ pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigEr
         config,
         roots,
         algorithms: provider.signature_verification_algorithms,
+        revocation: Revocation::default(),
     })
 }
 
@@ -257,9 +307,23 @@ pub struct ClientBase {
     config: rustls::ClientConfig,
     roots: Arc<TrustAnchors>,
     algorithms: WebPkiSupportedAlgorithms,
+    revocation: Revocation,
 }
 
 impl ClientBase {
+    /// The same, refusing server certificates that `revocation` revokes
+    /// (replacing any lists given before).
+    #[must_use]
+    pub fn with_revocation(mut self, revocation: Revocation) -> Self {
+        self.revocation = revocation;
+        self
+    }
+
+    /// The revocation lists server certificates are checked against.
+    pub fn revocation(&self) -> &Revocation {
+        &self.revocation
+    }
+
     /// A config that accepts only a server presenting one of `expected`.
     pub fn for_peer(&self, expected: &[SpiffeId]) -> Arc<rustls::ClientConfig> {
         let mut config = self.config.clone();
@@ -269,6 +333,7 @@ impl ClientBase {
                 roots: self.roots.clone(),
                 algorithms: self.algorithms,
                 expected: expected.to_vec(),
+                revocation: self.revocation.clone(),
             }));
         Arc::new(config)
     }
@@ -339,6 +404,7 @@ struct SpiffeServerVerifier {
     roots: Arc<TrustAnchors>,
     algorithms: WebPkiSupportedAlgorithms,
     expected: Vec<SpiffeId>,
+    revocation: Revocation,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -350,13 +416,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            self.roots.for_peer(end_entity),
+        self.revocation.verify_server_chain(
+            end_entity,
             intermediates,
-            now,
+            self.roots.for_peer(end_entity),
             self.algorithms.all,
+            now,
         )?;
         let presented = spiffe_id_of(end_entity).map_err(other)?;
         if !self.expected.contains(&presented) {
@@ -515,6 +580,10 @@ pub enum TlsFailure {
     /// The server's certificate is expired or not yet valid.
     #[error("server certificate is expired or not yet valid")]
     ServerCertExpired,
+    /// The server's certificate, or one of its CAs, is revoked by a
+    /// revocation list we were given.
+    #[error("server certificate is revoked")]
+    ServerCertRevoked,
     /// The server's certificate is valid but proves an identity we did
     /// not expect.
     #[error("wrong server identity: presented {presented}, expected one of [{}]", join_ids(.expected))]
@@ -533,6 +602,10 @@ pub enum TlsFailure {
     /// The server found our certificate expired or not yet valid.
     #[error("server rejected our certificate: expired or not yet valid")]
     RejectedExpired,
+    /// The server found our certificate revoked (`certificate_revoked`
+    /// alert).
+    #[error("server rejected our certificate: it is revoked")]
+    RejectedRevoked,
     /// The server refused our identity (`access_denied` alert), typically
     /// a foreign trust domain.
     #[error("server rejected our identity: not in its trust domain")]
@@ -581,6 +654,7 @@ impl TlsFailure {
                 | CertificateError::ExpiredContext { .. }
                 | CertificateError::NotValidYet
                 | CertificateError::NotValidYetContext { .. } => TlsFailure::ServerCertExpired,
+                CertificateError::Revoked => TlsFailure::ServerCertRevoked,
                 CertificateError::Other(OtherError(inner)) => {
                     match inner.downcast_ref::<UnexpectedPeer>() {
                         Some(u) => TlsFailure::WrongServerIdentity {
@@ -595,6 +669,7 @@ impl TlsFailure {
             E::AlertReceived(alert) => match alert {
                 AlertDescription::UnknownCA => TlsFailure::RejectedUnknownCa,
                 AlertDescription::CertificateExpired => TlsFailure::RejectedExpired,
+                AlertDescription::CertificateRevoked => TlsFailure::RejectedRevoked,
                 AlertDescription::AccessDenied => TlsFailure::RejectedNotAuthorized,
                 AlertDescription::CertificateRequired => TlsFailure::RejectedCertificateRequired,
                 AlertDescription::NoApplicationProtocol => TlsFailure::NoH2,

@@ -1,6 +1,7 @@
-//! The little of X.509 that identities need: the URI SANs and the validity
-//! period of a certificate. rustls and webpki verify chains and
-//! signatures; this only reads two fields, with a strict DER walker that
+//! The little of X.509 that identities and revocation need: the URI SANs,
+//! validity period and serial number of a certificate, and the next
+//! update of a CRL. rustls and webpki verify chains, signatures and
+//! revocation; this only reads those fields, with a strict DER walker that
 //! refuses anything malformed instead of guessing, and pulls in no parser
 //! crates.
 
@@ -88,6 +89,40 @@ pub(crate) fn parse(der: &[u8]) -> Result<CertInfo<'_>, DerError> {
         not_after,
         uris,
     })
+}
+
+/// The `nextUpdate` of a DER-encoded CRL (RFC 5280 §5.1), which must be
+/// present: webpki refuses CRLs without one.
+pub(crate) fn crl_next_update(der: &[u8]) -> Result<SystemTime, DerError> {
+    let mut outer = Reader::new(der);
+    let list = outer.expect(SEQUENCE)?;
+    outer.end()?;
+    let mut list = Reader::new(list);
+    let mut tbs = Reader::new(list.expect(SEQUENCE)?);
+    if tbs.peek() == Some(INTEGER) {
+        tbs.any()?; // version
+    }
+    tbs.expect(SEQUENCE)?; // signature
+    tbs.expect(SEQUENCE)?; // issuer
+    time(&mut tbs)?; // thisUpdate
+    match tbs.peek() {
+        Some(UTC_TIME | GENERALIZED_TIME) => time(&mut tbs),
+        _ => Err(DerError("no nextUpdate")),
+    }
+}
+
+/// The serial number of a DER-encoded certificate, as its DER INTEGER
+/// content bytes.
+#[cfg(feature = "ca")]
+pub(crate) fn serial(der: &[u8]) -> Result<&[u8], DerError> {
+    let mut outer = Reader::new(der);
+    let certificate = outer.expect(SEQUENCE)?;
+    outer.end()?;
+    let mut tbs = Reader::new(Reader::new(certificate).expect(SEQUENCE)?);
+    if tbs.peek() == Some(VERSION) {
+        tbs.any()?;
+    }
+    tbs.expect(INTEGER)
 }
 
 /// The URIs among GeneralNames.

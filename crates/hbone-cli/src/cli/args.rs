@@ -21,6 +21,7 @@ use hbone::workload_api::WorkloadApi;
 use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
 use super::entry_access::EntryAccessArgs;
+use super::revocation::RevocationArgs;
 
 /// Where this process's certificate, key and trust bundle come from.
 #[derive(Args, Clone)]
@@ -290,6 +291,8 @@ pub(super) struct ServerArgs {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
+    #[command(flatten)]
+    pub(super) revocation: RevocationArgs,
     /// Address to listen on.
     #[arg(long, default_value = "[::]:15008", value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
@@ -328,6 +331,8 @@ pub(super) struct GatewayArgs {
     pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
+    #[command(flatten)]
+    pub(super) revocation: RevocationArgs,
     /// Address to listen on.
     #[arg(long, default_value = "[::]:15008", value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
@@ -430,6 +435,8 @@ impl ServeArgs {
 pub(super) struct DialArgs {
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
+    #[command(flatten)]
+    pub(super) revocation: RevocationArgs,
     /// SPIFFE ID the server must present; repeat to accept any of several.
     #[arg(long = "server-id", value_name = "SPIFFE_ID", required = true)]
     pub(super) server_ids: Vec<SpiffeId>,
@@ -507,7 +514,8 @@ impl DialArgs {
             )
             .with_pooling(!self.no_pool)
             .with_baggage(self.meta.baggage(identity.id()))
-            .with_telemetry(telemetry);
+            .with_telemetry(telemetry)
+            .with_revocation(self.revocation.load()?);
         config.network = self.network.clone();
         config.h2.adaptive_windows = !self.fixed_windows;
         Ok(Dialer::with_config(identity, config)?)

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use super::args::{ConnectArgs, ForwardArgs, GatewayArgs, IdentityArgs, ServerArgs, Socks5Args};
 use super::entry_access;
 use super::ops::{Ops, PolicyInForce};
+use super::revocation::RevocationArgs;
 use super::watch::{Event, watch};
 use super::{CaCommand, PolicyCommand};
 
@@ -55,8 +56,41 @@ pub(super) fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                 out.display()
             );
         }
+        CaCommand::Revoke {
+            ca,
+            cert,
+            crl_out,
+            days: d,
+        } => {
+            let revoked = hbone::ca::revoke(&ca, &cert, days(d))?;
+            let out = crl_out.unwrap_or_else(|| ca.join(hbone::ca::CRL_FILE));
+            write_atomically(&out, &revoked.crl_pem)?;
+            let what = if revoked.already {
+                "was revoked already"
+            } else {
+                "revoked"
+            };
+            println!(
+                "{} {what}; CRL number {} of {} revoked certificate(s), next update in {d} day(s), written to {}",
+                cert.display(),
+                revoked.number,
+                revoked.revoked.len(),
+                out.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// Writes `contents` to a temporary file beside `path`, then renames it
+/// over `path`: a process watching the file never reads half of it.
+fn write_atomically(path: &std::path::Path, contents: &str) -> anyhow::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, contents)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()> {
@@ -66,6 +100,7 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     let baggage = args.meta.baggage(identity.id());
     let mut config = ServerConfig::new(args.listen, identity);
     ops.equip(&mut config);
+    config.revocation = args.revocation.load()?;
     let flags = (args.allow_ids, args.allow_targets);
     config.policy = server_policy(args.policy.as_deref(), &flags)?;
     warn_of_rules_that_never_match(&config.policy, &config.identity);
@@ -96,10 +131,7 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     if let Some(path) = args.services {
         watch_services(path, server.services(), ops);
     }
-    let tls = server.tls();
-    watch_identity(args.identity, first, ops, move |identity| {
-        Ok(tls.reload(identity)?)
-    });
+    watch_tls(server.tls(), args.identity, first, args.revocation, ops);
     ops.serve(server, args.serve.drain_timeout).await
 }
 
@@ -210,6 +242,41 @@ fn watch_services(path: PathBuf, handle: ServicesHandle, ops: &Ops) {
             }
         }
     }));
+}
+
+/// Reloads a server's identity and revocation lists when their files
+/// change and on SIGHUP.
+fn watch_tls(
+    tls: hbone::tls::ServerTls,
+    identity: IdentityArgs,
+    first: super::args::Obtained,
+    revocation: RevocationArgs,
+    ops: &Ops,
+) {
+    let reloading = tls.clone();
+    revocation.watch(ops, move |lists| Ok(reloading.reload_revocation(lists)?));
+    watch_identity(identity, first, ops, move |identity| {
+        Ok(tls.reload(identity)?)
+    });
+}
+
+/// Reloads a dialer's identity and revocation lists when their files
+/// change and on SIGHUP.
+fn watch_dialer(
+    dialer: &hbone::Dialer,
+    args: &super::args::DialArgs,
+    first: super::args::Obtained,
+    ops: &Ops,
+) {
+    let reloading = dialer.clone();
+    args.revocation.clone().watch(ops, move |lists| {
+        reloading.reload_revocation(lists);
+        Ok(())
+    });
+    let reloading = dialer.clone();
+    watch_identity(args.identity.clone(), first, ops, move |identity| {
+        Ok(reloading.reload_identity(identity)?)
+    });
 }
 
 /// Reloads the identity when its files change and on SIGHUP, and hands it
@@ -428,6 +495,7 @@ pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<
     let routes = Routes::load(&args.routes)?;
     let mut config = ServerConfig::new(args.listen, identity);
     ops.equip(&mut config);
+    config.revocation = args.revocation.load()?;
     let flags_rule = flags_rule_origin(false, &(args.allow_ids.clone(), Vec::new()));
     config.policy = Policy::new(args.allow_ids, Vec::new());
     args.serve.apply(&mut config);
@@ -445,10 +513,7 @@ pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<
         listen = %server.local_addr(), id = %server.local_id(),
         routes = route_count, "HBONE gateway ready"
     );
-    let tls = server.tls();
-    watch_identity(args.identity, first, ops, move |identity| {
-        Ok(tls.reload(identity)?)
-    });
+    watch_tls(server.tls(), args.identity, first, args.revocation, ops);
     ops.serve(server, args.serve.drain_timeout).await
 }
 
@@ -462,10 +527,7 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
     entry_access::check_listen(args.listen, &args.access, None)?;
     let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
     let (dialer, first) = args.dial.dialer(ops).await?;
-    let reloading = dialer.clone();
-    watch_identity(args.dial.identity.clone(), first, ops, move |identity| {
-        Ok(reloading.reload_identity(identity)?)
-    });
+    watch_dialer(&dialer, &args.dial, first, ops);
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(
@@ -556,10 +618,7 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
         (Some(_), Some(_)) => anyhow::bail!("give either --server or --gateway, not both"),
     };
     let (dialer, first) = args.dial.dialer(ops).await?;
-    let reloading = dialer.clone();
-    watch_identity(args.dial.identity.clone(), first, ops, move |identity| {
-        Ok(reloading.reload_identity(identity)?)
-    });
+    watch_dialer(&dialer, &args.dial, first, ops);
     let listener = bind(args.listen).await?;
     ops.listener_bound();
     tracing::info!(listen = %listener.local_addr()?, id = %dialer.local_id(), "SOCKS5 entry ready");

@@ -8,6 +8,7 @@ mod entry_access;
 mod logwriter;
 pub mod merge;
 mod ops;
+mod revocation;
 mod run;
 mod systemd;
 mod watch;
@@ -279,6 +280,34 @@ pub(super) enum CaCommand {
         /// Validity in days (at least 1: a certificate valid for 0 days
         /// is expired when written).
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+    },
+    /// Revoke a certificate the CA issued, and write a CRL of every
+    /// certificate it revoked so far, signed by the CA.
+    #[command(
+        after_help = "The revoked serials are kept in revoked.txt in the CA directory, so each
+run adds to the list and numbers the CRL one higher. Running it again
+(with any certificate already revoked) renews the CRL before its next
+update. Give the CRL to servers, gateways and entries with --crl (crl in
+a config file); they reload it when the file changes.
+
+Example:
+  hbone ca revoke --ca ca --cert certs/client/cert.pem --crl-out certs/crl.pem"
+    )]
+    Revoke {
+        /// Directory of a CA made by `hbone ca init`.
+        #[arg(long, visible_alias = "ca-dir")]
+        ca: PathBuf,
+        /// The certificate to revoke (PEM, its first certificate, or DER).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Where to write the CRL (PEM); default crl.pem in the CA
+        /// directory.
+        #[arg(long, value_name = "FILE")]
+        crl_out: Option<PathBuf>,
+        /// Days until the CRL's next update, after which peers warn (or,
+        /// fail-closed, refuse): revoke again before then to renew it.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
         days: u32,
     },
 }

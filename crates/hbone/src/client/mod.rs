@@ -37,6 +37,7 @@ use crate::identity::{Identity, SpiffeId};
 use crate::lifecycle::Telemetry;
 use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta, service_host};
 use crate::pool::{Pool, PoolKey, PooledConn, StreamLease};
+use crate::revocation::Revocation;
 use crate::stream::H2Stream;
 use crate::tls::{self, ClientBase, TlsFailure};
 
@@ -268,6 +269,10 @@ pub struct DialerConfig {
     pub network: Option<String>,
     /// Metrics and the open-tunnel list, when the process keeps them.
     pub telemetry: Telemetry,
+    /// Revocation lists server (and gateway) certificates are checked
+    /// against; none by default. Replace them while running with
+    /// [`Dialer::reload_revocation`].
+    pub revocation: Revocation,
 }
 
 impl Default for DialerConfig {
@@ -280,6 +285,7 @@ impl Default for DialerConfig {
             baggage: Baggage::default(),
             network: None,
             telemetry: Telemetry::default(),
+            revocation: Revocation::default(),
         }
     }
 }
@@ -333,6 +339,13 @@ impl DialerConfig {
         self.telemetry = telemetry;
         self
     }
+
+    /// Sets [`DialerConfig::revocation`].
+    #[must_use]
+    pub fn with_revocation(mut self, revocation: Revocation) -> Self {
+        self.revocation = revocation;
+        self
+    }
 }
 
 /// Opens tunnels as one local identity. Cheap to clone; clones share the
@@ -367,7 +380,9 @@ impl Dialer {
         let metrics = config.telemetry.metrics.clone();
         let dialer = Dialer {
             inner: Arc::new(Inner {
-                tls: std::sync::RwLock::new(tls::client_base_config(identity)?),
+                tls: std::sync::RwLock::new(
+                    tls::client_base_config(identity)?.with_revocation(config.revocation.clone()),
+                ),
                 local_id: Arc::new(identity.id().clone()),
                 local_meta: WorkloadMeta::new(&config.baggage, Some(identity.id())),
                 config,
@@ -390,10 +405,26 @@ impl Dialer {
 
     /// Uses `identity` (certificate, key and trust bundle) for connections
     /// made from now on. On error the previous material stays in force.
+    /// The revocation lists in force are kept.
     pub fn reload_identity(&self, identity: &Identity) -> Result<(), tls::TlsConfigError> {
         let base = tls::client_base_config(identity)?;
-        *self.inner.tls.write().unwrap_or_else(|e| e.into_inner()) = base;
+        let mut tls = self.inner.tls.write().unwrap_or_else(|e| e.into_inner());
+        *tls = base.with_revocation(tls.revocation().clone());
         Ok(())
+    }
+
+    /// Checks server certificates of new connections against `revocation`
+    /// (replacing the lists in force). Pooled connections take no new
+    /// tunnels from now on, so that a server revoked meanwhile is not
+    /// reached through a connection made before; the tunnels they carry
+    /// go on until they end.
+    pub fn reload_revocation(&self, revocation: Revocation) {
+        {
+            let mut tls = self.inner.tls.write().unwrap_or_else(|e| e.into_inner());
+            *tls = tls.clone().with_revocation(revocation);
+        }
+        // Dropped here: each ends once its open tunnels are done.
+        drop(self.inner.pool.take_all());
     }
 
     /// Ends the pooled connections cleanly, so that peers record a normal

@@ -440,7 +440,7 @@ impl Metrics {
             .set(unix);
     }
 
-    /// `what` is `config`, `policy`, `services` or `identity`.
+    /// `what` is `config`, `policy`, `services`, `identity` or `revocation`.
     pub fn reload(&self, what: &'static str, succeeded: bool) {
         let labels = ReloadLabels {
             what,

@@ -47,6 +47,7 @@ use crate::identity::{Identity, SpiffeId, spiffe_id_of};
 use crate::lifecycle::Telemetry;
 use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta};
 use crate::policy::{Policy, PolicyHandle};
+use crate::revocation::Revocation;
 use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;
 use crate::window::{self, PingPlan, Probe, Windows};
@@ -78,6 +79,10 @@ pub struct ServerConfig {
     pub identity: Identity,
     /// Trust domains whose clients may connect; empty means the server's own.
     pub trust_domains: Vec<String>,
+    /// Revocation lists client certificates are checked against; none by
+    /// default. Replace them while running with
+    /// [`tls::ServerTls::reload_revocation`] on [`Server::tls`].
+    pub revocation: Revocation,
     /// Who may open tunnels to what; by default any peer of the trust
     /// domain, to loopback targets only.
     pub policy: Policy,
@@ -112,6 +117,7 @@ impl ServerConfig {
             listen,
             identity,
             trust_domains: Vec::new(),
+            revocation: Revocation::default(),
             policy: Policy::default(),
             h2: H2Settings::server(),
             timeouts: Timeouts::default(),
@@ -132,6 +138,13 @@ impl ServerConfig {
         trust_domains: impl IntoIterator<Item = impl Into<String>>,
     ) -> Self {
         self.trust_domains = trust_domains.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`ServerConfig::revocation`].
+    #[must_use]
+    pub fn with_revocation(mut self, revocation: Revocation) -> Self {
+        self.revocation = revocation;
         self
     }
 
@@ -314,7 +327,11 @@ impl Server {
         } else {
             config.trust_domains.clone()
         };
-        Ok(tls::ServerTls::new(&config.identity, trust_domains)?)
+        Ok(tls::ServerTls::with_revocation(
+            &config.identity,
+            trust_domains,
+            config.revocation.clone(),
+        )?)
     }
 
     /// The server on `listener`, whichever way it was bound.
@@ -632,7 +649,11 @@ impl Shared {
             Err(_) => return Err(format!("TLS handshake timed out after {limit:?}")),
             Ok(Err((error, tcp))) => {
                 linger_close(tcp.into_inner()).await;
-                return Err(format!("TLS: {error}"));
+                let why = tls::rustls_error_in(&error).and_then(crate::revocation::describe);
+                return Err(match why {
+                    Some(why) => format!("TLS: {why}"),
+                    None => format!("TLS: {error}"),
+                });
             }
             Ok(Ok(tls_stream)) => tls_stream,
         };

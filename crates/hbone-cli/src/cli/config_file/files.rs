@@ -2,8 +2,8 @@
 //! config names are read as the commands would read them. Identities must
 //! exist, parse, have a key that matches the certificate and that only its
 //! owner may read (unless allow-insecure-key-permissions), and not be
-//! expired; policy, routes, services and SOCKS5 credentials files must
-//! load.
+//! expired; policy, routes, services, SOCKS5 credentials and revocation
+//! list files must load.
 
 use std::path::Path;
 
@@ -41,6 +41,9 @@ pub(super) fn problems(file: &ConfigFile) -> Vec<String> {
                     .map(drop)
                     .map_err(|e| e.to_string()),
                 "socks5-credentials" => hbone::entry::socks5::Credentials::load(path)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                "crl" => hbone::revocation::Revocation::from_files(field.values())
                     .map(drop)
                     .map_err(|e| e.to_string()),
                 _ => Ok(()),
