@@ -34,7 +34,8 @@ impl Dialer {
         expected: &[SpiffeId],
     ) -> Result<Arc<PooledConn>, DialError> {
         let timeouts = &self.inner.config.timeouts;
-        let tcp = timeout(timeouts.connect, TcpStream::connect(server))
+        let mark = self.inner.config.socket_mark;
+        let tcp = timeout(timeouts.connect, connect_marked(server, mark))
             .await
             .map_err(|_| DialError::Timeout {
                 server,
@@ -291,6 +292,42 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ErrorRecorder<T> {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// A TCP connection to `server`, its packets carrying `mark` when given.
+async fn connect_marked(server: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(server).await;
+    };
+    let socket = if server.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    set_mark(&socket, mark)?;
+    socket.connect(server).await
+}
+
+#[cfg(target_os = "linux")]
+fn set_mark(socket: &tokio::net::TcpSocket, mark: u32) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_mark(mark).map_err(|e| {
+        let hint = match e.kind() {
+            io::ErrorKind::PermissionDenied => " (needs CAP_NET_ADMIN)",
+            _ => "",
+        };
+        io::Error::new(
+            e.kind(),
+            format!("cannot set socket mark {mark:#x}{hint}: {e}"),
+        )
+    })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_mark(_socket: &tokio::net::TcpSocket, mark: u32) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("socket mark {mark:#x}: socket marks exist only on Linux"),
+    ))
 }
 
 #[cfg(all(test, feature = "ca"))]

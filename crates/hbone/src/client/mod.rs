@@ -273,6 +273,11 @@ pub struct DialerConfig {
     /// against; none by default. Replace them while running with
     /// [`Dialer::reload_revocation`].
     pub revocation: Revocation,
+    /// A firewall mark (SO_MARK) set on every TCP connection to a server
+    /// or gateway, so that rules capturing traffic can let this dialer's
+    /// own connections pass. Setting it needs CAP_NET_ADMIN, and Linux;
+    /// elsewhere every connect fails. None by default.
+    pub socket_mark: Option<u32>,
 }
 
 impl Default for DialerConfig {
@@ -286,6 +291,7 @@ impl Default for DialerConfig {
             network: None,
             telemetry: Telemetry::default(),
             revocation: Revocation::default(),
+            socket_mark: None,
         }
     }
 }
@@ -344,6 +350,13 @@ impl DialerConfig {
     #[must_use]
     pub fn with_revocation(mut self, revocation: Revocation) -> Self {
         self.revocation = revocation;
+        self
+    }
+
+    /// Sets [`DialerConfig::socket_mark`].
+    #[must_use]
+    pub fn with_socket_mark(mut self, mark: u32) -> Self {
+        self.socket_mark = Some(mark);
         self
     }
 }
