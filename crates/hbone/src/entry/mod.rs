@@ -1,5 +1,6 @@
 //! Ways traffic gets into a tunnel: a local port forward, stdin/stdout, and
-//! a SOCKS5 listener. Each accepts an application's byte stream, opens a
+//! a SOCKS5 listener, and transparent capture of redirected connections
+//! (a mesh node). Each accepts an application's byte stream, opens a
 //! tunnel with the [`Dialer`], and relays with half-close.
 
 use std::future::Future;
@@ -22,6 +23,7 @@ use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 use crate::relay::Relay;
 
 pub mod access;
+pub mod capture;
 mod destination;
 pub mod forward;
 pub mod socks5;

@@ -1,0 +1,206 @@
+//! Transparent capture: the entry of a mesh node. Connections that NAT
+//! rules redirected to its listener are tunnelled to the HBONE server on
+//! port 15008 of the address they were going to, with that address and
+//! port as the `:authority`, as Istio's ztunnel does; the application
+//! keeps dialling its peer's plain address and never knows.
+//!
+//! Which addresses are in the mesh, and which identities their nodes must
+//! prove, is the [`Peers`] table. A redirected connection to an address
+//! outside it is closed: it was captured by mistake, and sending it out
+//! in the clear would hide that.
+//!
+//! The rules themselves are the caller's (the `hbone node` command writes
+//! nftables rules); they must let this entry's own connections out, e.g.
+//! by [`DialerConfig::socket_mark`](crate::DialerConfig::socket_mark).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{Attempt, ClientRelay, ClientSources, Destination, record_dial_failure};
+use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
+use crate::client::{Dialer, Route};
+use crate::phased::Phased;
+
+mod original_dst;
+mod peers;
+
+pub use peers::{Peer, PeerError, Peers};
+
+/// The port HBONE servers listen on in Istio ambient.
+pub const HBONE_PORT: u16 = 15008;
+
+/// What the capture entry needs besides its dialer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CaptureConfig {
+    /// Which destinations are in the mesh, and who their nodes are.
+    pub peers: Peers,
+    /// The port of every node's HBONE server; [`HBONE_PORT`] by default.
+    pub server_port: u16,
+}
+
+impl CaptureConfig {
+    /// Captures towards `peers`, their servers on port 15008.
+    pub fn new(peers: Peers) -> Self {
+        CaptureConfig {
+            peers,
+            server_port: HBONE_PORT,
+        }
+    }
+
+    /// Sets [`CaptureConfig::server_port`].
+    #[must_use]
+    pub fn with_server_port(mut self, port: u16) -> Self {
+        self.server_port = port;
+        self
+    }
+
+    /// The route a connection originally bound for `target` takes, or
+    /// `None` when `target` is not in the mesh.
+    pub fn route(&self, target: SocketAddr) -> Option<Route> {
+        let ids = self.peers.lookup(target.ip())?;
+        Some(Route::Direct {
+            server: SocketAddr::new(target.ip(), self.server_port),
+            server_ids: ids.to_vec(),
+        })
+    }
+}
+
+struct Capture {
+    dialer: Dialer,
+    config: CaptureConfig,
+    log: Arc<dyn AccessLog>,
+}
+
+/// Accepts redirected connections on `listener` until `shutdown`
+/// resolves, tunnelling each to its original destination's node; then
+/// stops accepting and returns once the tunnels in flight have ended.
+/// Bound that wait with a timeout of your choice; then [`Dialer::close`]
+/// ends the connections cleanly.
+pub async fn serve(
+    listener: TcpListener,
+    dialer: Dialer,
+    config: CaptureConfig,
+    log: Arc<dyn AccessLog>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let capture = Arc::new(Capture {
+        dialer,
+        config,
+        log,
+    });
+    // Only this host's own traffic is redirected here; the listener's
+    // address (loopback) keeps others out.
+    let sources = ClientSources::Any;
+    super::accept_until(listener, "capture", &sources, shutdown, |app, source| {
+        Phased::new(open(capture.clone(), app, source))
+    })
+    .await;
+}
+
+/// Opens the tunnel for one redirected connection and returns its relay,
+/// or logs why it could not.
+async fn open(capture: Arc<Capture>, app: TcpStream, source: SocketAddr) -> Option<ClientRelay> {
+    let Capture {
+        dialer,
+        config,
+        log,
+    } = &*capture;
+    let target = match redirected_to(&app) {
+        Ok(target) => target,
+        Err(refusal) => {
+            let attempt = Attempt::new(source, app.local_addr().unwrap_or(source));
+            tracing::warn!(%source, detail = %refusal.detail, "capture: {}; closed", refusal.what);
+            refuse(log, dialer, &attempt, refusal);
+            return None;
+        }
+    };
+    let mut attempt = Attempt::new(source, target);
+    let Some(route) = config.route(target) else {
+        tracing::warn!(%source, %target, "capture: destination not in the peers table; closed");
+        let detail = format!("{target} is in no network of the peers table");
+        refuse(
+            log,
+            dialer,
+            &attempt,
+            Refusal::new("unknown_destination", detail),
+        );
+        return None;
+    };
+    match Destination::new(route, target)
+        .open(dialer, &mut attempt)
+        .await
+    {
+        Ok(tunnel) => Some(ClientRelay::new(app, tunnel, &attempt, log.clone(), dialer)),
+        Err(e) => {
+            tracing::warn!(%source, %target, error = %e, "capture: tunnel failed");
+            record_dial_failure(log, dialer, &attempt, &e);
+            None
+        }
+    }
+}
+
+/// Why a connection was closed without a tunnel.
+struct Refusal {
+    /// A stable word for logs and metrics.
+    reason: &'static str,
+    /// What the log line says.
+    what: &'static str,
+    detail: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, detail: String) -> Self {
+        Refusal {
+            reason,
+            what: reason,
+            detail,
+        }
+    }
+}
+
+/// The original destination of a redirected connection. A connection
+/// made straight to the listener has none worth tunnelling to: it would
+/// come back here.
+fn redirected_to(app: &TcpStream) -> Result<SocketAddr, Refusal> {
+    let original = original_dst::original_dst(app).map_err(|e| Refusal {
+        reason: "no_original_destination",
+        what: "no original destination (not redirected by a NAT rule?)",
+        detail: e.to_string(),
+    })?;
+    match app.local_addr() {
+        Ok(local) if local == original => Err(Refusal {
+            reason: "not_redirected",
+            what: "connection made to the capture listener itself",
+            detail: format!("{original} is the capture listener"),
+        }),
+        _ => Ok(original),
+    }
+}
+
+/// Writes the access record of a connection closed without a tunnel.
+fn refuse(log: &Arc<dyn AccessLog>, dialer: &Dialer, attempt: &Attempt, refusal: Refusal) {
+    log.record(&TunnelRecord {
+        role: Role::Client,
+        source: attempt.source,
+        peer_id: None,
+        local_id: dialer.local_id_arc(),
+        target: attempt.target.to_string(),
+        original_source: None,
+        trace: Some(attempt.trace),
+        outcome: Outcome::Refused {
+            status: 0,
+            reason: refusal.reason,
+            detail: refusal.detail,
+        },
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration: attempt.started.elapsed(),
+    });
+}
+
+#[cfg(all(test, feature = "ca"))]
+mod tests;
