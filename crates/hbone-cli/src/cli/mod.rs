@@ -7,6 +7,7 @@ mod demo;
 mod entry_access;
 mod logwriter;
 pub mod merge;
+mod node;
 mod ops;
 mod revocation;
 mod run;
@@ -130,6 +131,21 @@ For other machines, say who may use it (it refuses to listen off loopback otherw
     Socks5 {
         #[command(flatten)]
         args: Socks5Args,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Put this host in the mesh: capture its outbound TCP to mesh
+    /// destinations (nftables rules) and tunnel it over HBONE.
+    #[command(after_help = "Example:
+  hbone node --identity-dir /etc/hbone/identity \\
+      --mesh 10.0.2.0/24 --peer 10.0.2.0/24=spiffe://cluster.local/ns/db/sa/db
+
+Connections from this host to 10.0.2.0/24 go to port 15008 of the address dialled, as HBONE
+tunnels whose server must prove the peer's ID. Installs table inet hbone at start and removes it
+on exit; --print-rules shows it. Needs CAP_NET_ADMIN (rules and socket mark).")]
+    Node {
+        #[command(flatten)]
+        args: node::NodeArgs,
         #[command(flatten)]
         service: ServiceArgs,
     },
@@ -388,6 +404,7 @@ impl Command {
             | Command::Forward { service, .. }
             | Command::Socks5 { service, .. }
             | Command::Gateway { service, .. }
+            | Command::Node { service, .. }
             | Command::Run { service, .. } => service.runtime,
             Command::Connect { runtime, .. }
             | Command::Demo { runtime, .. }
@@ -482,6 +499,10 @@ pub async fn run(
         }
         Command::Gateway { args, service } => {
             commands::run_gateway(args, &start_ops(service, logging).await?).await
+        }
+        Command::Node { args, .. } if args.print_rules => node::print_rules(&args),
+        Command::Node { args, service } => {
+            node::run_node(args, &start_ops(service, logging).await?).await
         }
         Command::Policy(command) => commands::run_policy(command),
         Command::Demo { args, .. } => demo::run(args).await,

@@ -1,0 +1,230 @@
+//! `hbone node`: this host as a mesh node. Its outbound TCP to the mesh
+//! is redirected by nftables rules to a capture listener and tunnelled
+//! over HBONE to port 15008 of the address it was going to.
+
+mod rules;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hbone::access::TracingLog;
+use hbone::config::{Timeouts, parse_duration};
+use hbone::entry::capture::{self, CaptureConfig, HBONE_PORT, Peer, Peers};
+use hbone::policy::TargetRule;
+use hbone::{Dialer, DialerConfig};
+use tokio::net::TcpListener;
+
+use super::args::IdentityArgs;
+use super::ops::Ops;
+use super::revocation::RevocationArgs;
+
+#[derive(Args)]
+pub(super) struct NodeArgs {
+    #[command(flatten)]
+    pub(super) identity: IdentityArgs,
+    #[command(flatten)]
+    pub(super) revocation: RevocationArgs,
+    /// Where redirected connections arrive: a loopback address (the rules
+    /// redirect to this host) or an unspecified one.
+    #[arg(long, default_value = "127.0.0.1:15001", value_parser = super::parse_ip_port)]
+    pub(super) listen: SocketAddr,
+    /// Destinations to capture, CIDR[:PORT|:PORT-PORT] (IPv6 in brackets);
+    /// repeatable. Each must be covered by a peer.
+    #[arg(
+        long = "mesh",
+        value_name = "CIDR[:PORTS]",
+        required_unless_present = "print_rules"
+    )]
+    pub(super) mesh: Vec<TargetRule>,
+    /// The identities the nodes of a network prove, CIDR=SPIFFE_ID, several
+    /// IDs comma-separated; repeatable (the most specific network wins).
+    /// Captured connections to addresses in no peer network are closed.
+    #[arg(
+        long = "peer",
+        value_name = "CIDR=SPIFFE_ID[,...]",
+        required_unless_present = "print_rules"
+    )]
+    pub(super) peers: Vec<Peer>,
+    /// The port of the peers' HBONE servers.
+    #[arg(long, value_name = "PORT", default_value_t = HBONE_PORT)]
+    pub(super) server_port: u16,
+    /// Firewall mark on this node's own connections to peers, which the
+    /// rules let pass uncaptured (decimal or 0x hex; the default is the
+    /// mark Istio uses, 1337).
+    #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
+    pub(super) socket_mark: u32,
+    /// Do not install the nftables rules (an administrator installs what
+    /// --print-rules shows).
+    #[arg(long)]
+    pub(super) no_install_rules: bool,
+    /// Print the nftables script this node would install, and exit.
+    #[arg(long)]
+    pub(super) print_rules: bool,
+    /// The nft program that installs the rules.
+    #[arg(long, value_name = "PATH", default_value = "nft")]
+    pub(super) nft: String,
+    /// Timeout for TCP connect to a peer's HBONE server.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub(super) connect_timeout: Duration,
+    /// Timeout for the TLS and HTTP/2 handshakes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(super) handshake_timeout: Duration,
+    /// On SIGTERM or Ctrl-C: stop accepting and give open tunnels this long
+    /// to finish; the rules are removed first, so new connections are no
+    /// longer captured.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(super) drain_timeout: Duration,
+}
+
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("mark 0 is every unmarked connection; give a non-zero mark".into()),
+        Ok(mark) => Ok(mark),
+        Err(e) => Err(format!("invalid mark {text:?} (decimal or 0x hex): {e}")),
+    }
+}
+
+impl NodeArgs {
+    fn rules(&self) -> rules::Rules<'_> {
+        rules::Rules {
+            mesh: &self.mesh,
+            listen_port: self.listen.port(),
+            mark: self.socket_mark,
+        }
+    }
+
+    /// Refuses settings under which captured traffic could not work.
+    fn check(&self) -> anyhow::Result<()> {
+        let ip = self.listen.ip();
+        if !(ip.is_loopback() || ip.is_unspecified()) {
+            bail!(
+                "--listen {}: redirected connections arrive on this host's loopback address; \
+                 listen on 127.0.0.1, ::1, 0.0.0.0 or ::",
+                self.listen
+            );
+        }
+        for mesh in &self.mesh {
+            let family_ok = if mesh.net.addr().is_ipv4() {
+                ip.is_ipv4() || ip.is_unspecified()
+            } else {
+                ip.is_ipv6()
+            };
+            if !family_ok {
+                bail!(
+                    "--mesh {mesh}: --listen {} cannot take redirected connections of this \
+                     address family; listen on [::1] or [::] for IPv6 (one node per family)",
+                    self.listen
+                );
+            }
+            let covered = self
+                .peers
+                .iter()
+                .any(|p| p.net.prefix() <= mesh.net.prefix() && p.net.contains(mesh.net.addr()));
+            if !covered {
+                bail!(
+                    "--mesh {mesh} is not covered by any --peer network: its connections \
+                     would be captured and then refused; add --peer {}=SPIFFE_ID",
+                    mesh.net
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the node until SIGTERM or Ctrl-C: rules in, capture, rules out.
+pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
+    args.check()?;
+    let obtained = args.identity.obtain().await?;
+    ops.identity_in_use(&obtained.identity);
+    let config = DialerConfig::default()
+        .with_timeouts(
+            Timeouts::default()
+                .with_connect(args.connect_timeout)
+                .with_handshake(args.handshake_timeout),
+        )
+        .with_telemetry(ops.telemetry.clone())
+        .with_revocation(args.revocation.load()?)
+        .with_socket_mark(args.socket_mark);
+    let dialer = Dialer::with_config(&obtained.identity, config)?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let installed = !args.no_install_rules;
+    if installed {
+        rules::apply(&args.nft, &args.rules().script())?;
+        tracing::info!(table = rules::TABLE, "capture rules installed");
+    }
+    ops.listener_bound();
+    tracing::info!(
+        listen = %listener.local_addr()?, id = %dialer.local_id(),
+        mesh = args.mesh.len(), peers = args.peers.len(), "node ready"
+    );
+    let capture =
+        CaptureConfig::new(Peers::new(args.peers.clone())).with_server_port(args.server_port);
+    let serving = capture::serve(
+        listener,
+        dialer.clone(),
+        capture,
+        Arc::new(TracingLog),
+        ops.shutdown_requested(),
+    );
+    tokio::pin!(serving);
+    // The entry itself stops accepting once shutdown is requested.
+    let finished = tokio::select! {
+        () = &mut serving => true,
+        () = ops.shutdown_requested() => false,
+    };
+    if installed {
+        match rules::apply(&args.nft, &rules::removal_script()) {
+            Ok(()) => tracing::info!(table = rules::TABLE, "capture rules removed"),
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "could not remove the capture rules; remove them with: nft delete table inet {}",
+                rules::TABLE
+            ),
+        }
+    }
+    tracing::info!(
+        deadline_s = args.drain_timeout.as_secs_f64(),
+        "draining: stopped accepting; waiting for open tunnels"
+    );
+    if !finished
+        && tokio::time::timeout(args.drain_timeout, serving)
+            .await
+            .is_err()
+    {
+        tracing::warn!("drain deadline passed; closing what is left");
+    }
+    if !dialer.close(Duration::from_secs(2)).await {
+        tracing::info!("stopping with HBONE connections still open");
+    }
+    Ok(())
+}
+
+/// `--print-rules`: the script, for an administrator.
+pub(super) fn print_rules(args: &NodeArgs) -> anyhow::Result<()> {
+    args.check()?;
+    print!("{}", args.rules().script());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_in_decimal_and_hex() {
+        assert_eq!(parse_mark("1337"), Ok(0x539));
+        assert_eq!(parse_mark("0x539"), Ok(0x539));
+        assert!(parse_mark("0").unwrap_err().contains("non-zero"));
+        assert!(parse_mark("0xzz").unwrap_err().contains("invalid mark"));
+    }
+}
