@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the interop tests (tests/interop.rs) need on a fresh Debian
 # machine: the Go toolchain (stdlib-only HTTP/2 peers), Node.js (its http2
-# module), HAProxy (an HTTP/1.1 CONNECT -> HTTP/2 CONNECT relay), curl, and
-# iptables (tests/netns.rs black-holes a peer inside its own network namespace).
+# module), HAProxy (an HTTP/1.1 CONNECT -> HTTP/2 CONNECT relay), curl,
+# iptables (tests/netns.rs black-holes a peer inside its own network namespace),
+# and nftables, python3 and ip (tests/capture.rs: `hbone node` installs its rules
+# with nft, and the plain client and app of two namespaced hosts are python3).
 # Idempotent: does nothing (and asks no registry) when all are present.
 # Must run as root, or with sudo available, when something is missing.
 set -euo pipefail
@@ -14,10 +16,13 @@ declare -A wanted=(
   [haproxy]=haproxy
   [curl]=curl
   [iptables]=iptables
+  [nft]=nftables
+  [python3]=python3
+  [ip]=iproute2
 )
 
 missing=()
-for cmd in go node haproxy curl iptables; do
+for cmd in go node haproxy curl iptables nft python3 ip; do
   if ! command -v "$cmd" >/dev/null 2>&1; then
     missing+=("${wanted[$cmd]}")
   fi
@@ -41,7 +46,7 @@ export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -q
 "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 
-for cmd in go node haproxy curl iptables; do
+for cmd in go node haproxy curl iptables nft python3 ip; do
   if ! command -v "$cmd" >/dev/null 2>&1; then
     echo "install-test-deps: '$cmd' still missing after installing ${missing[*]}" >&2
     exit 1

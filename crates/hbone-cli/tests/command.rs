@@ -1,10 +1,12 @@
 //! The `hbone` binary end to end, in one test binary: the command line,
 //! config files, deployment files, operations (metrics, admin, logs), the
-//! bench, interop with other HTTP/2 stacks and the network-namespace test.
+//! bench, interop with other HTTP/2 stacks and the network-namespace tests
+//! (a black-holed peer, transparent capture).
 
 mod common;
 
 mod bench;
+mod capture;
 mod cli;
 mod config;
 mod deploy;

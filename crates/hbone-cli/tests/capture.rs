@@ -1,0 +1,140 @@
+//! Transparent capture between two hosts: network namespaces A and B this
+//! test creates, joined by a veth pair (nothing leaves the machine). An
+//! unmodified client on A dials B's app; `hbone node` on A captures it and
+//! B's `hbone server` delivers it. Needs root, `ip`, `nft` and `python3`;
+//! `scripts/install-test-deps.sh` installs them.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hbone");
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+
+fn require(tool: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "tests/capture.rs needs `{tool}`; run `bash scripts/install-test-deps.sh` as root"
+    );
+}
+
+/// As tests/netns.rs: without root a developer's run skips with a visible
+/// line; in CI (`CI` set) a missing root fails loudly.
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root (network namespaces, nftables), and CI must run it"
+    );
+    eprintln!(
+        "SKIPPED {test}: needs root (network namespaces, nftables); run as root or with CI set"
+    );
+    false
+}
+
+fn hbone(args: &[&str]) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn captured_connection_reaches_the_peer_only_through_hbone() {
+    if !root_or_skip("captured_connection_reaches_the_peer_only_through_hbone") {
+        return;
+    }
+    for tool in ["ip", "nft", "python3", "timeout"] {
+        require(tool);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    hbone(&["ca", "init", "--out", &path("ca")]);
+    for (id, name) in [(SERVER_ID, "server"), (CLIENT_ID, "client")] {
+        hbone(&[
+            "ca",
+            "issue",
+            "--ca",
+            &path("ca"),
+            "--id",
+            id,
+            "--out",
+            &path(name),
+        ]);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/capture.sh");
+    // The script bounds every wait itself; `timeout` is the backstop.
+    let output = Command::new("timeout")
+        .args(["120", "bash", script, BIN, dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+    let (node_log, server_log, app_log) = (read("node.log"), read("server.log"), read("app.log"));
+    let context = format!(
+        "{stdout}\n{}\n--- node.log\n{node_log}\n--- server.log\n{server_log}\n--- app.log\n{app_log}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{context}");
+    let values: HashMap<&str, &str> = stdout
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .collect();
+    let value = |key: &str| {
+        *values
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in the output\n{context}"))
+    };
+
+    // Applying the rules twice (a restart, a crash) leaves one table.
+    assert_eq!(value("tables_after_two_applies"), "1", "{context}");
+    assert_eq!(value("tables_while_running"), "1", "{context}");
+    // Bytes intact both ways, through a half-close.
+    assert_eq!(value("echoed_len"), (256 * 1024).to_string(), "{context}");
+    assert_eq!(value("sent_sha"), value("echoed_sha"), "{context}");
+    assert_eq!(value("client_local"), "10.77.0.1", "{context}");
+    // The redirect rule caught the client's packets.
+    let packets: u64 = value("redirect_packets").parse().unwrap();
+    assert!(packets > 0, "{context}");
+    // The app was reached only by B's HBONE server, never by A directly.
+    let peers: Vec<&str> = app_log
+        .lines()
+        .filter_map(|l| l.strip_prefix("peer="))
+        .collect();
+    assert_eq!(peers, ["10.77.0.2"], "{context}");
+    // B's server knew the client's identity and the original destination.
+    let served = server_log
+        .lines()
+        .find(|l| l.contains("hbone::access") && l.contains("target_addr=10.77.0.2:8080"))
+        .unwrap_or_else(|| panic!("no access record on B\n{context}"));
+    assert!(
+        served.contains(&format!("peer=\"{CLIENT_ID}\"")),
+        "{served}"
+    );
+    assert!(served.contains("original=\"10.77.0.1:"), "{served}");
+    assert!(served.contains("result=done"), "{served}");
+    // A's record names the original destination and B's identity.
+    let captured = node_log
+        .lines()
+        .find(|l| l.contains("hbone::access") && l.contains("target_addr=10.77.0.2:8080"))
+        .unwrap_or_else(|| panic!("no access record on A\n{context}"));
+    assert!(
+        captured.contains(&format!("peer=\"{SERVER_ID}\"")),
+        "{captured}"
+    );
+    assert!(captured.contains("result=done"), "{captured}");
+    assert!(captured.contains("source=10.77.0.1:"), "{captured}");
+    // SIGTERM: a clean exit, and the rules are gone.
+    assert_eq!(value("node_exit"), "0", "{context}");
+    assert_eq!(value("tables_after_exit"), "0", "{context}");
+    assert!(node_log.contains("capture rules removed"), "{context}");
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Two hosts as network namespaces, A (10.77.0.1) and B (10.77.0.2), joined
+# by a veth pair; nothing else is connected, nothing leaves the machine.
+# B runs an HBONE server and a plain TCP echo app on 8080 that records who
+# connects; A runs `hbone node` capturing 10.77.0.2 (all ports), and a plain
+# client (python3, no proxy settings) dials 10.77.0.2:8080.
+# Prints key=value lines for tests/capture.rs to judge; exits non-zero on
+# a failure it can tell itself.
+# Usage: capture.sh HBONE_BIN WORKDIR   (WORKDIR holds server/ and client/)
+set -euo pipefail
+bin=$1
+work=$2
+tag=$$
+a=hbone-capa-$tag
+b=hbone-capb-$tag
+server_id=spiffe://cluster.local/ns/demo/sa/server
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$a" 2>/dev/null || true
+    ip netns del "$b" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Waits up to 10 s for PATTERN in FILE.
+wait_for() {
+    for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    echo "timed out waiting for '$2' in $1"; return 1
+}
+
+ip netns add "$a"
+ip netns add "$b"
+ip -n "$a" link add va type veth peer name vb netns "$b"
+ip -n "$a" addr add 10.77.0.1/24 dev va
+ip -n "$b" addr add 10.77.0.2/24 dev vb
+for ns in "$a" "$b"; do
+    ip -n "$ns" link set lo up
+done
+ip -n "$a" link set va up
+ip -n "$b" link set vb up
+
+# B: the echo app, recording each peer address, and the HBONE server.
+ip netns exec "$b" python3 -c '
+import socket, sys, threading
+log = open(sys.argv[1], "a", buffering=1)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.77.0.2", 8080)); s.listen(16)
+print("listening", file=log)
+def echo(c, peer):
+    print("peer=%s" % peer[0], file=log)
+    while True:
+        data = c.recv(65536)
+        if not data: break
+        c.sendall(data)
+    c.shutdown(socket.SHUT_WR); c.close()
+while True:
+    c, peer = s.accept()
+    threading.Thread(target=echo, args=(c, peer), daemon=True).start()
+' "$work/app.log" &
+pids+=($!)
+ip netns exec "$b" "$bin" server --identity-dir "$work/server" --listen 10.77.0.2:15008 \
+    --allow-target 10.77.0.2/32:8080 --log info > "$work/server.log" 2>&1 &
+pids+=($!)
+wait_for "$work/app.log" listening
+wait_for "$work/server.log" "ready"
+
+# Every port of B, 15008 included: the node's own connections to B pass
+# only by their socket mark.
+node_args=(--identity-dir "$work/client" --mesh 10.77.0.2/32
+    --peer "10.77.0.2/32=$server_id" --log info)
+
+# The script applied twice leaves one table (as after a crash, or a
+# restart): it replaces the table rather than adding another.
+"$bin" node "${node_args[@]}" --print-rules > "$work/rules.nft"
+ip netns exec "$a" nft -f "$work/rules.nft"
+ip netns exec "$a" nft -f "$work/rules.nft"
+echo "tables_after_two_applies=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
+
+# A: the node.
+ip netns exec "$a" "$bin" node "${node_args[@]}" > "$work/node.log" 2>&1 &
+node=$!
+pids+=($node)
+wait_for "$work/node.log" "node ready"
+echo "tables_while_running=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
+
+# The unmodified client: 256 KiB of random bytes, then half-close, then
+# everything the app echoes until it closes.
+ip netns exec "$a" timeout 20 python3 -c '
+import hashlib, os, socket
+data = os.urandom(256 * 1024)
+c = socket.create_connection(("10.77.0.2", 8080), timeout=10)
+print("client_local=%s" % c.getsockname()[0])
+c.sendall(data)
+c.shutdown(socket.SHUT_WR)
+got = bytearray()
+while True:
+    chunk = c.recv(65536)
+    if not chunk: break
+    got += chunk
+print("sent_sha=%s" % hashlib.sha256(data).hexdigest())
+print("echoed_sha=%s" % hashlib.sha256(bytes(got)).hexdigest())
+print("echoed_len=%d" % len(got))
+'
+# Packets the redirect rule caught (its counter).
+packets=$(ip netns exec "$a" nft list chain inet hbone output | grep redirect \
+    | grep -o 'packets [0-9]*' | cut -d' ' -f2)
+echo "redirect_packets=${packets:-0}"
+wait_for "$work/node.log" "target_addr=10.77.0.2:8080"
+wait_for "$work/server.log" "target_addr=10.77.0.2:8080"
+
+# SIGTERM: the node removes its table and exits.
+kill -TERM "$node"
+for _ in $(seq 100); do kill -0 "$node" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$node" 2>/dev/null; then echo "node still running 10 s after SIGTERM"; exit 1; fi
+status=0
+wait "$node" || status=$?
+echo "node_exit=$status"
+echo "tables_after_exit=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone' || true)"
