@@ -133,6 +133,16 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     );
     assert!(captured.contains("result=done"), "{captured}");
     assert!(captured.contains("source=10.77.0.1:"), "{captured}");
+    // A redirected destination outside the peers table: closed, recorded.
+    assert_eq!(value("unknown_destination_echoed"), "0", "{context}");
+    let refused = node_log
+        .lines()
+        .find(|l| l.contains("hbone::access") && l.contains("target_addr=10.77.0.3:80"))
+        .unwrap_or_else(|| panic!("no refusal record on A\n{context}"));
+    assert!(
+        refused.contains("reason=\"unknown_destination\""),
+        "{refused}"
+    );
     // SIGTERM: a clean exit, and the rules are gone.
     assert_eq!(value("node_exit"), "0", "{context}");
     assert_eq!(value("tables_after_exit"), "0", "{context}");

@@ -109,6 +109,22 @@ echo "redirect_packets=${packets:-0}"
 wait_for "$work/node.log" "target_addr=10.77.0.2:8080"
 wait_for "$work/server.log" "target_addr=10.77.0.2:8080"
 
+# A destination redirected to the node but in no peer network (an
+# administrator's rule gone wrong) is closed, not sent in the clear.
+ip netns exec "$a" nft add rule inet hbone output ip daddr 10.77.0.3 tcp dport 80 \
+    redirect to :15001
+ip netns exec "$a" timeout 20 python3 -c '
+import socket
+c = socket.create_connection(("10.77.0.3", 80), timeout=10)
+c.sendall(b"hello")
+try:
+    got = c.recv(100)
+except ConnectionResetError:
+    got = b""
+print("unknown_destination_echoed=%d" % len(got))
+'
+wait_for "$work/node.log" "unknown_destination"
+
 # SIGTERM: the node removes its table and exits.
 kill -TERM "$node"
 for _ in $(seq 100); do kill -0 "$node" 2>/dev/null || break; sleep 0.1; done
