@@ -143,6 +143,8 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
         refused.contains("reason=\"unknown_destination\""),
         "{refused}"
     );
+    // The node follows its identity's renewal.
+    assert!(node_log.contains("identity reloaded"), "{context}");
     // SIGTERM: a clean exit, and the rules are gone.
     assert_eq!(value("node_exit"), "0", "{context}");
     assert_eq!(value("tables_after_exit"), "0", "{context}");

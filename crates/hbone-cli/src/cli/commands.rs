@@ -268,13 +268,25 @@ fn watch_dialer(
     first: super::args::Obtained,
     ops: &Ops,
 ) {
+    watch_dialer_sources(dialer, &args.identity, &args.revocation, first, ops);
+}
+
+/// As [`watch_dialer`], for a command that takes only the identity and
+/// revocation flags of a dialer.
+pub(super) fn watch_dialer_sources(
+    dialer: &hbone::Dialer,
+    identity: &IdentityArgs,
+    revocation: &super::revocation::RevocationArgs,
+    first: super::args::Obtained,
+    ops: &Ops,
+) {
     let reloading = dialer.clone();
-    args.revocation.clone().watch(ops, move |lists| {
+    revocation.clone().watch(ops, move |lists| {
         reloading.reload_revocation(lists);
         Ok(())
     });
     let reloading = dialer.clone();
-    watch_identity(args.identity.clone(), first, ops, move |identity| {
+    watch_identity(identity.clone(), first, ops, move |identity| {
         Ok(reloading.reload_identity(identity)?)
     });
 }

@@ -6,7 +6,7 @@
 # client (python3, no proxy settings) dials 10.77.0.2:8080.
 # Prints key=value lines for tests/capture.rs to judge; exits non-zero on
 # a failure it can tell itself.
-# Usage: capture.sh HBONE_BIN WORKDIR   (WORKDIR holds server/ and client/)
+# Usage: capture.sh HBONE_BIN WORKDIR   (WORKDIR holds ca/, server/ and client/)
 set -euo pipefail
 bin=$1
 work=$2
@@ -108,6 +108,12 @@ packets=$(ip netns exec "$a" nft list chain inet hbone output | grep redirect \
 echo "redirect_packets=${packets:-0}"
 wait_for "$work/node.log" "target_addr=10.77.0.2:8080"
 wait_for "$work/server.log" "target_addr=10.77.0.2:8080"
+
+# A renewed certificate is picked up on SIGHUP, as by the other commands.
+"$bin" ca issue --ca "$work/ca" --id spiffe://cluster.local/ns/demo/sa/client \
+    --out "$work/client" > /dev/null
+kill -HUP "$node"
+wait_for "$work/node.log" "identity reloaded"
 
 # A destination redirected to the node but in no peer network (an
 # administrator's rule gone wrong) is closed, not sent in the clear.

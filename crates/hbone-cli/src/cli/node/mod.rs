@@ -154,6 +154,8 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         .with_revocation(args.revocation.load()?)
         .with_socket_mark(args.socket_mark);
     let dialer = Dialer::with_config(&obtained.identity, config)?;
+    // Renewed certificates and revocation lists reach new connections.
+    super::commands::watch_dialer_sources(&dialer, &args.identity, &args.revocation, obtained, ops);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
