@@ -150,3 +150,81 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     assert_eq!(value("tables_after_exit"), "0", "{context}");
     assert!(node_log.contains("capture rules removed"), "{context}");
 }
+
+/// The rules an administrator would install, from a config file's [node]
+/// section (needs no root: nothing is installed).
+#[test]
+fn node_prints_its_rules_from_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    hbone(&["ca", "init", "--out", &path("ca")]);
+    hbone(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path("ca"),
+        "--id",
+        CLIENT_ID,
+        "--out",
+        &path("client"),
+    ]);
+    let config = dir.path().join("hbone.toml");
+    std::fs::write(
+        &config,
+        "[node]\nidentity-dir = \"client\"\nlisten = \"127.0.0.1:15011\"\n\
+         mesh = [\"10.0.2.0/24:5432\", \"10.0.3.0/24\"]\n\
+         peer = [\"10.0.0.0/16=spiffe://cluster.local/ns/db/sa/db\"]\nsocket-mark = 0x10\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "node",
+            "--config",
+            config.to_str().unwrap(),
+            "--print-rules",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("meta mark 0x00000010 return\n"), "{stdout}");
+    assert!(
+        stdout.contains("ip daddr 10.0.2.0/24 tcp dport 5432 counter redirect to :15011\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ip daddr 10.0.3.0/24 meta l4proto tcp counter redirect to :15011\n"),
+        "{stdout}"
+    );
+}
+
+/// Operator mistakes are named before anything is installed.
+#[test]
+fn node_names_bad_settings() {
+    let err = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["node", "--print-rules"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let peer = "--peer=10.0.0.0/16=spiffe://td/ns/a/sa/b";
+    let e = err(&["--mesh", "10.0.2.1/24", peer]);
+    assert!(e.contains("host bits set"), "{e}");
+    let e = err(&["--mesh", "10.0.2.0/24", "--peer", "10.0.0.0/16"]);
+    assert!(e.contains("expected CIDR=SPIFFE_ID"), "{e}");
+    let e = err(&["--mesh", "10.9.0.0/24", peer]);
+    assert!(e.contains("not covered by any --peer network"), "{e}");
+    let e = err(&["--mesh", "10.0.2.0/24", peer, "--listen", "10.0.0.1:15001"]);
+    assert!(e.contains("loopback"), "{e}");
+    let e = err(&["--mesh", "[fd00::/64]", "--peer=fd00::/48=spiffe://td/a"]);
+    assert!(e.contains("address family"), "{e}");
+    let e = err(&["--mesh", "10.0.2.0/24", peer, "--socket-mark", "0"]);
+    assert!(e.contains("non-zero mark"), "{e}");
+}

@@ -146,13 +146,13 @@ fn the_example_has_one_section_on_and_the_others_commented_out() {
         .trim()
         .split(", ")
         .collect();
-    assert_eq!(headers.len(), 4, "{headers:?}");
+    assert_eq!(headers.len(), 5, "{headers:?}");
     let commented: Vec<&str> = headers
         .iter()
         .copied()
         .filter(|h| !on.contains(h))
         .collect();
-    assert_eq!(commented.len(), 3, "{headers:?}");
+    assert_eq!(commented.len(), 4, "{headers:?}");
 
     let mut all = example.clone();
     for header in &commented {
@@ -184,7 +184,8 @@ fn the_example_has_one_section_on_and_the_others_commented_out() {
         "server: listen [::]:15008\n\
          forward #1: listen 127.0.0.1:8080 -> target 127.0.0.1:80\n\
          socks5 #1: listen 127.0.0.1:1080\n\
-         gateway: listen [::]:15009\n"
+         gateway: listen [::]:15009\n\
+         node: listen 127.0.0.1:15001\n"
     );
 }
 

@@ -14,7 +14,7 @@ use super::Cli;
 use super::config_file::{self, ConfigFile, Field};
 
 /// Sections a single subcommand can take from a file with `--config`.
-const SECTION_COMMANDS: [&str; 4] = ["server", "gateway", "forward", "socks5"];
+const SECTION_COMMANDS: [&str; 5] = ["server", "gateway", "forward", "socks5", "node"];
 
 /// The arguments with the config file's fields merged in, and the file
 /// (for `hbone run`, which runs every section). Without `--config`, the

@@ -100,6 +100,7 @@ pub(super) async fn run(
                 Command::Gateway { args, .. } => commands::run_gateway(args, &ops).await,
                 Command::Forward { args, .. } => commands::run_forward(args, &ops).await,
                 Command::Socks5 { args, .. } => commands::run_socks5(args, &ops).await,
+                Command::Node { args, .. } => super::node::run_node(args, &ops).await,
                 _ => Ok(()),
             };
             result.with_context(|| format!("[{}]", component.title))

@@ -44,6 +44,8 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
         "network" => "east-net",
         "listen" => "127.0.0.1:8080",
         "target" => "127.0.0.1:80",
+        "mesh" => "10.0.2.0/24",
+        "peer" => "10.0.2.0/24=spiffe://cluster.local/ns/db/sa/db",
         _ => return None,
     })
 }
@@ -59,7 +61,7 @@ const ACTIVE: &str = "server";
 fn preset(kind: &str, name: &str) -> Option<&'static str> {
     match (kind, name) {
         ("server", "identity-dir") => Some("certs/server"),
-        ("forward" | "socks5", "identity-dir") => Some("certs/client"),
+        ("forward" | "socks5" | "node", "identity-dir") => Some("certs/client"),
         ("gateway", "identity-dir") => Some("certs/gateway"),
         ("forward", "listen") => Some("127.0.0.1:8080"),
         // The [server] of this file: the forward works once uncommented.
@@ -67,6 +69,8 @@ fn preset(kind: &str, name: &str) -> Option<&'static str> {
         ("socks5", "listen") => Some("127.0.0.1:1080"),
         ("gateway", "listen") => Some("[::]:15009"),
         ("gateway", "routes") => Some("routes.toml"),
+        ("node", "mesh") => Some("10.0.2.0/24"),
+        ("node", "peer") => Some("10.0.2.0/24=spiffe://cluster.local/ns/db/sa/db"),
         _ => None,
     }
 }
@@ -75,7 +79,7 @@ fn preset(kind: &str, name: &str) -> Option<&'static str> {
 /// the command that makes it.
 fn needs(kind: &str) -> Option<(&'static str, &'static str)> {
     Some(match kind {
-        "forward" | "socks5" => (
+        "forward" | "socks5" | "node" => (
             "It needs a client identity:",
             "hbone ca issue --ca ca --id spiffe://cluster.local/ns/demo/sa/client --out certs/client",
         ),

@@ -1,6 +1,7 @@
 //! The TOML configuration file: top-level keys are the global flags, and
-//! each section (`[server]`, `[gateway]`, `[[forward]]`, `[[socks5]]`) holds
-//! one subcommand's flags, named as on the command line without `--`.
+//! each section (`[server]`, `[gateway]`, `[[forward]]`, `[[socks5]]`,
+//! `[node]`) holds one subcommand's flags, named as on the command line
+//! without `--`.
 //!
 //! Everything is read off the clap definition, so a new flag is a new field
 //! with no change here, and each value is checked by the flag's own parser.
@@ -34,7 +35,7 @@ pub(crate) struct ConfigFile {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Section {
-    /// "server", "gateway", "forward" or "socks5".
+    /// "server", "gateway", "forward", "socks5" or "node".
     pub kind: &'static str,
     pub line: usize,
     pub fields: Vec<Field>,
@@ -242,7 +243,7 @@ fn parse_with(schema: &Schema, text: &str, path: &Path) -> Result<ConfigFile, Co
     let (global, mut sections) = read::document(schema, &src, document.get_ref())?;
     if sections.is_empty() {
         return Err(ConfigError(format!(
-            "{}: nothing to run: add a [server], [gateway], [[forward]] or [[socks5]] section",
+            "{}: nothing to run: add a [server], [gateway], [[forward]], [[socks5]] or [node] section",
             path.display()
         )));
     }

@@ -8,11 +8,12 @@ use clap::{Arg, ArgAction, Command, CommandFactory, ValueHint};
 
 /// The sections, in the order the docs and the example present them, and
 /// whether each may repeat (`[[forward]]`) or not (`[server]`).
-pub(super) const SECTIONS: [(&str, bool); 4] = [
+pub(super) const SECTIONS: [(&str, bool); 5] = [
     ("server", false),
     ("forward", true),
     ("socks5", true),
     ("gateway", false),
+    ("node", false),
 ];
 
 pub(super) struct Schema {

@@ -152,7 +152,7 @@ fn the_example_runs_the_server_and_each_section_parses_as_its_subcommand() {
 
     let file = ok(&all_sections_on(&example));
     let kinds: Vec<_> = file.sections.iter().map(|s| s.kind).collect();
-    assert_eq!(kinds, ["server", "forward", "socks5", "gateway"]);
+    assert_eq!(kinds, ["server", "forward", "socks5", "gateway", "node"]);
     for section in &file.sections {
         // As `hbone SUBCOMMAND --config` merges them: the file's top-level
         // fields after the section's.
@@ -165,6 +165,7 @@ fn the_example_runs_the_server_and_each_section_parses_as_its_subcommand() {
             Command::Forward { .. } => "forward",
             Command::Socks5 { .. } => "socks5",
             Command::Gateway { .. } => "gateway",
+            Command::Node { .. } => "node",
             _ => "other",
         };
         assert_eq!(parsed, section.kind);
@@ -176,6 +177,7 @@ fn the_example_runs_the_server_and_each_section_parses_as_its_subcommand() {
             "forward #1: listen 127.0.0.1:8080 -> target 127.0.0.1:80",
             "socks5 #1: listen 127.0.0.1:1080",
             "gateway: listen [::]:15009",
+            "node: listen 127.0.0.1:15001",
         ]
     );
 }
@@ -216,7 +218,7 @@ fn unknown_names() {
     assert_eq!(
         err("[servre]\n"),
         "hbone.toml:1: unknown section [servre]; did you mean [server]? \
-         valid sections: [server], [[forward]], [[socks5]], [gateway]"
+         valid sections: [server], [[forward]], [[socks5]], [gateway], [node]"
     );
     assert!(err("[[forwrd]]\n").contains("did you mean [[forward]]?"));
     assert!(
@@ -437,11 +439,11 @@ fn structure_errors() {
     );
     assert_eq!(
         err("threads = 4\n# nothing else\n"),
-        "hbone.toml: nothing to run: add a [server], [gateway], [[forward]] or [[socks5]] section"
+        "hbone.toml: nothing to run: add a [server], [gateway], [[forward]], [[socks5]] or [node] section"
     );
     assert_eq!(
         err(""),
-        "hbone.toml: nothing to run: add a [server], [gateway], [[forward]] or [[socks5]] section"
+        "hbone.toml: nothing to run: add a [server], [gateway], [[forward]], [[socks5]] or [node] section"
     );
 }
 

@@ -17,12 +17,14 @@ use hbone::policy::TargetRule;
 use hbone::{Dialer, DialerConfig};
 use tokio::net::TcpListener;
 
-use super::args::IdentityArgs;
+use super::args::{ConfigArg, IdentityArgs};
 use super::ops::Ops;
 use super::revocation::RevocationArgs;
 
 #[derive(Args)]
 pub(super) struct NodeArgs {
+    #[command(flatten)]
+    pub(super) config_file: ConfigArg,
     #[command(flatten)]
     pub(super) identity: IdentityArgs,
     #[command(flatten)]
@@ -141,6 +143,9 @@ impl NodeArgs {
 
 /// Runs the node until SIGTERM or Ctrl-C: rules in, capture, rules out.
 pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
+    if args.print_rules {
+        bail!("print-rules is for the command line: hbone node --config FILE --print-rules");
+    }
     args.check()?;
     let obtained = args.identity.obtain().await?;
     ops.identity_in_use(&obtained.identity);
