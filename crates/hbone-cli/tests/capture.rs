@@ -133,6 +133,9 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     );
     assert!(captured.contains("result=done"), "{captured}");
     assert!(captured.contains("source=10.77.0.1:"), "{captured}");
+    // This host's own address is never captured, though in the mesh.
+    assert_eq!(value("local_reply"), "local", "{context}");
+    assert!(!node_log.contains("10.77.0.1:9090"), "{context}");
     // A redirected destination outside the peers table: closed, recorded.
     assert_eq!(value("unknown_destination_echoed"), "0", "{context}");
     let refused = node_log

@@ -22,6 +22,8 @@ cleanup() {
     ip netns del "$b" 2>/dev/null || true
 }
 trap cleanup EXIT
+# The test's backstop (timeout) sends TERM: clean up then too.
+trap 'exit 1' TERM INT
 
 # Waits up to 10 s for PATTERN in FILE.
 wait_for() {
@@ -67,8 +69,9 @@ wait_for "$work/server.log" "ready"
 
 # Every port of B, 15008 included: the node's own connections to B pass
 # only by their socket mark.
-node_args=(--identity-dir "$work/client" --mesh 10.77.0.2/32
-    --peer "10.77.0.2/32=$server_id" --log info)
+# A's own address is in the mesh too: the rules must not tunnel it to itself.
+node_args=(--identity-dir "$work/client" --mesh 10.77.0.2/32 --mesh 10.77.0.1/32
+    --peer "10.77.0.2/32=$server_id" --peer "10.77.0.1/32=$server_id" --log info)
 
 # The script applied twice leaves one table (as after a crash, or a
 # restart): it replaces the table rather than adding another.
@@ -108,6 +111,16 @@ packets=$(ip netns exec "$a" nft list chain inet hbone output | grep redirect \
 echo "redirect_packets=${packets:-0}"
 wait_for "$work/node.log" "target_addr=10.77.0.2:8080"
 wait_for "$work/server.log" "target_addr=10.77.0.2:8080"
+
+# A connection to A's own address stays on A, plain.
+ip netns exec "$a" timeout 20 python3 -c '
+import socket
+s = socket.socket(); s.bind(("10.77.0.1", 9090)); s.listen(1)
+c = socket.create_connection(("10.77.0.1", 9090), timeout=10)
+a, peer = s.accept()
+a.sendall(b"local"); a.close()
+print("local_reply=%s" % c.recv(100).decode())
+'
 
 # A renewed certificate is picked up on SIGHUP, as by the other commands.
 "$bin" ca issue --ca "$work/ca" --id spiffe://cluster.local/ns/demo/sa/client \

@@ -42,6 +42,9 @@ impl Rules<'_> {
             "\t\ttype nat hook output priority -100; policy accept;"
         );
         let _ = writeln!(out, "\t\tmeta mark {:#010x} return", self.mark);
+        // This host's own addresses are not tunnelled to itself: its
+        // server's connections to local apps would come back here.
+        let _ = writeln!(out, "\t\tfib daddr type local return");
         for rule in self.mesh {
             let family = if rule.net.addr().is_ipv4() {
                 "ip"
@@ -138,6 +141,7 @@ table inet hbone {
 \tchain output {
 \t\ttype nat hook output priority -100; policy accept;
 \t\tmeta mark 0x00000539 return
+\t\tfib daddr type local return
 \t\tip daddr 10.0.0.0/24 tcp dport 8080 counter redirect to :15001
 \t\tip daddr 10.1.0.0/16 tcp dport 80-90 counter redirect to :15001
 \t\tip6 daddr fd00::/64 meta l4proto tcp counter redirect to :15001
