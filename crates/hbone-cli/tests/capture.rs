@@ -105,12 +105,22 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     // The redirect rule caught the client's packets.
     let packets: u64 = value("redirect_packets").parse().unwrap();
     assert!(packets > 0, "{context}");
+    // The same over IPv6.
+    assert_eq!(
+        value("v6_echoed_len"),
+        (256 * 1024).to_string(),
+        "{context}"
+    );
+    assert_eq!(value("v6_sent_sha"), value("v6_echoed_sha"), "{context}");
+    assert_eq!(value("v6_client_local"), "fd77::1", "{context}");
+    let packets: u64 = value("v6_redirect_packets").parse().unwrap();
+    assert!(packets > 0, "{context}");
     // The app was reached only by B's HBONE server, never by A directly.
     let peers: Vec<&str> = app_log
         .lines()
         .filter_map(|l| l.strip_prefix("peer="))
         .collect();
-    assert_eq!(peers, ["10.77.0.2"], "{context}");
+    assert_eq!(peers, ["10.77.0.2", "fd77::2"], "{context}");
     // B's server knew the client's identity and the original destination.
     let served = server_log
         .lines()
@@ -133,6 +143,16 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     );
     assert!(captured.contains("result=done"), "{captured}");
     assert!(captured.contains("source=10.77.0.1:"), "{captured}");
+    let captured = node_log
+        .lines()
+        .find(|l| l.contains("hbone::access") && l.contains("target_addr=[fd77::2]:8080"))
+        .unwrap_or_else(|| panic!("no IPv6 access record on A\n{context}"));
+    assert!(
+        captured.contains(&format!("peer=\"{SERVER_ID}\"")),
+        "{captured}"
+    );
+    assert!(captured.contains("source=[fd77::1]:"), "{captured}");
+    assert!(captured.contains("result=done"), "{captured}");
     // This host's own address is never captured, though in the mesh.
     assert_eq!(value("local_reply"), "local", "{context}");
     assert!(!node_log.contains("10.77.0.1:9090"), "{context}");

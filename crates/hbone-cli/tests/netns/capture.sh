@@ -36,6 +36,9 @@ ip netns add "$b"
 ip -n "$a" link add va type veth peer name vb netns "$b"
 ip -n "$a" addr add 10.77.0.1/24 dev va
 ip -n "$b" addr add 10.77.0.2/24 dev vb
+# IPv6 too (nodad: usable at once, no duplicate address detection wait).
+ip -n "$a" addr add fd77::1/64 dev va nodad
+ip -n "$b" addr add fd77::2/64 dev vb nodad
 for ns in "$a" "$b"; do
     ip -n "$ns" link set lo up
 done
@@ -46,9 +49,6 @@ ip -n "$b" link set vb up
 ip netns exec "$b" python3 -c '
 import socket, sys, threading
 log = open(sys.argv[1], "a", buffering=1)
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("10.77.0.2", 8080)); s.listen(16)
-print("listening", file=log)
 def echo(c, peer):
     print("peer=%s" % peer[0], file=log)
     while True:
@@ -56,13 +56,21 @@ def echo(c, peer):
         if not data: break
         c.sendall(data)
     c.shutdown(socket.SHUT_WR); c.close()
-while True:
-    c, peer = s.accept()
-    threading.Thread(target=echo, args=(c, peer), daemon=True).start()
+def serve(s):
+    while True:
+        c, peer = s.accept()
+        threading.Thread(target=echo, args=(c, peer), daemon=True).start()
+for family, addr in [(socket.AF_INET, "10.77.0.2"), (socket.AF_INET6, "fd77::2")]:
+    s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, 8080)); s.listen(16)
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+print("listening", file=log)
+threading.Event().wait()
 ' "$work/app.log" &
 pids+=($!)
-ip netns exec "$b" "$bin" server --identity-dir "$work/server" --listen 10.77.0.2:15008 \
-    --allow-target 10.77.0.2/32:8080 --log info > "$work/server.log" 2>&1 &
+ip netns exec "$b" "$bin" server --identity-dir "$work/server" --listen '[::]:15008' \
+    --allow-target 10.77.0.2/32:8080 --allow-target '[fd77::2/128]:8080' \
+    --log info > "$work/server.log" 2>&1 &
 pids+=($!)
 wait_for "$work/app.log" listening
 wait_for "$work/server.log" "ready"
@@ -70,8 +78,11 @@ wait_for "$work/server.log" "ready"
 # Every port of B, 15008 included: the node's own connections to B pass
 # only by their socket mark.
 # A's own address is in the mesh too: the rules must not tunnel it to itself.
-node_args=(--identity-dir "$work/client" --mesh 10.77.0.2/32 --mesh 10.77.0.1/32
-    --peer "10.77.0.2/32=$server_id" --peer "10.77.0.1/32=$server_id" --log info)
+# One listener on [::] takes both families.
+node_args=(--identity-dir "$work/client" --listen '[::]:15001'
+    --mesh 10.77.0.2/32 --mesh 10.77.0.1/32 --mesh '[fd77::2/128]'
+    --peer "10.77.0.2/32=$server_id" --peer "10.77.0.1/32=$server_id"
+    --peer "fd77::2/128=$server_id" --log info)
 
 # The script applied twice leaves one table (as after a crash, or a
 # restart): it replaces the table rather than adding another.
@@ -88,12 +99,13 @@ wait_for "$work/node.log" "node ready"
 echo "tables_while_running=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
 
 # The unmodified client: 256 KiB of random bytes, then half-close, then
-# everything the app echoes until it closes.
-ip netns exec "$a" timeout 20 python3 -c '
-import hashlib, os, socket
+# everything the app echoes until it closes. Args: address, key prefix.
+client='
+import hashlib, os, socket, sys
+addr, key = sys.argv[1], sys.argv[2]
 data = os.urandom(256 * 1024)
-c = socket.create_connection(("10.77.0.2", 8080), timeout=10)
-print("client_local=%s" % c.getsockname()[0])
+c = socket.create_connection((addr, 8080), timeout=10)
+print("%sclient_local=%s" % (key, c.getsockname()[0]))
 c.sendall(data)
 c.shutdown(socket.SHUT_WR)
 got = bytearray()
@@ -101,16 +113,23 @@ while True:
     chunk = c.recv(65536)
     if not chunk: break
     got += chunk
-print("sent_sha=%s" % hashlib.sha256(data).hexdigest())
-print("echoed_sha=%s" % hashlib.sha256(bytes(got)).hexdigest())
-print("echoed_len=%d" % len(got))
+print("%ssent_sha=%s" % (key, hashlib.sha256(data).hexdigest()))
+print("%sechoed_sha=%s" % (key, hashlib.sha256(bytes(got)).hexdigest()))
+print("%sechoed_len=%d" % (key, len(got)))
 '
-# Packets the redirect rule caught (its counter).
-packets=$(ip netns exec "$a" nft list chain inet hbone output | grep redirect \
-    | grep -o 'packets [0-9]*' | cut -d' ' -f2)
-echo "redirect_packets=${packets:-0}"
+# Packets a redirect rule caught (its counter). Arg: its address.
+redirected() {
+    ip netns exec "$a" nft list chain inet hbone output | grep "daddr $1 " \
+        | grep -o 'packets [0-9]*' | cut -d' ' -f2
+}
+ip netns exec "$a" timeout 20 python3 -c "$client" 10.77.0.2 ""
+echo "redirect_packets=$(redirected 10.77.0.2)"
 wait_for "$work/node.log" "target_addr=10.77.0.2:8080"
 wait_for "$work/server.log" "target_addr=10.77.0.2:8080"
+ip netns exec "$a" timeout 20 python3 -c "$client" fd77::2 v6_
+echo "v6_redirect_packets=$(redirected fd77::2)"
+wait_for "$work/node.log" "target_addr=\[fd77::2\]:8080"
+wait_for "$work/server.log" "target_addr=\[fd77::2\]:8080"
 
 # A connection to A's own address stays on A, plain.
 ip netns exec "$a" timeout 20 python3 -c '

@@ -109,6 +109,9 @@ async fn open(capture: Arc<Capture>, app: TcpStream, source: SocketAddr) -> Opti
         config,
         log,
     } = &*capture;
+    // A listener on [::] sees IPv4 clients as IPv4-mapped: the records
+    // and the `forwarded` header name them as the IPv4 they are.
+    let source = SocketAddr::new(source.ip().to_canonical(), source.port());
     let target = match redirected_to(&app) {
         Ok(target) => target,
         Err(refusal) => {
@@ -171,7 +174,9 @@ fn redirected_to(app: &TcpStream) -> Result<SocketAddr, Refusal> {
         what: "no original destination (not redirected by a NAT rule?)",
         detail: e.to_string(),
     })?;
-    match app.local_addr() {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let original = canonical(original);
+    match app.local_addr().map(canonical) {
         Ok(local) if local == original => Err(Refusal {
             reason: "not_redirected",
             what: "connection made to the capture listener itself",

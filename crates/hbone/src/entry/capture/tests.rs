@@ -45,6 +45,22 @@ fn routes_go_to_the_hbone_port_of_the_original_address() {
 async fn a_connection_that_was_not_redirected_is_closed_and_recorded() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    refused_straight_away(listener, addr).await;
+}
+
+/// The same on a dual-stack listener: the IPv4 client is recorded as the
+/// IPv4 address it is, not IPv4-mapped.
+#[tokio::test]
+async fn an_ipv4_client_of_a_dual_stack_listener_is_named_in_ipv4() {
+    let Ok(listener) = TcpListener::bind("[::]:0").await else {
+        eprintln!("no IPv6 on this machine; the IPv4 case is tested above");
+        return;
+    };
+    let port = listener.local_addr().unwrap().port();
+    refused_straight_away(listener, SocketAddr::from(([127, 0, 0, 1], port))).await;
+}
+
+async fn refused_straight_away(listener: TcpListener, addr: SocketAddr) {
     let dialer = Dialer::new(&test_identity("client")).unwrap();
     // Everything on loopback is "in the mesh": were the connection
     // tunnelled, it would go to 127.0.0.1:15008, not be refused.
@@ -93,7 +109,7 @@ async fn a_connection_that_was_not_redirected_is_closed_and_recorded() {
         }
         other => panic!("refused, got {other:?}"),
     }
-    assert_eq!(record.source.ip(), addr.ip());
+    assert_eq!(record.source.ip(), addr.ip(), "{record:?}");
     assert!(record.peer_id.is_none());
     stop.send(()).unwrap();
     timeout(Duration::from_secs(5), serving)
