@@ -251,3 +251,58 @@ fn node_names_bad_settings() {
     let e = err(&["--mesh", "10.0.2.0/24", peer, "--socket-mark", "0"]);
     assert!(e.contains("non-zero mark"), "{e}");
 }
+
+/// Without CAP_NET_ADMIN (nor CAP_NET_RAW, which also allows the socket
+/// mark) the node stops at once and says why, whether it
+/// installs the rules or not (it marks its own connections either way).
+/// Runs in a network namespace of its own (`unshare -n`), so no rule could
+/// reach this machine's.
+#[test]
+fn node_without_cap_net_admin_says_so() {
+    if !root_or_skip("node_without_cap_net_admin_says_so") {
+        return;
+    }
+    for tool in ["unshare", "setpriv", "nft"] {
+        require(tool);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    hbone(&["ca", "init", "--out", &path("ca")]);
+    hbone(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path("ca"),
+        "--id",
+        CLIENT_ID,
+        "--out",
+        &path("client"),
+    ]);
+    for extra in [&[][..], &["--no-install-rules"][..]] {
+        let identity = path("client");
+        let mut args = vec![
+            "-n",
+            "setpriv",
+            "--bounding-set=-net_admin,-net_raw",
+            BIN,
+            "node",
+            "--identity-dir",
+            &identity,
+            "--mesh",
+            "10.0.2.0/24",
+            "--peer",
+            "10.0.2.0/24=spiffe://td/ns/a/sa/b",
+        ];
+        args.extend_from_slice(extra);
+        // It stops by itself; `timeout` only guards against it serving.
+        let out = Command::new("timeout")
+            .arg("20")
+            .arg("unshare")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains("CAP_NET_ADMIN"), "{extra:?}: {stderr}");
+    }
+}

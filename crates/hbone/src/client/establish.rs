@@ -308,11 +308,20 @@ async fn connect_marked(server: SocketAddr, mark: Option<u32>) -> io::Result<Tcp
     socket.connect(server).await
 }
 
+/// Whether this process may give its sockets `mark`: Ok, or the error
+/// every connection would fail with (neither CAP_NET_ADMIN nor CAP_NET_RAW, not Linux). For a
+/// start-up check, so that a dialer with
+/// [`DialerConfig::socket_mark`](super::DialerConfig::socket_mark) fails
+/// before its first tunnel does.
+pub fn check_socket_mark(mark: u32) -> io::Result<()> {
+    set_mark(&tokio::net::TcpSocket::new_v4()?, mark)
+}
+
 #[cfg(target_os = "linux")]
 fn set_mark(socket: &tokio::net::TcpSocket, mark: u32) -> io::Result<()> {
     socket2::SockRef::from(socket).set_mark(mark).map_err(|e| {
         let hint = match e.kind() {
-            io::ErrorKind::PermissionDenied => " (needs CAP_NET_ADMIN)",
+            io::ErrorKind::PermissionDenied => " (needs CAP_NET_ADMIN or CAP_NET_RAW)",
             _ => "",
         };
         io::Error::new(

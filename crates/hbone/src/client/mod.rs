@@ -27,6 +27,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Request, StatusCode};
 use tokio::time::timeout;
 
+pub use establish::check_socket_mark;
 pub(crate) use tunnel::PeerCache;
 use tunnel::PeerMeta;
 pub use tunnel::Tunnel;
@@ -275,7 +276,8 @@ pub struct DialerConfig {
     pub revocation: Revocation,
     /// A firewall mark (SO_MARK) set on every TCP connection to a server
     /// or gateway, so that rules capturing traffic can let this dialer's
-    /// own connections pass. Setting it needs CAP_NET_ADMIN, and Linux;
+    /// own connections pass. Setting it needs CAP_NET_ADMIN (or, since
+    /// Linux 5.17, CAP_NET_RAW), and Linux;
     /// elsewhere every connect fails. None by default.
     pub socket_mark: Option<u32>,
 }

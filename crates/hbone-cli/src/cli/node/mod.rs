@@ -147,6 +147,12 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         bail!("print-rules is for the command line: hbone node --config FILE --print-rules");
     }
     args.check()?;
+    hbone::client::check_socket_mark(args.socket_mark).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: the node marks its own connections so that the capture rules let them \
+             pass; run it as root, or grant it CAP_NET_ADMIN"
+        )
+    })?;
     let obtained = args.identity.obtain().await?;
     ops.identity_in_use(&obtained.identity);
     let config = DialerConfig::default()
