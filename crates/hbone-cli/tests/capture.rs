@@ -53,7 +53,7 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     if !root_or_skip("captured_connection_reaches_the_peer_only_through_hbone") {
         return;
     }
-    for tool in ["ip", "nft", "python3", "timeout"] {
+    for tool in ["ip", "nft", "python3", "timeout", "curl"] {
         require(tool);
     }
     let dir = tempfile::tempdir().unwrap();
@@ -153,6 +153,8 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     );
     assert!(captured.contains("source=[fd77::1]:"), "{captured}");
     assert!(captured.contains("result=done"), "{captured}");
+    let no_route: u32 = value("no_route_counted").parse().unwrap();
+    assert!(no_route > 0, "{context}\n{}", read("metrics.txt"));
     // This host's own address is never captured, though in the mesh.
     assert_eq!(value("local_reply"), "local", "{context}");
     assert!(!node_log.contains("10.77.0.1:9090"), "{context}");

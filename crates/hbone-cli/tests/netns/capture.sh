@@ -92,7 +92,8 @@ ip netns exec "$a" nft -f "$work/rules.nft"
 echo "tables_after_two_applies=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
 
 # A: the node.
-ip netns exec "$a" "$bin" node "${node_args[@]}" > "$work/node.log" 2>&1 &
+ip netns exec "$a" "$bin" node "${node_args[@]}" --admin 127.0.0.1:15020 \
+    > "$work/node.log" 2>&1 &
 node=$!
 pids+=($node)
 wait_for "$work/node.log" "node ready"
@@ -162,6 +163,9 @@ except ConnectionResetError:
 print("unknown_destination_echoed=%d" % len(got))
 '
 wait_for "$work/node.log" "unknown_destination"
+# ... and counted as Istio counts a tunnel with no route.
+ip netns exec "$a" curl -s --max-time 5 http://127.0.0.1:15020/metrics > "$work/metrics.txt"
+echo "no_route_counted=$(grep -c 'response_flags="NR"' "$work/metrics.txt" || true)"
 
 # SIGTERM: the node removes its table and exits.
 kill -TERM "$node"

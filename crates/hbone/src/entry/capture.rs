@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{Attempt, ClientRelay, ClientSources, Destination, record_dial_failure};
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
 use crate::client::{Dialer, Route};
+use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta};
 use crate::phased::Phased;
 
 mod original_dst;
@@ -125,12 +126,13 @@ async fn open(capture: Arc<Capture>, app: TcpStream, source: SocketAddr) -> Opti
     let Some(route) = config.route(target) else {
         tracing::warn!(%source, %target, "capture: destination not in the peers table; closed");
         let detail = format!("{target} is in no network of the peers table");
-        refuse(
-            log,
-            dialer,
-            &attempt,
-            Refusal::new("unknown_destination", detail),
-        );
+        let refusal = Refusal {
+            reason: "unknown_destination",
+            what: "destination not in the peers table",
+            detail,
+            flag: ResponseFlag::NoRoute,
+        };
+        refuse(log, dialer, &attempt, refusal);
         return None;
     };
     match Destination::new(route, target)
@@ -153,16 +155,8 @@ struct Refusal {
     /// What the log line says.
     what: &'static str,
     detail: String,
-}
-
-impl Refusal {
-    fn new(reason: &'static str, detail: String) -> Self {
-        Refusal {
-            reason,
-            what: reason,
-            detail,
-        }
-    }
+    /// How the Istio metrics count it.
+    flag: ResponseFlag,
 }
 
 /// The original destination of a redirected connection. A connection
@@ -173,6 +167,7 @@ fn redirected_to(app: &TcpStream) -> Result<SocketAddr, Refusal> {
         reason: "no_original_destination",
         what: "no original destination (not redirected by a NAT rule?)",
         detail: e.to_string(),
+        flag: ResponseFlag::BadRequest,
     })?;
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let original = canonical(original);
@@ -181,13 +176,24 @@ fn redirected_to(app: &TcpStream) -> Result<SocketAddr, Refusal> {
             reason: "not_redirected",
             what: "connection made to the capture listener itself",
             detail: format!("{original} is the capture listener"),
+            flag: ResponseFlag::BadRequest,
         }),
         _ => Ok(original),
     }
 }
 
-/// Writes the access record of a connection closed without a tunnel.
+/// Writes the access record of a connection closed without a tunnel, and
+/// counts it.
 fn refuse(log: &Arc<dyn AccessLog>, dialer: &Dialer, attempt: &Attempt, refusal: Refusal) {
+    if let Some(metrics) = &dialer.telemetry().metrics {
+        metrics.tunnel_failed(
+            Reporter::Source,
+            dialer.local_meta(),
+            &WorkloadMeta::default(),
+            &DestinationService::from_host(None),
+            refusal.flag,
+        );
+    }
     log.record(&TunnelRecord {
         role: Role::Client,
         source: attempt.source,
