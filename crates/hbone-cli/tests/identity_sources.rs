@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cli::{CLIENT_ID, SERVER_ID, hbone, log_lines, presented_cert, spawn_logged};
+use crate::cli::{CLIENT_ID, SERVER_ID, hbone, leaf_der, log_lines, presented_cert, spawn_logged};
 use crate::common::istio_ca::{ISTIOD_NAME, TestIstioCa};
 use crate::common::*;
 
@@ -117,10 +117,23 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
         "127.0.0.1:0".into(),
         "--cert-lifetime".into(),
         "6s".into(),
+        "--identity-out".into(),
+        dir.path().join("out").to_str().unwrap().into(),
     ];
     server_args.extend(istio_flags(&ca, dir.path(), SERVER_ID));
     let (_server, server, server_log) = spawn(&server_args).await;
     let first = presented_cert(server).await;
+    // Written out for other processes: the same certificate, a private key.
+    let out = dir.path().join("out");
+    assert_eq!(leaf_der(&out.join("cert.pem")), first);
+    let written = hbone::Identity::from_dir(&out).unwrap();
+    assert_eq!(written.id().as_str(), SERVER_ID);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 
     let echo = start_echo().await;
     let mut forward_args = vec![
@@ -144,6 +157,11 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
     log_lines(&server_log, "certificate renewed by the Istio CA", 1).await;
     let renewed = presented_cert(server).await;
     assert_ne!(renewed, first, "new handshakes present the new certificate");
+    assert_ne!(
+        leaf_der(&out.join("cert.pem")),
+        first,
+        "the written copy follows"
+    );
     // Several renewals within the certificate's own lifetime.
     log_lines(&server_log, "certificate renewed by the Istio CA", 2).await;
 
@@ -203,6 +221,18 @@ async fn identity_source_mistakes_stop_the_start_with_clear_errors() {
         "{stderr}"
     );
     assert!(stderr.contains("elsewhere"), "{stderr}");
+
+    let stderr = run(vec![
+        "--identity-dir".into(),
+        dir.path().to_str().unwrap().into(),
+        "--identity-out".into(),
+        dir.path().join("out").to_str().unwrap().into(),
+    ])
+    .await;
+    assert!(
+        stderr.contains("give --istio-ca or --workload-api"),
+        "{stderr}"
+    );
 
     let closed = closed_port().await;
     let mut flags = istio_flags(&ca, dir.path(), SERVER_ID);
