@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use crate::cli::{CLIENT_ID, SERVER_ID, hbone, leaf_der, log_lines, presented_cert, spawn_logged};
 use crate::common::istio_ca::{ISTIOD_NAME, TestIstioCa};
 use crate::common::*;
+use crate::revocation_cli::{listen_of, scrape};
 
 const TOKEN: &str = "workload-token";
 
@@ -119,9 +120,13 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
         "6s".into(),
         "--identity-out".into(),
         dir.path().join("out").to_str().unwrap().into(),
+        "--admin".into(),
+        "127.0.0.1:0".into(),
     ];
     server_args.extend(istio_flags(&ca, dir.path(), SERVER_ID));
-    let (_server, server, server_log) = spawn(&server_args).await;
+    let (_server, _, server_log) = spawn(&server_args).await;
+    let server = listen_of(&server_log, "HBONE server ready").await;
+    let admin = listen_of(&server_log, "admin endpoint ready").await;
     let first = presented_cert(server).await;
     // Written out for other processes: the same certificate, a private key.
     let out = dir.path().join("out");
@@ -162,8 +167,18 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
         first,
         "the written copy follows"
     );
-    // Several renewals within the certificate's own lifetime.
+    // Several renewals within the certificate's own lifetime, counted.
     log_lines(&server_log, "certificate renewed by the Istio CA", 2).await;
+    let metrics = scrape(admin).await;
+    let renewals = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "hbone_certificate_renewals_total{source=\"istio-ca\",result=\"success\"}",
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(renewals >= Some(2), "{renewals:?} in\n{metrics}");
 
     open.write_all(b"later").await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), open.read_exact(&mut back))
