@@ -212,9 +212,12 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
             .iter()
             .zip(["direct", "2 processes", "1 process"])
     {
+        // A ratio of two half-second runs on a shared machine: any
+        // positive figure is possible (a load spike during the run alone
+        // gave 318 %), so only its presence and sign are checked.
         match median(cell) {
-            Some(kept) if kept > 0.0 && kept <= 200.0 => {}
-            _ => panic!("{ISOLATION_KEPT}, {side}: {cell:?} is not in (0, 200] in:\n{table}"),
+            Some(kept) if kept > 0.0 && kept.is_finite() => {}
+            _ => panic!("{ISOLATION_KEPT}, {side}: {cell:?} is not a positive share in:\n{table}"),
         }
     }
     assert!(

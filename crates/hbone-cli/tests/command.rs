@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod deploy;
 mod entry_access;
+mod entry_rotation;
 mod identity_sources;
 mod interop;
 mod netns;

@@ -8,9 +8,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cli::{CLIENT_ID, SERVER_ID, hbone, log_lines, presented_cert, spawn_logged};
+use crate::cli::{CLIENT_ID, SERVER_ID, hbone, leaf_der, log_lines, presented_cert, spawn_logged};
 use crate::common::istio_ca::{ISTIOD_NAME, TestIstioCa};
 use crate::common::*;
+use crate::revocation_cli::{listen_of, scrape};
 
 const TOKEN: &str = "workload-token";
 
@@ -117,10 +118,27 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
         "127.0.0.1:0".into(),
         "--cert-lifetime".into(),
         "6s".into(),
+        "--identity-out".into(),
+        dir.path().join("out").to_str().unwrap().into(),
+        "--admin".into(),
+        "127.0.0.1:0".into(),
     ];
     server_args.extend(istio_flags(&ca, dir.path(), SERVER_ID));
-    let (_server, server, server_log) = spawn(&server_args).await;
+    let (_server, _, server_log) = spawn(&server_args).await;
+    let server = listen_of(&server_log, "HBONE server ready").await;
+    let admin = listen_of(&server_log, "admin endpoint ready").await;
     let first = presented_cert(server).await;
+    // Written out for other processes: the same certificate, a private key.
+    let out = dir.path().join("out");
+    assert_eq!(leaf_der(&out.join("cert.pem")), first);
+    let written = hbone::Identity::from_dir(&out).unwrap();
+    assert_eq!(written.id().as_str(), SERVER_ID);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 
     let echo = start_echo().await;
     let mut forward_args = vec![
@@ -144,8 +162,23 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
     log_lines(&server_log, "certificate renewed by the Istio CA", 1).await;
     let renewed = presented_cert(server).await;
     assert_ne!(renewed, first, "new handshakes present the new certificate");
-    // Several renewals within the certificate's own lifetime.
+    assert_ne!(
+        leaf_der(&out.join("cert.pem")),
+        first,
+        "the written copy follows"
+    );
+    // Several renewals within the certificate's own lifetime, counted.
     log_lines(&server_log, "certificate renewed by the Istio CA", 2).await;
+    let metrics = scrape(admin).await;
+    let renewals = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "hbone_certificate_renewals_total{source=\"istio-ca\",result=\"success\"}",
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(renewals >= Some(2), "{renewals:?} in\n{metrics}");
 
     open.write_all(b"later").await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), open.read_exact(&mut back))
@@ -203,6 +236,18 @@ async fn identity_source_mistakes_stop_the_start_with_clear_errors() {
         "{stderr}"
     );
     assert!(stderr.contains("elsewhere"), "{stderr}");
+
+    let stderr = run(vec![
+        "--identity-dir".into(),
+        dir.path().to_str().unwrap().into(),
+        "--identity-out".into(),
+        dir.path().join("out").to_str().unwrap().into(),
+    ])
+    .await;
+    assert!(
+        stderr.contains("give --istio-ca or --workload-api"),
+        "{stderr}"
+    );
 
     let closed = closed_port().await;
     let mut flags = istio_flags(&ca, dir.path(), SERVER_ID);

@@ -76,7 +76,7 @@ fn stderr(output: &Output) -> String {
 }
 
 /// The address after `listen=` in the first log line containing `what`.
-async fn listen_of(log: &crate::cli::Log, what: &str) -> SocketAddr {
+pub(crate) async fn listen_of(log: &crate::cli::Log, what: &str) -> SocketAddr {
     let line = log_lines(log, what, 1).await.remove(0);
     line.split_whitespace()
         .find_map(|word| word.strip_prefix("listen="))
@@ -86,7 +86,7 @@ async fn listen_of(log: &crate::cli::Log, what: &str) -> SocketAddr {
 }
 
 /// The admin endpoint's /metrics.
-async fn scrape(admin: SocketAddr) -> String {
+pub(crate) async fn scrape(admin: SocketAddr) -> String {
     let exchange = async {
         let mut tcp = TcpStream::connect(admin).await.unwrap();
         tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")

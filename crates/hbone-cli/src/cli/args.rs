@@ -81,6 +81,12 @@ pub(super) struct IdentityArgs {
         conflicts_with_all = ["identity_dir", "cert", "key", "trust_bundle", "istio_ca"]
     )]
     pub(super) workload_api: Option<String>,
+    /// Write the identity in use (cert.pem, key.pem with mode 0600,
+    /// bundle.pem) to this directory at start and after every renewal or
+    /// update, for other local processes. Only with an identity from the
+    /// Istio CA or the Workload API.
+    #[arg(long, value_name = "DIR")]
+    pub(super) identity_out: Option<PathBuf>,
     /// Start (and reload) with a private key that group or others may
     /// read, with a warning. Without it such a key is refused: anyone who
     /// can read it can be this workload.
@@ -102,6 +108,26 @@ impl IdentityArgs {
     /// Gets the identity (from the Istio CA when one is set, else from
     /// files), logs it and warns when it nears expiry.
     pub(super) async fn obtain(&self) -> anyhow::Result<Obtained> {
+        if self.identity_out.is_some() && self.workload_api.is_none() && self.istio_ca.is_none() {
+            bail!(
+                "--identity-out writes an identity from the Istio CA or the Workload API; \
+                 give --istio-ca or --workload-api, or drop it"
+            );
+        }
+        let obtained = self.obtain_from_source().await?;
+        self.write_out(&obtained.identity)?;
+        Ok(obtained)
+    }
+
+    /// Writes `identity` to the --identity-out directory, if one is set.
+    pub(super) fn write_out(&self, identity: &Identity) -> anyhow::Result<()> {
+        match &self.identity_out {
+            Some(dir) => super::identity_out::write(dir, identity),
+            None => Ok(()),
+        }
+    }
+
+    async fn obtain_from_source(&self) -> anyhow::Result<Obtained> {
         if let Some(endpoint) = &self.workload_api {
             let api = WorkloadApi::connect(endpoint, WORKLOAD_API_FIRST_SYNC).await?;
             let identity = api.identity()?;

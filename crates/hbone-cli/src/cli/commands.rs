@@ -300,12 +300,20 @@ fn watch_identity(
     ops: &Ops,
     apply: impl Fn(&hbone::Identity) -> anyhow::Result<()> + Send + 'static,
 ) {
-    if let Some(api) = first.workload_api {
-        tokio::spawn(follow_workload_api(api, first.identity, ops, apply));
-        return;
-    }
-    if let Some(ca) = args.istio_ca() {
-        tokio::spawn(renew_from_istio_ca(ca, first.identity, ops, apply));
+    let istio_ca = args.istio_ca();
+    if first.workload_api.is_some() || istio_ca.is_some() {
+        // Identities from a source rather than files are also written out
+        // when asked to (once they are in use).
+        let writing = args.clone();
+        let apply = move |identity: &hbone::Identity| {
+            apply(identity)?;
+            writing.write_out(identity)
+        };
+        if let Some(api) = first.workload_api {
+            tokio::spawn(follow_workload_api(api, first.identity, ops, apply));
+        } else if let Some(ca) = istio_ca {
+            tokio::spawn(renew_from_istio_ca(ca, first.identity, ops, apply));
+        }
         return;
     }
     // The identity in use, for the hourly expiry check.
