@@ -93,8 +93,9 @@ pub async fn serve(
         config,
         log,
     });
-    // Only this host's own traffic is redirected here; the listener's
-    // address (loopback) keeps others out.
+    // Only this host's own traffic is redirected here. Anyone else who
+    // reaches the listener (on an unspecified address) was not redirected,
+    // and is refused below for want of another destination.
     let sources = ClientSources::Any;
     super::accept_until(listener, "capture", &sources, shutdown, |app, source| {
         Phased::new(open(capture.clone(), app, source))
