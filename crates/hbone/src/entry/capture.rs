@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use super::access::Refusals;
 use super::{Attempt, ClientRelay, ClientSources, Destination, record_dial_failure};
 use crate::access::{AccessLog, Outcome, Role, TunnelRecord};
 use crate::client::{Dialer, Route};
@@ -74,6 +75,10 @@ struct Capture {
     dialer: Dialer,
     config: CaptureConfig,
     log: Arc<dyn AccessLog>,
+    /// Warnings about refused connections, rate-kept (a rule gone wrong
+    /// may send many); each still gets its access record.
+    unknown: Refusals,
+    not_redirected: Refusals,
 }
 
 /// Accepts redirected connections on `listener` until `shutdown`
@@ -92,6 +97,8 @@ pub async fn serve(
         dialer,
         config,
         log,
+        unknown: Refusals::new("capture", "destination not in the peers table"),
+        not_redirected: Refusals::new("capture", "connection not redirected by a NAT rule"),
     });
     // Only this host's own traffic is redirected here. Anyone else who
     // reaches the listener (on an unspecified address) was not redirected,
@@ -110,6 +117,8 @@ async fn open(capture: Arc<Capture>, app: TcpStream, source: SocketAddr) -> Opti
         dialer,
         config,
         log,
+        unknown,
+        not_redirected,
     } = &*capture;
     // A listener on [::] sees IPv4 clients as IPv4-mapped: the records
     // and the `forwarded` header name them as the IPv4 they are.
@@ -118,18 +127,17 @@ async fn open(capture: Arc<Capture>, app: TcpStream, source: SocketAddr) -> Opti
         Ok(target) => target,
         Err(refusal) => {
             let attempt = Attempt::new(source, app.local_addr().unwrap_or(source));
-            tracing::warn!(%source, detail = %refusal.detail, "capture: {}; closed", refusal.what);
+            not_redirected.note(source);
             refuse(log, dialer, &attempt, refusal);
             return None;
         }
     };
     let mut attempt = Attempt::new(source, target);
     let Some(route) = config.route(target) else {
-        tracing::warn!(%source, %target, "capture: destination not in the peers table; closed");
+        unknown.note(source);
         let detail = format!("{target} is in no network of the peers table");
         let refusal = Refusal {
             reason: "unknown_destination",
-            what: "destination not in the peers table",
             detail,
             flag: ResponseFlag::NoRoute,
         };
@@ -153,8 +161,6 @@ async fn open(capture: Arc<Capture>, app: TcpStream, source: SocketAddr) -> Opti
 struct Refusal {
     /// A stable word for logs and metrics.
     reason: &'static str,
-    /// What the log line says.
-    what: &'static str,
     detail: String,
     /// How the Istio metrics count it.
     flag: ResponseFlag,
@@ -166,7 +172,6 @@ struct Refusal {
 fn redirected_to(app: &TcpStream) -> Result<SocketAddr, Refusal> {
     let original = original_dst::original_dst(app).map_err(|e| Refusal {
         reason: "no_original_destination",
-        what: "no original destination (not redirected by a NAT rule?)",
         detail: e.to_string(),
         flag: ResponseFlag::BadRequest,
     })?;
@@ -175,7 +180,6 @@ fn redirected_to(app: &TcpStream) -> Result<SocketAddr, Refusal> {
     match app.local_addr().map(canonical) {
         Ok(local) if local == original => Err(Refusal {
             reason: "not_redirected",
-            what: "connection made to the capture listener itself",
             detail: format!("{original} is the capture listener"),
             flag: ResponseFlag::BadRequest,
         }),
