@@ -48,7 +48,16 @@ pub(crate) type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// [`spawn_ready`], keeping every later log line.
 pub(crate) async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
+    spawn_logged_with_env(args, &[]).await
+}
+
+/// [`spawn_logged`] with `env` added to its environment.
+pub(crate) async fn spawn_logged_with_env(
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (Child, SocketAddr, Log) {
     let mut child = hbone(args)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
