@@ -248,6 +248,9 @@ enum Outcome {
     /// The ruleset is in force: fully, or only as far as the kernel goes.
     Restricted {
         full: bool,
+        /// The kernel's Landlock ABI, and the rights it cannot restrict.
+        abi: String,
+        missing: String,
         allowed: Allowed,
         skipped: Vec<String>,
     },
@@ -282,7 +285,7 @@ pub fn enter(cli: &Cli, file: Option<&ConfigFile>) -> Entered {
 #[cfg(target_os = "linux")]
 fn restrict(allowed: Allowed) -> Outcome {
     use landlock::{
-        ABI, Access, AccessFs, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        ABI, Access, AccessFs, BitFlags, LandlockStatus, PathBeneath, PathFd, Ruleset, RulesetAttr,
         RulesetCreatedAttr, RulesetStatus,
     };
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS reads its integer arguments only.
@@ -325,11 +328,25 @@ fn restrict(allowed: Allowed) -> Outcome {
     match status {
         Ok(status) => match status.ruleset {
             RulesetStatus::NotEnforced => Outcome::NoLandlock { no_new_privs },
-            enforced => Outcome::Restricted {
-                full: enforced == RulesetStatus::FullyEnforced,
-                allowed,
-                skipped,
-            },
+            enforced => {
+                let (abi, missing) = match status.landlock {
+                    LandlockStatus::Available { effective_abi, .. } => {
+                        let missing =
+                            AccessFs::from_all(ABI::V9) & !AccessFs::from_all(effective_abi);
+                        let names: Vec<_> =
+                            missing.iter().map(|right| format!("{right:?}")).collect();
+                        (format!("{effective_abi:?}"), names.join(","))
+                    }
+                    other => (format!("{other:?}"), String::new()),
+                };
+                Outcome::Restricted {
+                    full: enforced == RulesetStatus::FullyEnforced,
+                    abi,
+                    missing,
+                    allowed,
+                    skipped,
+                }
+            }
         },
         Err(e) => Outcome::Failed(e.to_string()),
     }
@@ -354,6 +371,8 @@ impl Entered {
             Outcome::TurnedOff => tracing::info!("sandbox off (--no-sandbox)"),
             Outcome::Restricted {
                 full,
+                abi,
+                missing,
                 allowed,
                 skipped,
             } => {
@@ -363,9 +382,9 @@ impl Entered {
                 let read = list(&allowed.read);
                 let sockets = list(&allowed.sockets);
                 if *full {
-                    tracing::info!(%read, %sockets, "sandbox in force: no_new_privs, filesystem read-only beneath these paths, nothing writable");
+                    tracing::info!(%abi, %read, %sockets, "sandbox in force: no_new_privs, filesystem read-only beneath these paths, nothing writable");
                 } else {
-                    tracing::warn!(%read, %sockets, "sandbox in force as far as this kernel's Landlock goes: some restrictions are not available here");
+                    tracing::warn!(%abi, %missing, %read, %sockets, "sandbox in force as far as this kernel's Landlock goes: the rights listed as missing cannot be restricted here");
                 }
             }
             Outcome::NoLandlock { no_new_privs } => tracing::warn!(
