@@ -242,6 +242,8 @@ pub struct Entered {
     long_running: bool,
 }
 
+// Elsewhere than on Linux the sandbox is never in force.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 enum Outcome {
     NotSandboxed,
     TurnedOff,
