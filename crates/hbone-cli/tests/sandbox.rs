@@ -107,6 +107,23 @@ async fn a_sandboxed_server_opens_only_what_it_was_given() {
         spawn_logged_with_env(&unsandboxed, &[(PROBE, outside.as_os_str())]).await;
     log_lines(&log, "sandbox off", 1).await;
     assert_eq!(probe_verdict(&log).await, "opened");
+
+    // So does `no-sandbox = true` at the top of a config file.
+    let config = dir.path().join("hbone.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "admin = \"off\"\nno-sandbox = true\n\n[server]\nidentity-dir = \"{identity}\"\nlisten = \"127.0.0.1:0\"\n"
+        ),
+    )
+    .unwrap();
+    let (_run, _, log) = spawn_logged_with_env(
+        &["run", "--config", config.to_str().unwrap()],
+        &[(PROBE, outside.as_os_str())],
+    )
+    .await;
+    log_lines(&log, "sandbox off", 1).await;
+    assert_eq!(probe_verdict(&log).await, "opened");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -370,7 +370,11 @@ impl Entered {
         };
         match &self.outcome {
             Outcome::NotSandboxed => {}
-            Outcome::TurnedOff => tracing::info!("sandbox off (--no-sandbox)"),
+            Outcome::TurnedOff => {
+                tracing::info!(
+                    "sandbox off (--no-sandbox, or no-sandbox = true in the config file)"
+                )
+            }
             Outcome::Restricted {
                 full,
                 abi,
