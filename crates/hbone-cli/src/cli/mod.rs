@@ -70,7 +70,7 @@ pub(super) struct ServiceArgs {
     /// Run without the sandbox. By default (on Linux) the process sets
     /// no_new_privs and, with Landlock, may only read the directories of
     /// the files it was given (identity, policy, CRLs...) and the system's
-    /// name-resolution files, and write nothing.
+    /// name-resolution files, and write only in --identity-out.
     #[arg(long, help_heading = GLOBAL_OPTIONS)]
     no_sandbox: bool,
 }

@@ -4,7 +4,8 @@
 //! has files to read: the directories of its identity, policy, services,
 //! routes, CRL, SOCKS5 credentials, config, Istio CA root and token files,
 //! and the system's name-resolution files. Nothing can be written, made,
-//! removed or executed anywhere; connecting to a Unix socket is allowed
+//! removed or executed anywhere, except files replaced in the
+//! `--identity-out` directory; connecting to a Unix socket is allowed
 //! only in the directory of the SPIFFE Workload API socket and of systemd's
 //! `NOTIFY_SOCKET` (where the kernel checks that, Landlock ABI 9 and
 //! later). The network is not restricted.
@@ -61,6 +62,8 @@ pub(super) struct Allowed {
     pub(super) read: Vec<PathBuf>,
     /// Directories beneath which Unix sockets may be connected to.
     pub(super) sockets: Vec<PathBuf>,
+    /// Directories whose files may be written and replaced (`--identity-out`).
+    pub(super) write: Vec<PathBuf>,
 }
 
 impl Allowed {
@@ -84,6 +87,12 @@ impl Allowed {
         }
         if let Some(socket) = args.workload_api.as_deref().and_then(unix_socket_path) {
             self.socket_directory_of(&socket);
+        }
+        // Only where it will be written (the start refuses it otherwise).
+        if let Some(dir) = &args.identity_out
+            && (args.istio_ca.is_some() || args.workload_api.is_some())
+        {
+            push_new(&mut self.write, dir.clone());
         }
     }
 
@@ -293,6 +302,18 @@ fn restrict(allowed: Allowed) -> Outcome {
     // SAFETY: prctl with PR_SET_NO_NEW_PRIVS reads its integer arguments only.
     let no_new_privs = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } == 0;
     let mut skipped = Vec::new();
+    // Made now, while it still can be; the write at start would make it.
+    let writable: Vec<&PathBuf> = allowed
+        .write
+        .iter()
+        .filter(|dir| match std::fs::create_dir_all(dir) {
+            Ok(()) => true,
+            Err(e) => {
+                skipped.push(format!("{}: {e}", dir.display()));
+                false
+            }
+        })
+        .collect();
     let mut rules = Vec::new();
     let system: Vec<&Path> = NAME_RESOLUTION
         .iter()
@@ -319,6 +340,17 @@ fn restrict(allowed: Allowed) -> Outcome {
     }
     for path in &allowed.sockets {
         rule(path, AccessFs::ResolveUnix.into());
+    }
+    for dir in &writable {
+        // Each file is written under a temporary name and renamed over the
+        // old one, in the same directory.
+        let replace = AccessFs::ReadFile
+            | AccessFs::ReadDir
+            | AccessFs::WriteFile
+            | AccessFs::Truncate
+            | AccessFs::MakeReg
+            | AccessFs::RemoveFile;
+        rule(dir, replace);
     }
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI::V9))
@@ -387,10 +419,11 @@ impl Entered {
                 }
                 let read = list(&allowed.read);
                 let sockets = list(&allowed.sockets);
+                let write = list(&allowed.write);
                 if *full {
-                    tracing::info!(%abi, %read, %sockets, "sandbox in force: no_new_privs, filesystem read-only beneath these paths, nothing writable");
+                    tracing::info!(%abi, %read, %write, %sockets, "sandbox in force: no_new_privs, filesystem read-only beneath these paths, writable only beneath those under write");
                 } else {
-                    tracing::warn!(%abi, %missing, %read, %sockets, "sandbox in force as far as this kernel's Landlock goes: the rights listed as missing cannot be restricted here");
+                    tracing::warn!(%abi, %missing, %read, %write, %sockets, "sandbox in force as far as this kernel's Landlock goes: the rights listed as missing cannot be restricted here");
                 }
             }
             Outcome::NoLandlock { no_new_privs } => tracing::warn!(
@@ -479,6 +512,7 @@ mod tests {
         ]);
         assert_eq!(allowed.read, [PathBuf::from("/etc/hbone")]);
         assert_eq!(allowed.sockets, [PathBuf::from("/run/spire")]);
+        assert!(allowed.write.is_empty());
         let allowed = allowed_for(&[
             "hbone",
             "forward",
@@ -490,6 +524,8 @@ mod tests {
             "/var/run/secrets/tokens/istio-token",
             "--id",
             "spiffe://td/ns/a/sa/b",
+            "--identity-out",
+            "/run/hbone/identity",
             "--server-id",
             "spiffe://td/s",
             "--listen",
@@ -506,6 +542,7 @@ mod tests {
                 PathBuf::from("/var/run/secrets/tokens")
             ]
         );
+        assert_eq!(allowed.write, [PathBuf::from("/run/hbone/identity")]);
     }
 
     #[test]
