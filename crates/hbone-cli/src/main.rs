@@ -27,10 +27,16 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => e.exit(),
     };
+    // Counted before the sandbox, which hides the cgroup files that say
+    // how many CPUs a container may use.
+    let threads = args.threads().or_else(default_threads);
+    // Before any thread starts, so that every thread is in it.
+    let sandbox = cli::sandbox::enter(&args, file.as_ref());
     let (log_writer, logging) = cli::init_logging(&args);
+    sandbox.report();
     cli::raise_fd_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.threads() {
+    if let Some(threads) = threads {
         builder.worker_threads(threads);
     }
     let runtime = match builder.enable_all().build() {
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    sandbox.probe(&runtime);
     let result = runtime.block_on(cli::run(args, &matches, file.as_ref(), logging));
     // Stop every task first (their last records go to the log buffer), then
     // let the log writer write it all out and finish, so that a fatal error
@@ -56,6 +63,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The runtime's worker threads when `--threads` is not given: what tokio
+/// would choose (`TOKIO_WORKER_THREADS`, else the CPUs this process may
+/// use), or `None` to leave it to tokio.
+fn default_threads() -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    std::thread::available_parallelism().ok().map(usize::from)
 }
 
 /// The error and its causes on one line, each cause once: library errors

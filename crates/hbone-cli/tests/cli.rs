@@ -48,7 +48,16 @@ pub(crate) type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// [`spawn_ready`], keeping every later log line.
 pub(crate) async fn spawn_logged(args: &[&str]) -> (Child, SocketAddr, Log) {
+    spawn_logged_with_env(args, &[]).await
+}
+
+/// [`spawn_logged`] with `env` added to its environment.
+pub(crate) async fn spawn_logged_with_env(
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (Child, SocketAddr, Log) {
     let mut child = hbone(args)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -1508,8 +1517,8 @@ fn help_flags(help: &str, title: &str) -> Vec<String> {
 
 /// `--help` lists a subcommand's own flags first, then, under their own
 /// heading, the flags about the whole process that apply to it: `--admin`
-/// only where something serves until stopped, `--threads` where tunnels
-/// run, the log flags everywhere. Where they do not apply, clap refuses
+/// (and `--no-sandbox`) only where something serves until stopped,
+/// `--threads` where tunnels run, the log flags everywhere. Where they do not apply, clap refuses
 /// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_groups_own_flags_then_the_global_ones_that_apply() {
@@ -1522,7 +1531,7 @@ async fn help_groups_own_flags_then_the_global_ones_that_apply() {
     let global = help_flags(&server, "Global options:");
     assert_eq!(
         global,
-        ["log", "log-format", "threads", "admin"],
+        ["log", "log-format", "threads", "admin", "no-sandbox"],
         "{server}"
     );
     for flag in &global {
@@ -1534,11 +1543,26 @@ async fn help_groups_own_flags_then_the_global_ones_that_apply() {
     );
 
     let cases: [(&[&str], &[&str]); 15] = [
-        (&["server"], &["log", "log-format", "threads", "admin"]),
-        (&["gateway"], &["log", "log-format", "threads", "admin"]),
-        (&["forward"], &["log", "log-format", "threads", "admin"]),
-        (&["socks5"], &["log", "log-format", "threads", "admin"]),
-        (&["run"], &["log", "log-format", "threads", "admin"]),
+        (
+            &["server"],
+            &["log", "log-format", "threads", "admin", "no-sandbox"],
+        ),
+        (
+            &["gateway"],
+            &["log", "log-format", "threads", "admin", "no-sandbox"],
+        ),
+        (
+            &["forward"],
+            &["log", "log-format", "threads", "admin", "no-sandbox"],
+        ),
+        (
+            &["socks5"],
+            &["log", "log-format", "threads", "admin", "no-sandbox"],
+        ),
+        (
+            &["run"],
+            &["log", "log-format", "threads", "admin", "no-sandbox"],
+        ),
         (&["connect"], &["log", "log-format", "threads"]),
         (&["demo"], &["log", "log-format", "threads"]),
         (&["ca", "init"], &["log", "log-format"]),

@@ -17,3 +17,4 @@ mod interop;
 mod netns;
 mod operations;
 mod revocation_cli;
+mod sandbox;

@@ -12,6 +12,7 @@ mod node;
 mod ops;
 mod revocation;
 mod run;
+pub mod sandbox;
 mod systemd;
 mod watch;
 
@@ -67,6 +68,12 @@ pub(super) struct ServiceArgs {
     /// a pod-internal port.
     #[arg(long, value_name = "ADDR|off", value_parser = ops::parse_admin, help_heading = GLOBAL_OPTIONS)]
     admin: Option<ops::AdminSetting>,
+    /// Run without the sandbox. By default (on Linux) the process sets
+    /// no_new_privs and, with Landlock, may only read the directories of
+    /// the files it was given (identity, policy, CRLs...) and the system's
+    /// name-resolution files, and write only in --identity-out.
+    #[arg(long, help_heading = GLOBAL_OPTIONS)]
+    no_sandbox: bool,
 }
 
 /// How log lines are written.
@@ -398,6 +405,19 @@ impl Cli {
 }
 
 impl Command {
+    /// `--threads`, `--admin` and `--no-sandbox`, for the commands that
+    /// serve until stopped.
+    fn service(&self) -> Option<&ServiceArgs> {
+        match self {
+            Command::Server { service, .. }
+            | Command::Forward { service, .. }
+            | Command::Socks5 { service, .. }
+            | Command::Gateway { service, .. }
+            | Command::Run { service, .. } => Some(service),
+            _ => None,
+        }
+    }
+
     /// `--threads`, for the commands that take it.
     fn runtime(&self) -> RuntimeArgs {
         match self {

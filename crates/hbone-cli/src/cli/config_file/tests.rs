@@ -27,7 +27,10 @@ fn args(field: &Field) -> Vec<&str> {
 fn schema_mirrors_the_cli() {
     let schema = Schema::cli();
     let globals: Vec<_> = schema.globals.iter().map(|k| k.name.as_str()).collect();
-    assert_eq!(globals, ["log", "log-format", "threads", "admin"]);
+    assert_eq!(
+        globals,
+        ["log", "log-format", "threads", "admin", "no-sandbox"]
+    );
     let server = schema.section("server").unwrap();
     for name in ["help", "log", "threads", "admin"] {
         assert!(server.key(name).is_none(), "{name} is not a [server] field");
