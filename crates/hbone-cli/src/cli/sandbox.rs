@@ -138,6 +138,8 @@ impl Allowed {
                 }
             }
             Command::Run { args, .. } => self.directory_of(&args.config),
+            // A mesh node runs nft to install and remove its rules.
+            Command::Node { .. } => return None,
             _ => return None,
         }
         Some(())
@@ -234,6 +236,11 @@ pub(super) fn allowed(cli: &Cli, file: Option<&ConfigFile>) -> Option<Allowed> {
             let mut argv = vec![std::ffi::OsString::from("hbone")];
             argv.extend(section.argv());
             if let Ok(parsed) = <Cli as clap::Parser>::try_parse_from(argv) {
+                // A mesh node runs nft (and installs rules at exit too):
+                // the process it shares stays out of the sandbox.
+                if matches!(parsed.command, Command::Node { .. }) {
+                    return None;
+                }
                 allowed.command(&parsed.command);
             }
         }
@@ -465,6 +472,37 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    /// A mesh node runs nft: neither `hbone node` nor a `hbone run` with a
+    /// `[node]` section is sandboxed.
+    #[test]
+    fn a_mesh_node_is_not_sandboxed() {
+        let node = [
+            "hbone",
+            "node",
+            "--identity-dir",
+            "/c",
+            "--mesh",
+            "10.0.2.0/24",
+            "--peer",
+            "10.0.2.0/24=spiffe://td/ns/a/sa/b",
+        ];
+        assert!(allowed(&Cli::try_parse_from(node).unwrap(), None).is_none());
+        let text = "[server]\nidentity-dir = \"/s\"\n\
+                    [node]\nidentity-dir = \"/c\"\nmesh = [\"10.0.2.0/24\"]\n\
+                    peer = [\"10.0.2.0/24=spiffe://td/ns/a/sa/b\"]\n";
+        let file =
+            crate::cli::config_file::parse(text, Path::new("/etc/hbone/hbone.toml")).unwrap();
+        let run =
+            Cli::try_parse_from(["hbone", "run", "--config", "/etc/hbone/hbone.toml"]).unwrap();
+        assert!(allowed(&run, Some(&file)).is_none());
+        let server_only = crate::cli::config_file::parse(
+            "[server]\nidentity-dir = \"/s\"\n",
+            Path::new("/etc/hbone/hbone.toml"),
+        )
+        .unwrap();
+        assert!(allowed(&run, Some(&server_only)).is_some());
+    }
 
     fn allowed_for(args: &[&str]) -> Allowed {
         let cli = Cli::try_parse_from(args).unwrap();
