@@ -350,52 +350,7 @@ impl Server {
             shared: Arc::new(Shared::new(tls, config, local_addr)?),
         })
     }
-}
 
-impl Shared {
-    /// The state every connection of a server listening on `local_addr`
-    /// shares.
-    fn new(
-        tls: tls::ServerTls,
-        config: ServerConfig,
-        local_addr: SocketAddr,
-    ) -> Result<Shared, ServerError> {
-        let policy = PolicyHandle::new(config.policy.with_own_listener(local_addr));
-        // Peers of federated trust domains complete the handshake only when
-        // the policy in force names them.
-        let gate = {
-            let policy = policy.clone();
-            Arc::new(move |peer: &SpiffeId| policy.current().names_identity(peer))
-        };
-        let tls = tls.with_federation_gate(&config.identity, gate)?;
-        Ok(Shared {
-            tls,
-            policy,
-            h2: config.h2,
-            timeouts: config.timeouts,
-            access_log: config.access_log,
-            stats: Arc::default(),
-            telemetry: config.telemetry,
-            local_id: Arc::new(config.identity.id().clone()),
-            local_meta: WorkloadMeta::new(&config.baggage, Some(config.identity.id())),
-            proxy_protocol: config.proxy_protocol,
-            baggage: config
-                .baggage
-                .to_header()
-                .and_then(|b| http::HeaderValue::from_str(&b).ok()),
-            gateway_routes: config.gateway_routes,
-            services: ServicesHandle::new(config.services),
-            control_frames: Rate {
-                frames: config.limits.max_control_frames,
-                window: config.limits.control_frame_window,
-            },
-            gate: Arc::new(Gate::new(config.limits)),
-            draining: tokio::sync::watch::Sender::new(false),
-        })
-    }
-}
-
-impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -478,6 +433,47 @@ impl Drainer {
 }
 
 impl Shared {
+    /// The state every connection of a server listening on `local_addr`
+    /// shares.
+    fn new(
+        tls: tls::ServerTls,
+        config: ServerConfig,
+        local_addr: SocketAddr,
+    ) -> Result<Shared, ServerError> {
+        let policy = PolicyHandle::new(config.policy.with_own_listener(local_addr));
+        // Peers of federated trust domains complete the handshake only when
+        // the policy in force names them.
+        let gate = {
+            let policy = policy.clone();
+            Arc::new(move |peer: &SpiffeId| policy.current().names_identity(peer))
+        };
+        let tls = tls.with_federation_gate(&config.identity, gate)?;
+        Ok(Shared {
+            tls,
+            policy,
+            h2: config.h2,
+            timeouts: config.timeouts,
+            access_log: config.access_log,
+            stats: Arc::default(),
+            telemetry: config.telemetry,
+            local_id: Arc::new(config.identity.id().clone()),
+            local_meta: WorkloadMeta::new(&config.baggage, Some(config.identity.id())),
+            proxy_protocol: config.proxy_protocol,
+            baggage: config
+                .baggage
+                .to_header()
+                .and_then(|b| http::HeaderValue::from_str(&b).ok()),
+            gateway_routes: config.gateway_routes,
+            services: ServicesHandle::new(config.services),
+            control_frames: Rate {
+                frames: config.limits.max_control_frames,
+                window: config.limits.control_frame_window,
+            },
+            gate: Arc::new(Gate::new(config.limits)),
+            draining: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
     /// Serves a new connection if the limits allow; otherwise closes it at
     /// once, before any TLS work is spent on it.
     fn admit(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
