@@ -11,7 +11,9 @@
 //! The policy allows one target, an echo listener on 127.0.0.1 that the
 //! harness starts itself; every other address is denied (403) before any
 //! dial, and service names are unknown (the services table is empty, so
-//! nothing is looked up). Nothing leaves the machine.
+//! nothing is looked up). Nothing leaves the machine. The limits are
+//! small (6 streams, 4 tunnels, 24 control frames per 10 s) so that short
+//! scripts reach them.
 //!
 //! Each input runs on a fresh current-thread runtime with paused time,
 //! bounded by [`BOUND`] of virtual time: a stalled connection is cut off
@@ -25,7 +27,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use hbone::config::H2Settings;
 use hbone::policy::Policy;
+use hbone::server::Limits;
 use hbone::server::fuzzing::PlaintextServer;
 use hbone::{ServerConfig, SpiffeId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +38,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const BOUND: Duration = Duration::from_secs(30);
 /// The address the server is taken to listen on; denied as a target.
 const LISTEN: &str = "127.0.0.1:15008";
+/// The server's limits in the harness.
+const MAX_STREAMS: u32 = 6;
+const MAX_TUNNELS: usize = 4;
+const CONTROL_FRAMES: u32 = 24;
 const PEER: &str = "spiffe://cluster.local/ns/default/sa/client";
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -77,8 +85,17 @@ impl Front {
             .identity()
             .expect("a server identity");
         let rule = format!("127.0.0.1/32:{}", echo.port()).parse().unwrap();
+        // Small limits, so that scripts of a few dozen frames reach them:
+        // the tunnel limit (503), h2's stream limit (REFUSED_STREAM) and
+        // the control-frame budget (GOAWAY with ENHANCE_YOUR_CALM).
         let config = ServerConfig::new(LISTEN.parse().unwrap(), identity)
-            .with_policy(Policy::new(Vec::new(), vec![rule]));
+            .with_policy(Policy::new(Vec::new(), vec![rule]))
+            .with_h2(H2Settings::server().with_max_concurrent_streams(MAX_STREAMS))
+            .with_limits(
+                Limits::default()
+                    .with_max_tunnels(MAX_TUNNELS)
+                    .with_max_control_frames(CONTROL_FRAMES, Duration::from_secs(10)),
+            );
         Front {
             server: PlaintextServer::new(config).expect("a server"),
             echo,

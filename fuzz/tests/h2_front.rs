@@ -11,6 +11,8 @@ use hbone_fuzz::h2_front::{Authority, Field, Front, Op, Stream, encode, frames, 
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const GOAWAY: u8 = 0x7;
 const END_STREAM: u8 = 0x1;
 
 fn connect(stream: u8, authority: Authority) -> Op {
@@ -183,6 +185,18 @@ fn seeds() -> Vec<(&'static str, Vec<Op>)> {
                 },
             ],
         ),
+        (
+            "limits",
+            (0..7)
+                .map(|n| connect(n, Authority::Echo))
+                .chain([Op::Wait(1)])
+                .chain((0..30).map(|n| Op::Ping {
+                    flags: 0,
+                    data: [n; 8],
+                }))
+                .chain([Op::Wait(1)])
+                .collect(),
+        ),
     ]
 }
 
@@ -272,4 +286,32 @@ fn the_other_seeds_run() {
             );
         }
     }
+}
+
+#[test]
+fn the_harness_limits_are_reached() {
+    let front = Front::new();
+    let script = seeds()
+        .into_iter()
+        .find(|(name, _)| *name == "limits")
+        .unwrap()
+        .1;
+    let output = front.run(&script);
+    hbone_fuzz::h2_front::check_output(&output);
+    let stats = front.server.stats().snapshot();
+    // Six streams at once: four tunnels, two refused at the tunnel limit;
+    // the seventh stream is refused by h2 itself.
+    assert_eq!(
+        (stats.tunnels_opened, stats.limit_refusals - 1),
+        (4, 2),
+        "{stats:?}"
+    );
+    assert_eq!(stats.control_frame_floods, 1, "{stats:?}");
+    let frames = frames(&output);
+    assert!(
+        frames.iter().any(|f| f.0 == RST_STREAM && f.2 == 13),
+        "{frames:?}"
+    );
+    let goaway = frames.iter().find(|f| f.0 == GOAWAY).expect("a GOAWAY");
+    assert_eq!(goaway.3[4..8], [0, 0, 0, 0xb], "ENHANCE_YOUR_CALM");
 }
