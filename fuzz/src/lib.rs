@@ -17,6 +17,9 @@ use hbone::headers::{Baggage, ForwardedFor, TraceParent, forwarded_for, parse_fo
 use hbone::policy::{IdPattern, IpNet, TargetRule};
 use hbone::proxy_protocol;
 
+pub mod h2_front;
+pub use h2_front::h2_front;
+
 /// The gateway's default HBONE port for endpoints written without one.
 const HBONE_PORT: u16 = 15008;
 

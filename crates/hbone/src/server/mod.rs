@@ -13,6 +13,8 @@
 
 mod connect;
 mod frame_guard;
+#[doc(hidden)]
+pub mod fuzzing;
 mod limits;
 mod refusal;
 mod stats;
@@ -25,6 +27,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -341,41 +344,10 @@ impl Server {
         config: ServerConfig,
     ) -> Result<Server, ServerError> {
         let local_addr = listener.local_addr().map_err(ServerError::Listener)?;
-        let policy = PolicyHandle::new(config.policy.with_own_listener(local_addr));
-        // Peers of federated trust domains complete the handshake only when
-        // the policy in force names them.
-        let gate = {
-            let policy = policy.clone();
-            Arc::new(move |peer: &SpiffeId| policy.current().names_identity(peer))
-        };
-        let tls = tls.with_federation_gate(&config.identity, gate)?;
         Ok(Server {
             listener,
             local_addr,
-            shared: Arc::new(Shared {
-                tls,
-                policy,
-                h2: config.h2,
-                timeouts: config.timeouts,
-                access_log: config.access_log,
-                stats: Arc::default(),
-                telemetry: config.telemetry,
-                local_id: Arc::new(config.identity.id().clone()),
-                local_meta: WorkloadMeta::new(&config.baggage, Some(config.identity.id())),
-                proxy_protocol: config.proxy_protocol,
-                baggage: config
-                    .baggage
-                    .to_header()
-                    .and_then(|b| http::HeaderValue::from_str(&b).ok()),
-                gateway_routes: config.gateway_routes,
-                services: ServicesHandle::new(config.services),
-                control_frames: Rate {
-                    frames: config.limits.max_control_frames,
-                    window: config.limits.control_frame_window,
-                },
-                gate: Arc::new(Gate::new(config.limits)),
-                draining: tokio::sync::watch::Sender::new(false),
-            }),
+            shared: Arc::new(Shared::new(tls, config, local_addr)?),
         })
     }
 
@@ -461,6 +433,47 @@ impl Drainer {
 }
 
 impl Shared {
+    /// The state every connection of a server listening on `local_addr`
+    /// shares.
+    fn new(
+        tls: tls::ServerTls,
+        config: ServerConfig,
+        local_addr: SocketAddr,
+    ) -> Result<Shared, ServerError> {
+        let policy = PolicyHandle::new(config.policy.with_own_listener(local_addr));
+        // Peers of federated trust domains complete the handshake only when
+        // the policy in force names them.
+        let gate = {
+            let policy = policy.clone();
+            Arc::new(move |peer: &SpiffeId| policy.current().names_identity(peer))
+        };
+        let tls = tls.with_federation_gate(&config.identity, gate)?;
+        Ok(Shared {
+            tls,
+            policy,
+            h2: config.h2,
+            timeouts: config.timeouts,
+            access_log: config.access_log,
+            stats: Arc::default(),
+            telemetry: config.telemetry,
+            local_id: Arc::new(config.identity.id().clone()),
+            local_meta: WorkloadMeta::new(&config.baggage, Some(config.identity.id())),
+            proxy_protocol: config.proxy_protocol,
+            baggage: config
+                .baggage
+                .to_header()
+                .and_then(|b| http::HeaderValue::from_str(&b).ok()),
+            gateway_routes: config.gateway_routes,
+            services: ServicesHandle::new(config.services),
+            control_frames: Rate {
+                frames: config.limits.max_control_frames,
+                window: config.limits.control_frame_window,
+            },
+            gate: Arc::new(Gate::new(config.limits)),
+            draining: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
     /// Serves a new connection if the limits allow; otherwise closes it at
     /// once, before any TLS work is spent on it.
     fn admit(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
@@ -509,7 +522,7 @@ impl Shared {
                 handshake_started.elapsed(),
             );
         }
-        let (mut connection, peer_id) = match handshake {
+        let (connection, peer_id) = match handshake {
             Ok(connection) => connection,
             Err(reason) => {
                 self.stats.handshake_failures.fetch_add(1, Ordering::AcqRel);
@@ -531,6 +544,22 @@ impl Shared {
                 return;
             }
         };
+        self.clone()
+            .serve_h2(connection, peer_addr, arrived_on, peer_id, tripwire)
+            .await;
+    }
+
+    /// Serves the streams of an HTTP/2 connection whose peer is `peer_id`
+    /// (its handshakes done), until it ends.
+    async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin>(
+        self: Arc<Self>,
+        mut connection: h2::server::Connection<FrameGuard<S>, Bytes>,
+        peer_addr: SocketAddr,
+        arrived_on: std::net::IpAddr,
+        peer_id: SpiffeId,
+        tripwire: Arc<Tripwire>,
+    ) {
+        let metrics = self.telemetry.metrics.as_deref();
         // One copy per connection, shared by its tunnels' records.
         let peer_id = Arc::new(peer_id);
         // Resolved on the connection's first tunnel: they depend on the
@@ -668,13 +697,24 @@ impl Shared {
             .and_then(|cert| {
                 spiffe_id_of(cert).map_err(|_| "client certificate has no SPIFFE ID")
             })?;
-        let guarded = FrameGuard::new(tls_stream, self.control_frames, tripwire);
-        let connection = timeout(limit, self.h2.server_builder().handshake(guarded))
-            .await
-            .map_err(|_| format!("HTTP/2 preface timed out after {limit:?}"))?
-            .map_err(|e| format!("HTTP/2: {e}"))?;
+        let connection = self.h2_handshake(tls_stream, tripwire).await?;
         tracing::debug!(%peer_addr, %peer_id, "HBONE connection accepted");
         Ok((connection, peer_id))
+    }
+
+    /// The HTTP/2 handshake over `io` (decrypted), under the control-frame
+    /// guard, bounded by the handshake timeout.
+    async fn h2_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: S,
+        tripwire: Arc<Tripwire>,
+    ) -> Result<h2::server::Connection<FrameGuard<S>, Bytes>, String> {
+        let limit = self.timeouts.handshake;
+        let guarded = FrameGuard::new(io, self.control_frames, tripwire);
+        timeout(limit, self.h2.server_builder().handshake(guarded))
+            .await
+            .map_err(|_| format!("HTTP/2 preface timed out after {limit:?}"))?
+            .map_err(|e| format!("HTTP/2: {e}"))
     }
 }
 
