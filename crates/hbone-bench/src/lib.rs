@@ -64,6 +64,7 @@ use hbone::config::parse_duration;
   hbone bench                              # 3 runs of 5 s per workload, 10,000 idle tunnels
   hbone bench --quick                      # smoke test: 1 short run of everything
   hbone bench --runs 5 --write BENCHMARKS.md
+  hbone bench --only isolation             # one workload, e.g. while tuning it
 
 Build with --release for figures worth keeping, and run on a quiet machine: the apps,
 the server, the entries and the load generator all share its cores. Everything listens
@@ -110,6 +111,30 @@ pub struct BenchArgs {
     /// command and how much the runs varied.
     #[arg(long, value_name = "FILE")]
     write: Option<PathBuf>,
+    /// Run only these workloads (repeat the flag or separate with commas);
+    /// the others' figures and targets are reported as missing. [default:
+    /// all]
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "WORKLOAD")]
+    only: Vec<Part>,
+}
+
+/// The bench's workloads, for `--only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Part {
+    /// Bulk throughput, 1 and 8 streams.
+    Bulk,
+    /// 1 KiB request/response.
+    ReqResp,
+    /// A new connection and a 1-byte echo per tunnel.
+    Connections,
+    /// A full mTLS and HTTP/2 handshake per tunnel (no pool).
+    Handshakes,
+    /// Double HBONE through a gateway.
+    Gateway,
+    /// Request/response beside bulk streams on one connection.
+    Isolation,
+    /// Memory per idle tunnel.
+    Idle,
 }
 
 /// The processes the bench starts of itself; not for people.
@@ -152,11 +177,18 @@ pub struct Options {
     /// Server and entries run their admin endpoint.
     pub admin: bool,
     pub write: Option<PathBuf>,
+    /// The workloads to run; empty: all of them.
+    pub only: Vec<Part>,
     /// The command line, as typed, for the report.
     pub command: String,
 }
 
 impl Options {
+    /// Whether `part` is among the workloads to run.
+    pub fn runs_part(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+
     /// How the server, gateway and entry processes are started.
     pub fn child_flags(&self) -> stack::ChildFlags {
         stack::ChildFlags {
@@ -182,6 +214,7 @@ impl BenchArgs {
             tunnel_log: self.tunnel_log,
             admin: !self.no_admin,
             write: self.write,
+            only: self.only,
             command: machine::command_line(),
         }
     }

@@ -27,7 +27,7 @@ use super::stack::{
 };
 use super::targets;
 use super::wire::Fields;
-use super::{EntryKind, Options, machine};
+use super::{EntryKind, Options, Part, machine};
 
 /// How a run reaches the app, for progress and error messages.
 const DIRECT: &str = "direct";
@@ -77,14 +77,28 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         logged: Vec::new(),
         started,
     };
-    bench.bulk(1, Metric::Bulk1)?;
-    bench.bulk(8, Metric::Bulk8)?;
-    bench.req_resp()?;
-    bench.connections()?;
-    bench.handshakes()?;
-    bench.gateway()?;
-    bench.isolation()?;
-    bench.idle()?;
+    if options.runs_part(Part::Bulk) {
+        bench.bulk(1, Metric::Bulk1)?;
+        bench.bulk(8, Metric::Bulk8)?;
+    }
+    if options.runs_part(Part::ReqResp) {
+        bench.req_resp()?;
+    }
+    if options.runs_part(Part::Connections) {
+        bench.connections()?;
+    }
+    if options.runs_part(Part::Handshakes) {
+        bench.handshakes()?;
+    }
+    if options.runs_part(Part::Gateway) {
+        bench.gateway()?;
+    }
+    if options.runs_part(Part::Isolation) {
+        bench.isolation()?;
+    }
+    if options.runs_part(Part::Idle) {
+        bench.idle()?;
+    }
     let mut logged = std::mem::take(&mut bench.logged);
     let mut watched = vec![&bench.apps.proc];
     watched.extend(&bench.split.procs);
