@@ -18,7 +18,7 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::window::Probe;
+use crate::window::{Probe, StreamProbe};
 
 /// Largest chunk handed to h2 in one write; matches the 1 MiB frame size.
 const MAX_WRITE: usize = 1 << 20;
@@ -32,8 +32,9 @@ pub struct H2Stream {
     write_closed: bool,
     /// The peer ended the stream with RST_STREAM NO_ERROR or CANCEL.
     cancelled: bool,
-    /// Where the connection's window sizing learns what arrived.
-    probe: Option<Arc<Probe>>,
+    /// Where the connection's window sizing learns what arrived, and
+    /// that this stream is open.
+    probe: Option<StreamProbe>,
 }
 
 impl H2Stream {
@@ -51,7 +52,7 @@ impl H2Stream {
 
     /// Reports the bytes received to the connection's window sizing.
     pub(crate) fn with_probe(mut self, probe: Option<Arc<Probe>>) -> Self {
-        self.probe = probe;
+        self.probe = probe.map(StreamProbe::new);
         self
     }
 
