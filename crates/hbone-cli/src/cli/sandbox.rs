@@ -269,6 +269,11 @@ enum Outcome {
         /// The kernel's Landlock ABI, and the rights it cannot restrict.
         abi: String,
         missing: String,
+        /// Whether reading, writing, linking or truncating files is among
+        /// the missing rights (Landlock's first three ABIs), rather than
+        /// only later refinements such as device ioctls or connecting to
+        /// Unix sockets.
+        core_missing: bool,
         allowed: Allowed,
         skipped: Vec<String>,
     },
@@ -370,20 +375,22 @@ fn restrict(allowed: Allowed) -> Outcome {
         Ok(status) => match status.ruleset {
             RulesetStatus::NotEnforced => Outcome::NoLandlock { no_new_privs },
             enforced => {
-                let (abi, missing) = match status.landlock {
+                let (abi, missing, core_missing) = match status.landlock {
                     LandlockStatus::Available { effective_abi, .. } => {
                         let missing =
                             AccessFs::from_all(ABI::V9) & !AccessFs::from_all(effective_abi);
                         let names: Vec<_> =
                             missing.iter().map(|right| format!("{right:?}")).collect();
-                        (format!("{effective_abi:?}"), names.join(","))
+                        let core = !(missing & AccessFs::from_all(ABI::V3)).is_empty();
+                        (format!("{effective_abi:?}"), names.join(","), core)
                     }
-                    other => (format!("{other:?}"), String::new()),
+                    other => (format!("{other:?}"), String::new(), true),
                 };
                 Outcome::Restricted {
                     full: enforced == RulesetStatus::FullyEnforced,
                     abi,
                     missing,
+                    core_missing,
                     allowed,
                     skipped,
                 }
@@ -418,6 +425,7 @@ impl Entered {
                 full,
                 abi,
                 missing,
+                core_missing,
                 allowed,
                 skipped,
             } => {
@@ -429,8 +437,12 @@ impl Entered {
                 let write = list(&allowed.write);
                 if *full {
                     tracing::info!(%abi, %read, %write, %sockets, "sandbox in force: no_new_privs, filesystem read-only beneath these paths, writable only beneath those under write");
-                } else {
+                } else if *core_missing {
                     tracing::warn!(%abi, %missing, %read, %write, %sockets, "sandbox in force as far as this kernel's Landlock goes: the rights listed as missing cannot be restricted here");
+                } else {
+                    // Every start on an older kernel: a warning here would
+                    // teach operators to ignore warnings.
+                    tracing::info!(%abi, %missing, %read, %write, %sockets, "sandbox in force: no_new_privs, files restricted as listed; this kernel's Landlock cannot restrict the rights listed as missing");
                 }
             }
             Outcome::NoLandlock { no_new_privs } => tracing::warn!(
