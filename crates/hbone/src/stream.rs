@@ -101,7 +101,7 @@ impl H2Stream {
                 // An empty DATA frame (as END_STREAM often comes) is no chunk.
                 Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
-                    if let Some(probe) = &mut self.probe {
+                    if let Some(probe) = &self.probe {
                         probe.record(data.len());
                     }
                     Poll::Ready(Ok(Some(data)))

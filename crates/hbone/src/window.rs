@@ -74,35 +74,6 @@ const QUEUE_FREE_SLACK_ALONE: Duration = Duration::from_micros(500);
 /// gives 0.6-0.75 ms; bulk beside it keeps over 90 % of its throughput.
 const QUEUE_FREE_SLACK_SHARED: Duration = Duration::from_micros(150);
 
-/// While more than 8 streams send at once, a halved stream window may go
-/// below [`MIN_STREAM_WINDOW`], down to this share of their data in
-/// flight per sender: 16 senders at 64 KiB each would queue 1 MiB ahead
-/// of a small request, about 2 ms on a busy 2-core node. With 8 or fewer
-/// the floor stays 64 KiB: windows below it cost a bulk tunnel many more
-/// syscalls per byte (16 KiB windows doubled them for 8 bulk streams).
-const SHARED_IN_FLIGHT: u32 = 512 << 10;
-/// The smallest stream window a queue shrinks to, however many send.
-const MIN_SHRUNK_WINDOW: u32 = 16 << 10;
-
-/// How many tunnels use a connection, for one round trip's sample.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Sharing {
-    /// Streams open on the connection: each may send a request at any
-    /// time, and wait behind a queue.
-    pub open: usize,
-    /// Streams that received data since the last sample: the senders
-    /// whose windows add up to the data in flight.
-    pub sending: usize,
-}
-
-impl Sharing {
-    /// The smallest stream window a queue shrinks the window to.
-    fn floor(self) -> u32 {
-        let senders = u32::try_from(self.sending.max(1)).unwrap_or(u32::MAX);
-        (SHARED_IN_FLIGHT / senders).clamp(MIN_SHRUNK_WINDOW, MIN_STREAM_WINDOW)
-    }
-}
-
 /// The windows granted to the peer: per stream, and for the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Windows {
@@ -183,15 +154,14 @@ impl Estimator {
     /// they add up to at least half a stream window (h2 returns window in
     /// halves, so a peer held back by it may show no more) and it took at
     /// most [`QUEUE_FREE_RTT`] times the shortest seen, or the slack more
-    /// ([`QUEUE_FREE_SLACK_SHARED`] when the connection carries more than
-    /// one tunnel; [`QUEUE_FREE_SLACK_ALONE`] otherwise). Behind a queue
-    /// the window halves down to [`Sharing::floor`].
+    /// ([`QUEUE_FREE_SLACK_SHARED`] when `shared`: the connection carries
+    /// more than one tunnel; [`QUEUE_FREE_SLACK_ALONE`] otherwise).
     pub(crate) fn sample(
         &mut self,
         rtt: Duration,
         woke: u64,
         during: u64,
-        sharing: Sharing,
+        shared: bool,
     ) -> Option<Windows> {
         if rtt.is_zero() {
             return None;
@@ -201,7 +171,7 @@ impl Estimator {
             .insert(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
         let stream = self.windows.stream;
         self.filled = woke + during >= u64::from(stream / 2);
-        let slack = if sharing.open > 1 {
+        let slack = if shared {
             QUEUE_FREE_SLACK_SHARED
         } else {
             QUEUE_FREE_SLACK_ALONE
@@ -214,12 +184,11 @@ impl Estimator {
         if !unqueued {
             self.streak = 0;
             self.queued += 1;
-            let floor = sharing.floor();
-            if self.queued < SHRINK_STREAK || stream <= floor {
+            if self.queued < SHRINK_STREAK || stream <= MIN_STREAM_WINDOW {
                 return None;
             }
             self.queued = 0;
-            return Some(self.set_stream((stream / 2).max(floor)));
+            return Some(self.set_stream((stream / 2).max(MIN_STREAM_WINDOW)));
         }
         self.queued = 0;
         self.streak += 1;
@@ -252,57 +221,35 @@ pub(crate) struct Probe {
     data: Notify,
     /// Streams of the connection that report here ([`StreamProbe`]s).
     streams: AtomicUsize,
-    /// Which sample is being counted, and the streams that received data
-    /// in it so far.
-    sample: AtomicU64,
-    sending: AtomicUsize,
 }
 
 /// One stream's handle on its connection's [`Probe`]: counted while it
-/// lives, and as a sender in each sample it received data in, so the
-/// sizing knows whether a queue delays other tunnels and how many fill it.
+/// lives, so the sizing knows whether a queue delays other tunnels.
 #[derive(Debug)]
-pub(crate) struct StreamProbe {
-    probe: Arc<Probe>,
-    /// The last sample this stream was counted as a sender in.
-    counted_in: u64,
-}
+pub(crate) struct StreamProbe(Arc<Probe>);
 
 impl StreamProbe {
     pub(crate) fn new(probe: Arc<Probe>) -> Self {
         probe.streams.fetch_add(1, Ordering::Relaxed);
-        StreamProbe {
-            probe,
-            counted_in: u64::MAX,
-        }
+        StreamProbe(probe)
     }
 
     /// `bytes` of DATA arrived on this stream.
-    pub(crate) fn record(&mut self, bytes: usize) {
-        let sample = self.probe.sample.load(Ordering::Relaxed);
-        if self.counted_in != sample {
-            self.counted_in = sample;
-            self.probe.sending.fetch_add(1, Ordering::Relaxed);
-        }
-        self.probe.record(bytes);
+    pub(crate) fn record(&self, bytes: usize) {
+        self.0.record(bytes);
     }
 }
 
 impl Drop for StreamProbe {
     fn drop(&mut self) {
-        self.probe.streams.fetch_sub(1, Ordering::Relaxed);
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Probe {
-    /// How the connection was shared since the last call, which starts
-    /// the next sample's count of senders.
-    fn sharing(&self) -> Sharing {
-        self.sample.fetch_add(1, Ordering::Relaxed);
-        Sharing {
-            open: self.streams.load(Ordering::Relaxed),
-            sending: self.sending.swap(0, Ordering::Relaxed),
-        }
+    /// Whether more than one stream of the connection is open.
+    fn shared(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) > 1
     }
 
     /// `bytes` of DATA arrived on one of the connection's streams.
@@ -390,7 +337,7 @@ pub(crate) async fn ping(
             continue;
         };
         let (rtt, woke, during) = (sent.elapsed(), at_ping - before, probe.received() - at_ping);
-        let grown = estimator.sample(rtt, woke, during, probe.sharing());
+        let grown = estimator.sample(rtt, woke, during, probe.shared());
         tracing::trace!(
             ?rtt,
             woke,
@@ -425,7 +372,7 @@ mod tests {
     /// Feeds `n` identical round trips; returns the last answer.
     fn feed(e: &mut Estimator, n: u32, rtt: Duration, woke: u64, during: u64) -> Option<Windows> {
         (0..n)
-            .map(|_| e.sample(rtt, woke, during, ALONE))
+            .map(|_| e.sample(rtt, woke, during, false))
             .last()
             .flatten()
     }
@@ -443,7 +390,7 @@ mod tests {
                 None
             );
             let grown = e
-                .sample(rtt, u64::from(stream / 2), 0, ALONE)
+                .sample(rtt, u64::from(stream / 2), 0, false)
                 .expect("doubled");
             assert_eq!(grown.stream, 2 * stream);
             assert_eq!(
@@ -464,7 +411,7 @@ mod tests {
     #[test]
     fn a_busy_node_with_a_queue_keeps_its_window() {
         let mut e = estimator();
-        e.sample(Duration::from_micros(100), 0, 1_000, ALONE);
+        e.sample(Duration::from_micros(100), 0, 1_000, false);
         // Megabytes consumed per round trip, but behind a queue that
         // stretches it ten times and more.
         for queued in [10, 20, 40] {
@@ -478,10 +425,10 @@ mod tests {
         // An empty queue now and then is not a streak.
         for _ in 0..20 {
             assert_eq!(
-                e.sample(Duration::from_micros(110), 1 << 20, 0, ALONE),
+                e.sample(Duration::from_micros(110), 1 << 20, 0, false),
                 None
             );
-            assert_eq!(e.sample(Duration::from_millis(2), 1 << 20, 0, ALONE), None);
+            assert_eq!(e.sample(Duration::from_millis(2), 1 << 20, 0, false), None);
         }
         assert_eq!(e.windows().stream, MIN_STREAM_WINDOW);
     }
@@ -489,7 +436,7 @@ mod tests {
     #[test]
     fn on_a_short_path_jitter_under_the_slack_is_no_queue() {
         let mut e = estimator();
-        e.sample(Duration::from_micros(40), 0, 100, ALONE);
+        e.sample(Duration::from_micros(40), 0, 100, false);
         // Six times the shortest round trip, but within the slack.
         let rtt = Duration::from_micros(240);
         let grown = feed(&mut e, GROWTH_STREAK, rtt, 65_535, 0).expect("doubled");
@@ -511,7 +458,7 @@ mod tests {
         // Behind a queue: ten times the round trip.
         let long = Duration::from_millis(10);
         assert_eq!(feed(&mut e, SHRINK_STREAK - 1, long, 1 << 20, 0), None);
-        let halved = e.sample(long, 1 << 20, 0, ALONE).expect("halved");
+        let halved = e.sample(long, 1 << 20, 0, false).expect("halved");
         assert_eq!(halved.stream, 4 * MIN_STREAM_WINDOW);
         assert_eq!(halved.connection, peak, "the connection's window stays");
         feed(&mut e, 4 * SHRINK_STREAK, long, 1 << 20, 0);
@@ -530,104 +477,35 @@ mod tests {
         // carries one tunnel, a queue where others wait behind it.
         let queued = Duration::from_micros(350);
         let mut alone = estimator();
-        alone.sample(short, 0, 100, ALONE);
+        alone.sample(short, 0, 100, false);
         feed(&mut alone, GROWTH_STREAK, short, 1 << 20, 0).expect("doubled");
         let grown = feed(&mut alone, GROWTH_STREAK, queued, 1 << 20, 0).expect("no queue");
         assert_eq!(grown.stream, 4 * MIN_STREAM_WINDOW);
 
         let mut shared = estimator();
-        shared.sample(short, 0, 100, TWO);
+        shared.sample(short, 0, 100, true);
         feed(&mut shared, GROWTH_STREAK, short, 1 << 20, 0).expect("doubled");
         let halved = (0..SHRINK_STREAK)
-            .map(|_| shared.sample(queued, 1 << 20, 0, TWO))
+            .map(|_| shared.sample(queued, 1 << 20, 0, true))
             .last()
             .flatten()
             .expect("halved");
         assert_eq!(halved.stream, MIN_STREAM_WINDOW);
     }
 
-    /// One stream, sending.
-    const ALONE: Sharing = Sharing {
-        open: 1,
-        sending: 1,
-    };
-
-    /// Two streams open, both sending.
-    const TWO: Sharing = Sharing {
-        open: 2,
-        sending: 2,
-    };
-
     #[test]
-    fn the_probe_counts_open_streams_and_each_sample_s_senders() {
+    fn the_probe_counts_the_streams_that_hold_it() {
         let probe = Arc::new(Probe::default());
-        let mut first = StreamProbe::new(probe.clone());
-        let mut second = StreamProbe::new(probe.clone());
-        let _idle = StreamProbe::new(probe.clone());
-        first.record(7);
-        first.record(7);
-        second.record(1);
-        let sharing = probe.sharing();
-        assert_eq!(
-            sharing,
-            Sharing {
-                open: 3,
-                sending: 2
-            }
-        );
-        second.record(1);
+        let first = StreamProbe::new(probe.clone());
+        assert!(!probe.shared());
+        let second = StreamProbe::new(probe.clone());
+        assert!(probe.shared());
+        second.record(7);
         drop(first);
-        assert_eq!(
-            probe.sharing(),
-            Sharing {
-                open: 2,
-                sending: 1
-            }
-        );
-        assert_eq!(
-            probe.sharing(),
-            Sharing {
-                open: 2,
-                sending: 0
-            }
-        );
-        assert_eq!(probe.received(), 16);
-    }
-
-    #[test]
-    fn many_senders_shrink_below_the_first_window_down_to_a_floor() {
-        let mut e = estimator();
-        let short = Duration::from_micros(50);
-        let queued = Duration::from_millis(2);
-        e.sample(short, 0, 100, TWO);
-        let eight = Sharing {
-            open: 9,
-            sending: 8,
-        };
-        feed_shared(&mut e, 10 * SHRINK_STREAK, queued, eight);
-        assert_eq!(e.windows().stream, MIN_STREAM_WINDOW, "8 senders: 64 KiB");
-        let sixteen = Sharing {
-            open: 17,
-            sending: 16,
-        };
-        feed_shared(&mut e, 10 * SHRINK_STREAK, queued, sixteen);
-        assert_eq!(
-            e.windows().stream,
-            32 << 10,
-            "16 senders: 512 KiB in flight"
-        );
-        let hundred = Sharing {
-            open: 100,
-            sending: 100,
-        };
-        feed_shared(&mut e, 10 * SHRINK_STREAK, queued, hundred);
-        assert_eq!(e.windows().stream, MIN_SHRUNK_WINDOW);
-    }
-
-    fn feed_shared(e: &mut Estimator, n: u32, rtt: Duration, sharing: Sharing) {
-        for _ in 0..n {
-            e.sample(rtt, 1 << 20, 0, sharing);
-        }
+        assert!(!probe.shared());
+        assert_eq!(probe.received(), 7);
+        drop(second);
+        assert_eq!(probe.streams.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -646,7 +524,7 @@ mod tests {
         let top = feed(&mut e, GROWTH_STREAK, rtt, 1 << 20, 0).unwrap();
         assert_eq!(top.stream, 100_000);
         assert_eq!(feed(&mut e, 10, rtt, 1 << 20, 0), None);
-        assert_eq!(e.sample(Duration::ZERO, 1 << 20, 0, ALONE), None);
+        assert_eq!(e.sample(Duration::ZERO, 1 << 20, 0, false), None);
     }
 
     #[tokio::test]
