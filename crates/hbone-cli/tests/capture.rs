@@ -7,37 +7,11 @@
 use std::collections::HashMap;
 use std::process::Command;
 
+use crate::host_tools::{require, root_or_skip};
+
 const BIN: &str = env!("CARGO_BIN_EXE_hbone");
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
-
-fn require(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "tests/capture.rs needs `{tool}`; run `bash scripts/install-test-deps.sh` as root"
-    );
-}
-
-/// As tests/netns.rs: without root a developer's run skips with a visible
-/// line; in CI (`CI` set) a missing root fails loudly.
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root (network namespaces, nftables), and CI must run it"
-    );
-    eprintln!(
-        "SKIPPED {test}: needs root (network namespaces, nftables); run as root or with CI set"
-    );
-    false
-}
 
 fn hbone(args: &[&str]) {
     let out = Command::new(BIN).args(args).output().unwrap();
@@ -50,11 +24,14 @@ fn hbone(args: &[&str]) {
 
 #[test]
 fn captured_connection_reaches_the_peer_only_through_hbone() {
-    if !root_or_skip("captured_connection_reaches_the_peer_only_through_hbone") {
+    if !root_or_skip(
+        "captured_connection_reaches_the_peer_only_through_hbone",
+        "network namespaces, nftables",
+    ) {
         return;
     }
     for tool in ["ip", "nft", "python3", "timeout", "curl"] {
-        require(tool);
+        require(tool, "tests/capture.rs");
     }
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
@@ -261,11 +238,14 @@ fn node_names_bad_settings() {
 /// reach this machine's.
 #[test]
 fn node_without_cap_net_admin_says_so() {
-    if !root_or_skip("node_without_cap_net_admin_says_so") {
+    if !root_or_skip(
+        "node_without_cap_net_admin_says_so",
+        "network namespaces, nftables",
+    ) {
         return;
     }
     for tool in ["unshare", "setpriv", "nft"] {
-        require(tool);
+        require(tool, "tests/capture.rs");
     }
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();

@@ -12,6 +12,7 @@ mod config;
 mod deploy;
 mod entry_access;
 mod entry_rotation;
+mod host_tools;
 mod identity_sources;
 mod interop;
 mod netns;

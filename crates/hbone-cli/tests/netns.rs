@@ -5,44 +5,20 @@
 
 use std::process::Command;
 
+use crate::host_tools::{require, root_or_skip};
+
 const BIN: &str = env!("CARGO_BIN_EXE_hbone");
-
-fn require(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "tests/netns.rs needs `{tool}`; run `bash scripts/install-test-deps.sh` as root"
-    );
-}
-
-/// Whether this process may create network namespaces. Without root, a
-/// developer's run skips these tests with a visible line; in CI (`CI` set,
-/// as `.ci/run` does) they must run, so a missing root fails loudly.
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root (network namespaces, iptables), and CI must run it"
-    );
-    eprintln!(
-        "SKIPPED {test}: needs root (network namespaces, iptables); run as root or with CI set"
-    );
-    false
-}
 
 #[test]
 fn black_holed_server_is_detected_by_keepalive() {
-    if !root_or_skip("black_holed_server_is_detected_by_keepalive") {
+    if !root_or_skip(
+        "black_holed_server_is_detected_by_keepalive",
+        "network namespaces, iptables",
+    ) {
         return;
     }
     for tool in ["unshare", "ip", "iptables"] {
-        require(tool);
+        require(tool, "tests/netns.rs");
     }
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
