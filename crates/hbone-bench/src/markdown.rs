@@ -233,11 +233,14 @@ fn variation(doc: &Document) -> String {
 /// What the isolation table shows, before it.
 const ISOLATION_INTRO: &str = "\
 A 1 KiB request/response tunnel alone and beside bulk streams that go through the same entry and \
-the same server, so that they share one pooled HTTP/2 connection, as every tunnel between two \
-nodes does; and what the bulk streams keep of their aggregate throughput beside it. The entry is \
-one `hbone socks5` (a forward entry pools per target, so it would give each kind of tunnel a \
-connection of its own) and a server, both started for this workload alone, whatever `--entry` \
-says. \
+the same server, as tunnels between two nodes do; and what the bulk streams keep of their \
+aggregate throughput beside it. The entry is one `hbone socks5` (a forward entry pools per \
+target, so it would give each kind of tunnel a connection of its own) and a server, both started \
+for this workload alone, whatever `--entry` says. The bulk streams start first and share one \
+pooled HTTP/2 connection; the request/response tunnel opens a moment later and, since that \
+connection then carries bulk, gets a connection of its own from the pool (README, \"Interactive \
+tunnels stay fast beside bulk ones\"): the figures are those of an interactive tunnel opened \
+during a transfer. \
 Direct: the same load generators straight to the echo app and the sink.\n\n";
 
 /// How the per-unit figures are counted.

@@ -23,6 +23,11 @@ use crate::identity::SpiffeId;
 use crate::tls::TlsFailure;
 use crate::window::Probe;
 
+mod bulk;
+#[cfg(all(test, feature = "ca"))]
+pub(crate) use bulk::BULK_BYTES;
+pub(crate) use bulk::{BulkMark, BulkSpan};
+
 /// Identifies connections that may be shared.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum PoolKey {
@@ -247,6 +252,16 @@ impl Drop for StreamLease {
     }
 }
 
+/// How [`Pool::checkout`] picks among a key's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Choice {
+    /// Keep the tunnel off connections that carry bulk transfers, while
+    /// the key may have more connections.
+    AvoidBulk,
+    /// The first connection with room: when no new one can be opened.
+    Any,
+}
+
 /// The dialer's connections.
 #[derive(Default)]
 pub(crate) struct Pool {
@@ -312,14 +327,26 @@ impl Pool {
     }
 
     /// A connection with a free slot for `key`, dropping closed ones.
-    pub(crate) fn checkout(&self, key: &PoolKey) -> Option<(Arc<PooledConn>, StreamLease)> {
+    /// [`Choice::AvoidBulk`] takes one that carries no bulk transfer, and
+    /// none while the key may still have a connection of its own for the
+    /// tunnel ([`bulk`]); [`Choice::Any`] the first with room.
+    pub(crate) fn checkout(
+        &self,
+        key: &PoolKey,
+        choice: Choice,
+    ) -> Option<(Arc<PooledConn>, StreamLease)> {
         let mut entries = self.entries();
         let entry = entries.get_mut(key)?;
         entry.conns.retain(|c| !c.state.is_closed());
-        let found = entry
-            .conns
-            .iter()
-            .find_map(|c| c.try_acquire().map(|lease| (c.clone(), lease)));
+        let acquire = |c: &Arc<PooledConn>| c.try_acquire().map(|lease| (c.clone(), lease));
+        let found = match choice {
+            Choice::AvoidBulk if entry.conns.len() < bulk::SEPARATE_UP_TO => entry
+                .conns
+                .iter()
+                .filter(|c| !c.state.probe.bulk.carries_bulk())
+                .find_map(acquire),
+            Choice::AvoidBulk | Choice::Any => entry.conns.iter().find_map(acquire),
+        };
         if entry.conns.is_empty() && Arc::strong_count(&entry.dialing) == 1 {
             entries.remove(key);
         }

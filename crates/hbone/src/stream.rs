@@ -101,7 +101,7 @@ impl H2Stream {
                 // An empty DATA frame (as END_STREAM often comes) is no chunk.
                 Some(Ok(data)) if data.is_empty() => continue,
                 Some(Ok(data)) => {
-                    if let Some(probe) = &self.probe {
+                    if let Some(probe) = &mut self.probe {
                         probe.record(data.len());
                     }
                     Poll::Ready(Ok(Some(data)))
@@ -149,6 +149,9 @@ impl H2Stream {
     /// Sends `data`, which must fit the capacity granted by
     /// [`H2Stream::poll_send_capacity`].
     pub fn send_chunk(&mut self, cx: &mut Context<'_>, data: Bytes) -> io::Result<()> {
+        if let Some(probe) = &mut self.probe {
+            probe.sent(data.len());
+        }
         match self.send.send_data(data, false) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.send_failed(cx, e)),

@@ -38,6 +38,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::H2Settings;
 use crate::keepalive::Keepalive;
+use crate::pool::{BulkMark, BulkSpan};
 
 /// The smallest stream window granted: the protocol's default.
 pub(crate) const MIN_STREAM_WINDOW: u32 = 65_535;
@@ -221,28 +222,44 @@ pub(crate) struct Probe {
     data: Notify,
     /// Streams of the connection that report here ([`StreamProbe`]s).
     streams: AtomicUsize,
+    /// Whether one of them moves bulk now, for the pool's choice of
+    /// connection for a new tunnel.
+    pub(crate) bulk: BulkMark,
 }
 
 /// One stream's handle on its connection's [`Probe`]: counted while it
 /// lives, so the sizing knows whether a queue delays other tunnels.
 #[derive(Debug)]
-pub(crate) struct StreamProbe(Arc<Probe>);
+pub(crate) struct StreamProbe {
+    probe: Arc<Probe>,
+    span: BulkSpan,
+}
 
 impl StreamProbe {
     pub(crate) fn new(probe: Arc<Probe>) -> Self {
         probe.streams.fetch_add(1, Ordering::Relaxed);
-        StreamProbe(probe)
+        StreamProbe {
+            probe,
+            span: BulkSpan::default(),
+        }
     }
 
     /// `bytes` of DATA arrived on this stream.
-    pub(crate) fn record(&self, bytes: usize) {
-        self.0.record(bytes);
+    pub(crate) fn record(&mut self, bytes: usize) {
+        self.probe.record(bytes);
+        self.span.moved(bytes, &self.probe.bulk);
+    }
+
+    /// `bytes` of DATA were handed to h2 to send on this stream.
+    pub(crate) fn sent(&mut self, bytes: usize) {
+        self.span.moved(bytes, &self.probe.bulk);
     }
 }
 
 impl Drop for StreamProbe {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        self.probe.streams.fetch_sub(1, Ordering::Relaxed);
+        self.span.end(&self.probe.bulk);
     }
 }
 
@@ -498,7 +515,7 @@ mod tests {
         let probe = Arc::new(Probe::default());
         let first = StreamProbe::new(probe.clone());
         assert!(!probe.shared());
-        let second = StreamProbe::new(probe.clone());
+        let mut second = StreamProbe::new(probe.clone());
         assert!(probe.shared());
         second.record(7);
         drop(first);

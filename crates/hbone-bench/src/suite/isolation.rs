@@ -1,6 +1,7 @@
 //! The isolation workload: a 1 KiB request/response tunnel alone and
 //! beside N bulk streams that go through the same entry and the same
-//! server, so that all of them share one pooled HTTP/2 connection; the
+//! server (the bulk streams share one pooled HTTP/2 connection; the
+//! request/response, opened after them, gets one of its own); the
 //! bulk streams' aggregate throughput beside it and alone; and the same
 //! pairs direct (request/response to the echo app beside bulk streams to
 //! the sink) as the baseline of the same run.

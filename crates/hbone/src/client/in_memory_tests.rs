@@ -272,6 +272,37 @@ async fn tunnels_share_a_connection_until_it_is_full() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_tunnel_opened_beside_a_bulk_transfer_gets_a_connection_of_its_own() {
+    let dialer = dialer_with(|_| {});
+    let dials = Dials::new(Answer::Status(200), 10);
+    let mut bulk = open(&dialer, &dials).await.unwrap();
+    bulk.write_all(&vec![7; crate::pool::BULK_BYTES as usize])
+        .await
+        .unwrap();
+    let interactive = open(&dialer, &dials).await.unwrap();
+    assert_eq!(dials.count(), 2, "kept off the bulk connection");
+    assert_eq!(dials.conn(1).state.streams_in_use(), 1);
+
+    // When that connection cannot be opened, the tunnel joins the bulk one
+    // rather than fail.
+    drop(interactive);
+    dials.made.lock().unwrap()[1].1.abort();
+    settle().await;
+    let failing = Dials::slow(Answer::Status(200), Duration::ZERO, true);
+    let _joined = open(&dialer, &failing)
+        .await
+        .expect("a tunnel on the bulk connection");
+    assert_eq!(failing.count(), 1, "a connection of its own was tried");
+    assert_eq!(dials.conn(0).state.streams_in_use(), 2);
+
+    // Once the transfer's tunnel has ended, its connection is calm again.
+    drop(bulk);
+    settle().await;
+    let _calm = open(&dialer, &failing).await.expect("the calm connection");
+    assert_eq!(failing.count(), 1, "no new connection needed");
+}
+
+#[tokio::test(start_paused = true)]
 async fn without_pooling_every_tunnel_gets_a_connection_of_its_own() {
     let dialer = dialer_with(|config| config.pooling = false);
     let dials = Dials::new(Answer::Status(200), 10);

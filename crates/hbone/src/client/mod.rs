@@ -37,7 +37,7 @@ use crate::headers::{self, Baggage, TraceParent};
 use crate::identity::{Identity, SpiffeId};
 use crate::lifecycle::Telemetry;
 use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta, service_host};
-use crate::pool::{Pool, PoolKey, PooledConn, StreamLease};
+use crate::pool::{Choice, Pool, PoolKey, PooledConn, StreamLease};
 use crate::revocation::Revocation;
 use crate::stream::H2Stream;
 use crate::tls::{self, ClientBase, TlsFailure};
@@ -580,23 +580,34 @@ impl Dialer {
             let conn = Box::pin(establish()).await?;
             return self.open_fresh(&conn, on, request).await;
         }
-        if let Some(tunnel) = self.open_pooled(&key, on, &request).await? {
+        if let Some(tunnel) = self
+            .open_pooled(&key, on, &request, Choice::AvoidBulk)
+            .await?
+        {
             return Ok(tunnel);
         }
-        // Nothing pooled has room: open a connection, one handshake at a
-        // time per key. Whoever waited re-checks the pool first, since the
-        // connection just opened usually has room for them too.
+        // Nothing pooled has room, or every connection carries bulk: open
+        // a connection, one handshake at a time per key. Whoever waited
+        // re-checks the pool first, since the connection just opened
+        // usually has room for them too.
         let gate = self.inner.pool.dial_gate(&key);
-        let turn = gate.enter().await?;
-        if let Some(tunnel) = self.open_pooled(&key, on, &request).await? {
+        let turn = match gate.enter().await {
+            Ok(turn) => turn,
+            Err(e) => return self.pooled_or(e, &key, on, &request).await,
+        };
+        if let Some(tunnel) = self
+            .open_pooled(&key, on, &request, Choice::AvoidBulk)
+            .await?
+        {
             return Ok(tunnel);
         }
         let conn = match Box::pin(establish()).await {
             Ok(conn) => conn,
             Err(e) => {
-                // Everyone who waited behind this attempt fails with it.
+                // Everyone who waited behind this attempt fails with it,
+                // unless a connection that carries bulk has room.
                 turn.finished(Some(&e));
-                return Err(e);
+                return self.pooled_or(e, &key, on, &request).await;
             }
         };
         self.inner.pool.insert(key, conn.clone());
@@ -638,9 +649,10 @@ impl Dialer {
         key: &PoolKey,
         on: OnConn<'_>,
         request: &Request<()>,
+        choice: Choice,
     ) -> Result<Option<Tunnel>, DialError> {
         let server = on.server;
-        while let Some((conn, lease)) = self.inner.pool.checkout(key) {
+        while let Some((conn, lease)) = self.inner.pool.checkout(key, choice) {
             match self
                 .send_connect(&conn, lease, on, clone_request(request))
                 .await
@@ -654,6 +666,21 @@ impl Dialer {
             }
         }
         Ok(None)
+    }
+
+    /// A new connection for `key` could not be opened (`error`): the
+    /// tunnel goes on a pooled one with room after all, bulk or not.
+    async fn pooled_or(
+        &self,
+        error: DialError,
+        key: &PoolKey,
+        on: OnConn<'_>,
+        request: &Request<()>,
+    ) -> Result<Tunnel, DialError> {
+        match self.open_pooled(key, on, request, Choice::Any).await? {
+            Some(tunnel) => Ok(tunnel),
+            None => Err(error),
+        }
     }
 
     /// The CONNECT request: `:authority`, then `forwarded` (when the

@@ -275,11 +275,14 @@ async fn checkout_finds_a_connection_under_any_order_of_the_same_identities() {
     let conn = conn(1, "a").await;
     pool.insert(PoolKey::direct(server, &[id("a"), id("b")]), conn.clone());
     let (found, lease) = pool
-        .checkout(&PoolKey::direct(server, &[id("b"), id("a")]))
+        .checkout(
+            &PoolKey::direct(server, &[id("b"), id("a")]),
+            Choice::AvoidBulk,
+        )
         .expect("the same key");
     assert!(Arc::ptr_eq(&found, &conn));
     assert!(
-        pool.checkout(&PoolKey::direct(server, &[id("a")]))
+        pool.checkout(&PoolKey::direct(server, &[id("a")]), Choice::AvoidBulk)
             .is_none(),
         "another set of identities is another key"
     );
@@ -293,22 +296,70 @@ async fn checkout_moves_on_from_full_and_closed_connections() {
     let (first, second) = (conn(1, "a").await, conn(1, "a").await);
     pool.insert(key.clone(), first.clone());
     pool.insert(key.clone(), second.clone());
-    let (a, lease_a) = pool.checkout(&key).unwrap();
-    let (b, lease_b) = pool.checkout(&key).unwrap();
+    let (a, lease_a) = pool.checkout(&key, Choice::AvoidBulk).unwrap();
+    let (b, lease_b) = pool.checkout(&key, Choice::AvoidBulk).unwrap();
     assert!(Arc::ptr_eq(&a, &first) && Arc::ptr_eq(&b, &second));
     drop((a, b));
-    assert!(pool.checkout(&key).is_none(), "both full");
+    assert!(
+        pool.checkout(&key, Choice::AvoidBulk).is_none(),
+        "both full"
+    );
     drop(lease_a);
-    let (again, _lease) = pool.checkout(&key).unwrap();
+    let (again, _lease) = pool.checkout(&key, Choice::AvoidBulk).unwrap();
     assert!(Arc::ptr_eq(&again, &first));
     drop(lease_b);
     second.state.mark_closed();
     assert_eq!(Arc::strong_count(&second), 2, "the pool still holds it");
     assert!(
-        pool.checkout(&key).is_none(),
+        pool.checkout(&key, Choice::AvoidBulk).is_none(),
         "the closed one is not offered"
     );
     assert_eq!(Arc::strong_count(&second), 1, "checkout dropped it");
+}
+
+/// One of `conn`'s streams moves a bulk span's bytes now, and stays open.
+fn carry_bulk(conn: &PooledConn) {
+    bulk::BulkSpan::default().moved(bulk::BULK_BYTES as usize, &conn.state.probe.bulk);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_tunnel_avoids_connections_that_carry_bulk_while_the_key_may_have_more() {
+    let pool = Pool::default();
+    let key = PoolKey::direct(addr("127.0.0.1:15008"), &[id("a")]);
+    let busy = conn(100, "a").await;
+    pool.insert(key.clone(), busy.clone());
+    carry_bulk(&busy);
+    assert!(
+        pool.checkout(&key, Choice::AvoidBulk).is_none(),
+        "a connection of its own is to be opened"
+    );
+    let (any, _lease) = pool.checkout(&key, Choice::Any).expect("the fallback");
+    assert!(Arc::ptr_eq(&any, &busy));
+
+    let calm = conn(100, "a").await;
+    pool.insert(key.clone(), calm.clone());
+    let (picked, _lease) = pool.checkout(&key, Choice::AvoidBulk).unwrap();
+    assert!(
+        Arc::ptr_eq(&picked, &calm),
+        "the calm one, though inserted later"
+    );
+
+    // The mark fades once the bulk stops.
+    tokio::time::advance(bulk::MEMORY).await;
+    let (picked, _lease) = pool.checkout(&key, Choice::AvoidBulk).unwrap();
+    assert!(Arc::ptr_eq(&picked, &busy), "first with room again");
+
+    // With as many connections as a key may have, all carrying bulk, the
+    // first with room takes the tunnel.
+    let mut all = vec![busy, calm];
+    while all.len() < bulk::SEPARATE_UP_TO {
+        let more = conn(100, "a").await;
+        pool.insert(key.clone(), more.clone());
+        all.push(more);
+    }
+    all.iter().for_each(|c| carry_bulk(c));
+    let (picked, _lease) = pool.checkout(&key, Choice::AvoidBulk).unwrap();
+    assert!(Arc::ptr_eq(&picked, &all[0]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -345,7 +396,7 @@ async fn take_all_closes_every_connection_and_empties_the_pool() {
     let (a, b) = (conn(2, "a").await, conn(2, "b").await);
     pool.insert(key_a.clone(), a.clone());
     pool.insert(key_b.clone(), b.clone());
-    let (_, in_flight) = pool.checkout(&key_a).unwrap();
+    let (_, in_flight) = pool.checkout(&key_a, Choice::AvoidBulk).unwrap();
 
     let taken = pool.take_all();
     assert_eq!(taken.len(), 2);
@@ -354,7 +405,10 @@ async fn take_all_closes_every_connection_and_empties_the_pool() {
     assert!(a.state.is_closed() && b.state.is_closed());
     assert_eq!(pool.len(), 0);
     assert!(pool.entries().is_empty());
-    assert!(pool.checkout(&key_a).is_none() && pool.checkout(&key_b).is_none());
+    assert!(
+        pool.checkout(&key_a, Choice::AvoidBulk).is_none()
+            && pool.checkout(&key_b, Choice::AvoidBulk).is_none()
+    );
     // The tunnel in flight carries on; its slot is still counted.
     assert_eq!(a.state.slots.load(Ordering::Acquire), CLOSED | 1);
     drop(in_flight);
@@ -391,7 +445,7 @@ async fn the_dial_gate_is_shared_per_key_while_someone_holds_it() {
     let gate = pool.dial_gate(&key);
     // A checkout that finds no connection must not drop the entry while
     // the gate is held: the next caller would get a gate of its own.
-    assert!(pool.checkout(&key).is_none());
+    assert!(pool.checkout(&key, Choice::AvoidBulk).is_none());
     assert!(Arc::ptr_eq(&gate, &pool.dial_gate(&key)));
     let other = pool.dial_gate(&PoolKey::direct(addr("127.0.0.1:15009"), &[id("a")]));
     assert!(!Arc::ptr_eq(&gate, &other), "one gate per key");
@@ -448,7 +502,8 @@ async fn waiters_of_a_successful_dial_check_out_its_connection() {
                     panic!("no failure to share");
                 };
                 // What the dialer does first with its turn.
-                pool.checkout(&key).map(|(_, lease)| lease)
+                pool.checkout(&key, Choice::AvoidBulk)
+                    .map(|(_, lease)| lease)
             })
         })
         .collect();
