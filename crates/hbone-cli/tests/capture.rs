@@ -93,11 +93,36 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     let packets: u64 = value("v6_redirect_packets").parse().unwrap();
     assert!(packets > 0, "{context}");
     // The app was reached only by B's HBONE server, never by A directly.
-    let peers: Vec<&str> = app_log
-        .lines()
-        .filter_map(|l| l.strip_prefix("peer="))
-        .collect();
-    assert_eq!(peers, ["10.77.0.2", "fd77::2"], "{context}");
+    let (captured_phase, inbound_phase) = app_log
+        .split_once("inbound-checks\n")
+        .unwrap_or_else(|| panic!("the inbound checks did not start\n{context}"));
+    let peers = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter_map(|l| l.strip_prefix("peer="))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(peers(captured_phase), ["10.77.0.2", "fd77::2"], "{context}");
+    // Inbound, strict: plaintext from A refused at B's firewall, and
+    // counted; HBONE still delivered. Permissive: plaintext let through
+    // and counted. The app saw B's server (tunnel) and, once, A (plain).
+    assert_eq!(value("strict_plaintext"), "refused", "{context}");
+    assert_eq!(value("permissive_plaintext"), "echoed", "{context}");
+    for mode in ["strict", "permissive"] {
+        let counted: u64 = value(&format!("{mode}_counted")).parse().unwrap();
+        assert!(counted > 0, "{mode}: nothing counted\n{context}");
+        assert_eq!(
+            value(&format!("{mode}_tunnelled")),
+            "tunnelled",
+            "{context}"
+        );
+        assert_eq!(value(&format!("{mode}_node_exit")), "0", "{context}");
+    }
+    assert_eq!(
+        peers(inbound_phase),
+        ["10.77.0.2", "10.77.0.1", "10.77.0.2"],
+        "{context}"
+    );
     // B's server knew the client's identity and the original destination.
     let served = server_log
         .lines()

@@ -175,3 +175,43 @@ status=0
 wait "$node" || status=$?
 echo "node_exit=$status"
 echo "tables_after_exit=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone' || true)"
+
+# Inbound: B protects its app's port. Plaintext from A (whose node is gone,
+# so nothing captures it) is refused; HBONE to B's server still reaches the
+# app, which the server dials from B itself.
+echo "inbound-checks" >> "$work/app.log"
+client_id=spiffe://cluster.local/ns/demo/sa/client
+plain='
+import socket, sys
+try:
+    c = socket.create_connection(("10.77.0.2", 8080), timeout=10)
+    c.sendall(b"plain")
+    c.shutdown(socket.SHUT_WR)
+    got = c.recv(100)
+    print("%s=%s" % (sys.argv[1], "echoed" if got == b"plain" else "closed"))
+except (ConnectionRefusedError, ConnectionResetError):
+    print("%s=refused" % sys.argv[1])
+'
+# Packets the protecting rule counted.
+protected_packets() {
+    ip netns exec "$b" nft list chain inet hbone input | grep "dport 8080" \
+        | grep -o 'packets [0-9]*' | cut -d' ' -f2
+}
+for mode in strict permissive; do
+    ip netns exec "$b" "$bin" node --identity-dir "$work/server" --listen 127.0.0.1:15001 \
+        --mesh 10.77.0.1/32 --peer "10.77.0.1/32=$client_id" --protect 8080 \
+        --inbound "$mode" --log info > "$work/bnode-$mode.log" 2>&1 &
+    bnode=$!
+    pids+=($bnode)
+    wait_for "$work/bnode-$mode.log" "node ready"
+    ip netns exec "$a" timeout 20 python3 -c "$plain" "${mode}_plaintext"
+    echo "${mode}_counted=$(protected_packets)"
+    echo "${mode}_tunnelled=$(printf tunnelled | ip netns exec "$a" timeout 20 "$bin" connect \
+        --identity-dir "$work/client" --server 10.77.0.2:15008 --server-id "$server_id" \
+        --target 10.77.0.2:8080 2>>"$work/connect.log")"
+    kill -TERM "$bnode"
+    for _ in $(seq 100); do kill -0 "$bnode" 2>/dev/null || break; sleep 0.1; done
+    status=0
+    wait "$bnode" || status=$?
+    echo "${mode}_node_exit=$status"
+done

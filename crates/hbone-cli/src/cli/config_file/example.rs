@@ -47,6 +47,7 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
         "target" => "127.0.0.1:80",
         "mesh" => "10.0.2.0/24",
         "peer" => "10.0.2.0/24=spiffe://cluster.local/ns/db/sa/db",
+        "protect" => "8080",
         _ => return None,
     })
 }

@@ -1,6 +1,7 @@
 //! `hbone node`: this host as a mesh node. Its outbound TCP to the mesh
 //! is redirected by nftables rules to a capture listener and tunnelled
-//! over HBONE to port 15008 of the address it was going to.
+//! over HBONE to port 15008 of the address it was going to; plaintext TCP
+//! from other hosts to its protected ports is refused, or counted.
 
 mod rules;
 
@@ -53,6 +54,17 @@ pub(super) struct NodeArgs {
     /// The port of the peers' HBONE servers.
     #[arg(long, value_name = "PORT", default_value_t = HBONE_PORT)]
     pub(super) server_port: u16,
+    /// Local ports that other hosts may reach only through HBONE (this
+    /// host's server delivers tunnels to them), PORT or PORT-PORT;
+    /// repeatable. What becomes of plaintext TCP to them: --inbound.
+    #[arg(long = "protect", value_name = "PORTS")]
+    pub(super) protect: Vec<rules::PortRange>,
+    /// Plaintext TCP from other hosts to a protected port: `strict` refuses
+    /// it (TCP reset), `permissive` lets it through and counts it in the
+    /// rule's counter (`nft list chain inet hbone input`), as Istio's
+    /// PeerAuthentication STRICT and PERMISSIVE.
+    #[arg(long, value_enum, default_value = "strict")]
+    pub(super) inbound: rules::Inbound,
     /// Firewall mark on this node's own connections to peers, which the
     /// rules let pass uncaptured (decimal or 0x hex; the default is the
     /// mark Istio uses, 1337).
@@ -99,11 +111,20 @@ impl NodeArgs {
             mesh: &self.mesh,
             listen_port: self.listen.port(),
             mark: self.socket_mark,
+            protect: &self.protect,
+            inbound: self.inbound,
         }
     }
 
     /// Refuses settings under which captured traffic could not work.
     fn check(&self) -> anyhow::Result<()> {
+        if let Some(range) = self.protect.iter().find(|r| r.contains(self.server_port)) {
+            bail!(
+                "--protect {range} takes in port {}, where peers' HBONE arrives: refusing \
+                 plaintext there would refuse HBONE too; protect the apps' ports only",
+                self.server_port
+            );
+        }
         let ip = self.listen.ip();
         if !(ip.is_loopback() || ip.is_unspecified()) {
             bail!(
@@ -178,7 +199,8 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
     ops.listener_bound();
     tracing::info!(
         listen = %listener.local_addr()?, id = %dialer.local_id(),
-        mesh = args.mesh.len(), peers = args.peers.len(), "node ready"
+        mesh = args.mesh.len(), peers = args.peers.len(), protected = args.protect.len(),
+        inbound = ?args.inbound, "node ready"
     );
     let capture =
         CaptureConfig::new(Peers::new(args.peers.clone())).with_server_port(args.server_port);

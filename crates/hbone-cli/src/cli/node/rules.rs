@@ -1,14 +1,17 @@
 //! The nftables rules of a mesh node: hbone's own table, whose `output`
 //! NAT chain redirects this host's TCP towards the mesh to the capture
 //! listener, and lets hbone's own connections (carrying its socket mark)
-//! pass. Applied with `nft -f -`, atomically; the script first deletes the
-//! table, so applying it twice, or after a crash, leaves one table.
+//! pass; and, when local ports are protected, whose `input` chain refuses
+//! (or counts) plaintext TCP to them from other hosts. Applied with
+//! `nft -f -`, atomically; the script first deletes the table, so applying
+//! it twice, or after a crash, leaves one table.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
+use clap::ValueEnum;
 use hbone::policy::TargetRule;
 
 /// The table hbone owns (family inet: IPv4 and IPv6 in one).
@@ -23,6 +26,66 @@ pub(super) struct Rules<'a> {
     pub(super) listen_port: u16,
     /// Connections carrying this mark are hbone's own: not captured.
     pub(super) mark: u32,
+    /// Local ports that other hosts reach only through HBONE.
+    pub(super) protect: &'a [PortRange],
+    /// What happens to plaintext TCP to them.
+    pub(super) inbound: Inbound,
+}
+
+/// A port or an inclusive range of ports, `PORT` or `PORT-PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PortRange {
+    pub(crate) low: u16,
+    pub(crate) high: u16,
+}
+
+impl PortRange {
+    pub(super) fn contains(&self, port: u16) -> bool {
+        (self.low..=self.high).contains(&port)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!(
+                "invalid port {p:?} in {text:?}: expected PORT or PORT-PORT, e.g. 8080 or \
+                 8000-8099 (1-65535)"
+            )),
+            Ok(port) => Ok(port),
+        };
+        let (low, high) = match text.split_once('-') {
+            Some((low, high)) => (port(low)?, port(high)?),
+            None => (port(text)?, port(text)?),
+        };
+        if low > high {
+            return Err(format!("port range {text:?} ends before it starts"));
+        }
+        Ok(PortRange { low, high })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.low == self.high {
+            write!(f, "{}", self.low)
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
+        }
+    }
+}
+
+/// What becomes of plaintext TCP from other hosts to a protected port, as
+/// Istio's PeerAuthentication modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Inbound {
+    /// Refused with a TCP reset: mesh peers must come through HBONE.
+    Strict,
+    /// Let through and counted (the rule's counter), while clients move
+    /// to the mesh.
+    Permissive,
 }
 
 impl Rules<'_> {
@@ -63,8 +126,33 @@ impl Rules<'_> {
             );
         }
         let _ = writeln!(out, "\t}}");
+        if !self.protect.is_empty() {
+            self.input_chain(&mut out);
+        }
         let _ = writeln!(out, "}}");
         out
+    }
+
+    /// Plaintext TCP from other hosts to the protected ports. What comes
+    /// in on the loopback interface is this host's own, and that includes
+    /// its HBONE server delivering tunnels to local apps, even at the
+    /// host's external address.
+    fn input_chain(&self, out: &mut String) {
+        let ports = self
+            .protect
+            .iter()
+            .map(PortRange::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let verdict = match self.inbound {
+            Inbound::Strict => " reject with tcp reset",
+            Inbound::Permissive => "",
+        };
+        let _ = writeln!(out, "\tchain input {{");
+        let _ = writeln!(out, "\t\ttype filter hook input priority 0; policy accept;");
+        let _ = writeln!(out, "\t\tiifname \"lo\" return");
+        let _ = writeln!(out, "\t\ttcp dport {{ {ports} }} counter{verdict}");
+        let _ = writeln!(out, "\t}}");
     }
 }
 
@@ -132,6 +220,8 @@ mod tests {
             mesh: &mesh,
             listen_port: 15001,
             mark: 0x539,
+            protect: &[],
+            inbound: Inbound::Strict,
         }
         .script();
         let expected = "\
@@ -152,6 +242,53 @@ table inet hbone {
         // The mark is excluded before any redirect.
         let mark = script.find("meta mark").unwrap();
         assert!(script.find("redirect").unwrap() > mark);
+    }
+
+    #[test]
+    fn protected_ports_refuse_or_count_plaintext_from_other_hosts() {
+        let protect: Vec<PortRange> = ["8080", "5432-5433"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let rules = |inbound| {
+            Rules {
+                mesh: &[],
+                listen_port: 15001,
+                mark: 0x539,
+                protect: &protect,
+                inbound,
+            }
+            .script()
+        };
+        let chain = |verdict: &str| {
+            format!(
+                "\tchain input {{\n\t\ttype filter hook input priority 0; policy accept;\n\
+                 \t\tiifname \"lo\" return\n\t\ttcp dport {{ 8080, 5432-5433 }} counter{verdict}\n\
+                 \t}}\n}}\n"
+            )
+        };
+        let strict = rules(Inbound::Strict);
+        assert!(
+            strict.ends_with(&chain(" reject with tcp reset")),
+            "{strict}"
+        );
+        let permissive = rules(Inbound::Permissive);
+        assert!(permissive.ends_with(&chain("")), "{permissive}");
+    }
+
+    #[test]
+    fn port_ranges_parse_strictly() {
+        assert_eq!(
+            "8080".parse::<PortRange>(),
+            Ok(PortRange {
+                low: 8080,
+                high: 8080
+            })
+        );
+        assert_eq!("80-90".parse::<PortRange>().unwrap().to_string(), "80-90");
+        for bad in ["0", "65536", "90-80", "http", "80-", ""] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]
