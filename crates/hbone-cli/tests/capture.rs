@@ -116,8 +116,18 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
             "tunnelled",
             "{context}"
         );
-        assert_eq!(value(&format!("{mode}_node_exit")), "0", "{context}");
+        // One table while running: the second start replaces what the
+        // first (killed with SIGKILL) left behind.
+        assert_eq!(value(&format!("{mode}_tables")), "1", "{context}");
     }
+    assert_eq!(value("strict_node_exit"), "137", "{context}");
+    assert_eq!(
+        value("strict_tables_after"),
+        "1",
+        "left by the kill\n{context}"
+    );
+    assert_eq!(value("permissive_node_exit"), "0", "{context}");
+    assert_eq!(value("permissive_tables_after"), "0", "{context}");
     assert_eq!(
         peers(inbound_phase),
         ["10.77.0.2", "10.77.0.1", "10.77.0.2"],

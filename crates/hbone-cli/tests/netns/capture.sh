@@ -209,9 +209,16 @@ for mode in strict permissive; do
     echo "${mode}_tunnelled=$(printf tunnelled | ip netns exec "$a" timeout 20 "$bin" connect \
         --identity-dir "$work/client" --server 10.77.0.2:15008 --server-id "$server_id" \
         --target 10.77.0.2:8080 2>>"$work/connect.log")"
-    kill -TERM "$bnode"
+    echo "${mode}_tables=$(ip netns exec "$b" nft list tables | grep -c 'inet hbone')"
+    # The first node dies without a chance to clean up (kill -9): its
+    # table stays until the next start replaces it; the second exits
+    # cleanly and removes it.
+    signal=TERM
+    [ "$mode" = strict ] && signal=KILL
+    kill "-$signal" "$bnode"
     for _ in $(seq 100); do kill -0 "$bnode" 2>/dev/null || break; sleep 0.1; done
     status=0
     wait "$bnode" || status=$?
     echo "${mode}_node_exit=$status"
+    echo "${mode}_tables_after=$(ip netns exec "$b" nft list tables | grep -c 'inet hbone' || true)"
 done
