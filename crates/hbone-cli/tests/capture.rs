@@ -127,6 +127,16 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
         "left by the kill\n{context}"
     );
     assert_eq!(value("permissive_node_exit"), "0", "{context}");
+    // The permissive node ran in one `hbone run` with B's server, which
+    // delivered the tunnel and named A's identity.
+    let run_log = read("bnode-permissive.log");
+    assert!(
+        run_log.lines().any(|l| l.contains("hbone::access")
+            && l.contains("role=\"server\"")
+            && l.contains(&format!("peer=\"{CLIENT_ID}\""))
+            && l.contains("target_addr=10.77.0.2:8080")),
+        "{context}\n--- bnode-permissive.log\n{run_log}"
+    );
     assert_eq!(value("permissive_tables_after"), "0", "{context}");
     assert_eq!(
         peers(inbound_phase),

@@ -71,7 +71,8 @@ pids+=($!)
 ip netns exec "$b" "$bin" server --identity-dir "$work/server" --listen '[::]:15008' \
     --allow-target 10.77.0.2/32:8080 --allow-target '[fd77::2/128]:8080' \
     --log info > "$work/server.log" 2>&1 &
-pids+=($!)
+server=$!
+pids+=($server)
 wait_for "$work/app.log" listening
 wait_for "$work/server.log" "ready"
 
@@ -197,13 +198,37 @@ protected_packets() {
     ip netns exec "$b" nft list chain inet hbone input | grep "dport 8080" \
         | grep -o 'packets [0-9]*' | cut -d' ' -f2
 }
+# Strict: `hbone node` beside B's `hbone server`. Permissive: one
+# `hbone run` holding both, as a VM in the mesh runs.
+cat > "$work/b.toml" <<TOML
+[server]
+identity-dir = "$work/server"
+listen = "[::]:15008"
+allow-target = ["10.77.0.2/32:8080"]
+
+[node]
+identity-dir = "$work/server"
+listen = "127.0.0.1:15001"
+mesh = ["10.77.0.1/32"]
+peer = ["10.77.0.1/32=$client_id"]
+protect = ["8080"]
+inbound = "permissive"
+TOML
 for mode in strict permissive; do
-    ip netns exec "$b" "$bin" node --identity-dir "$work/server" --listen 127.0.0.1:15001 \
-        --mesh 10.77.0.1/32 --peer "10.77.0.1/32=$client_id" --protect 8080 \
-        --inbound "$mode" --log info > "$work/bnode-$mode.log" 2>&1 &
+    if [ "$mode" = strict ]; then
+        ip netns exec "$b" "$bin" node --identity-dir "$work/server" --listen 127.0.0.1:15001 \
+            --mesh 10.77.0.1/32 --peer "10.77.0.1/32=$client_id" --protect 8080 \
+            --inbound "$mode" --log info > "$work/bnode-$mode.log" 2>&1 &
+    else
+        kill -TERM "$server"
+        wait "$server" || true
+        ip netns exec "$b" "$bin" run --config "$work/b.toml" --admin off --log info \
+            > "$work/bnode-$mode.log" 2>&1 &
+    fi
     bnode=$!
     pids+=($bnode)
     wait_for "$work/bnode-$mode.log" "node ready"
+    [ "$mode" = strict ] || wait_for "$work/bnode-$mode.log" "HBONE server ready"
     ip netns exec "$a" timeout 20 python3 -c "$plain" "${mode}_plaintext"
     echo "${mode}_counted=$(protected_packets)"
     echo "${mode}_tunnelled=$(printf tunnelled | ip netns exec "$a" timeout 20 "$bin" connect \
