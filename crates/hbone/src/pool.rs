@@ -279,6 +279,13 @@ struct Entry {
     dialing: Arc<DialGate>,
 }
 
+impl Entry {
+    /// No connection, and no one at the dial gate: the entry can go.
+    fn unused(&self) -> bool {
+        self.conns.is_empty() && Arc::strong_count(&self.dialing) == 1
+    }
+}
+
 /// One dial at a time per key, and its failure shared with everyone who
 /// waited for it: without that, each waiter would dial again in turn, and
 /// against a black-holed server the last of N concurrent tunnels would
@@ -347,7 +354,7 @@ impl Pool {
                 .find_map(acquire),
             Choice::AvoidBulk | Choice::Any => entry.conns.iter().find_map(acquire),
         };
-        if entry.conns.is_empty() && Arc::strong_count(&entry.dialing) == 1 {
+        if entry.unused() {
             entries.remove(key);
         }
         found
@@ -370,6 +377,18 @@ impl Pool {
         entries.entry(key).or_default().conns.push(conn);
     }
 
+    /// Drops `key`'s entry when it holds no connection and no one holds
+    /// its dial gate.
+    pub(crate) fn forget_unused(&self, key: &PoolKey) {
+        let mut entries = self.entries();
+        if let Some(entry) = entries.get_mut(key) {
+            entry.conns.retain(|c| !c.state.is_closed());
+            if entry.unused() {
+                entries.remove(key);
+            }
+        }
+    }
+
     /// Drops closed connections: their `SendRequest` is what keeps h2 from
     /// ending the connection once its last stream is done.
     pub(crate) fn forget_closed(&self) {
@@ -379,7 +398,7 @@ impl Pool {
     fn retain_open(entries: &mut HashMap<PoolKey, Entry>) {
         entries.retain(|_, entry| {
             entry.conns.retain(|c| !c.state.is_closed());
-            !entry.conns.is_empty() || Arc::strong_count(&entry.dialing) > 1
+            !entry.unused()
         });
     }
 

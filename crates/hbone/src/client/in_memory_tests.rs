@@ -340,6 +340,7 @@ async fn concurrent_first_tunnels_fail_together_when_the_one_dial_fails() {
     }
     assert_eq!(dials.count(), 1);
     assert_eq!(dialer.pooled_connections(), 0);
+    assert_eq!(dialer.inner.pool.keys(), 0, "no entry left for the key");
     // The next caller dials anew, rather than inheriting the failure.
     let dials = Dials::new(Answer::Status(200), 10);
     open(&dialer, &dials).await.expect("a new attempt");

@@ -37,7 +37,7 @@ use crate::headers::{self, Baggage, TraceParent};
 use crate::identity::{Identity, SpiffeId};
 use crate::lifecycle::Telemetry;
 use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta, service_host};
-use crate::pool::{Choice, Pool, PoolKey, PooledConn, StreamLease};
+use crate::pool::{Choice, DialGate, Pool, PoolKey, PooledConn, StreamLease};
 use crate::revocation::Revocation;
 use crate::stream::H2Stream;
 use crate::tls::{self, ClientBase, TlsFailure};
@@ -586,17 +586,39 @@ impl Dialer {
         {
             return Ok(tunnel);
         }
-        // Nothing pooled has room, or every connection carries bulk: open
-        // a connection, one handshake at a time per key. Whoever waited
-        // re-checks the pool first, since the connection just opened
-        // usually has room for them too.
         let gate = self.inner.pool.dial_gate(&key);
+        let dialled = self.dial_through(&gate, &key, on, request, establish).await;
+        if dialled.is_err() {
+            // A key whose dials fail keeps no entry once no one waits on
+            // it: a node dialling many unreachable peers would pile them up.
+            drop(gate);
+            self.inner.pool.forget_unused(&key);
+        }
+        dialled
+    }
+
+    /// Nothing pooled has room, or every connection carries bulk: opens a
+    /// connection through `gate`, one handshake at a time per key. Whoever
+    /// waited re-checks the pool first, since the connection just opened
+    /// usually has room for them too.
+    async fn dial_through<E, F>(
+        &self,
+        gate: &DialGate,
+        key: &PoolKey,
+        on: OnConn<'_>,
+        request: Request<()>,
+        establish: E,
+    ) -> Result<Tunnel, DialError>
+    where
+        E: Fn() -> F,
+        F: Future<Output = Result<Arc<PooledConn>, DialError>>,
+    {
         let turn = match gate.enter().await {
             Ok(turn) => turn,
-            Err(e) => return self.pooled_or(e, &key, on, &request).await,
+            Err(e) => return self.pooled_or(e, key, on, &request).await,
         };
         if let Some(tunnel) = self
-            .open_pooled(&key, on, &request, Choice::AvoidBulk)
+            .open_pooled(key, on, &request, Choice::AvoidBulk)
             .await?
         {
             return Ok(tunnel);
@@ -607,10 +629,10 @@ impl Dialer {
                 // Everyone who waited behind this attempt fails with it,
                 // unless a connection that carries bulk has room.
                 turn.finished(Some(&e));
-                return self.pooled_or(e, &key, on, &request).await;
+                return self.pooled_or(e, key, on, &request).await;
             }
         };
-        self.inner.pool.insert(key, conn.clone());
+        self.inner.pool.insert(key.clone(), conn.clone());
         turn.finished(None);
         self.open_fresh(&conn, on, request).await
     }
