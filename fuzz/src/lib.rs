@@ -135,8 +135,9 @@ pub fn target_rule(data: &[u8]) {
     // An IPv4-mapped address is judged as IPv4, so an IPv6 rule never
     // matches one, even inside its network (`::/80` ends in
     // `::ffff:255.255.255.255`). A rule written as an IPv4-mapped network
-    // therefore matches nothing (a known bug, kept as an ignored test in
-    // tests/properties.rs); the checks that edges do match skip those.
+    // is held as the IPv4 network it maps (tests/properties.rs,
+    // `ipv4_mapped_target_rule_matches_its_ipv4_targets`); the checks that
+    // edges in IPv4-mapped form match skip those.
     if !is_ipv4_mapped(rule.net.addr()) {
         assert!(rule.matches(SocketAddr::new(rule.net.addr(), low)), "{s:?}");
     }

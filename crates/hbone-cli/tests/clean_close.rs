@@ -262,8 +262,10 @@ async fn close_lets_an_open_tunnel_finish() {
         let dialer = dialer.clone();
         async move { dialer.close(STEP).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(dialer.pooled_connections(), 0, "no new tunnels on it");
+    eventually("no new tunnels on the closing connection", || {
+        dialer.pooled_connections() == 0
+    })
+    .await;
     still_flowing(tunnel).await;
     assert!(timeout(STEP, waiting).await.unwrap().unwrap());
     eventually("the connection is gone", || {

@@ -17,7 +17,7 @@ fn black_holed_server_is_detected_by_keepalive() {
     ) {
         return;
     }
-    for tool in ["unshare", "ip", "iptables"] {
+    for tool in ["unshare", "ip", "iptables", "timeout"] {
         require(tool, "tests/netns.rs");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -48,8 +48,10 @@ fn black_holed_server_is_detected_by_keepalive() {
         ]);
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/blackhole.sh");
-    let output = Command::new("unshare")
-        .args(["-n", "bash", script, BIN, dir.path().to_str().unwrap()])
+    // The script bounds every wait itself; `timeout` is the backstop.
+    let output = Command::new("timeout")
+        .args(["120", "unshare", "-n", "bash", script, BIN])
+        .arg(dir.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

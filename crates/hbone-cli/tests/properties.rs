@@ -128,7 +128,7 @@ fn v4_net() -> impl Strategy<Value = (u32, u8)> {
 }
 
 /// An IPv6 network as (address bits, prefix) with no host bits set, not
-/// inside `::ffff:0:0/96` (IPv4-mapped networks: see the ignored test
+/// inside `::ffff:0:0/96` (IPv4-mapped networks are judged as IPv4: see
 /// `ipv4_mapped_target_rule_matches_its_ipv4_targets`).
 fn v6_net() -> impl Strategy<Value = (u128, u8)> {
     (ipv6(), 0u8..=128)
@@ -563,11 +563,10 @@ proptest! {
     }
 }
 
-/// Policy::decide ignores a rule written as an IPv4-mapped IPv6 network:
-/// `IpNet::contains` turns the target into IPv4 but leaves the rule's
-/// network IPv6, so such a rule parses and then matches no target at all,
-/// not even the address it names. It should either match the IPv4
-/// addresses it carries (like `10.0.0.0/8`) or be refused when parsed.
+/// A rule written as an IPv4-mapped IPv6 network matches the IPv4
+/// addresses it carries (like `10.0.0.0/8`), or is refused when parsed:
+/// targets are judged in IPv4 form, so a rule kept in IPv6 form would
+/// match no target at all, not even the address it names.
 #[test]
 fn ipv4_mapped_target_rule_matches_its_ipv4_targets() {
     for (rule, target) in [

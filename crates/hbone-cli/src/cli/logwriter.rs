@@ -202,7 +202,12 @@ mod tests {
         for i in 0..1000 {
             writeln!(writer.make_writer(), "line {i}").unwrap();
         }
-        std::thread::sleep(FLUSH_EVERY * 5);
+        // Written by the background thread within a few flush periods;
+        // polled, with room for a loaded machine.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while out.0.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(FLUSH_EVERY);
+        }
         assert!(
             !out.0.lock().unwrap().is_empty(),
             "written without the guard"
