@@ -302,7 +302,9 @@ async fn ca_server_forward_connect_and_socks5() {
     burst.extend_from_slice(b"early bytes");
     client.write_all(&burst).await.unwrap();
     let mut choice = [0u8; 2];
-    client.read_exact(&mut choice).await.unwrap();
+    within(PEER_WAIT, "client: choice", client.read_exact(&mut choice))
+        .await
+        .unwrap();
     assert_eq!(choice, [5, 0]);
     assert_eq!(read_reply(&mut client).await, 0, "succeeded");
     let mut early = [0u8; 11];
@@ -333,7 +335,9 @@ async fn ca_server_forward_connect_and_socks5() {
     let mut client = TcpStream::connect(socks).await.unwrap();
     client.write_all(&[5, 1, 2]).await.unwrap();
     let mut choice = [0u8; 2];
-    client.read_exact(&mut choice).await.unwrap();
+    within(PEER_WAIT, "client: choice", client.read_exact(&mut choice))
+        .await
+        .unwrap();
     assert_eq!(choice, [5, 0xff]);
 }
 
@@ -388,7 +392,9 @@ async fn socks5_greet(socks: SocketAddr) -> TcpStream {
     let mut client = TcpStream::connect(socks).await.unwrap();
     client.write_all(&[5, 1, 0]).await.unwrap();
     let mut choice = [0u8; 2];
-    client.read_exact(&mut choice).await.unwrap();
+    within(PEER_WAIT, "client: choice", client.read_exact(&mut choice))
+        .await
+        .unwrap();
     assert_eq!(choice, [5, 0]);
     client
 }
@@ -948,7 +954,9 @@ async fn sigterm_drains_then_exits_zero() {
     let mut app = TcpStream::connect(forward).await.unwrap();
     app.write_all(b"open ").await.unwrap();
     let mut buf = [0u8; 5];
-    app.read_exact(&mut buf).await.unwrap();
+    within(PEER_WAIT, "app: buf", app.read_exact(&mut buf))
+        .await
+        .unwrap();
 
     terminate(&server);
     refuses_connections_soon(server_addr).await;
@@ -959,7 +967,9 @@ async fn sigterm_drains_then_exits_zero() {
     app.write_all(b"still flowing").await.unwrap();
     app.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    app.read_to_end(&mut rest).await.unwrap();
+    within(PEER_WAIT, "app: rest", app.read_to_end(&mut rest))
+        .await
+        .unwrap();
     assert_eq!(rest, b"still flowing");
     drop(app);
     let status = tokio::time::timeout(Duration::from_secs(10), server.wait())
@@ -1001,7 +1011,9 @@ async fn a_second_signal_exits_at_once() {
     let mut app = TcpStream::connect(forward).await.unwrap();
     app.write_all(b"open ").await.unwrap();
     let mut buf = [0u8; 5];
-    app.read_exact(&mut buf).await.unwrap();
+    within(PEER_WAIT, "app: buf", app.read_exact(&mut buf))
+        .await
+        .unwrap();
 
     terminate(&server);
     log_lines(&log, "draining", 1).await;
@@ -1056,7 +1068,9 @@ async fn drain_deadline_closes_what_is_left() {
     let mut app = TcpStream::connect(forward).await.unwrap();
     app.write_all(b"x").await.unwrap();
     let mut buf = [0u8; 1];
-    app.read_exact(&mut buf).await.unwrap();
+    within(PEER_WAIT, "app: buf", app.read_exact(&mut buf))
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     terminate(&server);
     let status = tokio::time::timeout(Duration::from_secs(10), server.wait())

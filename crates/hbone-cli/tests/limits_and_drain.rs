@@ -43,7 +43,9 @@ async fn per_source_connection_limit_closes_new_connections_only() {
     // The running tunnel is untouched.
     running.write_all(b"still here").await.unwrap();
     let mut buf = [0u8; 10];
-    running.read_exact(&mut buf).await.unwrap();
+    within(PEER_WAIT, "running: buf", running.read_exact(&mut buf))
+        .await
+        .unwrap();
     assert_eq!(&buf, b"still here");
     drop(running);
     drop(first);
@@ -116,7 +118,13 @@ async fn drain_stops_accepting_and_lets_tunnels_finish() {
     in_flight.write_all(b"and after the drain").await.unwrap();
     in_flight.shutdown().await.unwrap();
     let mut echoed = Vec::new();
-    in_flight.read_to_end(&mut echoed).await.unwrap();
+    within(
+        PEER_WAIT,
+        "in_flight: echoed",
+        in_flight.read_to_end(&mut echoed),
+    )
+    .await
+    .unwrap();
     assert_eq!(echoed, b"before and after the drain");
     drop(in_flight);
     tokio::time::timeout(Duration::from_secs(5), running)
@@ -141,7 +149,9 @@ async fn idle_tunnels_are_closed_when_a_limit_is_set() {
     let mut idle = dialer.connect(server.addr, ids, echo).await.unwrap();
     idle.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
-    idle.read_exact(&mut one).await.unwrap();
+    within(PEER_WAIT, "idle: one", idle.read_exact(&mut one))
+        .await
+        .unwrap();
     let last_byte = std::time::Instant::now();
     // The busy tunnel keeps moving bytes, a tick each fifth of the limit,
     // for longer than the limit.
@@ -149,7 +159,9 @@ async fn idle_tunnels_are_closed_when_a_limit_is_set() {
         for _ in 0..8 {
             busy.write_all(b"tick").await.unwrap();
             let mut tick = [0u8; 4];
-            busy.read_exact(&mut tick).await.unwrap();
+            within(PEER_WAIT, "busy: tick", busy.read_exact(&mut tick))
+                .await
+                .unwrap();
             tokio::time::sleep(limit / 5).await;
         }
         busy
@@ -214,6 +226,8 @@ async fn connections_without_tunnels_get_goaway_after_the_idle_limit() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     tunnel.write_all(b"alive").await.unwrap();
     let mut back = [0u8; 5];
-    tunnel.read_exact(&mut back).await.unwrap();
+    within(PEER_WAIT, "tunnel: back", tunnel.read_exact(&mut back))
+        .await
+        .unwrap();
     assert_eq!(&back, b"alive");
 }

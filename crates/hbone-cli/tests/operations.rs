@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{issue_with_cli, start_echo};
+use crate::common::{PEER_WAIT, issue_with_cli, start_echo, within};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -165,14 +165,18 @@ async fn socks5(entry: SocketAddr, target: SocketAddr) -> (u8, TcpStream) {
     let mut tcp = TcpStream::connect(entry).await.unwrap();
     tcp.write_all(&[5, 1, 0]).await.unwrap();
     let mut choice = [0u8; 2];
-    tcp.read_exact(&mut choice).await.unwrap();
+    within(PEER_WAIT, "tcp: choice", tcp.read_exact(&mut choice))
+        .await
+        .unwrap();
     let SocketAddr::V4(v4) = target else { panic!() };
     let mut request = vec![5, 1, 0, 1];
     request.extend_from_slice(&v4.ip().octets());
     request.extend_from_slice(&v4.port().to_be_bytes());
     tcp.write_all(&request).await.unwrap();
     let mut reply = [0u8; 10];
-    tcp.read_exact(&mut reply).await.unwrap();
+    within(PEER_WAIT, "tcp: reply", tcp.read_exact(&mut reply))
+        .await
+        .unwrap();
     (reply[1], tcp)
 }
 
@@ -280,7 +284,9 @@ async fn known_sequence(entry: SocketAddr, echo: SocketAddr) -> SocketAddr {
     tunnel.write_all(b"ping").await.unwrap();
     tunnel.shutdown().await.unwrap();
     let mut echoed = Vec::new();
-    tunnel.read_to_end(&mut echoed).await.unwrap();
+    within(PEER_WAIT, "tunnel: echoed", tunnel.read_to_end(&mut echoed))
+        .await
+        .unwrap();
     assert_eq!(echoed, b"ping");
 
     let denied: SocketAddr = "127.0.0.2:80".parse().unwrap();
@@ -536,7 +542,9 @@ async fn admin_endpoints_and_readiness_during_drain() {
     assert_eq!(reply, 0);
     tunnel.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
-    tunnel.read_exact(&mut buf).await.unwrap();
+    within(PEER_WAIT, "tunnel: buf", tunnel.read_exact(&mut buf))
+        .await
+        .unwrap();
     let (status, listed) = http(admin, "GET", "/tunnels").await;
     assert_eq!(status, 200);
     let listed: Value = serde_json::from_str(&listed).unwrap();
@@ -599,7 +607,9 @@ async fn admin_endpoints_and_readiness_during_drain() {
     tunnel.write_all(b"more").await.unwrap();
     tunnel.shutdown().await.unwrap();
     let mut rest = Vec::new();
-    tunnel.read_to_end(&mut rest).await.unwrap();
+    within(PEER_WAIT, "tunnel: rest", tunnel.read_to_end(&mut rest))
+        .await
+        .unwrap();
     assert_eq!(rest, b"more");
     let status = tokio::time::timeout(Duration::from_secs(10), setup.server.child.wait())
         .await
@@ -650,7 +660,9 @@ target = "{echo}"
     app.write_all(b"through the file").await.unwrap();
     app.shutdown().await.unwrap();
     let mut echoed = Vec::new();
-    app.read_to_end(&mut echoed).await.unwrap();
+    within(PEER_WAIT, "app: echoed", app.read_to_end(&mut echoed))
+        .await
+        .unwrap();
     assert_eq!(echoed, b"through the file");
 
     let (_, effective) = http(admin, "GET", "/config").await;
@@ -1061,7 +1073,9 @@ async fn through(forward: SocketAddr, data: &[u8]) {
     app.write_all(data).await.unwrap();
     app.shutdown().await.unwrap();
     let mut echoed = Vec::new();
-    app.read_to_end(&mut echoed).await.unwrap();
+    within(PEER_WAIT, "app: echoed", app.read_to_end(&mut echoed))
+        .await
+        .unwrap();
     assert_eq!(echoed, data);
 }
 

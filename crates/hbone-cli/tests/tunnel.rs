@@ -155,7 +155,13 @@ async fn half_close_from_the_target() {
         .await
         .unwrap();
     let mut received = Vec::new();
-    tunnel.read_to_end(&mut received).await.unwrap();
+    within(
+        PEER_WAIT,
+        "tunnel: received",
+        tunnel.read_to_end(&mut received),
+    )
+    .await
+    .unwrap();
     assert_eq!(received, greeting);
     tunnel.write_all(b"thanks, all read").await.unwrap();
     tunnel.shutdown().await.unwrap();

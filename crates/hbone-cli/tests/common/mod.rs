@@ -164,6 +164,17 @@ pub fn raw_tls_acceptor(identity: &Identity) -> tokio_rustls::TlsAcceptor {
 
 /// Polls `check` until it holds, for up to ten seconds: generous, so that
 /// a loaded machine does not fail a test whose event is merely late.
+/// How long a test waits for a peer's bytes or close before it fails
+/// rather than hangs: far beyond what a loaded machine needs.
+pub const PEER_WAIT: Duration = Duration::from_secs(10);
+
+/// Bounds `future` by `limit`; panics naming `what` when it runs out.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {limit:?}"))
+}
+
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..1000 {
         if check() {

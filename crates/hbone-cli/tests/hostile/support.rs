@@ -35,13 +35,6 @@ pub async fn alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
     within(60 * SECOND, "waiting for the other tests", GATE.write()).await
 }
 
-/// Bounds `future` by `limit`; panics naming `what` when it runs out.
-pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: nothing within {limit:?}"))
-}
-
 /// A TCP connection to `addr`, made within 5 s.
 pub async fn tcp_connect(addr: SocketAddr) -> TcpStream {
     within(5 * SECOND, "TCP connect", TcpStream::connect(addr))

@@ -11,7 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::support::{SECOND, tcp_connect, within};
+use super::support::{SECOND, tcp_connect};
+use crate::common::within;
 use crate::common::*;
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
