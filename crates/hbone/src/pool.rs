@@ -24,7 +24,7 @@ use crate::tls::TlsFailure;
 use crate::window::Probe;
 
 mod bulk;
-#[cfg(all(test, feature = "ca"))]
+#[cfg(test)]
 pub(crate) use bulk::BULK_BYTES;
 pub(crate) use bulk::{BulkMark, BulkSpan};
 
@@ -117,7 +117,7 @@ impl ConnState {
             peers: PeerCache::default(),
             ended: AtomicBool::new(false),
             end: tokio::sync::Notify::new(),
-            probe: Arc::default(),
+            probe: Arc::new(Probe::for_pool()),
         }
     }
 
@@ -350,7 +350,7 @@ impl Pool {
             Choice::AvoidBulk if entry.conns.len() < bulk::SEPARATE_UP_TO => entry
                 .conns
                 .iter()
-                .filter(|c| !c.state.probe.bulk.carries_bulk())
+                .filter(|c| !c.state.probe.carries_bulk())
                 .find_map(acquire),
             Choice::AvoidBulk | Choice::Any => entry.conns.iter().find_map(acquire),
         };

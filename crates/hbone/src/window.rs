@@ -223,8 +223,9 @@ pub(crate) struct Probe {
     /// Streams of the connection that report here ([`StreamProbe`]s).
     streams: AtomicUsize,
     /// Whether one of them moves bulk now, for the pool's choice of
-    /// connection for a new tunnel.
-    pub(crate) bulk: BulkMark,
+    /// connection for a new tunnel: kept only on pooled connections
+    /// ([`Probe::for_pool`]), so a server's streams do not count it.
+    pub(crate) bulk: Option<BulkMark>,
 }
 
 /// One stream's handle on its connection's [`Probe`]: counted while it
@@ -247,23 +248,43 @@ impl StreamProbe {
     /// `bytes` of DATA arrived on this stream.
     pub(crate) fn record(&mut self, bytes: usize) {
         self.probe.record(bytes);
-        self.span.moved(bytes, &self.probe.bulk);
+        self.sent(bytes);
     }
 
-    /// `bytes` of DATA were handed to h2 to send on this stream.
+    /// `bytes` of DATA were handed to h2 to send on this stream (and, from
+    /// [`StreamProbe::record`], received: bulk counts both ways).
     pub(crate) fn sent(&mut self, bytes: usize) {
-        self.span.moved(bytes, &self.probe.bulk);
+        if let Some(mark) = &self.probe.bulk {
+            self.span.moved(bytes, mark);
+        }
     }
 }
 
 impl Drop for StreamProbe {
     fn drop(&mut self) {
         self.probe.streams.fetch_sub(1, Ordering::Relaxed);
-        self.span.end(&self.probe.bulk);
+        if let Some(mark) = &self.probe.bulk {
+            self.span.end(mark);
+        }
     }
 }
 
 impl Probe {
+    /// The probe of a pooled connection, which also tells the pool whether
+    /// the connection carries bulk.
+    pub(crate) fn for_pool() -> Self {
+        Probe {
+            bulk: Some(BulkMark::default()),
+            ..Probe::default()
+        }
+    }
+
+    /// Whether one of the connection's open streams moves bulk now
+    /// (never, on a probe that does not track it).
+    pub(crate) fn carries_bulk(&self) -> bool {
+        self.bulk.as_ref().is_some_and(BulkMark::carries_bulk)
+    }
+
     /// Whether more than one stream of the connection is open.
     fn shared(&self) -> bool {
         self.streams.load(Ordering::Relaxed) > 1
@@ -508,6 +529,15 @@ mod tests {
             .flatten()
             .expect("halved");
         assert_eq!(halved.stream, MIN_STREAM_WINDOW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_pooled_probe_tracks_bulk() {
+        for (probe, tracks) in [(Probe::for_pool(), true), (Probe::default(), false)] {
+            let mut stream = StreamProbe::new(Arc::new(probe));
+            stream.sent(crate::pool::BULK_BYTES as usize);
+            assert_eq!(stream.probe.carries_bulk(), tracks);
+        }
     }
 
     #[test]
