@@ -1450,6 +1450,7 @@ async fn json_access_log_has_one_record_per_tunnel() {
     assert_eq!(record["message"], "tunnel closed");
     assert_eq!(record["role"], "server");
     assert_eq!(record["peer"], CLIENT_ID);
+    assert_eq!(record["identity_source"], "files");
     assert_eq!(record["target_addr"], echo.to_string());
     assert_eq!(record["sent"], 5);
     assert_eq!(record["received"], 5);

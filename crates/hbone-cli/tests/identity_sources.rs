@@ -80,7 +80,7 @@ async fn server_and_forward_take_their_identities_from_the_istio_ca() {
         ),
     )
     .unwrap();
-    let (_forward, forward, _) = spawn(&[
+    let (_forward, forward, forward_log) = spawn(&[
         "run".into(),
         "--admin".into(),
         "off".into(),
@@ -102,8 +102,13 @@ async fn server_and_forward_take_their_identities_from_the_istio_ca() {
     }
     assert_eq!(seen[0].cluster_id.as_deref(), Some("Kubernetes"));
     assert_eq!(seen[1].cluster_id, None, "not set in the file");
-    // The server's access record names the client's issued identity.
-    log_lines(&server_log, CLIENT_ID, 1).await;
+    // Each side's access record names the client's issued identity and
+    // where each side's own identity came from.
+    for log in [&server_log, &forward_log] {
+        let record = log_lines(log, "tunnel closed", 1).await.remove(0);
+        assert!(record.contains(CLIENT_ID), "{record}");
+        assert!(record.contains("identity_source=\"istio-ca\""), "{record}");
+    }
 }
 
 /// Certificates of 6 s: the server renews before expiry, new handshakes
@@ -338,6 +343,11 @@ async fn a_server_follows_the_workload_api_for_rotations_and_bundles() {
     .await;
     let data = payload(9, 50_000);
     assert_eq!(echo_through(theirs_entry, &data).await, data);
+    let record = log_lines(&server_log, "tunnel closed", 1).await.remove(0);
+    assert!(
+        record.contains("identity_source=\"workload-api\""),
+        "{record}"
+    );
 
     open.write_all(b"later").await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), open.read_exact(&mut back))
@@ -360,4 +370,76 @@ async fn assert_refused(entry: SocketAddr) {
         matches!(read, Ok(0) | Err(_)),
         "echoed through an untrusted client: {read:?}"
     );
+}
+
+/// `--federated-bundle TD=FILE` on a server with files: a partner-domain
+/// client passes only once the file holds its domain's roots (the file is
+/// watched with the identity), and only the partner ID the policy names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_files_federates_with_a_partner_domain_from_a_bundle_file() {
+    use crate::common::workload_api::svid;
+    use hbone::ca::DevCa;
+    const PARTNER: &str = "spiffe://partner.example/ns/billing/sa/api";
+    const PARTNER_OTHER: &str = "spiffe://partner.example/ns/billing/sa/batch";
+    let dir = tempfile::tempdir().unwrap();
+    let ours = Pki::new();
+    svid(&ours.ca, SERVER_ID)
+        .save(dir.path().join("server"))
+        .unwrap();
+    let partner = DevCa::generate("partner.example", DAY).unwrap();
+    let impostor = DevCa::generate("partner.example", DAY).unwrap();
+    for (name, id) in [("api", PARTNER), ("batch", PARTNER_OTHER)] {
+        let mut client = svid(&partner, id);
+        client.bundle_pem = ours.ca.cert_pem().to_owned();
+        client.save(dir.path().join(name)).unwrap();
+    }
+    // At first the file holds another CA's roots for that domain.
+    let roots = dir.path().join("partner-roots.pem");
+    std::fs::write(&roots, impostor.cert_pem()).unwrap();
+    let (_server, server, server_log) = spawn(&[
+        "server".into(),
+        "--identity-dir".into(),
+        dir.path().join("server").to_str().unwrap().into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--federated-bundle".into(),
+        format!("partner.example={}", roots.display()),
+        "--allow-id".into(),
+        PARTNER.into(),
+    ])
+    .await;
+    let echo = start_echo().await;
+    let forward = |name: &'static str| {
+        let identity = dir.path().join(name);
+        async move {
+            spawn(&[
+                "forward".into(),
+                "--identity-dir".into(),
+                identity.to_str().unwrap().into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--server".into(),
+                server.to_string(),
+                "--server-id".into(),
+                SERVER_ID.into(),
+                "--target".into(),
+                echo.to_string(),
+            ])
+            .await
+        }
+    };
+    let (_api_forward, api_entry, _) = forward("api").await;
+    let (_batch_forward, batch_entry, _) = forward("batch").await;
+    assert_refused(api_entry).await;
+    log_lines(&server_log, "handshake failed", 1).await;
+
+    std::fs::write(&roots, partner.cert_pem()).unwrap();
+    log_lines(&server_log, "identity reloaded", 1).await;
+    let data = payload(4, 30_000);
+    assert_eq!(echo_through(api_entry, &data).await, data);
+    let record = log_lines(&server_log, "tunnel closed", 1).await.remove(0);
+    assert!(record.contains(&format!("peer=\"{PARTNER}\"")), "{record}");
+    assert!(record.contains("identity_source=\"files\""), "{record}");
+    // The same domain's other workload is not named by the policy.
+    assert_refused(batch_entry).await;
 }

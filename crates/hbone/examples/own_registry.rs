@@ -77,7 +77,7 @@ pub async fn run() -> Result<String, Box<dyn Error>> {
         &tunnel,
         local,
         sink_addr,
-        Arc::new(TracingLog),
+        Arc::new(TracingLog::default()),
         asked,
     );
     // The application's end of the relay: an in-memory stream here, a

@@ -148,11 +148,26 @@ pub trait AccessLog: Send + Sync {
 
 /// Writes each record as one `tracing` event at info level.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct TracingLog;
+pub struct TracingLog {
+    identity_source: &'static str,
+}
+
+impl TracingLog {
+    /// A log whose records name where this process's own identity comes
+    /// from (`identity_source=`, e.g. `files`, `istio-ca`,
+    /// `workload-api`), so a record shows which certificate the tunnel
+    /// was made under. [`TracingLog::default`] leaves the field empty.
+    pub fn with_identity_source(source: &'static str) -> Self {
+        TracingLog {
+            identity_source: source,
+        }
+    }
+}
 
 impl AccessLog for TracingLog {
     fn record(&self, r: &TunnelRecord) {
         let role = r.role.as_str();
+        let identity_source = self.identity_source;
         let original = r.original_source.map(|o| o.to_string()).unwrap_or_default();
         let peer = r
             .peer_id
@@ -166,12 +181,12 @@ impl AccessLog for TracingLog {
                 reason,
                 detail,
             } => tracing::info!(
-                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id,
+                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id, identity_source,
                 target_addr = %r.target, original, trace, status, reason, detail = %detail,
                 "tunnel refused"
             ),
             Outcome::Completed => tracing::info!(
-                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id,
+                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id, identity_source,
                 target_addr = %r.target, original, trace, sent = r.bytes_sent,
                 received = r.bytes_received,
                 duration_ms = r.duration.as_millis() as u64,
@@ -179,7 +194,7 @@ impl AccessLog for TracingLog {
                 "tunnel closed"
             ),
             Outcome::Failed { end, detail } => tracing::info!(
-                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id,
+                target: "hbone::access", role, source = %r.source, peer, local = %r.local_id, identity_source,
                 target_addr = %r.target, original, trace, sent = r.bytes_sent,
                 received = r.bytes_received,
                 duration_ms = r.duration.as_millis() as u64,

@@ -21,6 +21,7 @@ use hbone::workload_api::WorkloadApi;
 use hbone::{Dialer, DialerConfig, Identity, Route, ServerConfig, SpiffeId};
 
 use super::entry_access::EntryAccessArgs;
+use super::federation::{self, FederatedBundleArg};
 use super::revocation::RevocationArgs;
 
 /// Where this process's certificate, key and trust bundle come from.
@@ -81,6 +82,16 @@ pub(super) struct IdentityArgs {
         conflicts_with_all = ["identity_dir", "cert", "key", "trust_bundle", "istio_ca"]
     )]
     pub(super) workload_api: Option<String>,
+    /// Roots of another trust domain (SPIFFE federation) as TD=FILE (PEM),
+    /// repeatable: a peer of that domain must chain to these roots, and a
+    /// server admits it only when a policy rule names it. Re-read with the
+    /// identity. The Workload API brings its own.
+    #[arg(
+        long = "federated-bundle",
+        value_name = "TD=FILE",
+        conflicts_with = "workload_api"
+    )]
+    pub(super) federated_bundles: Vec<FederatedBundleArg>,
     /// Write the identity in use (cert.pem, key.pem with mode 0600,
     /// bundle.pem) to this directory at start and after every renewal or
     /// update, for other local processes. Only with an identity from the
@@ -144,7 +155,7 @@ impl IdentityArgs {
         let identity = match self.istio_ca() {
             None => self.load()?,
             Some(ca) => {
-                let identity = ca.issue().await?;
+                let identity = self.with_federation(ca.issue().await?)?;
                 tracing::info!(
                     id = %identity.id(), ca = %ca.config().address,
                     valid_s = seconds_left(&identity),
@@ -157,6 +168,30 @@ impl IdentityArgs {
             identity,
             workload_api: None,
         })
+    }
+
+    /// `identity` with the --federated-bundle roots, read now.
+    pub(super) fn with_federation(&self, identity: Identity) -> anyhow::Result<Identity> {
+        federation::attach(identity, &self.federated_bundles)
+    }
+
+    /// Where the identity comes from, as the access log names it.
+    pub(super) fn source_name(&self) -> &'static str {
+        if self.workload_api.is_some() {
+            "workload-api"
+        } else if self.istio_ca.is_some() {
+            "istio-ca"
+        } else {
+            "files"
+        }
+    }
+
+    /// The access log of a component with this identity: each record
+    /// names the identity's source.
+    pub(super) fn access_log(&self) -> std::sync::Arc<hbone::access::TracingLog> {
+        std::sync::Arc::new(hbone::access::TracingLog::with_identity_source(
+            self.source_name(),
+        ))
     }
 
     /// The Istio CA client, when the identity comes from one.
@@ -201,27 +236,24 @@ impl IdentityArgs {
     /// Loads the identity without a word (for the rotation watcher's
     /// starting point: the command has just loaded and logged it).
     pub(super) fn read(&self) -> anyhow::Result<Identity> {
-        Ok(
-            match (
-                &self.identity_dir,
-                &self.cert,
-                &self.key,
-                &self.trust_bundle,
-            ) {
-                (Some(dir), _, _, _) => Identity::from_dir(dir)?,
-                (None, Some(cert), Some(key), Some(bundle)) => {
-                    Identity::from_files(cert, key, bundle)?
-                }
-                _ => bail!(
-                    "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle, or --istio-ca with --istio-ca-root, --token-file and --id, or --workload-api ENDPOINT"
-                ),
-            },
-        )
+        let identity = match (
+            &self.identity_dir,
+            &self.cert,
+            &self.key,
+            &self.trust_bundle,
+        ) {
+            (Some(dir), _, _, _) => Identity::from_dir(dir)?,
+            (None, Some(cert), Some(key), Some(bundle)) => Identity::from_files(cert, key, bundle)?,
+            _ => bail!(
+                "an identity is required: pass --identity-dir DIR, or --cert, --key and --trust-bundle, or --istio-ca with --istio-ca-root, --token-file and --id, or --workload-api ENDPOINT"
+            ),
+        };
+        self.with_federation(identity)
     }
 
     /// The files the identity comes from, to watch for rotation.
     pub(super) fn files(&self) -> Vec<PathBuf> {
-        match (
+        let mut files: Vec<PathBuf> = match (
             &self.identity_dir,
             &self.cert,
             &self.key,
@@ -240,7 +272,9 @@ impl IdentityArgs {
             (None, cert, key, bundle) => {
                 [cert, key, bundle].into_iter().flatten().cloned().collect()
             }
-        }
+        };
+        files.extend(self.federated_bundles.iter().map(|arg| arg.path.clone()));
+        files
     }
 }
 

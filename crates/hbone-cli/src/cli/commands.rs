@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hbone::access::TracingLog;
 use hbone::ca::DevCa;
 use hbone::entry::{self, socks5::SocksConfig};
 use hbone::gateway::Routes;
@@ -98,7 +97,8 @@ pub(super) async fn run_server(args: ServerArgs, ops: &Ops) -> anyhow::Result<()
     let identity = first.identity.clone();
     ops.identity_in_use(&identity);
     let baggage = args.meta.baggage(identity.id());
-    let mut config = ServerConfig::new(args.listen, identity);
+    let mut config =
+        ServerConfig::new(args.listen, identity).with_access_log(args.identity.access_log());
     ops.equip(&mut config);
     config.revocation = args.revocation.load()?;
     let flags = (args.allow_ids, args.allow_targets);
@@ -312,6 +312,12 @@ fn watch_identity(
         if let Some(api) = first.workload_api {
             tokio::spawn(follow_workload_api(api, first.identity, ops, apply));
         } else if let Some(ca) = istio_ca {
+            // Each renewal re-reads the federated bundles, so a changed
+            // partner root is taken up with the next certificate.
+            let federating = args.clone();
+            let apply = move |identity: &hbone::Identity| {
+                apply(&federating.with_federation(identity.clone())?)
+            };
             tokio::spawn(renew_from_istio_ca(ca, first.identity, ops, apply));
         }
         return;
@@ -513,7 +519,8 @@ pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<
     let identity = first.identity.clone();
     ops.identity_in_use(&identity);
     let routes = Routes::load(&args.routes)?;
-    let mut config = ServerConfig::new(args.listen, identity);
+    let mut config =
+        ServerConfig::new(args.listen, identity).with_access_log(args.identity.access_log());
     ops.equip(&mut config);
     config.revocation = args.revocation.load()?;
     let flags_rule = flags_rule_origin(false, &(args.allow_ids.clone(), Vec::new()));
@@ -554,7 +561,7 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
         listen = %listener.local_addr()?, id = %dialer.local_id(), route = %destination,
         "forward ready"
     );
-    let log = Arc::new(TracingLog);
+    let log = args.dial.identity.access_log();
     let serving = entry::forward::serve_with_access(
         listener,
         dialer.clone(),
@@ -646,7 +653,7 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
         listener,
         dialer.clone(),
         config,
-        Arc::new(TracingLog),
+        args.dial.identity.access_log(),
         access,
         ops.shutdown_requested(),
     );

@@ -5,6 +5,7 @@ mod commands;
 pub(crate) mod config_file;
 mod demo;
 mod entry_access;
+mod federation;
 mod identity_out;
 mod logwriter;
 pub mod merge;

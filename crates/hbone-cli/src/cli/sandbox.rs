@@ -85,6 +85,9 @@ impl Allowed {
         for file in files.into_iter().chain(istio).flatten() {
             self.directory_of(file);
         }
+        for bundle in &args.federated_bundles {
+            self.directory_of(&bundle.path);
+        }
         if let Some(socket) = args.workload_api.as_deref().and_then(unix_socket_path) {
             self.socket_directory_of(&socket);
         }
@@ -574,6 +577,8 @@ mod tests {
             "/var/run/secrets/tokens/istio-token",
             "--id",
             "spiffe://td/ns/a/sa/b",
+            "--federated-bundle",
+            "partner.example=/etc/partner/roots.pem",
             "--identity-out",
             "/run/hbone/identity",
             "--server-id",
@@ -589,7 +594,8 @@ mod tests {
             allowed.read,
             [
                 PathBuf::from("/var/run/istio"),
-                PathBuf::from("/var/run/secrets/tokens")
+                PathBuf::from("/var/run/secrets/tokens"),
+                PathBuf::from("/etc/partner")
             ]
         );
         assert_eq!(allowed.write, [PathBuf::from("/run/hbone/identity")]);

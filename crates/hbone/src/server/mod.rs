@@ -124,7 +124,7 @@ impl ServerConfig {
             policy: Policy::default(),
             h2: H2Settings::server(),
             timeouts: Timeouts::default(),
-            access_log: Arc::new(TracingLog),
+            access_log: Arc::new(TracingLog::default()),
             proxy_protocol: false,
             baggage: Baggage::default(),
             gateway_routes: None,

@@ -23,6 +23,7 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
         "cluster-id" => "Kubernetes",
         "id" => "spiffe://cluster.local/ns/web/sa/web",
         "workload-api" => "unix:///run/spire/agent.sock",
+        "federated-bundle" => "partner.example=/etc/hbone/partner-bundle.pem",
         "identity-out" => "/run/hbone/identity",
         "crl" => "/etc/hbone/certs/crl.pem",
         "allow-target" => "10.0.0.0/8:80-443",

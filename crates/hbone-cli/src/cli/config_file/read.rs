@@ -265,10 +265,13 @@ fn read_field(
                 ),
             )
         })?;
-        let value = if key.is_path() && !text.is_empty() && Path::new(&text).is_relative() {
-            src.base.join(&text).into_os_string()
-        } else {
-            OsString::from(&text)
+        let value = match key.path_in(&text) {
+            Some((before, path)) if !path.is_empty() && Path::new(path).is_relative() => {
+                let mut value = OsString::from(before);
+                value.push(src.base.join(path));
+                value
+            }
+            _ => OsString::from(&text),
         };
         if let Err(e) = key.check(cmd, &value) {
             let cause = check::value_error(key, cmd, &text, &e);

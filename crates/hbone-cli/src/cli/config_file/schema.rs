@@ -186,6 +186,23 @@ impl Key {
         }
     }
 
+    /// The path inside a value, to anchor when relative: the whole value
+    /// of a path flag, or what follows `=` in a `NAME=FILE` flag (as
+    /// `--federated-bundle TD=FILE`). Returns the text before the path.
+    pub fn path_in<'t>(&self, text: &'t str) -> Option<(&'t str, &'t str)> {
+        if self.is_path() {
+            return Some(("", text));
+        }
+        let names_a_file = self
+            .arg
+            .get_value_names()
+            .is_some_and(|names| names.iter().any(|n| n.as_str().ends_with("=FILE")));
+        match text.find('=') {
+            Some(at) if names_a_file => Some(text.split_at(at + 1)),
+            _ => None,
+        }
+    }
+
     pub fn is_path(&self) -> bool {
         matches!(
             self.arg.get_value_hint(),

@@ -121,6 +121,18 @@ fn relative_paths_are_relative_to_the_file() {
     );
     let network = forward.sections[0].field("network").unwrap();
     assert_eq!(args(network), ["--network", "a/b"]);
+    // In NAME=FILE values, the file part.
+    let server = ok("[server]\nidentity-dir = \"/c\"\n\
+         federated-bundle = [\"partner.example=partner.pem\", \"other.example=/abs/o.pem\"]\n");
+    assert_eq!(
+        args(server.sections[0].field("federated-bundle").unwrap()),
+        [
+            "--federated-bundle",
+            "partner.example=/etc/hbone/partner.pem",
+            "--federated-bundle",
+            "other.example=/abs/o.pem"
+        ]
+    );
 }
 
 /// `example` with its commented-out sections turned on as a reader would:

@@ -6,12 +6,10 @@
 mod rules;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use hbone::access::TracingLog;
 use hbone::config::{Timeouts, parse_duration};
 use hbone::entry::capture::{self, CaptureConfig, HBONE_PORT, Peer, Peers};
 use hbone::policy::TargetRule;
@@ -208,7 +206,7 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         listener,
         dialer.clone(),
         capture,
-        Arc::new(TracingLog),
+        args.identity.access_log(),
         ops.shutdown_requested(),
     );
     tokio::pin!(serving);
