@@ -254,6 +254,35 @@ async fn identity_source_mistakes_stop_the_start_with_clear_errors() {
         "{stderr}"
     );
 
+    // A partner bundle for our own trust domain is a mistake.
+    crate::common::workload_api::svid(&Pki::new().ca, SERVER_ID)
+        .save(dir.path().join("server"))
+        .unwrap();
+    let stderr = run(vec![
+        "--identity-dir".into(),
+        dir.path().join("server").to_str().unwrap().into(),
+        "--federated-bundle".into(),
+        format!("cluster.local={}", wrong_root.display()),
+    ])
+    .await;
+    assert!(
+        stderr.contains("names cluster.local, this identity's own trust domain"),
+        "{stderr}"
+    );
+
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        hbone(&["server", "--listen", "127.0.0.1:0", "--workload-api"])
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .output(),
+    )
+    .await
+    .expect("hbone did not exit")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("SPIFFE_ENDPOINT_SOCKET"), "{stderr}");
+
     let closed = closed_port().await;
     let mut flags = istio_flags(&ca, dir.path(), SERVER_ID);
     flags[1] = closed.to_string();
@@ -274,15 +303,16 @@ async fn a_server_follows_the_workload_api_for_rotations_and_bundles() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = Pki::new();
     let agent = TestAgent::start(dir.path(), &svid(&mesh.ca, SERVER_ID), mesh.ca.cert_pem()).await;
-    let (_server, server, server_log) = spawn(&[
-        "server".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--workload-api".into(),
-        agent.endpoint(),
-    ])
+    // `--workload-api` alone: the endpoint comes from the environment,
+    // as SPIRE's tools expect.
+    let endpoint = agent.endpoint();
+    let (_server, server, server_log) = crate::cli::spawn_logged_with_env(
+        &["server", "--listen", "127.0.0.1:0", "--workload-api"],
+        &[("SPIFFE_ENDPOINT_SOCKET", endpoint.as_ref())],
+    )
     .await;
-    log_lines(&server_log, "identity from the SPIFFE Workload API", 1).await;
+    let started = log_lines(&server_log, "identity from the SPIFFE Workload API", 1).await;
+    assert!(started[0].contains(&endpoint), "{started:?}");
     let first = presented_cert(server).await;
 
     // Clients with files: one from the mesh CA, one from a CA the server

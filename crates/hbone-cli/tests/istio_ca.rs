@@ -99,6 +99,42 @@ async fn a_certificate_is_issued_for_the_requested_id_with_the_headers_istiod_re
     );
 }
 
+/// During a root rotation root-cert.pem holds the old root beside the new:
+/// with `trust_root_cert` a peer still on the old root gets through; by
+/// default only the root the CA answers with is trusted.
+#[tokio::test]
+async fn the_root_file_s_roots_are_trusted_for_peers_only_when_asked() {
+    let setup = Setup::new().await;
+    let old = Pki::new();
+    // The stand-in's TLS root, the root it signs with, and the old root.
+    let roots = format!(
+        "{}{}{}",
+        setup.ca.root_pem,
+        setup.ca.signing_root_pem(),
+        old.ca.cert_pem()
+    );
+    std::fs::write(setup.path("root-cert.pem"), roots).unwrap();
+    let mut on_old_root = old.ca.issue(&old.client_id, DAY).unwrap();
+    on_old_root.bundle_pem = setup.ca.signing_root_pem();
+    let dialer = hbone::Dialer::new(&on_old_root.identity().unwrap()).unwrap();
+    let echo = start_echo().await;
+    for trusted in [false, true] {
+        let mut config = setup.config();
+        config.trust_root_cert = trusted;
+        let identity = IstioCa::new(config).issue().await.unwrap();
+        // The answer's root once, and the file's two others.
+        assert_eq!(identity.bundle().len(), if trusted { 3 } else { 1 });
+        let server = start_server(hbone::ServerConfig::new(loopback(), identity)).await;
+        let tunnel = within(
+            PEER_WAIT,
+            "a tunnel from a peer on the old root",
+            dialer.connect(server.addr, std::slice::from_ref(&setup.id), echo),
+        )
+        .await;
+        assert_eq!(tunnel.is_ok(), trusted, "trusted: {trusted}");
+    }
+}
+
 #[tokio::test]
 async fn a_wrong_ca_root_is_a_clear_error_and_no_token_leaves() {
     let setup = Setup::new().await;

@@ -426,6 +426,20 @@ impl Identity {
         self
     }
 
+    /// Adds `roots` to the trust bundle, skipping those already in it.
+    #[cfg(feature = "istio-ca")]
+    pub(crate) fn with_more_roots(
+        mut self,
+        roots: impl IntoIterator<Item = CertificateDer<'static>>,
+    ) -> Self {
+        for root in roots {
+            if !self.bundle.contains(&root) {
+                self.bundle.push(root);
+            }
+        }
+        self
+    }
+
     /// The roots of federated trust domains, by trust domain.
     pub fn federated_bundles(&self) -> &FederatedBundles {
         &self.federated

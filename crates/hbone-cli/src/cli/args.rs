@@ -59,6 +59,12 @@ pub(super) struct IdentityArgs {
     /// an IP address).
     #[arg(long, value_name = "NAME", requires = "istio_ca")]
     pub(super) istio_ca_name: Option<String>,
+    /// Also trust peers that chain to the --istio-ca-root file's
+    /// certificates, besides the root the CA answers with: during a mesh
+    /// root rotation Istio's root-cert.pem holds the old and the new root.
+    /// Re-read at every renewal.
+    #[arg(long, requires = "istio_ca")]
+    pub(super) trust_istio_ca_root: bool,
     /// File holding the bearer token for the Istio CA (a service-account
     /// token with audience istio-ca), read at every request.
     #[arg(long, value_name = "FILE", requires = "istio_ca")]
@@ -76,9 +82,13 @@ pub(super) struct IdentityArgs {
     /// (e.g. unix:///run/spire/agent.sock, as SPIFFE_ENDPOINT_SOCKET holds
     /// it) instead of files: the agent's default SVID and its trust
     /// domain's bundle, rotated live on every update the agent streams.
+    /// Without a value (an empty string in a config file), the endpoint
+    /// comes from SPIFFE_ENDPOINT_SOCKET.
     #[arg(
         long,
         value_name = "ENDPOINT",
+        num_args = 0..=1,
+        default_missing_value = "",
         conflicts_with_all = ["identity_dir", "cert", "key", "trust_bundle", "istio_ca"]
     )]
     pub(super) workload_api: Option<String>,
@@ -138,8 +148,24 @@ impl IdentityArgs {
         }
     }
 
+    /// The Workload API endpoint, when the identity comes from one: the
+    /// one given, or SPIFFE_ENDPOINT_SOCKET's for `--workload-api` alone.
+    pub(super) fn workload_api_endpoint(&self) -> anyhow::Result<Option<String>> {
+        match self.workload_api.as_deref() {
+            None => Ok(None),
+            Some("") => match std::env::var("SPIFFE_ENDPOINT_SOCKET") {
+                Ok(endpoint) if !endpoint.is_empty() => Ok(Some(endpoint)),
+                _ => bail!(
+                    "--workload-api without an endpoint takes it from SPIFFE_ENDPOINT_SOCKET, \
+                     which is not set; give it, e.g. --workload-api unix:///run/spire/agent.sock"
+                ),
+            },
+            Some(endpoint) => Ok(Some(endpoint.to_owned())),
+        }
+    }
+
     async fn obtain_from_source(&self) -> anyhow::Result<Obtained> {
-        if let Some(endpoint) = &self.workload_api {
+        if let Some(endpoint) = &self.workload_api_endpoint()? {
             let api = WorkloadApi::connect(endpoint, WORKLOAD_API_FIRST_SYNC).await?;
             let identity = api.identity()?;
             tracing::info!(
@@ -208,6 +234,7 @@ impl IdentityArgs {
         config.server_name = self.istio_ca_name.clone();
         config.cluster_id = self.cluster_id.clone();
         config.validity = self.cert_lifetime;
+        config.trust_root_cert = self.trust_istio_ca_root;
         Some(IstioCa::new(config))
     }
 

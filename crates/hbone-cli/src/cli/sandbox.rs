@@ -88,7 +88,8 @@ impl Allowed {
         for bundle in &args.federated_bundles {
             self.directory_of(&bundle.path);
         }
-        if let Some(socket) = args.workload_api.as_deref().and_then(unix_socket_path) {
+        let endpoint = args.workload_api_endpoint().ok().flatten();
+        if let Some(socket) = endpoint.as_deref().and_then(unix_socket_path) {
             self.socket_directory_of(&socket);
         }
         // Only where it will be written (the start refuses it otherwise).

@@ -87,6 +87,11 @@ impl TestIstioCa {
         }
     }
 
+    /// PEM of the root that signs the certificates it issues.
+    pub fn signing_root_pem(&self) -> String {
+        self.state.ca.cert_pem().to_owned()
+    }
+
     pub fn answer(&self, answer: Answer) {
         *self.state.answer.lock().unwrap() = answer;
     }

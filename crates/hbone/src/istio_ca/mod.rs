@@ -75,6 +75,11 @@ pub struct IstioCaConfig {
     pub validity: Duration,
     /// Limit for one request: connecting, TLS and the call together.
     pub timeout: Duration,
+    /// Also trust peers that chain to the certificates of `root_cert`,
+    /// besides the root the CA answers with. While a mesh's root is being
+    /// rotated Istio's `root-cert.pem` holds the old and the new root, and
+    /// peers still on the old one must stay trusted. Off by default.
+    pub trust_root_cert: bool,
 }
 
 impl IstioCaConfig {
@@ -94,6 +99,7 @@ impl IstioCaConfig {
             id,
             validity: Duration::from_secs(24 * 3600),
             timeout: Duration::from_secs(10),
+            trust_root_cert: false,
         }
     }
 
@@ -251,12 +257,16 @@ impl IstioCa {
     async fn issue_unbounded(&self) -> Result<Identity, IstioCaError> {
         let config = &self.config;
         let token = read_token(&config.token_file)?;
-        let roots = read_roots(&config.root_cert)?;
+        let (roots, roots_der) = read_roots(&config.root_cert)?;
         let (key_pem, csr) =
             request::key_and_csr(&config.id).map_err(|e| IstioCaError::Request(e.to_string()))?;
         let tls = self.connect(roots).await?;
         let chain = self.create_certificate(tls, &token, csr).await?;
-        self.identity_from(chain, &key_pem)
+        let identity = self.identity_from(chain, &key_pem)?;
+        Ok(match config.trust_root_cert {
+            true => identity.with_more_roots(roots_der),
+            false => identity,
+        })
     }
 
     /// TCP and TLS to the CA; the token goes nowhere before this succeeds.
@@ -444,7 +454,10 @@ fn read_token(path: &Path) -> Result<String, IstioCaError> {
     Ok(token.to_owned())
 }
 
-fn read_roots(path: &Path) -> Result<RootCertStore, IstioCaError> {
+/// The CA roots in `path`, as a store and as the certificates read.
+type Roots = (RootCertStore, Vec<CertificateDer<'static>>);
+
+fn read_roots(path: &Path) -> Result<Roots, IstioCaError> {
     let problem = |problem: String| IstioCaError::Root {
         path: path.to_owned(),
         problem,
@@ -454,11 +467,11 @@ fn read_roots(path: &Path) -> Result<RootCertStore, IstioCaError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| problem(format!("invalid PEM: {e}")))?;
     let mut roots = RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
+    let (added, _) = roots.add_parsable_certificates(certs.iter().cloned());
     if added == 0 {
         return Err(problem("no usable CERTIFICATE block".into()));
     }
-    Ok(roots)
+    Ok((roots, certs))
 }
 
 /// Hands tonic the connection made and verified beforehand, once.
