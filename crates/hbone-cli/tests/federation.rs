@@ -180,3 +180,40 @@ async fn a_client_checks_a_federated_server_against_its_domain_roots() {
     };
     assert!(error.to_string().contains("not signed by a CA"), "{error}");
 }
+
+/// A server ID given as a trust domain alone (`spiffe://TD`) accepts any
+/// workload of that domain, still checked against that domain's roots,
+/// and no workload of another.
+#[tokio::test]
+async fn a_client_expecting_a_trust_domain_accepts_its_workloads_only() {
+    let meshes = Meshes::new().await;
+    let mut config = ServerConfig::new(
+        loopback(),
+        identity(&meshes.partner, PARTNER, &[(TD, &meshes.ours)]),
+    );
+    config.policy = allow(&["spiffe://cluster.local/*"]);
+    let partner = start_server(config).await;
+    let ours = identity(
+        &meshes.ours,
+        "spiffe://cluster.local/ns/shop/sa/web",
+        &[(PARTNER_TD, &meshes.partner)],
+    );
+    let dialer = Dialer::new(&ours).unwrap();
+    let tunnel = dialer
+        .connect(partner.addr, &[id("spiffe://partner.example")], meshes.echo)
+        .await
+        .unwrap();
+    assert_eq!(tunnel.peer_id(), &id(PARTNER));
+    assert_eq!(echo_roundtrip(tunnel, b"td").await.unwrap(), b"td");
+
+    let Err(error) = dialer
+        .connect(partner.addr, &[id("spiffe://cluster.local")], meshes.echo)
+        .await
+    else {
+        panic!("a server of another trust domain met spiffe://cluster.local");
+    };
+    assert!(
+        error.to_string().contains("wrong server identity"),
+        "{error}"
+    );
+}

@@ -121,6 +121,17 @@ impl SpiffeId {
         &self.text[self.td_end..]
     }
 
+    /// Whether a peer presenting `presented` meets this ID as an
+    /// expectation: an ID with a path accepts itself only; a trust domain
+    /// ID (`spiffe://TD`, which no workload is) accepts every ID of TD.
+    pub fn accepts(&self, presented: &SpiffeId) -> bool {
+        if self.path().is_empty() {
+            self.trust_domain() == presented.trust_domain()
+        } else {
+            self == presented
+        }
+    }
+
     /// The whole ID as text.
     pub fn as_str(&self) -> &str {
         &self.text
@@ -507,6 +518,20 @@ fn check_certs(path: &Path, certs: &[CertificateDer<'static>]) -> Result<(), Ide
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trust_domain_id_accepts_its_workloads_and_an_id_only_itself() {
+        let id = |text: &str| SpiffeId::parse(text).unwrap();
+        let web = id("spiffe://cluster.local/ns/a/sa/web");
+        assert!(web.accepts(&web));
+        assert!(!web.accepts(&id("spiffe://cluster.local/ns/a/sa/db")));
+        assert!(!web.accepts(&id("spiffe://cluster.local")));
+        let domain = id("spiffe://cluster.local");
+        assert!(domain.accepts(&web));
+        assert!(domain.accepts(&domain));
+        assert!(!domain.accepts(&id("spiffe://cluster.local.evil/ns/a/sa/web")));
+        assert!(!domain.accepts(&id("spiffe://partner.example/ns/a/sa/web")));
+    }
 
     /// A self-signed certificate with these SANs, valid over `days`
     /// (Unix days) as given.

@@ -424,7 +424,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
         )?;
         let presented = spiffe_id_of(end_entity).map_err(other)?;
-        if !self.expected.contains(&presented) {
+        if !self.expected.iter().any(|id| id.accepts(&presented)) {
             return Err(other(UnexpectedPeer {
                 expected: self.expected.clone(),
                 presented,

@@ -525,6 +525,7 @@ pub(super) struct DialArgs {
     #[command(flatten)]
     pub(super) revocation: RevocationArgs,
     /// SPIFFE ID the server must present; repeat to accept any of several.
+    /// A trust domain alone (spiffe://TD) accepts any workload of it.
     #[arg(long = "server-id", value_name = "SPIFFE_ID", required = true)]
     pub(super) server_ids: Vec<SpiffeId>,
     /// Timeout for TCP connect to the server.
@@ -548,7 +549,8 @@ pub(super) struct DialArgs {
     /// --gateway-id and --service).
     #[arg(long, value_name = "ADDR", requires_all = ["gateway_ids", "service"])]
     pub(super) gateway: Option<SocketAddr>,
-    /// SPIFFE ID the gateway must present; repeatable.
+    /// SPIFFE ID the gateway must present; repeatable. A trust domain
+    /// alone (spiffe://TD) accepts any workload of it.
     #[arg(long = "gateway-id", value_name = "SPIFFE_ID", requires = "gateway")]
     pub(super) gateway_ids: Vec<SpiffeId>,
     /// The destination service as the gateway knows it, HOST:PORT (the

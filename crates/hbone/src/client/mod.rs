@@ -894,7 +894,9 @@ fn clone_request(request: &Request<()>) -> Request<()> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Route {
-    /// Straight to an HBONE server, which must prove one of `server_ids`.
+    /// Straight to an HBONE server, which must prove one of `server_ids`
+    /// (a trust domain ID among them accepts any workload of that domain:
+    /// [`SpiffeId::accepts`]).
     Direct {
         /// The HBONE server's address.
         server: SocketAddr,

@@ -41,7 +41,8 @@ pub(super) struct NodeArgs {
     )]
     pub(super) mesh: Vec<TargetRule>,
     /// The identities the nodes of a network prove, CIDR=SPIFFE_ID, several
-    /// IDs comma-separated; repeatable (the most specific network wins).
+    /// IDs comma-separated, a trust domain alone (spiffe://TD) for any
+    /// workload of it; repeatable (the most specific network wins).
     /// Captured connections to addresses in no peer network are closed.
     #[arg(
         long = "peer",

@@ -14,7 +14,8 @@ use crate::policy::{IpNet, TargetRule};
 pub struct Peer {
     /// The network the destinations are in.
     pub net: IpNet,
-    /// The identities their HBONE servers may prove; at least one.
+    /// The identities their HBONE servers may prove; at least one. A
+    /// trust domain ID accepts any workload of it ([`SpiffeId::accepts`]).
     pub ids: Vec<SpiffeId>,
 }
 
