@@ -525,6 +525,7 @@ pub(super) struct DialArgs {
     #[command(flatten)]
     pub(super) revocation: RevocationArgs,
     /// SPIFFE ID the server must present; repeat to accept any of several.
+    ///
     /// A trust domain alone (spiffe://TD) accepts any workload of it.
     #[arg(long = "server-id", value_name = "SPIFFE_ID", required = true)]
     pub(super) server_ids: Vec<SpiffeId>,
