@@ -9,7 +9,7 @@
 //! - The echo app writes back whatever it reads and half-closes after the
 //!   client does.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -19,14 +19,15 @@ use tokio::net::{TcpListener, TcpStream};
 const SINK_BUFFER: usize = 256 * 1024;
 const ECHO_BUFFER: usize = 8 * 1024;
 
-/// Binds both apps on loopback, prints `sink=ADDR echo=ADDR` on stdout and
-/// serves until killed.
-pub async fn run() -> anyhow::Result<()> {
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let sink = TcpListener::bind(loopback)
+/// Binds both apps on `ip` (loopback, or a namespace's own address in the
+/// capture workload), prints `sink=ADDR echo=ADDR` on stdout and serves
+/// until killed.
+pub async fn run(ip: IpAddr) -> anyhow::Result<()> {
+    let any_port = SocketAddr::new(ip, 0);
+    let sink = TcpListener::bind(any_port)
         .await
         .context("cannot bind the sink")?;
-    let echo = TcpListener::bind(loopback)
+    let echo = TcpListener::bind(any_port)
         .await
         .context("cannot bind the echo app")?;
     println!("sink={} echo={}", sink.local_addr()?, echo.local_addr()?);

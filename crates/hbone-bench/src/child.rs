@@ -33,8 +33,21 @@ impl Proc {
     /// and the `listen=` address of a "ready" line) are read by threads, so
     /// a chatty child never blocks on a full pipe.
     pub fn spawn(name: &str, args: &[String]) -> anyhow::Result<Proc> {
+        Proc::spawn_in(None, name, args)
+    }
+
+    /// [`Proc::spawn`] inside the network namespace `netns` (through
+    /// `ip netns exec`, which becomes this binary), when one is given.
+    pub fn spawn_in(netns: Option<&str>, name: &str, args: &[String]) -> anyhow::Result<Proc> {
         let exe = std::env::current_exe().context("cannot find the hbone binary to re-execute")?;
-        let mut command = Command::new(exe);
+        let mut command = match netns {
+            None => Command::new(exe),
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(exe);
+                command
+            }
+        };
         command
             .args(args)
             .env_remove("RUST_LOG")

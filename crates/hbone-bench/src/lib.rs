@@ -135,6 +135,10 @@ pub enum Part {
     Isolation,
     /// Memory per idle tunnel.
     Idle,
+    /// An unmodified client's TCP captured by `hbone node`, beside a
+    /// forward entry and direct TCP, between two network namespaces
+    /// (needs root, `ip` and `nft`).
+    Capture,
 }
 
 /// The processes the bench starts of itself; not for people.
@@ -142,7 +146,11 @@ pub enum Part {
 enum Internal {
     /// The sink and echo applications.
     #[command(hide = true)]
-    Apps,
+    Apps {
+        /// The address they listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        ip: std::net::IpAddr,
+    },
     /// One workload of the load generator.
     #[command(hide = true)]
     Load(load::LoadArgs),
@@ -225,7 +233,7 @@ impl BenchArgs {
 /// would be lost to `exit`) and exits with status 130.
 pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
     match args.internal {
-        Some(Internal::Apps) => apps::run().await,
+        Some(Internal::Apps { ip }) => apps::run(ip).await,
         Some(Internal::Load(load)) => load::run(load).await,
         None => {
             let options = args.options();

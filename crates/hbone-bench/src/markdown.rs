@@ -14,7 +14,7 @@ use super::Options;
 use super::cost::{self, NO_PERF};
 use super::machine::{self, Machine};
 use super::perf::Syscalls;
-use super::report::{self, HEADERS, ISOLATION_HEADERS, Measured};
+use super::report::{self, CAPTURE_HEADERS, HEADERS, ISOLATION_HEADERS, Measured};
 use super::results::{Metric, Topology};
 use super::targets::Verdict;
 
@@ -104,6 +104,16 @@ fn render(doc: &Document) -> String {
             let _ = writeln!(out, "- {note}.");
         }
         out += "\n";
+    }
+    let capture = report::capture_rows(&m.capture);
+    if !capture.is_empty() {
+        out += "## Transparent capture\n\n";
+        out += CAPTURE_INTRO;
+        out += &report::table(&CAPTURE_HEADERS, &capture);
+        out += "\n";
+    }
+    if let Some(why) = &m.capture.skipped {
+        let _ = writeln!(out, "Transparent capture was not measured: {why}.\n");
     }
     out += "## Targets, judged on the medians\n\n";
     out += "Stated for the server and the entry in processes of their own (2 processes); \
@@ -229,6 +239,15 @@ fn variation(doc: &Document) -> String {
     }
     out
 }
+
+/// What the capture table shows, before it.
+const CAPTURE_INTRO: &str = "Two hosts as network namespaces joined by a veth pair. On host A \
+     the load generator connects with plain TCP: to an echo app on host B that no rule captures \
+     (direct), to a `hbone forward` entry on A, and to another echo app on B whose address \
+     `hbone node` captures (nftables redirect, original destination from `SO_ORIGINAL_DST`, \
+     a tunnel to B's `hbone server` on 15008). The paths alternate within each run. CPU is \
+     that of the client-side proxy (node or entry) and the server together, per unit of \
+     work.\n\n";
 
 /// What the isolation table shows, before it.
 const ISOLATION_INTRO: &str = "\

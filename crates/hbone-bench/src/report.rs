@@ -3,7 +3,9 @@
 
 use super::cost::{self, Costs};
 use super::perf::Syscalls;
-use super::results::{Comparison, Isolation, Metric, Results, Topology};
+use super::results::{
+    Capture, CaptureFigure, CapturePath, Comparison, Isolation, Metric, Results, Topology,
+};
 use super::stats::Summary;
 use super::targets::Verdict;
 
@@ -23,6 +25,8 @@ pub struct Measured {
     /// How the isolation figures were measured, where that differs from
     /// the usual.
     pub isolation_notes: Vec<String>,
+    /// Through `hbone node`'s capture, a forward entry and direct.
+    pub capture: Capture,
 }
 
 /// The rows of the results table: workload, direct, then for each
@@ -77,6 +81,33 @@ pub const ISOLATION_HEADERS: [&str; 4] = [
     "hbone, 1 process",
 ];
 
+/// The rows of the capture table: figure, then each path.
+pub fn capture_rows(capture: &Capture) -> Vec<Vec<String>> {
+    if capture.is_empty() {
+        return Vec::new();
+    }
+    CaptureFigure::ALL
+        .iter()
+        .map(|&figure| {
+            let mut row = vec![figure.label().to_owned()];
+            for path in CapturePath::ALL {
+                row.push(cell(capture.summary(figure, path)));
+            }
+            row
+        })
+        .collect()
+}
+
+pub const CAPTURE_HEADERS: [&str; 4] = [
+    "between two network namespaces",
+    "direct",
+    "forward entry",
+    "captured by hbone node",
+];
+
+/// The capture table's title on stdout; tests/bench.rs finds it by this.
+pub const CAPTURE_HEADING: &str = "Transparent capture: an unmodified client's TCP captured by      hbone node, beside a forward entry and direct, medians of the runs";
+
 /// The isolation table's title on stdout; tests/bench.rs finds it by this.
 pub const ISOLATION_HEADING: &str = "Latency isolation: 1 KiB req/resp alone and beside bulk \
      streams through the same entry and server, medians of the runs";
@@ -110,6 +141,14 @@ pub fn render(
         for note in &measured.isolation_notes {
             out += &format!("  {note}\n");
         }
+    }
+    let capture = capture_rows(&measured.capture);
+    if !capture.is_empty() {
+        out += &format!("\n{CAPTURE_HEADING}:\n\n");
+        out += &table(&CAPTURE_HEADERS, &capture);
+    }
+    if let Some(why) = &measured.capture.skipped {
+        out += &format!("\nCapture not measured: {why}.\n");
     }
     out += &format!("\n{PER_UNIT_HEADING}:\n\n");
     out += &table(&cost::HEADERS, &measured.costs.rows(&measured.syscalls));

@@ -248,3 +248,92 @@ impl Isolation {
         counts
     }
 }
+
+/// How the capture workload's client reaches the echo app on the other
+/// host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CapturePath {
+    /// Plain TCP to an echo app no rule captures.
+    Direct,
+    /// To a `hbone forward` entry on the client's host.
+    Forward,
+    /// Plain TCP to the app's own address, captured by `hbone node`.
+    Captured,
+}
+
+impl CapturePath {
+    pub const ALL: [CapturePath; 3] = [
+        CapturePath::Direct,
+        CapturePath::Forward,
+        CapturePath::Captured,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CapturePath::Direct => "direct",
+            CapturePath::Forward => "forward entry",
+            CapturePath::Captured => "captured by hbone node",
+        }
+    }
+}
+
+/// A figure of the capture workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CaptureFigure {
+    ReqRate,
+    ReqP50,
+    ReqP99,
+    /// CPU of the client-side proxy and the server per request, in µs.
+    ReqCpu,
+    ConnRate,
+    /// The same per tunnel.
+    ConnCpu,
+}
+
+impl CaptureFigure {
+    pub const ALL: [CaptureFigure; 6] = [
+        CaptureFigure::ReqRate,
+        CaptureFigure::ReqP50,
+        CaptureFigure::ReqP99,
+        CaptureFigure::ReqCpu,
+        CaptureFigure::ConnRate,
+        CaptureFigure::ConnCpu,
+    ];
+
+    /// The row label; tests/bench.rs looks rows up by these.
+    pub fn label(self) -> &'static str {
+        match self {
+            CaptureFigure::ReqRate => "host to host, 1 KiB req/resp (req/s)",
+            CaptureFigure::ReqP50 => "host to host, 1 KiB req/resp, p50 (µs)",
+            CaptureFigure::ReqP99 => "host to host, 1 KiB req/resp, p99 (µs)",
+            CaptureFigure::ReqCpu => "CPU per request, proxy + server (µs)",
+            CaptureFigure::ConnRate => "host to host, new conn + 1-byte echo (conn/s)",
+            CaptureFigure::ConnCpu => "CPU per connection, proxy + server (µs)",
+        }
+    }
+}
+
+/// The capture workload's figures by path, or why it did not run.
+#[derive(Debug, Default, Clone)]
+pub struct Capture {
+    samples: BTreeMap<(CaptureFigure, CapturePath), Vec<f64>>,
+    /// Why the workload was skipped, when it was.
+    pub skipped: Option<String>,
+}
+
+impl Capture {
+    pub fn push(&mut self, figure: CaptureFigure, path: CapturePath, value: f64) {
+        self.samples.entry((figure, path)).or_default().push(value);
+    }
+
+    pub fn summary(&self, figure: CaptureFigure, path: CapturePath) -> Option<Summary> {
+        self.samples
+            .get(&(figure, path))
+            .and_then(|values| Summary::of(values))
+    }
+
+    /// Whether any run was measured.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}

@@ -31,9 +31,22 @@ pub fn run_load(
     extra: &[String],
     watched: &mut [&mut Proc],
 ) -> anyhow::Result<Fields> {
+    run_load_in(None, options, workload, side, route, extra, watched)
+}
+
+/// [`run_load`] inside the network namespace `netns`, when one is given.
+pub fn run_load_in(
+    netns: Option<&str>,
+    options: &Options,
+    workload: Workload,
+    side: &str,
+    route: Route,
+    extra: &[String],
+    watched: &mut [&mut Proc],
+) -> anyhow::Result<Fields> {
     let name = format!("load generator ({}, {side})", workload.name());
     let args = load_args(workload, route, options, extra);
-    let result = Proc::spawn(&name, &args).and_then(|mut load| {
+    let result = Proc::spawn_in(netns, &name, &args).and_then(|mut load| {
         let line = load.next_line(options.duration + RESULT_GRACE)?;
         load.wait_success(EXIT_LIMIT)?;
         Fields::parse(&line).with_context(|| format!("{name} printed {line:?}"))

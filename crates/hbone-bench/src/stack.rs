@@ -466,7 +466,7 @@ impl ChildFlags {
     /// Their "ready" lines (target `hbone::cli`) always show: the bench
     /// reads the addresses from them. The admin endpoint, when on, takes an
     /// ephemeral port.
-    fn args(&self) -> Vec<String> {
+    pub(crate) fn args(&self) -> Vec<String> {
         let mut args = strings(&["--log", &format!("{},hbone::cli=info", self.log)]);
         if self.admin {
             args.extend(strings(&["--admin", LOOPBACK_ANY_PORT]));
@@ -484,7 +484,7 @@ impl ChildFlags {
     }
 }
 
-fn push_path(args: &mut Vec<String>, flag: &str, path: &Path) {
+pub(crate) fn push_path(args: &mut Vec<String>, flag: &str, path: &Path) {
     args.push(flag.to_owned());
     args.push(path.display().to_string());
 }

@@ -5,6 +5,7 @@
 //! read around each tunnelled run, then print the tables and write the
 //! Markdown file.
 
+mod capture;
 mod isolation;
 
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use super::load::Workload;
 use super::markdown::{self, Document};
 use super::perf::Syscalls;
 use super::report::{self, Measured, number, percent};
-use super::results::{Isolation, Metric, Results, Topology};
+use super::results::{Capture, Isolation, Metric, Results, Topology};
 use super::runner::{self, RESULT_GRACE, RoundTrips, conn_rate, gbits, run_load};
 use super::sample;
 use super::stack::{
@@ -70,6 +71,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         results: Results::default(),
         isolation: Isolation::default(),
         isolation_notes: Vec::new(),
+        capture: Capture::default(),
         costs: Costs::default(),
         syscalls,
         joined_tunnels,
@@ -99,6 +101,9 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     if options.runs_part(Part::Idle) {
         bench.idle()?;
     }
+    if options.runs_part(Part::Capture) {
+        bench.capture()?;
+    }
     let mut logged = std::mem::take(&mut bench.logged);
     let mut watched = vec![&bench.apps.proc];
     watched.extend(&bench.split.procs);
@@ -118,6 +123,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         notes: bench.notes,
         isolation: bench.isolation,
         isolation_notes: bench.isolation_notes,
+        capture: bench.capture,
     };
     let heading = format!(
         "hbone bench: median of {} run(s), min–max in parentheses; {} ms per run; entry {}; {} build",
@@ -194,6 +200,8 @@ struct Bench<'a> {
     /// that differs from the usual.
     isolation: Isolation,
     isolation_notes: Vec<String>,
+    /// The capture workload's figures, or why it was skipped.
+    capture: Capture,
     costs: Costs,
     /// Whether perf counts syscalls (it may give up during the bench).
     syscalls: Syscalls,

@@ -77,6 +77,16 @@ const PER_UNIT: [(&str, &str, &str); 12] = [
     ("double HBONE, inner pooled", "tunnel", "3 processes"),
     ("double HBONE, fresh inner each", "tunnel", "3 processes"),
 ];
+/// The capture table's rows: direct, forward entry, captured.
+const CAPTURE: [&str; 6] = [
+    "host to host, 1 KiB req/resp (req/s)",
+    "host to host, 1 KiB req/resp, p50 (µs)",
+    "host to host, 1 KiB req/resp, p99 (µs)",
+    "CPU per request, proxy + server (µs)",
+    "host to host, new conn + 1-byte echo (conn/s)",
+    "CPU per connection, proxy + server (µs)",
+];
+
 /// What the syscall cells say where perf cannot count.
 const NO_PERF: &str = "perf not available";
 
@@ -250,6 +260,28 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         assert!(
             table.contains(&format!("syscalls: {NO_PERF} (")),
             "no reason given for the missing syscall figures in:\n{table}"
+        );
+    }
+    // Transparent capture between two namespaces: every figure on every
+    // path (CPU through the proxies only); without root it says why not.
+    if crate::host_tools::root_or_skip("the bench's capture workload", "network namespaces, nft") {
+        crate::host_tools::require("nft", "tests/bench.rs");
+        for label in CAPTURE {
+            let cells = row(&table, label);
+            assert_eq!(cells.len(), 4, "{label}: {cells:?}");
+            let measured_direct = !label.starts_with("CPU");
+            if measured_direct {
+                assert_positive(&table, label, cells[1], "direct");
+            } else {
+                assert_eq!(cells[1], "n/a", "{label} has no direct figure");
+            }
+            assert_positive(&table, label, cells[2], "forward entry");
+            assert_positive(&table, label, cells[3], "captured by hbone node");
+        }
+    } else {
+        assert!(
+            table.contains("Capture not measured: needs root"),
+            "{table}"
         );
     }
     assert!(table.contains("Targets"), "no targets in:\n{table}");
