@@ -9,7 +9,8 @@
 //! node, the forward entry and the load generator. The paths alternate
 //! within each run, so drift in background load touches all alike. The
 //! CPU per unit is that of the client-side proxy (node or forward) and
-//! the server together.
+//! the server together. Both hosts reuse ports in TIME_WAIT for new
+//! connections, as Linux does on loopback, where the other workloads run.
 //!
 //! It needs root, `ip` and `nft`; without them it is skipped with a note.
 
@@ -63,6 +64,19 @@ impl Hosts {
         for (ns, dev) in [(a, "va"), (b, "vb")] {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
+            // Thousands of connections a second to one app leave their
+            // ports in TIME_WAIT for a minute: without reuse, which Linux
+            // allows by default on loopback only, a second run finds the
+            // ports of the first still taken and crawls (a tenth of the
+            // rate, whichever path it measures).
+            let reuse = Command::new("ip")
+                .args(["netns", "exec", ns, "sysctl", "-q", "-w"])
+                .arg("net.ipv4.tcp_tw_reuse=1")
+                .status()
+                .context("cannot run sysctl")?;
+            if !reuse.success() {
+                bail!("sysctl net.ipv4.tcp_tw_reuse=1 failed in {ns}");
+            }
         }
         Ok(hosts)
     }
