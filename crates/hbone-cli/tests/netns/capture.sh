@@ -198,6 +198,17 @@ protected_packets() {
     ip netns exec "$b" nft list chain inet hbone input | grep "dport 8080" \
         | grep -o 'packets [0-9]*' | cut -d' ' -f2
 }
+# The node's metric of the same count, once it shows one connection (the
+# node reads the firewall's counter every few seconds). Arg: the mode.
+plaintext_metric() {
+    for _ in $(seq 150); do
+        line=$(ip netns exec "$b" curl -s "http://127.0.0.1:15000/metrics" \
+            | grep "^hbone_inbound_plaintext_connections_total{mode=\"$1\"}" || true)
+        [ "${line##* }" = 1 ] && break
+        sleep 0.1
+    done
+    echo "${line##* }"
+}
 # Strict: `hbone node` beside B's `hbone server`. Permissive: one
 # `hbone run` holding both, as a VM in the mesh runs.
 cat > "$work/b.toml" <<TOML
@@ -218,11 +229,12 @@ for mode in strict permissive; do
     if [ "$mode" = strict ]; then
         ip netns exec "$b" "$bin" node --identity-dir "$work/server" --listen 127.0.0.1:15001 \
             --mesh 10.77.0.1/32 --peer "10.77.0.1/32=$client_id" --protect 8080 \
-            --inbound "$mode" --log info > "$work/bnode-$mode.log" 2>&1 &
+            --inbound "$mode" --log info --admin 127.0.0.1:15000 \
+            > "$work/bnode-$mode.log" 2>&1 &
     else
         kill -TERM "$server"
         wait "$server" || true
-        ip netns exec "$b" "$bin" run --config "$work/b.toml" --admin off --log info \
+        ip netns exec "$b" "$bin" run --config "$work/b.toml" --admin 127.0.0.1:15000 --log info \
             > "$work/bnode-$mode.log" 2>&1 &
     fi
     bnode=$!
@@ -231,6 +243,7 @@ for mode in strict permissive; do
     [ "$mode" = strict ] || wait_for "$work/bnode-$mode.log" "HBONE server ready"
     ip netns exec "$a" timeout 20 python3 -c "$plain" "${mode}_plaintext"
     echo "${mode}_counted=$(protected_packets)"
+    echo "${mode}_metric=$(plaintext_metric "$mode")"
     echo "${mode}_tunnelled=$(printf tunnelled | ip netns exec "$a" timeout 20 "$bin" connect \
         --identity-dir "$work/client" --server 10.77.0.2:15008 --server-id "$server_id" \
         --target 10.77.0.2:8080 2>>"$work/connect.log")"

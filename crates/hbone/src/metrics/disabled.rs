@@ -93,6 +93,11 @@ impl Metrics {
         match *self {}
     }
 
+    /// See the `metrics` feature's `Metrics::inbound_plaintext`.
+    pub fn inbound_plaintext(&self, _mode: &'static str, _total: u64) {
+        match *self {}
+    }
+
     pub(crate) fn add_pool(&self, _peer: &SpiffeId, _connections: i64, _streams: i64) {
         match *self {}
     }

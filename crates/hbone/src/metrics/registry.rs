@@ -91,6 +91,11 @@ struct RenewalLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InboundLabels {
+    mode: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -128,6 +133,7 @@ pub struct Metrics {
     cert_expiry: Family<IdLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
     renewals: Family<RenewalLabels, Counter>,
+    inbound_plaintext: Family<InboundLabels, Counter>,
     scrape_hooks: Mutex<Vec<ScrapeHook>>,
 }
 
@@ -183,6 +189,7 @@ impl Metrics {
         let cert_expiry = Family::default();
         let reloads = Family::default();
         let renewals = Family::default();
+        let inbound_plaintext = Family::default();
         // Counters get `_total` appended by the encoder.
         registry.register(
             "istio_tcp_connections_opened",
@@ -270,6 +277,12 @@ impl Metrics {
             "Certificates asked of an identity source (e.g. istio-ca), by result",
             renewals.clone(),
         );
+        registry.register(
+            "hbone_inbound_plaintext_connections",
+            "Plaintext TCP connections from other hosts to ports a node protects: refused \
+             (mode strict) or let through (mode permissive)",
+            inbound_plaintext.clone(),
+        );
         Metrics {
             registry: None,
             opened,
@@ -289,6 +302,7 @@ impl Metrics {
             cert_expiry,
             reloads,
             renewals,
+            inbound_plaintext,
             scrape_hooks: Mutex::default(),
         }
     }
@@ -456,6 +470,20 @@ impl Metrics {
             result: if succeeded { "success" } else { "failure" },
         };
         self.renewals.get_or_create(&labels).inc();
+    }
+
+    /// Plaintext connections to protected ports so far in `mode`
+    /// (`strict` or `permissive`), as the firewall counted them: the
+    /// counter moves up to `total` (a count that went down, as when the
+    /// rules were reinstalled, is not taken back).
+    pub fn inbound_plaintext(&self, mode: &'static str, total: u64) {
+        let counter = self
+            .inbound_plaintext
+            .get_or_create(&InboundLabels { mode });
+        let seen = counter.get();
+        if total > seen {
+            counter.inc_by(total - seen);
+        }
     }
 
     /// Clears the pool gauges; scrape hooks then add each dialer's share.

@@ -6,6 +6,7 @@
 mod rules;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -195,6 +196,15 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         rules::apply(&args.nft, &args.rules().script())?;
         tracing::info!(table = rules::TABLE, "capture rules installed");
     }
+    if let Some(metrics) = &ops.telemetry.metrics
+        && !args.protect.is_empty()
+    {
+        tokio::spawn(count_plaintext(
+            args.nft.clone(),
+            args.inbound,
+            metrics.clone(),
+        ));
+    }
     ops.listener_bound();
     tracing::info!(
         listen = %listener.local_addr()?, id = %dialer.local_id(),
@@ -241,6 +251,38 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         tracing::info!("stopping with HBONE connections still open");
     }
     Ok(())
+}
+
+/// How often the protecting rule's counter is read into the metrics.
+const PLAINTEXT_COUNT_EVERY: Duration = Duration::from_secs(5);
+
+/// Copies the firewall's count of plaintext connections to protected
+/// ports into `hbone_inbound_plaintext_connections_total` every few
+/// seconds. A failed read (rules installed by hand, not yet, or removed)
+/// is logged once and retried.
+async fn count_plaintext(
+    nft: String,
+    inbound: rules::Inbound,
+    metrics: Arc<hbone::metrics::Metrics>,
+) {
+    let mut every = tokio::time::interval(PLAINTEXT_COUNT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        every.tick().await;
+        let nft = nft.clone();
+        let read = tokio::task::spawn_blocking(move || rules::plaintext_connections(&nft)).await;
+        match read {
+            Ok(Ok(total)) => metrics.inbound_plaintext(inbound.label(), total),
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                tracing::warn!(
+                    "cannot read the count of plaintext connections to protected ports: {e:#}"
+                );
+            }
+            _ => {}
+        }
+    }
 }
 
 /// `--print-rules`: the script, for an administrator.

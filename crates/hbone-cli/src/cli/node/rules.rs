@@ -144,16 +144,61 @@ impl Rules<'_> {
             .map(PortRange::to_string)
             .collect::<Vec<_>>()
             .join(", ");
+        // Each counts connections: a refused SYN is answered with a reset
+        // (no retries), and of a connection let through only its first
+        // packet is new to connection tracking.
         let verdict = match self.inbound {
-            Inbound::Strict => " reject with tcp reset",
-            Inbound::Permissive => "",
+            Inbound::Strict => " counter reject with tcp reset",
+            Inbound::Permissive => " ct state new counter",
         };
         let _ = writeln!(out, "\tchain input {{");
         let _ = writeln!(out, "\t\ttype filter hook input priority 0; policy accept;");
         let _ = writeln!(out, "\t\tiifname \"lo\" return");
-        let _ = writeln!(out, "\t\ttcp dport {{ {ports} }} counter{verdict}");
+        let _ = writeln!(out, "\t\ttcp dport {{ {ports} }}{verdict}");
         let _ = writeln!(out, "\t}}");
     }
+}
+
+impl Inbound {
+    /// The `mode` label of the plaintext-connection metric.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Inbound::Strict => "strict",
+            Inbound::Permissive => "permissive",
+        }
+    }
+}
+
+/// Plaintext connections the protecting rule has counted, read from the
+/// installed input chain (`nft -j`).
+pub(super) fn plaintext_connections(nft: &str) -> anyhow::Result<u64> {
+    let output = Command::new(nft)
+        .args(["-j", "list", "chain", "inet", TABLE, "input"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {nft}"))?;
+    if !output.status.success() {
+        bail!(
+            "{nft} cannot list the input chain: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    counted_packets(&output.stdout)
+}
+
+/// The packets of every counter in nft's JSON listing of a chain.
+fn counted_packets(json: &[u8]) -> anyhow::Result<u64> {
+    let listing: serde_json::Value =
+        serde_json::from_slice(json).context("nft's JSON did not parse")?;
+    let items = listing["nftables"]
+        .as_array()
+        .context("no nftables array in nft's JSON")?;
+    Ok(items
+        .iter()
+        .filter_map(|item| item["rule"]["expr"].as_array())
+        .flatten()
+        .filter_map(|expr| expr["counter"]["packets"].as_u64())
+        .sum())
 }
 
 /// The script that removes the rules (and succeeds when they are gone).
@@ -263,17 +308,34 @@ table inet hbone {
         let chain = |verdict: &str| {
             format!(
                 "\tchain input {{\n\t\ttype filter hook input priority 0; policy accept;\n\
-                 \t\tiifname \"lo\" return\n\t\ttcp dport {{ 8080, 5432-5433 }} counter{verdict}\n\
+                 \t\tiifname \"lo\" return\n\t\ttcp dport {{ 8080, 5432-5433 }}{verdict}\n\
                  \t}}\n}}\n"
             )
         };
         let strict = rules(Inbound::Strict);
         assert!(
-            strict.ends_with(&chain(" reject with tcp reset")),
+            strict.ends_with(&chain(" counter reject with tcp reset")),
             "{strict}"
         );
         let permissive = rules(Inbound::Permissive);
-        assert!(permissive.ends_with(&chain("")), "{permissive}");
+        assert!(
+            permissive.ends_with(&chain(" ct state new counter")),
+            "{permissive}"
+        );
+    }
+
+    #[test]
+    fn counters_are_read_from_nft_json() {
+        let json = br#"{"nftables": [{"metainfo": {"json_schema_version": 1}},
+            {"chain": {"family": "inet", "table": "hbone", "name": "input"}},
+            {"rule": {"chain": "input", "expr": [{"match": {"op": "==", "left": {"meta":
+              {"key": "iifname"}}, "right": "lo"}}, {"return": null}]}},
+            {"rule": {"chain": "input", "expr": [{"match": {"op": "==", "left": {"payload":
+              {"protocol": "tcp", "field": "dport"}}, "right": 8080}},
+              {"counter": {"packets": 3, "bytes": 180}}, {"reject": {"type": "tcp reset"}}]}}]}"#;
+        assert_eq!(counted_packets(json).unwrap(), 3);
+        assert!(counted_packets(b"not json").is_err());
+        assert!(counted_packets(br#"{"other": 1}"#).is_err());
     }
 
     #[test]
