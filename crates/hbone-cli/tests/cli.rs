@@ -640,6 +640,111 @@ async fn operator_mistakes_get_clear_errors() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("trust domain"));
 }
 
+/// `--network` names the client's network on the inner CONNECT of double
+/// HBONE, as ztunnel sends `x-forwarded-network`. The final server here is
+/// a bare TLS and HTTP/2 server that records each CONNECT's headers and
+/// echoes the stream, so the header is seen as it arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_flag_reaches_the_final_server_on_the_inner_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/gateway";
+    run_ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir.path(), "ca"),
+        "--id",
+        gateway_id,
+        "--out",
+        &path(dir.path(), "gateway"),
+    ])
+    .await;
+    let identity = hbone::Identity::from_dir(dir.path().join("server")).unwrap();
+    let acceptor = raw_tls_acceptor(&identity);
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let (seen, mut headers) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut connection) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let _ = seen.send(request.headers().clone());
+                    let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+                        continue;
+                    };
+                    let stream = stream_as_io(send, request.into_body());
+                    tokio::spawn(async move {
+                        let (mut from, mut to) = tokio::io::split(stream);
+                        let _ = tokio::io::copy(&mut from, &mut to).await;
+                        let _ = to.shutdown().await;
+                    });
+                }
+            });
+        }
+    });
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[route]]\nhost = \"echo.demo.svc.cluster.local\"\nendpoints = [\"{server}\"]\n"),
+    )
+    .unwrap();
+    let (_gateway, gateway) = spawn_ready(&[
+        "gateway",
+        "--identity-dir",
+        &path(dir.path(), "gateway"),
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+    ])
+    .await;
+    let (_forward, forward) = spawn_ready(&[
+        "forward",
+        "--identity-dir",
+        &path(dir.path(), "client"),
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        &gateway.to_string(),
+        "--gateway-id",
+        gateway_id,
+        "--service",
+        "echo.demo.svc.cluster.local:8080",
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        "127.0.0.1:8080",
+        "--network",
+        "west-net",
+    ])
+    .await;
+    let stream = TcpStream::connect(forward).await.unwrap();
+    let back = within(
+        PEER_WAIT,
+        "the echo",
+        echo_roundtrip(stream, b"across networks"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(back, b"across networks");
+    let inner = within(PEER_WAIT, "the inner CONNECT", headers.recv())
+        .await
+        .unwrap();
+    assert_eq!(
+        inner.get("x-forwarded-network").map(|v| v.as_bytes()),
+        Some(&b"west-net"[..]),
+        "{inner:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_hbone_through_hbone_gateway() {
     let dir = tempfile::tempdir().unwrap();
