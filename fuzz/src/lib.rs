@@ -224,10 +224,44 @@ fn is_baggage_value(s: &str) -> bool {
             .all(|b| (0x21..=0x7e).contains(&b) && !b"\",;\\".contains(&b))
 }
 
+/// W3C Trace Context's `traceparent` grammar (section 3.2), written from
+/// the specification apart from the parser: version, trace-id, parent-id
+/// and flags in lowercase hex, version `ff` invalid, version `00` exactly
+/// 55 characters, a later version's extra fields after a `-`, all-zero
+/// ids invalid. `None` for values no HTTP header can carry (controls other
+/// than tab, non-ASCII), which the model does not judge.
+fn traceparent_model(value: &str) -> Option<bool> {
+    if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b >= 0x7f) {
+        return None;
+    }
+    let v = value.trim_matches([' ', '\t']).as_bytes();
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return Some(false);
+    }
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    };
+    let (version, trace, parent, flags) = (&v[..2], &v[3..35], &v[36..52], &v[53..55]);
+    let zero = |s: &[u8]| s.iter().all(|&b| b == b'0');
+    Some(
+        hex(version)
+            && hex(trace)
+            && hex(parent)
+            && hex(flags)
+            && version != b"ff"
+            && !(version == b"00" && v.len() != 55)
+            && (v.len() == 55 || v[55] == b'-')
+            && !zero(trace)
+            && !zero(parent),
+    )
+}
+
 /// `parse_forwarded_for`, `TraceParent::parse` and `Baggage::parse` on
 /// the first, second and third line of the input: what parses prints and
-/// parses back equal. The input's first 25 bytes also make a trace
-/// context that must round-trip.
+/// parses back equal, and a trace context parses exactly when the
+/// specification's grammar accepts it. The input's first 25 bytes also
+/// make a trace context that must round-trip.
 pub fn headers(data: &[u8]) {
     let mut lines = data.splitn(3, |b| *b == b'\n');
     let forwarded = text(lines.next().unwrap_or_default());
@@ -249,6 +283,13 @@ pub fn headers(data: &[u8]) {
         }
     }
 
+    if let Some(valid) = traceparent_model(&traceparent) {
+        assert_eq!(
+            TraceParent::parse(&traceparent).is_some(),
+            valid,
+            "{traceparent:?}"
+        );
+    }
     if let Some(trace) = TraceParent::parse(&traceparent) {
         let printed = trace.to_string();
         assert_eq!(printed.len(), 55);
