@@ -524,9 +524,8 @@ pub(super) struct DialArgs {
     pub(super) identity: IdentityArgs,
     #[command(flatten)]
     pub(super) revocation: RevocationArgs,
-    /// SPIFFE ID the server must present; repeat to accept any of several.
-    ///
-    /// A trust domain alone (spiffe://TD) accepts any workload of it.
+    /// SPIFFE ID the server must present (spiffe://TD alone: any workload
+    /// of TD); repeat to accept any of several.
     #[arg(long = "server-id", value_name = "SPIFFE_ID", required = true)]
     pub(super) server_ids: Vec<SpiffeId>,
     /// Timeout for TCP connect to the server.

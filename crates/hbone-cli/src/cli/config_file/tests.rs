@@ -307,7 +307,7 @@ fn whole_sections_are_checked() {
         err(
             "[[forward]]\nidentity-dir = \"/c\"\nlisten = \"127.0.0.1:1\"\nserver = \"127.0.0.1:2\"\ntarget = \"127.0.0.1:3\"\n"
         ),
-        "hbone.toml:1: [[forward]] #1: missing required field server-id (SPIFFE ID the server must present; repeat to accept any of several)"
+        "hbone.toml:1: [[forward]] #1: missing required field server-id (SPIFFE ID the server must present (spiffe://TD alone: any workload of TD); repeat to accept any of several)"
     );
     assert_eq!(
         err("[server]\ncert = \"c.pem\"\n"),
