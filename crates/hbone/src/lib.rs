@@ -93,6 +93,7 @@ pub mod client;
 pub mod config;
 mod crypto;
 pub mod entry;
+mod frame_guard;
 pub mod gateway;
 pub mod headers;
 pub mod identity;

@@ -337,3 +337,110 @@ async fn a_gateway_calms_floods_too() {
             .await
     );
 }
+
+/// The dialer keeps the same budget on servers: one that PINGs without
+/// end (waiting for each answer, so nothing backs up) has its connection
+/// closed by the dialer within a bounded number of PINGs, its tunnel
+/// fails, and the next tunnel gets a connection of its own. A budget of
+/// 100 keeps the test short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialer_closes_a_server_that_floods_pings() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    const BUDGET: u32 = 100;
+    let pki = Pki::new();
+    let acceptor = raw_tls_acceptor(&pki.server);
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = start_echo().await;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let (flood_over, mut flood_ended) = tokio::sync::mpsc::unbounded_channel();
+    let (counted, pongs) = (connections.clone(), answered.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            let (acceptor, pongs, flood_over) =
+                (acceptor.clone(), pongs.clone(), flood_over.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut connection) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                let mut ping_pong = connection.ping_pong().unwrap();
+                // Serve CONNECTs to their target while the connection lives.
+                let serving = async {
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let target: std::net::SocketAddr =
+                            request.uri().authority().unwrap().as_str().parse().unwrap();
+                        let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+                            continue;
+                        };
+                        let mut stream = stream_as_io(send, request.into_body());
+                        tokio::spawn(async move {
+                            if let Ok(mut target) = tokio::net::TcpStream::connect(target).await {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut stream, &mut target).await;
+                            }
+                        });
+                    }
+                };
+                if !first {
+                    serving.await;
+                    return;
+                }
+                let flooding = async {
+                    // Once the first tunnel is up, PING until refused.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while ping_pong.ping(h2::Ping::opaque()).await.is_ok() {
+                        pongs.fetch_add(1, Ordering::SeqCst);
+                    }
+                };
+                tokio::select! {
+                    () = serving => {}
+                    () = flooding => {}
+                }
+                let _ = flood_over.send(());
+            });
+        }
+    });
+
+    let config =
+        hbone::DialerConfig::default().with_max_control_frames(BUDGET, Duration::from_secs(10));
+    let dialer = hbone::Dialer::with_config(&pki.client, config).unwrap();
+    let server_id = std::slice::from_ref(&pki.server_id);
+    let first = within(
+        PEER_WAIT,
+        "the first tunnel",
+        dialer.connect(addr, server_id, echo),
+    )
+    .await
+    .unwrap();
+    within(PEER_WAIT, "the flood's end", flood_ended.recv())
+        .await
+        .unwrap();
+    let pings = answered.load(Ordering::SeqCst);
+    assert!(
+        pings < u64::from(BUDGET) + 10,
+        "the dialer answered {pings} PINGs on a budget of {BUDGET}"
+    );
+    // The flooded connection is gone, and its tunnel with it.
+    let broken = within(
+        PEER_WAIT,
+        "the first tunnel's end",
+        echo_roundtrip(first, b"x"),
+    )
+    .await;
+    assert!(broken.is_err(), "a tunnel outlived its flooded connection");
+    let second = within(
+        PEER_WAIT,
+        "the second tunnel",
+        dialer.connect(addr, server_id, echo),
+    )
+    .await
+    .unwrap();
+    assert_eq!(echo_roundtrip(second, b"again").await.unwrap(), b"again");
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}

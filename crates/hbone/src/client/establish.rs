@@ -19,6 +19,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use super::{DialError, Dialer, Inner, Stage};
+use crate::frame_guard::{FrameGuard, Rate};
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::metrics::Reporter;
 use crate::pool::{ConnState, PooledConn};
@@ -111,8 +112,13 @@ impl Dialer {
             })?;
         let state = Arc::new(ConnState::new());
         let h2 = &self.inner.config.h2;
+        let config = &self.inner.config;
+        let budget = Rate {
+            frames: config.max_control_frames,
+            window: config.control_frame_window,
+        };
         let io = ErrorRecorder {
-            inner: tls_stream,
+            inner: FrameGuard::dialing(tls_stream, budget, server),
             state: state.clone(),
             linger: None,
         };

@@ -280,6 +280,17 @@ pub struct DialerConfig {
     /// Linux 5.17, CAP_NET_RAW), and Linux;
     /// elsewhere every connect fails. None by default.
     pub socket_mark: Option<u32>,
+    /// Control frames a server may send on one connection: a burst of
+    /// this many, and as many per [`DialerConfig::control_frame_window`],
+    /// counted as a server counts its clients'
+    /// ([`crate::server::Limits::max_control_frames`]; its own PINGs and
+    /// SETTINGS answered and the window updates our uploads earn are
+    /// free). One more closes the connection, and its tunnels fail.
+    /// Default 1,000.
+    pub max_control_frames: u32,
+    /// The period [`DialerConfig::max_control_frames`] is counted over;
+    /// 10 s by default, zero to turn the check off.
+    pub control_frame_window: Duration,
 }
 
 impl Default for DialerConfig {
@@ -294,6 +305,8 @@ impl Default for DialerConfig {
             telemetry: Telemetry::default(),
             revocation: Revocation::default(),
             socket_mark: None,
+            max_control_frames: 1_000,
+            control_frame_window: Duration::from_secs(10),
         }
     }
 }
@@ -352,6 +365,15 @@ impl DialerConfig {
     #[must_use]
     pub fn with_revocation(mut self, revocation: Revocation) -> Self {
         self.revocation = revocation;
+        self
+    }
+
+    /// Sets [`DialerConfig::max_control_frames`] and
+    /// [`DialerConfig::control_frame_window`].
+    #[must_use]
+    pub fn with_max_control_frames(mut self, frames: u32, window: Duration) -> Self {
+        self.max_control_frames = frames;
+        self.control_frame_window = window;
         self
     }
 

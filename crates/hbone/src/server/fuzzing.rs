@@ -15,9 +15,9 @@ use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::frame_guard::Tripwire;
 use super::stats::CountOnDrop;
 use super::{Server, ServerConfig, ServerError, ServerStats, Shared};
+use crate::frame_guard::Tripwire;
 use crate::identity::SpiffeId;
 
 /// A server's shared state without a listener or TLS; see the module.

@@ -12,7 +12,6 @@
 //! and relays the (inner, encrypted) bytes without looking at them.
 
 mod connect;
-mod frame_guard;
 #[doc(hidden)]
 pub mod fuzzing;
 mod limits;
@@ -33,8 +32,8 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
+use crate::frame_guard::{self, FrameGuard, Rate, Tripwire};
 use crate::read_ahead::ReadAhead;
-use frame_guard::{FrameGuard, Rate, Tripwire};
 
 pub use limits::Limits;
 use limits::{ConnectionRefusal, Gate};

@@ -34,6 +34,12 @@
 //!
 //! HEADERS, CONTINUATION and DATA that carries data are not charged: `h2`
 //! bounds them itself (streams, header sizes, flow control, rapid reset).
+//!
+//! A dialer guards its connections the same way ([`FrameGuard::dialing`]),
+//! with the roles turned round: the server's frames are charged, the
+//! dialer's DATA and HEADERS earn the server's WINDOW_UPDATEs and resets.
+//! `h2`'s client cannot send GOAWAY, so there a trip fails the read: the
+//! connection ends, its tunnels with it, and the pool dials afresh.
 
 use std::io;
 use std::pin::Pin;
@@ -72,7 +78,7 @@ const PADDED: u8 = 0x8;
 /// The most free WINDOW_UPDATE and RST_STREAM frames a connection can
 /// hold in reserve: twice the DATA frames of a full 16 MiB connection
 /// window in 16 KiB frames.
-pub(super) const EARNED_CAP: u32 = 4096;
+pub(crate) const EARNED_CAP: u32 = 4096;
 
 /// How long a tripped connection goes on reading (and discarding) after
 /// its GOAWAY, and how much, so that closing it does not make the kernel
@@ -82,18 +88,18 @@ const LINGER_BYTES: usize = 1 << 20;
 
 /// One frame header, as far as the guard needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Head {
-    pub(super) kind: u8,
-    pub(super) flags: u8,
+pub(crate) struct Head {
+    pub(crate) kind: u8,
+    pub(crate) flags: u8,
     /// Payload length; for a PADDED DATA frame, the data it carries
     /// (padding and the pad length byte excluded).
-    pub(super) length: u32,
+    pub(crate) length: u32,
 }
 
 /// Finds frame headers in a byte stream fed in pieces of any size. Keeps
 /// at most one partial header between pieces; payloads are skipped.
 #[derive(Debug, Clone)]
-pub(super) struct Scanner {
+pub(crate) struct Scanner {
     /// Bytes of the preface still to pass over.
     preface: usize,
     header: [u8; HEADER_LEN],
@@ -107,12 +113,12 @@ pub(super) struct Scanner {
 
 impl Scanner {
     /// A scanner for what a client sends: the preface, then frames.
-    pub(super) fn client() -> Self {
+    pub(crate) fn client() -> Self {
         Self::after(PREFACE_LEN)
     }
 
     /// A scanner for what a server sends: frames from the first byte.
-    pub(super) fn server() -> Self {
+    pub(crate) fn server() -> Self {
         Self::after(0)
     }
 
@@ -129,7 +135,7 @@ impl Scanner {
     /// Reads `bytes`, calling `frame` with each complete header. Stops
     /// when `frame` returns false, and returns where in `bytes` that
     /// frame's header began (0 when it began in an earlier piece).
-    pub(super) fn scan(
+    pub(crate) fn scan(
         &mut self,
         bytes: &[u8],
         mut frame: impl FnMut(Head) -> bool,
@@ -216,7 +222,7 @@ fn charge(head: Head) -> Charge {
 }
 
 /// The name of a frame type, for the log.
-pub(super) fn kind_name(kind: u8) -> &'static str {
+pub(crate) fn kind_name(kind: u8) -> &'static str {
     match kind {
         DATA => "empty DATA",
         HEADERS => "HEADERS",
@@ -235,16 +241,16 @@ pub(super) fn kind_name(kind: u8) -> &'static str {
 /// The rate control frames may arrive at: a burst of up to `frames`, and
 /// `frames` per `window` sustained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Rate {
-    pub(super) frames: u32,
-    pub(super) window: Duration,
+pub(crate) struct Rate {
+    pub(crate) frames: u32,
+    pub(crate) window: Duration,
 }
 
 /// A token bucket in the form of a theoretical arrival time (GCRA): each
 /// charged frame moves `due` on by `window / frames`; a frame that would
 /// put `due` more than `window` ahead of now finds the bucket empty.
 #[derive(Debug, Clone)]
-pub(super) struct Budget {
+pub(crate) struct Budget {
     step: Duration,
     window: Duration,
     due: Option<Instant>,
@@ -252,11 +258,11 @@ pub(super) struct Budget {
     /// Our PINGs and SETTINGS whose ACKs are free.
     answers: u32,
     /// Frames charged, the one that tripped included.
-    pub(super) charged: u64,
+    pub(crate) charged: u64,
 }
 
 impl Budget {
-    pub(super) fn new(rate: Rate) -> Self {
+    pub(crate) fn new(rate: Rate) -> Self {
         Budget {
             step: rate.window / rate.frames.max(1),
             window: rate.window,
@@ -274,7 +280,7 @@ impl Budget {
     /// A frame the server wrote: DATA that carries data earns the client
     /// its WINDOW_UPDATEs.
     /// PING and SETTINGS pay for their ACKs.
-    pub(super) fn sent(&mut self, head: Head) {
+    pub(crate) fn sent(&mut self, head: Head) {
         match head.kind {
             DATA if head.length > 0 => self.earn(2),
             PING | SETTINGS if head.flags & ACK == 0 => {
@@ -286,7 +292,7 @@ impl Budget {
 
     /// A frame the client sent, at `now` (read only for charged frames);
     /// false when it is one too many.
-    pub(super) fn received(&mut self, head: Head, now: &mut impl FnMut() -> Instant) -> bool {
+    pub(crate) fn received(&mut self, head: Head, now: &mut impl FnMut() -> Instant) -> bool {
         let answer = matches!(head.kind, PING | SETTINGS) && head.flags & ACK != 0;
         if answer && self.answers > 0 {
             self.answers -= 1;
@@ -314,25 +320,25 @@ impl Budget {
 
 /// What tripped a guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Trip {
+pub(crate) struct Trip {
     /// The type of the frame that found the budget spent.
-    pub(super) kind: u8,
+    pub(crate) kind: u8,
     /// Control frames charged on the connection, that one included.
-    pub(super) charged: u64,
+    pub(crate) charged: u64,
 }
 
 /// Shared between a [`FrameGuard`] (inside `h2`) and the task serving its
 /// connection, which waits on [`Tripwire::tripped`] and closes the
 /// connection when it fires.
 #[derive(Debug, Default)]
-pub(super) struct Tripwire {
+pub(crate) struct Tripwire {
     trip: OnceLock<Trip>,
     notify: Notify,
 }
 
 impl Tripwire {
     /// Waits until the guard trips; returns at once if it has.
-    pub(super) async fn tripped(&self) -> Trip {
+    pub(crate) async fn tripped(&self) -> Trip {
         loop {
             let notified = self.notify.notified();
             if let Some(trip) = self.trip.get() {
@@ -355,7 +361,7 @@ impl Tripwire {
 
 /// The decrypted stream of one server connection, with its frame headers
 /// read on the way in and out (see the module documentation).
-pub(super) struct FrameGuard<S> {
+pub(crate) struct FrameGuard<S> {
     inner: S,
     incoming: Scanner,
     outgoing: Scanner,
@@ -366,10 +372,13 @@ pub(super) struct FrameGuard<S> {
     shut: bool,
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
     discarded: usize,
+    /// On a dialer's connection, the server it leads to: a trip then
+    /// fails the read rather than waiting for a GOAWAY to be sent.
+    dialing: Option<std::net::SocketAddr>,
 }
 
 impl<S> FrameGuard<S> {
-    pub(super) fn new(inner: S, rate: Rate, tripwire: Arc<Tripwire>) -> Self {
+    pub(crate) fn new(inner: S, rate: Rate, tripwire: Arc<Tripwire>) -> Self {
         FrameGuard {
             inner,
             incoming: Scanner::client(),
@@ -379,6 +388,18 @@ impl<S> FrameGuard<S> {
             shut: false,
             linger: None,
             discarded: 0,
+            dialing: None,
+        }
+    }
+
+    /// The guard of a dialer's connection to `server`: the server's
+    /// frames are charged, and a trip fails the read.
+    pub(crate) fn dialing(inner: S, rate: Rate, server: std::net::SocketAddr) -> Self {
+        FrameGuard {
+            incoming: Scanner::server(),
+            outgoing: Scanner::client(),
+            dialing: Some(server),
+            ..FrameGuard::new(inner, rate, Arc::default())
         }
     }
 
@@ -398,10 +419,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.tripwire.is_set() {
-            // Nothing more for h2: the server task, woken by the trip,
-            // closes the connection.
-            return Poll::Pending;
+        if let Some(trip) = this.tripwire.trip.get() {
+            return match this.dialing {
+                Some(server) => Poll::Ready(Err(flooded(server, *trip))),
+                // Nothing more for h2: the server task, woken by the trip,
+                // closes the connection.
+                None => Poll::Pending,
+            };
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
@@ -423,6 +447,19 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
             kind,
             charged: this.budget.charged,
         });
+        if let Some(server) = this.dialing {
+            tracing::warn!(
+                %server, last = kind_name(kind), charged = this.budget.charged,
+                "HBONE server sent control frames past the budget; closing its connection"
+            );
+            // No task waits on a dialer's tripwire: fail the read now, or
+            // h2 would wait for bytes that are never handed over.
+            let trip = Trip {
+                kind,
+                charged: this.budget.charged,
+            };
+            return Poll::Ready(Err(flooded(server, trip)));
+        }
         // h2 gets what came before the frame that tripped (the preface,
         // perhaps), and never that frame.
         buf.set_filled(before + cut);
@@ -432,6 +469,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for FrameGuard<S> {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// The error a dialer's guard fails its reads with, once tripped.
+fn flooded(server: std::net::SocketAddr, trip: Trip) -> io::Error {
+    io::Error::other(format!(
+        "HBONE server {server} sent control frames past the budget ({} charged, the last {}); \
+         connection closed",
+        trip.charged,
+        kind_name(trip.kind)
+    ))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FrameGuard<S> {
