@@ -640,6 +640,69 @@ async fn operator_mistakes_get_clear_errors() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("trust domain"));
 }
 
+/// The gateway's identity in the double HBONE tests.
+const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/gateway";
+
+/// Issues a gateway identity under `dir` (which `make_pki` filled),
+/// starts `hbone gateway` routing `echo.demo.svc.cluster.local` to
+/// `server`, and a forward to `target` through it with `extra` flags.
+/// Returns the gateway and its address, the forward and its address.
+async fn forward_through_gateway(
+    dir: &Path,
+    server: SocketAddr,
+    target: &str,
+    extra: &[&str],
+) -> (Child, SocketAddr, Child, SocketAddr) {
+    run_ok(&[
+        "ca",
+        "issue",
+        "--ca",
+        &path(dir, "ca"),
+        "--id",
+        GATEWAY_ID,
+        "--out",
+        &path(dir, "gateway"),
+    ])
+    .await;
+    let routes = dir.join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!("[[route]]\nhost = \"echo.demo.svc.cluster.local\"\nendpoints = [\"{server}\"]\n"),
+    )
+    .unwrap();
+    let (gateway_child, gateway) = spawn_ready(&[
+        "gateway",
+        "--identity-dir",
+        &path(dir, "gateway"),
+        "--listen",
+        "127.0.0.1:0",
+        "--routes",
+        routes.to_str().unwrap(),
+    ])
+    .await;
+    let (gateway_addr, client) = (gateway.to_string(), path(dir, "client"));
+    let mut args = vec![
+        "forward",
+        "--identity-dir",
+        &client,
+        "--listen",
+        "127.0.0.1:0",
+        "--gateway",
+        &gateway_addr,
+        "--gateway-id",
+        GATEWAY_ID,
+        "--service",
+        "echo.demo.svc.cluster.local:8080",
+        "--server-id",
+        SERVER_ID,
+        "--target",
+        target,
+    ];
+    args.extend(extra);
+    let (forward_child, forward) = spawn_ready(&args).await;
+    (gateway_child, gateway, forward_child, forward)
+}
+
 /// `--network` names the client's network on the inner CONNECT of double
 /// HBONE, as ztunnel sends `x-forwarded-network`. The final server here is
 /// a bare TLS and HTTP/2 server that records each CONNECT's headers and
@@ -648,18 +711,6 @@ async fn operator_mistakes_get_clear_errors() {
 async fn network_flag_reaches_the_final_server_on_the_inner_connect() {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path()).await;
-    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/gateway";
-    run_ok(&[
-        "ca",
-        "issue",
-        "--ca",
-        &path(dir.path(), "ca"),
-        "--id",
-        gateway_id,
-        "--out",
-        &path(dir.path(), "gateway"),
-    ])
-    .await;
     let identity = hbone::Identity::from_dir(dir.path().join("server")).unwrap();
     let acceptor = raw_tls_acceptor(&identity);
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
@@ -690,41 +741,12 @@ async fn network_flag_reaches_the_final_server_on_the_inner_connect() {
             });
         }
     });
-    let routes = dir.path().join("routes.toml");
-    std::fs::write(
-        &routes,
-        format!("[[route]]\nhost = \"echo.demo.svc.cluster.local\"\nendpoints = [\"{server}\"]\n"),
-    )
-    .unwrap();
-    let (_gateway, gateway) = spawn_ready(&[
-        "gateway",
-        "--identity-dir",
-        &path(dir.path(), "gateway"),
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-    ])
-    .await;
-    let (_forward, forward) = spawn_ready(&[
-        "forward",
-        "--identity-dir",
-        &path(dir.path(), "client"),
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        &gateway.to_string(),
-        "--gateway-id",
-        gateway_id,
-        "--service",
-        "echo.demo.svc.cluster.local:8080",
-        "--server-id",
-        SERVER_ID,
-        "--target",
+    let (_gateway, _, _forward, forward) = forward_through_gateway(
+        dir.path(),
+        server,
         "127.0.0.1:8080",
-        "--network",
-        "west-net",
-    ])
+        &["--network", "west-net"],
+    )
     .await;
     let stream = TcpStream::connect(forward).await.unwrap();
     let back = within(
@@ -749,18 +771,6 @@ async fn network_flag_reaches_the_final_server_on_the_inner_connect() {
 async fn double_hbone_through_hbone_gateway() {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path()).await;
-    let gateway_id = "spiffe://cluster.local/ns/istio-system/sa/gateway";
-    run_ok(&[
-        "ca",
-        "issue",
-        "--ca",
-        &path(dir.path(), "ca"),
-        "--id",
-        gateway_id,
-        "--out",
-        &path(dir.path(), "gateway"),
-    ])
-    .await;
     let echo = start_echo().await;
     let services = dir.path().join("services.toml");
     let services_table = |name: &str| {
@@ -780,40 +790,8 @@ async fn double_hbone_through_hbone_gateway() {
         services.to_str().unwrap(),
     ])
     .await;
-    let routes = dir.path().join("routes.toml");
-    std::fs::write(
-        &routes,
-        format!("[[route]]\nhost = \"echo.demo.svc.cluster.local\"\nendpoints = [\"{server}\"]\n"),
-    )
-    .unwrap();
-    let (_gateway, gateway) = spawn_ready(&[
-        "gateway",
-        "--identity-dir",
-        &path(dir.path(), "gateway"),
-        "--listen",
-        "127.0.0.1:0",
-        "--routes",
-        routes.to_str().unwrap(),
-    ])
-    .await;
-    let (_forward, forward) = spawn_ready(&[
-        "forward",
-        "--identity-dir",
-        &path(dir.path(), "client"),
-        "--listen",
-        "127.0.0.1:0",
-        "--gateway",
-        &gateway.to_string(),
-        "--gateway-id",
-        gateway_id,
-        "--service",
-        "echo.demo.svc.cluster.local:8080",
-        "--server-id",
-        SERVER_ID,
-        "--target",
-        &echo.to_string(),
-    ])
-    .await;
+    let (_gateway, gateway, _forward, forward) =
+        forward_through_gateway(dir.path(), server, &echo.to_string(), &[]).await;
     let data = payload(11, 1 << 20);
     let back = echo_roundtrip(TcpStream::connect(forward).await.unwrap(), &data)
         .await
@@ -888,6 +866,7 @@ async fn double_hbone_through_hbone_gateway() {
     );
 
     // A bad routing table is one clear error naming the file.
+    let routes = dir.path().join("routes.toml");
     std::fs::write(
         &routes,
         "[[route]]\nhost = \"x\"\nendpoints = [\"not-an-ip\"]\n",

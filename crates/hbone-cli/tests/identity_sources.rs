@@ -49,6 +49,29 @@ async fn spawn(args: &[String]) -> (tokio::process::Child, SocketAddr, crate::cl
     spawn_logged(&args).await
 }
 
+/// A forward with the identity in `identity` to `target` through the
+/// server at `server`, which must prove SERVER_ID.
+async fn forward_with(
+    identity: std::path::PathBuf,
+    server: SocketAddr,
+    target: SocketAddr,
+) -> (tokio::process::Child, SocketAddr, crate::cli::Log) {
+    spawn(&[
+        "forward".into(),
+        "--identity-dir".into(),
+        identity.to_str().unwrap().into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--server".into(),
+        server.to_string(),
+        "--server-id".into(),
+        SERVER_ID.into(),
+        "--target".into(),
+        target.to_string(),
+    ])
+    .await
+}
+
 async fn echo_through(entry: SocketAddr, data: &[u8]) -> Vec<u8> {
     let stream = TcpStream::connect(entry).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), echo_roundtrip(stream, data))
@@ -324,25 +347,7 @@ async fn a_server_follows_the_workload_api_for_rotations_and_bundles() {
     theirs.bundle_pem = mesh.ca.cert_pem().to_owned();
     theirs.save(dir.path().join("theirs")).unwrap();
     let echo = start_echo().await;
-    let forward = |name: &'static str| {
-        let identity = dir.path().join(name);
-        async move {
-            spawn(&[
-                "forward".into(),
-                "--identity-dir".into(),
-                identity.to_str().unwrap().into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--server".into(),
-                server.to_string(),
-                "--server-id".into(),
-                SERVER_ID.into(),
-                "--target".into(),
-                echo.to_string(),
-            ])
-            .await
-        }
-    };
+    let forward = |name: &str| forward_with(dir.path().join(name), server, echo);
     let (_ours_forward, ours_entry, _) = forward("ours").await;
     let (_theirs_forward, theirs_entry, _) = forward("theirs").await;
     let mut open = TcpStream::connect(ours_entry).await.unwrap();
@@ -439,25 +444,7 @@ async fn a_server_with_files_federates_with_a_partner_domain_from_a_bundle_file(
     ])
     .await;
     let echo = start_echo().await;
-    let forward = |name: &'static str| {
-        let identity = dir.path().join(name);
-        async move {
-            spawn(&[
-                "forward".into(),
-                "--identity-dir".into(),
-                identity.to_str().unwrap().into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--server".into(),
-                server.to_string(),
-                "--server-id".into(),
-                SERVER_ID.into(),
-                "--target".into(),
-                echo.to_string(),
-            ])
-            .await
-        }
-    };
+    let forward = |name: &str| forward_with(dir.path().join(name), server, echo);
     let (_api_forward, api_entry, _) = forward("api").await;
     let (_batch_forward, batch_entry, _) = forward("batch").await;
     assert_refused(api_entry).await;
