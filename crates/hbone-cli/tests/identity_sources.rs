@@ -49,17 +49,15 @@ async fn spawn(args: &[String]) -> (tokio::process::Child, SocketAddr, crate::cl
     spawn_logged(&args).await
 }
 
-/// A forward with the identity in `identity` to `target` through the
-/// server at `server`, which must prove SERVER_ID.
+/// A forward with `identity` (the flags that give it) to `target`
+/// through the server at `server`, which must prove SERVER_ID.
 async fn forward_with(
-    identity: std::path::PathBuf,
+    identity: Vec<String>,
     server: SocketAddr,
     target: SocketAddr,
 ) -> (tokio::process::Child, SocketAddr, crate::cli::Log) {
-    spawn(&[
-        "forward".into(),
-        "--identity-dir".into(),
-        identity.to_str().unwrap().into(),
+    let mut args = vec![
+        "forward".to_owned(),
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--server".into(),
@@ -68,8 +66,14 @@ async fn forward_with(
         SERVER_ID.into(),
         "--target".into(),
         target.to_string(),
-    ])
-    .await
+    ];
+    args.extend(identity);
+    spawn(&args).await
+}
+
+/// The flags that take the identity from the directory `dir`.
+fn identity_dir(dir: &Path) -> Vec<String> {
+    vec!["--identity-dir".into(), dir.to_str().unwrap().into()]
 }
 
 async fn echo_through(entry: SocketAddr, data: &[u8]) -> Vec<u8> {
@@ -169,19 +173,8 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
     assert_eq!(mode & 0o777, 0o600);
 
     let echo = start_echo().await;
-    let mut forward_args = vec![
-        "forward".to_owned(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--server".into(),
-        server.to_string(),
-        "--server-id".into(),
-        SERVER_ID.into(),
-        "--target".into(),
-        echo.to_string(),
-    ];
-    forward_args.extend(istio_flags(&ca, dir.path(), CLIENT_ID));
-    let (_forward, forward, _) = spawn(&forward_args).await;
+    let client = istio_flags(&ca, dir.path(), CLIENT_ID);
+    let (_forward, forward, _) = forward_with(client, server, echo).await;
     let mut open = TcpStream::connect(forward).await.unwrap();
     let mut back = [0u8; 5];
     open.write_all(b"early").await.unwrap();
@@ -347,7 +340,7 @@ async fn a_server_follows_the_workload_api_for_rotations_and_bundles() {
     theirs.bundle_pem = mesh.ca.cert_pem().to_owned();
     theirs.save(dir.path().join("theirs")).unwrap();
     let echo = start_echo().await;
-    let forward = |name: &str| forward_with(dir.path().join(name), server, echo);
+    let forward = |name: &str| forward_with(identity_dir(&dir.path().join(name)), server, echo);
     let (_ours_forward, ours_entry, _) = forward("ours").await;
     let (_theirs_forward, theirs_entry, _) = forward("theirs").await;
     let mut open = TcpStream::connect(ours_entry).await.unwrap();
@@ -444,7 +437,7 @@ async fn a_server_with_files_federates_with_a_partner_domain_from_a_bundle_file(
     ])
     .await;
     let echo = start_echo().await;
-    let forward = |name: &str| forward_with(dir.path().join(name), server, echo);
+    let forward = |name: &str| forward_with(identity_dir(&dir.path().join(name)), server, echo);
     let (_api_forward, api_entry, _) = forward("api").await;
     let (_batch_forward, batch_entry, _) = forward("batch").await;
     assert_refused(api_entry).await;
