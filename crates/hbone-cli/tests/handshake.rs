@@ -7,7 +7,7 @@ use crate::common::*;
 use hbone::tls::TlsFailure;
 use hbone::{DialError, Dialer, Identity, ServerConfig};
 use time::OffsetDateTime;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Dials with `identity`, expecting `expected_server`, and returns the TLS
 /// failure, after checking nothing was left behind.
@@ -339,7 +339,7 @@ async fn tls_versions_suites_and_resumption_are_restricted() {
         default_provider(),
     ));
     for attempt in 0..3 {
-        let tls = connect(resuming.clone())
+        let mut tls = connect(resuming.clone())
             .await
             .expect("an AES-GCM TLS 1.3 client is served");
         let (_, connection) = tls.get_ref();
@@ -348,8 +348,21 @@ async fn tls_versions_suites_and_resumption_are_restricted() {
             Some(rustls::HandshakeKind::Full),
             "connection {attempt} resumed a session"
         );
-        // Read the server's first flight so that any ticket would arrive.
-        drop(tls);
+        // TLS 1.3 tickets come after the handshake, ahead of application
+        // data: reading the server's SETTINGS takes in any ticket, so the
+        // next attempt would resume if the server had sent one.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut settings = [0u8; 9];
+        within(
+            PEER_WAIT,
+            "the server's SETTINGS",
+            tls.read_exact(&mut settings),
+        )
+        .await
+        .expect("the server answers the preface");
+        assert_eq!(settings[3], 0x4, "the server's first frame is SETTINGS");
     }
 }
 
