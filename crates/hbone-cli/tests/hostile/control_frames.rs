@@ -356,12 +356,18 @@ async fn a_dialer_closes_a_server_that_floods_pings() {
     let connections = Arc::new(AtomicUsize::new(0));
     let answered = Arc::new(AtomicU64::new(0));
     let (flood_over, mut flood_ended) = tokio::sync::mpsc::unbounded_channel();
-    let (counted, pongs) = (connections.clone(), answered.clone());
+    // Set once the first tunnel is up, so the flood cannot race it.
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (counted, pongs, start) = (connections.clone(), answered.clone(), go.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
-            let (acceptor, pongs, flood_over) =
-                (acceptor.clone(), pongs.clone(), flood_over.clone());
+            let (acceptor, pongs, flood_over, start) = (
+                acceptor.clone(),
+                pongs.clone(),
+                flood_over.clone(),
+                start.clone(),
+            );
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -393,7 +399,7 @@ async fn a_dialer_closes_a_server_that_floods_pings() {
                 }
                 let flooding = async {
                     // Once the first tunnel is up, PING until refused.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    start.notified().await;
                     while ping_pong.ping(h2::Ping::opaque()).await.is_ok() {
                         pongs.fetch_add(1, Ordering::SeqCst);
                     }
@@ -418,6 +424,7 @@ async fn a_dialer_closes_a_server_that_floods_pings() {
     )
     .await
     .unwrap();
+    go.notify_one();
     within(PEER_WAIT, "the flood's end", flood_ended.recv())
         .await
         .unwrap();

@@ -152,9 +152,9 @@ async fn client_that_never_grants_window_gets_no_more_than_its_window() {
     let hosed = within(15 * SECOND, "the target to stall", hosed)
         .await
         .expect("the firehose target reports");
-    // Whatever the server would send has had time to arrive.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    wire.poll();
+    // The server has answered everything sent so far: what it would send
+    // beyond the window would be here.
+    wire.round_trip().await;
     let received = wire.data_of(1).0.len();
     let growth = rss_bytes().saturating_sub(rss_before);
     eprintln!(
@@ -194,8 +194,7 @@ async fn client_that_never_grants_window_gets_no_more_than_its_window() {
         wire.data_of(1).0.len(),
         wire.end
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    wire.poll();
+    wire.round_trip().await;
     assert_eq!(
         wire.data_of(1).0.len(),
         goal,

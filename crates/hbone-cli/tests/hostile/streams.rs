@@ -48,8 +48,13 @@ async fn rapid_reset_is_cut_off_with_few_dials() {
     }
     let cut_off = wire.wait_closed(5 * SECOND).await;
     let took = started.elapsed();
-    // Dials from streams accepted just before the cut-off finish quickly.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Dials from streams accepted just before the cut-off end with their
+    // tunnels: once only the tunnel alongside is open, all are counted.
+    settle(&server, 1).await;
+    wait_until("only the tunnel alongside open", 5 * SECOND, || {
+        server.stats.snapshot().tunnels_active == 1
+    })
+    .await;
     let dialled = dials.load(Ordering::Acquire);
     // Most of what was written sat unread in socket buffers: the GOAWAY's
     // last stream id says how far the server actually went.
@@ -129,9 +134,20 @@ async fn cancelled_streams_do_not_keep_their_dials() {
         assert!(accepted, "round {round}: the server did not dial");
         let resets: Vec<u8> = ids.iter().flat_map(|&id| rst_stream(id, CANCEL)).collect();
         wire.send(&resets).await.unwrap();
-        // Give the cancellations a moment to reach the dialling tasks.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        peak = peak.max(hole.pending_dials());
+        // The cancellations reach the dialling tasks, which give up their
+        // dials at once: well before the 3 s connect timeout would.
+        let abandoned = async {
+            while hole.pending_dials() > 0 {
+                peak = peak.max(hole.pending_dials());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let abandoned = tokio::time::timeout(2 * SECOND, abandoned).await.is_ok();
+        assert!(
+            abandoned,
+            "round {round}: {} dials still pending 2 s after their streams were cancelled",
+            hole.pending_dials()
+        );
     }
     wire.poll();
     eprintln!(
@@ -209,21 +225,29 @@ async fn streams_beyond_the_limit_are_refused() {
     );
     assert_eq!(wire.goaway(), None);
     // The target counts a dial when it accepts it, which may trail the
-    // server's 200; wait for all of them, then make sure no more come.
+    // server's 200; wait for all of them and for their tunnels.
     wait_until("200 dials accepted", 5 * SECOND, || {
         dials.load(Ordering::Acquire) >= LIMIT as usize
     })
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    wait_until("200 tunnels open", 5 * SECOND, || {
+        server.stats.snapshot().tunnels_active == u64::from(LIMIT) + 1
+    })
+    .await;
+    // A PING answered after the refusals: the server has read every
+    // stream it was sent. It opened tunnels for the 200 only (and the one
+    // alongside), and the target saw no other dial.
+    wire.round_trip().await;
+    assert_eq!(
+        server.stats.snapshot().tunnels_opened,
+        u64::from(LIMIT) + 1,
+        "tunnels opened for refused streams"
+    );
     assert_eq!(
         dials.load(Ordering::Acquire),
         LIMIT as usize,
         "refused streams dialled"
     );
-    wait_until("200 tunnels open", 5 * SECOND, || {
-        server.stats.snapshot().tunnels_active == u64::from(LIMIT) + 1
-    })
-    .await;
 
     // While the attacker holds its 200 idle tunnels, others are served.
     alongside

@@ -151,6 +151,8 @@ pub struct Wire {
     pub frames: Vec<Frame>,
     /// Why reading ended: "EOF" or the error; `None` while open.
     pub end: Option<String>,
+    /// PINGs sent by [`Wire::round_trip`], numbering their payloads.
+    pings: u64,
 }
 
 impl Wire {
@@ -165,6 +167,7 @@ impl Wire {
             reader,
             frames: Vec::new(),
             end: None,
+            pings: 0,
         }
     }
 
@@ -214,6 +217,25 @@ impl Wire {
                 Ok(Some(next)) => self.take(next),
             }
         }
+    }
+
+    /// Sends a PING and waits for its ACK, so that the server has read
+    /// everything sent before it and answered; a check of what it did not
+    /// send then rests on an event, not on a pause. Panics after 5 s.
+    pub async fn round_trip(&mut self) {
+        self.pings += 1;
+        let payload = self.pings.to_be_bytes();
+        self.send(&frame(PING, 0, 0, &payload))
+            .await
+            .expect("sending a PING");
+        let acked = self
+            .wait(5 * SECOND, |w| {
+                w.frames
+                    .iter()
+                    .any(|f| f.kind == PING && f.flags & ACK != 0 && f.payload == payload)
+            })
+            .await;
+        assert!(acked, "no PING ACK within 5 s (end {:?})", self.end);
     }
 
     /// Waits for the server to close the connection; false after `limit`.

@@ -56,7 +56,7 @@ async fn moves_bytes_both_ways_with_half_close() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_stalled_local_reader_stalls_the_sender_at_the_window() {
     let window = 16 << 10;
     let local_capacity = 1 << 10;
@@ -75,6 +75,8 @@ async fn a_stalled_local_reader_stalls_the_sender_at_the_window() {
             counted.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
         }
     });
+    // Paused time: the sleep ends only once every task is blocked, that
+    // is once the writer has stalled.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let stalled_at = sent.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
