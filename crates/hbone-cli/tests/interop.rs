@@ -477,8 +477,8 @@ async fn peer_client_through_hbone_server(peer: Peer) {
         digest_line(&request)
     );
 
-    // The target half-closes first: the client gets the banner and, after
-    // a pause for END_STREAM to arrive, still sends its whole request.
+    // The target half-closes first: the client gets the banner and
+    // END_STREAM (it says so on stderr), then still sends its whole request.
     let (banner, mut reports) = start_banner_target().await;
     let mut child = client(banner)
         .await
@@ -489,8 +489,24 @@ async fn peer_client_through_hbone_server(peer: Peer) {
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
     assert_eq!(read_exactly(&mut stdout, BANNER.len()).await, BANNER);
-    // Give END_STREAM time to arrive before the client starts sending.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut early = Vec::new();
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let ended = line.contains("response ended");
+            early.push(line);
+            if ended {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        ended,
+        Ok(true),
+        "{peer:?}: the client never saw the target's END_STREAM: {early:#?}"
+    );
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&request).await.unwrap();
     drop(stdin);
@@ -506,7 +522,7 @@ async fn peer_client_through_hbone_server(peer: Peer) {
         .unwrap();
     assert!(
         output.status.success(),
-        "{peer:?} target-first half-close: {}",
+        "{peer:?} target-first half-close: {}\nearlier stderr: {early:#?}",
         describe(&output)
     );
     assert_eq!(next_report(&mut reports).await, digest_line(&request));

@@ -96,6 +96,7 @@ func main() {
 	if err != nil {
 		fail("reading the tunnel after %d bytes: %v", n, err)
 	}
+	fmt.Fprintf(os.Stderr, "go-client: response ended bytes=%d\n", n)
 	// The response may end first (the target half-closed): the upload
 	// goes on. The transport closes the request body once it has sent
 	// END_STREAM (or given up on the stream); wait for that before

@@ -93,6 +93,7 @@ stream.on('data', (chunk) => {
   }
 });
 stream.on('end', () => {
+  process.stderr.write(`node-client: response ended bytes=${down}\n`);
   readDone = true;
   maybeFinish();
 });
