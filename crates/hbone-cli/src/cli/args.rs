@@ -333,10 +333,6 @@ pub(crate) fn check_key_permissions(key: &Path, allowed: bool) -> anyhow::Result
     Ok(())
 }
 
-/// A certificate in the last fifth of its validity gets a warning (and an
-/// expired one an error) at every load and hourly, so rotation that stopped
-/// is noticed in time. Istio rotates its 24-hour certificates at half
-/// their life, so a healthy mesh never sees this.
 /// Seconds until `identity` expires (0 once it has), for logs.
 pub(super) fn seconds_left(identity: &Identity) -> u64 {
     identity
@@ -345,6 +341,10 @@ pub(super) fn seconds_left(identity: &Identity) -> u64 {
         .map_or(0, |left| left.as_secs())
 }
 
+/// A certificate in the last fifth of its validity gets a warning (and an
+/// expired one an error) at every load and hourly, so rotation that stopped
+/// is noticed in time. Istio rotates its 24-hour certificates at half
+/// their life, so a healthy mesh never sees this.
 pub(super) fn warn_if_expiring(identity: &Identity) {
     let Some((issued, expires)) = identity.validity() else {
         return;

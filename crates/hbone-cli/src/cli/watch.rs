@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// What the watcher tells its handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Event {
     /// Reload now; the reason is for the log ("files changed", "SIGHUP").
     Reload(&'static str),
@@ -67,5 +68,42 @@ async fn watch_with(
             }
             _ = hourly.tick() => handle(Event::Hourly),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Under paused time: nothing at start or while the files stand still
+    /// (an expiry check at start as well as at load would report twice), a
+    /// reload within a round of a change, the expiry check after an hour.
+    #[tokio::test(start_paused = true)]
+    async fn reloads_on_change_and_checks_hourly_but_not_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cert.pem");
+        std::fs::write(&file, "one").unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let watcher = tokio::spawn(watch_with(vec![file.clone()], None, move |event| {
+            seen.lock().unwrap().push(event)
+        }));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(*events.lock().unwrap(), []);
+
+        let later = std::fs::metadata(&file).unwrap().modified().unwrap() + Duration::from_secs(5);
+        let handle = std::fs::File::options().write(true).open(&file).unwrap();
+        handle.set_modified(later).unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(*events.lock().unwrap(), [Event::Reload("files changed")]);
+
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(
+            *events.lock().unwrap(),
+            [Event::Reload("files changed"), Event::Hourly]
+        );
+        watcher.abort();
     }
 }
