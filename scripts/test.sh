@@ -10,6 +10,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# Debian puts haproxy, nft, iptables and ip in /usr/sbin, which a non-root
+# user's PATH often lacks: the tests and the install check find them there.
+export PATH="$PATH:/usr/sbin:/sbin"
+
 # The interop tests (tests/interop.rs) run peers built on other HTTP/2
 # stacks: Go, Node.js, HAProxy and curl, from Debian packages. This installs
 # whichever are missing and returns at once when all are present.

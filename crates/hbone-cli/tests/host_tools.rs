@@ -29,6 +29,11 @@ pub(crate) fn root_or_skip(test: &str, needs: &str) -> bool {
         std::env::var_os("CI").is_none(),
         "{test} needs root ({needs}), and CI must run it"
     );
-    eprintln!("SKIPPED {test}: needs root ({needs}); run as root or with CI set");
+    // Straight to stderr: the test harness captures `eprintln!` of a
+    // passing test, and a skip must be seen.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED {test}: needs root ({needs}); run as root or with CI set\n").as_bytes(),
+    );
     false
 }

@@ -121,9 +121,23 @@ pub fn sha256(data: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+/// How long [`echo_roundtrip`] waits for its whole exchange: far beyond
+/// what the largest echo in the tests takes on a loaded machine, so that a
+/// regression fails instead of hanging.
+const ECHO_WAIT: Duration = Duration::from_secs(60);
+
 /// Writes `data` and half-closes while reading everything back; returns
-/// what was read.
+/// what was read, or `TimedOut` after [`ECHO_WAIT`].
 pub async fn echo_roundtrip<S>(stream: S, data: &[u8]) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::time::timeout(ECHO_WAIT, echo_unbounded(stream, data))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "echo round trip"))?
+}
+
+async fn echo_unbounded<S>(stream: S, data: &[u8]) -> std::io::Result<Vec<u8>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
