@@ -406,3 +406,136 @@ async fn rsa_identities_work_end_to_end() {
         b"over RSA"
     );
 }
+
+/// A CA and leaves made here with rcgen, for certificates the development
+/// CA will not issue: `leaf` signs a certificate naming each of `ids`.
+struct RcgenCa {
+    cert: rcgen::Certificate,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl RcgenCa {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        RcgenCa {
+            cert,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn leaf(&self, ids: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
+        use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = ids
+            .iter()
+            .map(|id| SanType::URI((*id).try_into().unwrap()))
+            .collect();
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        (params.signed_by(&key, &self.issuer).unwrap(), key)
+    }
+
+    fn identity(&self, id: &str) -> Identity {
+        let (cert, key) = self.leaf(&[id]);
+        Identity::from_pem(&cert.pem(), &key.serialize_pem(), &self.cert.pem()).unwrap()
+    }
+}
+
+/// An X.509-SVID carries exactly one URI SAN: a client certificate naming
+/// two SPIFFE IDs, from a CA the server trusts, is refused at the
+/// handshake and counted, not taken for its first ID; a one-ID client of
+/// the same CA is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_with_two_spiffe_ids_is_refused() {
+    let ca = RcgenCa::new();
+    let server_id = "spiffe://cluster.local/ns/demo/sa/server";
+    let server = start_server(ServerConfig::new(loopback(), ca.identity(server_id))).await;
+    let (two, key) = ca.leaf(&[
+        "spiffe://cluster.local/ns/demo/sa/one",
+        "spiffe://cluster.local/ns/demo/sa/two",
+    ]);
+    let config = raw_client_config_presenting(two.der().clone(), key.serialize_der());
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(server.addr.ip().into());
+    // TLS 1.3: the client's handshake ends before the server has judged
+    // its certificate; the refusal arrives as an alert on the first read.
+    let outcome = within(PEER_WAIT, "the two-ID handshake", async {
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        let mut byte = [0u8; 1];
+        tls.read(&mut byte).await
+    })
+    .await;
+    assert!(
+        matches!(outcome, Err(_) | Ok(0)),
+        "a two-ID client was served: {outcome:?}"
+    );
+    eventually("the refusal counted", || {
+        server.stats.snapshot().handshake_failures == 1
+    })
+    .await;
+
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&ca.identity("spiffe://cluster.local/ns/demo/sa/one")).unwrap();
+    let tunnel = within(
+        PEER_WAIT,
+        "the one-ID tunnel",
+        dialer.connect(server.addr, &[id(server_id)], echo),
+    )
+    .await
+    .expect("a one-ID client of the same CA is served");
+    assert_eq!(echo_roundtrip(tunnel, b"one").await.unwrap(), b"one");
+    assert_eq!(server.stats.snapshot().handshake_failures, 1);
+}
+
+/// The dialer sends no SNI (a SPIFFE ID is not a host name, and a name
+/// would tell onlookers where the tunnel goes: it names servers by address
+/// and has SNI off besides) and offers ALPN h2 only; a server that does
+/// not choose h2 is refused with `NoH2`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dialer_sends_no_sni_and_refuses_a_server_without_h2() {
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = (**raw_tls_acceptor(&pki.server).config()).clone();
+    config.alpn_protocols = Vec::new();
+    let config = std::sync::Arc::new(config);
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .unwrap();
+        let hello = start.client_hello();
+        let sni = hello.server_name().map(str::to_owned);
+        let alpn: Option<Vec<Vec<u8>>> = hello
+            .alpn()
+            .map(|offered| offered.map(<[u8]>::to_vec).collect());
+        let _ = start.into_stream(config).await;
+        (sni, alpn)
+    });
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let server_id = std::slice::from_ref(&pki.server_id);
+    let outcome = within(PEER_WAIT, "the dial", dialer.connect(addr, server_id, echo)).await;
+    match outcome {
+        Err(DialError::Tls {
+            failure: TlsFailure::NoH2,
+            ..
+        }) => {}
+        Err(other) => panic!("expected NoH2, got {other:?}"),
+        Ok(_) => panic!("a server without h2 was used"),
+    }
+    let (sni, alpn) = within(PEER_WAIT, "the server's view", server)
+        .await
+        .unwrap();
+    assert_eq!(sni, None, "the dialer sent SNI");
+    assert_eq!(alpn, Some(vec![b"h2".to_vec()]), "ALPN offered");
+}

@@ -176,8 +176,6 @@ pub fn raw_tls_acceptor(identity: &Identity) -> tokio_rustls::TlsAcceptor {
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
-/// Polls `check` until it holds, for up to ten seconds: generous, so that
-/// a loaded machine does not fail a test whose event is merely late.
 /// How long a test waits for a peer's bytes or close before it fails
 /// rather than hangs: far beyond what a loaded machine needs.
 pub const PEER_WAIT: Duration = Duration::from_secs(10);
@@ -189,6 +187,8 @@ pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output =
         .unwrap_or_else(|_| panic!("{what}: nothing within {limit:?}"))
 }
 
+/// Polls `check` until it holds, for up to ten seconds: generous, so that
+/// a loaded machine does not fail a test whose event is merely late.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     for _ in 0..1000 {
         if check() {
@@ -231,6 +231,25 @@ pub fn raw_client_config_with(
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     config
+}
+
+/// [`raw_client_config`] presenting a certificate that hbone itself would
+/// not load (so no [`Identity`] can hold it): `cert` with its PKCS#8 `key`.
+pub fn raw_client_config_presenting(
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: Vec<u8>,
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key).into();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        .with_client_auth_cert(vec![cert], key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
 }
 
 #[derive(Debug)]

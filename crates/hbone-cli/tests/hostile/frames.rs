@@ -392,3 +392,32 @@ async fn data_beyond_the_window_is_a_flow_control_error() {
     assert_serves(&server, &pki).await;
     alongside.finish().await;
 }
+
+/// Frames are accepted up to 1 MiB (SETTINGS_MAX_FRAME_SIZE); a frame
+/// header announcing more is a connection error: GOAWAY(FRAME_SIZE_ERROR)
+/// before the payload is read, with a healthy tunnel alongside untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_over_the_size_limit_is_a_frame_size_error() {
+    let _gate = shared().await;
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let mut alongside = Alongside::open(&server, &pki).await;
+    let mut wire = Wire::open(server.addr, &pki).await;
+    let len: u32 = (1 << 20) + 1;
+    let mut header = len.to_be_bytes()[1..].to_vec();
+    header.extend_from_slice(&[DATA, 0, 0, 0, 0, 1]);
+    header.extend_from_slice(&[0; 64]);
+    wire.send(&header).await.unwrap();
+    assert!(
+        wire.wait_closed(5 * SECOND).await,
+        "the connection outlived a {len}-byte frame"
+    );
+    let (_, code) = wire
+        .goaway()
+        .expect("the server sends GOAWAY for an oversized frame");
+    assert_eq!(code, FRAME_SIZE_ERROR, "GOAWAY code");
+    alongside.assert_flowing("after the oversized frame").await;
+    settle(&server, 1).await;
+    assert_serves(&server, &pki).await;
+    alongside.finish().await;
+}
