@@ -1016,13 +1016,27 @@ async fn entries_through_a_gateway_end_the_outer_tunnel_normally() {
 }
 
 fn terminate(child: &Child) {
+    send_signal(child, libc::SIGTERM);
+}
+
+fn send_signal(child: &Child, signal: libc::c_int) {
     let pid = child.id().expect("child is running") as i32;
     // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits_zero() {
+    drains_then_exits_zero(libc::SIGTERM).await;
+}
+
+/// Ctrl-C is a stop request like SIGTERM: the same drain, the same exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_like_sigterm() {
+    drains_then_exits_zero(libc::SIGINT).await;
+}
+
+async fn drains_then_exits_zero(signal: libc::c_int) {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path()).await;
     let echo = start_echo().await;
@@ -1042,7 +1056,7 @@ async fn sigterm_drains_then_exits_zero() {
         .await
         .unwrap();
 
-    terminate(&server);
+    send_signal(&server, signal);
     refuses_connections_soon(server_addr).await;
     assert!(
         server.try_wait().unwrap().is_none(),

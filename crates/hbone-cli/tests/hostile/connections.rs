@@ -9,7 +9,10 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::support::*;
-use super::wire::{NO_ERROR, Wire};
+use super::wire::{
+    ACK, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, NO_ERROR, PING, STATUS_200, Wire,
+    connect_block, frame,
+};
 use crate::common::*;
 
 /// With at most 5 connections per source IP and a healthy tunnel already
@@ -103,4 +106,101 @@ async fn an_idle_connection_gets_goaway_no_error_after_the_limit() {
     );
     assert_eq!(wire.goaway().map(|(_, code)| code), Some(NO_ERROR));
     assert_serves(&server, &pki).await;
+}
+
+/// A drain tells clients with GOAWAY(NO_ERROR), read here off the wire:
+/// first one that refuses nothing yet, then (once the client answers the
+/// server's PING) one whose last stream ID is the open tunnel's. That
+/// tunnel still carries bytes both ways until it ends, and then the
+/// connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_sends_goaway_and_lets_the_open_stream_finish() {
+    let _gate = shared().await;
+    let pki = Pki::new();
+    let server = hbone::Server::bind(ServerConfig::new(loopback(), pki.server.clone()))
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let drainer = server.drainer();
+    let running = tokio::spawn(server.run());
+    let echo = start_echo().await;
+    let mut wire = Wire::open(addr, &pki).await;
+    let block = connect_block(&echo.to_string(), &[]);
+    wire.send(&frame(HEADERS, END_HEADERS, 1, &block))
+        .await
+        .unwrap();
+    assert!(wire.wait(PEER_WAIT, |w| w.response_of(1).is_some()).await);
+    assert_eq!(wire.response_of(1), Some(STATUS_200));
+
+    drainer.drain();
+    let goaways = |w: &Wire| -> Vec<(u32, u32)> {
+        w.frames
+            .iter()
+            .filter(|f| f.kind == GOAWAY)
+            .map(|f| {
+                let word =
+                    |at: usize| u32::from_be_bytes(f.payload[at..at + 4].try_into().unwrap());
+                (word(0) & 0x7fff_ffff, word(4))
+            })
+            .collect()
+    };
+    assert!(
+        wire.wait(PEER_WAIT, |w| !goaways(w).is_empty()).await,
+        "no GOAWAY on drain: {:?}",
+        wire.end
+    );
+    assert_eq!(goaways(&wire)[0].1, NO_ERROR, "{:?}", goaways(&wire));
+    // Answer the server's PINGs, as a client does, until the final GOAWAY.
+    let deadline = tokio::time::Instant::now() + PEER_WAIT;
+    let mut answered = 0;
+    while !goaways(&wire).iter().any(|&(last, _)| last == 1) {
+        assert!(
+            tokio::time::Instant::now() < deadline && wire.end.is_none(),
+            "no GOAWAY naming stream 1 after {answered} PING answers: {:?}, end {:?}",
+            goaways(&wire),
+            wire.end
+        );
+        let pings: Vec<Vec<u8>> = wire
+            .frames
+            .iter()
+            .filter(|f| f.kind == PING && f.flags & ACK == 0)
+            .skip(answered)
+            .map(|f| f.payload.clone())
+            .collect();
+        for payload in pings {
+            wire.send(&frame(PING, ACK, 0, &payload)).await.unwrap();
+            answered += 1;
+        }
+        let seen = wire.frames.len();
+        wire.wait(Duration::from_millis(100), |w| w.frames.len() > seen)
+            .await;
+    }
+    assert!(
+        goaways(&wire).iter().all(|&(_, code)| code == NO_ERROR),
+        "{:?}",
+        goaways(&wire)
+    );
+
+    // The open tunnel still works, both ways, to its end.
+    wire.send(&frame(DATA, 0, 1, b"after the drain"))
+        .await
+        .unwrap();
+    assert!(
+        wire.wait(PEER_WAIT, |w| w.data_of(1).0 == b"after the drain")
+            .await,
+        "the open tunnel stopped carrying bytes: {:?}",
+        wire.data_of(1)
+    );
+    wire.send(&frame(DATA, END_STREAM, 1, b"")).await.unwrap();
+    assert!(
+        wire.wait(PEER_WAIT, |w| w.data_of(1).1).await,
+        "no END_STREAM"
+    );
+    assert!(
+        wire.wait_closed(PEER_WAIT).await,
+        "the drained connection stayed open"
+    );
+    within(PEER_WAIT, "run() to return once drained", running)
+        .await
+        .unwrap();
 }
