@@ -283,8 +283,10 @@ async fn the_limit_is_configurable() {
     let _gate = shared().await;
     let pki = Pki::new();
     let limits = Limits::default().with_max_control_frames(50, 3_600 * SECOND);
-    let server =
-        start_server(ServerConfig::new(loopback(), pki.server.clone()).with_limits(limits)).await;
+    let metrics = std::sync::Arc::new(hbone::metrics::Metrics::new());
+    let mut config = ServerConfig::new(loopback(), pki.server.clone()).with_limits(limits);
+    config.telemetry.metrics = Some(metrics.clone());
+    let server = start_server(config).await;
     let mut calm = Wire::open(server.addr, &pki).await;
     let mut wire = Wire::open(server.addr, &pki).await;
     // The handshake's SETTINGS counts (its ACK answers the server's and is
@@ -309,6 +311,18 @@ async fn the_limit_is_configurable() {
     assert_eq!(calm.end, None);
     assert_eq!(calm.goaway(), None);
     assert_eq!(server.stats.snapshot().control_frame_floods, 1);
+    // Operators see it as a limit refusal of its own kind.
+    let scrape = metrics.encode();
+    let refusals: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("hbone_limit_refusals_total{"))
+        .collect();
+    assert!(
+        refusals
+            .iter()
+            .any(|l| l.contains("limit=\"control_frames\"") && l.ends_with(" 1")),
+        "{refusals:#?}"
+    );
     drop(calm);
     assert_serves(&server, &pki).await;
 }
