@@ -269,3 +269,61 @@ mod duration_tests {
         assert!(parse_duration("s").is_err());
     }
 }
+
+/// The defaults the README and SECURITY.md quote ("everything that waits
+/// has a limit", "everything that accumulates has a cap", windows and
+/// frames): changing one must change the docs too.
+#[cfg(test)]
+mod documented_defaults {
+    use super::*;
+    use crate::DialerConfig;
+    use crate::server::Limits;
+
+    #[test]
+    fn timeouts() {
+        let t = Timeouts::default();
+        assert_eq!(t.connect, Duration::from_secs(5));
+        assert_eq!(t.handshake, Duration::from_secs(10));
+        assert_eq!(t.response, Duration::from_secs(15));
+        assert_eq!(t.connection_idle, Duration::from_secs(300));
+        assert_eq!(t.tunnel_idle, None);
+        assert_eq!(t.keepalive.interval, Duration::from_secs(10));
+        assert_eq!(t.keepalive.timeout, Duration::from_secs(20));
+        assert_eq!(
+            DialerConfig::default().idle_timeout,
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn caps_and_budgets() {
+        let limits = Limits::default();
+        assert_eq!(limits.max_connections, 10_000);
+        assert_eq!(limits.max_connections_per_ip, 1_000);
+        assert_eq!(limits.max_tunnels, 100_000);
+        assert_eq!(limits.max_control_frames, 1_000);
+        assert_eq!(limits.control_frame_window, Duration::from_secs(10));
+        let dialer = DialerConfig::default();
+        assert_eq!(dialer.max_control_frames, 1_000);
+        assert_eq!(dialer.control_frame_window, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn http2_settings() {
+        for (side, h2, headers) in [
+            ("server", H2Settings::server(), 64 << 10),
+            ("client", H2Settings::client(), 16 << 10),
+        ] {
+            assert_eq!(h2.max_concurrent_streams, 200, "{side}");
+            assert_eq!(h2.max_header_list_size, headers, "{side}");
+            assert_eq!(h2.max_frame_size, 1 << 20, "{side}");
+            assert!(h2.adaptive_windows, "{side}");
+            assert_eq!(h2.stream_window, 4 << 20, "{side}");
+            assert_eq!(h2.connection_window, 16 << 20, "{side}");
+        }
+        // Adaptive windows start at 64 KiB per stream, four of them per
+        // connection.
+        assert_eq!(crate::window::MIN_STREAM_WINDOW, 65_535);
+        assert_eq!(crate::window::STREAMS_PER_CONNECTION_WINDOW, 4);
+    }
+}
