@@ -257,10 +257,42 @@ fn traceparent_model(value: &str) -> Option<bool> {
     )
 }
 
+/// Whether RFC 7239 leaves `parse_forwarded_for` nothing to find in
+/// `value`, judged without its code: past the 8 KiB any header value may
+/// take; no `for` parameter in the first element (before any `,`); or a
+/// first `for` that names no address (an obfuscated `_identifier` or
+/// `unknown`, RFC 7239 §6). Values no HTTP header can carry (controls
+/// other than tab, non-ASCII) are not judged (false).
+fn forwarded_has_no_client(value: &str) -> bool {
+    if value.len() > 8 << 10 {
+        return true;
+    }
+    if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b >= 0x7f) {
+        return false;
+    }
+    let first: String = value
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '\t'))
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let Some(node) = first
+        .split(';')
+        .find_map(|pair| pair.strip_prefix("for="))
+    else {
+        return true;
+    };
+    let node = node.trim_matches('"');
+    node.starts_with('_') || node == "unknown"
+}
+
 /// `parse_forwarded_for`, `TraceParent::parse` and `Baggage::parse` on
 /// the first, second and third line of the input: what parses prints and
-/// parses back equal, and a trace context parses exactly when the
-/// specification's grammar accepts it. The input's first 25 bytes also
+/// parses back equal, a `forwarded` value with no client in it yields
+/// none, and a trace context parses exactly when the specification's
+/// grammar accepts it. The input's first 25 bytes also
 /// make a trace context that must round-trip.
 pub fn headers(data: &[u8]) {
     let mut lines = data.splitn(3, |b| *b == b'\n');
@@ -268,6 +300,9 @@ pub fn headers(data: &[u8]) {
     let traceparent = text(lines.next().unwrap_or_default());
     let baggage = text(lines.next().unwrap_or_default());
 
+    if forwarded_has_no_client(&forwarded) {
+        assert_eq!(parse_forwarded_for(&forwarded), None, "{forwarded:?}");
+    }
     if let Some(node) = parse_forwarded_for(&forwarded) {
         assert_eq!(
             parse_forwarded_for(&format!("for=\"{node}\"")),
