@@ -160,6 +160,45 @@ mod tests {
         ));
     }
 
+    /// A capturing node asks for the address it was going to: routes
+    /// name addresses as hosts, compared as addresses.
+    #[test]
+    fn ip_hosts_route_addresses() {
+        let table = r#"
+            [[route]]
+            host = "10.78.1.2"
+            port = 8080
+            endpoints = ["10.78.1.2"]
+
+            [[route]]
+            host = "[fd78::2]"
+            endpoints = ["[fd78::2]:15009"]
+        "#;
+        let routes = Routes::parse(table, "routes.toml").unwrap();
+        assert_eq!(
+            routes.resolve("10.78.1.2:8080").unwrap(),
+            "10.78.1.2:15008".parse().unwrap()
+        );
+        assert_eq!(
+            routes.resolve("[fd78:0::2]:443").unwrap(),
+            "[fd78::2]:15009".parse().unwrap()
+        );
+        for unknown in ["10.78.1.2:9090", "10.78.1.3:8080", "[fd78::3]:443"] {
+            assert_eq!(
+                routes.resolve(unknown),
+                Err(RouteError::Unknown(unknown.into())),
+                "{unknown}"
+            );
+        }
+        // IPv6 without brackets is no authority a client sends.
+        assert!(routes.resolve("fd78::2:443").is_err());
+        // A bare IPv6 host is unambiguous in the file, where no port
+        // follows it.
+        let bare = "[[route]]\nhost = \"fd78::2\"\nendpoints = [\"[fd78::2]\"]";
+        let routes = Routes::parse(bare, "routes.toml").unwrap();
+        assert!(routes.resolve("[fd78::2]:80").is_ok());
+    }
+
     #[test]
     fn bad_tables_name_the_problem() {
         let cases = [
@@ -173,6 +212,14 @@ mod tests {
             ),
             (
                 "[[route]]\nhost = \"a:80\"\nendpoints = [\"10.0.0.1\"]",
+                "bare host",
+            ),
+            (
+                "[[route]]\nhost = \"[10.0.0.1]\"\nendpoints = [\"10.0.0.1\"]",
+                "IP address (IPv6 in brackets)",
+            ),
+            (
+                "[[route]]\nhost = \"[fd00::1]:80\"\nendpoints = [\"10.0.0.1\"]",
                 "bare host",
             ),
             (

@@ -10,9 +10,17 @@
 //! host = "echo.demo.svc.cluster.local"
 //! port = 8080                     # optional: only this service port
 //! endpoints = ["10.0.0.7", "10.0.0.8:15008"]   # HBONE port defaults to 15008
+//!
+//! [[route]]
+//! host = "10.78.1.2"              # an address, as a capturing node asks for it
+//! endpoints = ["10.78.1.2"]
 //! ```
+//!
+//! A host may be an IP address (IPv6 in brackets): a mesh node that
+//! captured a connection to a remote network knows only the address it
+//! was going to, and asks the gateway for that `ip:port`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[cfg(feature = "files")]
@@ -23,7 +31,7 @@ pub use file::RoutesError;
 /// One service and its endpoints.
 #[derive(Debug)]
 struct Route {
-    host: String,
+    host: Host,
     port: Option<u16>,
     endpoints: Vec<SocketAddr>,
     next: AtomicUsize,
@@ -33,8 +41,9 @@ struct Route {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RouteSpecError {
-    /// The host is empty or holds a `:`, `/` or space.
-    #[error("host must be a bare host name")]
+    /// The host is empty or holds a `:`, `/` or space, and is no IP
+    /// address.
+    #[error("host must be a bare host name or an IP address (IPv6 in brackets)")]
     Host,
     /// The route lists no endpoint.
     #[error("needs at least one endpoint")]
@@ -65,7 +74,8 @@ impl Routes {
         Routes::default()
     }
 
-    /// Adds a service `host` (a bare host name, matched case-insensitively),
+    /// Adds a service `host` (a bare host name, matched case-insensitively,
+    /// or an IP address, IPv6 in brackets or not, matched as an address),
     /// for one service `port` or any, served by `endpoints` in turn.
     pub fn add(
         &mut self,
@@ -73,14 +83,18 @@ impl Routes {
         port: Option<u16>,
         endpoints: Vec<SocketAddr>,
     ) -> Result<(), RouteSpecError> {
-        if host.is_empty() || host.contains([':', '/', ' ']) {
-            return Err(RouteSpecError::Host);
-        }
+        let host = match Host::ip(host).or_else(|| host.parse().ok().map(Host::Ip)) {
+            Some(ip) => ip,
+            None if host.is_empty() || host.contains([':', '/', ' ', '[', ']']) => {
+                return Err(RouteSpecError::Host);
+            }
+            None => Host::Name(host.to_ascii_lowercase()),
+        };
         if endpoints.is_empty() {
             return Err(RouteSpecError::NoEndpoint);
         }
         self.routes.push(Route {
-            host: host.to_ascii_lowercase(),
+            host,
             port,
             endpoints,
             next: AtomicUsize::new(0),
@@ -107,12 +121,43 @@ impl Routes {
             .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
             .filter(|(host, _)| !host.is_empty())
             .ok_or_else(|| RouteError::Malformed(authority.to_owned()))?;
+        let asked = Host::ip(host);
         let route = self
             .routes
             .iter()
-            .find(|r| r.host.eq_ignore_ascii_case(host) && r.port.is_none_or(|p| p == port))
+            .find(|r| r.host.matches(host, asked.as_ref()) && r.port.is_none_or(|p| p == port))
             .ok_or_else(|| RouteError::Unknown(authority.to_owned()))?;
         let turn = route.next.fetch_add(1, Ordering::Relaxed);
         Ok(route.endpoints[turn % route.endpoints.len()])
+    }
+}
+
+/// A route's host: a name, or an address.
+#[derive(Debug, PartialEq, Eq)]
+enum Host {
+    /// Lowercase.
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl Host {
+    /// The host of an authority when it is an address: IPv4, or IPv6 in
+    /// brackets (bare IPv6 would be ambiguous beside a port).
+    fn ip(host: &str) -> Option<Host> {
+        let ip = match host.strip_prefix('[') {
+            Some(v6) => IpAddr::V6(v6.strip_suffix(']')?.parse().ok()?),
+            None => IpAddr::V4(host.parse().ok()?),
+        };
+        Some(Host::Ip(ip))
+    }
+
+    /// Whether an authority's `host` (`asked` when it is an address) is
+    /// this one. Addresses compare as addresses, so `[fd00::1]` matches
+    /// `[fd00:0::1]`.
+    fn matches(&self, host: &str, asked: Option<&Host>) -> bool {
+        match self {
+            Host::Name(name) => name.eq_ignore_ascii_case(host),
+            ip => asked == Some(ip),
+        }
     }
 }
