@@ -103,6 +103,9 @@ pub struct TunnelRecord {
     pub target: String,
     /// The original client, from `forwarded` (server side).
     pub original_source: Option<ForwardedFor>,
+    /// The gateway a double-HBONE tunnel went through (client side);
+    /// `None` for a direct tunnel.
+    pub gateway: Option<SocketAddr>,
     /// The W3C trace context of the tunnel, when known.
     pub trace: Option<TraceParent>,
     /// How the tunnel ended.
@@ -175,6 +178,8 @@ impl AccessLog for TracingLog {
             .map(|p| p.to_string())
             .unwrap_or_default();
         let trace = r.trace.map(|t| t.trace_id_hex()).unwrap_or_default();
+        // Only records of tunnels through a gateway carry the field.
+        let gateway = r.gateway.map(tracing::field::display);
         match &r.outcome {
             Outcome::Refused {
                 status,
@@ -182,12 +187,12 @@ impl AccessLog for TracingLog {
                 detail,
             } => tracing::info!(
                 target: "hbone::access", role, source = %r.source, peer, local = %r.local_id, identity_source,
-                target_addr = %r.target, original, trace, status, reason, detail = %detail,
+                target_addr = %r.target, original, gateway, trace, status, reason, detail = %detail,
                 "tunnel refused"
             ),
             Outcome::Completed => tracing::info!(
                 target: "hbone::access", role, source = %r.source, peer, local = %r.local_id, identity_source,
-                target_addr = %r.target, original, trace, sent = r.bytes_sent,
+                target_addr = %r.target, original, gateway, trace, sent = r.bytes_sent,
                 received = r.bytes_received,
                 duration_ms = r.duration.as_millis() as u64,
                 result = %"done",
@@ -195,7 +200,7 @@ impl AccessLog for TracingLog {
             ),
             Outcome::Failed { end, detail } => tracing::info!(
                 target: "hbone::access", role, source = %r.source, peer, local = %r.local_id, identity_source,
-                target_addr = %r.target, original, trace, sent = r.bytes_sent,
+                target_addr = %r.target, original, gateway, trace, sent = r.bytes_sent,
                 received = r.bytes_received,
                 duration_ms = r.duration.as_millis() as u64,
                 result = %end.as_str(), detail = %detail,

@@ -134,6 +134,7 @@ impl TunnelLifecycle {
             local_id: dialer.local_id_arc(),
             target: target.to_string(),
             original_source: None,
+            gateway: None,
             trace: None,
             outcome: Outcome::Completed,
             bytes_sent: 0,
@@ -153,6 +154,13 @@ impl TunnelLifecycle {
     /// carried, so that both ends log the same trace id.
     pub fn with_trace(mut self, trace: TraceParent) -> Self {
         self.record.trace = Some(trace);
+        self
+    }
+
+    /// Records the gateway a double-HBONE tunnel went through, so the
+    /// record shows the route was not direct.
+    pub fn with_gateway(mut self, gateway: Option<SocketAddr>) -> Self {
+        self.record.gateway = gateway;
         self
     }
 
@@ -255,6 +263,7 @@ mod tests {
             local_id: Arc::new(SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap()),
             target: "127.0.0.1:2".into(),
             original_source: None,
+            gateway: None,
             trace: None,
             outcome: Outcome::Completed,
             bytes_sent: 0,

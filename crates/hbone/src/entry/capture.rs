@@ -206,6 +206,7 @@ fn refuse(log: &Arc<dyn AccessLog>, dialer: &Dialer, attempt: &Attempt, refusal:
         local_id: dialer.local_id_arc(),
         target: attempt.target.to_string(),
         original_source: None,
+        gateway: None,
         trace: Some(attempt.trace),
         outcome: Outcome::Refused {
             status: 0,

@@ -175,6 +175,10 @@ pub(crate) async fn open_first(
             continue;
         }
         attempt.target = target;
+        attempt.gateway = match &route {
+            Route::Gateway { gateway, .. } => Some(*gateway),
+            Route::Direct { .. } => None,
+        };
         let error = match dialer.open(&route, &attempt.request()).await {
             Ok(tunnel) => return Ok(tunnel),
             Err(error) => error,
@@ -309,6 +313,30 @@ mod tests {
             Err(DialError::Connect { server, .. }) => assert_eq!(server, second),
             other => panic!("expected a connect error, got {:?}", other.map(|_| ())),
         }
+    }
+
+    /// The record of a tunnel names the gateway its route went through,
+    /// and no gateway once a direct route is tried after it.
+    #[tokio::test]
+    async fn the_attempt_knows_the_gateway_it_went_through() {
+        let (dialer, server, echo) = setup().await;
+        let dead_gateway = closed_port().await;
+        let through = Route::Gateway {
+            gateway: dead_gateway,
+            gateway_ids: vec![test_id("gateway")],
+            service: echo.to_string(),
+            server_ids: vec![test_id("server")],
+        };
+        let mut attempt = attempt();
+        let failed = open_first(&dialer, [(through.clone(), echo)], &mut attempt).await;
+        assert!(matches!(failed, Err(DialError::Connect { .. })));
+        assert_eq!(attempt.gateway, Some(dead_gateway));
+        let candidates = [(through, echo), (direct(server), echo)];
+        let tunnel = open_first(&dialer, candidates, &mut attempt)
+            .await
+            .expect("the direct route opens");
+        assert_eq!(attempt.gateway, None);
+        echoes(tunnel).await;
     }
 
     #[tokio::test]

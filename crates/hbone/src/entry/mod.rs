@@ -149,6 +149,8 @@ pub(crate) struct Attempt {
     pub(crate) target: SocketAddr,
     pub(crate) started: Instant,
     pub(crate) trace: TraceParent,
+    /// The gateway of the route tried last, when it was double HBONE.
+    pub(crate) gateway: Option<SocketAddr>,
 }
 
 impl Attempt {
@@ -158,6 +160,7 @@ impl Attempt {
             target,
             started: Instant::now(),
             trace: TraceParent::random(),
+            gateway: None,
         }
     }
 
@@ -188,7 +191,8 @@ impl ClientRelay {
             log,
             attempt.started,
         )
-        .with_trace(attempt.trace);
+        .with_trace(attempt.trace)
+        .with_gateway(attempt.gateway);
         let mut relay = Relay::new(app, tunnel);
         if let Some(counters) = lifecycle.counters() {
             relay = relay.with_byte_counters(counters.relay_bytes());
@@ -230,6 +234,7 @@ pub(crate) fn record_dial_failure(
         target,
         started,
         trace,
+        gateway,
     } = *attempt;
     // A name that did not resolve is the target the record can name.
     let target = match error {
@@ -247,6 +252,7 @@ pub(crate) fn record_dial_failure(
         local_id: dialer.local_id_arc(),
         target,
         original_source: None,
+        gateway,
         trace: Some(trace),
         outcome: Outcome::Refused {
             status,

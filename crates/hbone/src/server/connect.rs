@@ -170,6 +170,7 @@ impl Shared {
             local_id: self.local_id.clone(),
             target: authority,
             original_source: context.original_source,
+            gateway: None,
             trace: context.trace,
             outcome: Outcome::Completed,
             bytes_sent: 0,
