@@ -7,7 +7,9 @@
 //! Which addresses are in the mesh, and which identities their nodes must
 //! prove, is the [`Peers`] table. A redirected connection to an address
 //! outside it is closed: it was captured by mistake, and sending it out
-//! in the clear would hide that.
+//! in the clear would hide that. Addresses on another network, which
+//! this host cannot reach, go through that network's gateway as double
+//! HBONE ([`RemoteNetwork`]).
 //!
 //! The rules themselves are the caller's (the `hbone node` command writes
 //! nftables rules); they must let this entry's own connections out, e.g.
@@ -28,8 +30,10 @@ use crate::phased::Phased;
 
 mod original_dst;
 mod peers;
+mod remote;
 
 pub use peers::{Peer, PeerError, Peers};
+pub use remote::{RemoteError, RemoteNetwork};
 
 /// The port HBONE servers listen on in Istio ambient.
 pub const HBONE_PORT: u16 = 15008;
@@ -41,7 +45,11 @@ pub struct CaptureConfig {
     /// Which destinations are in the mesh, and who their nodes are.
     pub peers: Peers,
     /// The port of every node's HBONE server; [`HBONE_PORT`] by default.
+    /// Not used through a gateway: its routes name the port.
     pub server_port: u16,
+    /// Networks reached through their gateway; the most specific one
+    /// holding a destination decides. None by default.
+    pub remotes: Vec<RemoteNetwork>,
 }
 
 impl CaptureConfig {
@@ -50,7 +58,15 @@ impl CaptureConfig {
         CaptureConfig {
             peers,
             server_port: HBONE_PORT,
+            remotes: Vec::new(),
         }
+    }
+
+    /// Sets [`CaptureConfig::remotes`].
+    #[must_use]
+    pub fn with_remotes(mut self, remotes: Vec<RemoteNetwork>) -> Self {
+        self.remotes = remotes;
+        self
     }
 
     /// Sets [`CaptureConfig::server_port`].
@@ -61,12 +77,23 @@ impl CaptureConfig {
     }
 
     /// The route a connection originally bound for `target` takes, or
-    /// `None` when `target` is not in the mesh.
+    /// `None` when `target` is not in the mesh. On a remote network it is
+    /// double HBONE through its gateway, for the service `target` (the
+    /// gateway's routes map it to the node's HBONE address); either way
+    /// the final node must prove what the peers table says.
     pub fn route(&self, target: SocketAddr) -> Option<Route> {
-        let ids = self.peers.lookup(target.ip())?;
-        Some(Route::Direct {
-            server: SocketAddr::new(target.ip(), self.server_port),
-            server_ids: ids.to_vec(),
+        let server_ids = self.peers.lookup(target.ip())?.to_vec();
+        Some(match remote::most_specific(&self.remotes, target.ip()) {
+            Some(remote) => Route::Gateway {
+                gateway: remote.gateway,
+                gateway_ids: remote.gateway_ids.clone(),
+                service: target.to_string(),
+                server_ids,
+            },
+            None => Route::Direct {
+                server: SocketAddr::new(target.ip(), self.server_port),
+                server_ids,
+            },
         })
     }
 }
@@ -144,13 +171,12 @@ async fn open(capture: Arc<Capture>, app: TcpStream, source: SocketAddr) -> Opti
         refuse(log, dialer, &attempt, refusal);
         return None;
     };
-    match Destination::new(route, target)
-        .open(dialer, &mut attempt)
-        .await
-    {
+    let destination = Destination::new(route, target);
+    match destination.open(dialer, &mut attempt).await {
         Ok(tunnel) => Some(ClientRelay::new(app, tunnel, &attempt, log.clone(), dialer)),
         Err(e) => {
-            tracing::warn!(%source, %target, error = %e, "capture: tunnel failed");
+            // The route as `hbone forward` logs it: through a gateway or not.
+            tracing::warn!(%source, route = %destination, error = %e, "capture: tunnel failed");
             record_dial_failure(log, dialer, &attempt, &e);
             None
         }

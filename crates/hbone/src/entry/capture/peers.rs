@@ -49,21 +49,44 @@ impl FromStr for Peer {
         if net.is_empty() || ids.is_empty() {
             return Err(PeerError::Syntax);
         }
-        let rule: TargetRule = net.parse().map_err(|e: crate::policy::TargetRuleError| {
-            PeerError::Net(net.into(), e.to_string())
+        let net = parse_net(net).map_err(|problem| match problem {
+            NetProblem::Invalid(e) => PeerError::Net(net.into(), e),
+            NetProblem::Ports => PeerError::Ports(net.into()),
         })?;
-        if rule.ports != (1, u16::MAX) {
-            return Err(PeerError::Ports(net.into()));
-        }
-        let ids = ids
-            .split(',')
-            .map(|id| {
-                let id = id.trim();
-                SpiffeId::parse(id).map_err(|e| PeerError::Id(id.into(), e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Peer { net: rule.net, ids })
+        let ids = parse_ids(ids.split(',')).map_err(|(id, e)| PeerError::Id(id, e))?;
+        Ok(Peer { net, ids })
     }
+}
+
+/// Why a network of the capture tables does not parse.
+pub(super) enum NetProblem {
+    /// Not a CIDR or address: what the parser said.
+    Invalid(String),
+    /// It names ports; the tables hold whole networks.
+    Ports,
+}
+
+/// A whole network: `CIDR`, or one address (IPv6 with or without
+/// brackets), without ports.
+pub(super) fn parse_net(text: &str) -> Result<IpNet, NetProblem> {
+    let rule: TargetRule = text
+        .parse()
+        .map_err(|e: crate::policy::TargetRuleError| NetProblem::Invalid(e.to_string()))?;
+    if rule.ports != (1, u16::MAX) {
+        return Err(NetProblem::Ports);
+    }
+    Ok(rule.net)
+}
+
+/// SPIFFE IDs, each trimmed; on failure the ID and what is wrong with it.
+pub(super) fn parse_ids<'a>(
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<Vec<SpiffeId>, (String, String)> {
+    ids.map(|id| {
+        let id = id.trim();
+        SpiffeId::parse(id).map_err(|e| (id.to_owned(), e.to_string()))
+    })
+    .collect()
 }
 
 impl fmt::Display for Peer {

@@ -39,6 +39,79 @@ fn routes_go_to_the_hbone_port_of_the_original_address() {
     assert!(other_port.route("10.0.1.7:80".parse().unwrap()).is_none());
 }
 
+#[test]
+fn remote_networks_go_through_their_gateway_the_most_specific_winning() {
+    let peers = Peers::new(vec![
+        format!("10.0.0.0/8={}", test_id("server")).parse().unwrap(),
+        format!("10.78.1.0/24={}", test_id("remote-server"))
+            .parse()
+            .unwrap(),
+    ]);
+    let remote = |text: String| text.parse::<RemoteNetwork>().unwrap();
+    let config = CaptureConfig::new(peers).with_remotes(vec![
+        remote(format!(
+            "10.78.0.0/16=192.0.2.1:15008,{}",
+            test_id("wide-gw")
+        )),
+        remote(format!(
+            "10.78.1.0/24=192.0.2.2:15009,{}",
+            test_id("narrow-gw")
+        )),
+    ]);
+    let route = config.route("10.78.1.2:8080".parse().unwrap()).unwrap();
+    let Route::Gateway {
+        gateway,
+        gateway_ids,
+        service,
+        server_ids,
+    } = route
+    else {
+        panic!("a gateway route, got {route:?}");
+    };
+    assert_eq!(gateway, "192.0.2.2:15009".parse().unwrap());
+    assert_eq!(gateway_ids, [test_id("narrow-gw")]);
+    // The gateway is asked for the original destination; the final node
+    // proves what the peers table says.
+    assert_eq!(service, "10.78.1.2:8080");
+    assert_eq!(server_ids, [test_id("remote-server")]);
+
+    let Some(Route::Gateway {
+        gateway, service, ..
+    }) = config.route("10.78.9.9:443".parse().unwrap())
+    else {
+        panic!("a gateway route");
+    };
+    assert_eq!(gateway, "192.0.2.1:15008".parse().unwrap());
+    assert_eq!(service, "10.78.9.9:443");
+
+    // Outside every remote network: direct, as before.
+    let Some(Route::Direct { server, .. }) = config.route("10.9.0.1:80".parse().unwrap()) else {
+        panic!("a direct route");
+    };
+    assert_eq!(server, "10.9.0.1:15008".parse().unwrap());
+    // In a remote network but no peer network: not in the mesh.
+    let config = CaptureConfig::new(Peers::default()).with_remotes(config.remotes.clone());
+    assert!(config.route("10.78.1.2:8080".parse().unwrap()).is_none());
+}
+
+/// IPv6 destinations are asked for in brackets, as authorities are.
+#[test]
+fn an_ipv6_remote_destination_is_a_bracketed_service() {
+    let peers = Peers::new(vec![
+        format!("fd78::/64={}", test_id("server")).parse().unwrap(),
+    ]);
+    let remote = format!("fd78::/64=[fd00::9]:15008,{}", test_id("gw"));
+    let config = CaptureConfig::new(peers).with_remotes(vec![remote.parse().unwrap()]);
+    let Some(Route::Gateway {
+        gateway, service, ..
+    }) = config.route("[fd78::2]:8080".parse().unwrap())
+    else {
+        panic!("a gateway route");
+    };
+    assert_eq!(gateway, "[fd00::9]:15008".parse().unwrap());
+    assert_eq!(service, "[fd78::2]:8080");
+}
+
 /// A connection made straight to the listener (not redirected) has no
 /// other destination: it is closed and recorded, never tunnelled.
 #[tokio::test]
