@@ -223,7 +223,8 @@ fn node_prints_its_rules_from_a_config_file() {
         &config,
         "[node]\nidentity-dir = \"client\"\nlisten = \"127.0.0.1:15011\"\n\
          mesh = [\"10.0.2.0/24:5432\", \"10.0.3.0/24\"]\n\
-         peer = [\"10.0.0.0/16=spiffe://cluster.local/ns/db/sa/db\"]\nsocket-mark = 0x10\n",
+         peer = [\"10.0.0.0/16=spiffe://cluster.local/ns/db/sa/db\"]\nsocket-mark = 0x10\n\
+         remote = [\"10.0.3.0/24=10.9.0.1:15008,spiffe://cluster.local/ns/gw/sa/gw\"]\n",
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -277,6 +278,21 @@ fn node_names_bad_settings() {
     assert!(e.contains("address family"), "{e}");
     let e = err(&["--mesh", "10.0.2.0/24", peer, "--socket-mark", "0"]);
     assert!(e.contains("non-zero mark"), "{e}");
+    let gw = "10.1.0.9:15008,spiffe://td/ns/istio-system/sa/gw";
+    let e = err(&[
+        "--mesh",
+        "10.0.2.0/24",
+        peer,
+        "--remote",
+        "10.0.2.0/24=10.1.0.9",
+    ]);
+    assert!(e.contains("expected IP:PORT"), "{e}");
+    let remote = format!("10.9.0.0/16={gw}");
+    let e = err(&["--mesh", "10.0.2.0/24", peer, "--remote", &remote]);
+    assert!(
+        e.contains("--remote 10.9.0.0/16=") && e.contains("not covered by any --peer network"),
+        "{e}"
+    );
 }
 
 /// Without CAP_NET_ADMIN (nor CAP_NET_RAW, which also allows the socket

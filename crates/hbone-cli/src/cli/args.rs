@@ -423,7 +423,8 @@ pub(super) struct GatewayArgs {
     /// Address to listen on.
     #[arg(long, default_value = "[::]:15008", value_parser = super::parse_ip_port)]
     pub(super) listen: SocketAddr,
-    /// Routing table (TOML): service host names to HBONE endpoints.
+    /// Routing table (TOML): service host names or addresses to HBONE
+    /// endpoints.
     #[arg(long, value_name = "FILE")]
     pub(super) routes: PathBuf,
     /// Peers that may use the gateway (as for `hbone server`).

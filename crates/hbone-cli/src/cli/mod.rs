@@ -171,6 +171,7 @@ routes.toml:
   port = 8080                      # optional: only this service port
   endpoints = [\"10.0.0.7\", \"10.0.0.8:15008\"]   # HBONE port defaults to 15008
 
+A host may be an IP address (IPv6 in brackets), the service a node's --remote capture asks for.
 Clients reach it with --gateway ADDR --gateway-id ID --service HOST:PORT; the gateway relays the
 inner TLS connection to an endpoint and never sees the tunnelled bytes. Unknown services get 503.")]
     Gateway {

@@ -48,6 +48,10 @@ pub(super) fn sample(name: &str) -> Option<&'static str> {
         "target" => "127.0.0.1:80",
         "mesh" => "10.0.2.0/24",
         "peer" => "10.0.2.0/24=spiffe://cluster.local/ns/db/sa/db",
+        // Within the peer sample, so that uncommenting it starts.
+        "remote" => {
+            "10.0.2.0/24=192.0.2.10:15008,spiffe://cluster.local/ns/istio-system/sa/east-gateway"
+        }
         "protect" => "8080",
         _ => return None,
     })

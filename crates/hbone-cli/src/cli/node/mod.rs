@@ -1,7 +1,8 @@
 //! `hbone node`: this host as a mesh node. Its outbound TCP to the mesh
 //! is redirected by nftables rules to a capture listener and tunnelled
-//! over HBONE to port 15008 of the address it was going to; plaintext TCP
-//! from other hosts to its protected ports is refused, or counted.
+//! over HBONE to port 15008 of the address it was going to, or through
+//! the gateway of the remote network it is on; plaintext TCP from other
+//! hosts to its protected ports is refused, or counted.
 
 mod rules;
 
@@ -12,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use hbone::config::{Timeouts, parse_duration};
-use hbone::entry::capture::{self, CaptureConfig, HBONE_PORT, Peer, Peers};
-use hbone::policy::TargetRule;
+use hbone::entry::capture::{self, CaptureConfig, HBONE_PORT, Peer, Peers, RemoteNetwork};
+use hbone::policy::{IpNet, TargetRule};
 use hbone::{Dialer, DialerConfig};
 use tokio::net::TcpListener;
 
@@ -51,6 +52,17 @@ pub(super) struct NodeArgs {
         required_unless_present = "print_rules"
     )]
     pub(super) peers: Vec<Peer>,
+    /// A network this host cannot reach but its gateway can,
+    /// CIDR=GATEWAY_ADDR:PORT,GATEWAY_ID[,...]; repeatable (the most
+    /// specific network wins). Its connections go as double HBONE through
+    /// the gateway, which must prove a GATEWAY_ID, for the service
+    /// ORIGINAL_IP:PORT; the destination's node must still prove its --peer
+    /// identity, so each remote network must be covered by a peer.
+    #[arg(
+        long = "remote",
+        value_name = "CIDR=GATEWAY_ADDR:PORT,GATEWAY_ID[,...]"
+    )]
+    pub(super) remotes: Vec<RemoteNetwork>,
     /// The port of the peers' HBONE servers.
     #[arg(long, value_name = "PORT", default_value_t = HBONE_PORT)]
     pub(super) server_port: u16,
@@ -133,6 +145,16 @@ impl NodeArgs {
                 self.listen
             );
         }
+        for remote in &self.remotes {
+            if !self.covered(remote.net) {
+                bail!(
+                    "--remote {remote}: {} is not covered by any --peer network, so the \
+                     identity of its nodes is unknown; add --peer {}=SPIFFE_ID",
+                    remote.net,
+                    remote.net
+                );
+            }
+        }
         for mesh in &self.mesh {
             let family_ok = if mesh.net.addr().is_ipv4() {
                 ip.is_ipv4() || ip.is_unspecified()
@@ -146,11 +168,7 @@ impl NodeArgs {
                     self.listen
                 );
             }
-            let covered = self
-                .peers
-                .iter()
-                .any(|p| p.net.prefix() <= mesh.net.prefix() && p.net.contains(mesh.net.addr()));
-            if !covered {
+            if !self.covered(mesh.net) {
                 bail!(
                     "--mesh {mesh} is not covered by any --peer network: its connections \
                      would be captured and then refused; add --peer {}=SPIFFE_ID",
@@ -159,6 +177,13 @@ impl NodeArgs {
             }
         }
         Ok(())
+    }
+
+    /// Whether every address of `net` is in a peer network.
+    fn covered(&self, net: IpNet) -> bool {
+        self.peers
+            .iter()
+            .any(|p| p.net.prefix() <= net.prefix() && p.net.contains(net.addr()))
     }
 }
 
@@ -208,11 +233,13 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
     ops.listener_bound();
     tracing::info!(
         listen = %listener.local_addr()?, id = %dialer.local_id(),
-        mesh = args.mesh.len(), peers = args.peers.len(), protected = args.protect.len(),
+        mesh = args.mesh.len(), peers = args.peers.len(), remotes = args.remotes.len(),
+        protected = args.protect.len(),
         inbound = ?args.inbound, "node ready"
     );
-    let capture =
-        CaptureConfig::new(Peers::new(args.peers.clone())).with_server_port(args.server_port);
+    let capture = CaptureConfig::new(Peers::new(args.peers.clone()))
+        .with_server_port(args.server_port)
+        .with_remotes(args.remotes.clone());
     let serving = capture::serve(
         listener,
         dialer.clone(),
