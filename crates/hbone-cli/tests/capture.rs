@@ -5,21 +5,41 @@
 //! `scripts/install-test-deps.sh` installs them.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::Command;
 
 use crate::host_tools::{require, root_or_skip};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hbone");
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
-const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_hbone");
+pub(crate) const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
+pub(crate) const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 
-fn hbone(args: &[&str]) {
+pub(crate) fn hbone(args: &[&str]) {
     let out = Command::new(BIN).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A development CA in `dir/ca`, and for each (SPIFFE ID, name) an
+/// identity in `dir/name`.
+pub(crate) fn issue_identities(dir: &Path, ids: &[(&str, &str)]) {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    hbone(&["ca", "init", "--out", &path("ca")]);
+    for (id, name) in ids {
+        hbone(&[
+            "ca",
+            "issue",
+            "--ca",
+            &path("ca"),
+            "--id",
+            id,
+            "--out",
+            &path(name),
+        ]);
+    }
 }
 
 #[test]
@@ -34,20 +54,7 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
         require(tool, "tests/capture.rs");
     }
     let dir = tempfile::tempdir().unwrap();
-    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    hbone(&["ca", "init", "--out", &path("ca")]);
-    for (id, name) in [(SERVER_ID, "server"), (CLIENT_ID, "client")] {
-        hbone(&[
-            "ca",
-            "issue",
-            "--ca",
-            &path("ca"),
-            "--id",
-            id,
-            "--out",
-            &path(name),
-        ]);
-    }
+    issue_identities(dir.path(), &[(SERVER_ID, "server"), (CLIENT_ID, "client")]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/capture.sh");
     // The script bounds every wait itself; `timeout` is the backstop.
     let output = Command::new("timeout")

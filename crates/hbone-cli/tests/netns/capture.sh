@@ -15,59 +15,21 @@ a=hbone-capa-$tag
 b=hbone-capb-$tag
 server_id=spiffe://cluster.local/ns/demo/sa/server
 
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    ip netns del "$a" 2>/dev/null || true
-    ip netns del "$b" 2>/dev/null || true
-}
-trap cleanup EXIT
-# The test's backstop (timeout) sends TERM: clean up then too.
-trap 'exit 1' TERM INT
+source "$(dirname "$0")/lib.sh"
 
-# Waits up to 10 s for PATTERN in FILE.
-wait_for() {
-    for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-    echo "timed out waiting for '$2' in $1"; return 1
-}
-
-ip netns add "$a"
-ip netns add "$b"
+add_ns "$a"
+add_ns "$b"
 ip -n "$a" link add va type veth peer name vb netns "$b"
 ip -n "$a" addr add 10.77.0.1/24 dev va
 ip -n "$b" addr add 10.77.0.2/24 dev vb
 # IPv6 too (nodad: usable at once, no duplicate address detection wait).
 ip -n "$a" addr add fd77::1/64 dev va nodad
 ip -n "$b" addr add fd77::2/64 dev vb nodad
-for ns in "$a" "$b"; do
-    ip -n "$ns" link set lo up
-done
 ip -n "$a" link set va up
 ip -n "$b" link set vb up
 
 # B: the echo app, recording each peer address, and the HBONE server.
-ip netns exec "$b" python3 -c '
-import socket, sys, threading
-log = open(sys.argv[1], "a", buffering=1)
-def echo(c, peer):
-    print("peer=%s" % peer[0], file=log)
-    while True:
-        data = c.recv(65536)
-        if not data: break
-        c.sendall(data)
-    c.shutdown(socket.SHUT_WR); c.close()
-def serve(s):
-    while True:
-        c, peer = s.accept()
-        threading.Thread(target=echo, args=(c, peer), daemon=True).start()
-for family, addr in [(socket.AF_INET, "10.77.0.2"), (socket.AF_INET6, "fd77::2")]:
-    s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, 8080)); s.listen(16)
-    threading.Thread(target=serve, args=(s,), daemon=True).start()
-print("listening", file=log)
-threading.Event().wait()
-' "$work/app.log" &
-pids+=($!)
+echo_app "$b" "$work/app.log" 10.77.0.2 fd77::2
 ip netns exec "$b" "$bin" server --identity-dir "$work/server" --listen '[::]:15008' \
     --allow-target 10.77.0.2/32:8080 --allow-target '[fd77::2/128]:8080' \
     --log info > "$work/server.log" 2>&1 &
@@ -100,25 +62,6 @@ pids+=($node)
 wait_for "$work/node.log" "node ready"
 echo "tables_while_running=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
 
-# The unmodified client: 256 KiB of random bytes, then half-close, then
-# everything the app echoes until it closes. Args: address, key prefix.
-client='
-import hashlib, os, socket, sys
-addr, key = sys.argv[1], sys.argv[2]
-data = os.urandom(256 * 1024)
-c = socket.create_connection((addr, 8080), timeout=10)
-print("%sclient_local=%s" % (key, c.getsockname()[0]))
-c.sendall(data)
-c.shutdown(socket.SHUT_WR)
-got = bytearray()
-while True:
-    chunk = c.recv(65536)
-    if not chunk: break
-    got += chunk
-print("%ssent_sha=%s" % (key, hashlib.sha256(data).hexdigest()))
-print("%sechoed_sha=%s" % (key, hashlib.sha256(bytes(got)).hexdigest()))
-print("%sechoed_len=%d" % (key, len(got)))
-'
 # Packets a redirect rule caught (its counter). Arg: its address.
 redirected() {
     ip netns exec "$a" nft list chain inet hbone output | grep "daddr $1 " \
