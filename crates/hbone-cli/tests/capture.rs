@@ -206,6 +206,14 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     assert_eq!(value("node_exit"), "0", "{context}");
     assert_eq!(value("tables_after_exit"), "0", "{context}");
     assert!(node_log.contains("capture rules removed"), "{context}");
+    // All of it inside the sandbox: nft ran under it, B's key stayed
+    // out of reach.
+    if crate::sandbox::landlock_enforced() {
+        assert!(node_log.contains("sandbox in force"), "{context}");
+        assert!(node_log.contains("sandbox probe: denied"), "{context}");
+    } else {
+        assert!(node_log.contains("Landlock is not available"), "{context}");
+    }
 }
 
 /// The rules an administrator would install, from a config file's [node]

@@ -24,7 +24,7 @@ const PROBE: &str = "HBONE_SANDBOX_PROBE";
 /// not (containers, some VMs), the kernel is asked for its Landlock ABI
 /// version (`landlock_create_ruleset` with
 /// `LANDLOCK_CREATE_RULESET_VERSION`), which fails without Landlock.
-fn landlock_enforced() -> bool {
+pub(crate) fn landlock_enforced() -> bool {
     if let Ok(modules) = std::fs::read_to_string("/sys/kernel/security/lsm") {
         return modules.trim().split(',').any(|m| m == "landlock");
     }

@@ -1,14 +1,21 @@
 //! The sandbox of the long-running commands (`server`, `gateway`,
-//! `forward`, `socks5` and `run`) on Linux: `no_new_privs`, and a Landlock
-//! ruleset under which the filesystem can only be read where the process
-//! has files to read: the directories of its identity, policy, services,
-//! routes, CRL, SOCKS5 credentials, config, Istio CA root and token files,
-//! and the system's name-resolution files. Nothing can be written, made,
-//! removed or executed anywhere, except files replaced in the
-//! `--identity-out` directory; connecting to a Unix socket is allowed
+//! `forward`, `socks5`, `node` and `run`) on Linux: `no_new_privs`, and a
+//! Landlock ruleset under which the filesystem can only be read where the
+//! process has files to read: the directories of its identity, policy,
+//! services, routes, CRL, SOCKS5 credentials, config, Istio CA root and
+//! token files, and the system's name-resolution files. Nothing can be
+//! written, made, removed or executed anywhere, except files replaced in
+//! the `--identity-out` directory; connecting to a Unix socket is allowed
 //! only in the directory of the SPIFFE Workload API socket and of systemd's
 //! `NOTIFY_SOCKET` (where the kernel checks that, Landlock ABI 9 and
 //! later). The network is not restricted.
+//!
+//! A mesh node runs `nft` to install, count and remove its rules, so it
+//! may also execute that one program, read and map the system's libraries
+//! (the dynamic loader is executed too), read the files nft reads
+//! (`/etc/iproute2`, `/etc/connlabel.conf`, `/etc/protocols`,
+//! `/etc/services`) and write to `/dev/null`, nft's output. nft inherits
+//! the sandbox.
 //!
 //! Files are granted by their directory, not one by one: Landlock grants
 //! by inode, and a file replaced by a rename (editors, `hbone ca revoke`,
@@ -35,6 +42,7 @@ use std::path::{Path, PathBuf};
 
 use super::args::{IdentityArgs, ServerArgs};
 use super::config_file::ConfigFile;
+use super::node::NodeArgs;
 use super::revocation::RevocationArgs;
 use super::{Cli, Command};
 
@@ -54,6 +62,18 @@ const NAME_RESOLUTION: [&str; 5] = [
     "/etc/gai.conf",
 ];
 
+/// Files nft reads besides its libraries (names of realms, groups, marks,
+/// connection labels, protocols and services); any may be missing.
+const NFT_FILES: [&str; 4] = [
+    "/etc/iproute2",
+    "/etc/connlabel.conf",
+    "/etc/protocols",
+    "/etc/services",
+];
+
+/// Where the system's shared libraries and dynamic loader live.
+const LIBRARY_DIRECTORIES: [&str; 4] = ["/lib", "/lib64", "/usr/lib", "/usr/lib64"];
+
 /// What the sandbox leaves reachable.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct Allowed {
@@ -64,6 +84,13 @@ pub(super) struct Allowed {
     pub(super) sockets: Vec<PathBuf>,
     /// Directories whose files may be written and replaced (`--identity-out`).
     pub(super) write: Vec<PathBuf>,
+    /// Programs, and directories with everything beneath them, that may be
+    /// executed and read: a node's nft, the libraries it maps and the
+    /// dynamic loader that maps them.
+    pub(super) execute: Vec<PathBuf>,
+    /// Files that may be opened for writing but not replaced: `/dev/null`,
+    /// which a node's nft gets as its output.
+    pub(super) write_files: Vec<PathBuf>,
 }
 
 impl Allowed {
@@ -120,6 +147,39 @@ impl Allowed {
         }
     }
 
+    /// A mesh node: its identity and revocation lists, and nft when it
+    /// runs it (to install its rules, or to count plaintext to protected
+    /// ports).
+    fn node(&mut self, args: &NodeArgs) {
+        self.identity(&args.identity);
+        self.revocation(&args.revocation);
+        if !args.no_install_rules || !args.protect.is_empty() {
+            self.program(&args.nft);
+        }
+    }
+
+    /// `program` (a path, or a name looked up in `PATH` as the child's
+    /// start will), the system libraries, the files nft reads and
+    /// `/dev/null`. A program not found is left to fail at its start,
+    /// where the error names it.
+    fn program(&mut self, program: &str) {
+        if let Some(path) = find_program(program) {
+            push_new(&mut self.execute, path);
+        }
+        for dir in LIBRARY_DIRECTORIES {
+            let dir = Path::new(dir);
+            if dir.exists() {
+                // /lib is often a link to /usr/lib: one grant for both.
+                let real = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+                push_new(&mut self.execute, real);
+            }
+        }
+        for file in NFT_FILES {
+            push_new(&mut self.read, PathBuf::from(file));
+        }
+        push_new(&mut self.write_files, PathBuf::from("/dev/null"));
+    }
+
     /// What `command` reads after start; `None` for a command that is not
     /// sandboxed.
     fn command(&mut self, command: &Command) -> Option<()> {
@@ -142,8 +202,7 @@ impl Allowed {
                 }
             }
             Command::Run { args, .. } => self.directory_of(&args.config),
-            // A mesh node runs nft to install and remove its rules.
-            Command::Node { .. } => return None,
+            Command::Node { args, .. } if !args.print_rules => self.node(args),
             _ => return None,
         }
         Some(())
@@ -216,6 +275,21 @@ fn nss_module_directories() -> Vec<PathBuf> {
     found
 }
 
+/// The file `program` names: itself when it holds a `/`, else the first
+/// regular file of that name in a directory of `PATH`, as `execvp` finds
+/// it; resolved through links, since Landlock grants the file itself.
+fn find_program(program: &str) -> Option<PathBuf> {
+    let found = if program.contains('/') {
+        Some(PathBuf::from(program))
+    } else {
+        let path = std::env::var_os("PATH")?;
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    }?;
+    std::fs::canonicalize(found).ok()
+}
+
 fn push_new(list: &mut Vec<PathBuf>, path: PathBuf) {
     if !list.contains(&path) {
         list.push(path);
@@ -240,11 +314,6 @@ pub(super) fn allowed(cli: &Cli, file: Option<&ConfigFile>) -> Option<Allowed> {
             let mut argv = vec![std::ffi::OsString::from("hbone")];
             argv.extend(section.argv());
             if let Ok(parsed) = <Cli as clap::Parser>::try_parse_from(argv) {
-                // A mesh node runs nft (and installs rules at exit too):
-                // the process it shares stays out of the sandbox.
-                if matches!(parsed.command, Command::Node { .. }) {
-                    return None;
-                }
                 allowed.command(&parsed.command);
             }
         }
@@ -333,6 +402,7 @@ fn restrict(allowed: Allowed) -> Outcome {
     let mut rules = Vec::new();
     let system: Vec<&Path> = NAME_RESOLUTION
         .iter()
+        .chain(&NFT_FILES)
         .map(Path::new)
         .chain([Path::new("/etc/ld.so.cache")])
         .collect();
@@ -356,6 +426,15 @@ fn restrict(allowed: Allowed) -> Outcome {
     }
     for path in &allowed.sockets {
         rule(path, AccessFs::ResolveUnix.into());
+    }
+    for path in &allowed.execute {
+        rule(
+            path,
+            AccessFs::Execute | AccessFs::ReadFile | AccessFs::ReadDir,
+        );
+    }
+    for path in &allowed.write_files {
+        rule(path, AccessFs::ReadFile | AccessFs::WriteFile);
     }
     for dir in &writable {
         // Each file is written under a temporary name and renamed over the
@@ -439,14 +518,15 @@ impl Entered {
                 let read = list(&allowed.read);
                 let sockets = list(&allowed.sockets);
                 let write = list(&allowed.write);
+                let execute = list(&allowed.execute);
                 if *full {
-                    tracing::info!(%abi, %read, %write, %sockets, "sandbox in force: no_new_privs, filesystem read-only beneath these paths, writable only beneath those under write");
+                    tracing::info!(%abi, %read, %write, %sockets, %execute, "sandbox in force: no_new_privs, filesystem read-only beneath these paths, writable only beneath those under write");
                 } else if *core_missing {
-                    tracing::warn!(%abi, %missing, %read, %write, %sockets, "sandbox in force as far as this kernel's Landlock goes: the rights listed as missing cannot be restricted here");
+                    tracing::warn!(%abi, %missing, %read, %write, %sockets, %execute, "sandbox in force as far as this kernel's Landlock goes: the rights listed as missing cannot be restricted here");
                 } else {
                     // Every start on an older kernel: a warning here would
                     // teach operators to ignore warnings.
-                    tracing::info!(%abi, %missing, %read, %write, %sockets, "sandbox in force: no_new_privs, files restricted as listed; this kernel's Landlock cannot restrict the rights listed as missing");
+                    tracing::info!(%abi, %missing, %read, %write, %sockets, %execute, "sandbox in force: no_new_privs, files restricted as listed; this kernel's Landlock cannot restrict the rights listed as missing");
                 }
             }
             Outcome::NoLandlock { no_new_privs } => tracing::warn!(
@@ -489,35 +569,73 @@ mod tests {
 
     use super::*;
 
-    /// A mesh node runs nft: neither `hbone node` nor a `hbone run` with a
-    /// `[node]` section is sandboxed.
+    /// A mesh node is sandboxed too, alone or in `hbone run`: it may
+    /// execute its nft and read the libraries nft maps; printing the rules
+    /// is a one-shot command. With neither rules to install nor ports to
+    /// count, nft never runs and is not granted.
     #[test]
-    fn a_mesh_node_is_not_sandboxed() {
-        let node = [
-            "hbone",
-            "node",
-            "--identity-dir",
-            "/c",
-            "--mesh",
-            "10.0.2.0/24",
-            "--peer",
-            "10.0.2.0/24=spiffe://td/ns/a/sa/b",
-        ];
-        assert!(allowed(&Cli::try_parse_from(node).unwrap(), None).is_none());
+    fn a_mesh_node_may_run_its_nft_and_nothing_else() {
+        let node = |extra: &[&str]| {
+            let mut args = vec![
+                "hbone",
+                "node",
+                "--identity-dir",
+                "/c",
+                "--mesh",
+                "10.0.2.0/24",
+                "--peer",
+                "10.0.2.0/24=spiffe://td/ns/a/sa/b",
+                "--nft",
+                "/bin/sh",
+            ];
+            args.extend_from_slice(extra);
+            allowed(&Cli::try_parse_from(args).unwrap(), None)
+        };
+        let sandboxed = node(&[]).expect("a node is sandboxed");
+        let shell = std::fs::canonicalize("/bin/sh").unwrap();
+        assert_eq!(sandboxed.execute.first(), Some(&shell));
+        let usr_lib = std::fs::canonicalize("/usr/lib").unwrap();
+        assert!(
+            sandboxed.execute.contains(&usr_lib),
+            "{:?}",
+            sandboxed.execute
+        );
+        assert_eq!(sandboxed.write_files, [PathBuf::from("/dev/null")]);
+        assert!(sandboxed.read.contains(&PathBuf::from("/c")));
+        assert!(sandboxed.read.contains(&PathBuf::from("/etc/iproute2")));
+        assert!(sandboxed.write.is_empty());
+
+        let hands_off = node(&["--no-install-rules"]).unwrap();
+        assert!(hands_off.execute.is_empty() && hands_off.write_files.is_empty());
+        let counting = node(&["--no-install-rules", "--protect", "8080"]).unwrap();
+        assert_eq!(counting.execute.first(), Some(&shell));
+        assert_eq!(node(&["--print-rules"]), None);
+
         let text = "[server]\nidentity-dir = \"/s\"\n\
                     [node]\nidentity-dir = \"/c\"\nmesh = [\"10.0.2.0/24\"]\n\
-                    peer = [\"10.0.2.0/24=spiffe://td/ns/a/sa/b\"]\n";
+                    peer = [\"10.0.2.0/24=spiffe://td/ns/a/sa/b\"]\nnft = \"/bin/sh\"\n";
         let file =
             crate::cli::config_file::parse(text, Path::new("/etc/hbone/hbone.toml")).unwrap();
         let run =
             Cli::try_parse_from(["hbone", "run", "--config", "/etc/hbone/hbone.toml"]).unwrap();
-        assert!(allowed(&run, Some(&file)).is_none());
-        let server_only = crate::cli::config_file::parse(
-            "[server]\nidentity-dir = \"/s\"\n",
-            Path::new("/etc/hbone/hbone.toml"),
-        )
-        .unwrap();
-        assert!(allowed(&run, Some(&server_only)).is_some());
+        let both = allowed(&run, Some(&file)).expect("a run with a node is sandboxed");
+        assert_eq!(both.execute.first(), Some(&shell));
+        for dir in ["/etc/hbone", "/s", "/c"] {
+            assert!(
+                both.read.contains(&PathBuf::from(dir)),
+                "{dir}: {:?}",
+                both.read
+            );
+        }
+    }
+
+    #[test]
+    fn programs_are_found_as_execvp_finds_them() {
+        let sh = std::fs::canonicalize("/bin/sh").unwrap();
+        assert_eq!(find_program("/bin/sh"), Some(sh.clone()));
+        assert_eq!(find_program("no-such-program-here"), None);
+        // `sh` is on every PATH the tests run with.
+        assert!(find_program("sh").is_some());
     }
 
     fn allowed_for(args: &[&str]) -> Allowed {

@@ -54,8 +54,11 @@ ip netns exec "$a" nft -f "$work/rules.nft"
 ip netns exec "$a" nft -f "$work/rules.nft"
 echo "tables_after_two_applies=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
 
-# A: the node.
-ip netns exec "$a" "$bin" node "${node_args[@]}" --admin 127.0.0.1:15020 \
+# A: the node, sandboxed as by default: it must still run nft to install,
+# and later remove, its rules. Its probe tries the server's key, which it was
+# not given.
+ip netns exec "$a" env HBONE_SANDBOX_PROBE="$work/server/key.pem" \
+    "$bin" node "${node_args[@]}" --admin 127.0.0.1:15020 \
     > "$work/node.log" 2>&1 &
 node=$!
 pids+=($node)
