@@ -14,8 +14,12 @@
 //! may also execute that one program, read and map the system's libraries
 //! (the dynamic loader is executed too), read the files nft reads
 //! (`/etc/iproute2`, `/etc/connlabel.conf`, `/etc/protocols`,
-//! `/etc/services`) and write to `/dev/null`, nft's output. nft inherits
-//! the sandbox.
+//! `/etc/services`) and write to `/dev/null`, nft's output. With the
+//! iptables firewall it may execute `iptables`, `ip6tables` and their
+//! `-restore` programs instead, and read iptables' lock file
+//! (`/run/xtables.lock`, or `XTABLES_LOCKFILE`), made at start when
+//! missing, since legacy iptables opens it with `O_CREAT` even to read.
+//! The programs inherit the sandbox.
 //!
 //! Files are granted by their directory, not one by one: Landlock grants
 //! by inode, and a file replaced by a rename (editors, `hbone ca revoke`,
@@ -42,7 +46,7 @@ use std::path::{Path, PathBuf};
 
 use super::args::{IdentityArgs, ServerArgs};
 use super::config_file::ConfigFile;
-use super::node::NodeArgs;
+use super::node::{Firewall, NodeArgs};
 use super::revocation::RevocationArgs;
 use super::{Cli, Command};
 
@@ -71,6 +75,9 @@ const NFT_FILES: [&str; 4] = [
     "/etc/services",
 ];
 
+/// iptables' lock file, unless `XTABLES_LOCKFILE` names another.
+const XTABLES_LOCK: &str = "/run/xtables.lock";
+
 /// Where the system's shared libraries and dynamic loader live.
 const LIBRARY_DIRECTORIES: [&str; 4] = ["/lib", "/lib64", "/usr/lib", "/usr/lib64"];
 
@@ -91,6 +98,9 @@ pub(super) struct Allowed {
     /// Files that may be opened for writing but not replaced: `/dev/null`,
     /// which a node's nft gets as its output.
     pub(super) write_files: Vec<PathBuf>,
+    /// Files made now when missing (empty, owner-only), then readable:
+    /// iptables' lock file, which only its creation would need more for.
+    pub(super) made: Vec<PathBuf>,
 }
 
 impl Allowed {
@@ -147,21 +157,38 @@ impl Allowed {
         }
     }
 
-    /// A mesh node: its identity and revocation lists, and nft when it
-    /// runs it (to install its rules, or to count plaintext to protected
-    /// ports).
+    /// A mesh node: its identity and revocation lists, and its firewall's
+    /// programs when it runs them (to install its rules, or to count
+    /// plaintext to protected ports).
     fn node(&mut self, args: &NodeArgs) {
         self.identity(&args.identity);
         self.revocation(&args.revocation);
-        if !args.no_install_rules || !args.protect.is_empty() {
-            self.program(&args.nft);
+        let installs = !args.no_install_rules;
+        if !installs && args.protect.is_empty() {
+            return;
+        }
+        let firewall = args.firewall();
+        for program in firewall.programs(installs) {
+            self.program(&program);
+        }
+        match firewall {
+            Firewall::Nftables(_) => {
+                for file in NFT_FILES {
+                    push_new(&mut self.read, PathBuf::from(file));
+                }
+            }
+            Firewall::Iptables => {
+                let lock = std::env::var_os("XTABLES_LOCKFILE")
+                    .filter(|path| !path.is_empty())
+                    .map_or_else(|| PathBuf::from(XTABLES_LOCK), PathBuf::from);
+                push_new(&mut self.made, lock);
+            }
         }
     }
 
     /// `program` (a path, or a name looked up in `PATH` as the child's
-    /// start will), the system libraries, the files nft reads and
-    /// `/dev/null`. A program not found is left to fail at its start,
-    /// where the error names it.
+    /// start will), the system libraries and `/dev/null`. A program not
+    /// found is left to fail at its start, where the error names it.
     fn program(&mut self, program: &str) {
         if let Some(path) = find_program(program) {
             push_new(&mut self.execute, path);
@@ -173,9 +200,6 @@ impl Allowed {
                 let real = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
                 push_new(&mut self.execute, real);
             }
-        }
-        for file in NFT_FILES {
-            push_new(&mut self.read, PathBuf::from(file));
         }
         push_new(&mut self.write_files, PathBuf::from("/dev/null"));
     }
@@ -278,7 +302,7 @@ fn nss_module_directories() -> Vec<PathBuf> {
 /// The file `program` names: itself when it holds a `/`, else the first
 /// regular file of that name in a directory of `PATH`, as `execvp` finds
 /// it; resolved through links, since Landlock grants the file itself.
-fn find_program(program: &str) -> Option<PathBuf> {
+pub(super) fn find_program(program: &str) -> Option<PathBuf> {
     let found = if program.contains('/') {
         Some(PathBuf::from(program))
     } else {
@@ -399,6 +423,26 @@ fn restrict(allowed: Allowed) -> Outcome {
             }
         })
         .collect();
+    // Made now, as iptables would make it (owner-only).
+    let made: Vec<&PathBuf> = allowed
+        .made
+        .iter()
+        .filter(|file| {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let made = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(file);
+            match made {
+                Ok(_) => true,
+                Err(e) => {
+                    skipped.push(format!("{}: {e}", file.display()));
+                    false
+                }
+            }
+        })
+        .collect();
     let mut rules = Vec::new();
     let system: Vec<&Path> = NAME_RESOLUTION
         .iter()
@@ -435,6 +479,9 @@ fn restrict(allowed: Allowed) -> Outcome {
     }
     for path in &allowed.write_files {
         rule(path, AccessFs::ReadFile | AccessFs::WriteFile);
+    }
+    for path in &made {
+        rule(path, AccessFs::ReadFile.into());
     }
     for dir in &writable {
         // Each file is written under a temporary name and renamed over the
@@ -605,6 +652,8 @@ mod tests {
         assert!(sandboxed.read.contains(&PathBuf::from("/etc/iproute2")));
         assert!(sandboxed.write.is_empty());
 
+        assert!(sandboxed.made.is_empty());
+
         let hands_off = node(&["--no-install-rules"]).unwrap();
         assert!(hands_off.execute.is_empty() && hands_off.write_files.is_empty());
         let counting = node(&["--no-install-rules", "--protect", "8080"]).unwrap();
@@ -627,6 +676,63 @@ mod tests {
                 both.read
             );
         }
+    }
+
+    /// With iptables the node runs iptables' programs, not its nft: all
+    /// four to install its rules, the two that list the counters to count
+    /// only; and it may read iptables' lock file.
+    #[test]
+    fn a_mesh_node_on_iptables_may_run_iptables_and_not_nft() {
+        let node = |extra: &[&str]| {
+            let mut args = vec![
+                "hbone",
+                "node",
+                "--identity-dir",
+                "/c",
+                "--mesh",
+                "10.0.2.0/24",
+                "--peer",
+                "10.0.2.0/24=spiffe://td/ns/a/sa/b",
+                "--nft",
+                "/bin/sh",
+                "--firewall",
+                "iptables",
+            ];
+            args.extend_from_slice(extra);
+            allowed(&Cli::try_parse_from(args).unwrap(), None).expect("a node is sandboxed")
+        };
+        let programs = |names: &[&str]| -> Vec<PathBuf> {
+            let mut found = Vec::new();
+            for name in names {
+                // Links to one multi-call program are one grant.
+                if let Some(path) = find_program(name) {
+                    push_new(&mut found, path);
+                }
+            }
+            found
+        };
+        let shell = std::fs::canonicalize("/bin/sh").unwrap();
+        let installing = node(&[]);
+        assert!(!installing.execute.contains(&shell), "{installing:?}");
+        let all = [
+            "iptables",
+            "ip6tables",
+            "iptables-restore",
+            "ip6tables-restore",
+        ];
+        let expected = programs(&all);
+        assert_eq!(installing.execute[..expected.len()], expected[..]);
+        assert_eq!(installing.made.len(), 1, "the lock file: {installing:?}");
+        assert!(!installing.read.contains(&PathBuf::from("/etc/iproute2")));
+
+        let counting = node(&["--no-install-rules", "--protect", "8080"]);
+        let expected = programs(&all[..2]);
+        assert_eq!(counting.execute[..expected.len()], expected[..]);
+        if find_program("iptables-restore") != find_program("iptables") {
+            let restore = find_program("iptables-restore");
+            assert!(restore.is_none_or(|r| !counting.execute.contains(&r)));
+        }
+        assert!(node(&["--no-install-rules"]).execute.is_empty());
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! `hbone node`: this host as a mesh node. Its outbound TCP to the mesh
-//! is redirected by nftables rules to a capture listener and tunnelled
+//! is redirected by firewall rules (nftables, or iptables) to a capture
+//! listener and tunnelled
 //! over HBONE to port 15008 of the address it was going to, or through
 //! the gateway of the remote network it is on; plaintext TCP from other
 //! hosts to its protected ports is refused, or counted.
 
+mod iptables;
+mod nftables;
 mod rules;
+
+pub(super) use rules::Firewall;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use tokio::net::TcpListener;
 use super::args::{ConfigArg, IdentityArgs};
 use super::ops::Ops;
 use super::revocation::RevocationArgs;
+use super::sandbox::find_program;
 
 #[derive(Args)]
 pub(super) struct NodeArgs {
@@ -73,7 +79,8 @@ pub(super) struct NodeArgs {
     pub(super) protect: Vec<rules::PortRange>,
     /// Plaintext TCP from other hosts to a protected port: `strict` refuses
     /// it (TCP reset), `permissive` lets it through and counts it in the
-    /// rule's counter (`nft list chain inet hbone input`), as Istio's
+    /// rule's counter (`nft list chain inet hbone input`, or `iptables -L
+    /// HBONE-INPUT -v`), as Istio's
     /// PeerAuthentication STRICT and PERMISSIVE.
     #[arg(long, value_enum, default_value = "strict")]
     pub(super) inbound: rules::Inbound,
@@ -82,13 +89,20 @@ pub(super) struct NodeArgs {
     /// mark Istio uses, 1337).
     #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
     pub(super) socket_mark: u32,
-    /// Do not install the nftables rules (an administrator installs what
+    /// Do not install the firewall rules (an administrator installs what
     /// --print-rules shows).
     #[arg(long)]
     pub(super) no_install_rules: bool,
-    /// Print the nftables script this node would install, and exit.
+    /// Print the rules this node would install (an nft script, or
+    /// iptables-restore input for each address family), and exit.
     #[arg(long)]
     pub(super) print_rules: bool,
+    /// The firewall that carries the rules: `nftables` (a table of hbone's
+    /// own), `iptables` (chains of hbone's own, with iptables and ip6tables,
+    /// for hosts that have no nftables), or `auto`: nftables when its nft
+    /// program is found, else iptables.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub(super) firewall: rules::FirewallChoice,
     /// The nft program that installs the rules.
     #[arg(long, value_name = "PATH", default_value = "nft")]
     pub(super) nft: String,
@@ -118,6 +132,23 @@ fn parse_mark(text: &str) -> Result<u32, String> {
 }
 
 impl NodeArgs {
+    /// The firewall `--firewall` names; `auto` looks for nft as its start
+    /// would, and settles on iptables only when iptables is there instead.
+    pub(super) fn firewall(&self) -> rules::Firewall {
+        let nftables = rules::Firewall::Nftables(self.nft.clone());
+        match self.firewall {
+            rules::FirewallChoice::Nftables => nftables,
+            rules::FirewallChoice::Iptables => rules::Firewall::Iptables,
+            rules::FirewallChoice::Auto => {
+                if find_program(&self.nft).is_none() && find_program("iptables").is_some() {
+                    rules::Firewall::Iptables
+                } else {
+                    nftables
+                }
+            }
+        }
+    }
+
     fn rules(&self) -> rules::Rules<'_> {
         rules::Rules {
             mesh: &self.mesh,
@@ -217,15 +248,16 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let installed = !args.no_install_rules;
+    let firewall = args.firewall();
     if installed {
-        rules::apply(&args.nft, &args.rules().script())?;
-        tracing::info!(table = rules::TABLE, "capture rules installed");
+        firewall.install(&args.rules())?;
+        tracing::info!(rules = %firewall.holder(), "capture rules installed");
     }
     if let Some(metrics) = &ops.telemetry.metrics
         && !args.protect.is_empty()
     {
         tokio::spawn(count_plaintext(
-            args.nft.clone(),
+            firewall.clone(),
             args.inbound,
             metrics.clone(),
         ));
@@ -254,12 +286,12 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         () = ops.shutdown_requested() => false,
     };
     if installed {
-        match rules::apply(&args.nft, &rules::removal_script()) {
-            Ok(()) => tracing::info!(table = rules::TABLE, "capture rules removed"),
+        match firewall.remove() {
+            Ok(()) => tracing::info!(rules = %firewall.holder(), "capture rules removed"),
             Err(e) => tracing::error!(
                 error = %format!("{e:#}"),
-                "could not remove the capture rules; remove them with: nft delete table inet {}",
-                rules::TABLE
+                "could not remove the capture rules; remove them with: {}",
+                firewall.removal_hint()
             ),
         }
     }
@@ -288,7 +320,7 @@ const PLAINTEXT_COUNT_EVERY: Duration = Duration::from_secs(5);
 /// seconds. A failed read (rules installed by hand, not yet, or removed)
 /// is logged once and retried.
 async fn count_plaintext(
-    nft: String,
+    firewall: rules::Firewall,
     inbound: rules::Inbound,
     metrics: Arc<hbone::metrics::Metrics>,
 ) {
@@ -297,8 +329,8 @@ async fn count_plaintext(
     let mut warned = false;
     loop {
         every.tick().await;
-        let nft = nft.clone();
-        let read = tokio::task::spawn_blocking(move || rules::plaintext_connections(&nft)).await;
+        let firewall = firewall.clone();
+        let read = tokio::task::spawn_blocking(move || firewall.plaintext_connections()).await;
         match read {
             Ok(Ok(total)) => metrics.inbound_plaintext(inbound.label(), total),
             Ok(Err(e)) if !warned => {
@@ -315,7 +347,7 @@ async fn count_plaintext(
 /// `--print-rules`: the script, for an administrator.
 pub(super) fn print_rules(args: &NodeArgs) -> anyhow::Result<()> {
     args.check()?;
-    print!("{}", args.rules().script());
+    print!("{}", args.firewall().script(&args.rules()));
     Ok(())
 }
 
@@ -329,5 +361,38 @@ mod tests {
         assert_eq!(parse_mark("0x539"), Ok(0x539));
         assert!(parse_mark("0").unwrap_err().contains("non-zero"));
         assert!(parse_mark("0xzz").unwrap_err().contains("invalid mark"));
+    }
+
+    #[test]
+    fn auto_takes_nftables_when_nft_is_there() {
+        let firewall = |extra: &[&str]| {
+            let mut argv = vec!["hbone", "node", "--print-rules"];
+            argv.extend_from_slice(extra);
+            match <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+                .unwrap()
+                .command
+            {
+                crate::cli::Command::Node { args, .. } => args.firewall(),
+                _ => unreachable!("a node"),
+            }
+        };
+        let sh = Firewall::Nftables("/bin/sh".into());
+        assert_eq!(firewall(&["--nft", "/bin/sh"]), sh);
+        assert_eq!(
+            firewall(&["--nft", "/bin/sh", "--firewall", "nftables"]),
+            sh
+        );
+        assert_eq!(
+            firewall(&["--nft", "/bin/sh", "--firewall", "iptables"]),
+            Firewall::Iptables
+        );
+        // No nft: iptables where it is found; else nftables, whose start
+        // says what to install.
+        let missing = firewall(&["--nft", "/nonexistent/nft"]);
+        if find_program("iptables").is_some() {
+            assert_eq!(missing, Firewall::Iptables);
+        } else {
+            assert_eq!(missing, Firewall::Nftables("/nonexistent/nft".into()));
+        }
     }
 }

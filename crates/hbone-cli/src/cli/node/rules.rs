@@ -1,12 +1,9 @@
-//! The nftables rules of a mesh node: hbone's own table, whose `output`
-//! NAT chain redirects this host's TCP towards the mesh to the capture
-//! listener, and lets hbone's own connections (carrying its socket mark)
-//! pass; and, when local ports are protected, whose `input` chain refuses
-//! (or counts) plaintext TCP to them from other hosts. Applied with
-//! `nft -f -`, atomically; the script first deletes the table, so applying
-//! it twice, or after a crash, leaves one table.
+//! The firewall rules of a mesh node, whichever firewall carries them:
+//! this host's TCP towards the mesh is redirected to the capture listener,
+//! except hbone's own connections (carrying its socket mark); plaintext TCP
+//! from other hosts to protected ports is refused, or counted. The
+//! firewalls' own forms are in `nftables` and `iptables`.
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
@@ -14,8 +11,7 @@ use anyhow::{Context, bail};
 use clap::ValueEnum;
 use hbone::policy::TargetRule;
 
-/// The table hbone owns (family inet: IPv4 and IPv6 in one).
-pub(super) const TABLE: &str = "hbone";
+use super::{iptables, nftables};
 
 /// What the rules say.
 pub(super) struct Rules<'a> {
@@ -88,77 +84,6 @@ pub(crate) enum Inbound {
     Permissive,
 }
 
-impl Rules<'_> {
-    /// The nft script that installs the rules (replacing any earlier ones).
-    pub(super) fn script(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "# hbone node: capture outbound TCP to the mesh.");
-        let _ = writeln!(out, "# Remove with: nft delete table inet {TABLE}");
-        // Declaring the table first makes the delete succeed when there is
-        // none yet; the whole script is one transaction.
-        let _ = writeln!(out, "table inet {TABLE}");
-        let _ = writeln!(out, "delete table inet {TABLE}");
-        let _ = writeln!(out, "table inet {TABLE} {{");
-        let _ = writeln!(out, "\tchain output {{");
-        let _ = writeln!(
-            out,
-            "\t\ttype nat hook output priority -100; policy accept;"
-        );
-        let _ = writeln!(out, "\t\tmeta mark {:#010x} return", self.mark);
-        // This host's own addresses are not tunnelled to itself: its
-        // server's connections to local apps would come back here.
-        let _ = writeln!(out, "\t\tfib daddr type local return");
-        for rule in self.mesh {
-            let family = if rule.net.addr().is_ipv4() {
-                "ip"
-            } else {
-                "ip6"
-            };
-            let ports = match rule.ports {
-                (1, u16::MAX) => "meta l4proto tcp".to_owned(),
-                (low, high) if low == high => format!("tcp dport {low}"),
-                (low, high) => format!("tcp dport {low}-{high}"),
-            };
-            let _ = writeln!(
-                out,
-                "\t\t{family} daddr {} {ports} counter redirect to :{}",
-                rule.net, self.listen_port
-            );
-        }
-        let _ = writeln!(out, "\t}}");
-        if !self.protect.is_empty() {
-            self.input_chain(&mut out);
-        }
-        let _ = writeln!(out, "}}");
-        out
-    }
-
-    /// Plaintext TCP from other hosts to the protected ports. What comes
-    /// in on the loopback interface is this host's own, and that includes
-    /// its HBONE server delivering tunnels to local apps, even at the
-    /// host's external address.
-    fn input_chain(&self, out: &mut String) {
-        let ports = self
-            .protect
-            .iter()
-            .map(PortRange::to_string)
-            .collect::<Vec<_>>()
-            .join(", ");
-        // Each counts connections: a refused SYN is answered with a reset
-        // (no retries), and of a connection let through only its first
-        // packet is new to connection tracking.
-        let verdict = match self.inbound {
-            Inbound::Strict => " counter reject with tcp reset",
-            Inbound::Permissive => " ct state new counter",
-        };
-        let _ = writeln!(out, "\tchain input {{");
-        let _ = writeln!(out, "\t\ttype filter hook input priority 0; policy accept;");
-        let _ = writeln!(out, "\t\tiifname \"lo\" return");
-        let _ = writeln!(out, "\t\ttcp dport {{ {ports} }}{verdict}");
-        let _ = writeln!(out, "\t}}");
-    }
-}
-
 impl Inbound {
     /// The `mode` label of the plaintext-connection metric.
     pub(super) fn label(self) -> &'static str {
@@ -169,174 +94,152 @@ impl Inbound {
     }
 }
 
-/// Plaintext connections the protecting rule has counted, read from the
-/// installed input chain (`nft -j`).
-pub(super) fn plaintext_connections(nft: &str) -> anyhow::Result<u64> {
-    let output = Command::new(nft)
-        .args(["-j", "list", "chain", "inet", TABLE, "input"])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {nft}"))?;
-    if !output.status.success() {
-        bail!(
-            "{nft} cannot list the input chain: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+/// Which firewall `--firewall` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum FirewallChoice {
+    /// nftables when its nft program is found, else iptables.
+    Auto,
+    /// A table of hbone's own, installed with nft.
+    Nftables,
+    /// Chains of hbone's own, installed with iptables-restore and
+    /// ip6tables-restore, for hosts that have only iptables.
+    Iptables,
+}
+
+/// The firewall that carries the rules, and the programs it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Firewall {
+    /// The nft program (a path, or a name found in `PATH`).
+    Nftables(String),
+    Iptables,
+}
+
+impl Firewall {
+    /// Installs `rules`, replacing what an earlier start left.
+    pub(super) fn install(&self, rules: &Rules) -> anyhow::Result<()> {
+        match self {
+            Firewall::Nftables(nft) => nftables::install(nft, rules),
+            Firewall::Iptables => iptables::install(rules),
+        }
     }
-    counted_packets(&output.stdout)
+
+    /// Removes the rules; succeeds when they are gone already.
+    pub(super) fn remove(&self) -> anyhow::Result<()> {
+        match self {
+            Firewall::Nftables(nft) => nftables::remove(nft),
+            Firewall::Iptables => iptables::remove(),
+        }
+    }
+
+    /// Plaintext connections to the protected ports counted so far.
+    pub(super) fn plaintext_connections(&self) -> anyhow::Result<u64> {
+        match self {
+            Firewall::Nftables(nft) => nftables::plaintext_connections(nft),
+            Firewall::Iptables => iptables::plaintext_connections(),
+        }
+    }
+
+    /// What an administrator installs (`--print-rules`).
+    pub(super) fn script(&self, rules: &Rules) -> String {
+        match self {
+            Firewall::Nftables(_) => nftables::script(rules),
+            Firewall::Iptables => iptables::script(rules),
+        }
+    }
+
+    /// The commands that remove the rules by hand.
+    pub(super) fn removal_hint(&self) -> String {
+        match self {
+            Firewall::Nftables(_) => nftables::removal_hint(),
+            Firewall::Iptables => iptables::removal_hint(),
+        }
+    }
+
+    /// Where the rules live, for the log.
+    pub(super) fn holder(&self) -> String {
+        match self {
+            Firewall::Nftables(_) => format!("nftables table inet {}", nftables::TABLE),
+            Firewall::Iptables => iptables::holder(),
+        }
+    }
+
+    /// The programs the node runs: all of them to install the rules
+    /// (`installs`), else only those that read the counter.
+    pub(crate) fn programs(&self, installs: bool) -> Vec<String> {
+        match self {
+            Firewall::Nftables(nft) => vec![nft.clone()],
+            Firewall::Iptables => iptables::programs(installs)
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+        }
+    }
 }
 
-/// The packets of every counter in nft's JSON listing of a chain.
-fn counted_packets(json: &[u8]) -> anyhow::Result<u64> {
-    let listing: serde_json::Value =
-        serde_json::from_slice(json).context("nft's JSON did not parse")?;
-    let items = listing["nftables"]
-        .as_array()
-        .context("no nftables array in nft's JSON")?;
-    Ok(items
-        .iter()
-        .filter_map(|item| item["rule"]["expr"].as_array())
-        .flatten()
-        .filter_map(|expr| expr["counter"]["packets"].as_u64())
-        .sum())
-}
-
-/// The script that removes the rules (and succeeds when they are gone).
-pub(super) fn removal_script() -> String {
-    format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
-}
-
-/// Runs `nft -f -` on `script`, with an error that says what to do when
-/// nft is missing or may not change the rules.
-pub(super) fn apply(nft: &str, script: &str) -> anyhow::Result<()> {
-    let mut child = match Command::new(nft)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+/// Runs `program` with `args`, writing `input` (if any) to its standard
+/// input, and returns its standard output; the error says what to do when
+/// the program is missing (install `package`) or may not change the rules.
+pub(super) fn run(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    package: &str,
+) -> anyhow::Result<Vec<u8>> {
+    let mut child = match Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
     {
         Ok(child) => child,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
-            "cannot run {nft}: not found. Install nftables (Debian and Ubuntu: apt install \
-             nftables), or start with --no-install-rules and install the rules that \
-             --print-rules shows yourself"
+            "cannot run {program}: not found. Install {package}, or start with \
+             --no-install-rules and install the rules that --print-rules shows yourself"
         ),
-        Err(e) => return Err(e).with_context(|| format!("cannot run {nft}")),
+        Err(e) => return Err(e).with_context(|| format!("cannot run {program}")),
     };
-    if let Some(mut stdin) = child.stdin.take() {
-        // An nft that exits early is judged by its status and message.
-        match stdin.write_all(script.as_bytes()) {
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        // A program that exits early is judged by its status and message.
+        match stdin.write_all(input.as_bytes()) {
             Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                return Err(e).with_context(|| format!("writing the rules to {nft}"));
+                return Err(e).with_context(|| format!("writing the rules to {program}"));
             }
             _ => {}
         }
     }
     let output = child
         .wait_with_output()
-        .with_context(|| format!("waiting for {nft}"))?;
+        .with_context(|| format!("waiting for {program}"))?;
     if output.status.success() {
-        return Ok(());
+        return Ok(output.stdout);
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stderr = stderr.trim();
     if stderr.contains("Operation not permitted") || stderr.contains("Permission denied") {
         bail!(
-            "{nft} may not change the firewall rules: installing them needs CAP_NET_ADMIN (run \
-             as root, or grant the capability), or start with --no-install-rules and have an \
-             administrator install what --print-rules shows. nft said: {stderr}"
+            "{program} may not change the firewall rules: installing them needs CAP_NET_ADMIN \
+             (run as root, or grant the capability), or start with --no-install-rules and have \
+             an administrator install what --print-rules shows. {program} said: {stderr}"
         );
     }
-    bail!("{nft} refused the rules ({}): {stderr}", output.status)
+    if input.is_some() {
+        bail!("{program} refused the rules ({}): {stderr}", output.status)
+    }
+    bail!(
+        "{program} {} failed ({}): {stderr}",
+        args.join(" "),
+        output.status
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn script_redirects_the_mesh_and_lets_marked_traffic_pass() {
-        let mesh: Vec<TargetRule> = ["10.0.0.0/24:8080", "10.1.0.0/16:80-90", "[fd00::/64]"]
-            .iter()
-            .map(|m| m.parse().unwrap())
-            .collect();
-        let script = Rules {
-            mesh: &mesh,
-            listen_port: 15001,
-            mark: 0x539,
-            protect: &[],
-            inbound: Inbound::Strict,
-        }
-        .script();
-        let expected = "\
-table inet hbone
-delete table inet hbone
-table inet hbone {
-\tchain output {
-\t\ttype nat hook output priority -100; policy accept;
-\t\tmeta mark 0x00000539 return
-\t\tfib daddr type local return
-\t\tip daddr 10.0.0.0/24 tcp dport 8080 counter redirect to :15001
-\t\tip daddr 10.1.0.0/16 tcp dport 80-90 counter redirect to :15001
-\t\tip6 daddr fd00::/64 meta l4proto tcp counter redirect to :15001
-\t}
-}
-";
-        assert!(script.ends_with(expected), "{script}");
-        // The mark is excluded before any redirect.
-        let mark = script.find("meta mark").unwrap();
-        assert!(script.find("redirect").unwrap() > mark);
-    }
-
-    #[test]
-    fn protected_ports_refuse_or_count_plaintext_from_other_hosts() {
-        let protect: Vec<PortRange> = ["8080", "5432-5433"]
-            .iter()
-            .map(|p| p.parse().unwrap())
-            .collect();
-        let rules = |inbound| {
-            Rules {
-                mesh: &[],
-                listen_port: 15001,
-                mark: 0x539,
-                protect: &protect,
-                inbound,
-            }
-            .script()
-        };
-        let chain = |verdict: &str| {
-            format!(
-                "\tchain input {{\n\t\ttype filter hook input priority 0; policy accept;\n\
-                 \t\tiifname \"lo\" return\n\t\ttcp dport {{ 8080, 5432-5433 }}{verdict}\n\
-                 \t}}\n}}\n"
-            )
-        };
-        let strict = rules(Inbound::Strict);
-        assert!(
-            strict.ends_with(&chain(" counter reject with tcp reset")),
-            "{strict}"
-        );
-        let permissive = rules(Inbound::Permissive);
-        assert!(
-            permissive.ends_with(&chain(" ct state new counter")),
-            "{permissive}"
-        );
-    }
-
-    #[test]
-    fn counters_are_read_from_nft_json() {
-        let json = br#"{"nftables": [{"metainfo": {"json_schema_version": 1}},
-            {"chain": {"family": "inet", "table": "hbone", "name": "input"}},
-            {"rule": {"chain": "input", "expr": [{"match": {"op": "==", "left": {"meta":
-              {"key": "iifname"}}, "right": "lo"}}, {"return": null}]}},
-            {"rule": {"chain": "input", "expr": [{"match": {"op": "==", "left": {"payload":
-              {"protocol": "tcp", "field": "dport"}}, "right": 8080}},
-              {"counter": {"packets": 3, "bytes": 180}}, {"reject": {"type": "tcp reset"}}]}}]}"#;
-        assert_eq!(counted_packets(json).unwrap(), 3);
-        assert!(counted_packets(b"not json").is_err());
-        assert!(counted_packets(br#"{"other": 1}"#).is_err());
-    }
 
     #[test]
     fn port_ranges_parse_strictly() {
@@ -351,22 +254,5 @@ table inet hbone {
         for bad in ["0", "65536", "90-80", "http", "80-", ""] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad:?} was accepted");
         }
-    }
-
-    #[test]
-    fn a_missing_nft_says_how_to_get_it() {
-        let err = apply("/nonexistent/nft", "").unwrap_err().to_string();
-        assert!(err.contains("not found"), "{err}");
-        assert!(err.contains("apt install nftables"), "{err}");
-        assert!(err.contains("--no-install-rules"), "{err}");
-    }
-
-    #[test]
-    fn a_failing_nft_passes_its_message_on() {
-        // `false` stands in for an nft that refuses the script.
-        let err = apply("false", "table inet hbone\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("refused the rules"), "{err}");
     }
 }
