@@ -2,7 +2,8 @@
 # Installs what the interop tests (tests/interop.rs) need on a fresh Debian
 # machine: the Go toolchain (stdlib-only HTTP/2 peers), Node.js (its http2
 # module), HAProxy (an HTTP/1.1 CONNECT -> HTTP/2 CONNECT relay), curl,
-# iptables (tests/netns.rs black-holes a peer inside its own network namespace),
+# iptables (tests/netns.rs black-holes a peer inside its own network namespace;
+# tests/capture.rs runs a node on iptables too),
 # and nftables, python3 and ip (tests/capture.rs: `hbone node` installs its rules
 # with nft, and the plain client and app of two namespaced hosts are python3).
 # Idempotent: does nothing (and asks no registry) when all are present.

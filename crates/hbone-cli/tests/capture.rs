@@ -1,7 +1,8 @@
 //! Transparent capture between two hosts: network namespaces A and B this
 //! test creates, joined by a veth pair (nothing leaves the machine). An
 //! unmodified client on A dials B's app; `hbone node` on A captures it and
-//! B's `hbone server` delivers it. Needs root, `ip`, `nft` and `python3`;
+//! B's `hbone server` delivers it, once with the nodes' rules in nftables
+//! and once in iptables. Needs root, `ip`, `nft`, `iptables` and `python3`;
 //! `scripts/install-test-deps.sh` installs them.
 
 use std::collections::HashMap;
@@ -50,7 +51,35 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     ) {
         return;
     }
-    for tool in ["ip", "nft", "python3", "timeout", "curl"] {
+    require("nft", "tests/capture.rs");
+    capture_scenario("nftables");
+}
+
+/// The same with the rules in iptables and ip6tables chains, as on a host
+/// without nftables: iptables' counters, its own idempotence (starts killed
+/// with SIGKILL) and removal, and its programs run inside the sandbox.
+#[test]
+fn captured_connection_reaches_the_peer_only_through_hbone_on_iptables() {
+    if !root_or_skip(
+        "captured_connection_reaches_the_peer_only_through_hbone_on_iptables",
+        "network namespaces, iptables",
+    ) {
+        return;
+    }
+    for tool in [
+        "iptables",
+        "ip6tables",
+        "iptables-restore",
+        "ip6tables-restore",
+    ] {
+        require(tool, "tests/capture.rs");
+    }
+    capture_scenario("iptables");
+}
+
+/// Runs `netns/capture.sh` with the nodes on `firewall`, and judges it.
+fn capture_scenario(firewall: &str) {
+    for tool in ["ip", "python3", "timeout", "curl"] {
         require(tool, "tests/capture.rs");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -58,14 +87,21 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/netns/capture.sh");
     // The script bounds every wait itself; `timeout` is the backstop.
     let output = Command::new("timeout")
-        .args(["120", "bash", script, BIN, dir.path().to_str().unwrap()])
+        .args([
+            "120",
+            "bash",
+            script,
+            BIN,
+            dir.path().to_str().unwrap(),
+            firewall,
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
     let (node_log, server_log, app_log) = (read("node.log"), read("server.log"), read("app.log"));
     let context = format!(
-        "{stdout}\n{}\n--- node.log\n{node_log}\n--- server.log\n{server_log}\n--- app.log\n{app_log}",
+        "firewall: {firewall}\n{stdout}\n{}\n--- node.log\n{node_log}\n--- server.log\n{server_log}\n--- app.log\n{app_log}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "{context}");
@@ -79,7 +115,8 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
             .unwrap_or_else(|| panic!("no {key} in the output\n{context}"))
     };
 
-    // Applying the rules twice (a restart, a crash) leaves one table.
+    // Applying the rules twice (a restart, a crash) leaves one copy: one
+    // table, or one jump to each chain and one chain.
     assert_eq!(value("tables_after_two_applies"), "1", "{context}");
     assert_eq!(value("tables_while_running"), "1", "{context}");
     // Bytes intact both ways, through a half-close.
@@ -206,7 +243,7 @@ fn captured_connection_reaches_the_peer_only_through_hbone() {
     assert_eq!(value("node_exit"), "0", "{context}");
     assert_eq!(value("tables_after_exit"), "0", "{context}");
     assert!(node_log.contains("capture rules removed"), "{context}");
-    // All of it inside the sandbox: nft ran under it, B's key stayed
+    // All of it inside the sandbox: nft or iptables ran under it, B's key stayed
     // out of reach.
     if crate::sandbox::landlock_enforced() {
         assert!(node_log.contains("sandbox in force"), "{context}");

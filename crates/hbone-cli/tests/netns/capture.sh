@@ -6,16 +6,60 @@
 # client (python3, no proxy settings) dials 10.77.0.2:8080.
 # Prints key=value lines for tests/capture.rs to judge; exits non-zero on
 # a failure it can tell itself.
-# Usage: capture.sh HBONE_BIN WORKDIR   (WORKDIR holds ca/, server/ and client/)
+# Usage: capture.sh HBONE_BIN WORKDIR [FIREWALL]
+# (WORKDIR holds ca/, server/ and client/; FIREWALL is the nodes'
+# --firewall, nftables or iptables, nftables when not given.)
 set -euo pipefail
 bin=$1
 work=$2
+firewall=${3:-nftables}
 tag=$$
 a=hbone-capa-$tag
 b=hbone-capb-$tag
 server_id=spiffe://cluster.local/ns/demo/sa/server
 
 source "$(dirname "$0")/lib.sh"
+
+# How many copies of hbone's rules namespace NS holds: its nftables tables,
+# or its iptables jumps and chains in each TABLE given (both families),
+# printed as one number when they agree, else all of them.
+# Usage: rule_copies NS TABLE...
+rule_copies() {
+    local ns=$1 counts=() listing
+    shift
+    if [ "$firewall" = nftables ]; then
+        ip netns exec "$ns" nft list tables | grep -c 'inet hbone' || true
+        return
+    fi
+    for prog in iptables ip6tables; do
+        for table in "$@"; do
+            local chain=HBONE-OUTPUT hook=OUTPUT
+            [ "$table" = filter ] && chain=HBONE-INPUT hook=INPUT
+            listing=$(ip netns exec "$ns" "$prog" -w -t "$table" -S)
+            counts+=("$(grep -c -- "^-A $hook -j $chain\$" <<<"$listing" || true)")
+            counts+=("$(grep -c -- "^-N $chain\$" <<<"$listing" || true)")
+        done
+    done
+    if [ "$(printf '%s\n' "${counts[@]}" | sort -u | wc -l)" = 1 ]; then
+        echo "${counts[0]}"
+    else
+        echo "${counts[*]}"
+    fi
+}
+
+# The packet count of the rule in CHAIN (of TABLE) whose line matches
+# PATTERN. Usage: rule_packets NS TABLE CHAIN PATTERN [ip6]
+rule_packets() {
+    local ns=$1 table=$2 chain=$3 pattern=$4 prog=iptables
+    [ "${5:-}" = ip6 ] && prog=ip6tables
+    if [ "$firewall" = nftables ]; then
+        ip netns exec "$ns" nft list chain inet hbone "$chain" | grep -E -- "$pattern" \
+            | grep -o 'packets [0-9]*' | cut -d' ' -f2
+    else
+        ip netns exec "$ns" "$prog" -w -t "$table" -L "$chain" -v -x -n \
+            | grep -E -- "$pattern" | awk '{ print $1 }'
+    fi
+}
 
 add_ns "$a"
 add_ns "$b"
@@ -45,14 +89,27 @@ wait_for "$work/server.log" "ready"
 node_args=(--identity-dir "$work/client" --listen '[::]:15001'
     --mesh 10.77.0.2/32 --mesh 10.77.0.1/32 --mesh '[fd77::2/128]'
     --peer "10.77.0.2/32=$server_id" --peer "10.77.0.1/32=$server_id"
-    --peer "fd77::2/128=$server_id" --log info)
+    --peer "fd77::2/128=$server_id" --log info --firewall "$firewall")
 
-# The script applied twice leaves one table (as after a crash, or a
-# restart): it replaces the table rather than adding another.
-"$bin" node "${node_args[@]}" --print-rules > "$work/rules.nft"
-ip netns exec "$a" nft -f "$work/rules.nft"
-ip netns exec "$a" nft -f "$work/rules.nft"
-echo "tables_after_two_applies=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
+# The rules applied twice leave one copy (as after a crash, or a restart):
+# the nft script replaces the table rather than adding another; the node
+# on iptables refills its chains and adds a jump only where there is none,
+# which two starts ended with kill -9 try.
+if [ "$firewall" = nftables ]; then
+    "$bin" node "${node_args[@]}" --print-rules > "$work/rules.nft"
+    ip netns exec "$a" nft -f "$work/rules.nft"
+    ip netns exec "$a" nft -f "$work/rules.nft"
+else
+    for try in 1 2; do
+        ip netns exec "$a" "$bin" node "${node_args[@]}" > "$work/node-crashed-$try.log" 2>&1 &
+        crashed=$!
+        pids+=($crashed)
+        wait_for "$work/node-crashed-$try.log" "node ready"
+        kill -KILL "$crashed"
+        wait "$crashed" || true
+    done
+fi
+echo "tables_after_two_applies=$(rule_copies "$a" nat)"
 
 # A: the node, sandboxed as by default: it must still run nft to install,
 # and later remove, its rules. Its probe tries the server's key, which it was
@@ -63,19 +120,23 @@ ip netns exec "$a" env HBONE_SANDBOX_PROBE="$work/server/key.pem" \
 node=$!
 pids+=($node)
 wait_for "$work/node.log" "node ready"
-echo "tables_while_running=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone')"
+echo "tables_while_running=$(rule_copies "$a" nat)"
 
-# Packets a redirect rule caught (its counter). Arg: its address.
+# Packets a redirect rule caught (its counter). Args: its address, and ip6
+# for an IPv6 one.
 redirected() {
-    ip netns exec "$a" nft list chain inet hbone output | grep "daddr $1 " \
-        | grep -o 'packets [0-9]*' | cut -d' ' -f2
+    if [ "$firewall" = nftables ]; then
+        rule_packets "$a" nat output "daddr $1 "
+    else
+        rule_packets "$a" nat HBONE-OUTPUT " $1(/128)? +redir" "${2:-}"
+    fi
 }
 ip netns exec "$a" timeout 20 python3 -c "$client" 10.77.0.2 ""
 echo "redirect_packets=$(redirected 10.77.0.2)"
 wait_for "$work/node.log" "target_addr=10.77.0.2:8080"
 wait_for "$work/server.log" "target_addr=10.77.0.2:8080"
 ip netns exec "$a" timeout 20 python3 -c "$client" fd77::2 v6_
-echo "v6_redirect_packets=$(redirected fd77::2)"
+echo "v6_redirect_packets=$(redirected fd77::2 ip6)"
 wait_for "$work/node.log" "target_addr=\[fd77::2\]:8080"
 wait_for "$work/server.log" "target_addr=\[fd77::2\]:8080"
 
@@ -97,8 +158,13 @@ wait_for "$work/node.log" "identity reloaded"
 
 # A destination redirected to the node but in no peer network (an
 # administrator's rule gone wrong) is closed, not sent in the clear.
-ip netns exec "$a" nft add rule inet hbone output ip daddr 10.77.0.3 tcp dport 80 \
-    redirect to :15001
+if [ "$firewall" = nftables ]; then
+    ip netns exec "$a" nft add rule inet hbone output ip daddr 10.77.0.3 tcp dport 80 \
+        redirect to :15001
+else
+    ip netns exec "$a" iptables -w -t nat -A HBONE-OUTPUT -d 10.77.0.3 -p tcp --dport 80 \
+        -j REDIRECT --to-ports 15001
+fi
 ip netns exec "$a" timeout 20 python3 -c '
 import socket
 c = socket.create_connection(("10.77.0.3", 80), timeout=10)
@@ -121,7 +187,7 @@ if kill -0 "$node" 2>/dev/null; then echo "node still running 10 s after SIGTERM
 status=0
 wait "$node" || status=$?
 echo "node_exit=$status"
-echo "tables_after_exit=$(ip netns exec "$a" nft list tables | grep -c 'inet hbone' || true)"
+echo "tables_after_exit=$(rule_copies "$a" nat filter)"
 
 # Inbound: B protects its app's port. Plaintext from A (whose node is gone,
 # so nothing captures it) is refused; HBONE to B's server still reaches the
@@ -141,8 +207,11 @@ except (ConnectionRefusedError, ConnectionResetError):
 '
 # Packets the protecting rule counted.
 protected_packets() {
-    ip netns exec "$b" nft list chain inet hbone input | grep "dport 8080" \
-        | grep -o 'packets [0-9]*' | cut -d' ' -f2
+    if [ "$firewall" = nftables ]; then
+        rule_packets "$b" filter input "dport 8080"
+    else
+        rule_packets "$b" filter HBONE-INPUT "dpt:8080"
+    fi
 }
 # The node's metric of the same count, once it shows one connection (the
 # node reads the firewall's counter every few seconds). Arg: the mode.
@@ -170,12 +239,13 @@ mesh = ["10.77.0.1/32"]
 peer = ["10.77.0.1/32=$client_id"]
 protect = ["8080"]
 inbound = "permissive"
+firewall = "$firewall"
 TOML
 for mode in strict permissive; do
     if [ "$mode" = strict ]; then
         ip netns exec "$b" "$bin" node --identity-dir "$work/server" --listen 127.0.0.1:15001 \
             --mesh 10.77.0.1/32 --peer "10.77.0.1/32=$client_id" --protect 8080 \
-            --inbound "$mode" --log info --admin 127.0.0.1:15000 \
+            --inbound "$mode" --log info --admin 127.0.0.1:15000 --firewall "$firewall" \
             > "$work/bnode-$mode.log" 2>&1 &
     else
         kill -TERM "$server"
@@ -193,7 +263,7 @@ for mode in strict permissive; do
     echo "${mode}_tunnelled=$(printf tunnelled | ip netns exec "$a" timeout 20 "$bin" connect \
         --identity-dir "$work/client" --server 10.77.0.2:15008 --server-id "$server_id" \
         --target 10.77.0.2:8080 2>>"$work/connect.log")"
-    echo "${mode}_tables=$(ip netns exec "$b" nft list tables | grep -c 'inet hbone')"
+    echo "${mode}_tables=$(rule_copies "$b" nat filter)"
     # The first node dies without a chance to clean up (kill -9): its
     # table stays until the next start replaces it; the second exits
     # cleanly and removes it.
@@ -204,5 +274,5 @@ for mode in strict permissive; do
     status=0
     wait "$bnode" || status=$?
     echo "${mode}_node_exit=$status"
-    echo "${mode}_tables_after=$(ip netns exec "$b" nft list tables | grep -c 'inet hbone' || true)"
+    echo "${mode}_tables_after=$(rule_copies "$b" nat filter)"
 done
