@@ -303,6 +303,27 @@ fn node_prints_its_rules_from_a_config_file() {
         stdout.contains("ip daddr 10.0.3.0/24 meta l4proto tcp counter redirect to :15011\n"),
         "{stdout}"
     );
+    // The same rules as iptables-restore input, the flag over the file.
+    let out = Command::new(BIN)
+        .args(["node", "--config", config.to_str().unwrap()])
+        .args(["--print-rules", "--firewall", "iptables"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "# IPv4, for: iptables-restore --noflush\n*nat\n",
+        "-A HBONE-OUTPUT -m mark --mark 0x10 -j RETURN\n",
+        "-A HBONE-OUTPUT -d 10.0.2.0/24 -p tcp --dport 5432 -j REDIRECT --to-ports 15011\n",
+        "-A HBONE-OUTPUT -d 10.0.3.0/24 -p tcp -j REDIRECT --to-ports 15011\n",
+        "-I OUTPUT 1 -j HBONE-OUTPUT\nCOMMIT\n# IPv6, for: ip6tables-restore --noflush\n",
+    ] {
+        assert!(stdout.contains(line), "{line:?}\n{stdout}");
+    }
 }
 
 /// Operator mistakes are named before anything is installed.

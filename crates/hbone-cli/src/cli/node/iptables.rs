@@ -251,9 +251,13 @@ fn change(rules: Option<&Rules>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs `rules`, replacing what an earlier start left.
+/// Installs `rules`, replacing what an earlier start left. The families
+/// are two transactions: when the second fails, the first is taken back
+/// (as far as it can be), so a node that stops here captures nothing.
 pub(super) fn install(rules: &Rules) -> anyhow::Result<()> {
-    change(Some(rules))
+    change(Some(rules)).inspect_err(|_| {
+        let _ = change(None);
+    })
 }
 
 /// Removes hbone's jumps and chains (and succeeds when they are gone).
@@ -296,27 +300,27 @@ pub(super) fn programs(installs: bool) -> &'static [&'static str] {
 }
 
 /// Plaintext connections the protecting rules have counted, both families.
+/// A family whose chain cannot be read counts nothing (an administrator
+/// may have installed the IPv4 rules only); an error only when neither can.
 pub(super) fn plaintext_connections() -> anyhow::Result<u64> {
-    let mut total = 0;
-    for family in FAMILIES {
-        let listing = rules::run(
-            family.iptables(),
-            &[
-                "-w",
-                "-t",
-                FILTER.table,
-                "-L",
-                FILTER.chain,
-                "-v",
-                "-x",
-                "-n",
-            ],
-            None,
-            PACKAGE,
-        )?;
-        total += counted_packets(&String::from_utf8_lossy(&listing))?;
+    let read = |family: Family| -> anyhow::Result<u64> {
+        let args = [
+            "-w",
+            "-t",
+            FILTER.table,
+            "-L",
+            FILTER.chain,
+            "-v",
+            "-x",
+            "-n",
+        ];
+        let listing = rules::run(family.iptables(), &args, None, PACKAGE)?;
+        counted_packets(&String::from_utf8_lossy(&listing))
+    };
+    match (read(Family::V4), read(Family::V6)) {
+        (Err(e), Err(_)) => Err(e),
+        (v4, v6) => Ok(v4.unwrap_or(0) + v6.unwrap_or(0)),
     }
-    Ok(total)
 }
 
 /// The packets of the protecting rules (those matching a destination

@@ -1,9 +1,9 @@
 //! `hbone node`: this host as a mesh node. Its outbound TCP to the mesh
 //! is redirected by firewall rules (nftables, or iptables) to a capture
-//! listener and tunnelled
-//! over HBONE to port 15008 of the address it was going to, or through
-//! the gateway of the remote network it is on; plaintext TCP from other
-//! hosts to its protected ports is refused, or counted.
+//! listener and tunnelled over HBONE to port 15008 of the address it was
+//! going to, or through the gateway of the remote network it is on;
+//! plaintext TCP from other hosts to its protected ports is refused, or
+//! counted.
 
 mod iptables;
 mod nftables;
@@ -80,8 +80,8 @@ pub(super) struct NodeArgs {
     /// Plaintext TCP from other hosts to a protected port: `strict` refuses
     /// it (TCP reset), `permissive` lets it through and counts it in the
     /// rule's counter (`nft list chain inet hbone input`, or `iptables -L
-    /// HBONE-INPUT -v`), as Istio's
-    /// PeerAuthentication STRICT and PERMISSIVE.
+    /// HBONE-INPUT -v`), as Istio's PeerAuthentication STRICT and
+    /// PERMISSIVE.
     #[arg(long, value_enum, default_value = "strict")]
     pub(super) inbound: rules::Inbound,
     /// Firewall mark on this node's own connections to peers, which the

@@ -111,6 +111,7 @@ pub(crate) enum FirewallChoice {
 pub(crate) enum Firewall {
     /// The nft program (a path, or a name found in `PATH`).
     Nftables(String),
+    /// iptables, ip6tables and their `-restore` programs, found in `PATH`.
     Iptables,
 }
 
