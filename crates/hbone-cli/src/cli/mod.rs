@@ -144,14 +144,15 @@ For other machines, say who may use it (it refuses to listen off loopback otherw
         service: ServiceArgs,
     },
     /// Put this host in the mesh: capture its outbound TCP to mesh
-    /// destinations (nftables rules) and tunnel it over HBONE.
+    /// destinations (nftables or iptables rules) and tunnel it over HBONE.
     #[command(after_help = "Example:
   hbone node --identity-dir /etc/hbone/identity \\
       --mesh 10.0.2.0/24 --peer 10.0.2.0/24=spiffe://cluster.local/ns/db/sa/db
 
 Connections from this host to 10.0.2.0/24 go to port 15008 of the address dialled, as HBONE
-tunnels whose server must prove the peer's ID. Installs table inet hbone at start and removes it
-on exit; --print-rules shows it. Needs CAP_NET_ADMIN (rules and socket mark).")]
+tunnels whose server must prove the peer's ID. Installs table inet hbone at start (or, with
+--firewall iptables, chains HBONE-OUTPUT and HBONE-INPUT) and removes them on exit; --print-rules
+shows them. Needs CAP_NET_ADMIN (rules and socket mark).")]
     Node {
         #[command(flatten)]
         args: node::NodeArgs,
