@@ -24,6 +24,14 @@ pub(crate) fn hbone(args: &[&str]) {
     );
 }
 
+/// The `key=value` lines a namespace script prints.
+pub(crate) fn script_values(stdout: &str) -> HashMap<&str, &str> {
+    stdout
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .collect()
+}
+
 /// A development CA in `dir/ca`, and for each (SPIFFE ID, name) an
 /// identity in `dir/name`.
 pub(crate) fn issue_identities(dir: &Path, ids: &[(&str, &str)]) {
@@ -105,10 +113,7 @@ fn capture_scenario(firewall: &str) {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(output.status.success(), "{context}");
-    let values: HashMap<&str, &str> = stdout
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .collect();
+    let values = script_values(&stdout);
     let value = |key: &str| {
         *values
             .get(key)

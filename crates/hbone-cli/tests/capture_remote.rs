@@ -5,10 +5,9 @@
 //! through G's `hbone gateway` to B's `hbone server`. Needs root, `ip`,
 //! `nft` and `python3`; `scripts/install-test-deps.sh` installs them.
 
-use std::collections::HashMap;
 use std::process::Command;
 
-use crate::capture::{BIN, CLIENT_ID, SERVER_ID, issue_identities};
+use crate::capture::{BIN, CLIENT_ID, SERVER_ID, issue_identities, script_values};
 use crate::host_tools::{require, root_or_skip};
 
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/gateway";
@@ -51,10 +50,7 @@ fn captured_connection_reaches_a_remote_network_only_through_its_gateway() {
         (_, server_log),
         (_, app_log),
     ] = &logs;
-    let values: HashMap<&str, &str> = stdout
-        .lines()
-        .filter_map(|line| line.split_once('='))
-        .collect();
+    let values = script_values(&stdout);
     let value = |key: &str| {
         *values
             .get(key)

@@ -616,28 +616,32 @@ mod tests {
 
     use super::*;
 
+    /// What a node capturing 10.0.2.0/24, with `/bin/sh` standing in for
+    /// its nft, is granted with `extra` flags.
+    fn node_allowed(extra: &[&str]) -> Option<Allowed> {
+        let mut args = vec![
+            "hbone",
+            "node",
+            "--identity-dir",
+            "/c",
+            "--mesh",
+            "10.0.2.0/24",
+            "--peer",
+            "10.0.2.0/24=spiffe://td/ns/a/sa/b",
+            "--nft",
+            "/bin/sh",
+        ];
+        args.extend_from_slice(extra);
+        allowed(&Cli::try_parse_from(args).unwrap(), None)
+    }
+
     /// A mesh node is sandboxed too, alone or in `hbone run`: it may
     /// execute its nft and read the libraries nft maps; printing the rules
     /// is a one-shot command. With neither rules to install nor ports to
     /// count, nft never runs and is not granted.
     #[test]
     fn a_mesh_node_may_run_its_nft_and_nothing_else() {
-        let node = |extra: &[&str]| {
-            let mut args = vec![
-                "hbone",
-                "node",
-                "--identity-dir",
-                "/c",
-                "--mesh",
-                "10.0.2.0/24",
-                "--peer",
-                "10.0.2.0/24=spiffe://td/ns/a/sa/b",
-                "--nft",
-                "/bin/sh",
-            ];
-            args.extend_from_slice(extra);
-            allowed(&Cli::try_parse_from(args).unwrap(), None)
-        };
+        let node = node_allowed;
         let sandboxed = node(&[]).expect("a node is sandboxed");
         let shell = std::fs::canonicalize("/bin/sh").unwrap();
         assert_eq!(sandboxed.execute.first(), Some(&shell));
@@ -684,22 +688,9 @@ mod tests {
     #[test]
     fn a_mesh_node_on_iptables_may_run_iptables_and_not_nft() {
         let node = |extra: &[&str]| {
-            let mut args = vec![
-                "hbone",
-                "node",
-                "--identity-dir",
-                "/c",
-                "--mesh",
-                "10.0.2.0/24",
-                "--peer",
-                "10.0.2.0/24=spiffe://td/ns/a/sa/b",
-                "--nft",
-                "/bin/sh",
-                "--firewall",
-                "iptables",
-            ];
+            let mut args = vec!["--firewall", "iptables"];
             args.extend_from_slice(extra);
-            allowed(&Cli::try_parse_from(args).unwrap(), None).expect("a node is sandboxed")
+            node_allowed(&args).expect("a node is sandboxed")
         };
         let programs = |names: &[&str]| -> Vec<PathBuf> {
             let mut found = Vec::new();
