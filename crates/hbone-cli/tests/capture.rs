@@ -350,6 +350,7 @@ fn node_names_bad_settings() {
     assert!(e.contains("expected CIDR=SPIFFE_ID"), "{e}");
     let e = err(&["--mesh", "10.9.0.0/24", peer]);
     assert!(e.contains("not covered by any --peer network"), "{e}");
+    assert!(e.contains("--unknown-destinations refuse"), "{e}");
     let e = err(&["--mesh", "10.0.2.0/24", peer, "--listen", "10.0.0.1:15001"]);
     assert!(e.contains("loopback"), "{e}");
     let e = err(&["--mesh", "[fd00::/64]", "--peer=fd00::/48=spiffe://td/a"]);
@@ -370,6 +371,29 @@ fn node_names_bad_settings() {
     assert!(
         e.contains("--remote 10.9.0.0/16=") && e.contains("not covered by any --peer network"),
         "{e}"
+    );
+}
+
+/// With `--unknown-destinations refuse` a mesh may reach beyond the peers
+/// (its other addresses are captured and closed, as the namespace test's
+/// unknown destination is): the whole range is redirected.
+#[test]
+fn a_mesh_beyond_the_peers_is_taken_when_unknown_destinations_are_refused() {
+    let out = Command::new(BIN)
+        .args(["node", "--print-rules", "--mesh", "10.0.0.0/8"])
+        .args(["--peer", "10.0.2.0/24=spiffe://td/ns/a/sa/b"])
+        .args(["--unknown-destinations", "refuse"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ip daddr 10.0.0.0/8 meta l4proto tcp counter redirect to :15001\n"),
+        "{stdout}"
     );
 }
 

@@ -69,6 +69,13 @@ pub(super) struct NodeArgs {
         value_name = "CIDR=GATEWAY_ADDR:PORT,GATEWAY_ID[,...]"
     )]
     pub(super) remotes: Vec<RemoteNetwork>,
+    /// Mesh destinations that no --peer covers: `pass` requires every
+    /// --mesh to be covered, so only peers are captured and all other
+    /// traffic leaves untouched; `refuse` lets a --mesh reach beyond the
+    /// peers, and its addresses in no peer network are captured and closed
+    /// (with an access record), so nothing in that range leaves in plaintext.
+    #[arg(long, value_enum, default_value = "pass")]
+    pub(super) unknown_destinations: UnknownDestinations,
     /// The port of the peers' HBONE servers.
     #[arg(long, value_name = "PORT", default_value_t = HBONE_PORT)]
     pub(super) server_port: u16,
@@ -117,6 +124,16 @@ pub(super) struct NodeArgs {
     /// longer captured.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub(super) drain_timeout: Duration,
+}
+
+/// What becomes of connections to mesh destinations outside the peers
+/// table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum UnknownDestinations {
+    /// Never captured: each --mesh must lie within the peers' networks.
+    Pass,
+    /// Captured and closed.
+    Refuse,
 }
 
 fn parse_mark(text: &str) -> Result<u32, String> {
@@ -199,10 +216,11 @@ impl NodeArgs {
                     self.listen
                 );
             }
-            if !self.covered(mesh.net) {
+            if self.unknown_destinations == UnknownDestinations::Pass && !self.covered(mesh.net) {
                 bail!(
                     "--mesh {mesh} is not covered by any --peer network: its connections \
-                     would be captured and then refused; add --peer {}=SPIFFE_ID",
+                     would be captured and then refused; add --peer {}=SPIFFE_ID, or \
+                     --unknown-destinations refuse if that is what you want",
                     mesh.net
                 );
             }
