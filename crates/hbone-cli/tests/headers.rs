@@ -75,7 +75,7 @@ async fn malformed_headers_are_ignored_and_counted() {
         .body(())
         .unwrap();
     let (response, mut body_out) = send.send_request(request, false).unwrap();
-    let response = response.await.unwrap();
+    let response = within(PEER_WAIT, "the response", response).await.unwrap();
     assert_eq!(
         response.status(),
         StatusCode::OK,

@@ -178,7 +178,9 @@ async fn the_server_renews_mid_traffic_and_open_tunnels_continue() {
     let mut open = TcpStream::connect(forward).await.unwrap();
     let mut back = [0u8; 5];
     open.write_all(b"early").await.unwrap();
-    open.read_exact(&mut back).await.unwrap();
+    within(PEER_WAIT, "the early echo", open.read_exact(&mut back))
+        .await
+        .unwrap();
 
     log_lines(&server_log, "certificate renewed by the Istio CA", 1).await;
     let renewed = presented_cert(server).await;
@@ -346,7 +348,9 @@ async fn a_server_follows_the_workload_api_for_rotations_and_bundles() {
     let mut open = TcpStream::connect(ours_entry).await.unwrap();
     let mut back = [0u8; 5];
     open.write_all(b"early").await.unwrap();
-    open.read_exact(&mut back).await.unwrap();
+    within(PEER_WAIT, "the early echo", open.read_exact(&mut back))
+        .await
+        .unwrap();
     assert_refused(theirs_entry).await;
 
     // Rotation: same CA, new SVID.

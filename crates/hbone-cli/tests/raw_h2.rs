@@ -393,7 +393,8 @@ async fn cancel_ends_the_tunnel_cleanly_and_promptly() {
     let (response, mut stream) = send
         .send_request(request(Method::CONNECT, &target_addr.to_string()), false)
         .unwrap();
-    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    let response = within(PEER_WAIT, "the response", response).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
     stream.send_data(Bytes::from_static(b"hi"), false).unwrap();
     let hi = tokio::time::timeout(Duration::from_secs(10), hi_arrived)
         .await

@@ -55,7 +55,13 @@ async fn server_rotates_without_dropping_tunnels() {
     open.write_all(b"and after").await.unwrap();
     open.shutdown().await.unwrap();
     let mut echoed = Vec::new();
-    open.read_to_end(&mut echoed).await.unwrap();
+    within(
+        PEER_WAIT,
+        "the open tunnel's echo",
+        open.read_to_end(&mut echoed),
+    )
+    .await
+    .unwrap();
     assert_eq!(echoed, b"before and after");
 }
 
