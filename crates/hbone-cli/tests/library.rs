@@ -14,6 +14,7 @@ mod headers;
 mod identity_files;
 mod istio_ca;
 mod limits_and_drain;
+mod per_core;
 mod pool;
 mod raw_h2;
 mod revocation;

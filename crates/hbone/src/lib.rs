@@ -118,6 +118,7 @@ pub mod tls;
 #[cfg(feature = "files")]
 mod toml_error;
 mod window;
+pub mod workers;
 #[cfg(feature = "workload-api")]
 pub mod workload_api;
 mod x509;
@@ -131,3 +132,4 @@ pub use identity::{Identity, SpiffeId};
 pub use lifecycle::Telemetry;
 pub use relay::{CopyError, Transferred};
 pub use server::{Server, ServerConfig};
+pub use workers::Workers;

@@ -53,6 +53,7 @@ use crate::revocation::Revocation;
 use crate::services::{ServiceTable, ServicesHandle};
 use crate::tls;
 use crate::window::{self, PingPlan, Probe, Windows};
+use crate::workers::Workers;
 
 /// Everything a server needs: start from [`ServerConfig::new`] and change
 /// what you need with the `with_*` methods.
@@ -110,6 +111,10 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Metrics and the open-tunnel list, when the process keeps them.
     pub telemetry: Telemetry,
+    /// Serve each accepted connection, with its tunnels, on one of these
+    /// single-threaded workers instead of the runtime polling
+    /// [`Server::run`]; `None` (the default) spawns there.
+    pub workers: Option<Workers>,
 }
 
 impl ServerConfig {
@@ -130,6 +135,7 @@ impl ServerConfig {
             services: ServiceTable::default(),
             limits: Limits::default(),
             telemetry: Telemetry::default(),
+            workers: None,
         }
     }
 
@@ -220,6 +226,13 @@ impl ServerConfig {
         self.telemetry = telemetry;
         self
     }
+
+    /// Sets [`ServerConfig::workers`].
+    #[must_use]
+    pub fn with_workers(mut self, workers: Workers) -> Self {
+        self.workers = Some(workers);
+        self
+    }
 }
 
 /// Why the server could not start.
@@ -250,6 +263,9 @@ pub struct Server {
     /// The listener's address, read once.
     local_addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Where connections are served; kept out of [`Shared`] so that no
+    /// task on a worker holds the workers alive.
+    workers: Option<Workers>,
 }
 
 struct Shared {
@@ -343,10 +359,12 @@ impl Server {
         config: ServerConfig,
     ) -> Result<Server, ServerError> {
         let local_addr = listener.local_addr().map_err(ServerError::Listener)?;
+        let workers = config.workers.clone();
         Ok(Server {
             listener,
             local_addr,
             shared: Arc::new(Shared::new(tls, config, local_addr)?),
+            workers,
         })
     }
 
@@ -401,7 +419,7 @@ impl Server {
                 _ = draining.wait_for(|d| *d) => break,
             };
             match accepted {
-                Ok((tcp, peer)) => self.shared.clone().admit(tcp, peer),
+                Ok((tcp, peer)) => self.shared.clone().admit(tcp, peer, self.workers.as_ref()),
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin, and keep serving what is open.
@@ -475,14 +493,34 @@ impl Shared {
 
     /// Serves a new connection if the limits allow; otherwise closes it at
     /// once, before any TLS work is spent on it.
-    fn admit(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    /// On `workers`, the socket moves to the chosen worker's reactor, so
+    /// that the connection and all it spawns run on that thread.
+    fn admit(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, workers: Option<&Workers>) {
         match self.gate.admit_connection(peer.ip()) {
-            Ok(slot) => {
-                tokio::spawn(async move {
-                    self.serve_connection(tcp, peer).await;
-                    drop(slot);
-                });
-            }
+            Ok(slot) => match workers {
+                None => {
+                    tokio::spawn(async move {
+                        self.serve_connection(tcp, peer).await;
+                        drop(slot);
+                    });
+                }
+                Some(workers) => match tcp.into_std() {
+                    Ok(tcp) => {
+                        workers.spawn(async move {
+                            match TcpStream::from_std(tcp) {
+                                Ok(tcp) => self.serve_connection(tcp, peer).await,
+                                Err(e) => {
+                                    tracing::warn!(%peer, error = %e, "cannot move a connection to its worker");
+                                }
+                            }
+                            drop(slot);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot move a connection to a worker");
+                    }
+                },
+            },
             Err(which) => {
                 self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
                 let (which, metric) = match which {

@@ -1,0 +1,144 @@
+//! A server whose connections run on per-core workers: tunnels carry bytes
+//! both ways and half-close, connections spread over the workers (each
+//! tunnel's record names the thread that served it), and a drain still
+//! waits for a tunnel open on a worker.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::*;
+use hbone::access::{AccessLog, TunnelRecord};
+use hbone::{Dialer, DialerConfig, Server, ServerConfig, Workers};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The name of the thread each tunnel record was written on: the
+/// server writes it inline, on the thread running the tunnel.
+#[derive(Default)]
+struct Threads(Mutex<Vec<String>>);
+
+impl AccessLog for Threads {
+    fn record(&self, _: &TunnelRecord) {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        self.0.lock().unwrap().push(name);
+    }
+}
+
+impl Threads {
+    fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_connections_are_served_on_the_workers_in_turn() {
+    let pki = Pki::new();
+    let workers = Workers::start(2).unwrap();
+    let threads = Arc::new(Threads::default());
+    let server = start_server(
+        ServerConfig::new(loopback(), pki.server.clone())
+            .with_access_log(threads.clone())
+            .with_workers(workers.clone()),
+    )
+    .await;
+    let echo = start_echo().await;
+    // A connection per tunnel, so that each lands on the next worker.
+    let dialer =
+        Dialer::with_config(&pki.client, DialerConfig::default().with_pooling(false)).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    for seed in 0..4 {
+        let tunnel = dialer.connect(server.addr, ids, echo).await.unwrap();
+        let data = payload(seed, 200_000);
+        let back = echo_roundtrip(tunnel, &data).await.unwrap();
+        assert_eq!(sha256(&back), sha256(&data), "tunnel {seed}");
+    }
+    eventually("a record for each tunnel", || threads.all().len() == 4).await;
+    let names: BTreeSet<String> = threads.all().into_iter().collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["hbone-worker-0".to_owned(), "hbone-worker-1".to_owned()]),
+        "every tunnel runs on a worker, and both workers serve"
+    );
+    drop(server);
+    workers.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_half_close_from_the_client() {
+    let pki = Pki::new();
+    let workers = Workers::start(2).unwrap();
+    let server = start_server(
+        ServerConfig::new(loopback(), pki.server.clone()).with_workers(workers.clone()),
+    )
+    .await;
+    let target = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let app = tokio::spawn(async move {
+        let (mut socket, _) = target.accept().await.unwrap();
+        let mut request = Vec::new();
+        socket.read_to_end(&mut request).await.unwrap();
+        let answer = format!("got {} bytes", request.len());
+        socket.write_all(answer.as_bytes()).await.unwrap();
+        socket.shutdown().await.unwrap();
+        request
+    });
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    let mut tunnel = dialer.connect(server.addr, ids, target_addr).await.unwrap();
+    let request = payload(9, 300_000);
+    tunnel.write_all(&request).await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut answer = String::new();
+    within(PEER_WAIT, "the answer", tunnel.read_to_string(&mut answer))
+        .await
+        .unwrap();
+    assert_eq!(answer, "got 300000 bytes");
+    assert_eq!(app.await.unwrap(), request);
+    drop(server);
+    workers.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_drain_waits_for_a_tunnel_on_a_worker() {
+    let pki = Pki::new();
+    let workers = Workers::start(2).unwrap();
+    let server = Server::bind(
+        ServerConfig::new(loopback(), pki.server.clone()).with_workers(workers.clone()),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr();
+    let drainer = server.drainer();
+    let running = tokio::spawn(server.run());
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    let mut in_flight = dialer.connect(addr, ids, echo).await.unwrap();
+    in_flight.write_all(b"before ").await.unwrap();
+
+    drainer.drain();
+    within(Duration::from_secs(10), "the listener closes", async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(!running.is_finished(), "a tunnel is still in flight");
+
+    in_flight.write_all(b"and after the drain").await.unwrap();
+    in_flight.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    within(PEER_WAIT, "echoed", in_flight.read_to_end(&mut echoed))
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"before and after the drain");
+    drop(in_flight);
+    within(
+        Duration::from_secs(5),
+        "run() returns once drained",
+        running,
+    )
+    .await
+    .unwrap();
+    workers.shutdown();
+}

@@ -1,0 +1,166 @@
+//! Worker-per-core scheduling: N threads, each running its own
+//! single-threaded runtime, so that a connection handed to one worker
+//! keeps everything it spawns (its HTTP/2 driver, tunnels, target dials,
+//! relays) on that thread. A tunnel's relay and its connection then wake
+//! each other without crossing threads, which a work-stealing runtime
+//! cannot promise.
+//!
+//! Give a [`Workers`] to a server with
+//! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers); the
+//! accept loop stays where [`Server::run`](crate::Server::run) is polled.
+
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+/// A set of worker threads, each with a current-thread runtime. Cheap to
+/// clone; the threads stop when the last clone is dropped or at
+/// [`Workers::shutdown`].
+#[derive(Clone)]
+pub struct Workers {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    handles: Vec<Handle>,
+    /// The next worker [`Workers::spawn`] picks.
+    next: AtomicUsize,
+    /// Flips to true to stop every worker.
+    stop: watch::Sender<bool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// How long a stopping worker waits for its blocking tasks (name lookups)
+/// before leaving them behind.
+const BLOCKING_GRACE: Duration = Duration::from_secs(1);
+
+impl Workers {
+    /// Starts `count` workers (at least one), named `hbone-worker-I`.
+    pub fn start(count: usize) -> io::Result<Workers> {
+        let (stop, _) = watch::channel(false);
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for index in 0..count.max(1) {
+            let (ready, started) = std::sync::mpsc::channel();
+            let mut stopped = stop.subscribe();
+            let thread = std::thread::Builder::new()
+                .name(format!("hbone-worker-{index}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready.send(Ok(runtime.handle().clone()));
+                    // Tasks spawned here run only while this is polled.
+                    runtime.block_on(async {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    });
+                    runtime.shutdown_timeout(BLOCKING_GRACE);
+                })?;
+            let handle = started
+                .recv()
+                .map_err(|_| io::Error::other("a worker thread ended before starting"))??;
+            handles.push(handle);
+            threads.push(thread);
+        }
+        Ok(Workers {
+            inner: Arc::new(Inner {
+                handles,
+                next: AtomicUsize::new(0),
+                stop,
+                threads: Mutex::new(threads),
+            }),
+        })
+    }
+
+    /// How many workers there are.
+    pub fn count(&self) -> usize {
+        self.inner.handles.len()
+    }
+
+    /// Worker `index`'s runtime (modulo the count).
+    pub fn handle(&self, index: usize) -> &Handle {
+        &self.inner.handles[index % self.inner.handles.len()]
+    }
+
+    /// Runs `future` on the next worker, round-robin.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let index = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        self.handle(index).spawn(future)
+    }
+
+    /// Stops every worker, dropping the tasks still on them, and waits for
+    /// the threads to end. Call it from outside the workers (a worker
+    /// cannot wait for itself); later spawns are dropped at once.
+    pub fn shutdown(&self) {
+        self.inner.stop.send_replace(true);
+        let threads =
+            std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// The threads end on their own; joining here could be a worker
+    /// waiting for itself.
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("count", &self.count())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn spawns_go_round_robin_to_distinct_threads() {
+        let workers = Workers::start(2).unwrap();
+        let mut names = Vec::new();
+        for _ in 0..4 {
+            let name = workers
+                .spawn(async { std::thread::current().name().map(str::to_owned) })
+                .await
+                .unwrap();
+            names.push(name.unwrap());
+        }
+        assert_eq!(
+            names,
+            [
+                "hbone-worker-0",
+                "hbone-worker-1",
+                "hbone-worker-0",
+                "hbone-worker-1"
+            ]
+        );
+        workers.shutdown();
+        assert!(
+            workers.spawn(async {}).await.is_err(),
+            "stopped workers run nothing"
+        );
+    }
+}
