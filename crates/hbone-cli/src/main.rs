@@ -47,11 +47,34 @@ fn main() -> ExitCode {
         }
     };
     sandbox.probe(&runtime);
-    let result = runtime.block_on(cli::run(args, &matches, file.as_ref(), logging));
+    // Started after the sandbox, so that their threads are in it too.
+    let workers = match args.runtime() {
+        cli::RuntimeKind::WorkStealing => None,
+        cli::RuntimeKind::PerCore => {
+            let count = threads.unwrap_or_else(|| runtime.metrics().num_workers());
+            match hbone::Workers::start(count) {
+                Ok(workers) => Some(workers),
+                Err(e) => {
+                    eprintln!("error: cannot start the per-core workers: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let result = runtime.block_on(cli::run(
+        args,
+        &matches,
+        file.as_ref(),
+        logging,
+        workers.clone(),
+    ));
     // Stop every task first (their last records go to the log buffer), then
     // let the log writer write it all out and finish, so that a fatal error
     // is the last thing printed.
     drop(runtime);
+    if let Some(workers) = workers {
+        workers.shutdown();
+    }
     drop(log_writer);
     match result {
         Ok(()) => ExitCode::SUCCESS,

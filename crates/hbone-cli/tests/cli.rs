@@ -1644,7 +1644,14 @@ async fn help_groups_own_flags_then_the_global_ones_that_apply() {
     let global = help_flags(&server, "Global options:");
     assert_eq!(
         global,
-        ["log", "log-format", "threads", "admin", "no-sandbox"],
+        [
+            "log",
+            "log-format",
+            "threads",
+            "runtime",
+            "admin",
+            "no-sandbox"
+        ],
         "{server}"
     );
     for flag in &global {
@@ -1658,26 +1665,61 @@ async fn help_groups_own_flags_then_the_global_ones_that_apply() {
     let cases: [(&[&str], &[&str]); 15] = [
         (
             &["server"],
-            &["log", "log-format", "threads", "admin", "no-sandbox"],
+            &[
+                "log",
+                "log-format",
+                "threads",
+                "runtime",
+                "admin",
+                "no-sandbox",
+            ],
         ),
         (
             &["gateway"],
-            &["log", "log-format", "threads", "admin", "no-sandbox"],
+            &[
+                "log",
+                "log-format",
+                "threads",
+                "runtime",
+                "admin",
+                "no-sandbox",
+            ],
         ),
         (
             &["forward"],
-            &["log", "log-format", "threads", "admin", "no-sandbox"],
+            &[
+                "log",
+                "log-format",
+                "threads",
+                "runtime",
+                "admin",
+                "no-sandbox",
+            ],
         ),
         (
             &["socks5"],
-            &["log", "log-format", "threads", "admin", "no-sandbox"],
+            &[
+                "log",
+                "log-format",
+                "threads",
+                "runtime",
+                "admin",
+                "no-sandbox",
+            ],
         ),
         (
             &["run"],
-            &["log", "log-format", "threads", "admin", "no-sandbox"],
+            &[
+                "log",
+                "log-format",
+                "threads",
+                "runtime",
+                "admin",
+                "no-sandbox",
+            ],
         ),
-        (&["connect"], &["log", "log-format", "threads"]),
-        (&["demo"], &["log", "log-format", "threads"]),
+        (&["connect"], &["log", "log-format", "threads", "runtime"]),
+        (&["demo"], &["log", "log-format", "threads", "runtime"]),
         (&["ca", "init"], &["log", "log-format"]),
         (&["ca", "issue"], &["log", "log-format"]),
         (&["policy", "check"], &["log", "log-format"]),

@@ -50,12 +50,29 @@ pub struct Cli {
 /// threads, the admin endpoint), listed after a subcommand's own flags.
 pub(crate) const GLOBAL_OPTIONS: &str = "Global options";
 
-/// `--threads`, for the commands that run tunnels.
+/// `--threads` and `--runtime`, for the commands that run tunnels.
 #[derive(Args, Clone, Copy, Default)]
 pub(super) struct RuntimeArgs {
     /// Worker threads for the async runtime (default: one per CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = GLOBAL_OPTIONS)]
     threads: Option<u16>,
+    /// How the worker threads share the work: `work-stealing`, one
+    /// runtime whose threads take tasks from each other, or `per-core`,
+    /// where each connection a server or gateway accepts stays, with its
+    /// tunnels, on one single-threaded worker (no cross-thread wake-ups;
+    /// entries and the control plane stay work-stealing).
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = RuntimeKind::WorkStealing, help_heading = GLOBAL_OPTIONS)]
+    runtime: RuntimeKind,
+}
+
+/// How tunnels are scheduled over the worker threads.
+#[derive(Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeKind {
+    // Plain comments: a doc line per value would make clap lay the whole
+    // --help out in its long form.
+    #[default]
+    WorkStealing,
+    PerCore,
 }
 
 /// `--threads` and `--admin`, for the commands that serve until stopped.
@@ -405,6 +422,11 @@ impl Cli {
     pub fn threads(&self) -> Option<usize> {
         self.command.runtime().threads.map(usize::from)
     }
+
+    /// `--runtime`.
+    pub fn runtime(&self) -> RuntimeKind {
+        self.command.runtime().runtime
+    }
 }
 
 impl Command {
@@ -485,13 +507,22 @@ pub async fn run(
     matches: &clap::ArgMatches,
     file: Option<&config_file::ConfigFile>,
     logging: Arc<dyn LogControl>,
+    workers: Option<hbone::Workers>,
 ) -> anyhow::Result<()> {
     if let (Command::Run { service, .. }, Some(file)) = (&cli.command, file) {
         // The raw arguments: the file's own `log` was merged into `matches`.
         let log_flag_given =
             std::env::args().any(|arg| arg == "--log" || arg.starts_with("--log="));
         let global = global_config(matches);
-        return run::run(file, service.admin, log_flag_given, global, logging).await;
+        return run::run(
+            file,
+            service.admin,
+            log_flag_given,
+            global,
+            logging,
+            workers,
+        )
+        .await;
     }
     let start_ops = |service: ServiceArgs, logging| async move {
         use clap::CommandFactory;
@@ -507,7 +538,8 @@ pub async fn run(
             );
         }
         let admin = service.admin.unwrap_or(ops::AdminSetting::Off);
-        ops::Ops::start(admin, 1, config, logging).await
+        let ops = ops::Ops::start(admin, 1, config, logging).await?;
+        anyhow::Ok(ops.with_workers(workers))
     };
     match cli.command {
         Command::Ca(command) => commands::run_ca(command),

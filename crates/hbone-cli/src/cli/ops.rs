@@ -43,6 +43,8 @@ pub(super) struct Ops {
     /// The policies in force, shown on `/config` as they are at each
     /// request.
     policies: Arc<Mutex<Vec<PolicyInForce>>>,
+    /// Where servers run their connections under `--runtime per-core`.
+    workers: Option<hbone::Workers>,
 }
 
 /// A server's or gateway's policy, for `/config`.
@@ -161,7 +163,14 @@ impl Ops {
             readiness,
             shutdown,
             policies,
+            workers: None,
         })
+    }
+
+    /// Servers equipped from now on serve their connections on `workers`.
+    pub(super) fn with_workers(mut self, workers: Option<hbone::Workers>) -> Self {
+        self.workers = workers;
+        self
     }
 
     /// Shows `policy`'s rules on `/config` from now on, as they stand at
@@ -235,6 +244,7 @@ impl Ops {
     /// Gives a server configuration this process's telemetry.
     pub(super) fn equip(&self, config: &mut ServerConfig) {
         config.telemetry = self.telemetry.clone();
+        config.workers = self.workers.clone();
     }
 }
 

@@ -33,6 +33,7 @@ pub(super) async fn run(
     log_flag_given: bool,
     global: serde_json::Value,
     logging: Arc<dyn LogControl>,
+    workers: Option<hbone::Workers>,
 ) -> anyhow::Result<()> {
     let root = Cli::command();
     let mut components = Vec::new();
@@ -88,7 +89,8 @@ pub(super) async fn run(
             serde_json::Value::Object(config),
             logging.clone(),
         )
-        .await?,
+        .await?
+        .with_workers(workers),
     );
     watch_config(file.clone(), log_flag_given, logging, &ops);
     let mut running = tokio::task::JoinSet::new();

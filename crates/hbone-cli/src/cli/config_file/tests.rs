@@ -29,7 +29,14 @@ fn schema_mirrors_the_cli() {
     let globals: Vec<_> = schema.globals.iter().map(|k| k.name.as_str()).collect();
     assert_eq!(
         globals,
-        ["log", "log-format", "threads", "admin", "no-sandbox"]
+        [
+            "log",
+            "log-format",
+            "threads",
+            "runtime",
+            "admin",
+            "no-sandbox"
+        ]
     );
     let server = schema.section("server").unwrap();
     for name in ["help", "log", "threads", "admin"] {
