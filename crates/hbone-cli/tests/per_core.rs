@@ -1,7 +1,8 @@
 //! A server whose connections run on per-core workers: tunnels carry bytes
 //! both ways and half-close, connections spread over the workers (each
-//! tunnel's record names the thread that served it), and a drain still
-//! waits for a tunnel open on a worker.
+//! tunnel's record names the thread that served it), whether each worker
+//! accepts for itself or is handed its sockets, and a drain still waits
+//! for a tunnel open on a worker.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -30,8 +31,60 @@ impl Threads {
     }
 }
 
+/// Opens `count` tunnels, each on a connection of its own, checks their
+/// echoes, and returns the names of the threads that served them.
+async fn names_of_serving_threads(
+    pki: &Pki,
+    server: std::net::SocketAddr,
+    threads: &Threads,
+    count: usize,
+) -> BTreeSet<String> {
+    let echo = start_echo().await;
+    let dialer =
+        Dialer::with_config(&pki.client, DialerConfig::default().with_pooling(false)).unwrap();
+    let ids = std::slice::from_ref(&pki.server_id);
+    for seed in 0..count {
+        let tunnel = dialer.connect(server, ids, echo).await.unwrap();
+        let data = payload(seed as u64, 100_000);
+        let back = echo_roundtrip(tunnel, &data).await.unwrap();
+        assert_eq!(sha256(&back), sha256(&data), "tunnel {seed}");
+    }
+    eventually("a record for each tunnel", || threads.all().len() == count).await;
+    threads.all().into_iter().collect()
+}
+
+fn both_workers() -> BTreeSet<String> {
+    BTreeSet::from(["hbone-worker-0".to_owned(), "hbone-worker-1".to_owned()])
+}
+
+/// A listener bound beforehand: the accept loop hands sockets to the
+/// workers in turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_core_connections_are_served_on_the_workers_in_turn() {
+async fn per_core_connections_are_handed_to_the_workers_in_turn() {
+    let pki = Pki::new();
+    let workers = Workers::start(2).unwrap();
+    let threads = Arc::new(Threads::default());
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let config = ServerConfig::new(loopback(), pki.server.clone())
+        .with_access_log(threads.clone())
+        .with_workers(workers.clone());
+    let server = Server::from_listener(listener, config).unwrap();
+    let addr = server.local_addr();
+    let running = tokio::spawn(server.run());
+    let names = names_of_serving_threads(&pki, addr, &threads, 4).await;
+    assert_eq!(
+        names,
+        both_workers(),
+        "every tunnel on a worker, both serving"
+    );
+    running.abort();
+    workers.shutdown();
+}
+
+/// A server that binds its own address gives each worker a listener of
+/// its own (SO_REUSEPORT, on Linux); the kernel spreads connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_connections_are_spread_over_the_workers() {
     let pki = Pki::new();
     let workers = Workers::start(2).unwrap();
     let threads = Arc::new(Threads::default());
@@ -41,23 +94,12 @@ async fn per_core_connections_are_served_on_the_workers_in_turn() {
             .with_workers(workers.clone()),
     )
     .await;
-    let echo = start_echo().await;
-    // A connection per tunnel, so that each lands on the next worker.
-    let dialer =
-        Dialer::with_config(&pki.client, DialerConfig::default().with_pooling(false)).unwrap();
-    let ids = std::slice::from_ref(&pki.server_id);
-    for seed in 0..4 {
-        let tunnel = dialer.connect(server.addr, ids, echo).await.unwrap();
-        let data = payload(seed, 200_000);
-        let back = echo_roundtrip(tunnel, &data).await.unwrap();
-        assert_eq!(sha256(&back), sha256(&data), "tunnel {seed}");
-    }
-    eventually("a record for each tunnel", || threads.all().len() == 4).await;
-    let names: BTreeSet<String> = threads.all().into_iter().collect();
+    // By source port hash: all 16 on one worker has odds of 2^-15.
+    let names = names_of_serving_threads(&pki, server.addr, &threads, 16).await;
     assert_eq!(
         names,
-        BTreeSet::from(["hbone-worker-0".to_owned(), "hbone-worker-1".to_owned()]),
-        "every tunnel runs on a worker, and both workers serve"
+        both_workers(),
+        "every tunnel on a worker, both serving"
     );
     drop(server);
     workers.shutdown();

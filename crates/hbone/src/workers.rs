@@ -6,8 +6,7 @@
 //! cannot promise.
 //!
 //! Give a [`Workers`] to a server with
-//! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers); the
-//! accept loop stays where [`Server::run`](crate::Server::run) is polled.
+//! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers).
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};

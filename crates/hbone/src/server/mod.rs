@@ -15,6 +15,8 @@ mod connect;
 #[doc(hidden)]
 pub mod fuzzing;
 mod limits;
+#[cfg(target_os = "linux")]
+mod listeners;
 mod refusal;
 mod stats;
 #[cfg(all(test, feature = "ca"))]
@@ -113,7 +115,11 @@ pub struct ServerConfig {
     pub telemetry: Telemetry,
     /// Serve each accepted connection, with its tunnels, on one of these
     /// single-threaded workers instead of the runtime polling
-    /// [`Server::run`]; `None` (the default) spawns there.
+    /// [`Server::run`]; `None` (the default) spawns there. With more than
+    /// one worker, on Linux, [`Server::bind`] binds a listener per worker
+    /// (SO_REUSEPORT) so that each accepts its own connections; a listener
+    /// given to [`Server::from_listener`] is served by one accept loop
+    /// that hands sockets to the workers in turn.
     pub workers: Option<Workers>,
 }
 
@@ -266,6 +272,10 @@ pub struct Server {
     /// Where connections are served; kept out of [`Shared`] so that no
     /// task on a worker holds the workers alive.
     workers: Option<Workers>,
+    /// With workers, on Linux, when the server bound its own address:
+    /// listeners for workers 1.. on the same address (SO_REUSEPORT), so
+    /// that each worker accepts for itself.
+    spares: Vec<std::net::TcpListener>,
 }
 
 struct Shared {
@@ -297,13 +307,22 @@ impl Server {
     pub async fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         // TLS first: a bad identity is reported without touching the port.
         let tls = Self::server_tls(&config)?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let bind_error = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        #[cfg(target_os = "linux")]
+        if let Some(count) = config.workers.as_ref().map(Workers::count)
+            && count > 1
+        {
+            let mut listeners =
+                listeners::bind_reuseport(config.listen, count).map_err(bind_error)?;
+            let first = TcpListener::from_std(listeners.remove(0)).map_err(bind_error)?;
+            let mut server = Self::serve_on(first, tls, config)?;
+            server.spares = listeners;
+            return Ok(server);
+        }
+        let listener = TcpListener::bind(config.listen).await.map_err(bind_error)?;
         Self::serve_on(listener, tls, config)
     }
 
@@ -365,6 +384,7 @@ impl Server {
             local_addr,
             shared: Arc::new(Shared::new(tls, config, local_addr)?),
             workers,
+            spares: Vec::new(),
         })
     }
 
@@ -412,25 +432,37 @@ impl Server {
     /// timeout of your choice: dropping the future leaves the remaining
     /// connections to end on their own.
     pub async fn run(self) {
-        let mut draining = self.shared.draining.subscribe();
-        loop {
-            let accepted = tokio::select! {
-                accepted = self.listener.accept() => accepted,
-                _ = draining.wait_for(|d| *d) => break,
-            };
-            match accepted {
-                Ok((tcp, peer)) => self.shared.clone().admit(tcp, peer, self.workers.as_ref()),
-                Err(e) => {
-                    // Out of file descriptors and the like: back off rather
-                    // than spin, and keep serving what is open.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        let Server {
+            listener,
+            shared,
+            workers,
+            spares,
+            ..
+        } = self;
+        match workers {
+            Some(workers) if !spares.is_empty() => {
+                // Each worker accepts on its own listener; the loops end
+                // as the drain starts, or with this future (the set aborts
+                // them when dropped).
+                let listeners =
+                    std::iter::once(listener.into_std()).chain(spares.into_iter().map(Ok));
+                let mut loops = tokio::task::JoinSet::new();
+                for (index, listener) in listeners.enumerate() {
+                    let shared = shared.clone();
+                    let accept = async move {
+                        match listener.and_then(TcpListener::from_std) {
+                            Ok(listener) => shared.accept_loop(listener, None).await,
+                            Err(e) => tracing::warn!(error = %e, "a worker cannot listen"),
+                        }
+                    };
+                    loops.spawn_on(accept, workers.handle(index));
                 }
+                while loops.join_next().await.is_some() {}
             }
+            workers => shared.clone().accept_loop(listener, workers.as_ref()).await,
         }
-        drop(self.listener);
         tracing::info!("draining: no new connections; waiting for open tunnels");
-        while self.shared.stats.snapshot().connections_active > 0 {
+        while shared.stats.snapshot().connections_active > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -491,8 +523,29 @@ impl Shared {
         })
     }
 
+    /// Accepts on `listener` until a drain starts, then closes it.
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, workers: Option<&Workers>) {
+        let mut draining = self.draining.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = draining.wait_for(|d| *d) => break,
+            };
+            match accepted {
+                Ok((tcp, peer)) => self.clone().admit(tcp, peer, workers),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather
+                    // than spin, and keep serving what is open.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     /// Serves a new connection if the limits allow; otherwise closes it at
     /// once, before any TLS work is spent on it.
+    ///
     /// On `workers`, the socket moves to the chosen worker's reactor, so
     /// that the connection and all it spawns run on that thread.
     fn admit(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, workers: Option<&Workers>) {
