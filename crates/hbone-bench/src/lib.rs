@@ -107,6 +107,12 @@ pub struct BenchArgs {
     /// they run with it, as `hbone run` does.
     #[arg(long)]
     no_admin: bool,
+    /// How the server, gateway and entry processes schedule their work
+    /// (their `--runtime`): `work-stealing`, their default, or `per-core`,
+    /// where servers and gateways keep each connection on one worker thread.
+    #[arg(long, value_name = "RUNTIME", default_value = "work-stealing",
+          value_parser = ["work-stealing", "per-core"])]
+    proxy_runtime: String,
     /// Also write the results as Markdown to FILE, with the machine, the
     /// command and how much the runs varied.
     #[arg(long, value_name = "FILE")]
@@ -184,6 +190,8 @@ pub struct Options {
     pub tunnel_log: String,
     /// Server and entries run their admin endpoint.
     pub admin: bool,
+    /// The proxies' `--runtime`.
+    pub proxy_runtime: String,
     pub write: Option<PathBuf>,
     /// The workloads to run; empty: all of them.
     pub only: Vec<Part>,
@@ -202,6 +210,7 @@ impl Options {
         stack::ChildFlags {
             log: self.tunnel_log.clone(),
             admin: self.admin,
+            runtime: self.proxy_runtime.clone(),
         }
     }
 }
@@ -221,6 +230,7 @@ impl BenchArgs {
             entry: self.entry,
             tunnel_log: self.tunnel_log,
             admin: !self.no_admin,
+            proxy_runtime: self.proxy_runtime,
             write: self.write,
             only: self.only,
             command: machine::command_line(),

@@ -143,13 +143,15 @@ fn render(doc: &Document) -> String {
     let _ = writeln!(
         out,
         "{} run(s) of each workload, {} ms each; idle memory with {} tunnels, read {} ms after \
-         they are all open. Client entry: `{}`; server and entry log filter: `{}`; {}.\n",
+         they are all open. Client entry: `{}`; server and entry log filter: `{}`; their \
+         runtime: `{}`; {}.\n",
         o.runs,
         o.duration.as_millis(),
         o.tunnels,
         o.settle.as_millis(),
         o.entry.name(),
         o.tunnel_log,
+        o.proxy_runtime,
         if o.admin {
             "server, gateway and entries run with their admin endpoint on (metrics and the \
              open-tunnel list kept, as `hbone run` does by default)"

@@ -460,6 +460,8 @@ pub struct ChildFlags {
     /// Whether they run their admin endpoint (metrics and the open-tunnel
     /// list), as `hbone run` does by default.
     pub admin: bool,
+    /// Their `--runtime`: `work-stealing` or `per-core`.
+    pub runtime: String,
 }
 
 impl ChildFlags {
@@ -468,6 +470,7 @@ impl ChildFlags {
     /// ephemeral port.
     pub(crate) fn args(&self) -> Vec<String> {
         let mut args = strings(&["--log", &format!("{},hbone::cli=info", self.log)]);
+        args.extend(strings(&["--runtime", &self.runtime]));
         if self.admin {
             args.extend(strings(&["--admin", LOOPBACK_ANY_PORT]));
         }
