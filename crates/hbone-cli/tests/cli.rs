@@ -1641,19 +1641,19 @@ async fn help_groups_own_flags_then_the_global_ones_that_apply() {
         own.contains(&"listen".to_owned()) && own.contains(&"identity-dir".to_owned()),
         "{own:?}"
     );
+    // The global options each kind of command offers.
+    const SERVING: &[&str] = &[
+        "log",
+        "log-format",
+        "threads",
+        "runtime",
+        "admin",
+        "no-sandbox",
+    ];
+    const TUNNELLING: &[&str] = &["log", "log-format", "threads", "runtime"];
+    const ONE_SHOT: &[&str] = &["log", "log-format"];
     let global = help_flags(&server, "Global options:");
-    assert_eq!(
-        global,
-        [
-            "log",
-            "log-format",
-            "threads",
-            "runtime",
-            "admin",
-            "no-sandbox"
-        ],
-        "{server}"
-    );
+    assert_eq!(global, SERVING, "{server}");
     for flag in &global {
         assert!(!own.contains(flag), "--{flag} among the server's own flags");
     }
@@ -1663,71 +1663,21 @@ async fn help_groups_own_flags_then_the_global_ones_that_apply() {
     );
 
     let cases: [(&[&str], &[&str]); 15] = [
-        (
-            &["server"],
-            &[
-                "log",
-                "log-format",
-                "threads",
-                "runtime",
-                "admin",
-                "no-sandbox",
-            ],
-        ),
-        (
-            &["gateway"],
-            &[
-                "log",
-                "log-format",
-                "threads",
-                "runtime",
-                "admin",
-                "no-sandbox",
-            ],
-        ),
-        (
-            &["forward"],
-            &[
-                "log",
-                "log-format",
-                "threads",
-                "runtime",
-                "admin",
-                "no-sandbox",
-            ],
-        ),
-        (
-            &["socks5"],
-            &[
-                "log",
-                "log-format",
-                "threads",
-                "runtime",
-                "admin",
-                "no-sandbox",
-            ],
-        ),
-        (
-            &["run"],
-            &[
-                "log",
-                "log-format",
-                "threads",
-                "runtime",
-                "admin",
-                "no-sandbox",
-            ],
-        ),
-        (&["connect"], &["log", "log-format", "threads", "runtime"]),
-        (&["demo"], &["log", "log-format", "threads", "runtime"]),
-        (&["ca", "init"], &["log", "log-format"]),
-        (&["ca", "issue"], &["log", "log-format"]),
-        (&["policy", "check"], &["log", "log-format"]),
-        (&["policy", "test"], &["log", "log-format"]),
-        (&["config", "check"], &["log", "log-format"]),
-        (&["config", "example"], &["log", "log-format"]),
-        (&["completions"], &["log", "log-format"]),
-        (&["man"], &["log", "log-format"]),
+        (&["server"], SERVING),
+        (&["gateway"], SERVING),
+        (&["forward"], SERVING),
+        (&["socks5"], SERVING),
+        (&["run"], SERVING),
+        (&["connect"], TUNNELLING),
+        (&["demo"], TUNNELLING),
+        (&["ca", "init"], ONE_SHOT),
+        (&["ca", "issue"], ONE_SHOT),
+        (&["policy", "check"], ONE_SHOT),
+        (&["policy", "test"], ONE_SHOT),
+        (&["config", "check"], ONE_SHOT),
+        (&["config", "example"], ONE_SHOT),
+        (&["completions"], ONE_SHOT),
+        (&["man"], ONE_SHOT),
     ];
     for (command, wanted) in cases {
         let help = run_ok(&[command, &["--help"]].concat()).await;
