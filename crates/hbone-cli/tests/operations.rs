@@ -709,6 +709,65 @@ target = "{echo}"
     assert!(status.success(), "{status:?}");
 }
 
+/// `hbone run` keeps an admin endpoint on 127.0.0.1:15000 unless told
+/// otherwise, and `admin = "off"` keeps none. The default port is fixed:
+/// where another program holds it, the start fails naming that address,
+/// which shows the default as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_keeps_its_admin_endpoint_on_loopback_15000_unless_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let server = "[server]\nidentity-dir = \"server\"\nlisten = \"127.0.0.1:0\"\n";
+    let default = dir.path().join("default.toml");
+    std::fs::write(&default, server).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", default.to_str().unwrap()])
+        .args(["--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let admin = within(PEER_WAIT, "the admin endpoint or an error", async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let parsed: Option<Value> = serde_json::from_str(&line).ok();
+            seen.push(line);
+            if let Some(parsed) = parsed
+                && parsed["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("admin endpoint ready"))
+            {
+                return parsed["listen"].as_str().map(str::to_owned);
+            }
+        }
+        None
+    })
+    .await;
+    match admin {
+        Some(listen) => assert_eq!(listen, "127.0.0.1:15000", "{seen:#?}"),
+        None => assert!(
+            seen.iter()
+                .any(|l| l.contains("cannot listen on 127.0.0.1:15000 for the admin endpoint")),
+            "neither the admin endpoint nor a bind error: {seen:#?}"
+        ),
+    }
+    drop(child);
+
+    let off = dir.path().join("off.toml");
+    std::fs::write(&off, format!("admin = \"off\"\n{server}")).unwrap();
+    // The admin endpoint, when there is one, is ready before any listener.
+    let run = Process::start(&["run", "--config", off.to_str().unwrap()], 1).await;
+    assert_eq!(run.with_message(|m| m.ends_with("ready")).len(), 1);
+    assert!(
+        run.with_message(|m| m.starts_with("admin endpoint"))
+            .is_empty(),
+        "admin = \"off\" still ran one"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_refuses_a_bad_file_with_one_line_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
