@@ -32,6 +32,22 @@ pub(crate) fn script_values(stdout: &str) -> HashMap<&str, &str> {
         .collect()
 }
 
+/// What `hbone node ARGS --print-rules` prints; it must succeed.
+fn printed_rules(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("node")
+        .args(args)
+        .arg("--print-rules")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A development CA in `dir/ca`, and for each (SPIFFE ID, name) an
 /// identity in `dir/name`.
 pub(crate) fn issue_identities(dir: &Path, ids: &[(&str, &str)]) {
@@ -284,21 +300,7 @@ fn node_prints_its_rules_from_a_config_file() {
          remote = [\"10.0.3.0/24=10.9.0.1:15008,spiffe://cluster.local/ns/gw/sa/gw\"]\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "node",
-            "--config",
-            config.to_str().unwrap(),
-            "--print-rules",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = printed_rules(&["--config", config.to_str().unwrap()]);
     assert!(stdout.contains("meta mark 0x00000010 return\n"), "{stdout}");
     assert!(
         stdout.contains("ip daddr 10.0.2.0/24 tcp dport 5432 counter redirect to :15011\n"),
@@ -309,17 +311,12 @@ fn node_prints_its_rules_from_a_config_file() {
         "{stdout}"
     );
     // The same rules as iptables-restore input, the flag over the file.
-    let out = Command::new(BIN)
-        .args(["node", "--config", config.to_str().unwrap()])
-        .args(["--print-rules", "--firewall", "iptables"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = printed_rules(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--firewall",
+        "iptables",
+    ]);
     for line in [
         "# IPv4, for: iptables-restore --noflush\n*nat\n",
         "-A HBONE-OUTPUT -m mark --mark 0x10 -j RETURN\n",
@@ -379,18 +376,14 @@ fn node_names_bad_settings() {
 /// unknown destination is): the whole range is redirected.
 #[test]
 fn a_mesh_beyond_the_peers_is_taken_when_unknown_destinations_are_refused() {
-    let out = Command::new(BIN)
-        .args(["node", "--print-rules", "--mesh", "10.0.0.0/8"])
-        .args(["--peer", "10.0.2.0/24=spiffe://td/ns/a/sa/b"])
-        .args(["--unknown-destinations", "refuse"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = printed_rules(&[
+        "--mesh",
+        "10.0.0.0/8",
+        "--peer",
+        "10.0.2.0/24=spiffe://td/ns/a/sa/b",
+        "--unknown-destinations",
+        "refuse",
+    ]);
     assert!(
         stdout.contains("ip daddr 10.0.0.0/8 meta l4proto tcp counter redirect to :15001\n"),
         "{stdout}"

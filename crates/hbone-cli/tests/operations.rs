@@ -22,6 +22,19 @@ async fn make_pki(dir: &Path) {
     issue_with_cli(dir, &[(SERVER_ID, "server"), (CLIENT_ID, "client")]).await;
 }
 
+/// `hbone ARGS --log-format json`, its log on a pipe, killed when dropped.
+fn spawn_json(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .args(["--log-format", "json"])
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// A running `hbone` with JSON logs, every line kept for inspection.
 struct Process {
     child: Child,
@@ -32,15 +45,7 @@ impl Process {
     /// Starts `hbone ARGS --log-format json` and waits until it logged
     /// `ready_count` "... ready" lines (listeners plus the admin endpoint).
     async fn start(args: &[&str], ready_count: usize) -> Process {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .args(["--log-format", "json"])
-            .env_remove("RUST_LOG")
-            .kill_on_drop(true)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_json(args);
         let lines = Arc::new(Mutex::new(Vec::new()));
         let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
         let kept = lines.clone();
@@ -720,15 +725,7 @@ async fn run_keeps_its_admin_endpoint_on_loopback_15000_unless_turned_off() {
     let server = "[server]\nidentity-dir = \"server\"\nlisten = \"127.0.0.1:0\"\n";
     let default = dir.path().join("default.toml");
     std::fs::write(&default, server).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", default.to_str().unwrap()])
-        .args(["--log-format", "json"])
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_json(&["run", "--config", default.to_str().unwrap()]);
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
     let admin = within(PEER_WAIT, "the admin endpoint or an error", async {
