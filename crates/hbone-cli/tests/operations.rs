@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::{PEER_WAIT, issue_with_cli, start_echo, within};
+use crate::host_tools::{require, root_or_skip};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +25,13 @@ async fn make_pki(dir: &Path) {
 
 /// `hbone ARGS --log-format json`, its log on a pipe, killed when dropped.
 fn spawn_json(args: &[&str]) -> Child {
-    Command::new(BIN)
+    spawn_json_with(Command::new(BIN), args)
+}
+
+/// As [`spawn_json`], `hbone` started by `command` (which ends in hbone's
+/// path, e.g. `unshare --net ... hbone`).
+fn spawn_json_with(mut command: Command, args: &[&str]) -> Child {
+    command
         .args(args)
         .args(["--log-format", "json"])
         .env_remove("RUST_LOG")
@@ -45,7 +52,12 @@ impl Process {
     /// Starts `hbone ARGS --log-format json` and waits until it logged
     /// `ready_count` "... ready" lines (listeners plus the admin endpoint).
     async fn start(args: &[&str], ready_count: usize) -> Process {
-        let mut child = spawn_json(args);
+        Process::start_with(Command::new(BIN), args, ready_count).await
+    }
+
+    /// As [`Process::start`], `hbone` started by `command`.
+    async fn start_with(command: Command, args: &[&str], ready_count: usize) -> Process {
+        let mut child = spawn_json_with(command, args);
         let lines = Arc::new(Mutex::new(Vec::new()));
         let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
         let kept = lines.clone();
@@ -1529,4 +1541,64 @@ async fn a_certificate_near_its_expiry_is_warned_about_and_a_fresh_one_is_not() 
         "the fresh identity was loaded"
     );
     assert_eq!(fresh.with_message(|m| m == WARNING), Vec::<Value>::new());
+}
+
+/// The admin endpoint has no authentication: on an address other than
+/// loopback it warns once at startup, naming the address; on loopback it
+/// does not. The one off loopback (0.0.0.0) is inside a network namespace
+/// of the test's own, with only `lo`, so nothing else can reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_warns_when_it_is_not_on_loopback() {
+    if !root_or_skip(
+        "the_admin_endpoint_warns_when_it_is_not_on_loopback",
+        "a network namespace",
+    ) {
+        return;
+    }
+    for tool in ["unshare", "ip"] {
+        require(tool, "tests/operations.rs");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let server_dir = dir.path().join("server");
+    let server = |admin: &'static str| {
+        [
+            "server",
+            "--identity-dir",
+            server_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            admin,
+        ]
+    };
+    let warnings = |process: &Process| {
+        process.with_message(|m| m.starts_with("the admin endpoint has no authentication"))
+    };
+
+    let mut isolated = Command::new("unshare");
+    isolated.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$0\" \"$@\"",
+        BIN,
+    ]);
+    let exposed = Process::start_with(isolated, &server("0.0.0.0:0"), 2).await;
+    let admin = exposed.address("admin endpoint ready");
+    assert!(admin.ip().is_unspecified(), "admin endpoint on {admin}");
+    let warned = warnings(&exposed);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert_eq!(warned[0]["level"], "WARN");
+    assert_eq!(warned[0]["listen"], admin.to_string());
+
+    let on_loopback = Process::start(&server("127.0.0.1:0"), 2).await;
+    assert!(
+        on_loopback
+            .address("admin endpoint ready")
+            .ip()
+            .is_loopback()
+    );
+    assert_eq!(warnings(&on_loopback), Vec::<Value>::new());
 }

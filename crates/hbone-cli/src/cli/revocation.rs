@@ -4,10 +4,12 @@
 //! files change and on SIGHUP.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::Args;
+use hbone::metrics::Metrics;
 use hbone::revocation::Revocation;
 
 use super::ops::Ops;
@@ -61,20 +63,40 @@ impl RevocationArgs {
         if self.crls.is_empty() {
             return;
         }
-        let mut current = self.read().ok();
-        let metrics = ops.telemetry.metrics.clone();
-        tokio::spawn(watch(self.crls.clone(), move |event| match event {
+        let files = self.crls.clone();
+        let mut watching = Watching {
+            current: self.read().ok(),
+            metrics: ops.telemetry.metrics.clone(),
+            args: self,
+            apply,
+        };
+        tokio::spawn(watch(files, move |event| watching.on(event)));
+    }
+}
+
+/// The lists being watched: what the watcher's events do to them.
+struct Watching<A> {
+    args: RevocationArgs,
+    /// The lists in use, for the hourly check of their next update.
+    current: Option<Revocation>,
+    metrics: Option<Arc<Metrics>>,
+    apply: A,
+}
+
+impl<A: Fn(Revocation) -> anyhow::Result<()>> Watching<A> {
+    fn on(&mut self, event: Event) {
+        match event {
             Event::Hourly => {
-                if let Some(revocation) = &current {
+                if let Some(revocation) = &self.current {
                     warn_if_stale(revocation);
                 }
             }
             Event::Reload(why) => {
-                let loaded = self.read().and_then(|revocation| {
-                    apply(revocation.clone())?;
+                let loaded = self.args.read().and_then(|revocation| {
+                    (self.apply)(revocation.clone())?;
                     Ok(revocation)
                 });
-                if let Some(metrics) = &metrics {
+                if let Some(metrics) = &self.metrics {
                     metrics.reload("revocation", loaded.is_ok());
                 }
                 match loaded {
@@ -85,7 +107,7 @@ impl RevocationArgs {
                             "revocation lists reloaded; new handshakes use them"
                         );
                         warn_if_stale(&revocation);
-                        current = Some(revocation);
+                        self.current = Some(revocation);
                     }
                     Err(e) => tracing::error!(
                         why,
@@ -93,7 +115,7 @@ impl RevocationArgs {
                     ),
                 }
             }
-        }));
+        }
     }
 }
 
@@ -119,5 +141,77 @@ fn warn_if_stale(revocation: &Revocation) {
                 "revocation list is past its next update; still used, replace it"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use hbone::ca::DevCa;
+
+    use super::*;
+
+    /// What was logged while `run` ran, as text.
+    fn logged(run: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, run);
+        String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// A list loaded while fresh that has since passed its next update is
+    /// reported by the hourly check, as a warning while it is still used and
+    /// as an error under `--crl-fail-closed`; a fresh one is not.
+    #[test]
+    fn the_hourly_check_reports_a_list_past_its_next_update() {
+        let day = std::time::Duration::from_secs(86_400);
+        let ca = DevCa::generate("cluster.local", day).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let expired = ca
+            .crl_at(&[], 1, now - time::Duration::days(2), day)
+            .unwrap();
+        let fresh = ca.crl_at(&[], 2, now, day).unwrap();
+        let hourly = |crl: &str, fail_closed: bool| {
+            let revocation = Revocation::from_bytes(crl.as_bytes(), "ca.crl")
+                .unwrap()
+                .with_fail_closed(fail_closed);
+            let mut watching = Watching {
+                args: RevocationArgs::default(),
+                current: Some(revocation),
+                metrics: None,
+                apply: |_| Ok(()),
+            };
+            logged(|| watching.on(Event::Hourly))
+        };
+
+        let lenient = hourly(&expired, false);
+        assert!(
+            lenient.contains("WARN") && lenient.contains("past its next update; still used"),
+            "{lenient}"
+        );
+        assert!(lenient.contains("crl=\"ca.crl\""), "{lenient}");
+        let strict = hourly(&expired, true);
+        assert!(
+            strict.contains("ERROR") && strict.contains("handshakes it covers are refused"),
+            "{strict}"
+        );
+        assert_eq!(hourly(&fresh, false), "");
     }
 }

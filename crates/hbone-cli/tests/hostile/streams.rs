@@ -91,6 +91,78 @@ async fn rapid_reset_is_cut_off_with_few_dials() {
     alongside.finish().await;
 }
 
+/// Streams h2 must reset for protocol errors (CONNECT with `:path`): the
+/// server resets 1,024 of them on one connection, one RST_STREAM
+/// (PROTOCOL_ERROR) each, and answers the 1,025th with GOAWAY
+/// (ENHANCE_YOUR_CALM), ending the connection. Nothing is dialled, and the
+/// tunnel on its own connection never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_error_resets_past_1024_end_the_connection() {
+    const LIMIT: u32 = 1_024;
+    let _gate = shared().await;
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let mut alongside = Alongside::open(&server, &pki).await;
+    let (target, dials) = counting_echo().await;
+    let malformed = connect_block(&target.to_string(), &[(":path", b"/")]);
+    let mut wire = Wire::open(server.addr, &pki).await;
+    let ids: Vec<u32> = (0..LIMIT).map(|i| 2 * i + 1).collect();
+    // In rounds well under the 200 streams a connection may hold: a stream
+    // h2 resets holds its place until its RST_STREAM is written, and one
+    // refused for want of a place counts towards the same limit.
+    for round in ids.chunks(128) {
+        let opens: Vec<u8> = round
+            .iter()
+            .flat_map(|&id| frame(HEADERS, END_HEADERS, id, &malformed))
+            .collect();
+        wire.send(&opens).await.expect("writing malformed CONNECTs");
+        let reset = wire
+            .wait(10 * SECOND, |w| {
+                round.iter().all(|&id| w.reset_of(id).is_some())
+            })
+            .await;
+        assert!(
+            reset,
+            "streams {round:?} not all reset (end {:?})",
+            wire.end
+        );
+    }
+    let protocol_errors = ids
+        .iter()
+        .filter(|&&id| wire.reset_of(id) == Some(PROTOCOL_ERROR))
+        .count();
+    // No GOAWAY yet, after a PING answered once all 1,024 were read.
+    wire.round_trip().await;
+    assert_eq!(
+        protocol_errors, LIMIT as usize,
+        "streams reset with PROTOCOL_ERROR"
+    );
+    assert_eq!(wire.goaway(), None, "GOAWAY at the limit, not past it");
+
+    let over = 2 * LIMIT + 1;
+    wire.send(&frame(HEADERS, END_HEADERS, over, &malformed))
+        .await
+        .expect("writing the 1,025th malformed CONNECT");
+    assert!(
+        wire.wait_closed(5 * SECOND).await,
+        "the connection is still open after 1,025 protocol errors"
+    );
+    let (_, code) = wire
+        .goaway()
+        .expect("the server sends GOAWAY before closing the connection");
+    assert_eq!(code, ENHANCE_YOUR_CALM, "GOAWAY code");
+    assert_eq!(
+        wire.reset_of(over),
+        None,
+        "the stream past the limit was reset, not the connection ended"
+    );
+    assert_eq!(dials.load(Ordering::Acquire), 0, "target dials");
+    alongside.assert_flowing("after the protocol errors").await;
+    settle(&server, 1).await;
+    assert_serves(&server, &pki).await;
+    alongside.finish().await;
+}
+
 /// Rapid reset paced so that the server accepts every stream before its
 /// RST_STREAM arrives, with the target black-holed so that each dial is
 /// still pending when the client cancels. Reset streams stop counting
