@@ -109,7 +109,7 @@ pub struct BenchArgs {
     no_admin: bool,
     /// How the server, gateway and entry processes schedule their work
     /// (their `--runtime`): `work-stealing`, their default, or `per-core`,
-    /// where servers and gateways keep each connection on one worker thread.
+    /// where servers, gateways and entries keep each connection on one worker thread.
     #[arg(long, value_name = "RUNTIME", default_value = "work-stealing",
           value_parser = ["work-stealing", "per-core"])]
     proxy_runtime: String,

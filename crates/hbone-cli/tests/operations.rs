@@ -8,7 +8,10 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{PEER_WAIT, issue_with_cli, start_echo, within};
+use crate::common::{
+    PEER_WAIT, echo_roundtrip, issue_with_cli, listening_sockets, payload, sha256, start_echo,
+    within,
+};
 use crate::host_tools::{require, root_or_skip};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -1601,4 +1604,80 @@ async fn the_admin_endpoint_warns_when_it_is_not_on_loopback() {
             .is_loopback()
     );
     assert_eq!(warnings(&on_loopback), Vec::<Value>::new());
+}
+
+/// `hbone run` with `runtime = "per-core"`: a server and a forward entry in
+/// one process on two single-threaded workers, each listener one socket
+/// per worker (SO_REUSEPORT), and tunnels through both ends with a record
+/// on each side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_per_core_serves_a_server_and_an_entry_on_its_workers() {
+    const CONNECTIONS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    let echo = start_echo().await;
+    let server_port = closed_port().await;
+    let config = dir.path().join("hbone.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"runtime = "per-core"
+threads = 2
+admin = "off"
+
+[server]
+identity-dir = "server"
+listen = "{server_port}"
+
+[[forward]]
+identity-dir = "client"
+listen = "127.0.0.1:0"
+server = "{server_port}"
+server-id = ["{SERVER_ID}"]
+target = "{echo}"
+"#
+        ),
+    )
+    .unwrap();
+    let run = Process::start(&["run", "--config", config.to_str().unwrap()], 2).await;
+    let forward = run.address("forward ready");
+    let pid = run.child.id().unwrap();
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| name.starts_with("hbone-worker"))
+        .collect();
+    assert_eq!(threads.len(), 2, "worker threads: {threads:?}");
+    assert_eq!(
+        listening_sockets(forward.port()),
+        2,
+        "the forward's listeners"
+    );
+    assert_eq!(
+        listening_sockets(server_port.port()),
+        2,
+        "the server's listeners"
+    );
+
+    for seed in 0..CONNECTIONS {
+        let app = TcpStream::connect(forward).await.unwrap();
+        let data = payload(seed as u64, 20_000);
+        let back = within(PEER_WAIT, "echo", echo_roundtrip(app, &data))
+            .await
+            .unwrap();
+        assert_eq!(sha256(&back), sha256(&data), "connection {seed}");
+    }
+    eventually(Duration::from_secs(10), || {
+        run.access_records().len() == 2 * CONNECTIONS
+    })
+    .await;
+    let records = run.access_records();
+    for role in ["client", "server"] {
+        let ended = records
+            .iter()
+            .filter(|r| r["role"] == role && r["message"] == "tunnel closed")
+            .count();
+        assert_eq!(ended, CONNECTIONS, "{role} records: {records:?}");
+    }
 }

@@ -2,7 +2,9 @@
 //! both ways and half-close, connections spread over the workers (each
 //! tunnel's record names the thread that served it), whether each worker
 //! accepts for itself or is handed its sockets, and a drain still waits
-//! for a tunnel open on a worker.
+//! for a tunnel open on a worker. An entry on a dialer with workers: its
+//! tunnels run on the workers, each worker with a pooled connection of its
+//! own.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use crate::common::*;
 use hbone::access::{AccessLog, TunnelRecord};
+use hbone::entry::{Destination, forward};
 use hbone::{Dialer, DialerConfig, Server, ServerConfig, Workers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -182,5 +185,105 @@ async fn per_core_drain_waits_for_a_tunnel_on_a_worker() {
     )
     .await
     .unwrap();
+    workers.shutdown();
+}
+
+/// Runs a forward entry on `listener` with a dialer on `workers`, sends
+/// `count` connections through it one after another (each checked by
+/// its echo), and returns the threads that wrote the client records and
+/// the connections the dialer pooled.
+async fn forward_on_workers(
+    pki: &Pki,
+    workers: &Workers,
+    listener: tokio::net::TcpListener,
+    count: usize,
+) -> (BTreeSet<String>, usize) {
+    let server = start_default_server(pki).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::with_config(
+        &pki.client,
+        DialerConfig::default().with_workers(workers.clone()),
+    )
+    .unwrap();
+    let destination = Destination::direct(server.addr.into(), vec![pki.server_id.clone()], echo);
+    let threads = Arc::new(Threads::default());
+    let entry = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(forward::serve(
+        listener,
+        dialer.clone(),
+        destination,
+        threads.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    for seed in 0..count {
+        let app = tokio::net::TcpStream::connect(entry).await.unwrap();
+        let data = payload(seed as u64, 50_000);
+        let back = echo_roundtrip(app, &data).await.unwrap();
+        assert_eq!(sha256(&back), sha256(&data), "connection {seed}");
+    }
+    eventually("a record for each tunnel", || threads.all().len() == count).await;
+    let pooled = dialer.pooled_connections();
+    let _ = stop.send(());
+    within(Duration::from_secs(10), "the entry stops", serving)
+        .await
+        .unwrap();
+    (threads.all().into_iter().collect(), pooled)
+}
+
+/// A listener bound with `Workers::bind_listener`: every worker accepts
+/// on a listener of its own (two sockets listen on the port while the
+/// entry runs), every tunnel runs on a worker, and each worker keeps a
+/// pooled connection of its own to the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_entry_gives_each_worker_a_listener_and_a_connection() {
+    let pki = Pki::new();
+    let workers = Workers::start(2).unwrap();
+    let listener = workers.bind_listener(loopback()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert_eq!(listening_sockets(port), 1, "before the entry runs");
+    let watch_port = tokio::spawn(async move {
+        let mut most = 0;
+        for _ in 0..200 {
+            most = most.max(listening_sockets(port));
+            if most >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        most
+    });
+    // By source port hash: all 16 on one worker has odds of 2^-15.
+    let (names, pooled) = forward_on_workers(&pki, &workers, listener, 16).await;
+    assert_eq!(
+        watch_port.await.unwrap(),
+        2,
+        "listening sockets on the entry's port"
+    );
+    assert_eq!(
+        names,
+        both_workers(),
+        "every tunnel on a worker, both serving"
+    );
+    assert_eq!(pooled, 2, "pooled connections: one per worker");
+    workers.shutdown();
+}
+
+/// Any other listener: one accept loop hands the sockets to the workers
+/// in turn, with the same result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_entry_hands_connections_to_the_workers_in_turn() {
+    let pki = Pki::new();
+    let workers = Workers::start(2).unwrap();
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let (names, pooled) = forward_on_workers(&pki, &workers, listener, 4).await;
+    assert_eq!(
+        names,
+        both_workers(),
+        "every tunnel on a worker, both serving"
+    );
+    assert_eq!(pooled, 2, "pooled connections: one per worker");
     workers.shutdown();
 }

@@ -22,19 +22,24 @@ use tokio::time::Instant;
 use crate::identity::SpiffeId;
 use crate::tls::TlsFailure;
 use crate::window::Probe;
+use crate::workers::current_worker;
 
 mod bulk;
 #[cfg(test)]
 pub(crate) use bulk::BULK_BYTES;
 pub(crate) use bulk::{BulkMark, BulkSpan};
 
-/// Identifies connections that may be shared.
+/// Identifies connections that may be shared. Each also names the
+/// per-core worker it was made for ([`crate::workers::current_worker`]):
+/// a worker's tunnels ride only connections its own thread drives, so
+/// neither side of a tunnel wakes another thread.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum PoolKey {
     /// Connections straight to a server.
     Direct {
         server: SocketAddr,
         expected: Vec<SpiffeId>,
+        worker: Option<usize>,
     },
     /// Inner connections of double HBONE, each inside a tunnel through the
     /// gateway to the service.
@@ -43,6 +48,7 @@ pub(crate) enum PoolKey {
         gateway_ids: Vec<SpiffeId>,
         service: String,
         expected: Vec<SpiffeId>,
+        worker: Option<usize>,
     },
 }
 
@@ -59,6 +65,7 @@ impl PoolKey {
         PoolKey::Direct {
             server,
             expected: normalized(expected),
+            worker: current_worker(),
         }
     }
 
@@ -73,6 +80,7 @@ impl PoolKey {
             gateway_ids: normalized(gateway_ids),
             service: service.to_owned(),
             expected: normalized(expected),
+            worker: current_worker(),
         }
     }
 }

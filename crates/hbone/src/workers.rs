@@ -6,7 +6,11 @@
 //! cannot promise.
 //!
 //! Give a [`Workers`] to a server with
-//! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers).
+//! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers), and
+//! to a dialer with
+//! [`DialerConfig::with_workers`](crate::DialerConfig::with_workers): the
+//! entries built on that dialer then serve each application connection on
+//! a worker, and its tunnel rides a connection of that worker's own.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +38,22 @@ struct Inner {
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Numbers worker threads across every [`Workers`] of the process.
+static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's worker number, if it is a worker.
+    static WORKER_ID: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The worker this code runs on (a number unique in the process), or
+/// `None` off the workers. The dialer's pool keeps each worker's
+/// connections apart by it, so that a tunnel opened on a worker rides a
+/// connection driven by the same thread.
+pub(crate) fn current_worker() -> Option<usize> {
+    WORKER_ID.with(std::cell::Cell::get)
+}
+
 /// How long a stopping worker waits for its blocking tasks (name lookups)
 /// before leaving them behind.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
@@ -50,6 +70,8 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("hbone-worker-{index}"))
                 .spawn(move || {
+                    WORKER_ID
+                        .with(|id| id.set(Some(NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed))));
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -86,6 +108,25 @@ impl Workers {
     /// How many workers there are.
     pub fn count(&self) -> usize {
         self.inner.handles.len()
+    }
+
+    /// A listener on `addr` for an entry whose dialer runs on these workers
+    /// ([`DialerConfig::workers`](crate::DialerConfig::workers)): on Linux,
+    /// with more than one worker, it is bound with SO_REUSEPORT, and the
+    /// entry gives every worker a listener of its own beside it, so that
+    /// each accepts its own connections; any other listener is served by
+    /// one accept loop that hands sockets to the workers in turn. Call it
+    /// inside a Tokio runtime. Only processes of the same user can bind the
+    /// port too (Linux's rule for such groups).
+    pub fn bind_listener(&self, addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        #[cfg(target_os = "linux")]
+        if self.count() > 1 {
+            let mut bound = crate::listeners::bind_reuseport(addr, 1)?;
+            return tokio::net::TcpListener::from_std(bound.remove(0));
+        }
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(listener)
     }
 
     /// Worker `index`'s runtime (modulo the count).

@@ -572,25 +572,29 @@ pub(super) struct DialArgs {
 }
 
 impl DialArgs {
-    /// The dialer, counting into `ops`' telemetry.
-    /// The dialer, counting into `ops`' telemetry, and the identity it
-    /// started with.
+    /// The dialer, counting into `ops`' telemetry and running its entries
+    /// on `ops`' workers, and the identity it started with.
     pub(super) async fn dialer(&self, ops: &super::ops::Ops) -> anyhow::Result<(Dialer, Obtained)> {
         let obtained = self.identity.obtain().await?;
         ops.identity_in_use(&obtained.identity);
-        let dialer = self.dialer_with(&obtained.identity, ops.telemetry.clone())?;
+        let dialer = self.dialer_with(&obtained.identity, ops.telemetry.clone(), ops.workers())?;
         Ok((dialer, obtained))
     }
 
     /// The dialer of a one-shot command (nothing to report to).
     pub(super) async fn dialer_without_telemetry(&self) -> anyhow::Result<Dialer> {
-        self.dialer_with(&self.identity.obtain().await?.identity, Default::default())
+        self.dialer_with(
+            &self.identity.obtain().await?.identity,
+            Default::default(),
+            None,
+        )
     }
 
     fn dialer_with(
         &self,
         identity: &Identity,
         telemetry: hbone::Telemetry,
+        workers: Option<hbone::Workers>,
     ) -> anyhow::Result<Dialer> {
         let mut config = DialerConfig::default()
             .with_timeouts(
@@ -608,6 +612,7 @@ impl DialArgs {
             .with_revocation(self.revocation.load()?);
         config.network = self.network.clone();
         config.h2.adaptive_windows = !self.fixed_windows;
+        config.workers = workers;
         Ok(Dialer::with_config(identity, config)?)
     }
 

@@ -544,10 +544,14 @@ pub(super) async fn run_gateway(args: GatewayArgs, ops: &Ops) -> anyhow::Result<
     ops.serve(server, args.serve.drain_timeout).await
 }
 
-async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))
+/// An entry's listener; under `--runtime per-core` one that every worker
+/// can accept on for itself.
+pub(super) async fn bind_entry(listen: SocketAddr, ops: &Ops) -> anyhow::Result<TcpListener> {
+    let bound = match ops.workers() {
+        Some(workers) => workers.bind_listener(listen),
+        None => TcpListener::bind(listen).await,
+    };
+    bound.with_context(|| format!("cannot listen on {listen}"))
 }
 
 pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<()> {
@@ -555,7 +559,7 @@ pub(super) async fn run_forward(args: ForwardArgs, ops: &Ops) -> anyhow::Result<
     let destination = args.dial.destination(args.server.as_ref(), &args.target)?;
     let (dialer, first) = args.dial.dialer(ops).await?;
     watch_dialer(&dialer, &args.dial, first, ops);
-    let listener = bind(args.listen).await?;
+    let listener = bind_entry(args.listen, ops).await?;
     ops.listener_bound();
     tracing::info!(
         listen = %listener.local_addr()?, id = %dialer.local_id(), route = %destination,
@@ -646,7 +650,7 @@ pub(super) async fn run_socks5(args: Socks5Args, ops: &Ops) -> anyhow::Result<()
     };
     let (dialer, first) = args.dial.dialer(ops).await?;
     watch_dialer(&dialer, &args.dial, first, ops);
-    let listener = bind(args.listen).await?;
+    let listener = bind_entry(args.listen, ops).await?;
     ops.listener_bound();
     tracing::info!(listen = %listener.local_addr()?, id = %dialer.local_id(), "SOCKS5 entry ready");
     let serving = entry::socks5::serve_with_access(

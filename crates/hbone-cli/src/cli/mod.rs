@@ -58,9 +58,10 @@ pub(super) struct RuntimeArgs {
     threads: Option<u16>,
     /// How the worker threads share the work: `work-stealing`, one
     /// runtime whose threads take tasks from each other, or `per-core`,
-    /// where each connection a server or gateway accepts stays, with its
-    /// tunnels, on one single-threaded worker (no cross-thread wake-ups;
-    /// entries and the control plane stay work-stealing).
+    /// where each connection a server, gateway or entry accepts stays, with
+    /// its tunnels and the pooled connections they ride, on one
+    /// single-threaded worker (no cross-thread wake-ups; the control plane
+    /// keeps a runtime of its own).
     #[arg(long, value_enum, value_name = "KIND", default_value_t = RuntimeKind::WorkStealing, help_heading = GLOBAL_OPTIONS)]
     runtime: RuntimeKind,
 }

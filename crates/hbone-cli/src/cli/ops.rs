@@ -167,10 +167,16 @@ impl Ops {
         })
     }
 
-    /// Servers equipped from now on serve their connections on `workers`.
+    /// Servers equipped and dialers made from now on serve their
+    /// connections on `workers`.
     pub(super) fn with_workers(mut self, workers: Option<hbone::Workers>) -> Self {
         self.workers = workers;
         self
+    }
+
+    /// The per-core workers, under `--runtime per-core`.
+    pub(super) fn workers(&self) -> Option<hbone::Workers> {
+        self.workers.clone()
     }
 
     /// Shows `policy`'s rules on `/config` from now on, as they stand at

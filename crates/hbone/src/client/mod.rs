@@ -41,6 +41,7 @@ use crate::pool::{Choice, DialGate, Pool, PoolKey, PooledConn, StreamLease};
 use crate::revocation::Revocation;
 use crate::stream::H2Stream;
 use crate::tls::{self, ClientBase, TlsFailure};
+use crate::workers::Workers;
 
 /// The step of opening a tunnel that ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +292,15 @@ pub struct DialerConfig {
     /// The period [`DialerConfig::max_control_frames`] is counted over;
     /// 10 s by default, zero to turn the check off.
     pub control_frame_window: Duration,
+    /// The entries built on this dialer (forward, SOCKS5, capture) serve
+    /// each accepted connection on one of these single-threaded workers,
+    /// in turn, instead of the runtime that accepted it. Wherever a tunnel
+    /// is opened on a worker, the pool gives it a connection of that
+    /// worker's own, so the application's socket, the relay, the tunnel
+    /// and the HTTP/2 connection under it never wake another thread (at
+    /// the cost of a connection per worker and server). `None` (the
+    /// default) leaves the entries' tasks to the runtime.
+    pub workers: Option<Workers>,
 }
 
 impl Default for DialerConfig {
@@ -307,11 +317,19 @@ impl Default for DialerConfig {
             socket_mark: None,
             max_control_frames: 1_000,
             control_frame_window: Duration::from_secs(10),
+            workers: None,
         }
     }
 }
 
 impl DialerConfig {
+    /// Sets [`DialerConfig::workers`].
+    #[must_use]
+    pub fn with_workers(mut self, workers: Workers) -> Self {
+        self.workers = Some(workers);
+        self
+    }
+
     /// Sets [`DialerConfig::h2`].
     #[must_use]
     pub fn with_h2(mut self, h2: H2Settings) -> Self {
@@ -499,6 +517,12 @@ impl Dialer {
     /// connection instead of failing.
     pub fn pooled_connections_retired(&self) -> u64 {
         self.inner.pool.retired()
+    }
+
+    /// Where entries built on this dialer serve their connections
+    /// ([`DialerConfig::workers`]).
+    pub(crate) fn workers(&self) -> Option<&Workers> {
+        self.inner.config.workers.as_ref()
     }
 
     /// The identity this dialer presents.

@@ -131,9 +131,15 @@ pub async fn serve(
     // reaches the listener (on an unspecified address) was not redirected,
     // and is refused below for want of another destination.
     let sources = ClientSources::Any;
-    super::accept_until(listener, "capture", &sources, shutdown, |app, source| {
-        Phased::new(open(capture.clone(), app, source))
-    })
+    let workers = capture.dialer.workers().cloned();
+    super::accept_until(
+        listener,
+        "capture",
+        &sources,
+        workers.as_ref(),
+        shutdown,
+        move |app, source| Phased::new(open(capture.clone(), app, source)),
+    )
     .await;
 }
 

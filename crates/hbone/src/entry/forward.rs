@@ -63,9 +63,15 @@ pub async fn serve_with_access(
     });
     // The dial is boxed and hands back the relay, so the task keeps only
     // the relay's state for the tunnel's lifetime.
-    super::accept_until(listener, "forward", &sources, shutdown, |app, source| {
-        Phased::new(open(forward.clone(), app, source))
-    })
+    let workers = forward.dialer.workers().cloned();
+    super::accept_until(
+        listener,
+        "forward",
+        &sources,
+        workers.as_ref(),
+        shutdown,
+        move |app, source| Phased::new(open(forward.clone(), app, source)),
+    )
     .await;
 }
 

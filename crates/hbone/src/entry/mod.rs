@@ -21,6 +21,7 @@ use crate::headers::TraceParent;
 use crate::lifecycle::TunnelLifecycle;
 use crate::metrics::{DestinationService, Reporter, WorkloadMeta};
 use crate::relay::Relay;
+use crate::workers::Workers;
 
 pub mod access;
 pub mod capture;
@@ -36,43 +37,134 @@ pub use destination::Destination;
 /// connection (with TCP_NODELAY set) from a source `sources` allows, and
 /// closing the others at once; then closes the listener and waits for the
 /// tasks in flight. Callers bound that wait as they see fit.
-pub(crate) async fn accept_until<S, T>(
+///
+/// On `workers` (the dialer's, [`crate::DialerConfig::workers`]) every
+/// task runs on a worker, so that the tunnel it opens and the pooled
+/// connection that carries it are that worker's too. A listener bound with
+/// [`Workers::bind_listener`] gets a sibling per worker and each worker
+/// accepts on its own; from any other, sockets are handed to the workers
+/// in turn.
+pub(crate) async fn accept_until<S, F, T>(
     listener: TcpListener,
     entry: &'static str,
     sources: &ClientSources,
+    workers: Option<&Workers>,
     shutdown: S,
-    mut task: impl FnMut(TcpStream, SocketAddr) -> T,
+    task: F,
 ) where
     S: Future<Output = ()>,
+    F: Fn(TcpStream, SocketAddr) -> T + Send + Sync + 'static,
     T: Future<Output = ()> + Send + Unpin + 'static,
 {
-    let open = InFlight::default();
-    let refused = access::Refusals::new(entry, "source not allowed (allow-source)");
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = &mut shutdown => break,
-        };
-        match accepted {
-            Ok((app, source)) if !sources.allows(source.ip()) => {
-                drop(app);
-                refused.note(source);
-            }
-            Ok((app, source)) => {
-                let _ = app.set_nodelay(true);
-                tokio::spawn(open.track(task(app, source)));
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: back off rather
-                // than spin, and keep serving what is open.
-                tracing::warn!(error = %e, "{entry}: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let acceptor = Arc::new(Acceptor {
+        entry,
+        sources: sources.clone(),
+        refused: access::Refusals::new(entry, "source not allowed (allow-source)"),
+        task,
+        open: InFlight::default(),
+    });
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop_at_shutdown = async move {
+        shutdown.await;
+        stop.send_replace(true);
+    };
+    #[cfg(target_os = "linux")]
+    if let Some(workers) = workers
+        && let Some(siblings) = crate::listeners::siblings(&listener, workers.count())
+    {
+        let listeners = std::iter::once(listener.into_std()).chain(siblings.into_iter().map(Ok));
+        let mut loops = tokio::task::JoinSet::new();
+        for (index, listener) in listeners.enumerate() {
+            let (acceptor, stopped) = (acceptor.clone(), stopped.clone());
+            let accept = async move {
+                match listener.and_then(TcpListener::from_std) {
+                    Ok(listener) => acceptor.accept(listener, None, stopped).await,
+                    Err(e) => tracing::warn!(error = %e, "{entry}: a worker cannot listen"),
+                }
+            };
+            loops.spawn_on(accept, workers.handle(index));
+        }
+        let all_stopped = async { while loops.join_next().await.is_some() {} };
+        tokio::join!(stop_at_shutdown, all_stopped);
+        acceptor.open.all_done().await;
+        return;
+    }
+    let accept = acceptor.clone().accept(listener, workers, stopped);
+    tokio::join!(stop_at_shutdown, accept);
+    acceptor.open.all_done().await;
+}
+
+/// What each accept loop of an entry shares.
+struct Acceptor<F> {
+    entry: &'static str,
+    sources: ClientSources,
+    refused: access::Refusals,
+    task: F,
+    open: InFlight,
+}
+
+impl<F, T> Acceptor<F>
+where
+    F: Fn(TcpStream, SocketAddr) -> T + Send + Sync + 'static,
+    T: Future<Output = ()> + Send + Unpin + 'static,
+{
+    /// Accepts on `listener` until `stopped` flips, running each task
+    /// where it was accepted, or on the next of `workers`.
+    async fn accept(
+        self: Arc<Self>,
+        listener: TcpListener,
+        workers: Option<&Workers>,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let entry = self.entry;
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped.wait_for(|stop| *stop) => break,
+            };
+            match accepted {
+                Ok((app, source)) if !self.sources.allows(source.ip()) => {
+                    drop(app);
+                    self.refused.note(source);
+                }
+                Ok((app, source)) => {
+                    let _ = app.set_nodelay(true);
+                    match workers {
+                        None => {
+                            tokio::spawn(self.open.track((self.task)(app, source)));
+                        }
+                        Some(workers) => self.hand_over(workers, app, source),
+                    }
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather
+                    // than spin, and keep serving what is open.
+                    tracing::warn!(error = %e, "{entry}: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
             }
         }
     }
-    drop(listener);
-    open.all_done().await;
+
+    /// Runs `app`'s task on the next worker, its socket moved to that
+    /// worker's reactor.
+    fn hand_over(self: &Arc<Self>, workers: &Workers, app: TcpStream, source: SocketAddr) {
+        let entry = self.entry;
+        match app.into_std() {
+            Ok(app) => {
+                let this = self.clone();
+                workers.spawn(self.open.track(Box::pin(async move {
+                    match TcpStream::from_std(app) {
+                        Ok(app) => (this.task)(app, source).await,
+                        Err(e) => tracing::warn!(%source, error = %e, "{entry}: cannot move a connection to its worker"),
+                    }
+                })));
+            }
+            Err(e) => {
+                tracing::warn!(%source, error = %e, "{entry}: cannot move a connection to a worker");
+            }
+        }
+    }
 }
 
 /// The tasks an entry has in flight, so that a drain can wait for them.

@@ -222,12 +222,14 @@ pub async fn serve_with_access(
     });
     // Negotiation and dial are boxed and hand back the relay, so the task
     // keeps only the relay's state for the tunnel's lifetime.
+    let workers = entry.dialer.workers().cloned();
     super::accept_until(
         listener,
         "socks5",
         &access.sources,
+        workers.as_ref(),
         shutdown,
-        |app, source| Phased::new(open(app, source, entry.clone())),
+        move |app, source| Phased::new(open(app, source, entry.clone())),
     )
     .await;
 }

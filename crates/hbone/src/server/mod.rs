@@ -15,8 +15,6 @@ mod connect;
 #[doc(hidden)]
 pub mod fuzzing;
 mod limits;
-#[cfg(target_os = "linux")]
-mod listeners;
 mod refusal;
 mod stats;
 #[cfg(all(test, feature = "ca"))]
@@ -316,7 +314,7 @@ impl Server {
             && count > 1
         {
             let mut listeners =
-                listeners::bind_reuseport(config.listen, count).map_err(bind_error)?;
+                crate::listeners::bind_reuseport(config.listen, count).map_err(bind_error)?;
             let first = TcpListener::from_std(listeners.remove(0)).map_err(bind_error)?;
             let mut server = Self::serve_on(first, tls, config)?;
             server.spares = listeners;

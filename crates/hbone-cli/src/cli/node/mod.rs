@@ -15,13 +15,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 use hbone::config::{Timeouts, parse_duration};
 use hbone::entry::capture::{self, CaptureConfig, HBONE_PORT, Peer, Peers, RemoteNetwork};
 use hbone::policy::{IpNet, TargetRule};
 use hbone::{Dialer, DialerConfig};
-use tokio::net::TcpListener;
 
 use super::args::{ConfigArg, IdentityArgs};
 use super::ops::Ops;
@@ -250,7 +249,7 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
     })?;
     let obtained = args.identity.obtain().await?;
     ops.identity_in_use(&obtained.identity);
-    let config = DialerConfig::default()
+    let mut config = DialerConfig::default()
         .with_timeouts(
             Timeouts::default()
                 .with_connect(args.connect_timeout)
@@ -259,12 +258,11 @@ pub(super) async fn run_node(args: NodeArgs, ops: &Ops) -> anyhow::Result<()> {
         .with_telemetry(ops.telemetry.clone())
         .with_revocation(args.revocation.load()?)
         .with_socket_mark(args.socket_mark);
+    config.workers = ops.workers();
     let dialer = Dialer::with_config(&obtained.identity, config)?;
     // Renewed certificates and revocation lists reach new connections.
     super::commands::watch_dialer_sources(&dialer, &args.identity, &args.revocation, obtained, ops);
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = super::commands::bind_entry(args.listen, ops).await?;
     let installed = !args.no_install_rules;
     let firewall = args.firewall();
     if installed {

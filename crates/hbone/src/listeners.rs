@@ -1,6 +1,8 @@
 //! Per-worker listening sockets: with SO_REUSEPORT the kernel spreads new
 //! connections over several sockets bound to one address, so each worker
 //! accepts its own and no accepted socket is handed between threads.
+//! Servers bind such a group themselves; entries add to a listener bound
+//! with [`crate::Workers::bind_listener`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,7 +10,7 @@ use std::net::SocketAddr;
 /// `count` non-blocking listeners on `addr`, not yet registered with any
 /// runtime; with port 0 the others take the port the first was given.
 /// Only sockets of the same user can join the group (Linux's rule).
-pub(super) fn bind_reuseport(
+pub(crate) fn bind_reuseport(
     addr: SocketAddr,
     count: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
@@ -29,4 +31,28 @@ pub(super) fn bind_reuseport(
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// `count - 1` more listeners in `listener`'s SO_REUSEPORT group, one for
+/// each other worker. `None` when it is not in a group (bound without
+/// SO_REUSEPORT) or the group cannot grow: the caller then hands accepted
+/// sockets over instead.
+pub(crate) fn siblings(
+    listener: &tokio::net::TcpListener,
+    count: usize,
+) -> Option<Vec<std::net::TcpListener>> {
+    let reuses_port = socket2::SockRef::from(listener)
+        .reuse_port()
+        .unwrap_or(false);
+    if count < 2 || !reuses_port {
+        return None;
+    }
+    let grown = listener
+        .local_addr()
+        .and_then(|addr| bind_reuseport(addr, count - 1));
+    grown
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "cannot give each worker a listener; handing connections over instead")
+        })
+        .ok()
 }
