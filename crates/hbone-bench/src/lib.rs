@@ -10,8 +10,8 @@
 //! separate processes (this binary re-executed with hidden subcommands):
 //! the load generator is single-threaded, and /proc gives each process's
 //! memory and CPU time on its own. The server and the entries also run
-//! together in one `hbone run` process, as ztunnel runs, and every main
-//! workload goes through both.
+//! together in one `hbone run` process, as ztunnel runs, and in another
+//! under `--runtime per-core`; every main workload goes through all three.
 //!
 //! | file | concern |
 //! |---|---|
@@ -107,9 +107,11 @@ pub struct BenchArgs {
     /// they run with it, as `hbone run` does.
     #[arg(long)]
     no_admin: bool,
-    /// How the server, gateway and entry processes schedule their work
-    /// (their `--runtime`): `work-stealing`, their default, or `per-core`,
-    /// where servers, gateways and entries keep each connection on one worker thread.
+    /// How the server, gateway and entry processes of the other columns
+    /// schedule their work (their `--runtime`): `work-stealing`, their
+    /// default, or `per-core`, where servers, gateways and entries keep each
+    /// connection on one worker thread. The "1 process, per-core" column
+    /// always runs per-core.
     #[arg(long, value_name = "RUNTIME", default_value = "work-stealing",
           value_parser = ["work-stealing", "per-core"])]
     proxy_runtime: String,

@@ -91,7 +91,10 @@ fn render(doc: &Document) -> String {
             compare the hbone/direct ratios more than the absolute numbers. \
             *2 processes*: `hbone server` and each entry in a process of its own (double \
             HBONE: the entry, `hbone gateway` and the server). *1 process*: `hbone run` with \
-            the server and the entries in one process, as ztunnel runs.\n\n";
+            the server and the entries in one process, as ztunnel runs. *1 process, per-core*: \
+            the same under `--runtime per-core`, each connection the process accepts, with its \
+            tunnels and the pooled connections they ride, on one single-threaded worker \
+            (`--threads` of them, one per CPU).\n\n";
     let isolation = report::isolation_rows(&m.isolation);
     if !isolation.is_empty() {
         out += "## Latency isolation\n\n";
@@ -193,6 +196,10 @@ fn variation(doc: &Document) -> String {
                     "hbone, 1 process",
                     m.results.tunnel_summary(metric, Topology::Joined),
                 ),
+                (
+                    "hbone, 1 process, per-core",
+                    m.results.tunnel_summary(metric, Topology::JoinedPerCore),
+                ),
             ];
             for (side, summary) in summaries {
                 if let Some(s) = summary {
@@ -205,6 +212,7 @@ fn variation(doc: &Document) -> String {
                 ("direct", None),
                 ("hbone, 2 processes", Some(Topology::Split)),
                 ("hbone, 1 process", Some(Topology::Joined)),
+                ("hbone, 1 process, per-core", Some(Topology::JoinedPerCore)),
             ] {
                 if let Some(s) = m.isolation.summary(bulk, figure, topology) {
                     spreads.push((
@@ -235,7 +243,8 @@ fn variation(doc: &Document) -> String {
         doc.load_before, doc.load_after
     );
     out += "- Each run goes direct, then through the 2 processes, then through the 1 process, \
-            so a change in background load touches every column alike.\n";
+            then through the 1 process under `--runtime per-core`, so a change in background \
+            load touches every column alike.\n";
     if doc.options.quick {
         out += "- `--quick` was used: a smoke test, not a measurement.\n";
     }
@@ -270,7 +279,8 @@ const PER_UNIT_METHOD: &str = "\
 the sink, to the echo app, and to the echo app with `--no-pool`; with `--entry socks5`, a pooled \
 and an unpooled `hbone socks5`), each its own process, all counted whichever entry the workload \
 uses. *1 process*: one `hbone run --config` process whose file holds a `[server]` and the same \
-entries as `[[forward]]` (or `[[socks5]]`) sections. *3 processes*: `hbone server`, `hbone \
+entries as `[[forward]]` (or `[[socks5]]`) sections; *1 process, per-core*: the same with \
+`--runtime per-core`. *3 processes*: `hbone server`, `hbone \
 gateway` and both forwards that go through it. Never the apps, the load generator or perf.
 - Window: the counters are read just before the load generator starts and just after it exits, \
 so a run's window also holds its connection set-up.
@@ -331,7 +341,8 @@ is done the bulk generator is told to stop (its stdin closes). The bulk figure b
 bytes over its whole run, settle included; then the same N streams run alone for as long, and \
 '% of alone' is the first over the second, run by run. 'alone' rows: the req/resp generator \
 through the same entry with nothing beside it. Each run measures alone, then beside 1, 4 and 16 \
-streams (only 4 with `--quick`), each direct, through 2 processes and through 1 process in turn.
+streams (only 4 with `--quick`), each direct, through 2 processes, through 1 process and \
+through 1 process per-core in turn.
 - Idle: a fresh server and forward entry (or a fresh one-process `hbone run` with both); VmRSS \
 of the processes, before and after opening N tunnels to the echo app (each proven with a 1-byte \
 echo), over N. KB = 1024 bytes, as /proc reports.

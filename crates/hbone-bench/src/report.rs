@@ -9,6 +9,9 @@ use super::results::{
 use super::stats::Summary;
 use super::targets::Verdict;
 
+/// The columns through hbone, in the order of the tables.
+const TUNNELLED: [Topology; 3] = [Topology::Split, Topology::Joined, Topology::JoinedPerCore];
+
 /// What stands in a cell that was not measured.
 pub const NOT_MEASURED: &str = "n/a";
 
@@ -39,7 +42,7 @@ pub fn rows(results: &Results) -> Vec<Vec<String>> {
                 metric.label().to_owned(),
                 cell(results.direct_summary(metric)),
             ];
-            for topology in [Topology::Split, Topology::Joined] {
+            for topology in TUNNELLED {
                 let compared = match metric.comparison() {
                     Comparison::Ratio => results
                         .ratio(metric, topology)
@@ -66,7 +69,8 @@ pub fn isolation_rows(isolation: &Isolation) -> Vec<Vec<String>> {
         .measured()
         .map(|(bulk, figure)| {
             let mut row = vec![figure.label(bulk)];
-            for side in [None, Some(Topology::Split), Some(Topology::Joined)] {
+            let sides = std::iter::once(None).chain(TUNNELLED.map(Some));
+            for side in sides {
                 row.push(cell(isolation.summary(bulk, figure, side)));
             }
             row
@@ -74,11 +78,12 @@ pub fn isolation_rows(isolation: &Isolation) -> Vec<Vec<String>> {
         .collect()
 }
 
-pub const ISOLATION_HEADERS: [&str; 4] = [
+pub const ISOLATION_HEADERS: [&str; 5] = [
     "1 KiB req/resp and bulk, one SOCKS5 entry",
     "direct",
     "hbone, 2 processes",
     "hbone, 1 process",
+    "hbone, 1 process, per-core",
 ];
 
 /// The rows of the capture table: figure, then each path.
@@ -112,12 +117,14 @@ pub const CAPTURE_HEADING: &str = "Transparent capture: an unmodified client's T
 pub const ISOLATION_HEADING: &str = "Latency isolation: 1 KiB req/resp alone and beside bulk \
      streams through the same entry and server, medians of the runs";
 
-pub const HEADERS: [&str; 6] = [
+pub const HEADERS: [&str; 8] = [
     "workload",
     "direct",
     "hbone, 2 processes",
     "vs direct",
     "hbone, 1 process",
+    "vs direct",
+    "hbone, 1 process, per-core",
     "vs direct",
 ];
 

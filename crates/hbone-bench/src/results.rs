@@ -30,6 +30,10 @@ pub enum Topology {
     /// `hbone run` with the server and the entries in one process, as
     /// ztunnel runs: a tunnel enters and leaves the same process.
     Joined,
+    /// As [`Topology::Joined`], under `--runtime per-core`: each connection
+    /// the process accepts, with its tunnels and the pooled connections
+    /// they ride, on one single-threaded worker.
+    JoinedPerCore,
     /// Double HBONE: the entry, `hbone gateway` and the server, each in a
     /// process of its own.
     Gateway,
@@ -40,6 +44,7 @@ impl Topology {
         match self {
             Topology::Split => "2 processes",
             Topology::Joined => "1 process",
+            Topology::JoinedPerCore => "1 process, per-core",
             Topology::Gateway => "3 processes",
         }
     }
@@ -109,6 +114,8 @@ pub struct Series {
     pub tunnel: Vec<f64>,
     /// Server and entries in one process.
     pub joined: Vec<f64>,
+    /// The same under `--runtime per-core`.
+    pub per_core: Vec<f64>,
 }
 
 impl Series {
@@ -116,6 +123,7 @@ impl Series {
         match topology {
             Topology::Split | Topology::Gateway => &self.tunnel,
             Topology::Joined => &self.joined,
+            Topology::JoinedPerCore => &self.per_core,
         }
     }
 
@@ -132,6 +140,7 @@ impl Series {
             None => self.direct.push(value),
             Some(Topology::Split | Topology::Gateway) => self.tunnel.push(value),
             Some(Topology::Joined) => self.joined.push(value),
+            Some(Topology::JoinedPerCore) => self.per_core.push(value),
         }
     }
 }
@@ -150,6 +159,7 @@ impl Results {
         match topology {
             Topology::Split | Topology::Gateway => series.tunnel.push(value),
             Topology::Joined => series.joined.push(value),
+            Topology::JoinedPerCore => series.per_core.push(value),
         }
     }
 

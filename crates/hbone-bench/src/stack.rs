@@ -12,6 +12,7 @@ use hbone::ca::DevCa;
 
 use super::EntryKind;
 use super::child::Proc;
+use super::results::Topology;
 
 const TRUST_DOMAIN: &str = "cluster.local";
 /// How long a child may take to start and report its address.
@@ -319,6 +320,22 @@ impl Proxies {
         })
     }
 
+    /// The server and entries of `topology`: apart, or in one `hbone run`
+    /// (under `--runtime per-core` for [`Topology::JoinedPerCore`]).
+    pub fn start(
+        topology: Topology,
+        specs: &[EntrySpec],
+        pki: &Pki,
+        dir: &Path,
+        flags: &ChildFlags,
+    ) -> anyhow::Result<Proxies> {
+        match topology {
+            Topology::Split | Topology::Gateway => Proxies::start_split(specs, pki, flags),
+            Topology::Joined => Proxies::start_joined(specs, pki, dir, flags),
+            Topology::JoinedPerCore => Proxies::start_joined(specs, pki, dir, &flags.per_core()),
+        }
+    }
+
     /// `hbone run` with a config file holding a `[server]` and a section
     /// per entry. The entries must know the server's port before it runs,
     /// so every port is picked free beforehand; should another process
@@ -366,7 +383,11 @@ impl Proxies {
         let mut args = strings(&["run"]);
         push_path(&mut args, "--config", &config);
         args.extend(flags.run_args());
-        let mut proc = Proc::spawn("hbone run (server and entries in one process)", &args)?;
+        let label = match flags.runtime.as_str() {
+            "per-core" => "hbone run --runtime per-core (server and entries in one process)",
+            _ => "hbone run (server and entries in one process)",
+        };
+        let mut proc = Proc::spawn(label, &args)?;
         let mut ready = Vec::new();
         for _ in 0..1 + entries.len() {
             ready.push(proc.wait_ready(START_LIMIT)?);
@@ -465,6 +486,15 @@ pub struct ChildFlags {
 }
 
 impl ChildFlags {
+    /// The same flags under `--runtime per-core`.
+    pub fn per_core(&self) -> ChildFlags {
+        ChildFlags {
+            log: self.log.clone(),
+            admin: self.admin,
+            runtime: "per-core".to_owned(),
+        }
+    }
+
     /// Their "ready" lines (target `hbone::cli`) always show: the bench
     /// reads the addresses from them. The admin endpoint, when on, takes an
     /// ephemeral port.

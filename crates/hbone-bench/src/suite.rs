@@ -48,6 +48,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     let specs = entry_specs(options.entry, &apps);
     let split = Proxies::start_split(&specs, &pki, flags)?;
     let joined = Proxies::start_joined(&specs, &pki, dir.path(), flags)?;
+    let per_core = Proxies::start(Topology::JoinedPerCore, &specs, &pki, dir.path(), flags)?;
     let syscalls = Syscalls::probe(apps.proc.pid(), dir.path(), options.quick);
     eprintln!(
         "hbone bench: {} run(s) of {} ms per workload, {} idle tunnels, entry {}, build {}; {}",
@@ -68,6 +69,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         apps,
         split,
         joined,
+        per_core,
         results: Results::default(),
         isolation: Isolation::default(),
         isolation_notes: Vec::new(),
@@ -108,6 +110,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     let mut watched = vec![&bench.apps.proc];
     watched.extend(&bench.split.procs);
     watched.extend(&bench.joined.procs);
+    watched.extend(&bench.per_core.procs);
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
     let verdicts = targets::judge(
@@ -195,6 +198,8 @@ struct Bench<'a> {
     split: Proxies,
     /// The same in one `hbone run` process.
     joined: Proxies,
+    /// The same under `--runtime per-core`.
+    per_core: Proxies,
     results: Results,
     /// The isolation workload's figures, and how they were measured where
     /// that differs from the usual.
@@ -218,7 +223,7 @@ struct Bench<'a> {
 
 /// The topologies every main workload runs through, in this order after
 /// its direct run.
-const COMPARED: [Topology; 2] = [Topology::Split, Topology::Joined];
+const COMPARED: [Topology; 3] = [Topology::Split, Topology::Joined, Topology::JoinedPerCore];
 /// The longest extra run that counts the syscall mix: counts per unit
 /// need no more.
 const MIX_DURATION: Duration = Duration::from_secs(1);
@@ -227,6 +232,7 @@ impl Bench<'_> {
     fn proxies(&self, topology: Topology) -> &Proxies {
         match topology {
             Topology::Joined => &self.joined,
+            Topology::JoinedPerCore => &self.per_core,
             Topology::Split | Topology::Gateway => &self.split,
         }
     }
@@ -429,14 +435,11 @@ impl Bench<'_> {
         for run in 1..=self.options.runs {
             for topology in COMPARED {
                 let n = match topology {
-                    Topology::Joined => self.joined_tunnels,
-                    _ => self.options.tunnels,
+                    Topology::Joined | Topology::JoinedPerCore => self.joined_tunnels,
+                    Topology::Split | Topology::Gateway => self.options.tunnels,
                 };
                 let limit = RESULT_GRACE * 2 + Duration::from_millis(10) * n;
-                let mut proxies = match topology {
-                    Topology::Joined => Proxies::start_joined(&specs, &self.pki, &self.dir, flags)?,
-                    _ => Proxies::start_split(&specs, &self.pki, flags)?,
-                };
+                let mut proxies = Proxies::start(topology, &specs, &self.pki, &self.dir, flags)?;
                 let pids = proxies.pids();
                 std::thread::sleep(self.options.settle);
                 let before = rss_kib(&pids)?;
@@ -460,8 +463,10 @@ impl Bench<'_> {
                 self.results
                     .tunnel(Metric::KbPerTunnel, topology, per_tunnel);
                 let growth = match topology {
-                    Topology::Joined => format!("process +{:.1} MiB", grown[0] / 1024.0),
-                    _ => format!(
+                    Topology::Joined | Topology::JoinedPerCore => {
+                        format!("process +{:.1} MiB", grown[0] / 1024.0)
+                    }
+                    Topology::Split | Topology::Gateway => format!(
                         "server +{:.1} MiB, entry +{:.1} MiB",
                         grown[0] / 1024.0,
                         grown[1] / 1024.0
@@ -553,7 +558,8 @@ impl Bench<'_> {
         let pids = self.proxies(topology).pids();
         let side = match topology {
             Topology::Joined => "through hbone, one process",
-            _ => TUNNEL,
+            Topology::JoinedPerCore => "through hbone, one process, per-core",
+            Topology::Split | Topology::Gateway => TUNNEL,
         };
         let meter = Meter::start(&pids, &mut self.syscalls, false, &self.dir)
             .map_err(|e| runner::explain(e, &mut self.watched()))?;
@@ -583,6 +589,7 @@ impl Bench<'_> {
         let mut watched: Vec<&mut Proc> = vec![&mut self.apps.proc];
         watched.extend(self.split.procs.iter_mut());
         watched.extend(self.joined.procs.iter_mut());
+        watched.extend(self.per_core.procs.iter_mut());
         watched
     }
 

@@ -55,15 +55,19 @@ const ISOLATION_BULK: &str = "4 bulk streams beside req/resp (Gbit/s)";
 const ISOLATION_KEPT: &str = "4 bulk streams beside req/resp, % of alone";
 
 /// The per-unit table's rows: work, unit and processes.
-const PER_UNIT: [(&str, &str, &str); 12] = [
+const PER_UNIT: [(&str, &str, &str); 17] = [
     ("bulk, 1 stream", "MB", "2 processes"),
     ("bulk, 1 stream", "MB", "1 process"),
+    ("bulk, 1 stream", "MB", "1 process, per-core"),
     ("bulk, 8 streams", "MB", "2 processes"),
     ("bulk, 8 streams", "MB", "1 process"),
+    ("bulk, 8 streams", "MB", "1 process, per-core"),
     ("1 KiB req/resp", "request", "2 processes"),
     ("1 KiB req/resp", "request", "1 process"),
+    ("1 KiB req/resp", "request", "1 process, per-core"),
     ("new conn + 1-byte echo", "tunnel", "2 processes"),
     ("new conn + 1-byte echo", "tunnel", "1 process"),
+    ("new conn + 1-byte echo", "tunnel", "1 process, per-core"),
     (
         "new conn, mTLS handshake each (no pool)",
         "tunnel",
@@ -73,6 +77,11 @@ const PER_UNIT: [(&str, &str, &str); 12] = [
         "new conn, mTLS handshake each (no pool)",
         "tunnel",
         "1 process",
+    ),
+    (
+        "new conn, mTLS handshake each (no pool)",
+        "tunnel",
+        "1 process, per-core",
     ),
     ("double HBONE, inner pooled", "tunnel", "3 processes"),
     ("double HBONE, fresh inner each", "tunnel", "3 processes"),
@@ -136,10 +145,11 @@ fn row<'a>(table: &'a str, label: &str) -> Vec<&'a str> {
     cells[1..cells.len() - 1].to_vec()
 }
 
-/// The (direct, 2 processes, 1 process) cells of the results row `label`.
-fn cells<'a>(table: &'a str, label: &str) -> (&'a str, &'a str, &'a str) {
+/// The (direct, 2 processes, 1 process, 1 process per-core) cells of the
+/// results row `label`.
+fn cells<'a>(table: &'a str, label: &str) -> (&'a str, &'a str, &'a str, &'a str) {
     let cells = row(table, label);
-    (cells[1], cells[2], cells[4])
+    (cells[1], cells[2], cells[4], cells[6])
 }
 
 /// The rows of the per-unit table, from its heading to the blank line.
@@ -183,19 +193,32 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
     let markdown = dir.path().join("bench.md");
     let table = run_bench(&["bench", "--quick", "--write", markdown.to_str().unwrap()]);
     for label in COMPARED {
-        let (direct, tunnel, joined) = cells(&table, label);
+        let (direct, tunnel, joined, per_core) = cells(&table, label);
         assert_positive(&table, label, direct, "direct");
         assert_positive(&table, label, tunnel, "through hbone");
         assert_positive(&table, label, joined, "through hbone, one process");
+        assert_positive(
+            &table,
+            label,
+            per_core,
+            "through hbone, one process per-core",
+        );
     }
     for label in TUNNEL_ONLY {
-        let (direct, tunnel, joined) = cells(&table, label);
+        let (direct, tunnel, joined, per_core) = cells(&table, label);
         assert_eq!(direct, "n/a", "{label} has no direct figure");
         assert_positive(&table, label, tunnel, "through hbone");
         if NOT_IN_ONE_PROCESS.contains(&label) {
             assert_eq!(joined, "n/a", "{label} is not run in one process");
+            assert_eq!(per_core, "n/a", "{label} is not run in one process");
         } else {
             assert_positive(&table, label, joined, "through hbone, one process");
+            assert_positive(
+                &table,
+                label,
+                per_core,
+                "through hbone, one process per-core",
+            );
         }
     }
 
@@ -209,19 +232,21 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
     );
     for label in ISOLATION_REQ_RESP.into_iter().chain([ISOLATION_BULK]) {
         let cells = row(&table, label);
-        assert_eq!(cells.len(), 4, "{label}: {cells:?}");
-        for (cell, side) in cells[1..]
-            .iter()
-            .zip(["direct", "2 processes", "1 process"])
+        assert_eq!(cells.len(), 5, "{label}: {cells:?}");
+        for (cell, side) in
+            cells[1..]
+                .iter()
+                .zip(["direct", "2 processes", "1 process", "1 process, per-core"])
         {
             assert_positive(&table, label, cell, side);
         }
     }
-    for (cell, side) in
-        row(&table, ISOLATION_KEPT)[1..]
-            .iter()
-            .zip(["direct", "2 processes", "1 process"])
-    {
+    for (cell, side) in row(&table, ISOLATION_KEPT)[1..].iter().zip([
+        "direct",
+        "2 processes",
+        "1 process",
+        "1 process, per-core",
+    ]) {
         // A ratio of two half-second runs on a shared machine: any
         // positive figure is possible (a load spike during the run alone
         // gave 318 %), so only its presence and sign are checked.

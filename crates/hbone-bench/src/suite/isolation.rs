@@ -45,6 +45,7 @@ const SETTLE_QUICK: Duration = Duration::from_millis(200);
 struct Dedicated {
     split: Proxies,
     joined: Proxies,
+    per_core: Proxies,
 }
 
 impl Dedicated {
@@ -53,6 +54,7 @@ impl Dedicated {
             .procs
             .iter_mut()
             .chain(self.joined.procs.iter_mut())
+            .chain(self.per_core.procs.iter_mut())
     }
 
     /// The routes to the echo app and to the sink, direct (`None`) or
@@ -62,7 +64,8 @@ impl Dedicated {
         let proxies = match side {
             None => return Ok((Route::direct(echo), Route::direct(sink))),
             Some(Topology::Joined) => &self.joined,
-            Some(_) => &self.split,
+            Some(Topology::JoinedPerCore) => &self.per_core,
+            Some(Topology::Split | Topology::Gateway) => &self.split,
         };
         Ok((
             proxies.entry_for(echo)?.route(echo),
@@ -81,7 +84,12 @@ struct Pair {
 }
 
 /// Direct, then through hbone in each topology.
-const SIDES: [Option<Topology>; 3] = [None, Some(COMPARED[0]), Some(COMPARED[1])];
+const SIDES: [Option<Topology>; 4] = [
+    None,
+    Some(COMPARED[0]),
+    Some(COMPARED[1]),
+    Some(COMPARED[2]),
+];
 
 /// What a progress line reports on.
 fn what(bulk: u32) -> String {
@@ -105,6 +113,7 @@ impl Bench<'_> {
         let mut dedicated = Dedicated {
             split: Proxies::start_split(&specs, &self.pki, flags)?,
             joined: Proxies::start_joined(&specs, &self.pki, &self.dir, flags)?,
+            per_core: Proxies::start(Topology::JoinedPerCore, &specs, &self.pki, &self.dir, flags)?,
         };
         let beside: &[u32] = if self.options.quick {
             self.isolation_notes.push(format!(
