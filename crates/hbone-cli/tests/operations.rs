@@ -297,6 +297,38 @@ async fn setup() -> Setup {
     }
 }
 
+/// Identities in `dir`, an echo app, and `dir/hbone.toml` for `hbone run`:
+/// the top-level keys `head`, a `[server]` on a free port with the
+/// identity in `server/` and the keys `server_keys`, and a `[[forward]]`
+/// to the echo app through it. Returns the file, the echo app and the
+/// server's address.
+async fn write_run_file(
+    dir: &Path,
+    head: &str,
+    server_keys: &str,
+) -> (std::path::PathBuf, SocketAddr, SocketAddr) {
+    make_pki(dir).await;
+    let echo = start_echo().await;
+    let server_port = closed_port().await;
+    let config = dir.join("hbone.toml");
+    let text = format!(
+        r#"{head}
+[server]
+identity-dir = "server"
+listen = "{server_port}"
+{server_keys}
+[[forward]]
+identity-dir = "client"
+listen = "127.0.0.1:0"
+server = "{server_port}"
+server-id = ["{SERVER_ID}"]
+target = "{echo}"
+"#
+    );
+    std::fs::write(&config, text).unwrap();
+    (config, echo, server_port)
+}
+
 /// Success (4 bytes each way), denied by policy, unreachable target.
 async fn known_sequence(entry: SocketAddr, echo: SocketAddr) -> SocketAddr {
     let (reply, mut tunnel) = socks5(entry, echo).await;
@@ -644,33 +676,13 @@ async fn admin_endpoints_and_readiness_during_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_from_a_config_file_with_flags_over_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path()).await;
-    let echo = start_echo().await;
-    let server_port = closed_port().await;
-    let config = dir.path().join("hbone.toml");
     // Relative identity paths: relative to the file, not to our cwd.
-    std::fs::write(
-        &config,
-        format!(
-            r#"log-format = "text"
-admin = "127.0.0.1:0"
-
-[server]
-identity-dir = "server"
-listen = "{server_port}"
-drain-timeout = "7s"
-max-tunnels = 50
-
-[[forward]]
-identity-dir = "client"
-listen = "127.0.0.1:0"
-server = "{server_port}"
-server-id = ["{SERVER_ID}"]
-target = "{echo}"
-"#
-        ),
+    let (config, echo, _server) = write_run_file(
+        dir.path(),
+        "log-format = \"text\"\nadmin = \"127.0.0.1:0\"\n",
+        "drain-timeout = \"7s\"\nmax-tunnels = 50\n",
     )
-    .unwrap();
+    .await;
     let config = config.to_str().unwrap();
     // Process::start adds --log-format json: it must beat the file's text.
     let mut run = Process::start(&["run", "--config", config], 3).await;
@@ -1614,31 +1626,12 @@ async fn the_admin_endpoint_warns_when_it_is_not_on_loopback() {
 async fn run_per_core_serves_a_server_and_an_entry_on_its_workers() {
     const CONNECTIONS: usize = 8;
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path()).await;
-    let echo = start_echo().await;
-    let server_port = closed_port().await;
-    let config = dir.path().join("hbone.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"runtime = "per-core"
-threads = 2
-admin = "off"
-
-[server]
-identity-dir = "server"
-listen = "{server_port}"
-
-[[forward]]
-identity-dir = "client"
-listen = "127.0.0.1:0"
-server = "{server_port}"
-server-id = ["{SERVER_ID}"]
-target = "{echo}"
-"#
-        ),
+    let (config, _echo, server_port) = write_run_file(
+        dir.path(),
+        "runtime = \"per-core\"\nthreads = 2\nadmin = \"off\"\n",
+        "",
     )
-    .unwrap();
+    .await;
     let run = Process::start(&["run", "--config", config.to_str().unwrap()], 2).await;
     let forward = run.address("forward ready");
     let pid = run.child.id().unwrap();

@@ -233,6 +233,15 @@ async fn forward_on_workers(
     (threads.all().into_iter().collect(), pooled)
 }
 
+fn assert_each_worker_served_on_a_connection_of_its_own(names: &BTreeSet<String>, pooled: usize) {
+    assert_eq!(
+        *names,
+        both_workers(),
+        "every tunnel on a worker, both serving"
+    );
+    assert_eq!(pooled, 2, "pooled connections: one per worker");
+}
+
 /// A listener bound with `Workers::bind_listener`: every worker accepts
 /// on a listener of its own (two sockets listen on the port while the
 /// entry runs), every tunnel runs on a worker, and each worker keeps a
@@ -262,12 +271,7 @@ async fn per_core_entry_gives_each_worker_a_listener_and_a_connection() {
         2,
         "listening sockets on the entry's port"
     );
-    assert_eq!(
-        names,
-        both_workers(),
-        "every tunnel on a worker, both serving"
-    );
-    assert_eq!(pooled, 2, "pooled connections: one per worker");
+    assert_each_worker_served_on_a_connection_of_its_own(&names, pooled);
     workers.shutdown();
 }
 
@@ -279,11 +283,6 @@ async fn per_core_entry_hands_connections_to_the_workers_in_turn() {
     let workers = Workers::start(2).unwrap();
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let (names, pooled) = forward_on_workers(&pki, &workers, listener, 4).await;
-    assert_eq!(
-        names,
-        both_workers(),
-        "every tunnel on a worker, both serving"
-    );
-    assert_eq!(pooled, 2, "pooled connections: one per worker");
+    assert_each_worker_served_on_a_connection_of_its_own(&names, pooled);
     workers.shutdown();
 }
