@@ -16,22 +16,81 @@ use hbone::entry::{Destination, forward};
 use hbone::{Dialer, DialerConfig, Server, ServerConfig, Workers};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The name of the thread each tunnel record was written on: the
-/// server writes it inline, on the thread running the tunnel.
+/// The name of the thread each tunnel record was written on, with the
+/// tunnel's trace id: servers and entries write it inline, on the thread
+/// running the tunnel.
 #[derive(Default)]
-struct Threads(Mutex<Vec<String>>);
+struct Threads(Mutex<Vec<(String, String)>>);
 
 impl AccessLog for Threads {
-    fn record(&self, _: &TunnelRecord) {
+    fn record(&self, record: &TunnelRecord) {
         let name = std::thread::current().name().unwrap_or("").to_owned();
-        self.0.lock().unwrap().push(name);
+        let trace = record.trace.map(|t| t.to_string()).unwrap_or_default();
+        self.0.lock().unwrap().push((trace, name));
     }
 }
 
 impl Threads {
     fn all(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
+        let records = self.0.lock().unwrap();
+        records.iter().map(|(_, name)| name.clone()).collect()
     }
+
+    fn by_trace(&self) -> std::collections::BTreeMap<String, String> {
+        self.0.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+/// The first two CPUs this process may use: the workers are pinned to
+/// them, worker 0 to the first.
+fn two_cpus() -> [usize; 2] {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills
+    // it for this thread and reads nothing else.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        assert_eq!(libc::sched_getaffinity(0, size, &mut set), 0);
+        set
+    };
+    // SAFETY: CPU_ISSET reads the set within its size.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect();
+    assert!(
+        cpus.len() >= 2,
+        "the per-core tests need two CPUs, and this process may use {cpus:?}"
+    );
+    [cpus[0], cpus[1]]
+}
+
+/// Runs `work` in a runtime of its own on a thread pinned to `cpu`, so
+/// that the connections it opens come from that CPU, and returns what it
+/// returns.
+async fn from_cpu<W, F, T>(cpu: usize, work: W) -> T
+where
+    W: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let pinned = move || {
+        // SAFETY: an empty set with one CPU added, for this thread only.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            let size = std::mem::size_of::<libc::cpu_set_t>();
+            assert_eq!(
+                libc::sched_setaffinity(0, size, &set),
+                0,
+                "pinning to CPU {cpu}"
+            );
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work())
+    };
+    tokio::task::spawn_blocking(pinned).await.unwrap()
 }
 
 /// Opens `count` tunnels, each on a connection of its own, checks their
@@ -43,17 +102,28 @@ async fn names_of_serving_threads(
     count: usize,
 ) -> BTreeSet<String> {
     let echo = start_echo().await;
+    open_tunnels(pki, server, echo, 0..count).await;
+    eventually("a record for each tunnel", || threads.all().len() == count).await;
+    threads.all().into_iter().collect()
+}
+
+/// Opens a tunnel for each of `seeds` to `echo` through `server`, each on
+/// a connection of its own, and checks its echo.
+async fn open_tunnels(
+    pki: &Pki,
+    server: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+    seeds: std::ops::Range<usize>,
+) {
     let dialer =
         Dialer::with_config(&pki.client, DialerConfig::default().with_pooling(false)).unwrap();
     let ids = std::slice::from_ref(&pki.server_id);
-    for seed in 0..count {
+    for seed in seeds {
         let tunnel = dialer.connect(server, ids, echo).await.unwrap();
         let data = payload(seed as u64, 100_000);
         let back = echo_roundtrip(tunnel, &data).await.unwrap();
         assert_eq!(sha256(&back), sha256(&data), "tunnel {seed}");
     }
-    eventually("a record for each tunnel", || threads.all().len() == count).await;
-    threads.all().into_iter().collect()
 }
 
 fn both_workers() -> BTreeSet<String> {
@@ -85,10 +155,13 @@ async fn per_core_connections_are_handed_to_the_workers_in_turn() {
 }
 
 /// A server that binds its own address gives each worker a listener of
-/// its own (SO_REUSEPORT, on Linux); the kernel spreads connections.
+/// its own (SO_REUSEPORT, on Linux), each worker pinned to a CPU and its
+/// listener steered to that CPU (SO_INCOMING_CPU): connections opened from
+/// a CPU are served by the worker pinned to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_core_connections_are_spread_over_the_workers() {
-    let pki = Pki::new();
+async fn per_core_connections_go_to_the_worker_on_their_cpu() {
+    let cpus = two_cpus();
+    let pki = Arc::new(Pki::new());
     let workers = Workers::start(2).unwrap();
     let threads = Arc::new(Threads::default());
     let server = start_server(
@@ -97,13 +170,25 @@ async fn per_core_connections_are_spread_over_the_workers() {
             .with_workers(workers.clone()),
     )
     .await;
-    // By source port hash: all 16 on one worker has odds of 2^-15.
-    let names = names_of_serving_threads(&pki, server.addr, &threads, 16).await;
-    assert_eq!(
-        names,
-        both_workers(),
-        "every tunnel on a worker, both serving"
-    );
+    let echo = start_echo().await;
+    for (index, cpu) in cpus.into_iter().enumerate() {
+        let (pki, server) = (pki.clone(), server.addr);
+        let seeds = 8 * index..8 * (index + 1);
+        from_cpu(cpu, move || async move {
+            open_tunnels(&pki, server, echo, seeds).await
+        })
+        .await;
+        eventually("a record for each tunnel", || {
+            threads.all().len() == 8 * (index + 1)
+        })
+        .await;
+        let served: BTreeSet<String> = threads.all()[8 * index..].iter().cloned().collect();
+        assert_eq!(
+            served,
+            BTreeSet::from([format!("hbone-worker-{index}")]),
+            "tunnels opened from CPU {cpu}"
+        );
+    }
     drop(server);
     workers.shutdown();
 }
@@ -188,25 +273,56 @@ async fn per_core_drain_waits_for_a_tunnel_on_a_worker() {
     workers.shutdown();
 }
 
-/// Runs a forward entry on `listener` with a dialer on `workers`, sends
-/// `count` connections through it one after another (each checked by
-/// its echo), and returns the threads that wrote the client records and
-/// the connections the dialer pooled.
+/// What a forward entry run showed while it ran.
+struct EntryRun {
+    /// The threads that wrote the client records.
+    names: BTreeSet<String>,
+    /// Connections the dialer pooled.
+    pooled: usize,
+    /// Sockets listening on the entry's port.
+    listening: usize,
+}
+
+/// Runs a forward entry on `listener` with a dialer on `workers` and
+/// sends `count` connections through it (see [`forward_to`]).
 async fn forward_on_workers(
     pki: &Pki,
     workers: &Workers,
     listener: tokio::net::TcpListener,
     count: usize,
-) -> (BTreeSet<String>, usize) {
+) -> EntryRun {
     let server = start_default_server(pki).await;
+    let threads = Arc::new(Threads::default());
+    let (pooled, listening) =
+        forward_to(pki, workers, listener, server.addr, &threads, count).await;
+    EntryRun {
+        names: threads.all().into_iter().collect(),
+        pooled,
+        listening,
+    }
+}
+
+/// Runs a forward entry on `listener` to the echo app through `server`,
+/// its records in `threads`, sends `count` connections through it one
+/// after another, from the first two CPUs in turn (each checked by its
+/// echo), and returns the connections the dialer pooled and the sockets
+/// listening on the entry's port, both counted before it stops.
+async fn forward_to(
+    pki: &Pki,
+    workers: &Workers,
+    listener: tokio::net::TcpListener,
+    server: std::net::SocketAddr,
+    threads: &Arc<Threads>,
+    count: usize,
+) -> (usize, usize) {
+    let cpus = two_cpus();
     let echo = start_echo().await;
     let dialer = Dialer::with_config(
         &pki.client,
         DialerConfig::default().with_workers(workers.clone()),
     )
     .unwrap();
-    let destination = Destination::direct(server.addr.into(), vec![pki.server_id.clone()], echo);
-    let threads = Arc::new(Threads::default());
+    let destination = Destination::direct(server.into(), vec![pki.server_id.clone()], echo);
     let entry = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(forward::serve(
@@ -219,27 +335,31 @@ async fn forward_on_workers(
         },
     ));
     for seed in 0..count {
-        let app = tokio::net::TcpStream::connect(entry).await.unwrap();
-        let data = payload(seed as u64, 50_000);
-        let back = echo_roundtrip(app, &data).await.unwrap();
-        assert_eq!(sha256(&back), sha256(&data), "connection {seed}");
+        let through_entry = move || async move {
+            let app = tokio::net::TcpStream::connect(entry).await.unwrap();
+            let data = payload(seed as u64, 50_000);
+            let back = echo_roundtrip(app, &data).await.unwrap();
+            assert_eq!(sha256(&back), sha256(&data), "connection {seed}");
+        };
+        from_cpu(cpus[seed % 2], through_entry).await;
     }
     eventually("a record for each tunnel", || threads.all().len() == count).await;
     let pooled = dialer.pooled_connections();
+    let listening = listening_sockets(entry.port());
     let _ = stop.send(());
     within(Duration::from_secs(10), "the entry stops", serving)
         .await
         .unwrap();
-    (threads.all().into_iter().collect(), pooled)
+    (pooled, listening)
 }
 
-fn assert_each_worker_served_on_a_connection_of_its_own(names: &BTreeSet<String>, pooled: usize) {
+fn assert_each_worker_served_on_a_connection_of_its_own(run: &EntryRun) {
     assert_eq!(
-        *names,
+        run.names,
         both_workers(),
         "every tunnel on a worker, both serving"
     );
-    assert_eq!(pooled, 2, "pooled connections: one per worker");
+    assert_eq!(run.pooled, 2, "pooled connections: one per worker");
 }
 
 /// A listener bound with `Workers::bind_listener`: every worker accepts
@@ -253,25 +373,10 @@ async fn per_core_entry_gives_each_worker_a_listener_and_a_connection() {
     let listener = workers.bind_listener(loopback()).unwrap();
     let port = listener.local_addr().unwrap().port();
     assert_eq!(listening_sockets(port), 1, "before the entry runs");
-    let watch_port = tokio::spawn(async move {
-        let mut most = 0;
-        for _ in 0..200 {
-            most = most.max(listening_sockets(port));
-            if most >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        most
-    });
-    // By source port hash: all 16 on one worker has odds of 2^-15.
-    let (names, pooled) = forward_on_workers(&pki, &workers, listener, 16).await;
-    assert_eq!(
-        watch_port.await.unwrap(),
-        2,
-        "listening sockets on the entry's port"
-    );
-    assert_each_worker_served_on_a_connection_of_its_own(&names, pooled);
+    // From both CPUs in turn: each worker accepts the ones from its own.
+    let run = forward_on_workers(&pki, &workers, listener, 16).await;
+    assert_eq!(run.listening, 2, "sockets listening on the entry's port");
+    assert_each_worker_served_on_a_connection_of_its_own(&run);
     workers.shutdown();
 }
 
@@ -282,7 +387,44 @@ async fn per_core_entry_hands_connections_to_the_workers_in_turn() {
     let pki = Pki::new();
     let workers = Workers::start(2).unwrap();
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let (names, pooled) = forward_on_workers(&pki, &workers, listener, 4).await;
-    assert_each_worker_served_on_a_connection_of_its_own(&names, pooled);
+    let run = forward_on_workers(&pki, &workers, listener, 4).await;
+    assert_eq!(run.listening, 1, "sockets listening on the entry's port");
+    assert_each_worker_served_on_a_connection_of_its_own(&run);
+    workers.shutdown();
+}
+
+/// The server and an entry in one process on the same two workers: a
+/// connection is accepted by the worker on the CPU it came from, and on
+/// loopback that is the CPU of the thread that connected, so the worker
+/// that runs a tunnel's entry side also serves the connection it dials.
+/// Both records of every tunnel, matched by the trace id they share, name
+/// the same worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_tunnel_ends_in_one_process_share_a_worker() {
+    let pki = Pki::new();
+    let workers = Workers::start(2).unwrap();
+    let on_server = Arc::new(Threads::default());
+    let server = start_server(
+        ServerConfig::new(loopback(), pki.server.clone())
+            .with_access_log(on_server.clone())
+            .with_workers(workers.clone()),
+    )
+    .await;
+    let on_entry = Arc::new(Threads::default());
+    let listener = workers.bind_listener(loopback()).unwrap();
+    forward_to(&pki, &workers, listener, server.addr, &on_entry, 16).await;
+    eventually("a server record for each tunnel", || {
+        on_server.all().len() == 16
+    })
+    .await;
+    let (entry_side, server_side) = (on_entry.by_trace(), on_server.by_trace());
+    assert_eq!(entry_side.len(), 16, "distinct traces: {entry_side:?}");
+    let workers_used: BTreeSet<&String> = entry_side.values().collect();
+    assert_eq!(workers_used.len(), 2, "both workers: {entry_side:?}");
+    assert_eq!(
+        entry_side, server_side,
+        "the worker of each tunnel's two ends"
+    );
+    drop(server);
     workers.shutdown();
 }

@@ -3,15 +3,27 @@
 //! accepts its own and no accepted socket is handed between threads.
 //! Servers bind such a group themselves; entries add to a listener bound
 //! with [`crate::Workers::bind_listener`].
+//!
+//! Each socket asks for the connections whose packets arrive on the CPU
+//! its worker is pinned to (SO_INCOMING_CPU, honoured within a group since
+//! Linux 6.1): on loopback that is the CPU of the thread that connected,
+//! so a worker dialling its own process's server is served by itself.
+//! Set before `listen`, so that no connection is spread by the hash alone
+//! while the group forms.
 
 use std::io;
 use std::net::SocketAddr;
 
-/// `count` non-blocking listeners on `addr`, not yet registered with any
-/// runtime; with port 0 the others take the port the first was given.
-/// Only sockets of the same user can join the group (Linux's rule).
+use crate::workers::Workers;
+
+/// Listeners on `addr` for workers `first..first + count` of `workers`,
+/// non-blocking and not yet registered with any runtime; with port 0 the
+/// others take the port the first was given. Only sockets of the same user
+/// can join the group (Linux's rule).
 pub(crate) fn bind_reuseport(
     addr: SocketAddr,
+    workers: &Workers,
+    first: usize,
     count: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
@@ -19,11 +31,15 @@ pub(crate) fn bind_reuseport(
     const BACKLOG: i32 = 1024;
     let mut listeners = Vec::with_capacity(count);
     let mut at = addr;
-    for _ in 0..count {
+    for index in first..first + count {
         let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
+        if let Some(cpu) = workers.cpu(index) {
+            // Best effort: without it the group's hash decides.
+            let _ = socket.set_cpu_affinity(cpu);
+        }
         socket.bind(&at.into())?;
         socket.listen(BACKLOG)?;
         let listener = std::net::TcpListener::from(socket);
@@ -33,14 +49,15 @@ pub(crate) fn bind_reuseport(
     Ok(listeners)
 }
 
-/// `count - 1` more listeners in `listener`'s SO_REUSEPORT group, one for
-/// each other worker. `None` when it is not in a group (bound without
-/// SO_REUSEPORT) or the group cannot grow: the caller then hands accepted
-/// sockets over instead.
+/// More listeners in `listener`'s SO_REUSEPORT group, one for each worker
+/// but the first (whose `listener` is). `None` when it is not in a group
+/// (bound without SO_REUSEPORT) or the group cannot grow: the caller then
+/// hands accepted sockets over instead.
 pub(crate) fn siblings(
     listener: &tokio::net::TcpListener,
-    count: usize,
+    workers: &Workers,
 ) -> Option<Vec<std::net::TcpListener>> {
+    let count = workers.count();
     let reuses_port = socket2::SockRef::from(listener)
         .reuse_port()
         .unwrap_or(false);
@@ -49,7 +66,7 @@ pub(crate) fn siblings(
     }
     let grown = listener
         .local_addr()
-        .and_then(|addr| bind_reuseport(addr, count - 1));
+        .and_then(|addr| bind_reuseport(addr, workers, 1, count - 1));
     grown
         .inspect_err(|e| {
             tracing::warn!(error = %e, "cannot give each worker a listener; handing connections over instead")

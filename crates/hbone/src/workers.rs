@@ -3,7 +3,9 @@
 //! keeps everything it spawns (its HTTP/2 driver, tunnels, target dials,
 //! relays) on that thread. A tunnel's relay and its connection then wake
 //! each other without crossing threads, which a work-stealing runtime
-//! cannot promise.
+//! cannot promise. On Linux each worker is pinned to one of the CPUs the
+//! process may use, and the listeners bound for it ask for the connections
+//! that arrive on that CPU (SO_INCOMING_CPU).
 //!
 //! Give a [`Workers`] to a server with
 //! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers), and
@@ -31,6 +33,8 @@ pub struct Workers {
 
 struct Inner {
     handles: Vec<Handle>,
+    /// The CPU each worker is pinned to, where it could be.
+    cpus: Vec<Option<usize>>,
     /// The next worker [`Workers::spawn`] picks.
     next: AtomicUsize,
     /// Flips to true to stop every worker.
@@ -63,8 +67,11 @@ impl Workers {
     pub fn start(count: usize) -> io::Result<Workers> {
         let (stop, _) = watch::channel(false);
         let mut handles = Vec::new();
+        let mut cpus = Vec::new();
         let mut threads = Vec::new();
+        let allowed = allowed_cpus();
         for index in 0..count.max(1) {
+            let cpu = (!allowed.is_empty()).then(|| allowed[index % allowed.len()]);
             let (ready, started) = std::sync::mpsc::channel();
             let mut stopped = stop.subscribe();
             let thread = std::thread::Builder::new()
@@ -72,6 +79,7 @@ impl Workers {
                 .spawn(move || {
                     WORKER_ID
                         .with(|id| id.set(Some(NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed))));
+                    let pinned = cpu.filter(|&cpu| pin_to(cpu));
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -82,22 +90,24 @@ impl Workers {
                             return;
                         }
                     };
-                    let _ = ready.send(Ok(runtime.handle().clone()));
+                    let _ = ready.send(Ok((runtime.handle().clone(), pinned)));
                     // Tasks spawned here run only while this is polled.
                     runtime.block_on(async {
                         let _ = stopped.wait_for(|stop| *stop).await;
                     });
                     runtime.shutdown_timeout(BLOCKING_GRACE);
                 })?;
-            let handle = started
+            let (handle, pinned) = started
                 .recv()
                 .map_err(|_| io::Error::other("a worker thread ended before starting"))??;
             handles.push(handle);
+            cpus.push(pinned);
             threads.push(thread);
         }
         Ok(Workers {
             inner: Arc::new(Inner {
                 handles,
+                cpus,
                 next: AtomicUsize::new(0),
                 stop,
                 threads: Mutex::new(threads),
@@ -121,12 +131,17 @@ impl Workers {
     pub fn bind_listener(&self, addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {
         #[cfg(target_os = "linux")]
         if self.count() > 1 {
-            let mut bound = crate::listeners::bind_reuseport(addr, 1)?;
+            let mut bound = crate::listeners::bind_reuseport(addr, self, 0, 1)?;
             return tokio::net::TcpListener::from_std(bound.remove(0));
         }
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(listener)
+    }
+
+    /// The CPU worker `index` (modulo the count) is pinned to, if any.
+    pub(crate) fn cpu(&self, index: usize) -> Option<usize> {
+        self.inner.cpus[index % self.inner.cpus.len()]
     }
 
     /// Worker `index`'s runtime (modulo the count).
@@ -154,6 +169,35 @@ impl Workers {
         for thread in threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// The CPUs this process may run on, in order (Linux); none elsewhere or
+/// when they cannot be read, and then the workers are not pinned.
+fn allowed_cpus() -> Vec<usize> {
+    #[cfg(target_os = "linux")]
+    if let Ok(set) = rustix::thread::sched_getaffinity(None) {
+        return (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&cpu| set.is_set(cpu))
+            .collect();
+    }
+    Vec::new()
+}
+
+/// Pins the calling thread to `cpu`: a worker then stays where the
+/// connections steered to it (SO_INCOMING_CPU) arrive. False if it could
+/// not be.
+fn pin_to(cpu: usize) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let mut set = rustix::thread::CpuSet::new();
+        set.set(cpu);
+        rustix::thread::sched_setaffinity(None, &set).is_ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = cpu;
+        false
     }
 }
 

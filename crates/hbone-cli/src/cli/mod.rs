@@ -60,8 +60,9 @@ pub(super) struct RuntimeArgs {
     /// runtime whose threads take tasks from each other, or `per-core`,
     /// where each connection a server, gateway or entry accepts stays, with
     /// its tunnels and the pooled connections they ride, on one
-    /// single-threaded worker (no cross-thread wake-ups; the control plane
-    /// keeps a runtime of its own).
+    /// single-threaded worker pinned to a CPU, which accepts the
+    /// connections arriving on that CPU (no cross-thread wake-ups; the
+    /// control plane keeps a runtime of its own).
     #[arg(long, value_enum, value_name = "KIND", default_value_t = RuntimeKind::WorkStealing, help_heading = GLOBAL_OPTIONS)]
     runtime: RuntimeKind,
 }

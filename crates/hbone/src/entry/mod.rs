@@ -70,7 +70,7 @@ pub(crate) async fn accept_until<S, F, T>(
     };
     #[cfg(target_os = "linux")]
     if let Some(workers) = workers
-        && let Some(siblings) = crate::listeners::siblings(&listener, workers.count())
+        && let Some(siblings) = crate::listeners::siblings(&listener, workers)
     {
         let listeners = std::iter::once(listener.into_std()).chain(siblings.into_iter().map(Ok));
         let mut loops = tokio::task::JoinSet::new();

@@ -310,11 +310,12 @@ impl Server {
             source,
         };
         #[cfg(target_os = "linux")]
-        if let Some(count) = config.workers.as_ref().map(Workers::count)
-            && count > 1
+        if let Some(workers) = &config.workers
+            && workers.count() > 1
         {
             let mut listeners =
-                crate::listeners::bind_reuseport(config.listen, count).map_err(bind_error)?;
+                crate::listeners::bind_reuseport(config.listen, workers, 0, workers.count())
+                    .map_err(bind_error)?;
             let first = TcpListener::from_std(listeners.remove(0)).map_err(bind_error)?;
             let mut server = Self::serve_on(first, tls, config)?;
             server.spares = listeners;
