@@ -127,7 +127,10 @@ async fn half_close_from_the_client() {
 }
 
 /// The mirror case: the target sends everything and half-closes first; the
-/// client reads to EOF and only then sends its reply, which still arrives.
+/// client reads to EOF and only then sends its reply, which still arrives,
+/// followed by a clean EOF: the server, whose reads from the target had
+/// ended, closes the socket without a shutdown of its own, and the close
+/// must send a FIN, not a reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_from_the_target() {
     let pki = Pki::new();
@@ -281,4 +284,93 @@ async fn a_listener_bound_beforehand_is_served() {
         Ok(_) => panic!("a tunnel to the server's own listener was let in"),
     }
     running.abort();
+}
+
+/// This process's connected TCP sockets: local and peer address, and
+/// whether TCP_NODELAY is set.
+fn connected_sockets() -> Vec<(std::net::SocketAddr, std::net::SocketAddr, bool)> {
+    use std::os::fd::FromRawFd;
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap();
+    fds.filter_map(|entry| {
+        let fd = entry
+            .ok()?
+            .file_name()
+            .to_string_lossy()
+            .parse::<i32>()
+            .ok()?;
+        // SAFETY: the socket is only looked at, never closed (ManuallyDrop);
+        // a descriptor that is not a connected socket fails the calls.
+        let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+        let (local, peer) = (socket.local_addr().ok()?, socket.peer_addr().ok()?);
+        Some((local, peer, socket.nodelay().ok()?))
+    })
+    .collect()
+}
+
+/// Whether this process's socket from `local` to `peer` has TCP_NODELAY.
+fn nodelay_of(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<bool> {
+    let sockets = connected_sockets().into_iter();
+    sockets
+        .filter(|&(l, p, _)| (l, p) == (local, peer))
+        .map(|(_, _, nodelay)| nodelay)
+        .next()
+}
+
+/// Sockets accepted by an entry and by the server have TCP_NODELAY (on
+/// Linux inherited from their listener, with no call of their own), so
+/// their small writes go out at once instead of waiting for an ACK; so
+/// does one whose handshake completed before the entry ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_sockets_have_nodelay() {
+    use hbone::entry::{Destination, forward};
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::new(&pki.client).unwrap();
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let entry = listener.local_addr().unwrap();
+    let destination = Destination::direct(server.addr.into(), vec![pki.server_id.clone()], echo);
+    // Queued before the entry runs: accepted before its listener has it.
+    let early = tokio::net::TcpStream::connect(entry).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(forward::serve(
+        listener,
+        dialer.clone(),
+        destination,
+        std::sync::Arc::new(Records::default()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let late = tokio::net::TcpStream::connect(entry).await.unwrap();
+    for (mut app, which) in [(early, "queued before"), (late, "after")] {
+        app.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        app.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+        let accepted_by_entry = nodelay_of(entry, app.local_addr().unwrap());
+        assert_eq!(
+            accepted_by_entry,
+            Some(true),
+            "the entry's socket for a connection made {which} it ran"
+        );
+    }
+    // The dialer's one pooled connection, seen from the server's end.
+    let dialed: Vec<_> = connected_sockets()
+        .into_iter()
+        .filter(|&(_, peer, _)| peer == server.addr)
+        .map(|(local, _, _)| local)
+        .collect();
+    assert_eq!(dialed.len(), 1, "one connection to the server: {dialed:?}");
+    let accepted_by_server = nodelay_of(server.addr, dialed[0]);
+    assert_eq!(
+        accepted_by_server,
+        Some(true),
+        "the server's accepted socket"
+    );
+
+    let _ = stop.send(());
+    within(Duration::from_secs(10), "the entry stops", serving)
+        .await
+        .unwrap();
 }

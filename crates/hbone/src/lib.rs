@@ -101,7 +101,6 @@ pub mod identity;
 pub mod istio_ca;
 pub mod keepalive;
 pub mod lifecycle;
-#[cfg(target_os = "linux")]
 mod listeners;
 pub mod metrics;
 mod phased;

@@ -10,16 +10,90 @@
 //! so a worker dialling its own process's server is served by itself.
 //! Set before `listen`, so that no connection is spread by the hash alone
 //! while the group forms.
+//!
+//! And every accept loop's listener ([`NodelayListener`]): TCP_NODELAY set
+//! on the listening socket, for the sockets it accepts to inherit.
 
+#[cfg(target_os = "linux")]
 use std::io;
+#[cfg(target_os = "linux")]
 use std::net::SocketAddr;
 
+#[cfg(target_os = "linux")]
 use crate::workers::Workers;
+
+/// A listener whose accepted sockets have TCP_NODELAY. On Linux it is set
+/// once, on the listener, and every socket accepted later inherits it: one
+/// `setsockopt` per listener instead of one per connection. Connections
+/// whose handshake completed before that are queued without it; they are
+/// taken at once and given it one by one.
+pub(crate) struct NodelayListener {
+    listener: tokio::net::TcpListener,
+    /// Accepted before the listener had TCP_NODELAY, given it since.
+    queued: std::collections::VecDeque<(std::net::TcpStream, std::net::SocketAddr)>,
+    /// Whether sockets accepted from now on have it without a call.
+    inherited: bool,
+}
+
+impl NodelayListener {
+    pub(crate) fn new(listener: tokio::net::TcpListener) -> Self {
+        let mut queued = std::collections::VecDeque::new();
+        let inherited = cfg!(target_os = "linux")
+            && socket2::SockRef::from(&listener)
+                .set_tcp_nodelay(true)
+                .is_ok()
+            && take_queued(&listener, &mut queued).is_ok();
+        NodelayListener {
+            listener,
+            queued,
+            inherited,
+        }
+    }
+
+    /// The next connection, as `TcpListener::accept` (and as cancel-safe:
+    /// a queued one is handed out within the first poll).
+    pub(crate) async fn accept(
+        &mut self,
+    ) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+        if let Some((tcp, peer)) = self.queued.pop_front() {
+            return tokio::net::TcpStream::from_std(tcp).map(|tcp| (tcp, peer));
+        }
+        let (tcp, peer) = self.listener.accept().await?;
+        if !self.inherited {
+            let _ = tcp.set_nodelay(true);
+        }
+        Ok((tcp, peer))
+    }
+}
+
+/// Takes every connection queued on `listener` now, each set non-blocking
+/// and given TCP_NODELAY; an error other than an empty queue leaves some
+/// maybe untaken.
+fn take_queued(
+    listener: &tokio::net::TcpListener,
+    into: &mut std::collections::VecDeque<(std::net::TcpStream, std::net::SocketAddr)>,
+) -> std::io::Result<()> {
+    let listening = socket2::SockRef::from(listener);
+    loop {
+        let (socket, peer) = match listening.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        let Some(peer) = peer.as_socket() else {
+            continue;
+        };
+        into.push_back((socket.into(), peer));
+    }
+}
 
 /// Listeners on `addr` for workers `first..first + count` of `workers`,
 /// non-blocking and not yet registered with any runtime; with port 0 the
 /// others take the port the first was given. Only sockets of the same user
 /// can join the group (Linux's rule).
+#[cfg(target_os = "linux")]
 pub(crate) fn bind_reuseport(
     addr: SocketAddr,
     workers: &Workers,
@@ -53,6 +127,7 @@ pub(crate) fn bind_reuseport(
 /// but the first (whose `listener` is). `None` when it is not in a group
 /// (bound without SO_REUSEPORT) or the group cannot grow: the caller then
 /// hands accepted sockets over instead.
+#[cfg(target_os = "linux")]
 pub(crate) fn siblings(
     listener: &tokio::net::TcpListener,
     workers: &Workers,

@@ -57,6 +57,14 @@ pub(crate) trait LocalStream: AsyncRead + AsyncWrite + Unpin {
 
     /// The relay failed: end the stream as abruptly as it allows.
     fn abort(&self) {}
+
+    /// Whether closing the stream after its reads reached EOF ends its
+    /// writes as a shutdown would. The relay, which closes it as soon as
+    /// both directions end, then skips the shutdown of the direction that
+    /// ends last.
+    fn close_ends_writes(&self) -> bool {
+        false
+    }
 }
 
 impl LocalStream for TcpStream {
@@ -68,6 +76,13 @@ impl LocalStream for TcpStream {
     /// tunnel's other end did.
     fn abort(&self) {
         let _ = self.set_zero_linger();
+    }
+
+    /// With nothing left unread, `close` sends the FIN that `shutdown`
+    /// would (no RST), after what is still queued: one system call fewer
+    /// per tunnel.
+    fn close_ends_writes(&self) -> bool {
+        true
     }
 }
 
@@ -225,7 +240,7 @@ impl<L: LocalStream, S: AsH2Stream + Unpin> Future for Relay<L, S> {
         let up = this.up.poll(cx, local, stream);
         let down = match up {
             Poll::Ready(Err(_)) => Poll::Pending,
-            _ => this.down.poll(cx, stream, local),
+            _ => this.down.poll(cx, stream, local, this.up.finished),
         };
         if let Some(bytes) = &this.bytes {
             bytes.add(this.up.bytes - before.0, this.down.bytes - before.1);
@@ -360,6 +375,7 @@ impl FromTunnel {
         cx: &mut Context<'_>,
         stream: &mut H2Stream,
         local: &mut impl LocalStream,
+        local_read_ended: bool,
     ) -> Poll<io::Result<()>> {
         loop {
             if self.finished {
@@ -391,7 +407,10 @@ impl FromTunnel {
             match chunk {
                 Some(chunk) => self.pending = chunk,
                 None => {
-                    ready!(Pin::new(&mut *local).poll_shutdown(cx))?;
+                    // Ending last, the relay closes the stream right after.
+                    if !(local_read_ended && local.close_ends_writes()) {
+                        ready!(Pin::new(&mut *local).poll_shutdown(cx))?;
+                    }
                     self.finished = true;
                 }
             }

@@ -117,6 +117,7 @@ where
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
         let entry = self.entry;
+        let mut listener = crate::listeners::NodelayListener::new(listener);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -127,15 +128,12 @@ where
                     drop(app);
                     self.refused.note(source);
                 }
-                Ok((app, source)) => {
-                    let _ = app.set_nodelay(true);
-                    match workers {
-                        None => {
-                            tokio::spawn(self.open.track((self.task)(app, source)));
-                        }
-                        Some(workers) => self.hand_over(workers, app, source),
+                Ok((app, source)) => match workers {
+                    None => {
+                        tokio::spawn(self.open.track((self.task)(app, source)));
                     }
-                }
+                    Some(workers) => self.hand_over(workers, app, source),
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin, and keep serving what is open.

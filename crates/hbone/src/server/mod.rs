@@ -525,6 +525,7 @@ impl Shared {
     /// Accepts on `listener` until a drain starts, then closes it.
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, workers: Option<&Workers>) {
         let mut draining = self.draining.subscribe();
+        let mut listener = crate::listeners::NodelayListener::new(listener);
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -594,7 +595,6 @@ impl Shared {
             .connections_accepted
             .fetch_add(1, Ordering::AcqRel);
         let _closed = CountOnDrop(&self.stats.connections_closed);
-        let _ = tcp.set_nodelay(true);
         // Where the connection arrived: services without an address of
         // their own are reached there, as ztunnel does.
         let arrived_on = tcp
