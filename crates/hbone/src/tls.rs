@@ -32,6 +32,12 @@ use rustls::{
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
 use crate::revocation::Revocation;
 
+/// The most TLS a connection queues for sending: a whole 256 KiB DATA
+/// frame's records (16 of 16 KiB, with their overhead) and as much again,
+/// so that one frame goes out in one `writev`; rustls' default, 64 KiB,
+/// split it in four.
+pub(crate) const SEND_BUFFER: usize = 512 << 10;
+
 /// The ALPN protocol both sides require.
 pub const ALPN_H2: &[u8] = b"h2";
 

@@ -85,7 +85,7 @@ impl Dialer {
             .for_peer(expected);
         let connector = TlsConnector::from(config);
         let server_name = tls::placeholder_server_name(server.ip());
-        let tls_stream = timeout(timeouts.handshake, connector.connect(server_name, io))
+        let mut tls_stream = timeout(timeouts.handshake, connector.connect(server_name, io))
             .await
             .map_err(|_| DialError::Timeout {
                 server,
@@ -95,7 +95,8 @@ impl Dialer {
                 server,
                 failure: TlsFailure::from_handshake_error(&e),
             })?;
-        let (_, session) = tls_stream.get_ref();
+        let (_, session) = tls_stream.get_mut();
+        session.set_buffer_limit(Some(tls::SEND_BUFFER));
         if session.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(DialError::Tls {
                 server,

@@ -775,7 +775,9 @@ impl Shared {
             }
             Ok(Ok(tls_stream)) => tls_stream,
         };
-        let (_, session) = tls_stream.get_ref();
+        let mut tls_stream = tls_stream;
+        let (_, session) = tls_stream.get_mut();
+        session.set_buffer_limit(Some(tls::SEND_BUFFER));
         if session.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err("client did not negotiate ALPN h2".into());
         }
