@@ -35,8 +35,12 @@ fn main() -> ExitCode {
     let (log_writer, logging) = cli::init_logging(&args);
     sandbox.report();
     cli::raise_fd_limit();
+    let per_core = matches!(args.runtime(), cli::RuntimeKind::PerCore);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = threads {
+    if per_core {
+        // Only the control plane runs here; the data plane has the workers.
+        builder.worker_threads(1);
+    } else if let Some(threads) = threads {
         builder.worker_threads(threads);
     }
     let runtime = match builder.enable_all().build() {
@@ -51,7 +55,7 @@ fn main() -> ExitCode {
     let workers = match args.runtime() {
         cli::RuntimeKind::WorkStealing => None,
         cli::RuntimeKind::PerCore => {
-            let count = threads.unwrap_or_else(|| runtime.metrics().num_workers());
+            let count = threads.unwrap_or_else(tokio_default_threads);
             match hbone::Workers::start(count) {
                 Ok(workers) => Some(workers),
                 Err(e) => {
@@ -96,6 +100,17 @@ fn default_threads() -> Option<usize> {
         return None;
     }
     std::thread::available_parallelism().ok().map(usize::from)
+}
+
+/// The threads tokio starts when not told: TOKIO_WORKER_THREADS, else one
+/// per CPU.
+fn tokio_default_threads() -> usize {
+    let from_env = std::env::var("TOKIO_WORKER_THREADS").ok();
+    from_env
+        .and_then(|threads| threads.parse().ok())
+        .filter(|&threads| threads > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1)
 }
 
 /// The error and its causes on one line, each cause once: library errors
