@@ -203,8 +203,17 @@ fn decode_hex(s: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
+/// Lower-case hex, two digits a byte: once per tunnel for its CONNECT
+/// header and again for its access record, so without a `format!` (and an
+/// allocation) per byte.
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    out
 }
 
 /// Workload metadata carried in `baggage`, with ztunnel's keys.
