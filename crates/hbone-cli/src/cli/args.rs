@@ -214,10 +214,8 @@ impl IdentityArgs {
 
     /// The access log of a component with this identity: each record
     /// names the identity's source.
-    pub(super) fn access_log(&self) -> std::sync::Arc<hbone::access::TracingLog> {
-        std::sync::Arc::new(hbone::access::TracingLog::with_identity_source(
-            self.source_name(),
-        ))
+    pub(super) fn access_log(&self) -> std::sync::Arc<dyn hbone::access::AccessLog> {
+        super::access_line::access_log(self.source_name())
     }
 
     /// The Istio CA client, when the identity comes from one.

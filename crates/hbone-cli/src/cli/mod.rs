@@ -1,5 +1,6 @@
 //! Argument definitions and the glue from arguments to the library.
 
+mod access_line;
 mod args;
 mod commands;
 pub(crate) mod config_file;
@@ -381,19 +382,23 @@ pub fn init_logging(cli: &Cli) -> (logwriter::FlushGuard, Arc<dyn LogControl>) {
     });
     let (writer, guard) = logwriter::batch_writer(std::io::stderr());
     logwriter::register_process_log(&writer);
+    let access_writer = writer.clone();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
     let control: Arc<dyn LogControl> = match cli.log_format {
         LogFormat::Text => {
-            let logs = logs
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_filter_reloading();
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if !terminal {
+                access_line::install(access_writer, false);
+            }
+            let logs = logs.with_ansi(terminal).with_filter_reloading();
             let handle = logs.reload_handle();
             logs.init();
             Arc::new(ReloadableFilter(handle))
         }
         LogFormat::Json => {
+            access_line::install(access_writer, true);
             let logs = logs.json().flatten_event(true).with_filter_reloading();
             let handle = logs.reload_handle();
             logs.init();
