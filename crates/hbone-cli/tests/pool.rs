@@ -187,12 +187,20 @@ async fn a_failed_connection_is_never_handed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_just_died_is_replaced_without_failing_the_tunnel() {
     let pki = Pki::new();
-    let server = start_default_server(&pki).await;
+    // No PING may touch the connection before the next CONNECT: neither a
+    // keepalive of ours nor a window-sizing PING of either end, which the
+    // data of the first tunnel sets off (and which the client answers, or
+    // sends, once the relay below is armed, killing the connection early).
+    let server = start_server(
+        ServerConfig::new(loopback(), pki.server.clone())
+            .with_h2(H2Settings::server().with_adaptive_windows(false)),
+    )
+    .await;
     let echo = start_echo().await;
     let relay = Relay::start(server.addr).await;
-    // No keepalive PING of ours may touch the connection first.
     let dialer = dialer_with(&pki, |c| {
-        c.timeouts.keepalive = Keepalive::new(Duration::from_secs(3600), Duration::from_secs(60))
+        c.timeouts.keepalive = Keepalive::new(Duration::from_secs(3600), Duration::from_secs(60));
+        c.h2.adaptive_windows = false;
     });
     check(open(&dialer, relay.addr, &pki, echo).await, "before").await;
     // The connection dies the moment the next CONNECT goes out on it, so
