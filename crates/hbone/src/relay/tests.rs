@@ -218,3 +218,109 @@ async fn reads_grow_for_bulk_and_stay_whole() {
     assert_eq!(result.unwrap().to_tunnel, 3_000_000);
     drop(writer.await.unwrap());
 }
+
+/// A local stream that takes every write whole and keeps what each call
+/// wrote; its reads never end.
+#[derive(Default)]
+struct RecordingWriter {
+    writes: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl AsyncRead for RecordingWriter {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for RecordingWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.writes.lock().unwrap().push(buf.to_vec());
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let call: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let n = call.len();
+        self.writes.lock().unwrap().push(call);
+        Poll::Ready(Ok(n))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn frames_that_wait_together_leave_in_one_write() {
+    let (ours, mut peer) = h2_pair(64 << 10).await;
+    for part in [b"one ".as_slice(), b"two ", b"three"] {
+        peer.write_all(part).await.unwrap();
+        peer.flush().await.unwrap();
+    }
+    // Paused time: the sleep ends once every task is blocked, that is once
+    // all three DATA frames wait at our end.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let local = RecordingWriter::default();
+    let writes = local.writes.clone();
+    let relay = tokio::spawn(Relay::new(AnyStream(local), ours));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(*writes.lock().unwrap(), vec![b"one two three".to_vec()]);
+    // A frame arriving later is a write of its own.
+    peer.write_all(b" four").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(writes.lock().unwrap().last().unwrap(), b" four");
+    relay.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_arrived_before_a_cancel_is_still_written() {
+    let (ours, mut peer) = h2_pair(64 << 10).await;
+    peer.write_all(b"first ").await.unwrap();
+    peer.write_all(b"second").await.unwrap();
+    // Both frames reach our end before the reset is sent.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    peer.reset(h2::Reason::CANCEL);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A local pipe smaller than what waits: the relay sees the cancel while
+    // bytes are still to be written.
+    let (mut app, local) = duplex(4);
+    let relay = tokio::spawn(Relay::new(AnyStream(local), ours));
+    let mut got = Vec::new();
+    app.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"first second");
+    let (_stream, result) = relay.await.unwrap();
+    result.expect("CANCEL ends the relay without an error");
+}
+
+#[test]
+fn the_frame_queue_drops_written_bytes_across_frames() {
+    let mut queue = FrameQueue::default();
+    for frame in ["ab", "cde", "f"] {
+        queue.push_back(Bytes::from_static(frame.as_bytes()));
+    }
+    assert_eq!(queue.len(), 3);
+    queue.advance(3);
+    let left: Vec<&[u8]> = queue.iter().map(|frame| &frame[..]).collect();
+    assert_eq!(left, [b"de".as_slice(), b"f"]);
+    assert_eq!(queue.len(), 2);
+    queue.advance(3);
+    assert!(queue.is_empty());
+    assert_eq!(queue.iter().count(), 0);
+    assert!(queue.rest.is_none(), "an empty queue holds no memory");
+}
