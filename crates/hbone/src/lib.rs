@@ -91,6 +91,7 @@ pub mod authority;
 pub mod ca;
 pub mod client;
 pub mod config;
+mod cork;
 mod crypto;
 pub mod entry;
 mod frame_guard;

@@ -19,6 +19,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 use super::{DialError, Dialer, Inner, Stage};
+use crate::cork::Cork;
 use crate::frame_guard::{FrameGuard, Rate};
 use crate::identity::{SpiffeId, spiffe_id_of};
 use crate::metrics::Reporter;
@@ -85,6 +86,8 @@ impl Dialer {
             .for_peer(expected);
         let connector = TlsConnector::from(config);
         let server_name = tls::placeholder_server_name(server.ip());
+        let mut cork = Cork::default();
+        let io = cork.hold(io);
         let mut tls_stream = timeout(timeouts.handshake, connector.connect(server_name, io))
             .await
             .map_err(|_| DialError::Timeout {
@@ -119,7 +122,7 @@ impl Dialer {
             window: config.control_frame_window,
         };
         let io = ErrorRecorder {
-            inner: FrameGuard::dialing(tls_stream, budget, server),
+            inner: FrameGuard::dialing(cork.gate(tls_stream), budget, server),
             state: state.clone(),
             linger: None,
         };
@@ -134,7 +137,7 @@ impl Dialer {
         })?
         .map_err(|source| DialError::Http2 { server, source })?;
         tokio::spawn(drive(
-            connection,
+            (connection, cork),
             state.clone(),
             server,
             PingPlan::new(timeouts.keepalive, h2),
@@ -152,12 +155,13 @@ impl Dialer {
     }
 }
 
-/// Runs a connection until it ends; then marks it ended for
-/// [`Dialer::close`]. A connection whose `SendRequest` handles are all gone
-/// (dropped by the pool) ends cleanly once its last stream is done: h2
-/// sends GOAWAY and shuts the TLS stream down (close_notify, then FIN).
+/// Runs a connection until it ends, each turn through `cork`; then marks
+/// it ended for [`Dialer::close`]. A connection whose `SendRequest`
+/// handles are all gone (dropped by the pool) ends cleanly once its last
+/// stream is done: h2 sends GOAWAY and shuts the TLS stream down
+/// (close_notify, then FIN).
 async fn drive<IO>(
-    mut connection: h2::client::Connection<IO, Bytes>,
+    (mut connection, cork): (h2::client::Connection<IO, Bytes>, Cork),
     state: Arc<ConnState>,
     server: SocketAddr,
     pings: PingPlan,
@@ -174,7 +178,7 @@ async fn drive<IO>(
     tokio::pin!(idle);
     loop {
         tokio::select! {
-            result = &mut connection => {
+            result = std::future::poll_fn(|cx| cork.drive(cx, |cx| Pin::new(&mut connection).poll(cx))) => {
                 if let Err(e) = result {
                     tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
                 }
@@ -196,7 +200,8 @@ async fn drive<IO>(
                 if let Some(inner) = dialer.upgrade() {
                     inner.pool.forget_closed();
                 }
-                match timeout(close_limit, &mut connection).await {
+                let closing = std::future::poll_fn(|cx| cork.drive(cx, |cx| Pin::new(&mut connection).poll(cx)));
+                match timeout(close_limit, closing).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::debug!(%server, error = %e, "idle HBONE connection ended with an error"),
                     Err(_) => tracing::debug!(%server, "idle HBONE connection did not close in time"),

@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::stats::CountOnDrop;
 use super::{Server, ServerConfig, ServerError, ServerStats, Shared};
+use crate::cork::Cork;
 use crate::frame_guard::Tripwire;
 use crate::identity::SpiffeId;
 
@@ -67,6 +68,7 @@ impl PlaintextServer {
             .clone()
             .serve_h2(
                 connection,
+                Cork::default(),
                 peer_addr,
                 self.local_addr.ip(),
                 peer_id,

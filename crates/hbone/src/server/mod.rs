@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 
+use crate::cork::{Cork, FlushGate, Hold};
 use crate::frame_guard::{self, FrameGuard, Rate, Tripwire};
 use crate::read_ahead::ReadAhead;
 
@@ -611,7 +612,7 @@ impl Shared {
                 handshake_started.elapsed(),
             );
         }
-        let (connection, peer_id) = match handshake {
+        let (connection, peer_id, cork) = match handshake {
             Ok(connection) => connection,
             Err(reason) => {
                 self.stats.handshake_failures.fetch_add(1, Ordering::AcqRel);
@@ -634,15 +635,17 @@ impl Shared {
             }
         };
         self.clone()
-            .serve_h2(connection, peer_addr, arrived_on, peer_id, tripwire)
+            .serve_h2(connection, cork, peer_addr, arrived_on, peer_id, tripwire)
             .await;
     }
 
     /// Serves the streams of an HTTP/2 connection whose peer is `peer_id`
-    /// (its handshakes done), until it ends.
+    /// (its handshakes done), until it ends. Each turn of the connection
+    /// is driven through `cork`, so that its writes leave together.
     async fn serve_h2<S: AsyncRead + AsyncWrite + Unpin>(
         self: Arc<Self>,
         mut connection: h2::server::Connection<FrameGuard<S>, Bytes>,
+        cork: Cork,
         peer_addr: SocketAddr,
         arrived_on: std::net::IpAddr,
         peer_id: SpiffeId,
@@ -678,7 +681,7 @@ impl Shared {
         };
         loop {
             let next = tokio::select! {
-                next = connection.accept() => next,
+                next = std::future::poll_fn(|cx| cork.drive(cx, |cx| connection.poll_accept(cx))) => next,
                 () = &mut idle_timer, if !goaway_sent => {
                     let now = tokio::time::Instant::now();
                     if connection.has_streams() {
@@ -746,7 +749,9 @@ impl Shared {
                 None => {
                     // No more streams will open; let the ones in flight
                     // finish, which needs the connection driven.
-                    let _ = std::future::poll_fn(|cx| connection.poll_closed(cx)).await;
+                    let _ =
+                        std::future::poll_fn(|cx| cork.drive(cx, |cx| connection.poll_closed(cx)))
+                            .await;
                     break;
                 }
             }
@@ -759,14 +764,15 @@ impl Shared {
         tcp: TcpStream,
         peer_addr: SocketAddr,
         tripwire: Arc<Tripwire>,
-    ) -> Result<(h2::server::Connection<Guarded, Bytes>, SpiffeId), String> {
+    ) -> Result<(h2::server::Connection<Guarded, Bytes>, SpiffeId, Cork), String> {
         let limit = self.timeouts.handshake;
         let acceptor = TlsAcceptor::from(self.tls.current());
-        let tcp = ReadAhead::new(tcp);
+        let mut cork = Cork::default();
+        let tcp = cork.hold(ReadAhead::new(tcp));
         let tls_stream = match timeout(limit, acceptor.accept(tcp).into_fallible()).await {
             Err(_) => return Err(format!("TLS handshake timed out after {limit:?}")),
             Ok(Err((error, tcp))) => {
-                linger_close(tcp.into_inner()).await;
+                linger_close(tcp.into_inner().into_inner()).await;
                 let why = tls::rustls_error_in(&error).and_then(crate::revocation::describe);
                 return Err(match why {
                     Some(why) => format!("TLS: {why}"),
@@ -788,9 +794,9 @@ impl Shared {
             .and_then(|cert| {
                 spiffe_id_of(cert).map_err(|_| "client certificate has no SPIFFE ID")
             })?;
-        let connection = self.h2_handshake(tls_stream, tripwire).await?;
+        let connection = self.h2_handshake(cork.gate(tls_stream), tripwire).await?;
         tracing::debug!(%peer_addr, %peer_id, "HBONE connection accepted");
-        Ok((connection, peer_id))
+        Ok((connection, peer_id, cork))
     }
 
     /// The HTTP/2 handshake over `io` (decrypted), under the control-frame
@@ -810,8 +816,9 @@ impl Shared {
 }
 
 /// What h2 reads and writes on a server connection: TLS over TCP, with
-/// the control-frame budget watching the frames go by.
-type Guarded = FrameGuard<tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>>;
+/// the control-frame budget watching the frames go by, and the cork's
+/// layers on either side of TLS.
+type Guarded = FrameGuard<FlushGate<tokio_rustls::server::TlsStream<Hold<ReadAhead<TcpStream>>>>>;
 
 /// Closes a connection whose handshake failed so that the peer reads our
 /// alert: send FIN, then read and discard what the peer had in flight.

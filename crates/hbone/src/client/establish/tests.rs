@@ -44,7 +44,7 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_and_leaves_the_pool
 
     let started = Instant::now();
     tokio::spawn(drive(
-        pair.client,
+        (pair.client, Cork::default()),
         state.clone(),
         server(),
         PingPlan {
@@ -73,7 +73,7 @@ async fn a_peer_that_answers_pings_keeps_the_connection_and_a_silent_one_loses_i
     let mut server_conn = pair.server;
     tokio::spawn(async move { while let Some(Ok(_)) = server_conn.accept().await {} });
     let driver = tokio::spawn(drive(
-        pair.client,
+        (pair.client, Cork::default()),
         state.clone(),
         server(),
         PingPlan {
@@ -95,7 +95,7 @@ async fn a_peer_that_answers_pings_keeps_the_connection_and_a_silent_one_loses_i
     let (_send, _silent) = (pair.send, pair.server);
     let started = Instant::now();
     tokio::spawn(drive(
-        pair.client,
+        (pair.client, Cork::default()),
         state.clone(),
         server(),
         PingPlan {

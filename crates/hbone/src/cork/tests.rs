@@ -1,0 +1,450 @@
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Wake;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::*;
+use crate::test_support::{test_id, test_identities};
+
+/// A transport that counts the writes reaching it and takes vectored
+/// writes whole, as a socket's `writev` does.
+struct Counting {
+    inner: DuplexStream,
+    written: Arc<Written>,
+}
+
+/// What reached a [`Counting`] transport.
+#[derive(Default)]
+struct Written {
+    writes: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Written {
+    fn writes(&self) -> usize {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl AsyncRead for Counting {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counting {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let written = Pin::new(&mut this.inner).poll_write(cx, &whole);
+        if let Poll::Ready(Ok(n)) = written
+            && n > 0
+        {
+            this.written.writes.fetch_add(1, Ordering::Relaxed);
+            this.written.bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+type ServerSide = FlushGate<tokio_rustls::server::TlsStream<Hold<Counting>>>;
+type ClientSide = tokio_rustls::client::TlsStream<DuplexStream>;
+
+/// A TLS connection over memory whose server side is corked by `cork`;
+/// returns both ends and what reached the transport under the server's TLS.
+async fn tls_pair(cork: &mut Cork, pipe: usize) -> (ServerSide, ClientSide, Arc<Written>) {
+    let [server_identity, client_identity] = test_identities(["server", "client"]);
+    let server_tls = crate::tls::ServerTls::new(&server_identity, vec!["cluster.local".into()])
+        .expect("server TLS")
+        .current();
+    let client_tls = crate::tls::client_base_config(&client_identity)
+        .expect("client TLS")
+        .for_peer(&[test_id("server")]);
+    let (server_io, client_io) = duplex(pipe);
+    let written = Arc::new(Written::default());
+    let server_io = cork.hold(Counting {
+        inner: server_io,
+        written: written.clone(),
+    });
+    let name = crate::tls::placeholder_server_name(std::net::Ipv4Addr::LOCALHOST.into());
+    let (server, client) = tokio::join!(
+        TlsAcceptor::from(server_tls).accept(server_io),
+        TlsConnector::from(client_tls).connect(name, client_io)
+    );
+    let server = server.expect("server handshake");
+    (
+        cork.gate(server),
+        client.expect("client handshake"),
+        written,
+    )
+}
+
+/// Whether a task was woken.
+#[derive(Default)]
+struct Woken(AtomicBool);
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Polls `poll` once as [`Cork::drive`] does, with a waker that records
+/// whether it was woken.
+fn turn<R>(cork: &Cork, poll: impl FnMut(&mut Context<'_>) -> Poll<R>) -> (Poll<R>, bool) {
+    let woken = Arc::new(Woken::default());
+    let waker = std::task::Waker::from(woken.clone());
+    let result = cork.drive(&mut Context::from_waker(&waker), poll);
+    (result, woken.0.load(Ordering::Relaxed))
+}
+
+#[tokio::test]
+async fn frames_of_several_streams_sent_in_one_turn_leave_in_one_write() {
+    // Fails rather than hangs if a turn leaves bytes behind.
+    let test = async {
+        let mut cork = Cork::default();
+        let (server_io, client_io, written) = tls_pair(&mut cork, 1 << 20).await;
+        let (client, server) = tokio::join!(
+            h2::client::handshake(client_io),
+            h2::server::handshake(server_io)
+        );
+        let (mut send, client) = client.expect("client h2");
+        let mut server = server.expect("server h2");
+        tokio::spawn(async move {
+            let _ = client.await;
+        });
+        let mut responses = Vec::new();
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            let request = http::Request::post("https://server/").body(()).unwrap();
+            send = send.ready().await.unwrap();
+            let (response, _) = send.send_request(request, false).unwrap();
+            responses.push(response);
+            let (_, mut respond) =
+                std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx)))
+                    .await
+                    .expect("a stream")
+                    .expect("a request");
+            senders.push(
+                respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap(),
+            );
+        }
+        // One turn sends the response headers.
+        std::future::poll_fn(|cx| {
+            let _ = cork.drive(cx, |cx| server.poll_accept(cx));
+            Poll::Ready(())
+        })
+        .await;
+        let mut bodies = Vec::new();
+        for response in responses {
+            bodies.push(response.await.expect("a response").into_body());
+        }
+        // Every stream has 4 KiB to send; one turn of the connection's task
+        // sends them all.
+        for (i, sender) in senders.iter_mut().enumerate() {
+            sender
+                .send_data(Bytes::from(vec![i as u8; 4096]), false)
+                .unwrap();
+        }
+        let before = written.writes();
+        let (result, _) = turn(&cork, |cx| server.poll_accept(cx));
+        assert!(result.is_pending(), "no new stream");
+        assert_eq!(written.writes() - before, 1, "four DATA frames, one write");
+        assert!(!cork.flags.unflushed.load(Relaxed), "nothing left held");
+        tokio::spawn(async move {
+            loop {
+                std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx))).await;
+            }
+        });
+        for (i, mut body) in bodies.into_iter().enumerate() {
+            let mut got = Vec::new();
+            while got.len() < 4096 {
+                let chunk = body.data().await.expect("data").expect("no error");
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, vec![i as u8; 4096], "stream {i}");
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), test)
+        .await
+        .expect("the connection keeps moving");
+}
+
+#[tokio::test]
+async fn a_turn_that_returns_a_result_still_sends_what_it_wrote() {
+    let mut cork = Cork::default();
+    let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
+    let before = written.writes();
+    let (result, woken) = turn(&cork, |cx| {
+        for part in [&b"one "[..], b"turn"] {
+            let wrote = Pin::new(&mut server).poll_write(cx, part);
+            assert!(matches!(wrote, Poll::Ready(Ok(4))), "TLS takes the bytes");
+            assert!(Pin::new(&mut server).poll_flush(cx).is_ready());
+        }
+        assert_eq!(written.writes(), before, "nothing written while corked");
+        Poll::Ready(())
+    });
+    assert!(result.is_ready());
+    assert!(!woken, "nothing was turned away: no need to come back");
+    assert_eq!(written.writes(), before + 1, "one write");
+    let mut got = [0u8; 8];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"one turn");
+}
+
+#[tokio::test]
+async fn a_turn_that_writes_past_the_limit_is_sent_as_it_goes() {
+    let mut cork = Cork::default();
+    let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
+    server
+        .stream()
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(crate::tls::SEND_BUFFER));
+    let before = written.writes();
+    let chunk = [3u8; 16 << 10];
+    let chunks = 2 * CORK_LIMIT / chunk.len();
+    let (result, woken) = turn(&cork, |cx| {
+        for i in 0..chunks {
+            let wrote = Pin::new(&mut server).poll_write(cx, &chunk);
+            assert!(matches!(wrote, Poll::Ready(Ok(n)) if n == chunk.len()));
+            assert!(Pin::new(&mut server).poll_flush(cx).is_ready());
+            let corked = (i + 1) * chunk.len() < CORK_LIMIT;
+            assert_eq!(
+                written.writes() == before,
+                corked,
+                "after {} KiB",
+                (i + 1) * 16
+            );
+        }
+        Poll::Ready(())
+    });
+    assert!(result.is_ready());
+    assert!(!woken);
+    // What came before the limit in one write, then a write per flush.
+    assert_eq!(
+        written.writes() - before,
+        1 + chunks - CORK_LIMIT / chunk.len()
+    );
+    let mut got = vec![0u8; chunks * chunk.len()];
+    client.read_exact(&mut got).await.unwrap();
+    assert!(got.iter().all(|&b| b == 3));
+}
+
+#[tokio::test]
+async fn a_turn_turned_away_by_a_full_tls_buffer_comes_back() {
+    let mut cork = Cork::default();
+    let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
+    server.stream().get_mut().1.set_buffer_limit(Some(16 << 10));
+    let before = written.writes();
+    let chunk = [5u8; 4096];
+    let mut taken = 0;
+    let (result, woken) = turn(&cork, |cx| {
+        while let Poll::Ready(wrote) = Pin::new(&mut server).poll_write(cx, &chunk) {
+            taken += wrote.expect("no error");
+        }
+        Poll::Ready(())
+    });
+    assert!(result.is_ready());
+    assert!(
+        (12 << 10..=16 << 10).contains(&taken),
+        "TLS took what its buffer holds: {taken}"
+    );
+    assert!(woken, "the turn stopped short: its task must come back");
+    assert_eq!(written.writes(), before + 1, "one write");
+    let mut got = vec![0u8; taken];
+    client.read_exact(&mut got).await.unwrap();
+    assert!(got.iter().all(|&b| b == 5));
+}
+
+#[tokio::test]
+async fn a_turn_that_fills_the_tls_buffer_loses_nothing() {
+    // A pipe much smaller than what is sent: writes are refused by the
+    // cork, by rustls and by the pipe in turn; the client's window updates
+    // wake the server too.
+    four_streams_arrive_whole(8 << 10, 256 << 10).await;
+}
+
+#[tokio::test]
+async fn a_turn_stopped_short_by_a_full_tls_buffer_is_finished() {
+    let mut cork = Cork::default();
+    let (server_io, client_io, written) = tls_pair(&mut cork, 1 << 20).await;
+    server_io
+        .stream()
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(16 << 10));
+    let mut client_builder = h2::client::Builder::new();
+    client_builder
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let (client, server) = tokio::join!(
+        client_builder.handshake::<_, Bytes>(client_io),
+        h2::server::handshake(server_io)
+    );
+    let (mut send, client) = client.expect("client h2");
+    let mut server = server.expect("server h2");
+    tokio::spawn(async move {
+        let _ = client.await;
+    });
+    let request = http::Request::post("https://server/").body(()).unwrap();
+    send = send.ready().await.unwrap();
+    let (response, _) = send.send_request(request, true).unwrap();
+    let (_, mut respond) = std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx)))
+        .await
+        .expect("a stream")
+        .expect("a request");
+    let mut sender = respond
+        .send_response(http::Response::new(()), false)
+        .unwrap();
+    let size = 256 << 10;
+    sender
+        .send_data(Bytes::from(vec![9u8; size]), true)
+        .unwrap();
+    // One turn, in which rustls' 16 KiB buffer fills long before h2 is
+    // done; windows are wide and the pipe takes all, so no wake-up would
+    // come from outside: the turn itself must finish the work.
+    let before = written.bytes();
+    let (result, _) = turn(&cork, |cx| server.poll_accept(cx));
+    assert!(result.is_pending());
+    assert!(
+        written.bytes() - before > size,
+        "the whole body left in that turn: {} bytes",
+        written.bytes() - before
+    );
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx))).await;
+    });
+    let mut body = response.await.expect("a response").into_body();
+    let mut got = 0;
+    while let Some(chunk) = body.data().await {
+        got += chunk.expect("no error").len();
+    }
+    assert_eq!(got, size);
+}
+
+/// A server sends `size` bytes on each of four streams through a small TLS
+/// buffer (16 KiB) and a pipe of `pipe` bytes; the client reads them all.
+async fn four_streams_arrive_whole(pipe: usize, size: usize) {
+    let mut cork = Cork::default();
+    let (server_io, client_io, _) = tls_pair(&mut cork, pipe).await;
+    server_io
+        .stream()
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(16 << 10));
+    let mut client_builder = h2::client::Builder::new();
+    client_builder
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let (client, server) = tokio::join!(
+        client_builder.handshake::<_, Bytes>(client_io),
+        h2::server::handshake(server_io)
+    );
+    let (mut send, client) = client.expect("client h2");
+    let mut server = server.expect("server h2");
+    tokio::spawn(async move {
+        let _ = client.await;
+    });
+    let streams = 4;
+    let server_task = {
+        tokio::spawn(async move {
+            for i in 0..streams {
+                let (_, mut respond) =
+                    std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx)))
+                        .await
+                        .expect("a stream")
+                        .expect("a request");
+                let mut sender = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                sender
+                    .send_data(Bytes::from(vec![i as u8; size]), true)
+                    .unwrap();
+            }
+            // Drives the connection while the client reads.
+            let _ = std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx))).await;
+        })
+    };
+    let mut bodies = Vec::new();
+    for _ in 0..streams {
+        let request = http::Request::post("https://server/").body(()).unwrap();
+        send = send.ready().await.unwrap();
+        let (response, _) = send.send_request(request, true).unwrap();
+        bodies.push(response);
+    }
+    let read_all = async {
+        // Kept to the end: a body dropped gives its capacity back, and the
+        // WINDOW_UPDATE that sends would wake the server.
+        let mut read = Vec::new();
+        for (i, response) in bodies.into_iter().enumerate() {
+            let mut body = response.await.expect("a response").into_body();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("no error");
+                body.flow_control().release_capacity(chunk.len()).unwrap();
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got.len(), size, "stream {i}");
+            assert!(got.iter().all(|&b| b == i as u8), "stream {i}");
+            read.push(body);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read_all)
+        .await
+        .expect("every byte arrives");
+    server_task.abort();
+}
+
+#[tokio::test]
+async fn uncorked_the_layers_pass_everything_through() {
+    let mut cork = Cork::default();
+    let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
+    let before = written.writes();
+    server.write_all(b"one").await.unwrap();
+    server.flush().await.unwrap();
+    server.write_all(b"two").await.unwrap();
+    server.flush().await.unwrap();
+    assert_eq!(written.writes() - before, 2);
+    let mut got = [0u8; 6];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"onetwo");
+    server.shutdown().await.unwrap();
+    assert_eq!(client.read(&mut got).await.unwrap(), 0, "close_notify");
+}
