@@ -113,6 +113,38 @@ async fn tls_pair(cork: &mut Cork, pipe: usize) -> (ServerSide, ClientSide, Arc<
     )
 }
 
+/// HTTP/2 over [`tls_pair`], the server's TLS buffer cut to 16 KiB and the
+/// client's windows wide (1 MiB a stream); the client's connection runs
+/// in a task of its own, the server's is the caller's to drive.
+async fn h2_over_a_small_tls_buffer(
+    cork: &mut Cork,
+    pipe: usize,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::server::Connection<ServerSide, Bytes>,
+    Arc<Written>,
+) {
+    let (server_io, client_io, written) = tls_pair(cork, pipe).await;
+    server_io
+        .stream()
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(16 << 10));
+    let mut client_builder = h2::client::Builder::new();
+    client_builder
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let (client, server) = tokio::join!(
+        client_builder.handshake::<_, Bytes>(client_io),
+        h2::server::handshake(server_io)
+    );
+    let (send, client) = client.expect("client h2");
+    tokio::spawn(async move {
+        let _ = client.await;
+    });
+    (send, server.expect("server h2"), written)
+}
+
 /// Whether a task was woken.
 #[derive(Default)]
 struct Woken(AtomicBool);
@@ -294,35 +326,9 @@ async fn a_turn_turned_away_by_a_full_tls_buffer_comes_back() {
 }
 
 #[tokio::test]
-async fn a_turn_that_fills_the_tls_buffer_loses_nothing() {
-    // A pipe much smaller than what is sent: writes are refused by the
-    // cork, by rustls and by the pipe in turn; the client's window updates
-    // wake the server too.
-    four_streams_arrive_whole(8 << 10, 256 << 10).await;
-}
-
-#[tokio::test]
 async fn a_turn_stopped_short_by_a_full_tls_buffer_is_finished() {
     let mut cork = Cork::default();
-    let (server_io, client_io, written) = tls_pair(&mut cork, 1 << 20).await;
-    server_io
-        .stream()
-        .get_mut()
-        .1
-        .set_buffer_limit(Some(16 << 10));
-    let mut client_builder = h2::client::Builder::new();
-    client_builder
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20);
-    let (client, server) = tokio::join!(
-        client_builder.handshake::<_, Bytes>(client_io),
-        h2::server::handshake(server_io)
-    );
-    let (mut send, client) = client.expect("client h2");
-    let mut server = server.expect("server h2");
-    tokio::spawn(async move {
-        let _ = client.await;
-    });
+    let (mut send, mut server, written) = h2_over_a_small_tls_buffer(&mut cork, 1 << 20).await;
     let request = http::Request::post("https://server/").body(()).unwrap();
     send = send.ready().await.unwrap();
     let (response, _) = send.send_request(request, true).unwrap();
@@ -359,49 +365,32 @@ async fn a_turn_stopped_short_by_a_full_tls_buffer_is_finished() {
     assert_eq!(got, size);
 }
 
-/// A server sends `size` bytes on each of four streams through a small TLS
-/// buffer (16 KiB) and a pipe of `pipe` bytes; the client reads them all.
-async fn four_streams_arrive_whole(pipe: usize, size: usize) {
+#[tokio::test]
+async fn a_turn_that_fills_the_tls_buffer_loses_nothing() {
+    // Four streams of 256 KiB through a pipe of 8 KiB: writes are refused
+    // by the cork, by rustls and by the pipe in turn; the client's window
+    // updates wake the server too.
     let mut cork = Cork::default();
-    let (server_io, client_io, _) = tls_pair(&mut cork, pipe).await;
-    server_io
-        .stream()
-        .get_mut()
-        .1
-        .set_buffer_limit(Some(16 << 10));
-    let mut client_builder = h2::client::Builder::new();
-    client_builder
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20);
-    let (client, server) = tokio::join!(
-        client_builder.handshake::<_, Bytes>(client_io),
-        h2::server::handshake(server_io)
-    );
-    let (mut send, client) = client.expect("client h2");
-    let mut server = server.expect("server h2");
-    tokio::spawn(async move {
-        let _ = client.await;
-    });
+    let (mut send, mut server, _) = h2_over_a_small_tls_buffer(&mut cork, 8 << 10).await;
     let streams = 4;
-    let server_task = {
-        tokio::spawn(async move {
-            for i in 0..streams {
-                let (_, mut respond) =
-                    std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx)))
-                        .await
-                        .expect("a stream")
-                        .expect("a request");
-                let mut sender = respond
-                    .send_response(http::Response::new(()), false)
-                    .unwrap();
-                sender
-                    .send_data(Bytes::from(vec![i as u8; size]), true)
-                    .unwrap();
-            }
-            // Drives the connection while the client reads.
-            let _ = std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx))).await;
-        })
-    };
+    let size = 256 << 10;
+    let server_task = tokio::spawn(async move {
+        for i in 0..streams {
+            let (_, mut respond) =
+                std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx)))
+                    .await
+                    .expect("a stream")
+                    .expect("a request");
+            let mut sender = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            sender
+                .send_data(Bytes::from(vec![i as u8; size]), true)
+                .unwrap();
+        }
+        // Drives the connection while the client reads.
+        let _ = std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx))).await;
+    });
     let mut bodies = Vec::new();
     for _ in 0..streams {
         let request = http::Request::post("https://server/").body(()).unwrap();
