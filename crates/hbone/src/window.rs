@@ -189,6 +189,12 @@ impl Estimator {
                 return None;
             }
             self.queued = 0;
+            // Half, never more, per round trip: h2 returns window once the
+            // peer holds less than two thirds of it, so after a halving the
+            // peer still holds some and keeps sending. A larger cut can
+            // leave it none while this side has consumed everything and so
+            // has no reason to return any: the stream stalls for good (a
+            // cut straight to the first window stalled bulk streams here).
             return Some(self.set_stream((stream / 2).max(MIN_STREAM_WINDOW)));
         }
         self.queued = 0;
@@ -529,6 +535,88 @@ mod tests {
             .flatten()
             .expect("halved");
         assert_eq!(halved.stream, MIN_STREAM_WINDOW);
+    }
+
+    /// A receiver that cuts its stream window as the sizing does, after
+    /// taking everything the peer sent and returning none of it (h2
+    /// returns window only once the peer holds less than two thirds), must
+    /// still receive what the peer sends next: a cut that leaves the
+    /// peer a negative window would stall the stream for good.
+    #[tokio::test]
+    async fn a_cut_window_still_lets_the_peer_send() {
+        use bytes::Bytes;
+        use http::{Method, Request, Response};
+
+        let window = 8 * MIN_STREAM_WINDOW;
+        // The sizing's cut from this window, behind a queue.
+        let mut e = Estimator::new(Windows::for_stream(window), window);
+        e.sample(Duration::from_micros(100), 0, 100, false);
+        let queued = Duration::from_millis(10);
+        let cut = (0..SHRINK_STREAK)
+            .filter_map(|_| e.sample(queued, u64::from(window), 0, false))
+            .last()
+            .expect("the window was cut")
+            .stream;
+        assert!(cut < window);
+
+        let mut server = h2::server::Builder::new();
+        server
+            .initial_window_size(window)
+            .initial_connection_window_size(16 << 20);
+        let pair = crate::test_support::h2_pair(&h2::client::Builder::new(), &server).await;
+        tokio::spawn(pair.client);
+        let mut connection = pair.server;
+        let mut ping_pong = connection.ping_pong().expect("a PING handle");
+        let (cut_tx, mut cut_rx) = tokio::sync::mpsc::channel::<u32>(1);
+        let (body_tx, body_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (request, mut respond) = connection.accept().await.unwrap().unwrap();
+            let _send = respond.send_response(Response::new(()), false).unwrap();
+            let _ = body_tx.send(request.into_body());
+            loop {
+                tokio::select! {
+                    accepted = connection.accept() => if accepted.is_none() { break },
+                    Some(size) = cut_rx.recv() => connection.set_initial_window_size(size).unwrap(),
+                }
+            }
+        });
+        let mut request = Request::new(());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = "127.0.0.1:8080".parse().unwrap();
+        let mut send_request = pair.send.ready().await.unwrap();
+        let (response, mut upload) = send_request.send_request(request, false).unwrap();
+        response.await.unwrap();
+        let mut body = body_rx.await.unwrap();
+
+        // A quarter of the window arrives and is consumed: too little for
+        // h2 to return it.
+        let quarter = (window / 4) as usize;
+        upload
+            .send_data(Bytes::from(vec![1; quarter]), false)
+            .unwrap();
+        let mut received = 0;
+        while received < quarter {
+            let data = body.data().await.unwrap().unwrap();
+            body.flow_control().release_capacity(data.len()).unwrap();
+            received += data.len();
+        }
+        cut_tx.send(cut).await.unwrap();
+        // The peer answers the PING after it acknowledged the SETTINGS.
+        ping_pong.ping(Ping::opaque()).await.unwrap();
+
+        let more = 4 * window as usize;
+        upload.send_data(Bytes::from(vec![2; more]), true).unwrap();
+        let mut received = 0;
+        let all = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(data) = body.data().await {
+                let data = data.unwrap();
+                body.flow_control().release_capacity(data.len()).unwrap();
+                received += data.len();
+            }
+        })
+        .await;
+        assert!(all.is_ok(), "stalled after {received} of {more} bytes");
+        assert_eq!(received, more);
     }
 
     #[tokio::test(start_paused = true)]
