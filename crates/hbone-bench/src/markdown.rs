@@ -270,7 +270,9 @@ for this workload alone, whatever `--entry` says. The bulk streams start first a
 pooled HTTP/2 connection; the request/response tunnel opens a moment later and, since that \
 connection then carries bulk, gets a connection of its own from the pool (README, \"Interactive \
 tunnels stay fast beside bulk ones\"): the figures are those of an interactive tunnel opened \
-during a transfer. \
+during a transfer. Alone, the bulk streams are all the process carries and their windows grow \
+freely; beside the request they are held to windows sized for it, so '% of alone' is also what \
+keeping the request's queue short costs them. \
 Direct: the same load generators straight to the echo app and the sink.\n\n";
 
 /// How the per-unit figures are counted.

@@ -26,8 +26,8 @@ use crate::workers::current_worker;
 
 mod bulk;
 #[cfg(test)]
-pub(crate) use bulk::BULK_BYTES;
-pub(crate) use bulk::{BulkMark, BulkSpan};
+pub(crate) use bulk::{BULK_BYTES, SPAN};
+pub(crate) use bulk::{BulkMark, BulkSpan, MEMORY, Pace};
 
 /// Identifies connections that may be shared. Each also names the
 /// per-core worker it was made for ([`crate::workers::current_worker`]):

@@ -21,6 +21,18 @@
 //! first), since more window would only lengthen the queue that every
 //! tunnel waits in.
 //!
+//! Unless every tunnel on the connection moves bulk and no tunnel in the
+//! process has trickled (moved less than bulk) within the last second
+//! ([`Sharing::BulkOnly`]): then no request waits in any queue here, only
+//! data that waits to be copied anyway, and larger windows carry it in
+//! larger frames, fewer syscalls per byte. The windows then grow on
+//! filled round trips, queue or not, and do not shrink. The whole process
+//! counts, not the connection: a request on another connection waits for
+//! the same CPUs (measured: with only the connection counted, a request
+//! beside four bulk streams on their own connection waited ten times as
+//! long). Once a tunnel trickles, a window grown that way halves on every
+//! round trip behind a queue until there is none.
+//!
 //! Rates are not measured: the bytes are counted as tunnels consume them,
 //! which on a busy node comes in bursts from h2's buffers, so a rate from
 //! them would be a fiction. A lower stream window is safe: the peer
@@ -38,7 +50,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::H2Settings;
 use crate::keepalive::Keepalive;
-use crate::pool::{BulkMark, BulkSpan};
+use crate::pool::{BulkMark, BulkSpan, Pace};
 
 /// The smallest stream window granted: the protocol's default.
 pub(crate) const MIN_STREAM_WINDOW: u32 = 65_535;
@@ -110,6 +122,23 @@ impl Windows {
     }
 }
 
+/// Whom a queue on a connection would delay, as far as its window sizing
+/// is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sharing {
+    /// One tunnel, not [`Sharing::BulkOnly`]: a queue on the connection
+    /// delays only its own data.
+    Alone,
+    /// Several tunnels, not [`Sharing::BulkOnly`]: a queue delays a
+    /// request behind the others' data.
+    Shared,
+    /// Every open tunnel moves bulk ([`crate::pool::BULK_BYTES`] within a
+    /// span) and none in the process trickled lately ([`Activity`]): a
+    /// queue holds only data that waits to be copied anyway, and larger
+    /// windows carry it in fewer, larger frames.
+    BulkOnly,
+}
+
 /// The bandwidth-delay product of a connection, from PING round trips and
 /// the bytes received during each.
 #[derive(Debug)]
@@ -124,6 +153,10 @@ pub(crate) struct Estimator {
     ceiling: u32,
     /// The last round trip carried at least half a stream window.
     filled: bool,
+    /// The stream window grew while only bulk moved, without looking for
+    /// a queue: once that ends, it halves on every round trip that shows
+    /// a queue until one does not.
+    grown_for_bulk: bool,
 }
 
 impl Estimator {
@@ -135,6 +168,7 @@ impl Estimator {
             windows: initial,
             ceiling: ceiling.max(initial.stream),
             filled: false,
+            grown_for_bulk: false,
         }
     }
 
@@ -155,14 +189,18 @@ impl Estimator {
     /// they add up to at least half a stream window (h2 returns window in
     /// halves, so a peer held back by it may show no more) and it took at
     /// most [`QUEUE_FREE_RTT`] times the shortest seen, or the slack more
-    /// ([`QUEUE_FREE_SLACK_SHARED`] when `shared`: the connection carries
-    /// more than one tunnel; [`QUEUE_FREE_SLACK_ALONE`] otherwise).
+    /// ([`QUEUE_FREE_SLACK_SHARED`] when the connection is
+    /// [`Sharing::Shared`], [`QUEUE_FREE_SLACK_ALONE`] when it carries one
+    /// tunnel). While only bulk moves ([`Sharing::BulkOnly`]) a filled
+    /// round trip counts towards growth, queue or not, and the windows do
+    /// not shrink; once that ends, a stream window grown that way halves
+    /// on every round trip behind a queue, without waiting for a streak.
     pub(crate) fn sample(
         &mut self,
         rtt: Duration,
         woke: u64,
         during: u64,
-        shared: bool,
+        sharing: Sharing,
     ) -> Option<Windows> {
         if rtt.is_zero() {
             return None;
@@ -172,12 +210,23 @@ impl Estimator {
             .insert(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
         let stream = self.windows.stream;
         self.filled = woke + during >= u64::from(stream / 2);
-        let slack = if shared {
-            QUEUE_FREE_SLACK_SHARED
-        } else {
-            QUEUE_FREE_SLACK_ALONE
+        let slack = match sharing {
+            Sharing::Alone => QUEUE_FREE_SLACK_ALONE,
+            Sharing::Shared => QUEUE_FREE_SLACK_SHARED,
+            Sharing::BulkOnly => Duration::MAX,
         };
-        let unqueued = rtt <= min_rtt.mul_f64(QUEUE_FREE_RTT).max(min_rtt + slack);
+        let unqueued = rtt
+            <= min_rtt
+                .mul_f64(QUEUE_FREE_RTT)
+                .max(min_rtt.saturating_add(slack));
+        if sharing != Sharing::BulkOnly && self.grown_for_bulk {
+            (self.streak, self.queued) = (0, 0);
+            if unqueued || stream <= MIN_STREAM_WINDOW {
+                self.grown_for_bulk = false;
+                return None;
+            }
+            return Some(self.set_stream((stream / 2).max(MIN_STREAM_WINDOW)));
+        }
         if !self.filled {
             (self.streak, self.queued) = (0, 0);
             return None;
@@ -203,6 +252,7 @@ impl Estimator {
             return None;
         }
         self.streak = 0;
+        self.grown_for_bulk |= sharing == Sharing::BulkOnly;
         Some(self.set_stream(stream.saturating_mul(2).min(self.ceiling)))
     }
 
@@ -221,17 +271,74 @@ impl Estimator {
 /// What the tunnels of a connection tell its window sizing: how many bytes
 /// arrived. Shared by the connection's streams; a relaxed add per DATA
 /// frame, and a wake-up only when a measurement waits for data.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Probe {
     received: AtomicU64,
     waiting: AtomicBool,
     data: Notify,
     /// Streams of the connection that report here ([`StreamProbe`]s).
     streams: AtomicUsize,
+    /// Those of them that move bulk now, for the sizing.
+    bulk_streams: AtomicUsize,
     /// Whether one of them moves bulk now, for the pool's choice of
     /// connection for a new tunnel: kept only on pooled connections
     /// ([`Probe::for_pool`]), so a server's streams do not count it.
     pub(crate) bulk: Option<BulkMark>,
+    /// When a tunnel that trickles last moved data, anywhere in the process.
+    activity: Arc<Activity>,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Probe::with_activity(Activity::process())
+    }
+}
+
+/// When a tunnel that moves less than bulk (requests, a terminal) last
+/// moved data. One for the whole process: its tunnels share its CPUs, and
+/// data that waits on any connection there is work that the next small
+/// request waits behind.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    epoch: std::time::Instant,
+    /// Milliseconds after `epoch` of the last such data, plus one; zero
+    /// while there was none.
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            epoch: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    /// The process's own.
+    fn process() -> Arc<Activity> {
+        static PROCESS: std::sync::OnceLock<Arc<Activity>> = std::sync::OnceLock::new();
+        PROCESS.get_or_init(Arc::default).clone()
+    }
+
+    fn ms(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    /// A tunnel that trickles moved data at `at`.
+    fn trickled(&self, at: std::time::Instant) {
+        let ms = self.ms(at);
+        if self.last_ms.load(Ordering::Relaxed) != ms {
+            self.last_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether one did within [`crate::pool::MEMORY`] before `at`.
+    fn recent(&self, at: std::time::Instant) -> bool {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        last != 0 && self.ms(at).saturating_sub(last) < crate::pool::MEMORY.as_millis() as u64
+    }
 }
 
 /// One stream's handle on its connection's [`Probe`]: counted while it
@@ -240,6 +347,8 @@ pub(crate) struct Probe {
 pub(crate) struct StreamProbe {
     probe: Arc<Probe>,
     span: BulkSpan,
+    /// Counted in the probe's `bulk_streams`.
+    moves_bulk: bool,
 }
 
 impl StreamProbe {
@@ -248,6 +357,7 @@ impl StreamProbe {
         StreamProbe {
             probe,
             span: BulkSpan::default(),
+            moves_bulk: false,
         }
     }
 
@@ -260,8 +370,18 @@ impl StreamProbe {
     /// `bytes` of DATA were handed to h2 to send on this stream (and, from
     /// [`StreamProbe::record`], received: bulk counts both ways).
     pub(crate) fn sent(&mut self, bytes: usize) {
-        if let Some(mark) = &self.probe.bulk {
-            self.span.moved(bytes, mark);
+        let pace = self.span.moved(bytes, self.probe.bulk.as_ref());
+        if pace == Pace::Trickle {
+            self.probe.activity.trickled(std::time::Instant::now());
+        }
+        let moves_bulk = pace == Pace::Bulk;
+        if moves_bulk != self.moves_bulk {
+            self.moves_bulk = moves_bulk;
+            if moves_bulk {
+                self.probe.bulk_streams.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.probe.bulk_streams.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -269,6 +389,9 @@ impl StreamProbe {
 impl Drop for StreamProbe {
     fn drop(&mut self) {
         self.probe.streams.fetch_sub(1, Ordering::Relaxed);
+        if self.moves_bulk {
+            self.probe.bulk_streams.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(mark) = &self.probe.bulk {
             self.span.end(mark);
         }
@@ -285,15 +408,36 @@ impl Probe {
         }
     }
 
+    /// A probe whose tunnels report trickles to `activity`.
+    fn with_activity(activity: Arc<Activity>) -> Self {
+        Probe {
+            received: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            data: Notify::new(),
+            streams: AtomicUsize::new(0),
+            bulk_streams: AtomicUsize::new(0),
+            bulk: None,
+            activity,
+        }
+    }
+
     /// Whether one of the connection's open streams moves bulk now
     /// (never, on a probe that does not track it).
     pub(crate) fn carries_bulk(&self) -> bool {
         self.bulk.as_ref().is_some_and(BulkMark::carries_bulk)
     }
 
-    /// Whether more than one stream of the connection is open.
-    fn shared(&self) -> bool {
-        self.streams.load(Ordering::Relaxed) > 1
+    /// Whom a queue on the connection would delay.
+    fn sharing(&self) -> Sharing {
+        let open = self.streams.load(Ordering::Relaxed);
+        let bulk = self.bulk_streams.load(Ordering::Relaxed);
+        if open > 0 && bulk >= open && !self.activity.recent(std::time::Instant::now()) {
+            Sharing::BulkOnly
+        } else if open > 1 {
+            Sharing::Shared
+        } else {
+            Sharing::Alone
+        }
     }
 
     /// `bytes` of DATA arrived on one of the connection's streams.
@@ -381,7 +525,7 @@ pub(crate) async fn ping(
             continue;
         };
         let (rtt, woke, during) = (sent.elapsed(), at_ping - before, probe.received() - at_ping);
-        let grown = estimator.sample(rtt, woke, during, probe.shared());
+        let grown = estimator.sample(rtt, woke, during, probe.sharing());
         tracing::trace!(
             ?rtt,
             woke,
@@ -416,7 +560,21 @@ mod tests {
     /// Feeds `n` identical round trips; returns the last answer.
     fn feed(e: &mut Estimator, n: u32, rtt: Duration, woke: u64, during: u64) -> Option<Windows> {
         (0..n)
-            .map(|_| e.sample(rtt, woke, during, false))
+            .map(|_| e.sample(rtt, woke, during, Sharing::Alone))
+            .last()
+            .flatten()
+    }
+
+    /// The same, for a connection shared as `sharing` says.
+    fn feed_as(
+        e: &mut Estimator,
+        n: u32,
+        rtt: Duration,
+        woke: u64,
+        sharing: Sharing,
+    ) -> Option<Windows> {
+        (0..n)
+            .map(|_| e.sample(rtt, woke, 0, sharing))
             .last()
             .flatten()
     }
@@ -434,7 +592,7 @@ mod tests {
                 None
             );
             let grown = e
-                .sample(rtt, u64::from(stream / 2), 0, false)
+                .sample(rtt, u64::from(stream / 2), 0, Sharing::Alone)
                 .expect("doubled");
             assert_eq!(grown.stream, 2 * stream);
             assert_eq!(
@@ -455,7 +613,7 @@ mod tests {
     #[test]
     fn a_busy_node_with_a_queue_keeps_its_window() {
         let mut e = estimator();
-        e.sample(Duration::from_micros(100), 0, 1_000, false);
+        e.sample(Duration::from_micros(100), 0, 1_000, Sharing::Alone);
         // Megabytes consumed per round trip, but behind a queue that
         // stretches it ten times and more.
         for queued in [10, 20, 40] {
@@ -469,10 +627,13 @@ mod tests {
         // An empty queue now and then is not a streak.
         for _ in 0..20 {
             assert_eq!(
-                e.sample(Duration::from_micros(110), 1 << 20, 0, false),
+                e.sample(Duration::from_micros(110), 1 << 20, 0, Sharing::Alone),
                 None
             );
-            assert_eq!(e.sample(Duration::from_millis(2), 1 << 20, 0, false), None);
+            assert_eq!(
+                e.sample(Duration::from_millis(2), 1 << 20, 0, Sharing::Alone),
+                None
+            );
         }
         assert_eq!(e.windows().stream, MIN_STREAM_WINDOW);
     }
@@ -480,7 +641,7 @@ mod tests {
     #[test]
     fn on_a_short_path_jitter_under_the_slack_is_no_queue() {
         let mut e = estimator();
-        e.sample(Duration::from_micros(40), 0, 100, false);
+        e.sample(Duration::from_micros(40), 0, 100, Sharing::Alone);
         // Six times the shortest round trip, but within the slack.
         let rtt = Duration::from_micros(240);
         let grown = feed(&mut e, GROWTH_STREAK, rtt, 65_535, 0).expect("doubled");
@@ -502,7 +663,7 @@ mod tests {
         // Behind a queue: ten times the round trip.
         let long = Duration::from_millis(10);
         assert_eq!(feed(&mut e, SHRINK_STREAK - 1, long, 1 << 20, 0), None);
-        let halved = e.sample(long, 1 << 20, 0, false).expect("halved");
+        let halved = e.sample(long, 1 << 20, 0, Sharing::Alone).expect("halved");
         assert_eq!(halved.stream, 4 * MIN_STREAM_WINDOW);
         assert_eq!(halved.connection, peak, "the connection's window stays");
         feed(&mut e, 4 * SHRINK_STREAK, long, 1 << 20, 0);
@@ -521,20 +682,129 @@ mod tests {
         // carries one tunnel, a queue where others wait behind it.
         let queued = Duration::from_micros(350);
         let mut alone = estimator();
-        alone.sample(short, 0, 100, false);
+        alone.sample(short, 0, 100, Sharing::Alone);
         feed(&mut alone, GROWTH_STREAK, short, 1 << 20, 0).expect("doubled");
         let grown = feed(&mut alone, GROWTH_STREAK, queued, 1 << 20, 0).expect("no queue");
         assert_eq!(grown.stream, 4 * MIN_STREAM_WINDOW);
 
         let mut shared = estimator();
-        shared.sample(short, 0, 100, true);
+        shared.sample(short, 0, 100, Sharing::Shared);
         feed(&mut shared, GROWTH_STREAK, short, 1 << 20, 0).expect("doubled");
         let halved = (0..SHRINK_STREAK)
-            .map(|_| shared.sample(queued, 1 << 20, 0, true))
+            .map(|_| shared.sample(queued, 1 << 20, 0, Sharing::Shared))
             .last()
             .flatten()
             .expect("halved");
         assert_eq!(halved.stream, MIN_STREAM_WINDOW);
+    }
+
+    #[test]
+    fn while_only_bulk_moves_windows_grow_behind_a_queue_and_stay() {
+        let short = Duration::from_micros(100);
+        let queued = Duration::from_millis(5);
+        let mut bulk = estimator();
+        bulk.sample(short, 0, 100, Sharing::BulkOnly);
+        // Filled round trips fifty times the shortest: a busy node.
+        let grown = feed_as(&mut bulk, GROWTH_STREAK, queued, 1 << 20, Sharing::BulkOnly);
+        assert_eq!(grown.expect("doubled").stream, 2 * MIN_STREAM_WINDOW);
+        feed_as(
+            &mut bulk,
+            20 * GROWTH_STREAK,
+            queued,
+            8 << 20,
+            Sharing::BulkOnly,
+        );
+        assert_eq!(bulk.windows().stream, 4 << 20, "up to the ceiling");
+        assert_eq!(bulk.windows().connection, 16 << 20);
+
+        // The same round trips where a tunnel that does not move bulk
+        // shares the connection: no growth.
+        let mut shared = estimator();
+        shared.sample(short, 0, 100, Sharing::Shared);
+        let kept = feed_as(
+            &mut shared,
+            4 * GROWTH_STREAK,
+            queued,
+            1 << 20,
+            Sharing::Shared,
+        );
+        assert_eq!(kept, None);
+        assert_eq!(shared.windows().stream, MIN_STREAM_WINDOW);
+    }
+
+    #[test]
+    fn a_window_grown_for_bulk_halves_each_queued_round_trip_once_shared() {
+        let short = Duration::from_micros(100);
+        let queued = Duration::from_millis(5);
+        let mut e = estimator();
+        e.sample(short, 0, 100, Sharing::BulkOnly);
+        feed_as(
+            &mut e,
+            3 * GROWTH_STREAK,
+            queued,
+            8 << 20,
+            Sharing::BulkOnly,
+        );
+        assert_eq!(e.windows().stream, 8 * MIN_STREAM_WINDOW);
+        // A request joins: every round trip behind the queue halves the
+        // window, never more than half at once.
+        for expected in [4, 2] {
+            let halved = e.sample(queued, 1 << 20, 0, Sharing::Shared);
+            assert_eq!(halved.expect("halved").stream, expected * MIN_STREAM_WINDOW);
+        }
+        // A round trip without a queue: the window now suits sharing, and
+        // shrinks again only after a streak behind a queue.
+        assert_eq!(e.sample(short, 1 << 20, 0, Sharing::Shared), None);
+        assert_eq!(
+            feed_as(&mut e, SHRINK_STREAK - 1, queued, 1 << 20, Sharing::Shared),
+            None
+        );
+        let halved = e.sample(queued, 1 << 20, 0, Sharing::Shared);
+        assert_eq!(halved.expect("halved").stream, MIN_STREAM_WINDOW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_tells_a_connection_that_only_bulk_moves() {
+        let activity = Arc::new(Activity::default());
+        let probe = Arc::new(Probe::with_activity(activity.clone()));
+        let bulk = crate::pool::BULK_BYTES as usize;
+        let mut first = StreamProbe::new(probe.clone());
+        first.record(bulk);
+        assert_eq!(probe.sharing(), Sharing::BulkOnly, "one bulk tunnel");
+        let mut second = StreamProbe::new(probe.clone());
+        second.record(1_000);
+        assert_eq!(probe.sharing(), Sharing::Shared, "beside a new one");
+        second.sent(bulk);
+        assert_eq!(probe.sharing(), Sharing::BulkOnly, "both move bulk");
+        drop(second);
+        assert_eq!(probe.sharing(), Sharing::BulkOnly);
+        assert!(!activity.recent(std::time::Instant::now()));
+
+        // Another connection's tunnel trickles, past its first span.
+        let elsewhere = Arc::new(Probe::with_activity(activity.clone()));
+        let mut small = StreamProbe::new(elsewhere);
+        small.record(100);
+        assert!(
+            !activity.recent(std::time::Instant::now()),
+            "may yet be bulk"
+        );
+        tokio::time::advance(crate::pool::SPAN).await;
+        small.record(100);
+        assert!(activity.recent(std::time::Instant::now()));
+        first.record(bulk);
+        assert_eq!(probe.sharing(), Sharing::Alone, "requests wait behind it");
+        let later = std::time::Instant::now() + crate::pool::MEMORY;
+        assert!(!activity.recent(later), "forgotten after a while");
+
+        // A quiet span: the tunnel no longer moves bulk.
+        tokio::time::advance(2 * crate::pool::SPAN).await;
+        first.record(1);
+        assert_eq!(probe.bulk_streams.load(Ordering::Relaxed), 0);
+        first.record(bulk);
+        assert_eq!(probe.bulk_streams.load(Ordering::Relaxed), 1);
+        drop(first);
+        assert_eq!(probe.bulk_streams.load(Ordering::Relaxed), 0);
+        assert_eq!(probe.sharing(), Sharing::Alone);
     }
 
     /// A receiver that cuts its stream window as the sizing does, after
@@ -550,10 +820,10 @@ mod tests {
         let window = 8 * MIN_STREAM_WINDOW;
         // The sizing's cut from this window, behind a queue.
         let mut e = Estimator::new(Windows::for_stream(window), window);
-        e.sample(Duration::from_micros(100), 0, 100, false);
+        e.sample(Duration::from_micros(100), 0, 100, Sharing::Alone);
         let queued = Duration::from_millis(10);
         let cut = (0..SHRINK_STREAK)
-            .filter_map(|_| e.sample(queued, u64::from(window), 0, false))
+            .filter_map(|_| e.sample(queued, u64::from(window), 0, Sharing::Alone))
             .last()
             .expect("the window was cut")
             .stream;
@@ -632,12 +902,12 @@ mod tests {
     fn the_probe_counts_the_streams_that_hold_it() {
         let probe = Arc::new(Probe::default());
         let first = StreamProbe::new(probe.clone());
-        assert!(!probe.shared());
+        assert_eq!(probe.sharing(), Sharing::Alone);
         let mut second = StreamProbe::new(probe.clone());
-        assert!(probe.shared());
+        assert_eq!(probe.sharing(), Sharing::Shared);
         second.record(7);
         drop(first);
-        assert!(!probe.shared());
+        assert_eq!(probe.sharing(), Sharing::Alone);
         assert_eq!(probe.received(), 7);
         drop(second);
         assert_eq!(probe.streams.load(Ordering::Relaxed), 0);
@@ -659,7 +929,7 @@ mod tests {
         let top = feed(&mut e, GROWTH_STREAK, rtt, 1 << 20, 0).unwrap();
         assert_eq!(top.stream, 100_000);
         assert_eq!(feed(&mut e, 10, rtt, 1 << 20, 0), None);
-        assert_eq!(e.sample(Duration::ZERO, 1 << 20, 0, false), None);
+        assert_eq!(e.sample(Duration::ZERO, 1 << 20, 0, Sharing::Alone), None);
     }
 
     #[tokio::test]

@@ -85,6 +85,11 @@ impl BulkMark {
 pub(crate) struct BulkSpan {
     start: Instant,
     bytes: u64,
+    /// The span before the current one was bulk and ended as this one
+    /// began: the stream still moves bulk, whatever this span has so far.
+    follows_bulk: bool,
+    /// A span has ended: the stream had a span's time to show bulk.
+    seasoned: bool,
     /// Counted in its connection's [`BulkMark`] streams.
     counted: bool,
 }
@@ -94,27 +99,55 @@ impl Default for BulkSpan {
         BulkSpan {
             start: Instant::now(),
             bytes: 0,
+            follows_bulk: false,
+            seasoned: false,
             counted: false,
         }
     }
 }
 
+/// What a stream's bytes say of it, after [`BulkSpan::moved`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pace {
+    /// Its current span reached [`BULK_BYTES`], or the one just before it
+    /// did.
+    Bulk,
+    /// Still in its first span, short of [`BULK_BYTES`]: it may be either.
+    Starting,
+    /// It had a span's time and moves less than bulk: small messages, or
+    /// a slow transfer.
+    Trickle,
+}
+
 impl BulkSpan {
-    /// The stream moved `bytes`, either way; marks the connection when
-    /// that makes this span bulk.
-    pub(crate) fn moved(&mut self, bytes: usize, connection: &BulkMark) {
+    /// The stream moved `bytes`, either way: marks `connection` (when the
+    /// dialer tracks it) when that makes this span bulk, and returns the
+    /// stream's [`Pace`]. A stream that went quiet for a span or more, or
+    /// moved less in the last one, no longer moves bulk.
+    pub(crate) fn moved(&mut self, bytes: usize, connection: Option<&BulkMark>) -> Pace {
         let now = Instant::now();
-        if now.saturating_duration_since(self.start) >= SPAN {
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= SPAN {
+            self.follows_bulk = self.bytes >= BULK_BYTES && elapsed < 2 * SPAN;
+            self.seasoned = true;
             self.start = now;
             self.bytes = 0;
         }
         self.bytes += bytes as u64;
-        if self.bytes >= BULK_BYTES {
+        let bulk_span = self.bytes >= BULK_BYTES;
+        if let (true, Some(connection)) = (bulk_span, connection) {
             if !self.counted {
                 self.counted = true;
                 connection.streams.fetch_add(1, Ordering::Relaxed);
             }
             connection.mark(now);
+        }
+        if bulk_span || self.follows_bulk {
+            Pace::Bulk
+        } else if self.seasoned {
+            Pace::Trickle
+        } else {
+            Pace::Starting
         }
     }
 
@@ -134,10 +167,32 @@ mod tests {
     async fn a_stream_that_moves_the_bulk_bytes_within_a_span_marks_its_connection() {
         let mark = BulkMark::default();
         let mut span = BulkSpan::default();
-        span.moved((BULK_BYTES - 1) as usize, &mark);
+        span.moved((BULK_BYTES - 1) as usize, Some(&mark));
         assert!(!mark.carries_bulk(), "one byte short");
-        span.moved(1, &mark);
+        span.moved(1, Some(&mark));
         assert!(mark.carries_bulk());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_moves_bulk_until_a_span_without_it() {
+        let mut span = BulkSpan::default();
+        assert_eq!(span.moved((BULK_BYTES - 1) as usize, None), Pace::Starting);
+        assert_eq!(
+            span.moved(1, None),
+            Pace::Bulk,
+            "the span reached the bulk bytes"
+        );
+        tokio::time::advance(SPAN).await;
+        assert_eq!(span.moved(1, None), Pace::Bulk, "the span after a bulk one");
+        tokio::time::advance(SPAN).await;
+        assert_eq!(
+            span.moved(1, None),
+            Pace::Trickle,
+            "after a span that moved little"
+        );
+        assert_eq!(span.moved(BULK_BYTES as usize, None), Pace::Bulk);
+        tokio::time::advance(2 * SPAN).await;
+        assert_eq!(span.moved(1, None), Pace::Trickle, "after a quiet span");
     }
 
     #[tokio::test(start_paused = true)]
@@ -145,7 +200,7 @@ mod tests {
         let mark = BulkMark::default();
         let mut span = BulkSpan::default();
         for _ in 0..8 {
-            span.moved((BULK_BYTES / 2) as usize, &mark);
+            span.moved((BULK_BYTES / 2) as usize, Some(&mark));
             tokio::time::advance(SPAN).await;
         }
         assert!(!mark.carries_bulk(), "half the bytes in each span");
@@ -155,7 +210,7 @@ mod tests {
     async fn the_mark_lasts_its_memory_after_the_last_bulk_span() {
         let mark = BulkMark::default();
         let mut span = BulkSpan::default();
-        span.moved(BULK_BYTES as usize, &mark);
+        span.moved(BULK_BYTES as usize, Some(&mark));
         tokio::time::advance(MEMORY - Duration::from_millis(10)).await;
         assert!(mark.carries_bulk(), "within its memory");
         tokio::time::advance(Duration::from_millis(20)).await;
@@ -166,8 +221,8 @@ mod tests {
     async fn a_bulk_stream_that_ended_leaves_no_mark() {
         let mark = BulkMark::default();
         let (mut ended, mut open) = (BulkSpan::default(), BulkSpan::default());
-        ended.moved(BULK_BYTES as usize, &mark);
-        open.moved(BULK_BYTES as usize, &mark);
+        ended.moved(BULK_BYTES as usize, Some(&mark));
+        open.moved(BULK_BYTES as usize, Some(&mark));
         ended.end(&mark);
         assert!(mark.carries_bulk(), "one is still open");
         open.end(&mark);

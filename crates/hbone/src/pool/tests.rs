@@ -320,7 +320,7 @@ async fn checkout_moves_on_from_full_and_closed_connections() {
 /// One of `conn`'s streams moves a bulk span's bytes now, and stays open.
 fn carry_bulk(conn: &PooledConn) {
     let mark = conn.state.probe.bulk.as_ref().expect("a pooled probe");
-    bulk::BulkSpan::default().moved(bulk::BULK_BYTES as usize, mark);
+    bulk::BulkSpan::default().moved(bulk::BULK_BYTES as usize, Some(mark));
 }
 
 #[tokio::test(start_paused = true)]
