@@ -690,11 +690,8 @@ mod tests {
         let mut shared = estimator();
         shared.sample(short, 0, 100, Sharing::Shared);
         feed(&mut shared, GROWTH_STREAK, short, 1 << 20, 0).expect("doubled");
-        let halved = (0..SHRINK_STREAK)
-            .map(|_| shared.sample(queued, 1 << 20, 0, Sharing::Shared))
-            .last()
-            .flatten()
-            .expect("halved");
+        let halved =
+            feed_as(&mut shared, SHRINK_STREAK, queued, 1 << 20, Sharing::Shared).expect("halved");
         assert_eq!(halved.stream, MIN_STREAM_WINDOW);
     }
 
