@@ -52,7 +52,8 @@ impl H2Stream {
 
     /// Reports the bytes received to the connection's window sizing.
     pub(crate) fn with_probe(mut self, probe: Option<Arc<Probe>>) -> Self {
-        self.probe = probe.map(StreamProbe::new);
+        let flow = self.recv.flow_control().clone();
+        self.probe = probe.map(|probe| StreamProbe::new(probe, Some(flow)));
         self
     }
 

@@ -41,11 +41,11 @@
 //! never shrinks: what stalled streams hold of it would stop the others.
 //! The same PINGs keep the connection alive ([`Keepalive`]).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use h2::{Ping, PingPong};
+use h2::{FlowControl, Ping, PingPong};
 use tokio::sync::{Notify, watch};
 
 use crate::config::H2Settings;
@@ -221,8 +221,10 @@ impl Estimator {
                 .max(min_rtt.saturating_add(slack));
         if sharing != Sharing::BulkOnly && self.grown_for_bulk {
             (self.streak, self.queued) = (0, 0);
-            if unqueued || stream <= MIN_STREAM_WINDOW {
+            if stream <= MIN_STREAM_WINDOW || (unqueued && self.filled) {
                 self.grown_for_bulk = false;
+            }
+            if unqueued || !self.grown_for_bulk {
                 return None;
             }
             return Some(self.set_stream((stream / 2).max(MIN_STREAM_WINDOW)));
@@ -244,6 +246,8 @@ impl Estimator {
             // leave it none while this side has consumed everything and so
             // has no reason to return any: the stream stalls for good (a
             // cut straight to the first window stalled bulk streams here).
+            // Cuts in a row are safe only because each is followed by
+            // `Probe::return_owed_window`.
             return Some(self.set_stream((stream / 2).max(MIN_STREAM_WINDOW)));
         }
         self.queued = 0;
@@ -280,6 +284,10 @@ pub(crate) struct Probe {
     streams: AtomicUsize,
     /// Those of them that move bulk now, for the sizing.
     bulk_streams: AtomicUsize,
+    /// Their receive windows, to return what a cut left owed
+    /// ([`Probe::return_owed_window`]), by [`StreamProbe`] number.
+    flows: Mutex<Vec<(u64, FlowControl)>>,
+    next_flow: AtomicU64,
     /// Whether one of them moves bulk now, for the pool's choice of
     /// connection for a new tunnel: kept only on pooled connections
     /// ([`Probe::for_pool`]), so a server's streams do not count it.
@@ -329,8 +337,8 @@ impl Activity {
     /// A tunnel that trickles moved data at `at`.
     fn trickled(&self, at: std::time::Instant) {
         let ms = self.ms(at);
-        if self.last_ms.load(Ordering::Relaxed) != ms {
-            self.last_ms.store(ms, Ordering::Relaxed);
+        if self.last_ms.load(Ordering::Relaxed) < ms {
+            self.last_ms.fetch_max(ms, Ordering::Relaxed);
         }
     }
 
@@ -349,15 +357,32 @@ pub(crate) struct StreamProbe {
     span: BulkSpan,
     /// Counted in the probe's `bulk_streams`.
     moves_bulk: bool,
+    /// Moved bytes, and whether ever at a bulk pace: a tunnel too
+    /// short-lived to trickle for a span still tells the process's
+    /// [`Activity`] when it ends.
+    moved: bool,
+    ever_bulk: bool,
+    /// Its number among the probe's `flows`, where it registered one.
+    flow: Option<u64>,
 }
 
 impl StreamProbe {
-    pub(crate) fn new(probe: Arc<Probe>) -> Self {
+    /// Counts a stream on `probe`; `flow`, its receive window, lets the
+    /// sizing return window that a cut left owed.
+    pub(crate) fn new(probe: Arc<Probe>, flow: Option<FlowControl>) -> Self {
         probe.streams.fetch_add(1, Ordering::Relaxed);
+        let flow = flow.map(|flow| {
+            let number = probe.next_flow.fetch_add(1, Ordering::Relaxed);
+            lock(&probe.flows).push((number, flow));
+            number
+        });
         StreamProbe {
             probe,
             span: BulkSpan::default(),
             moves_bulk: false,
+            moved: false,
+            ever_bulk: false,
+            flow,
         }
     }
 
@@ -375,6 +400,8 @@ impl StreamProbe {
             self.probe.activity.trickled(std::time::Instant::now());
         }
         let moves_bulk = pace == Pace::Bulk;
+        self.moved |= bytes > 0;
+        self.ever_bulk |= moves_bulk;
         if moves_bulk != self.moves_bulk {
             self.moves_bulk = moves_bulk;
             if moves_bulk {
@@ -388,14 +415,32 @@ impl StreamProbe {
 
 impl Drop for StreamProbe {
     fn drop(&mut self) {
-        self.probe.streams.fetch_sub(1, Ordering::Relaxed);
+        // Bulk first: never more bulk streams than open ones.
         if self.moves_bulk {
             self.probe.bulk_streams.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.probe.streams.fetch_sub(1, Ordering::Relaxed);
+        if self.moved && !self.ever_bulk {
+            self.probe.activity.trickled(std::time::Instant::now());
+        }
+        if let Some(number) = self.flow {
+            let mut flows = lock(&self.probe.flows);
+            if let Some(at) = flows.iter().position(|(n, _)| *n == number) {
+                flows.swap_remove(at);
+            }
         }
         if let Some(mark) = &self.probe.bulk {
             self.span.end(mark);
         }
     }
+}
+
+/// The lock's contents, even after a panic elsewhere left it poisoned
+/// (a list of handles stays consistent between pushes and removals).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Probe {
@@ -408,6 +453,18 @@ impl Probe {
         }
     }
 
+    /// Has h2 send the window updates that a cut of the stream window
+    /// made due: h2 decides on them only when data is released, so a
+    /// stream that had consumed everything before the cut would otherwise
+    /// owe its peer window for good, however many cuts followed. Call once
+    /// the peer has acknowledged the cut.
+    fn return_owed_window(&self) {
+        for (_, flow) in lock(&self.flows).iter_mut() {
+            // Nothing to release: an error only means the stream ended.
+            let _ = flow.release_capacity(0);
+        }
+    }
+
     /// A probe whose tunnels report trickles to `activity`.
     fn with_activity(activity: Arc<Activity>) -> Self {
         Probe {
@@ -416,6 +473,8 @@ impl Probe {
             data: Notify::new(),
             streams: AtomicUsize::new(0),
             bulk_streams: AtomicUsize::new(0),
+            flows: Mutex::new(Vec::new()),
+            next_flow: AtomicU64::new(0),
             bulk: None,
             activity,
         }
@@ -505,13 +564,22 @@ pub(crate) async fn ping(
     };
     let mut last_ping = Instant::now();
     let mut pause = Duration::ZERO;
+    // A cut was sent: the next PING goes out without waiting for data, so
+    // that its answer (after the peer's acknowledgement) returns the
+    // window the cut left owed.
+    let mut cut = false;
     loop {
-        let measure = tokio::select! {
-            before = async {
-                tokio::time::sleep(pause).await;
-                probe.data_arrives().await
-            } => Some(before),
-            () = tokio::time::sleep_until((last_ping + keepalive.interval).into()) => None,
+        let measure = if std::mem::take(&mut cut) {
+            tokio::time::sleep(pause).await;
+            None
+        } else {
+            tokio::select! {
+                before = async {
+                    tokio::time::sleep(pause).await;
+                    probe.data_arrives().await
+                } => Some(before),
+                () = tokio::time::sleep_until((last_ping + keepalive.interval).into()) => None,
+            }
         };
         let sent = Instant::now();
         let at_ping = probe.received();
@@ -521,10 +589,14 @@ pub(crate) async fn ping(
             Ok(Err(e)) => return format!("keepalive PING failed: {e}"),
             Err(_) => return format!("no answer to PING within {:?}", keepalive.timeout),
         }
+        // After every answer, not only the first after a cut: h2 may have
+        // sent the cut after this PING, when its driver was busy.
+        probe.return_owed_window();
         let Some(before) = measure else {
             continue;
         };
         let (rtt, woke, during) = (sent.elapsed(), at_ping - before, probe.received() - at_ping);
+        let before_sample = estimator.windows().stream;
         let grown = estimator.sample(rtt, woke, during, probe.sharing());
         tracing::trace!(
             ?rtt,
@@ -541,6 +613,7 @@ pub(crate) async fn ping(
                     "flow-control windows change"
                 );
                 windows.send_replace(new);
+                cut = new.stream < before_sample;
                 GROWING_INTERVAL
             }
             None if estimator.filled() => GROWING_INTERVAL,
@@ -552,6 +625,7 @@ pub(crate) async fn ping(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
 
     fn estimator() -> Estimator {
         Estimator::new(Windows::for_stream(MIN_STREAM_WINDOW), 4 << 20)
@@ -745,10 +819,12 @@ mod tests {
         assert_eq!(e.windows().stream, 8 * MIN_STREAM_WINDOW);
         // A request joins: every round trip behind the queue halves the
         // window, never more than half at once.
-        for expected in [4, 2] {
-            let halved = e.sample(queued, 1 << 20, 0, Sharing::Shared);
-            assert_eq!(halved.expect("halved").stream, expected * MIN_STREAM_WINDOW);
-        }
+        let halved = e.sample(queued, 1 << 20, 0, Sharing::Shared);
+        assert_eq!(halved.expect("halved").stream, 4 * MIN_STREAM_WINDOW);
+        // A quiet round trip says nothing of the queue bulk will make.
+        assert_eq!(e.sample(short, 0, 0, Sharing::Shared), None);
+        let halved = e.sample(queued, 1 << 20, 0, Sharing::Shared);
+        assert_eq!(halved.expect("halved").stream, 2 * MIN_STREAM_WINDOW);
         // A round trip without a queue: the window now suits sharing, and
         // shrinks again only after a streak behind a queue.
         assert_eq!(e.sample(short, 1 << 20, 0, Sharing::Shared), None);
@@ -762,13 +838,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_probe_tells_a_connection_that_only_bulk_moves() {
+        // A tunnel that ends within its first span, having moved little,
+        // trickled; one that moved bulk did not.
+        let brief = Arc::new(Activity::default());
+        let mut transfer = StreamProbe::new(Arc::new(Probe::with_activity(brief.clone())), None);
+        transfer.record(crate::pool::BULK_BYTES as usize);
+        drop(transfer);
+        assert!(!brief.recent(std::time::Instant::now()));
+        let mut request = StreamProbe::new(Arc::new(Probe::with_activity(brief.clone())), None);
+        request.record(100);
+        assert!(!brief.recent(std::time::Instant::now()), "may yet be bulk");
+        drop(request);
+        assert!(brief.recent(std::time::Instant::now()));
+
         let activity = Arc::new(Activity::default());
         let probe = Arc::new(Probe::with_activity(activity.clone()));
         let bulk = crate::pool::BULK_BYTES as usize;
-        let mut first = StreamProbe::new(probe.clone());
+        let mut first = StreamProbe::new(probe.clone(), None);
         first.record(bulk);
         assert_eq!(probe.sharing(), Sharing::BulkOnly, "one bulk tunnel");
-        let mut second = StreamProbe::new(probe.clone());
+        let mut second = StreamProbe::new(probe.clone(), None);
         second.record(1_000);
         assert_eq!(probe.sharing(), Sharing::Shared, "beside a new one");
         second.sent(bulk);
@@ -779,7 +868,7 @@ mod tests {
 
         // Another connection's tunnel trickles, past its first span.
         let elsewhere = Arc::new(Probe::with_activity(activity.clone()));
-        let mut small = StreamProbe::new(elsewhere);
+        let mut small = StreamProbe::new(elsewhere, None);
         small.record(100);
         assert!(
             !activity.recent(std::time::Instant::now()),
@@ -804,27 +893,27 @@ mod tests {
         assert_eq!(probe.sharing(), Sharing::Alone);
     }
 
-    /// A receiver that cuts its stream window as the sizing does, after
-    /// taking everything the peer sent and returning none of it (h2
+    /// A receiver that cuts its stream window as the sizing does, again
+    /// and again, after taking a quarter of it and returning none (h2
     /// returns window only once the peer holds less than two thirds), must
-    /// still receive what the peer sends next: a cut that leaves the
-    /// peer a negative window would stall the stream for good.
+    /// still receive what the peer sends next: each cut takes window from
+    /// the peer, and without the window it left owed returned the peer
+    /// would be left with none, for good.
     #[tokio::test]
-    async fn a_cut_window_still_lets_the_peer_send() {
+    async fn cut_windows_still_let_the_peer_send() {
         use bytes::Bytes;
         use http::{Method, Request, Response};
 
         let window = 8 * MIN_STREAM_WINDOW;
-        // The sizing's cut from this window, behind a queue.
+        // The sizing's cuts from this window, behind a queue.
         let mut e = Estimator::new(Windows::for_stream(window), window);
         e.sample(Duration::from_micros(100), 0, 100, Sharing::Alone);
         let queued = Duration::from_millis(10);
-        let cut = (0..SHRINK_STREAK)
+        let cuts: Vec<u32> = (0..4 * SHRINK_STREAK)
             .filter_map(|_| e.sample(queued, u64::from(window), 0, Sharing::Alone))
-            .last()
-            .expect("the window was cut")
-            .stream;
-        assert!(cut < window);
+            .map(|w| w.stream)
+            .collect();
+        assert_eq!(cuts, [4, 2, 1].map(|n| n * MIN_STREAM_WINDOW));
 
         let mut server = h2::server::Builder::new();
         server
@@ -834,8 +923,8 @@ mod tests {
         tokio::spawn(pair.client);
         let mut connection = pair.server;
         let mut ping_pong = connection.ping_pong().expect("a PING handle");
-        let (cut_tx, mut cut_rx) = tokio::sync::mpsc::channel::<u32>(1);
-        let (body_tx, body_rx) = tokio::sync::oneshot::channel();
+        let (cut_tx, mut cut_rx) = tokio::sync::mpsc::channel::<(u32, oneshot::Sender<()>)>(1);
+        let (body_tx, body_rx) = oneshot::channel();
         tokio::spawn(async move {
             let (request, mut respond) = connection.accept().await.unwrap().unwrap();
             let _send = respond.send_response(Response::new(()), false).unwrap();
@@ -843,7 +932,10 @@ mod tests {
             loop {
                 tokio::select! {
                     accepted = connection.accept() => if accepted.is_none() { break },
-                    Some(size) = cut_rx.recv() => connection.set_initial_window_size(size).unwrap(),
+                    Some((size, applied)) = cut_rx.recv() => {
+                        connection.set_initial_window_size(size).unwrap();
+                        let _ = applied.send(());
+                    }
                 }
             }
         });
@@ -854,6 +946,8 @@ mod tests {
         let (response, mut upload) = send_request.send_request(request, false).unwrap();
         response.await.unwrap();
         let mut body = body_rx.await.unwrap();
+        let probe = Arc::new(Probe::with_activity(Arc::default()));
+        let _counted = StreamProbe::new(probe.clone(), Some(body.flow_control().clone()));
 
         // A quarter of the window arrives and is consumed: too little for
         // h2 to return it.
@@ -867,9 +961,15 @@ mod tests {
             body.flow_control().release_capacity(data.len()).unwrap();
             received += data.len();
         }
-        cut_tx.send(cut).await.unwrap();
-        // The peer answers the PING after it acknowledged the SETTINGS.
-        ping_pong.ping(Ping::opaque()).await.unwrap();
+        for cut in cuts {
+            let (applied, done) = oneshot::channel();
+            cut_tx.send((cut, applied)).await.unwrap();
+            done.await.unwrap();
+            // The peer answers the PING after it acknowledged the SETTINGS
+            // sent before it; then the sizing returns what is owed.
+            ping_pong.ping(Ping::opaque()).await.unwrap();
+            probe.return_owed_window();
+        }
 
         let more = 4 * window as usize;
         upload.send_data(Bytes::from(vec![2; more]), true).unwrap();
@@ -889,7 +989,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn only_a_pooled_probe_tracks_bulk() {
         for (probe, tracks) in [(Probe::for_pool(), true), (Probe::default(), false)] {
-            let mut stream = StreamProbe::new(Arc::new(probe));
+            let mut stream = StreamProbe::new(Arc::new(probe), None);
             stream.sent(crate::pool::BULK_BYTES as usize);
             assert_eq!(stream.probe.carries_bulk(), tracks);
         }
@@ -898,9 +998,9 @@ mod tests {
     #[test]
     fn the_probe_counts_the_streams_that_hold_it() {
         let probe = Arc::new(Probe::default());
-        let first = StreamProbe::new(probe.clone());
+        let first = StreamProbe::new(probe.clone(), None);
         assert_eq!(probe.sharing(), Sharing::Alone);
-        let mut second = StreamProbe::new(probe.clone());
+        let mut second = StreamProbe::new(probe.clone(), None);
         assert_eq!(probe.sharing(), Sharing::Shared);
         second.record(7);
         drop(first);
