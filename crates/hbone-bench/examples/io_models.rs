@@ -348,6 +348,10 @@ mod linux {
         eventfd: Option<OwnedFd>,
     }
 
+    /// `IORING_RECVSEND_POLL_FIRST`: a receive posted ahead finds no data
+    /// yet, so it waits for readiness without trying to read first.
+    const RECVSEND_POLL_FIRST: u16 = 1;
+
     /// `user_data` of entries whose completion nobody awaits.
     const IGNORED: u64 = u64::MAX;
 
@@ -588,7 +592,7 @@ mod linux {
 
         fn post_receive(&mut self, ring: &mut Ring) {
             let entry = opcode::Recv::new(self.fd(), self.received.as_mut_ptr(), BUFFER as u32)
-                .ioprio(1)
+                .ioprio(RECVSEND_POLL_FIRST)
                 .build();
             self.receive = Some(ring.push(entry));
         }
