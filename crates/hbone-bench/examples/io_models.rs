@@ -6,22 +6,23 @@
 //! client ─A─ relay ─B══B'─ relay ─C─ echo
 //! ```
 //!
-//! Each relay copies bytes both ways between its two sockets with
-//! `tokio::io::copy_bidirectional`. The client (a blocking thread) sends
-//! 1 KiB and waits for the echo, again and again; the echo is a blocking
-//! thread too. Only the relay threads are counted: syscalls with
-//! `perf stat -e raw_syscalls:sys_enter --per-thread`, CPU with perf's
-//! task-clock.
+//! Each relay moves bytes both ways between its two sockets, copying
+//! nothing in user space: it receives into a buffer and sends from it. The
+//! client (a blocking thread) sends 1 KiB and waits for the echo, again and
+//! again; the echo is a blocking thread too. Only the relay threads are
+//! counted, in two passes over the same chain: one without any counter
+//! attached, timed, for CPU (`/proc/self/task/TID/schedstat`) and the round
+//! trip; one under `perf stat -e raw_syscalls:sys_enter` for syscalls (the
+//! tracepoint slows every syscall, so it stays out of the timed pass).
 //!
 //! The models:
-//! - `readiness`: tokio's own `TcpStream` (epoll, then `recv`/`send`), as
-//!   hbone and ztunnel do today.
+//! - `readiness`: tokio's own `TcpStream` (`copy_bidirectional`: epoll,
+//!   then `recv`/`send`), as hbone and ztunnel do.
 //! - `hybrid`: tokio's current-thread runtime still parks in `epoll_wait`,
-//!   but the sockets are read and written through io_uring: receives are
-//!   posted ahead, sends are queued, and a task submits the queue once the
-//!   tasks woken in a turn have run. The ring is set up with
-//!   `DEFER_TASKRUN`; an eventfd (disabled while the thread runs) wakes
-//!   epoll when the ring has work.
+//!   but the sockets are read and written through io_uring: operations are
+//!   queued, and a task submits the queue once the tasks woken in a turn
+//!   have run. The ring is set up with `DEFER_TASKRUN`; an eventfd
+//!   (disabled while the thread runs) wakes epoll when the ring has work.
 //! - `completion`: no tokio runtime at all; a loop whose only wait is
 //!   `io_uring_enter`, submitting everything queued and waiting for one
 //!   completion in the same call.
@@ -31,7 +32,7 @@
 //! thread) and with one thread per relay (as when the entry and the server
 //! are two processes or two hosts).
 //!
-//! `cargo run --release -p hbone-bench --example io_models [REQUESTS]`
+//! `cargo run --release -p hbone-bench --example io_models [REQUESTS] [RUNS]`
 //! (Linux, with `perf` installed and io_uring enabled).
 
 #[cfg(not(target_os = "linux"))]
@@ -53,21 +54,28 @@ mod linux {
     use std::pin::Pin;
     use std::process::{Command, Stdio};
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering, fence};
     use std::sync::mpsc;
     use std::task::{Context, Poll, Wake, Waker};
     use std::time::{Duration, Instant};
 
     use io_uring::{IoUring, opcode, squeue, types};
     use tokio::io::unix::AsyncFd;
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-    /// What a socket asks of the kernel in one operation.
+    /// What one receive asks of the kernel.
     const BUFFER: usize = 64 * 1024;
     /// The size of one request and of its response.
     const MESSAGE: usize = 1024;
+    /// Round trips before each pass, left uncounted.
+    const WARM_UP: u32 = 1000;
     /// `IORING_ENTER_GETEVENTS`: run deferred completions, reap, wait.
     const GETEVENTS: u32 = 1;
+    /// `IORING_RECVSEND_POLL_FIRST`: the relay posts a receive before the
+    /// data it waits for can exist, so it waits for readiness without
+    /// trying to read first.
+    const RECVSEND_POLL_FIRST: u16 = 1;
+    /// `user_data` of entries whose completion nobody awaits.
+    const IGNORED: u64 = u64::MAX;
 
     #[derive(Clone, Copy, PartialEq)]
     enum Model {
@@ -88,15 +96,16 @@ mod linux {
 
     pub fn main() {
         let mut args = std::env::args().skip(1);
-        let mut number = |default: u64| {
+        let mut number = |default: u32| {
             args.next()
                 .map(|n| n.parse().expect("REQUESTS and RUNS are numbers"))
                 .unwrap_or(default)
+                .max(1)
         };
-        let requests = number(40_000);
-        let runs = number(5).max(1);
+        let requests = number(20_000);
+        let runs = number(5);
         println!(
-            "{requests} requests of {MESSAGE} bytes per run, medians of {runs} runs; \
+            "{requests} requests of {MESSAGE} bytes per pass, medians of {runs} runs; \
              syscalls and CPU of the relay threads only"
         );
         println!();
@@ -116,12 +125,15 @@ mod linux {
                 results.push(run(model, threads, requests));
             }
         }
+        let per_request = f64::from(requests);
         for (&(model, threads), runs) in layouts.iter().zip(&results) {
-            let median = |figure: fn(&Run) -> f64| {
+            let figures = |figure: fn(&Run) -> f64| {
                 let mut figures: Vec<f64> = runs.iter().map(figure).collect();
                 figures.sort_by(f64::total_cmp);
-                figures[figures.len() / 2]
+                figures
             };
+            let median = |figure| figures(figure)[runs.len() / 2];
+            let cpu = figures(|run| run.cpu.as_secs_f64());
             println!(
                 "| {} | {} | {:.2} | {:.1} ({:.1}–{:.1}) | {:.1} |",
                 model.name(),
@@ -130,11 +142,10 @@ mod linux {
                 } else {
                     "one thread each"
                 },
-                median(|run| run.syscalls as f64) / requests as f64,
-                median(|run| run.cpu_ms) * 1000.0 / requests as f64,
-                runs.iter().map(|run| run.cpu_ms).fold(f64::MAX, f64::min) * 1000.0
-                    / requests as f64,
-                runs.iter().map(|run| run.cpu_ms).fold(0.0, f64::max) * 1000.0 / requests as f64,
+                median(|run| run.syscalls as f64) / per_request,
+                cpu[runs.len() / 2] * 1e6 / per_request,
+                cpu[0] * 1e6 / per_request,
+                cpu[runs.len() - 1] * 1e6 / per_request,
                 median(|run| run.round_trip.as_secs_f64()) * 1e6,
             );
         }
@@ -142,48 +153,61 @@ mod linux {
 
     struct Run {
         syscalls: u64,
-        cpu_ms: f64,
+        cpu: Duration,
         round_trip: Duration,
     }
 
-    /// Builds the chain, runs the client for `requests` round trips with
-    /// perf counting the relay threads, and tears it down.
-    fn run(model: Model, threads: usize, requests: u64) -> Run {
+    /// Builds the chain, runs the timed pass and the counted pass of
+    /// `requests` round trips each, and tears the chain down.
+    fn run(model: Model, threads: usize, requests: u32) -> Run {
         let echo = TcpListener::bind("127.0.0.1:0").expect("bind echo");
         let echo_addr = echo.local_addr().expect("echo address");
-        std::thread::spawn(move || echo_loop(echo));
+        let echo = std::thread::spawn(move || echo_loop(echo));
         let entry = TcpListener::bind("127.0.0.1:0").expect("bind entry");
         let entry_addr = entry.local_addr().expect("entry address");
-        let (tids, relay_tids) = mpsc::channel();
-        start_relays(model, threads, entry, echo_addr, tids);
+        // Connected before the relays start: they accept it first.
         let mut client = TcpStream::connect(entry_addr).expect("connect entry");
         client.set_nodelay(true).expect("nodelay");
+        let (tids, relay_tids) = mpsc::channel();
+        let relays = start_relays(model, threads, entry, echo_addr, tids);
         let relay_tids: Vec<i32> = (0..threads)
             .map(|_| relay_tids.recv().expect("relay thread"))
             .collect();
-        // Warm up, so that perf sees only the steady state.
         let mut message = [7u8; MESSAGE];
-        for _ in 0..1000 {
-            round_trip(&mut client, &mut message);
-        }
-        let perf = Perf::attach(&relay_tids);
+        let mut round_trips = |count: u32| {
+            for _ in 0..count {
+                client.write_all(&message).expect("request");
+                client.read_exact(&mut message).expect("response");
+            }
+        };
+
+        round_trips(WARM_UP);
+        let cpu_before = cpu_time(&relay_tids);
         let started = Instant::now();
-        for _ in 0..requests {
-            round_trip(&mut client, &mut message);
-        }
-        let elapsed = started.elapsed();
-        let (syscalls, cpu_ms) = perf.finish();
+        round_trips(requests);
+        let round_trip = started.elapsed() / requests;
+        let cpu = cpu_time(&relay_tids) - cpu_before;
+
+        round_trips(WARM_UP);
+        let perf = Perf::attach(&relay_tids);
+        round_trips(requests);
+        let syscalls = perf.finish();
+        // Every relay thread waits for each request at least once.
+        assert!(
+            syscalls >= u64::from(requests) * threads as u64,
+            "perf counted {syscalls} syscalls for {requests} requests: was it attached in time?"
+        );
+
         let _ = client.shutdown(Shutdown::Both);
+        for relay in relays {
+            relay.join().expect("relay thread");
+        }
+        echo.join().expect("echo thread");
         Run {
             syscalls,
-            cpu_ms,
-            round_trip: elapsed / requests as u32,
+            cpu,
+            round_trip,
         }
-    }
-
-    fn round_trip(client: &mut TcpStream, message: &mut [u8; MESSAGE]) {
-        client.write_all(message).expect("request");
-        client.read_exact(message).expect("response");
     }
 
     fn echo_loop(listener: TcpListener) {
@@ -197,32 +221,46 @@ mod linux {
         }
     }
 
+    /// The CPU time the threads ran, summed (schedstat's first field).
+    fn cpu_time(tids: &[i32]) -> Duration {
+        tids.iter()
+            .map(|tid| {
+                let path = format!("/proc/self/task/{tid}/schedstat");
+                let stat = std::fs::read_to_string(&path).expect("schedstat");
+                let nanos = stat.split_whitespace().next().and_then(|n| n.parse().ok());
+                Duration::from_nanos(nanos.expect("schedstat's run time"))
+            })
+            .sum()
+    }
+
     /// Connects A, B–B' and C, and starts the relays on `threads` threads;
-    /// each relay thread sends its thread id once it runs.
+    /// each relay thread sends its thread id once it runs. Returns the
+    /// threads, which end when the client's connection closes.
     fn start_relays(
         model: Model,
         threads: usize,
         entry: TcpListener,
         echo: SocketAddr,
         tids: mpsc::Sender<i32>,
-    ) {
+    ) -> Vec<std::thread::JoinHandle<()>> {
         let middle = TcpListener::bind("127.0.0.1:0").expect("bind middle");
         let b = TcpStream::connect(middle.local_addr().expect("middle address"))
             .expect("connect middle");
         let (b2, _) = middle.accept().expect("accept middle");
         let c = TcpStream::connect(echo).expect("connect echo");
-        std::thread::spawn(move || {
-            let (a, _) = entry.accept().expect("accept entry");
-            let pairs = vec![(a, b), (b2, c)];
-            if threads == 1 {
-                relay_thread(model, pairs, tids);
-            } else {
-                for pair in pairs {
+        let (a, _) = entry.accept().expect("accept entry");
+        let pairs = vec![(a, b), (b2, c)];
+        if threads == 1 {
+            vec![std::thread::spawn(move || relay_thread(model, pairs, tids))]
+        } else {
+            pairs
+                .into_iter()
+                .map(|pair| {
                     let tids = tids.clone();
-                    std::thread::spawn(move || relay_thread(model, vec![pair], tids));
-                }
-            }
-        });
+                    std::thread::spawn(move || relay_thread(model, vec![pair], tids))
+                })
+                .collect()
+        }
     }
 
     fn relay_thread(model: Model, pairs: Vec<(TcpStream, TcpStream)>, tids: mpsc::Sender<i32>) {
@@ -257,21 +295,20 @@ mod linux {
             }
             let mut relays = Vec::new();
             for (x, y) in pairs {
-                relays.push(if hybrid {
-                    tokio::spawn(async move {
-                        let (mut x, mut y) = (UringTcp::new(x), UringTcp::new(y));
-                        let _ = tokio::io::copy_bidirectional(&mut x, &mut y).await;
-                    })
+                if hybrid {
+                    let (x, y) = (Arc::new(x), Arc::new(y));
+                    relays.push(tokio::spawn(pump(x.clone(), y.clone())));
+                    relays.push(tokio::spawn(pump(y, x)));
                 } else {
-                    tokio::spawn(async move {
+                    relays.push(tokio::spawn(async move {
                         let tokio_stream = |s: TcpStream| {
                             s.set_nonblocking(true).expect("nonblocking");
                             tokio::net::TcpStream::from_std(s).expect("tokio stream")
                         };
                         let (mut x, mut y) = (tokio_stream(x), tokio_stream(y));
                         let _ = tokio::io::copy_bidirectional(&mut x, &mut y).await;
-                    })
-                });
+                    }));
+                }
             }
             for relay in relays {
                 let _ = relay.await;
@@ -279,7 +316,7 @@ mod linux {
         });
     }
 
-    /// The completion model: poll the woken relays, then one
+    /// The completion model: poll the woken pumps, then one
     /// `io_uring_enter` that submits what they queued and waits.
     fn completion_loop(pairs: Vec<(TcpStream, TcpStream)>) {
         struct Woken(AtomicBool);
@@ -288,30 +325,29 @@ mod linux {
                 self.0.store(true, Ordering::Relaxed);
             }
         }
-        type Relay = Pin<Box<dyn Future<Output = ()>>>;
+        type Pump = Pin<Box<dyn Future<Output = ()>>>;
         Ring::install(false);
-        let mut relays: Vec<(Relay, Arc<Woken>)> = pairs
-            .into_iter()
-            .map(|(x, y)| {
-                let relay: Relay = Box::pin(async move {
-                    let (mut x, mut y) = (UringTcp::new(x), UringTcp::new(y));
-                    let _ = tokio::io::copy_bidirectional(&mut x, &mut y).await;
-                });
-                (relay, Arc::new(Woken(AtomicBool::new(true))))
-            })
-            .collect();
-        while !relays.is_empty() {
-            relays.retain_mut(|(relay, woken)| {
+        let mut pumps: Vec<(Pump, Arc<Woken>)> = Vec::new();
+        for (x, y) in pairs {
+            let (x, y) = (Arc::new(x), Arc::new(y));
+            for pump in [pump(x.clone(), y.clone()), pump(y, x)] {
+                pumps.push((Box::pin(pump), Arc::new(Woken(AtomicBool::new(true)))));
+            }
+        }
+        loop {
+            pumps.retain_mut(|(pump, woken)| {
                 if !woken.0.swap(false, Ordering::Relaxed) {
                     return true;
                 }
                 let waker = Waker::from(woken.clone());
-                relay
-                    .as_mut()
+                pump.as_mut()
                     .poll(&mut Context::from_waker(&waker))
                     .is_pending()
             });
-            if relays
+            if pumps.is_empty() {
+                return;
+            }
+            if pumps
                 .iter()
                 .any(|(_, woken)| woken.0.load(Ordering::Relaxed))
             {
@@ -321,20 +357,106 @@ mod linux {
         }
     }
 
-    /// One operation in flight: its result once it completed, and whom to
-    /// wake. A buffer left behind by a dropped socket lives here until the
-    /// kernel is done with it.
-    #[derive(Default)]
+    /// Moves what arrives on `from` to `to` until `from` ends. Two
+    /// buffers take turns: while one is sent from, the next receive is
+    /// already posted into the other (queued with the send, so one
+    /// submission carries both), and nothing is copied in user space.
+    async fn pump(from: Arc<TcpStream>, to: Arc<TcpStream>) {
+        let mut spare = vec![0; BUFFER];
+        let mut receiving = Operation::receive(&from, vec![0; BUFFER]);
+        loop {
+            let (received, mut buffer) = (&mut receiving).await;
+            let Ok(end @ 1..) = usize::try_from(received) else {
+                break;
+            };
+            receiving = Operation::receive(&from, spare);
+            let mut sent = 0;
+            while sent < end {
+                let (result, returned) = Operation::send(&to, buffer, sent..end).await;
+                buffer = returned;
+                let Ok(n @ 1..) = usize::try_from(result) else {
+                    return;
+                };
+                sent += n;
+            }
+            spare = buffer;
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    }
+
+    /// An operation in flight as a future: it owns its buffer (and a handle
+    /// on its socket) until the kernel has completed it, and yields the
+    /// result with the buffer.
     struct Operation {
+        index: usize,
+        parts: Option<(Vec<u8>, Arc<TcpStream>)>,
+    }
+
+    impl Operation {
+        fn receive(socket: &Arc<TcpStream>, mut buffer: Vec<u8>) -> Operation {
+            let fd = types::Fd(socket.as_raw_fd());
+            let entry = opcode::Recv::new(fd, buffer.as_mut_ptr(), buffer.len() as u32)
+                .ioprio(RECVSEND_POLL_FIRST)
+                .build();
+            Operation::start(entry, buffer, socket)
+        }
+
+        fn send(
+            socket: &Arc<TcpStream>,
+            buffer: Vec<u8>,
+            range: std::ops::Range<usize>,
+        ) -> Operation {
+            let fd = types::Fd(socket.as_raw_fd());
+            let bytes = &buffer[range];
+            let entry = opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build();
+            Operation::start(entry, buffer, socket)
+        }
+
+        fn start(entry: squeue::Entry, buffer: Vec<u8>, socket: &Arc<TcpStream>) -> Operation {
+            Operation {
+                index: Ring::with(|ring| ring.push(entry)),
+                parts: Some((buffer, socket.clone())),
+            }
+        }
+    }
+
+    impl Future for Operation {
+        type Output = (i32, Vec<u8>);
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let result = std::task::ready!(Ring::with(|ring| ring.poll(self.index, cx)));
+            let (buffer, _) = self.parts.take().expect("polled after completion");
+            Poll::Ready((result, buffer))
+        }
+    }
+
+    impl Drop for Operation {
+        /// Dropped before completion: the buffer and the socket stay with the
+        /// ring until the kernel lets go of them.
+        fn drop(&mut self) {
+            if let Some(parts) = self.parts.take() {
+                Ring::with(|ring| ring.abandon(self.index, parts));
+            }
+        }
+    }
+
+    /// One operation's slot: its result once it completed, whom to wake,
+    /// and what an abandoned operation leaves for the kernel.
+    #[derive(Default)]
+    struct Slot {
         result: Option<i32>,
         waker: Option<Waker>,
-        orphaned: Option<Vec<u8>>,
+        abandoned: Option<(Vec<u8>, Arc<TcpStream>)>,
     }
 
     /// The thread's io_uring and the operations in flight on it.
     struct Ring {
+        /// Declared first, so dropped first: closing the ring ends what is
+        /// in flight before `slots` frees abandoned buffers.
         ring: IoUring,
-        operations: Vec<Operation>,
+        slots: Vec<Slot>,
         free: Vec<usize>,
         /// Entries queued since the last submission.
         queued: usize,
@@ -347,13 +469,6 @@ mod linux {
         /// Until the reaper takes it (hybrid model).
         eventfd: Option<OwnedFd>,
     }
-
-    /// `IORING_RECVSEND_POLL_FIRST`: a receive posted ahead finds no data
-    /// yet, so it waits for readiness without trying to read first.
-    const RECVSEND_POLL_FIRST: u16 = 1;
-
-    /// `user_data` of entries whose completion nobody awaits.
-    const IGNORED: u64 = u64::MAX;
 
     thread_local! {
         static RING: RefCell<Option<Ring>> = const { RefCell::new(None) };
@@ -381,7 +496,7 @@ mod linux {
             RING.with(|slot| {
                 *slot.borrow_mut() = Some(Ring {
                     ring,
-                    operations: Vec::new(),
+                    slots: Vec::new(),
                     free: Vec::new(),
                     queued: 0,
                     submitter: None,
@@ -401,20 +516,20 @@ mod linux {
             })
         }
 
-        /// Queues `entry`; returns the operation's index.
+        /// Queues `entry`; returns its slot.
         fn push(&mut self, entry: squeue::Entry) -> usize {
             let index = self.free.pop().unwrap_or_else(|| {
-                self.operations.push(Operation::default());
-                self.operations.len() - 1
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
             });
-            self.operations[index] = Operation::default();
             self.queue(entry.user_data(index as u64));
             index
         }
 
         fn queue(&mut self, entry: squeue::Entry) {
-            // SAFETY: every buffer an entry points at is owned by a socket
-            // or by an orphaned operation until its completion is reaped.
+            // SAFETY: every buffer an entry points at is owned by its
+            // operation, or by its slot once abandoned, until its completion
+            // is reaped.
             while unsafe { self.ring.submission().push(&entry) }.is_err() {
                 self.enter(0);
             }
@@ -425,7 +540,7 @@ mod linux {
         }
 
         /// Submits the queue, runs deferred completions, waits for `wait`
-        /// completions, and wakes their tasks.
+        /// completions, and wakes their operations.
         fn enter(&mut self, wait: u32) {
             let queued = self.ring.submission().len() as u32;
             self.queued = 0;
@@ -450,12 +565,12 @@ mod linux {
                     continue;
                 }
                 let index = index as usize;
-                let operation = &mut self.operations[index];
-                if operation.orphaned.take().is_some() {
+                let slot = &mut self.slots[index];
+                if slot.abandoned.take().is_some() {
                     self.free.push(index);
                 } else {
-                    operation.result = Some(result);
-                    if let Some(waker) = operation.waker.take() {
+                    slot.result = Some(result);
+                    if let Some(waker) = slot.waker.take() {
                         waker.wake();
                     }
                 }
@@ -465,16 +580,38 @@ mod linux {
         /// The operation's result, once; until then, wakes the caller on
         /// completion.
         fn poll(&mut self, index: usize, cx: &mut Context<'_>) -> Poll<i32> {
-            match self.operations[index].result.take() {
+            let slot = &mut self.slots[index];
+            match slot.result.take() {
                 Some(result) => {
+                    *slot = Slot::default();
                     self.free.push(index);
                     Poll::Ready(result)
                 }
                 None => {
-                    self.operations[index].waker = Some(cx.waker().clone());
+                    slot.waker = Some(cx.waker().clone());
                     Poll::Pending
                 }
             }
+        }
+
+        /// An operation dropped before it yielded: free its slot if the
+        /// kernel is done with it, else keep what it used and cancel it.
+        fn abandon(&mut self, index: usize, parts: (Vec<u8>, Arc<TcpStream>)) {
+            let slot = &mut self.slots[index];
+            if slot.result.is_some() {
+                *slot = Slot::default();
+                self.free.push(index);
+                return;
+            }
+            *slot = Slot {
+                abandoned: Some(parts),
+                ..Slot::default()
+            };
+            self.queue(
+                opcode::AsyncCancel::new(index as u64)
+                    .build()
+                    .user_data(IGNORED),
+            );
         }
 
         /// Hybrid model: runs after the tasks woken in a turn (it was woken
@@ -526,12 +663,16 @@ mod linux {
         }
 
         /// Hybrid model, before tokio sleeps in epoll: let the eventfd wake
-        /// it, unless work is already there (then reap instead of sleeping).
+        /// it, unless work is already there (then reap instead of sleeping;
+        /// tokio checks for woken tasks after this hook).
         fn before_park() {
             RING.with(|slot| {
                 let mut slot = slot.borrow_mut();
                 let Some(ring) = slot.as_mut() else { return };
                 ring.ring.completion().enable_eventfd();
+                // The enable must be visible to the kernel before the flags
+                // below are read, or work it deferred in between is missed.
+                fence(Ordering::SeqCst);
                 if ring.queued > 0
                     || ring.ring.submission().taskrun()
                     || !ring.ring.completion().is_empty()
@@ -555,161 +696,7 @@ mod linux {
         }
     }
 
-    /// A TCP socket read and written through the thread's io_uring: a
-    /// receive is always posted ahead while the reader has drained what
-    /// came, and writes are queued (their errors show on the next write or
-    /// flush).
-    struct UringTcp {
-        socket: TcpStream,
-        received: Vec<u8>,
-        read_from: usize,
-        read_to: usize,
-        receive: Option<usize>,
-        eof: bool,
-        sending: Vec<u8>,
-        sent: usize,
-        send: Option<usize>,
-    }
-
-    impl UringTcp {
-        fn new(socket: TcpStream) -> UringTcp {
-            UringTcp {
-                socket,
-                received: vec![0; BUFFER],
-                read_from: 0,
-                read_to: 0,
-                receive: None,
-                eof: false,
-                sending: Vec::with_capacity(BUFFER),
-                sent: 0,
-                send: None,
-            }
-        }
-
-        fn fd(&self) -> types::Fd {
-            types::Fd(self.socket.as_raw_fd())
-        }
-
-        fn post_receive(&mut self, ring: &mut Ring) {
-            let entry = opcode::Recv::new(self.fd(), self.received.as_mut_ptr(), BUFFER as u32)
-                .ioprio(RECVSEND_POLL_FIRST)
-                .build();
-            self.receive = Some(ring.push(entry));
-        }
-
-        fn post_send(&mut self, ring: &mut Ring) {
-            let rest = &self.sending[self.sent..];
-            let entry = opcode::Send::new(self.fd(), rest.as_ptr(), rest.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build();
-            self.send = Some(ring.push(entry));
-        }
-
-        /// Ready once everything queued has been sent.
-        fn poll_sent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Ring::with(|ring| {
-                while let Some(index) = self.send {
-                    let sent = std::task::ready!(ring.poll(index, cx));
-                    self.send = None;
-                    if sent < 0 {
-                        return Poll::Ready(Err(io::Error::from_raw_os_error(-sent)));
-                    }
-                    self.sent += sent as usize;
-                    if self.sent < self.sending.len() {
-                        self.post_send(ring);
-                    } else {
-                        self.sending.clear();
-                        self.sent = 0;
-                    }
-                }
-                Poll::Ready(Ok(()))
-            })
-        }
-    }
-
-    impl AsyncRead for UringTcp {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let this = &mut *self;
-            if this.read_from == this.read_to && !this.eof {
-                let received = Ring::with(|ring| {
-                    if this.receive.is_none() {
-                        this.post_receive(ring);
-                    }
-                    ring.poll(this.receive.expect("posted"), cx)
-                });
-                let received = std::task::ready!(received);
-                this.receive = None;
-                if received < 0 {
-                    return Poll::Ready(Err(io::Error::from_raw_os_error(-received)));
-                }
-                this.eof = received == 0;
-                this.read_from = 0;
-                this.read_to = received as usize;
-            }
-            let n = (this.read_to - this.read_from).min(buf.remaining());
-            buf.put_slice(&this.received[this.read_from..this.read_from + n]);
-            this.read_from += n;
-            if this.read_from == this.read_to && !this.eof {
-                Ring::with(|ring| this.post_receive(ring));
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for UringTcp {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            let this = &mut *self;
-            std::task::ready!(this.poll_sent(cx))?;
-            let n = buf.len().min(BUFFER);
-            this.sending.extend_from_slice(&buf[..n]);
-            Ring::with(|ring| this.post_send(ring));
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            self.poll_sent(cx)
-        }
-
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            std::task::ready!(self.poll_sent(cx))?;
-            Poll::Ready(self.socket.shutdown(Shutdown::Write))
-        }
-    }
-
-    impl Drop for UringTcp {
-        /// Hands buffers still in the kernel's hands to their operations
-        /// and cancels the receive.
-        fn drop(&mut self) {
-            let receive = self.receive.take();
-            let send = self.send.take();
-            if receive.is_none() && send.is_none() {
-                return;
-            }
-            Ring::with(|ring| {
-                if let Some(index) = receive {
-                    ring.operations[index].orphaned = Some(std::mem::take(&mut self.received));
-                    ring.queue(
-                        opcode::AsyncCancel::new(index as u64)
-                            .build()
-                            .user_data(IGNORED),
-                    );
-                }
-                if let Some(index) = send {
-                    ring.operations[index].orphaned = Some(std::mem::take(&mut self.sending));
-                }
-            });
-        }
-    }
-
-    /// `perf stat` on the relay threads: syscall entries and task-clock.
+    /// `perf stat` counting the syscall entries of the relay threads.
     struct Perf {
         child: std::process::Child,
     }
@@ -718,38 +705,29 @@ mod linux {
         fn attach(tids: &[i32]) -> Perf {
             let tids: Vec<String> = tids.iter().map(i32::to_string).collect();
             let child = Command::new("perf")
-                .args([
-                    "stat",
-                    "-x",
-                    ",",
-                    "-e",
-                    "raw_syscalls:sys_enter,task-clock",
-                    "-t",
-                ])
+                .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-t"])
                 .arg(tids.join(","))
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("perf (install linux-perf)");
-            // perf needs a moment to open its counters.
+            // perf needs a moment to open its counters; `run` checks the
+            // count it reports.
             std::thread::sleep(Duration::from_millis(300));
             Perf { child }
         }
 
-        /// Stops perf; returns (syscalls, task-clock ms).
-        fn finish(self) -> (u64, f64) {
+        /// Stops perf; returns the syscalls it counted.
+        fn finish(self) -> u64 {
             // SAFETY: plain syscall on our own child.
             unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
             let output = self.child.wait_with_output().expect("perf output");
             let text = String::from_utf8_lossy(&output.stderr);
-            let field = |event: &str| -> f64 {
-                text.lines()
-                    .find(|line| line.contains(event))
-                    .and_then(|line| line.split(',').next())
-                    .and_then(|value| value.parse().ok())
-                    .unwrap_or_else(|| panic!("perf did not count {event}: {text}"))
-            };
-            (field("raw_syscalls:sys_enter") as u64, field("task-clock"))
+            text.lines()
+                .find(|line| line.contains("raw_syscalls:sys_enter"))
+                .and_then(|line| line.split(',').next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("perf did not count syscalls: {text}"))
         }
     }
 }
