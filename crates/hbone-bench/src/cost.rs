@@ -88,6 +88,7 @@ impl Usage {
         let each = |count: u64| count as f64 / units;
         Cost {
             cpu_us: self.spent.cpu_seconds * 1e6 / units,
+            kernel_us: self.spent.system_seconds * 1e6 / units,
             switches: each(self.spent.voluntary + self.spent.involuntary),
             involuntary: each(self.spent.involuntary),
             migrations: self.spent.migrations.map(each),
@@ -106,6 +107,8 @@ impl Usage {
 #[derive(Debug, Clone, Default)]
 pub struct Cost {
     pub cpu_us: f64,
+    /// Of `cpu_us`, the time spent in the kernel.
+    pub kernel_us: f64,
     /// Voluntary and involuntary.
     pub switches: f64,
     pub involuntary: f64,
@@ -158,19 +161,40 @@ fn work(metric: Metric) -> &'static str {
     }
 }
 
+/// Whose work a cost counts: hbone's processes in a topology, or the bare
+/// relays of the floor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Counted {
+    Hbone(Topology),
+    Floor,
+}
+
+impl Counted {
+    pub fn label(self) -> &'static str {
+        match self {
+            Counted::Hbone(topology) => topology.label(),
+            Counted::Floor => FLOOR_LABEL,
+        }
+    }
+}
+
+/// The floor's rows in the per-unit tables.
+pub const FLOOR_LABEL: &str = "floor: bare relays";
+
 /// Every run's cost, by workload and topology, and the syscall mix of
 /// each from its extra run.
 #[derive(Debug, Default, Clone)]
 pub struct Costs {
-    runs: BTreeMap<(Metric, Topology), Vec<Cost>>,
-    mixes: BTreeMap<(Metric, Topology), Cost>,
+    runs: BTreeMap<(Metric, Counted), Vec<Cost>>,
+    mixes: BTreeMap<(Metric, Counted), Cost>,
 }
 
-pub const HEADERS: [&str; 8] = [
+pub const HEADERS: [&str; 9] = [
     "work",
     "per",
     "processes",
     "CPU (µs)",
+    "of it in the kernel",
     "context switches",
     "of them involuntary",
     "CPU migrations",
@@ -179,12 +203,21 @@ pub const HEADERS: [&str; 8] = [
 
 impl Costs {
     pub fn push(&mut self, metric: Metric, topology: Topology, cost: Cost) {
-        self.runs.entry((metric, topology)).or_default().push(cost);
+        self.push_counted(metric, Counted::Hbone(topology), cost);
+    }
+
+    /// A run of the floor's bare relays.
+    pub fn push_counted(&mut self, metric: Metric, counted: Counted, cost: Cost) {
+        self.runs.entry((metric, counted)).or_default().push(cost);
     }
 
     /// The cost of the untimed run that counted each syscall of the mix.
     pub fn push_mix(&mut self, metric: Metric, topology: Topology, cost: Cost) {
-        self.mixes.insert((metric, topology), cost);
+        self.push_mix_counted(metric, Counted::Hbone(topology), cost);
+    }
+
+    pub fn push_mix_counted(&mut self, metric: Metric, counted: Counted, cost: Cost) {
+        self.mixes.insert((metric, counted), cost);
     }
 
     /// Median (min–max) of one figure over runs, for the "What varied" list.
@@ -234,6 +267,7 @@ impl Costs {
                     unit_of(*metric).to_owned(),
                     topology.label().to_owned(),
                     of(|c| Some(c.cpu_us)),
+                    of(|c| Some(c.kernel_us)),
                     of(|c| Some(c.switches)),
                     of(|c| Some(c.involuntary)),
                     of(|c| c.migrations),
@@ -322,6 +356,7 @@ mod tests {
     fn cost(cpu_us: f64, syscalls: Option<f64>) -> Cost {
         Cost {
             cpu_us,
+            kernel_us: cpu_us / 2.0,
             switches: 4.0,
             involuntary: 1.0,
             migrations: Some(0.5),
@@ -336,6 +371,7 @@ mod tests {
         let usage = Usage {
             spent: Spent {
                 cpu_seconds: 0.5,
+                system_seconds: 0.3,
                 voluntary: 3000,
                 involuntary: 1000,
                 migrations: Some(100),
@@ -348,6 +384,7 @@ mod tests {
         };
         let cost = usage.per(1000.0);
         assert_eq!(cost.cpu_us, 500.0);
+        assert_eq!(cost.kernel_us, 300.0);
         assert_eq!(cost.switches, 4.0);
         assert_eq!(cost.involuntary, 1.0);
         assert_eq!(cost.migrations, Some(0.1));
@@ -375,10 +412,11 @@ mod tests {
                 "85.0 (80.0–90.0)"
             ]
         );
-        assert_eq!(rows[0][7], "13.0 (12.0–14.0)");
+        assert_eq!(rows[0][4], "42.5 (40.0–45.0)", "the kernel's share");
+        assert_eq!(rows[0][8], "13.0 (12.0–14.0)");
         assert_eq!(rows[1][2], "1 process");
         let rows = costs.rows(&Syscalls::Unavailable("perf is not installed".into()));
-        assert_eq!(rows[0][7], NO_PERF);
+        assert_eq!(rows[0][8], NO_PERF);
         assert!(costs.mix_rows().is_empty(), "no mix run, no mix");
         costs.push_mix(Metric::ReqRate, Topology::Split, cost(70.0, Some(13.0)));
         let mix = costs.mix_rows();
@@ -387,5 +425,31 @@ mod tests {
             ["1 KiB req/resp", "request", "2 processes", "13.0"]
         );
         assert_eq!(mix[0][4], "read 2.00, other 11.0");
+    }
+
+    #[test]
+    fn the_floor_rows_follow_hbone_rows_of_the_same_work() {
+        let mut costs = Costs::default();
+        costs.push_counted(Metric::Bulk1, Counted::Floor, cost(900.0, Some(22.0)));
+        costs.push(
+            Metric::Bulk1,
+            Topology::JoinedPerCore,
+            cost(1200.0, Some(30.0)),
+        );
+        costs.push(Metric::Bulk8, Topology::Split, cost(1300.0, Some(40.0)));
+        let rows = costs.rows(&Syscalls::Unavailable("perf is not installed".into()));
+        let labels: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|row| (row[0].as_str(), row[2].as_str()))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("bulk, 1 stream", "1 process, per-core"),
+                ("bulk, 1 stream", FLOOR_LABEL),
+                ("bulk, 8 streams", "2 processes"),
+            ]
+        );
+        assert_eq!(rows[1][3], "900");
     }
 }

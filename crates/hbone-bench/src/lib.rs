@@ -21,6 +21,7 @@
 //! | `stack` | identities on disk and the processes under test, apart or in one |
 //! | `child`, `childlog` | starting, reading and killing child processes |
 //! | `apps` | the sink and echo applications (`bench apps`) |
+//! | `floor` | two bare relays that seal and open TLS records (`bench relays`): bulk's floor |
 //! | `load`, `workloads` | the load generator (`bench load`) |
 //! | `wire` | the load generator's `key=value` result line |
 //! | `sample` | memory, CPU time, context switches and migrations from /proc |
@@ -34,6 +35,7 @@ mod apps;
 mod child;
 mod childlog;
 mod cost;
+mod floor;
 mod load;
 mod machine;
 mod markdown;
@@ -162,6 +164,14 @@ enum Internal {
     /// One workload of the load generator.
     #[command(hide = true)]
     Load(load::LoadArgs),
+    /// Two bare relays that seal and open TLS records on the way to
+    /// `--to`: the floor of the bulk workload.
+    #[command(hide = true)]
+    Relays {
+        /// Where the server relay forwards.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+    },
 }
 
 /// Which client entry carries the load into the tunnel.
@@ -247,6 +257,9 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
     match args.internal {
         Some(Internal::Apps { ip }) => apps::run(ip).await,
         Some(Internal::Load(load)) => load::run(load).await,
+        Some(Internal::Relays { to }) => tokio::task::spawn_blocking(move || floor::run(to))
+            .await
+            .context("the relays' thread failed")?,
         None => {
             let options = args.options();
             let dir = stack::WorkDir::create()?;

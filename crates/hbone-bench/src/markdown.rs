@@ -55,7 +55,9 @@ fn render(doc: &Document) -> String {
             generator). Syscalls and context switches per unit are counts: they hardly move \
             when the machine is busy, unlike rates, and are the figures to compare across runs \
             and machines. CPU time per unit is a time, and moves with what else the machine's \
-            cores and caches serve.\n\n";
+            cores and caches serve. The bulk rows end with a floor measured in the same runs: \
+            two bare relays that only seal and open TLS records on the same path, the least \
+            any pair of relays that encrypt in user space would spend.\n\n";
     out += &report::table(&cost::HEADERS, &m.costs.rows(&m.syscalls));
     out += "\n";
     out += PER_UNIT_METHOD;
@@ -283,7 +285,14 @@ and an unpooled `hbone socks5`), each its own process, all counted whichever ent
 uses. *1 process*: one `hbone run --config` process whose file holds a `[server]` and the same \
 entries as `[[forward]]` (or `[[socks5]]`) sections; *1 process, per-core*: the same with \
 `--runtime per-core`. *3 processes*: `hbone server`, `hbone \
-gateway` and both forwards that go through it. Never the apps, the load generator or perf.
+gateway` and both forwards that go through it. *floor: bare relays*: not hbone, one process \
+(`hbone bench relays`) with two relays on the bulk path (load generator → entry relay → \
+server relay → sink), a blocking thread per direction of each connection, that carry the \
+bytes between them as TLS 1.3 records of up to 16 KiB sealed and opened with AES-128-GCM \
+(aws-lc-rs, the suite and library hbone uses), with no handshake, no HTTP/2 and no \
+user-space copy: plaintext is read with one `readv` straight into the payload slots of 16 \
+records, sealed in place and sent with one `writev`; records are opened in place and their \
+plaintexts sent with one `writev`. Never the apps, the load generator or perf.
 - Window: the counters are read just before the load generator starts and just after it exits, \
 so a run's window also holds its connection set-up.
 - Units: everything the load generator did in the window, warm-up included. Bulk: MB (10^6 \
@@ -291,7 +300,8 @@ bytes) delivered to the sink (µs of CPU per MB are ms per GB: ÷ 1000 for s/GB)
 1 KiB exchanges; connection workloads: tunnels opened (each a connection, a 1-byte echo and a \
 close).
 - CPU: utime + stime of each process from `/proc/PID/stat` (every thread, ended ones \
-included), in clock ticks (10 ms at the usual 100 Hz), after minus before.
+included), in clock ticks (10 ms at the usual 100 Hz), after minus before; *of it in the \
+kernel*: stime alone (syscalls, and the softirq work loopback TCP runs inside them).
 - Context switches: `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of \
 `/proc/PID/task/TID/status`, after minus before, thread by thread and summed (threads started \
 in the window count from zero); involuntary ones (preemptions) are shown apart, and are the \

@@ -25,33 +25,66 @@ fn parse_rss_kib(status: &str) -> Option<u64> {
     (words.next() == Some("kB")).then_some(value)
 }
 
-/// User plus system CPU time of `pid` so far, in seconds.
-pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// CPU time of a process, in seconds, as the kernel splits it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTime {
+    /// In user space.
+    pub user: f64,
+    /// In the kernel on the process's behalf (syscalls, and the softirq
+    /// work they run, such as loopback TCP's receive path).
+    pub system: f64,
+}
+
+impl CpuTime {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    fn minus(self, earlier: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+/// User and system CPU time of `pid` so far.
+pub fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    let ticks = parse_cpu_ticks(&stat).with_context(|| format!("cannot parse {path}"))?;
+    let (user, system) = parse_cpu_ticks(&stat).with_context(|| format!("cannot parse {path}"))?;
     // SAFETY: sysconf only reads a system setting.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if per_second <= 0 {
         bail!("the system reports no clock tick rate");
     }
-    Ok(ticks as f64 / per_second as f64)
+    let seconds = |ticks: u64| ticks as f64 / per_second as f64;
+    Ok(CpuTime {
+        user: seconds(user),
+        system: seconds(system),
+    })
 }
 
-/// utime + stime (fields 14 and 15) of a /proc/PID/stat line. The command
-/// name (field 2) is in parentheses and may hold spaces, so counting starts
-/// after its closing parenthesis, at field 3.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+/// utime and stime (fields 14 and 15) of a /proc/PID/stat line. The
+/// command name (field 2) is in parentheses and may hold spaces, so
+/// counting starts after its closing parenthesis, at field 3.
+fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace().skip(14 - 3);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
-/// The sum of [`cpu_seconds`] over several processes.
-pub fn total_cpu_seconds(pids: &[u32]) -> anyhow::Result<f64> {
-    pids.iter().map(|&pid| cpu_seconds(pid)).sum()
+/// The sum of [`cpu_time`] over several processes.
+pub fn total_cpu_time(pids: &[u32]) -> anyhow::Result<CpuTime> {
+    pids.iter().try_fold(CpuTime::default(), |sum, &pid| {
+        let time = cpu_time(pid)?;
+        Ok(CpuTime {
+            user: sum.user + time.user,
+            system: sum.system + time.system,
+        })
+    })
 }
 
 /// What one thread's scheduler counted so far.
@@ -68,7 +101,7 @@ struct ThreadCounts {
 /// moment.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    cpu_seconds: f64,
+    cpu: CpuTime,
     threads: BTreeMap<(u32, u32), ThreadCounts>,
 }
 
@@ -76,6 +109,8 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Spent {
     pub cpu_seconds: f64,
+    /// Of it, in the kernel.
+    pub system_seconds: f64,
     pub voluntary: u64,
     pub involuntary: u64,
     /// `None` if any thread's migrations could not be read.
@@ -103,7 +138,7 @@ impl Snapshot {
             }
         }
         Ok(Snapshot {
-            cpu_seconds: total_cpu_seconds(pids)?,
+            cpu: total_cpu_time(pids)?,
             threads,
         })
     }
@@ -111,8 +146,10 @@ impl Snapshot {
     /// What was spent from `earlier` to this snapshot. Threads started in
     /// between count from zero.
     pub fn since(&self, earlier: &Snapshot) -> Spent {
+        let cpu = self.cpu.minus(earlier.cpu);
         let mut spent = Spent {
-            cpu_seconds: self.cpu_seconds - earlier.cpu_seconds,
+            cpu_seconds: cpu.total(),
+            system_seconds: cpu.system,
             migrations: Some(0),
             ..Spent::default()
         };
@@ -199,11 +236,17 @@ mod tests {
             migrations: Some(migrations),
         };
         let before = Snapshot {
-            cpu_seconds: 1.0,
+            cpu: CpuTime {
+                user: 0.75,
+                system: 0.25,
+            },
             threads: BTreeMap::from([((1, 1), counts(10, 1, 2)), ((1, 2), counts(5, 0, 0))]),
         };
         let after = Snapshot {
-            cpu_seconds: 1.5,
+            cpu: CpuTime {
+                user: 1.0,
+                system: 0.5,
+            },
             threads: BTreeMap::from([((1, 1), counts(30, 2, 3)), ((1, 3), counts(4, 1, 1))]),
         };
         let spent = after.since(&before);
@@ -212,6 +255,7 @@ mod tests {
         assert_eq!(spent.migrations, Some(1 + 1));
         assert_eq!(spent.threads_gone, 1);
         assert!((spent.cpu_seconds - 0.5).abs() < 1e-9);
+        assert!((spent.system_seconds - 0.25).abs() < 1e-9);
     }
 
     #[test]
@@ -231,13 +275,14 @@ mod tests {
         let status = "Name:\thbone\nVmPeak:\t  100 kB\nVmRSS:\t    5120 kB\nThreads:\t3\n";
         assert_eq!(parse_rss_kib(status), Some(5120));
         let stat = "4242 (hb one) S 1 4242 4242 0 -1 4194304 100 0 0 0 250 50 0 0 20 0 3 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_cpu_ticks(stat), Some((250, 50)));
     }
 
     #[test]
     fn reads_this_process() {
         let me = std::process::id();
         assert!(rss_kib(me).unwrap() > 0);
-        assert!(cpu_seconds(me).unwrap() >= 0.0);
+        let cpu = cpu_time(me).unwrap();
+        assert!(cpu.user >= 0.0 && cpu.system >= 0.0);
     }
 }

@@ -115,6 +115,14 @@ pub fn start_server(pki: &Pki, flags: &ChildFlags) -> anyhow::Result<Listening> 
     Ok(Listening { proc, addr })
 }
 
+/// The floor's bare relays (`hbone bench relays`) in front of `target`.
+pub fn start_floor(target: SocketAddr) -> anyhow::Result<Listening> {
+    let args = strings(&["bench", "relays", "--to", &target.to_string()]);
+    let mut proc = Proc::spawn("bare relays", &args)?;
+    let addr = proc.wait_ready(START_LIMIT)?;
+    Ok(Listening { proc, addr })
+}
+
 /// The service name the bench's gateway routes to the server.
 const BENCH_SERVICE: &str = "echo.bench.svc.cluster.local:8080";
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::child::Proc;
-use super::cost::{Cost, Costs, Meter, NO_PERF};
+use super::cost::{Cost, Costs, Counted, FLOOR_LABEL, Meter, NO_PERF};
 use super::load::Workload;
 use super::markdown::{self, Document};
 use super::perf::Syscalls;
@@ -23,8 +23,8 @@ use super::results::{Capture, Isolation, Metric, Results, Topology};
 use super::runner::{self, RESULT_GRACE, RoundTrips, conn_rate, gbits, run_load};
 use super::sample;
 use super::stack::{
-    Apps, EntrySpec, Pki, Proxies, Route, WorkDir, entry_specs, start_gateway,
-    start_gateway_forward,
+    Apps, EntrySpec, Listening, Pki, Proxies, Route, WorkDir, entry_specs, start_floor,
+    start_gateway, start_gateway_forward,
 };
 use super::targets;
 use super::wire::Fields;
@@ -49,6 +49,10 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     let split = Proxies::start_split(&specs, &pki, flags)?;
     let joined = Proxies::start_joined(&specs, &pki, dir.path(), flags)?;
     let per_core = Proxies::start(Topology::JoinedPerCore, &specs, &pki, dir.path(), flags)?;
+    let floor = match options.runs_part(Part::Bulk) {
+        true => Some(start_floor(apps.sink)?),
+        false => None,
+    };
     let syscalls = Syscalls::probe(apps.proc.pid(), dir.path(), options.quick);
     eprintln!(
         "hbone bench: {} run(s) of {} ms per workload, {} idle tunnels, entry {}, build {}; {}",
@@ -70,6 +74,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         split,
         joined,
         per_core,
+        floor,
         results: Results::default(),
         isolation: Isolation::default(),
         isolation_notes: Vec::new(),
@@ -111,6 +116,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     watched.extend(&bench.split.procs);
     watched.extend(&bench.joined.procs);
     watched.extend(&bench.per_core.procs);
+    watched.extend(bench.floor.as_ref().map(|floor| &floor.proc));
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
     let verdicts = targets::judge(
@@ -200,6 +206,9 @@ struct Bench<'a> {
     joined: Proxies,
     /// The same under `--runtime per-core`.
     per_core: Proxies,
+    /// Bare relays that only seal and open records: bulk's floor. Started
+    /// only when bulk runs.
+    floor: Option<Listening>,
     results: Results,
     /// The isolation workload's figures, and how they were measured where
     /// that differs from the usual.
@@ -265,11 +274,58 @@ impl Bench<'_> {
                 );
                 self.costs.push(metric, topology, cost);
             }
+            line += &self.floor_run(metric, &extra, direct)?;
             self.progress(metric, run, &line);
         }
         self.mixes(metric, Workload::Bulk, &extra, |p| {
             Ok(p.entry_for(sink)?.route(sink))
-        })
+        })?;
+        self.floor_mix(metric, &extra)
+    }
+
+    /// One bulk run through the floor's bare relays, metered like hbone's;
+    /// returns its part of the progress line.
+    fn floor_run(
+        &mut self,
+        metric: Metric,
+        extra: &[String],
+        direct: f64,
+    ) -> anyhow::Result<String> {
+        let Some(floor) = &self.floor else {
+            return Ok(String::new());
+        };
+        let (pid, route) = (floor.proc.pid(), Route::direct(floor.addr));
+        let meter = Meter::start(&[pid], &mut self.syscalls, false, &self.dir)
+            .map_err(|e| runner::explain(e, &mut self.watched()))?;
+        let fields = self.load(Workload::Bulk, "through the bare relays", route, extra)?;
+        let usage = meter
+            .finish(&mut self.syscalls)
+            .map_err(|e| runner::explain(e, &mut self.watched()))?;
+        let cost = usage.per(runner::units(Workload::Bulk, &fields)?);
+        let through = gbits(&fields)?;
+        let line = format!(
+            "; {FLOOR_LABEL}: {} Gbit/s ({}), per MB {}",
+            number(through),
+            percent(through / direct * 100.0),
+            cost.brief()
+        );
+        self.costs.push_counted(metric, Counted::Floor, cost);
+        Ok(line)
+    }
+
+    /// The floor's syscall mix, as [`Bench::mixes`] counts hbone's.
+    fn floor_mix(&mut self, metric: Metric, extra: &[String]) -> anyhow::Result<()> {
+        let Some(floor) = &self.floor else {
+            return Ok(());
+        };
+        if !self.syscalls.has_mix() {
+            return Ok(());
+        }
+        let (pid, route) = (floor.proc.pid(), Route::direct(floor.addr));
+        let cost = self.count_mix(&[pid], Workload::Bulk, route, extra, &mut [])?;
+        self.progress_mix(metric, &format!("{FLOOR_LABEL}: {}", mix_brief(&cost)));
+        self.costs.push_mix_counted(metric, Counted::Floor, cost);
+        Ok(())
     }
 
     fn req_resp(&mut self) -> anyhow::Result<()> {
@@ -590,6 +646,7 @@ impl Bench<'_> {
         watched.extend(self.split.procs.iter_mut());
         watched.extend(self.joined.procs.iter_mut());
         watched.extend(self.per_core.procs.iter_mut());
+        watched.extend(self.floor.as_mut().map(|floor| &mut floor.proc));
         watched
     }
 

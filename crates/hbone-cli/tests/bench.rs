@@ -3,10 +3,11 @@
 //! entries in one process), the table has a positive figure in each
 //! measured cell, the latency-isolation table has request/response
 //! figures alone and beside bulk streams with the bulk's share of its
-//! throughput alone, the per-unit table has counted CPU, context switches and
-//! syscalls (or says perf is not available), and `--write` produces the
-//! Markdown report. The figures themselves are not judged: a debug build
-//! on a busy machine says nothing about performance.
+//! throughput alone, the per-unit table has counted CPU (with its kernel
+//! share), context switches and syscalls (or says perf is not available),
+//! bulk's floor included, and `--write` produces the Markdown report. The
+//! figures themselves are not judged: a debug build on a busy machine says
+//! nothing about performance.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,13 +56,15 @@ const ISOLATION_BULK: &str = "4 bulk streams beside req/resp (Gbit/s)";
 const ISOLATION_KEPT: &str = "4 bulk streams beside req/resp, % of alone";
 
 /// The per-unit table's rows: work, unit and processes.
-const PER_UNIT: [(&str, &str, &str); 17] = [
+const PER_UNIT: [(&str, &str, &str); 19] = [
     ("bulk, 1 stream", "MB", "2 processes"),
     ("bulk, 1 stream", "MB", "1 process"),
     ("bulk, 1 stream", "MB", "1 process, per-core"),
+    ("bulk, 1 stream", "MB", "floor: bare relays"),
     ("bulk, 8 streams", "MB", "2 processes"),
     ("bulk, 8 streams", "MB", "1 process"),
     ("bulk, 8 streams", "MB", "1 process, per-core"),
+    ("bulk, 8 streams", "MB", "floor: bare relays"),
     ("1 KiB req/resp", "request", "2 processes"),
     ("1 KiB req/resp", "request", "1 process"),
     ("1 KiB req/resp", "request", "1 process, per-core"),
@@ -272,8 +275,15 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         assert_eq!(cells[..3], [work, unit, processes], "{table}");
         let what = format!("{work}, {processes}");
         assert_positive(&table, &what, cells[3], "CPU per unit");
-        assert_positive(&table, &what, cells[4], "context switches per unit");
-        let syscalls = cells[7];
+        let kernel = median(cells[4]).unwrap_or(-1.0);
+        assert!(
+            (0.0..=median(cells[3]).unwrap_or(0.0)).contains(&kernel),
+            "{what}: the kernel's share {:?} is not within the CPU {:?} in:\n{table}",
+            cells[4],
+            cells[3]
+        );
+        assert_positive(&table, &what, cells[5], "context switches per unit");
+        let syscalls = cells[8];
         let counted = syscalls != NO_PERF;
         if counted {
             assert_positive(&table, &what, syscalls, "syscalls per unit");
