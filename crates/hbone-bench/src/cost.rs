@@ -162,24 +162,24 @@ fn work(metric: Metric) -> &'static str {
 }
 
 /// Whose work a cost counts: hbone's processes in a topology, or the bare
-/// relays of the floor.
+/// relays beside it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Counted {
     Hbone(Topology),
-    Floor,
+    BareRelays,
 }
 
 impl Counted {
     pub fn label(self) -> &'static str {
         match self {
             Counted::Hbone(topology) => topology.label(),
-            Counted::Floor => FLOOR_LABEL,
+            Counted::BareRelays => BARE_RELAYS_LABEL,
         }
     }
 }
 
-/// The floor's rows in the per-unit tables.
-pub const FLOOR_LABEL: &str = "floor: bare relays";
+/// The bare relays' rows in the per-unit tables.
+pub const BARE_RELAYS_LABEL: &str = "bare relays (reference)";
 
 /// Every run's cost, by workload and topology, and the syscall mix of
 /// each from its extra run.
@@ -206,7 +206,7 @@ impl Costs {
         self.push_counted(metric, Counted::Hbone(topology), cost);
     }
 
-    /// A run of the floor's bare relays.
+    /// A run of someone other than hbone (the bare relays).
     pub fn push_counted(&mut self, metric: Metric, counted: Counted, cost: Cost) {
         self.runs.entry((metric, counted)).or_default().push(cost);
     }
@@ -428,9 +428,9 @@ mod tests {
     }
 
     #[test]
-    fn the_floor_rows_follow_hbone_rows_of_the_same_work() {
+    fn the_bare_relays_rows_follow_hbone_rows_of_the_same_work() {
         let mut costs = Costs::default();
-        costs.push_counted(Metric::Bulk1, Counted::Floor, cost(900.0, Some(22.0)));
+        costs.push_counted(Metric::Bulk1, Counted::BareRelays, cost(900.0, Some(22.0)));
         costs.push(
             Metric::Bulk1,
             Topology::JoinedPerCore,
@@ -446,7 +446,7 @@ mod tests {
             labels,
             [
                 ("bulk, 1 stream", "1 process, per-core"),
-                ("bulk, 1 stream", FLOOR_LABEL),
+                ("bulk, 1 stream", BARE_RELAYS_LABEL),
                 ("bulk, 8 streams", "2 processes"),
             ]
         );

@@ -21,7 +21,7 @@
 //! | `stack` | identities on disk and the processes under test, apart or in one |
 //! | `child`, `childlog` | starting, reading and killing child processes |
 //! | `apps` | the sink and echo applications (`bench apps`) |
-//! | `floor` | two bare relays that seal and open TLS records (`bench relays`): bulk's floor |
+//! | `bare_relays` | relays that only seal and open TLS records (`bench relays`), a reference |
 //! | `load`, `workloads` | the load generator (`bench load`) |
 //! | `wire` | the load generator's `key=value` result line |
 //! | `sample` | memory, CPU time, context switches and migrations from /proc |
@@ -32,10 +32,10 @@
 //! | `markdown`, `machine` | `--write`: the results with their circumstances |
 
 mod apps;
+mod bare_relays;
 mod child;
 mod childlog;
 mod cost;
-mod floor;
 mod load;
 mod machine;
 mod markdown;
@@ -164,13 +164,14 @@ enum Internal {
     /// One workload of the load generator.
     #[command(hide = true)]
     Load(load::LoadArgs),
-    /// Two bare relays that seal and open TLS records on the way to
-    /// `--to`: the floor of the bulk workload.
+    /// Bare relays that only seal and open TLS records: an entry relay
+    /// and a server relay for each `--to`, the reference beside hbone on
+    /// the bulk and request/response workloads.
     #[command(hide = true)]
     Relays {
-        /// Where the server relay forwards.
-        #[arg(long)]
-        to: std::net::SocketAddr,
+        /// Where a server relay forwards; repeat for more.
+        #[arg(long, required = true)]
+        to: Vec<std::net::SocketAddr>,
     },
 }
 
@@ -257,7 +258,7 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
     match args.internal {
         Some(Internal::Apps { ip }) => apps::run(ip).await,
         Some(Internal::Load(load)) => load::run(load).await,
-        Some(Internal::Relays { to }) => tokio::task::spawn_blocking(move || floor::run(to))
+        Some(Internal::Relays { to }) => tokio::task::spawn_blocking(move || bare_relays::run(&to))
             .await
             .context("the relays' thread failed")?,
         None => {

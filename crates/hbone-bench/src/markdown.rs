@@ -55,9 +55,11 @@ fn render(doc: &Document) -> String {
             generator). Syscalls and context switches per unit are counts: they hardly move \
             when the machine is busy, unlike rates, and are the figures to compare across runs \
             and machines. CPU time per unit is a time, and moves with what else the machine's \
-            cores and caches serve. The bulk rows end with a floor measured in the same runs: \
-            two bare relays that only seal and open TLS records on the same path, the least \
-            any pair of relays that encrypt in user space would spend.\n\n";
+            cores and caches serve. The bulk and request/response rows end with a reference \
+            measured in the same runs: two bare relays that do nothing but carry the bytes as \
+            TLS records, with a blocking thread per direction. On bulk they are a floor for \
+            what relays that encrypt in user space spend per MB; on request/response they make \
+            the fewest syscalls, and pay for it in wake-ups: each hop wakes another thread.\n\n";
     out += &report::table(&cost::HEADERS, &m.costs.rows(&m.syscalls));
     out += "\n";
     out += PER_UNIT_METHOD;
@@ -285,9 +287,9 @@ and an unpooled `hbone socks5`), each its own process, all counted whichever ent
 uses. *1 process*: one `hbone run --config` process whose file holds a `[server]` and the same \
 entries as `[[forward]]` (or `[[socks5]]`) sections; *1 process, per-core*: the same with \
 `--runtime per-core`. *3 processes*: `hbone server`, `hbone \
-gateway` and both forwards that go through it. *floor: bare relays*: not hbone, one process \
-(`hbone bench relays`) with two relays on the bulk path (load generator → entry relay → \
-server relay → sink), a blocking thread per direction of each connection, that carry the \
+gateway` and both forwards that go through it. *bare relays (reference)*: not hbone, one process \
+(`hbone bench relays`) with two relays on the path (load generator → entry relay → server \
+relay → sink or echo app), a blocking thread per direction of each connection, that carry the \
 bytes between them as TLS 1.3 records of up to 16 KiB sealed and opened with AES-128-GCM \
 (aws-lc-rs, the suite and library hbone uses), with no handshake, no HTTP/2 and no \
 user-space copy: plaintext is read with one `readv` straight into the payload slots of 16 \

@@ -115,12 +115,37 @@ pub fn start_server(pki: &Pki, flags: &ChildFlags) -> anyhow::Result<Listening> 
     Ok(Listening { proc, addr })
 }
 
-/// The floor's bare relays (`hbone bench relays`) in front of `target`.
-pub fn start_floor(target: SocketAddr) -> anyhow::Result<Listening> {
-    let args = strings(&["bench", "relays", "--to", &target.to_string()]);
-    let mut proc = Proc::spawn("bare relays", &args)?;
-    let addr = proc.wait_ready(START_LIMIT)?;
-    Ok(Listening { proc, addr })
+/// Bare relays (`hbone bench relays`) in front of the apps: the reference
+/// beside hbone on bulk and req/resp.
+pub struct BareRelays {
+    pub proc: Proc,
+    /// Each app's entry relay: (app, entry relay).
+    entries: Vec<(SocketAddr, SocketAddr)>,
+}
+
+impl BareRelays {
+    pub fn start(apps: &Apps) -> anyhow::Result<BareRelays> {
+        let targets = [apps.sink, apps.echo];
+        let mut args = strings(&["bench", "relays"]);
+        for target in targets {
+            args.extend(["--to".to_owned(), target.to_string()]);
+        }
+        let mut proc = Proc::spawn("bare relays", &args)?;
+        let mut entries = Vec::with_capacity(targets.len());
+        for target in targets {
+            entries.push((target, proc.wait_ready(START_LIMIT)?));
+        }
+        Ok(BareRelays { proc, entries })
+    }
+
+    /// The route to `app` through the relays.
+    pub fn route(&self, app: SocketAddr) -> anyhow::Result<Route> {
+        self.entries
+            .iter()
+            .find(|(target, _)| *target == app)
+            .map(|(_, entry)| Route::direct(*entry))
+            .with_context(|| format!("no bare relay in front of {app}"))
+    }
 }
 
 /// The service name the bench's gateway routes to the server.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::child::Proc;
-use super::cost::{Cost, Costs, Counted, FLOOR_LABEL, Meter, NO_PERF};
+use super::cost::{BARE_RELAYS_LABEL, Cost, Costs, Counted, Meter, NO_PERF};
 use super::load::Workload;
 use super::markdown::{self, Document};
 use super::perf::Syscalls;
@@ -23,8 +23,8 @@ use super::results::{Capture, Isolation, Metric, Results, Topology};
 use super::runner::{self, RESULT_GRACE, RoundTrips, conn_rate, gbits, run_load};
 use super::sample;
 use super::stack::{
-    Apps, EntrySpec, Listening, Pki, Proxies, Route, WorkDir, entry_specs, start_floor,
-    start_gateway, start_gateway_forward,
+    Apps, BareRelays, EntrySpec, Pki, Proxies, Route, WorkDir, entry_specs, start_gateway,
+    start_gateway_forward,
 };
 use super::targets;
 use super::wire::Fields;
@@ -49,8 +49,8 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     let split = Proxies::start_split(&specs, &pki, flags)?;
     let joined = Proxies::start_joined(&specs, &pki, dir.path(), flags)?;
     let per_core = Proxies::start(Topology::JoinedPerCore, &specs, &pki, dir.path(), flags)?;
-    let floor = match options.runs_part(Part::Bulk) {
-        true => Some(start_floor(apps.sink)?),
+    let bare_relays = match options.runs_part(Part::Bulk) || options.runs_part(Part::ReqResp) {
+        true => Some(BareRelays::start(&apps)?),
         false => None,
     };
     let syscalls = Syscalls::probe(apps.proc.pid(), dir.path(), options.quick);
@@ -74,7 +74,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         split,
         joined,
         per_core,
-        floor,
+        bare_relays,
         results: Results::default(),
         isolation: Isolation::default(),
         isolation_notes: Vec::new(),
@@ -116,7 +116,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     watched.extend(&bench.split.procs);
     watched.extend(&bench.joined.procs);
     watched.extend(&bench.per_core.procs);
-    watched.extend(bench.floor.as_ref().map(|floor| &floor.proc));
+    watched.extend(bench.bare_relays.as_ref().map(|relays| &relays.proc));
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
     let verdicts = targets::judge(
@@ -206,9 +206,9 @@ struct Bench<'a> {
     joined: Proxies,
     /// The same under `--runtime per-core`.
     per_core: Proxies,
-    /// Bare relays that only seal and open records: bulk's floor. Started
-    /// only when bulk runs.
-    floor: Option<Listening>,
+    /// Bare relays that only seal and open records: the reference for
+    /// bulk and req/resp. Started only when one of those runs.
+    bare_relays: Option<BareRelays>,
     results: Results,
     /// The isolation workload's figures, and how they were measured where
     /// that differs from the usual.
@@ -274,57 +274,72 @@ impl Bench<'_> {
                 );
                 self.costs.push(metric, topology, cost);
             }
-            line += &self.floor_run(metric, &extra, direct)?;
+            if let Some((fields, cost)) =
+                self.bare_relays_run(metric, Workload::Bulk, sink, &extra)?
+            {
+                let through = gbits(&fields)?;
+                line += &format!(
+                    "; {BARE_RELAYS_LABEL}: {} Gbit/s ({}), per MB {}",
+                    number(through),
+                    percent(through / direct * 100.0),
+                    cost.brief()
+                );
+            }
             self.progress(metric, run, &line);
         }
         self.mixes(metric, Workload::Bulk, &extra, |p| {
             Ok(p.entry_for(sink)?.route(sink))
         })?;
-        self.floor_mix(metric, &extra)
+        self.bare_relays_mix(metric, Workload::Bulk, sink, &extra)
     }
 
-    /// One bulk run through the floor's bare relays, metered like hbone's;
-    /// returns its part of the progress line.
-    fn floor_run(
+    /// One run of `workload` to `app` through the bare relays, metered
+    /// like hbone's; `None` when they are not running.
+    fn bare_relays_run(
         &mut self,
         metric: Metric,
+        workload: Workload,
+        app: std::net::SocketAddr,
         extra: &[String],
-        direct: f64,
-    ) -> anyhow::Result<String> {
-        let Some(floor) = &self.floor else {
-            return Ok(String::new());
+    ) -> anyhow::Result<Option<(Fields, Cost)>> {
+        let Some(relays) = &self.bare_relays else {
+            return Ok(None);
         };
-        let (pid, route) = (floor.proc.pid(), Route::direct(floor.addr));
+        let (pid, route) = (relays.proc.pid(), relays.route(app)?);
         let meter = Meter::start(&[pid], &mut self.syscalls, false, &self.dir)
             .map_err(|e| runner::explain(e, &mut self.watched()))?;
-        let fields = self.load(Workload::Bulk, "through the bare relays", route, extra)?;
+        let fields = self.load(workload, "through the bare relays", route, extra)?;
         let usage = meter
             .finish(&mut self.syscalls)
             .map_err(|e| runner::explain(e, &mut self.watched()))?;
-        let cost = usage.per(runner::units(Workload::Bulk, &fields)?);
-        let through = gbits(&fields)?;
-        let line = format!(
-            "; {FLOOR_LABEL}: {} Gbit/s ({}), per MB {}",
-            number(through),
-            percent(through / direct * 100.0),
-            cost.brief()
-        );
-        self.costs.push_counted(metric, Counted::Floor, cost);
-        Ok(line)
+        let cost = usage.per(runner::units(workload, &fields)?);
+        self.costs
+            .push_counted(metric, Counted::BareRelays, cost.clone());
+        Ok(Some((fields, cost)))
     }
 
-    /// The floor's syscall mix, as [`Bench::mixes`] counts hbone's.
-    fn floor_mix(&mut self, metric: Metric, extra: &[String]) -> anyhow::Result<()> {
-        let Some(floor) = &self.floor else {
+    /// The bare relays' syscall mix, as [`Bench::mixes`] counts hbone's.
+    fn bare_relays_mix(
+        &mut self,
+        metric: Metric,
+        workload: Workload,
+        app: std::net::SocketAddr,
+        extra: &[String],
+    ) -> anyhow::Result<()> {
+        let Some(relays) = &self.bare_relays else {
             return Ok(());
         };
         if !self.syscalls.has_mix() {
             return Ok(());
         }
-        let (pid, route) = (floor.proc.pid(), Route::direct(floor.addr));
-        let cost = self.count_mix(&[pid], Workload::Bulk, route, extra, &mut [])?;
-        self.progress_mix(metric, &format!("{FLOOR_LABEL}: {}", mix_brief(&cost)));
-        self.costs.push_mix_counted(metric, Counted::Floor, cost);
+        let (pid, route) = (relays.proc.pid(), relays.route(app)?);
+        let cost = self.count_mix(&[pid], workload, route, extra, &mut [])?;
+        self.progress_mix(
+            metric,
+            &format!("{BARE_RELAYS_LABEL}: {}", mix_brief(&cost)),
+        );
+        self.costs
+            .push_mix_counted(metric, Counted::BareRelays, cost);
         Ok(())
     }
 
@@ -351,11 +366,21 @@ impl Bench<'_> {
                 );
                 self.costs.push(Metric::ReqRate, topology, cost);
             }
+            if let Some((fields, cost)) =
+                self.bare_relays_run(Metric::ReqRate, Workload::ReqResp, echo, &[])?
+            {
+                let through = RoundTrips::from(&fields)?;
+                line += &format!(
+                    "; {BARE_RELAYS_LABEL}: {through}, per request {}",
+                    cost.brief()
+                );
+            }
             self.progress(Metric::ReqRate, run, &line);
         }
         self.mixes(Metric::ReqRate, Workload::ReqResp, &[], |p| {
             Ok(p.entry_for(echo)?.route(echo))
-        })
+        })?;
+        self.bare_relays_mix(Metric::ReqRate, Workload::ReqResp, echo, &[])
     }
 
     fn connections(&mut self) -> anyhow::Result<()> {
@@ -646,7 +671,7 @@ impl Bench<'_> {
         watched.extend(self.split.procs.iter_mut());
         watched.extend(self.joined.procs.iter_mut());
         watched.extend(self.per_core.procs.iter_mut());
-        watched.extend(self.floor.as_mut().map(|floor| &mut floor.proc));
+        watched.extend(self.bare_relays.as_mut().map(|relays| &mut relays.proc));
         watched
     }
 

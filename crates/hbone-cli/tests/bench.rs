@@ -5,9 +5,9 @@
 //! figures alone and beside bulk streams with the bulk's share of its
 //! throughput alone, the per-unit table has counted CPU (with its kernel
 //! share), context switches and syscalls (or says perf is not available),
-//! bulk's floor included, and `--write` produces the Markdown report. The
-//! figures themselves are not judged: a debug build on a busy machine says
-//! nothing about performance.
+//! the bare relays' reference rows included, and `--write` produces the
+//! Markdown report. The figures themselves are not judged: a debug build on
+//! a busy machine says nothing about performance.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -56,18 +56,19 @@ const ISOLATION_BULK: &str = "4 bulk streams beside req/resp (Gbit/s)";
 const ISOLATION_KEPT: &str = "4 bulk streams beside req/resp, % of alone";
 
 /// The per-unit table's rows: work, unit and processes.
-const PER_UNIT: [(&str, &str, &str); 19] = [
+const PER_UNIT: [(&str, &str, &str); 20] = [
     ("bulk, 1 stream", "MB", "2 processes"),
     ("bulk, 1 stream", "MB", "1 process"),
     ("bulk, 1 stream", "MB", "1 process, per-core"),
-    ("bulk, 1 stream", "MB", "floor: bare relays"),
+    ("bulk, 1 stream", "MB", "bare relays (reference)"),
     ("bulk, 8 streams", "MB", "2 processes"),
     ("bulk, 8 streams", "MB", "1 process"),
     ("bulk, 8 streams", "MB", "1 process, per-core"),
-    ("bulk, 8 streams", "MB", "floor: bare relays"),
+    ("bulk, 8 streams", "MB", "bare relays (reference)"),
     ("1 KiB req/resp", "request", "2 processes"),
     ("1 KiB req/resp", "request", "1 process"),
     ("1 KiB req/resp", "request", "1 process, per-core"),
+    ("1 KiB req/resp", "request", "bare relays (reference)"),
     ("new conn + 1-byte echo", "tunnel", "2 processes"),
     ("new conn + 1-byte echo", "tunnel", "1 process"),
     ("new conn + 1-byte echo", "tunnel", "1 process, per-core"),

@@ -1,9 +1,10 @@
-//! `hbone bench relays` (hidden): the least work two TLS relays can do on
-//! the bulk path, as a floor for hbone's CPU per MB, measured in the same
-//! run as hbone.
+//! `hbone bench relays` (hidden): two relays that do nothing but carry
+//! bytes as TLS records, a reference measured beside hbone in the same
+//! runs: on bulk, a floor for what user-space encryption costs per MB; on
+//! request/response, what the fewest syscalls cost in wake-ups.
 //!
 //! ```text
-//! load generator ─ entry relay ══ server relay ─ sink
+//! load generator ─ entry relay ══ server relay ─ sink (or echo app)
 //! ```
 //!
 //! Both relays run in this one process, each direction of each connection
@@ -16,9 +17,11 @@
 //! straight into the payload slots of sixteen records and seals them in
 //! place; the opening side opens records in place in its read buffer and
 //! writes the plaintexts out with one `writev`, moving only a partial
-//! record's bytes to the front for the next read. What remains is what any
-//! relay pair that encrypts in user space must spend: the four socket
-//! hops, the cipher, and the wake-ups between them.
+//! record's bytes to the front for the next read. On bulk, what remains is
+//! what any relay pair that encrypts in user space must spend: the four
+//! socket hops, the cipher, and the wake-ups between them. On 1 KiB
+//! request/response, blocking threads make the fewest syscalls (a read and
+//! a write per hop, no poll) but wake a different thread at every hop.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -43,15 +46,21 @@ const RECORDS_PER_READ: usize = 16;
 const OPEN_BUFFER: usize = RECORDS_PER_READ * RECORD;
 const APPLICATION_DATA: u8 = 0x17;
 
-/// Binds both relays on loopback, logs `bare relays ready listen=ADDR`
-/// (the entry relay's address; the bench waits for it) and relays until
+/// Binds an entry relay and a server relay on loopback for each target,
+/// logs `bare relays ready listen=ADDR` with each entry relay's address,
+/// in the order of `targets` (the bench waits for them), and relays until
 /// killed.
-pub fn run(target: SocketAddr) -> anyhow::Result<()> {
-    let server = TcpListener::bind("127.0.0.1:0").context("cannot bind the server relay")?;
-    let entry = TcpListener::bind("127.0.0.1:0").context("cannot bind the entry relay")?;
-    let entry_addr = entry.local_addr()?;
-    start(entry, server, target)?;
-    eprintln!("bare relays ready listen={entry_addr}");
+pub fn run(targets: &[SocketAddr]) -> anyhow::Result<()> {
+    let mut entries = Vec::with_capacity(targets.len());
+    for &target in targets {
+        let server = TcpListener::bind("127.0.0.1:0").context("cannot bind a server relay")?;
+        let entry = TcpListener::bind("127.0.0.1:0").context("cannot bind an entry relay")?;
+        entries.push(entry.local_addr()?);
+        start(entry, server, target)?;
+    }
+    for entry in entries {
+        eprintln!("bare relays ready listen={entry}");
+    }
     loop {
         std::thread::park();
     }
@@ -91,8 +100,8 @@ fn start(entry: TcpListener, server: TcpListener, target: SocketAddr) -> anyhow:
     Ok(())
 }
 
-/// One key and nonce base per direction, shared by both relays (this
-/// floor has no handshake to agree on them).
+/// One key and nonce base per direction, shared by both relays (they have
+/// no handshake to agree on them).
 struct Keys {
     /// Towards the target.
     up: Direction,
