@@ -1,32 +1,35 @@
 //! `hbone bench relays` (hidden): two relays that do nothing but carry
 //! bytes as TLS records, a reference measured beside hbone in the same
-//! runs: on bulk, a floor for what user-space encryption costs per MB; on
-//! request/response, what the fewest syscalls cost in wake-ups.
+//! runs, for bulk (per MB) and 1 KiB request/response (per request).
 //!
 //! ```text
 //! load generator ─ entry relay ══ server relay ─ sink (or echo app)
 //! ```
 //!
 //! Both relays run in this one process, each direction of each connection
-//! on a blocking thread of its own (no runtime, no poll). Between them the
-//! bytes travel as TLS 1.3 application-data records of up to 16 KiB,
-//! sealed and opened with AES-128-GCM (the suite hbone negotiates) by
-//! aws-lc-rs, as rustls does under hbone. Nothing else: no handshake, no
-//! HTTP/2 framing or flow control, no multiplexing, and no user-space copy
-//! of a payload byte. The sealing side reads plaintext with one `readv`
-//! straight into the payload slots of sixteen records and seals them in
-//! place; the opening side opens records in place in its read buffer and
+//! on a blocking thread (no runtime, no poll). Between them the bytes
+//! travel as TLS 1.3 application-data records of up to 16 KiB, sealed and
+//! opened with AES-128-GCM (the suite hbone negotiates) by aws-lc-rs, as
+//! rustls does under hbone. Nothing else: no handshake (a key per
+//! direction is shared by the relays, and each connection starts with its
+//! two random IVs in the clear), no HTTP/2 framing or flow control, no
+//! multiplexing (a connection per stream), and no user-space copy of a
+//! payload byte. The sealing side reads plaintext with one `readv`
+//! straight into the payload slots of sixteen records (256 KiB, hbone's
+//! largest read) and seals them in place; the opening side reads up to four
+//! records at once (hbone reads 64 KiB under TLS), opens them in place and
 //! writes the plaintexts out with one `writev`, moving only a partial
-//! record's bytes to the front for the next read. On bulk, what remains is
-//! what any relay pair that encrypts in user space must spend: the four
-//! socket hops, the cipher, and the wake-ups between them. On 1 KiB
-//! request/response, blocking threads make the fewest syscalls (a read and
-//! a write per hop, no poll) but wake a different thread at every hop.
+//! record's bytes to the front for the next read. On bulk that leaves the
+//! two reads and two writes each byte costs in the relays, the cipher, and
+//! the wake-ups between them. On request/response, blocking threads need
+//! no poll (a read and a write per hop) but wake a different thread at
+//! every hop.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use anyhow::Context;
 use aws_lc_rs::aead::{AES_128_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -41,10 +44,14 @@ const TAG: usize = 16;
 /// Largest record on the wire.
 const RECORD: usize = HEADER + RECORD_PLAINTEXT + INNER_TYPE + TAG;
 /// Records sealed per read: 256 KiB of plaintext, hbone's largest read.
-const RECORDS_PER_READ: usize = 16;
-/// The opening side's read buffer: as many whole records.
-const OPEN_BUFFER: usize = RECORDS_PER_READ * RECORD;
+const SEAL_RECORDS: usize = 16;
+/// Whole records the opening side's buffer holds: 64 KiB of records, as
+/// hbone reads under TLS.
+const OPEN_RECORDS: usize = 4;
 const APPLICATION_DATA: u8 = 0x17;
+/// A pause after a failed accept (out of file descriptors, usually), so
+/// the relays do not spin on the CPU they are measured by.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Binds an entry relay and a server relay on loopback for each target,
 /// logs `bare relays ready listen=ADDR` with each entry relay's address,
@@ -81,7 +88,7 @@ fn start(entry: TcpListener, server: TcpListener, target: SocketAddr) -> anyhow:
             target,
             &server_workers,
             move |workers, from_entry, to_target| {
-                pump_both(workers, from_entry, to_target, &server_keys, false)
+                relay(workers, from_entry, to_target, &server_keys, Side::Server)
             },
         )
     });
@@ -93,55 +100,59 @@ fn start(entry: TcpListener, server: TcpListener, target: SocketAddr) -> anyhow:
             server_addr,
             &workers,
             move |workers, from_client, to_server| {
-                pump_both(workers, from_client, to_server, &keys, true)
+                relay(workers, from_client, to_server, &keys, Side::Entry)
             },
         )
     });
     Ok(())
 }
 
-/// One key and nonce base per direction, shared by both relays (they have
-/// no handshake to agree on them).
-struct Keys {
-    /// Towards the target.
-    up: Direction,
-    /// Back towards the load generator.
-    down: Direction,
+/// Which relay of the pair.
+#[derive(Clone, Copy)]
+enum Side {
+    /// Seals on the way up, opens on the way back.
+    Entry,
+    /// Opens on the way up, seals on the way back.
+    Server,
 }
 
-struct Direction {
-    key: LessSafeKey,
-    iv: [u8; NONCE_LEN],
+/// One key per direction, shared by both relays of a pair and by all
+/// their connections; each connection brings its own IVs, so no nonce
+/// repeats under a key.
+struct Keys {
+    /// Towards the target.
+    up: LessSafeKey,
+    /// Back towards the load generator.
+    down: LessSafeKey,
 }
 
 impl Keys {
     fn generate() -> anyhow::Result<Keys> {
         Ok(Keys {
-            up: Direction::generate()?,
-            down: Direction::generate()?,
+            up: new_key()?,
+            down: new_key()?,
         })
     }
 }
 
-impl Direction {
-    fn generate() -> anyhow::Result<Direction> {
-        let mut secret = [0u8; 16];
-        let mut iv = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut secret)
-            .ok()
-            .context("no randomness")?;
-        aws_lc_rs::rand::fill(&mut iv)
-            .ok()
-            .context("no randomness")?;
-        let key = UnboundKey::new(&AES_128_GCM, &secret)
-            .ok()
-            .context("cannot build an AES-128-GCM key")?;
-        Ok(Direction {
-            key: LessSafeKey::new(key),
-            iv,
-        })
-    }
+fn new_key() -> anyhow::Result<LessSafeKey> {
+    let mut secret = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut secret)
+        .ok()
+        .context("no randomness")?;
+    let key = UnboundKey::new(&AES_128_GCM, &secret)
+        .ok()
+        .context("cannot build an AES-128-GCM key")?;
+    Ok(LessSafeKey::new(key))
+}
 
+/// One direction of one connection: its key and its IV.
+struct Direction<'a> {
+    key: &'a LessSafeKey,
+    iv: [u8; NONCE_LEN],
+}
+
+impl Direction<'_> {
     /// TLS 1.3's per-record nonce: the IV with the sequence number XORed
     /// into its last eight bytes.
     fn nonce(&self, sequence: u64) -> Nonce {
@@ -163,7 +174,10 @@ where
     F: Fn(&Arc<Workers>, TcpStream, TcpStream) + Clone + Send + 'static,
 {
     for accepted in listener.incoming() {
-        let Ok(inbound) = accepted else { continue };
+        let Ok(inbound) = accepted else {
+            std::thread::sleep(ACCEPT_BACKOFF);
+            continue;
+        };
         let (relay, pool) = (relay.clone(), workers.clone());
         workers.run(move || {
             let Ok(outbound) = TcpStream::connect(next) else {
@@ -178,22 +192,49 @@ where
     }
 }
 
-/// Both directions of one connection: `inbound`'s bytes go up to
-/// `outbound`, sealed if `seal_up` (the entry relay) or opened (the server
-/// relay); the other way the reverse, on another worker.
-fn pump_both(
+/// Both directions of one connection, `inbound` up to `outbound` on this
+/// worker and back on another. The entry relay picks the connection's two
+/// IVs and sends them first; the server relay reads them.
+fn relay(
     workers: &Arc<Workers>,
-    inbound: TcpStream,
-    outbound: TcpStream,
+    mut inbound: TcpStream,
+    mut outbound: TcpStream,
     keys: &Arc<Keys>,
-    seal_up: bool,
+    side: Side,
 ) {
-    let (Ok(inbound_back), Ok(outbound_back)) = (inbound.try_clone(), outbound.try_clone()) else {
+    let mut ivs = [0u8; 2 * NONCE_LEN];
+    let agreed = match side {
+        Side::Entry => aws_lc_rs::rand::fill(&mut ivs)
+            .map_err(|_| io::Error::other("no randomness"))
+            .and_then(|()| outbound.write_all(&ivs)),
+        Side::Server => inbound.read_exact(&mut ivs),
+    };
+    let clones = inbound
+        .try_clone()
+        .and_then(|i| Ok((i, outbound.try_clone()?)));
+    let (Ok(()), Ok((inbound_back, outbound_back))) = (agreed, clones) else {
+        let _ = inbound.shutdown(Shutdown::Both);
+        let _ = outbound.shutdown(Shutdown::Both);
         return;
     };
-    let back_keys = keys.clone();
-    workers.run(move || pump(outbound_back, inbound_back, &back_keys.down, !seal_up));
-    pump(inbound, outbound, &keys.up, seal_up);
+    let (up_iv, down_iv) = ivs.split_at(NONCE_LEN);
+    let (up_iv, down_iv): ([u8; NONCE_LEN], [u8; NONCE_LEN]) = (
+        up_iv.try_into().expect("IV size"),
+        down_iv.try_into().expect("IV size"),
+    );
+    let (seal_up, back_keys) = (matches!(side, Side::Entry), keys.clone());
+    workers.run(move || {
+        let down = Direction {
+            key: &back_keys.down,
+            iv: down_iv,
+        };
+        pump(outbound_back, inbound_back, &down, !seal_up);
+    });
+    let up = Direction {
+        key: &keys.up,
+        iv: up_iv,
+    };
+    pump(inbound, outbound, &up, seal_up);
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -203,9 +244,10 @@ type Job = Box<dyn FnOnce() + Send>;
 /// a thread that ends takes its counts with it. A job never waits for a
 /// worker: one is spawned whenever none is idle.
 struct Workers {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     queue: Arc<Mutex<mpsc::Receiver<Job>>>,
-    /// Workers waiting for a job and not yet promised one.
+    /// Workers that have counted themselves idle (they are waiting for a
+    /// job, or about to) and have not been promised one yet.
     idle: Arc<AtomicUsize>,
 }
 
@@ -213,7 +255,7 @@ impl Workers {
     fn new() -> Arc<Workers> {
         let (jobs, queue) = mpsc::channel();
         Arc::new(Workers {
-            jobs: Mutex::new(jobs),
+            jobs,
             queue: Arc::new(Mutex::new(queue)),
             idle: Arc::new(AtomicUsize::new(0)),
         })
@@ -224,29 +266,28 @@ impl Workers {
             .idle
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .is_ok();
-        if !promised {
-            // A new worker starts on this job, and counts itself idle only
-            // once it is done with it.
-            let (queue, idle) = (self.queue.clone(), self.idle.clone());
-            std::thread::spawn(move || {
-                job();
-                loop {
-                    idle.fetch_add(1, Ordering::AcqRel);
-                    let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok(job) = next else { return };
-                    job();
-                }
-            });
+        if promised {
+            let _ = self.jobs.send(Box::new(job));
             return;
         }
-        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = jobs.send(Box::new(job));
+        // A new worker starts on this job, and counts itself idle only once
+        // it is done with it.
+        let (queue, idle) = (self.queue.clone(), self.idle.clone());
+        std::thread::spawn(move || {
+            job();
+            loop {
+                idle.fetch_add(1, Ordering::AcqRel);
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                let Ok(job) = next else { return };
+                job();
+            }
+        });
     }
 }
 
 /// Moves one direction until its reader ends, then half-closes the writer;
 /// on an error, closes both sockets so the other direction ends too.
-fn pump(from: TcpStream, to: TcpStream, direction: &Direction, seal: bool) {
+fn pump(from: TcpStream, to: TcpStream, direction: &Direction<'_>, seal: bool) {
     let result = if seal {
         seal_records(&from, &to, direction)
     } else {
@@ -264,23 +305,29 @@ fn pump(from: TcpStream, to: TcpStream, direction: &Direction, seal: bool) {
 }
 
 /// Plaintext from `from`, records to `to`: each `readv` lands in the
-/// payload slots of [`RECORDS_PER_READ`] records, which are sealed in place
+/// payload slots of [`SEAL_RECORDS`] records, which are sealed in place
 /// and written with one `writev`.
-fn seal_records(mut from: &TcpStream, mut to: &TcpStream, direction: &Direction) -> io::Result<()> {
-    let mut slots = vec![0u8; RECORDS_PER_READ * RECORD];
+fn seal_records(
+    mut from: &TcpStream,
+    mut to: &TcpStream,
+    direction: &Direction<'_>,
+) -> io::Result<()> {
+    let mut slots = vec![0u8; SEAL_RECORDS * RECORD];
     let mut sequence = 0u64;
     loop {
         let read = {
-            let mut payloads: Vec<IoSliceMut<'_>> = slots
-                .chunks_mut(RECORD)
-                .map(|slot| IoSliceMut::new(&mut slot[HEADER..HEADER + RECORD_PLAINTEXT]))
-                .collect();
+            let mut chunks = slots.chunks_mut(RECORD);
+            let mut payloads: [IoSliceMut<'_>; SEAL_RECORDS] = std::array::from_fn(|_| {
+                let slot = chunks.next().expect("a slot per record");
+                IoSliceMut::new(&mut slot[HEADER..HEADER + RECORD_PLAINTEXT])
+            });
             from.read_vectored(&mut payloads)?
         };
         if read == 0 {
             return Ok(());
         }
-        let mut lengths = Vec::with_capacity(RECORDS_PER_READ);
+        let mut lengths = [0usize; SEAL_RECORDS];
+        let mut records = 0;
         for (index, slot) in slots.chunks_mut(RECORD).enumerate() {
             let plaintext = read
                 .saturating_sub(index * RECORD_PLAINTEXT)
@@ -288,39 +335,56 @@ fn seal_records(mut from: &TcpStream, mut to: &TcpStream, direction: &Direction)
             if plaintext == 0 {
                 break;
             }
-            let body = plaintext + INNER_TYPE;
-            let length = u16::try_from(body + TAG).expect("a record fits its length field");
-            slot[..HEADER].copy_from_slice(&header(length));
-            slot[HEADER + plaintext] = APPLICATION_DATA;
-            let (head, rest) = slot.split_at_mut(HEADER);
-            let tag = direction
-                .key
-                .seal_in_place_separate_tag(
-                    direction.nonce(sequence),
-                    Aad::from(&*head),
-                    &mut rest[..body],
-                )
-                .map_err(|_| io::Error::other("sealing failed"))?;
-            rest[body..body + TAG].copy_from_slice(tag.as_ref());
+            lengths[index] = seal_in_slot(slot, plaintext, direction, sequence)?;
             sequence += 1;
-            lengths.push(HEADER + body + TAG);
+            records += 1;
         }
-        let mut records: Vec<IoSlice<'_>> = slots
-            .chunks(RECORD)
-            .zip(&lengths)
-            .map(|(slot, &length)| IoSlice::new(&slot[..length]))
-            .collect();
-        write_all_vectored(&mut to, &mut records)?;
+        let mut chunks = slots.chunks(RECORD);
+        let mut out: [IoSlice<'_>; SEAL_RECORDS] = std::array::from_fn(|index| {
+            let slot = chunks.next().expect("a slot per record");
+            IoSlice::new(&slot[..lengths[index]])
+        });
+        write_all_vectored(&mut to, &mut out[..records])?;
     }
+}
+
+/// Seals the `plaintext` bytes after the header of `slot` into a record in
+/// place; returns the record's length on the wire.
+fn seal_in_slot(
+    slot: &mut [u8],
+    plaintext: usize,
+    direction: &Direction<'_>,
+    sequence: u64,
+) -> io::Result<usize> {
+    let body = plaintext + INNER_TYPE;
+    let length = u16::try_from(body + TAG).expect("a record fits its length field");
+    slot[..HEADER].copy_from_slice(&header(length));
+    slot[HEADER + plaintext] = APPLICATION_DATA;
+    let (head, rest) = slot.split_at_mut(HEADER);
+    let tag = direction
+        .key
+        .seal_in_place_separate_tag(
+            direction.nonce(sequence),
+            Aad::from(&*head),
+            &mut rest[..body],
+        )
+        .map_err(|_| io::Error::other("sealing failed"))?;
+    rest[body..body + TAG].copy_from_slice(tag.as_ref());
+    Ok(HEADER + body + TAG)
 }
 
 /// Records from `from`, plaintext to `to`: the records a read completes
 /// are opened in place and their plaintexts written with one `writev`.
-fn open_records(mut from: &TcpStream, mut to: &TcpStream, direction: &Direction) -> io::Result<()> {
-    let mut buffer = vec![0u8; OPEN_BUFFER];
+fn open_records(
+    mut from: &TcpStream,
+    mut to: &TcpStream,
+    direction: &Direction<'_>,
+) -> io::Result<()> {
+    let mut buffer = vec![0u8; OPEN_RECORDS * RECORD];
     let mut filled = 0;
     let mut sequence = 0u64;
     loop {
+        // Never zero-length: what stays after opening is less than a record.
         let read = from.read(&mut buffer[filled..])?;
         if read == 0 {
             return match filled {
@@ -332,9 +396,10 @@ fn open_records(mut from: &TcpStream, mut to: &TcpStream, direction: &Direction)
             };
         }
         filled += read;
-        // Open every whole record in place, noting where its plaintext is.
-        let mut plaintexts = Vec::with_capacity(RECORDS_PER_READ);
-        let mut start = 0;
+        // Open every whole record in place, noting where its plaintext is;
+        // write them out a buffer's worth of full records at a time.
+        let mut plaintexts = [(0usize, 0usize); OPEN_RECORDS];
+        let (mut records, mut start) = (0, 0);
         while let Some(length) = whole_record(&buffer[start..filled])? {
             let (head, rest) = buffer[start..start + length].split_at_mut(HEADER);
             let opened = direction
@@ -343,19 +408,33 @@ fn open_records(mut from: &TcpStream, mut to: &TcpStream, direction: &Direction)
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::InvalidData, "a record failed to open")
                 })?;
-            let plaintext = opened.len() - INNER_TYPE;
-            plaintexts.push((start + HEADER, plaintext));
+            plaintexts[records] = (start + HEADER, opened.len() - INNER_TYPE);
             sequence += 1;
+            records += 1;
             start += length;
+            if records == OPEN_RECORDS {
+                write_plaintexts(&mut to, &buffer, &plaintexts)?;
+                records = 0;
+            }
         }
-        let mut slices: Vec<IoSlice<'_>> = plaintexts
-            .iter()
-            .map(|&(at, length)| IoSlice::new(&buffer[at..at + length]))
-            .collect();
-        write_all_vectored(&mut to, &mut slices)?;
+        write_plaintexts(&mut to, &buffer, &plaintexts[..records])?;
         buffer.copy_within(start..filled, 0);
         filled -= start;
     }
+}
+
+/// Writes the `(offset, length)` ranges of `buffer` with one `writev`
+/// (more if the socket takes less).
+fn write_plaintexts(
+    to: &mut &TcpStream,
+    buffer: &[u8],
+    plaintexts: &[(usize, usize)],
+) -> io::Result<()> {
+    let mut out: [IoSlice<'_>; OPEN_RECORDS] = std::array::from_fn(|index| {
+        let (at, length) = plaintexts.get(index).copied().unwrap_or_default();
+        IoSlice::new(&buffer[at..at + length])
+    });
+    write_all_vectored(to, &mut out[..plaintexts.len()])
 }
 
 fn header(length: u16) -> [u8; HEADER] {
@@ -413,7 +492,7 @@ mod tests {
         start(entry, server, echo_addr).unwrap();
 
         // More than one read's worth of records, and a partial one.
-        let sent: Vec<u8> = (0..3 * RECORDS_PER_READ * RECORD_PLAINTEXT + 1234)
+        let sent: Vec<u8> = (0..3 * SEAL_RECORDS * RECORD_PLAINTEXT + 1234)
             .map(|i| (i % 251) as u8)
             .collect();
         for round in 0..3 {
@@ -465,6 +544,51 @@ mod tests {
         }
     }
 
+    /// More small records arrive in one read than a write takes at once:
+    /// all of them come out, in order.
+    #[test]
+    fn opens_many_small_records_from_one_read() {
+        let pair = || {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let near = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            (near, listener.accept().unwrap().0)
+        };
+        let ((mut sender, records_in), (plain_out, mut receiver)) = (pair(), pair());
+        let keys = Keys::generate().unwrap();
+        let direction = Direction {
+            key: &keys.up,
+            iv: [3; NONCE_LEN],
+        };
+        let mut wire = Vec::new();
+        let mut expected = Vec::new();
+        for sequence in 0..(3 * OPEN_RECORDS as u64 + 1) {
+            let plaintext = format!("record {sequence};");
+            let mut slot = vec![0u8; RECORD];
+            slot[HEADER..HEADER + plaintext.len()].copy_from_slice(plaintext.as_bytes());
+            let length = seal_in_slot(&mut slot, plaintext.len(), &direction, sequence).unwrap();
+            wire.extend_from_slice(&slot[..length]);
+            expected.extend_from_slice(plaintext.as_bytes());
+        }
+        sender.write_all(&wire).unwrap();
+        sender.shutdown(Shutdown::Write).unwrap();
+        let opener = std::thread::spawn(move || {
+            let direction = Direction {
+                key: &keys.up,
+                iv: [3; NONCE_LEN],
+            };
+            let opened = open_records(&records_in, &plain_out, &direction);
+            plain_out.shutdown(Shutdown::Write).unwrap();
+            opened
+        });
+        let mut received = Vec::new();
+        receiver.read_to_end(&mut received).unwrap();
+        opener.join().unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(received).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+    }
+
     #[test]
     fn a_record_is_whole_only_with_all_its_bytes() {
         let record = [&header(3)[..], &[1, 2, 3]].concat();
@@ -479,25 +603,35 @@ mod tests {
     #[test]
     fn a_tampered_record_fails_to_open() {
         let keys = Keys::generate().unwrap();
-        let mut body = b"hello\x17".to_vec();
-        let head = header((body.len() + TAG) as u16);
-        let tag = keys
-            .up
-            .key
-            .seal_in_place_separate_tag(keys.up.nonce(0), Aad::from(&head), &mut body)
-            .unwrap();
-        body.extend_from_slice(tag.as_ref());
-        let open = |nonce: u64, mut record: Vec<u8>| {
-            let key = &keys.up;
-            let opened = key
-                .key
-                .open_in_place(key.nonce(nonce), Aad::from(&head), &mut record);
+        let direction = Direction {
+            key: &keys.up,
+            iv: [7; NONCE_LEN],
+        };
+        let mut slot = vec![0u8; RECORD];
+        slot[HEADER..HEADER + 5].copy_from_slice(b"hello");
+        let length = seal_in_slot(&mut slot, 5, &direction, 0).unwrap();
+        slot.truncate(length);
+        assert_eq!(whole_record(&slot).unwrap(), Some(length));
+        let open = |sequence: u64, iv: u8, mut record: Vec<u8>| {
+            let direction = Direction {
+                key: &keys.up,
+                iv: [iv; NONCE_LEN],
+            };
+            let (head, rest) = record.split_at_mut(HEADER);
+            let opened =
+                direction
+                    .key
+                    .open_in_place(direction.nonce(sequence), Aad::from(&*head), rest);
             opened.map(|plaintext| plaintext.to_vec())
         };
-        assert_eq!(open(0, body.clone()).unwrap(), b"hello\x17");
-        assert!(open(1, body.clone()).is_err(), "opened under another nonce");
-        let mut tampered = body;
-        tampered[0] ^= 1;
-        assert!(open(0, tampered).is_err(), "opened a tampered record");
+        assert_eq!(open(0, 7, slot.clone()).unwrap(), b"hello\x17");
+        assert!(
+            open(1, 7, slot.clone()).is_err(),
+            "opened under another sequence number"
+        );
+        assert!(open(0, 8, slot.clone()).is_err(), "opened under another IV");
+        let mut tampered = slot;
+        tampered[HEADER] ^= 1;
+        assert!(open(0, 7, tampered).is_err(), "opened a tampered record");
     }
 }

@@ -169,6 +169,12 @@ pub enum Counted {
     BareRelays,
 }
 
+impl From<Topology> for Counted {
+    fn from(topology: Topology) -> Counted {
+        Counted::Hbone(topology)
+    }
+}
+
 impl Counted {
     pub fn label(self) -> &'static str {
         match self {
@@ -202,34 +208,29 @@ pub const HEADERS: [&str; 9] = [
 ];
 
 impl Costs {
-    pub fn push(&mut self, metric: Metric, topology: Topology, cost: Cost) {
-        self.push_counted(metric, Counted::Hbone(topology), cost);
-    }
-
-    /// A run of someone other than hbone (the bare relays).
-    pub fn push_counted(&mut self, metric: Metric, counted: Counted, cost: Cost) {
-        self.runs.entry((metric, counted)).or_default().push(cost);
+    /// One run's cost, of hbone in a topology or of the bare relays.
+    pub fn push(&mut self, metric: Metric, counted: impl Into<Counted>, cost: Cost) {
+        self.runs
+            .entry((metric, counted.into()))
+            .or_default()
+            .push(cost);
     }
 
     /// The cost of the untimed run that counted each syscall of the mix.
-    pub fn push_mix(&mut self, metric: Metric, topology: Topology, cost: Cost) {
-        self.push_mix_counted(metric, Counted::Hbone(topology), cost);
-    }
-
-    pub fn push_mix_counted(&mut self, metric: Metric, counted: Counted, cost: Cost) {
-        self.mixes.insert((metric, counted), cost);
+    pub fn push_mix(&mut self, metric: Metric, counted: impl Into<Counted>, cost: Cost) {
+        self.mixes.insert((metric, counted.into()), cost);
     }
 
     /// Median (min–max) of one figure over runs, for the "What varied" list.
     pub fn summaries(&self) -> Vec<(String, Summary)> {
         let mut out = Vec::new();
-        for ((metric, topology), runs) in &self.runs {
+        for ((metric, counted), runs) in &self.runs {
             let name = |what: &str| {
                 format!(
                     "{what} per {}, {}, {}",
                     unit_of(*metric),
                     work(*metric),
-                    topology.label()
+                    counted.label()
                 )
             };
             let cpu: Vec<f64> = runs.iter().map(|c| c.cpu_us).collect();
@@ -244,11 +245,12 @@ impl Costs {
         out
     }
 
-    /// The per-unit table: one row per workload and topology measured.
+    /// The per-unit table: one row per workload and topology measured (and
+    /// the bare relays).
     pub fn rows(&self, syscalls: &Syscalls) -> Vec<Vec<String>> {
         self.runs
             .iter()
-            .map(|((metric, topology), runs)| {
+            .map(|((metric, counted), runs)| {
                 let of = |figure: fn(&Cost) -> Option<f64>| {
                     let values: Vec<f64> = runs.iter().filter_map(figure).collect();
                     if values.len() < runs.len() {
@@ -265,7 +267,7 @@ impl Costs {
                 vec![
                     work(*metric).to_owned(),
                     unit_of(*metric).to_owned(),
-                    topology.label().to_owned(),
+                    counted.label().to_owned(),
                     of(|c| Some(c.cpu_us)),
                     of(|c| Some(c.kernel_us)),
                     of(|c| Some(c.switches)),
@@ -281,7 +283,7 @@ impl Costs {
     /// run made most per unit, then the rest as "other".
     pub fn mix_rows(&self) -> Vec<Vec<String>> {
         let mut rows = Vec::new();
-        for ((metric, topology), cost) in &self.mixes {
+        for ((metric, counted), cost) in &self.mixes {
             let Some(total) = cost.syscalls.filter(|_| !cost.mix.is_empty()) else {
                 continue;
             };
@@ -302,7 +304,7 @@ impl Costs {
             rows.push(vec![
                 work(*metric).to_owned(),
                 unit_of(*metric).to_owned(),
-                topology.label().to_owned(),
+                counted.label().to_owned(),
                 number(total),
                 parts.join(", "),
             ]);
@@ -430,7 +432,7 @@ mod tests {
     #[test]
     fn the_bare_relays_rows_follow_hbone_rows_of_the_same_work() {
         let mut costs = Costs::default();
-        costs.push_counted(Metric::Bulk1, Counted::BareRelays, cost(900.0, Some(22.0)));
+        costs.push(Metric::Bulk1, Counted::BareRelays, cost(900.0, Some(22.0)));
         costs.push(
             Metric::Bulk1,
             Topology::JoinedPerCore,

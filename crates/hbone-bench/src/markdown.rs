@@ -57,9 +57,10 @@ fn render(doc: &Document) -> String {
             and machines. CPU time per unit is a time, and moves with what else the machine's \
             cores and caches serve. The bulk and request/response rows end with a reference \
             measured in the same runs: two bare relays that do nothing but carry the bytes as \
-            TLS records, with a blocking thread per direction. On bulk they are a floor for \
-            what relays that encrypt in user space spend per MB; on request/response they make \
-            the fewest syscalls, and pay for it in wake-ups: each hop wakes another thread.\n\n";
+            TLS records, with a blocking thread per direction. On bulk they show what the \
+            sockets and the cipher cost per MB with nothing else in the way; on \
+            request/response they need no poll (a read and a write per hop), and pay for it \
+            in wake-ups: each hop wakes another thread.\n\n";
     out += &report::table(&cost::HEADERS, &m.costs.rows(&m.syscalls));
     out += "\n";
     out += PER_UNIT_METHOD;
@@ -291,10 +292,13 @@ gateway` and both forwards that go through it. *bare relays (reference)*: not hb
 (`hbone bench relays`) with two relays on the path (load generator → entry relay → server \
 relay → sink or echo app), a blocking thread per direction of each connection, that carry the \
 bytes between them as TLS 1.3 records of up to 16 KiB sealed and opened with AES-128-GCM \
-(aws-lc-rs, the suite and library hbone uses), with no handshake, no HTTP/2 and no \
-user-space copy: plaintext is read with one `readv` straight into the payload slots of 16 \
-records, sealed in place and sent with one `writev`; records are opened in place and their \
-plaintexts sent with one `writev`. Never the apps, the load generator or perf.
+(aws-lc-rs, the suite and library hbone uses), with no handshake (shared keys, random IVs \
+per connection), no HTTP/2 and no user-space copy: plaintext is read with one `readv` \
+straight into the payload slots of 16 records (256 KiB, hbone's largest read), sealed in \
+place and sent with one `writev`; records are read up to four at once (hbone reads 64 KiB \
+under TLS), opened in place and their plaintexts sent with one `writev`. Each stream has a \
+connection between the relays of its own, where hbone's streams share one HTTP/2 \
+connection. Never the apps, the load generator or perf.
 - Window: the counters are read just before the load generator starts and just after it exits, \
 so a run's window also holds its connection set-up.
 - Units: everything the load generator did in the window, warm-up included. Bulk: MB (10^6 \
@@ -303,7 +307,8 @@ bytes) delivered to the sink (µs of CPU per MB are ms per GB: ÷ 1000 for s/GB)
 close).
 - CPU: utime + stime of each process from `/proc/PID/stat` (every thread, ended ones \
 included), in clock ticks (10 ms at the usual 100 Hz), after minus before; *of it in the \
-kernel*: stime alone (syscalls, and the softirq work loopback TCP runs inside them).
+kernel*: stime alone: syscalls and, unless the kernel accounts interrupt time apart \
+(`CONFIG_IRQ_TIME_ACCOUNTING`), the softirq work loopback TCP runs inside them.
 - Context switches: `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of \
 `/proc/PID/task/TID/status`, after minus before, thread by thread and summed (threads started \
 in the window count from zero); involuntary ones (preemptions) are shown apart, and are the \

@@ -30,8 +30,9 @@ fn parse_rss_kib(status: &str) -> Option<u64> {
 pub struct CpuTime {
     /// In user space.
     pub user: f64,
-    /// In the kernel on the process's behalf (syscalls, and the softirq
-    /// work they run, such as loopback TCP's receive path).
+    /// In the kernel on the process's behalf: syscalls and, unless the
+    /// kernel accounts interrupt time apart, the softirq work they run
+    /// (such as loopback TCP's receive path).
     pub system: f64,
 }
 

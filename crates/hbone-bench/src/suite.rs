@@ -33,6 +33,8 @@ use super::{EntryKind, Options, Part, machine};
 /// How a run reaches the app, for progress and error messages.
 const DIRECT: &str = "direct";
 const TUNNEL: &str = "through hbone";
+/// The extra run that counts each syscall of hbone's mix.
+const HBONE_MIX: &str = "through hbone, counting each syscall";
 /// Open files a process needs besides one per idle tunnel: HTTP/2
 /// connections (one per 100 tunnels), listeners, logs.
 const SPARE_FILES: u64 = 256;
@@ -306,15 +308,9 @@ impl Bench<'_> {
             return Ok(None);
         };
         let (pid, route) = (relays.proc.pid(), relays.route(app)?);
-        let meter = Meter::start(&[pid], &mut self.syscalls, false, &self.dir)
-            .map_err(|e| runner::explain(e, &mut self.watched()))?;
-        let fields = self.load(workload, "through the bare relays", route, extra)?;
-        let usage = meter
-            .finish(&mut self.syscalls)
-            .map_err(|e| runner::explain(e, &mut self.watched()))?;
-        let cost = usage.per(runner::units(workload, &fields)?);
-        self.costs
-            .push_counted(metric, Counted::BareRelays, cost.clone());
+        let side = "through the bare relays";
+        let (fields, cost) = self.metered_pids(&[pid], side, workload, route, extra)?;
+        self.costs.push(metric, Counted::BareRelays, cost.clone());
         Ok(Some((fields, cost)))
     }
 
@@ -333,13 +329,13 @@ impl Bench<'_> {
             return Ok(());
         }
         let (pid, route) = (relays.proc.pid(), relays.route(app)?);
-        let cost = self.count_mix(&[pid], workload, route, extra, &mut [])?;
+        let side = "through the bare relays, counting each syscall";
+        let cost = self.count_mix(&[pid], side, workload, route, extra, &mut [])?;
         self.progress_mix(
             metric,
             &format!("{BARE_RELAYS_LABEL}: {}", mix_brief(&cost)),
         );
-        self.costs
-            .push_mix_counted(metric, Counted::BareRelays, cost);
+        self.costs.push_mix(metric, Counted::BareRelays, cost);
         Ok(())
     }
 
@@ -494,7 +490,8 @@ impl Bench<'_> {
             for (metric, entry) in entries.iter_mut() {
                 let route = Route::direct(entry.addr);
                 let mut also = [&mut gateway.proc, &mut entry.proc];
-                let cost = self.count_mix(&pids, Workload::Connect, route, &[], &mut also)?;
+                let cost =
+                    self.count_mix(&pids, HBONE_MIX, Workload::Connect, route, &[], &mut also)?;
                 self.progress_mix(*metric, &mix_brief(&cost));
                 self.costs.push_mix(*metric, Topology::Gateway, cost);
             }
@@ -586,7 +583,7 @@ impl Bench<'_> {
         for topology in COMPARED {
             let route = route(self.proxies(topology))?;
             let pids = self.proxies(topology).pids();
-            let cost = self.count_mix(&pids, workload, route, extra, &mut [])?;
+            let cost = self.count_mix(&pids, HBONE_MIX, workload, route, extra, &mut [])?;
             line.push(format!("{}: {}", topology.label(), mix_brief(&cost)));
             self.costs.push_mix(metric, topology, cost);
         }
@@ -599,6 +596,7 @@ impl Bench<'_> {
     fn count_mix(
         &mut self,
         pids: &[u32],
+        side: &str,
         workload: Workload,
         route: Route,
         extra: &[String],
@@ -611,7 +609,6 @@ impl Bench<'_> {
         let meter = Meter::start(pids, &mut self.syscalls, true, &self.dir)?;
         let mut watched = self.watched();
         watched.extend(also.iter_mut().map(|proc| &mut **proc));
-        let side = "through hbone, counting each syscall";
         let fields = run_load(&options, workload, side, route, extra, &mut watched)?;
         let usage = meter.finish(&mut self.syscalls)?;
         Ok(usage.per(runner::units(workload, &fields)?))
@@ -642,7 +639,20 @@ impl Bench<'_> {
             Topology::JoinedPerCore => "through hbone, one process, per-core",
             Topology::Split | Topology::Gateway => TUNNEL,
         };
-        let meter = Meter::start(&pids, &mut self.syscalls, false, &self.dir)
+        self.metered_pids(&pids, side, workload, route, extra)
+    }
+
+    /// One run of `workload` with the counters of `pids` read around it;
+    /// returns its result and its cost per unit.
+    fn metered_pids(
+        &mut self,
+        pids: &[u32],
+        side: &str,
+        workload: Workload,
+        route: Route,
+        extra: &[String],
+    ) -> anyhow::Result<(Fields, Cost)> {
+        let meter = Meter::start(pids, &mut self.syscalls, false, &self.dir)
             .map_err(|e| runner::explain(e, &mut self.watched()))?;
         let fields = self.load(workload, side, route, extra)?;
         let usage = meter
