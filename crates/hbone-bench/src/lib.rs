@@ -17,6 +17,7 @@
 //! |---|---|
 //! | `suite` | the order of workloads and runs, progress on stderr |
 //! | `suite/isolation` | req/resp alone and beside bulk through one SOCKS5 entry |
+//! | `suite/bare_relays` | bulk and req/resp through the bare relays, metered as hbone is |
 //! | `runner` | one load generator run, its figures, and what went wrong |
 //! | `stack` | identities on disk and the processes under test, apart or in one |
 //! | `child`, `childlog` | starting, reading and killing child processes |

@@ -5,6 +5,7 @@
 //! read around each tunnelled run, then print the tables and write the
 //! Markdown file.
 
+mod bare_relays;
 mod capture;
 mod isolation;
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::child::Proc;
-use super::cost::{BARE_RELAYS_LABEL, Cost, Costs, Counted, Meter, NO_PERF};
+use super::cost::{BARE_RELAYS_LABEL, Cost, Costs, Meter, NO_PERF};
 use super::load::Workload;
 use super::markdown::{self, Document};
 use super::perf::Syscalls;
@@ -293,50 +294,6 @@ impl Bench<'_> {
             Ok(p.entry_for(sink)?.route(sink))
         })?;
         self.bare_relays_mix(metric, Workload::Bulk, sink, &extra)
-    }
-
-    /// One run of `workload` to `app` through the bare relays, metered
-    /// like hbone's; `None` when they are not running.
-    fn bare_relays_run(
-        &mut self,
-        metric: Metric,
-        workload: Workload,
-        app: std::net::SocketAddr,
-        extra: &[String],
-    ) -> anyhow::Result<Option<(Fields, Cost)>> {
-        let Some(relays) = &self.bare_relays else {
-            return Ok(None);
-        };
-        let (pid, route) = (relays.proc.pid(), relays.route(app)?);
-        let side = "through the bare relays";
-        let (fields, cost) = self.metered_pids(&[pid], side, workload, route, extra)?;
-        self.costs.push(metric, Counted::BareRelays, cost.clone());
-        Ok(Some((fields, cost)))
-    }
-
-    /// The bare relays' syscall mix, as [`Bench::mixes`] counts hbone's.
-    fn bare_relays_mix(
-        &mut self,
-        metric: Metric,
-        workload: Workload,
-        app: std::net::SocketAddr,
-        extra: &[String],
-    ) -> anyhow::Result<()> {
-        let Some(relays) = &self.bare_relays else {
-            return Ok(());
-        };
-        if !self.syscalls.has_mix() {
-            return Ok(());
-        }
-        let (pid, route) = (relays.proc.pid(), relays.route(app)?);
-        let side = "through the bare relays, counting each syscall";
-        let cost = self.count_mix(&[pid], side, workload, route, extra, &mut [])?;
-        self.progress_mix(
-            metric,
-            &format!("{BARE_RELAYS_LABEL}: {}", mix_brief(&cost)),
-        );
-        self.costs.push_mix(metric, Counted::BareRelays, cost);
-        Ok(())
     }
 
     fn req_resp(&mut self) -> anyhow::Result<()> {
