@@ -83,12 +83,17 @@ pub fn raise_open_file_limit(needed: u64) -> u64 {
     open_file_limit()
 }
 
-/// Whether this binary was built with optimizations.
-pub fn build_profile() -> &'static str {
+/// The Cargo profile that built this binary: `dist` (optimised as one
+/// program, the binary to deploy), `release`, or a debug build whose
+/// figures mean little.
+pub fn build_profile() -> String {
+    let profile = env!("HBONE_BENCH_PROFILE");
     if cfg!(debug_assertions) {
-        "debug (figures not representative; build with --release)"
+        format!("{profile} (debug: figures not representative; build with --profile dist)")
+    } else if profile == "dist" {
+        "dist (fat LTO, one codegen unit: the binary to deploy)".to_owned()
     } else {
-        "release"
+        profile.to_owned()
     }
 }
 

@@ -142,11 +142,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         options.runs,
         options.duration.as_millis(),
         options.entry.name(),
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        }
+        env!("HBONE_BENCH_PROFILE")
     );
     print!(
         "{}",
