@@ -8,6 +8,9 @@
 //! its worker is pinned to (SO_INCOMING_CPU, honoured within a group since
 //! Linux 6.1): on loopback that is the CPU of the thread that connected,
 //! so a worker dialling its own process's server is served by itself.
+//! (Measured in one `hbone run` on 2 cores with the steering off, the
+//! server half on the other worker: a bulk tunnel moved 9.5 Gbit/s
+//! instead of 6.7, but a 1 KiB request cost 113 µs of CPU instead of 73.)
 //! Set before `listen`, so that no connection is spread by the hash alone
 //! while the group forms.
 //!
