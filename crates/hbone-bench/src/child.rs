@@ -9,6 +9,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,16 @@ impl Proc {
     /// `ip netns exec`, which becomes this binary), when one is given.
     pub fn spawn_in(netns: Option<&str>, name: &str, args: &[String]) -> anyhow::Result<Proc> {
         let exe = std::env::current_exe().context("cannot find the hbone binary to re-execute")?;
+        Proc::spawn_exe(&exe, netns, name, args)
+    }
+
+    /// [`Proc::spawn_in`] of another hbone binary (`--against`).
+    pub fn spawn_exe(
+        exe: &Path,
+        netns: Option<&str>,
+        name: &str,
+        args: &[String],
+    ) -> anyhow::Result<Proc> {
         let mut command = match netns {
             None => Command::new(exe),
             Some(netns) => {

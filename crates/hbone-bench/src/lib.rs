@@ -16,6 +16,7 @@
 //! | file | concern |
 //! |---|---|
 //! | `suite` | the order of workloads and runs, progress on stderr |
+//! | `against` | `--against`: this build and another, in the same runs |
 //! | `suite/isolation` | req/resp alone and beside bulk through one SOCKS5 entry |
 //! | `suite/bare_relays` | bulk and req/resp through the bare relays, metered as hbone is |
 //! | `runner` | one load generator run, its figures, and what went wrong |
@@ -32,6 +33,7 @@
 //! | `report`, `targets` | the table on stdout and the verdicts |
 //! | `markdown`, `machine` | `--write`: the results with their circumstances |
 
+mod against;
 mod apps;
 mod bare_relays;
 mod child;
@@ -68,6 +70,7 @@ use hbone::config::parse_duration;
   hbone bench --quick                      # smoke test: 1 short run of everything
   hbone bench --runs 5 --write BENCHMARKS.md
   hbone bench --only isolation             # one workload, e.g. while tuning it
+  hbone bench --against ./hbone-before     # this build against another, same runs
 
 Build with --release for figures worth keeping, and run on a quiet machine: the apps,
 the server, the entries and the load generator all share its cores. Everything listens
@@ -127,6 +130,14 @@ pub struct BenchArgs {
     /// all]
     #[arg(long, value_enum, value_delimiter = ',', value_name = "WORKLOAD")]
     only: Vec<Part>,
+    /// Instead of the full bench: this build against another hbone binary
+    /// (an older commit, the last release) in the same runs. Bulk (1
+    /// stream), 1 KiB request/response and new connections go through one
+    /// `hbone run` process of each build in turn; the report gives what
+    /// each unit of work cost each build, and their ratio. Figures from
+    /// another day do not compare; these do.
+    #[arg(long, value_name = "BINARY")]
+    against: Option<PathBuf>,
 }
 
 /// The bench's workloads, for `--only`.
@@ -211,6 +222,9 @@ pub struct Options {
     pub only: Vec<Part>,
     /// The command line, as typed, for the report.
     pub command: String,
+    /// Another hbone binary to compare this build with, instead of the
+    /// full bench.
+    pub against: Option<PathBuf>,
 }
 
 impl Options {
@@ -225,6 +239,7 @@ impl Options {
             log: self.tunnel_log.clone(),
             admin: self.admin,
             runtime: self.proxy_runtime.clone(),
+            binary: None,
         }
     }
 }
@@ -248,6 +263,7 @@ impl BenchArgs {
             write: self.write,
             only: self.only,
             command: machine::command_line(),
+            against: self.against,
         }
     }
 }
@@ -268,7 +284,10 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
             let path = dir.path().to_owned();
             // The bench itself is a plain sequence of blocking steps on one
             // thread; children die with that thread (see `child`).
-            let bench = tokio::task::spawn_blocking(move || suite::run(&options, &dir));
+            let bench = tokio::task::spawn_blocking(move || match &options.against {
+                Some(other) => against::run(&options, other, &dir),
+                None => suite::run(&options, &dir),
+            });
             tokio::select! {
                 result = bench => result.context("the bench thread failed")?,
                 _ = tokio::signal::ctrl_c() => {

@@ -420,7 +420,10 @@ impl Proxies {
             "per-core" => "hbone run --runtime per-core (server and entries in one process)",
             _ => "hbone run (server and entries in one process)",
         };
-        let mut proc = Proc::spawn(label, &args)?;
+        let mut proc = match &flags.binary {
+            None => Proc::spawn(label, &args)?,
+            Some(exe) => Proc::spawn_exe(exe, None, OTHER_BUILD_LABEL, &args)?,
+        };
         let mut ready = Vec::new();
         for _ in 0..1 + entries.len() {
             ready.push(proc.wait_ready(START_LIMIT)?);
@@ -507,7 +510,13 @@ fn toml_string(text: &str) -> String {
     toml::Value::String(text.to_owned()).to_string()
 }
 
+/// The proxies' `--runtime` when none is given.
+pub const DEFAULT_RUNTIME: &str = "work-stealing";
+/// The one-process `hbone run` of the build given with `--against`.
+pub const OTHER_BUILD_LABEL: &str = "hbone run of the other build (--against)";
+
 /// What every server, gateway and entry process of the bench is started with.
+#[derive(Clone)]
 pub struct ChildFlags {
     /// Their log filter (`info` writes the access log).
     pub log: String,
@@ -516,15 +525,24 @@ pub struct ChildFlags {
     pub admin: bool,
     /// Their `--runtime`: `work-stealing` or `per-core`.
     pub runtime: String,
+    /// Another hbone binary to run instead of this one (`--against`).
+    pub binary: Option<PathBuf>,
 }
 
 impl ChildFlags {
     /// The same flags under `--runtime per-core`.
     pub fn per_core(&self) -> ChildFlags {
         ChildFlags {
-            log: self.log.clone(),
-            admin: self.admin,
             runtime: "per-core".to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The same flags for the hbone binary at `exe`.
+    pub fn of_binary(&self, exe: &Path) -> ChildFlags {
+        ChildFlags {
+            binary: Some(exe.to_owned()),
+            ..self.clone()
         }
     }
 
@@ -533,7 +551,11 @@ impl ChildFlags {
     /// ephemeral port.
     pub(crate) fn args(&self) -> Vec<String> {
         let mut args = strings(&["--log", &format!("{},hbone::cli=info", self.log)]);
-        args.extend(strings(&["--runtime", &self.runtime]));
+        // Only when not the default, so that builds older than the flag
+        // run too (`--against`).
+        if self.runtime != DEFAULT_RUNTIME {
+            args.extend(strings(&["--runtime", &self.runtime]));
+        }
         if self.admin {
             args.extend(strings(&["--admin", LOOPBACK_ANY_PORT]));
         }

@@ -375,3 +375,97 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         "tracker words in:\n{written}"
     );
 }
+
+/// `--against` compares this build with another hbone binary, here the
+/// same one: each workload has a row per build, measured in the same runs,
+/// and a row of their ratios, which are those of the medians shown; the
+/// Markdown report keeps the table and names the other build.
+#[test]
+fn against_another_build_measures_both_in_the_same_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("against.md");
+    let report = run_bench(&[
+        "bench",
+        "--quick",
+        "--against",
+        BIN,
+        "--write",
+        markdown.to_str().unwrap(),
+    ]);
+    let rows = per_unit_rows(&report);
+    let works = [
+        ("bulk, 1 stream", "MB"),
+        ("1 KiB req/resp", "request"),
+        ("new conn + 1-byte echo", "tunnel"),
+    ];
+    assert_eq!(rows.len(), 3 * works.len(), "{report}");
+    for (i, (work, unit)) in works.into_iter().enumerate() {
+        let (this, other, ratio) = (&rows[3 * i], &rows[3 * i + 1], &rows[3 * i + 2]);
+        assert_eq!(this[..3], [work, unit, "this build"], "{report}");
+        assert_eq!(other[..3], [work, unit, "other build"], "{report}");
+        assert_eq!(
+            ratio[..3],
+            [work, unit, "this ÷ other (medians)"],
+            "{report}"
+        );
+        for build in [this, other] {
+            let cpu = median(build[3]).unwrap_or(0.0);
+            assert!(cpu > 0.0, "{work}, {}: no CPU in:\n{report}", build[2]);
+            let kernel = median(build[4]).unwrap_or(-1.0);
+            assert!(
+                (0.0..=cpu).contains(&kernel),
+                "{work}: kernel share in:\n{report}"
+            );
+            assert!(median(build[5]).is_some(), "{work}: switches in:\n{report}");
+            if build[6] != NO_PERF {
+                assert!(median(build[6]).unwrap_or(0.0) > 0.0, "{report}");
+            }
+        }
+        // The ratio of the medians as shown, within their rounding.
+        let shown = median(this[3]).unwrap() / median(other[3]).unwrap();
+        let ratio_cpu: f64 = ratio[3].parse().unwrap();
+        assert!(
+            (ratio_cpu / shown - 1.0).abs() < 0.02,
+            "{work}: ratio {ratio_cpu} against {shown} in:\n{report}"
+        );
+    }
+    let written = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        written.starts_with("# hbone against another build"),
+        "{written}"
+    );
+    assert!(written.contains("| 1 KiB req/resp "), "{written}");
+    assert!(
+        written.contains(&format!("other build: `{BIN}`")),
+        "{written}"
+    );
+}
+
+/// What `--against` cannot compare is refused before anything starts, and
+/// says why.
+#[test]
+fn against_refuses_what_it_cannot_compare() {
+    let refused = |args: &[&str], expected: &str| {
+        let output = Command::new(BIN)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    refused(
+        &["bench", "--quick", "--against", "/nonexistent/hbone"],
+        "cannot run /nonexistent/hbone",
+    );
+    refused(
+        &["bench", "--quick", "--against", "/bin/false"],
+        "is it an hbone binary?",
+    );
+    refused(
+        &["bench", "--quick", "--against", BIN, "--only", "idle"],
+        "--only names none of them",
+    );
+}
