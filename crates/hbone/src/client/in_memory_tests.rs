@@ -1,6 +1,7 @@
 //! The dialer without sockets: its tunnels go on HTTP/2 connections over
 //! memory, handed to it in place of a TLS handshake, and time is paused.
 
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -13,6 +14,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::*;
+use crate::metrics::ResponseFlag;
 use crate::pool::ConnState;
 use crate::test_support::{default_h2_pair, settle, test_id, test_identity};
 
