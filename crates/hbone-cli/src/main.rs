@@ -155,7 +155,10 @@ fn hint(error: &anyhow::Error) -> Option<&'static str> {
     let text = format!("{error:#}");
     Some(match io.kind() {
         ErrorKind::AddrInUse => {
-            "another process listens on that address: stop it, or choose another port (--listen, --admin)"
+            "another socket holds that address: a process listening on it, or, for a port in the \
+             kernel's ephemeral range (/proc/sys/net/ipv4/ip_local_port_range), a connection that \
+             took it as its local port, even one still closing (`ss -tanp` shows both); stop that \
+             process, or choose another port (--listen, --admin)"
         }
         ErrorKind::AddrNotAvailable => {
             "that IP is not an address of this machine; use one it has, or 0.0.0.0 / [::] for all"

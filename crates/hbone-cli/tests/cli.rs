@@ -440,6 +440,38 @@ async fn demo_exits_zero_and_reports() {
     assert!(stdout.contains("refused"));
 }
 
+/// A listen address that is taken is refused with a hint that covers both
+/// ways it can be taken: a process listening on it, or a connection that
+/// holds it as its local port (which a list of listeners does not show).
+#[tokio::test]
+async fn a_taken_listen_address_gets_a_hint_that_covers_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path()).await;
+    // A connection whose local port nothing listens on.
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let held = socket.local_addr().unwrap();
+    let _connection = socket.connect(peer.local_addr().unwrap()).await.unwrap();
+    let listen = held.to_string();
+    let identity = path(dir.path(), "server");
+    let output = hbone(&["server", "--identity-dir", &identity, "--listen", &listen])
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {listen}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hint: another socket holds that address: a process listening on it")
+            && stderr.contains("a connection that took it as its local port"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn operator_mistakes_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
