@@ -525,7 +525,8 @@ pub struct ChildFlags {
     pub admin: bool,
     /// Their `--runtime`: `work-stealing` or `per-core`.
     pub runtime: String,
-    /// Another hbone binary to run instead of this one (`--against`).
+    /// Another hbone binary to run instead of this one (`--against`; the
+    /// one-process `hbone run` only).
     pub binary: Option<PathBuf>,
 }
 
