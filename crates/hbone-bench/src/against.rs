@@ -283,9 +283,7 @@ fn document(
         let _ = writeln!(out, "\nSyscalls: {NO_PERF} ({why}).");
     }
     out += "\n## Circumstances\n\n";
-    let _ = writeln!(out, "- CPUs: {} × {}", machine.cpus, machine.cpu_model);
-    let _ = writeln!(out, "- memory: {}", machine.memory);
-    let _ = writeln!(out, "- kernel: {}", machine.kernel);
+    out += &machine.markdown_items();
     let _ = writeln!(out, "- this build: {}", machine::build_profile());
     let _ = writeln!(
         out,

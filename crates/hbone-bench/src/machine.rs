@@ -39,6 +39,16 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// The CPUs, memory and kernel as Markdown list items, one per line.
+    pub fn markdown_items(&self) -> String {
+        format!(
+            "- CPUs: {} × {}\n- memory: {}\n- kernel: {}\n",
+            self.cpus, self.cpu_model, self.memory, self.kernel
+        )
+    }
+}
+
 /// The 1-, 5- and 15-minute load averages, as /proc/loadavg writes them:
 /// how busy the machine was around the measurement.
 pub fn load_average() -> String {

@@ -137,9 +137,7 @@ fn render(doc: &Document) -> String {
         );
     }
     out += "\n## Machine\n\n";
-    let _ = writeln!(out, "- CPUs: {} × {}", machine.cpus, machine.cpu_model);
-    let _ = writeln!(out, "- memory: {}", machine.memory);
-    let _ = writeln!(out, "- kernel: {}", machine.kernel);
+    out += &machine.markdown_items();
     let _ = writeln!(out, "- build: {}", machine::build_profile());
     let _ = writeln!(
         out,
