@@ -8,9 +8,12 @@
 //! Each build runs as one `hbone run` process holding the server and the
 //! entries (the bench's one-process topology); both are started once and
 //! take turns on bulk (1 stream), 1 KiB request/response and new
-//! connections, the order of the two swapped every run so that drift in
-//! background load touches both alike. The report gives what each unit of
-//! work cost each build, and their ratio.
+//! connections, the order rotated every run so that drift in background
+//! load touches both alike. On bulk and request/response the bare relays
+//! (a thread per direction, and one thread with epoll) take their turns
+//! too: what carrying the bytes as TLS records costs with nothing else in
+//! the way, a floor for both builds. The report gives what each unit of
+//! work cost each, and their ratios to the other build.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -18,13 +21,14 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use super::cost::{Cost, Meter, NO_PERF};
+use super::child::Proc;
+use super::cost::{BARE_RELAYS_LABEL, Cost, Meter, NO_PERF};
 use super::load::Workload;
 use super::machine::{self, Machine};
 use super::perf::Syscalls;
 use super::report::{cell, table};
 use super::runner::{self, run_load};
-use super::stack::{Apps, Pki, Proxies, Route, WorkDir, entry_specs};
+use super::stack::{Apps, BareRelays, Pki, Proxies, Route, WorkDir, entry_specs};
 use super::stats::Summary;
 use super::{Options, Part};
 
@@ -68,7 +72,40 @@ const HEADERS: [&str; 7] = [
 /// The two builds, in the table's order.
 const THIS: &str = "this build";
 const OTHER: &str = "other build";
-const RATIO: &str = "this ÷ other (medians)";
+/// What a ratio row divides by.
+const BY_OTHER: &str = "÷ other (medians)";
+
+/// What takes turns on a workload: a build's one process, or bare relays.
+enum Contender<'a> {
+    Build(&'static str, &'a mut Proxies),
+    Reference(&'a mut BareRelays),
+}
+
+impl Contender<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Contender::Build(name, _) => name,
+            Contender::Reference(relays) => relays.counted.label(),
+        }
+    }
+
+    /// The processes counted, and the route to `target` through them.
+    fn pids_and_route(&self, target: std::net::SocketAddr) -> anyhow::Result<(Vec<u32>, Route)> {
+        Ok(match self {
+            Contender::Build(_, proxies) => {
+                (proxies.pids(), proxies.entry_for(target)?.route(target))
+            }
+            Contender::Reference(relays) => (vec![relays.proc.pid()], relays.route(target)?),
+        })
+    }
+
+    fn procs(&mut self) -> Vec<&mut Proc> {
+        match self {
+            Contender::Build(_, proxies) => proxies.procs.iter_mut().collect(),
+            Contender::Reference(relays) => vec![&mut relays.proc],
+        }
+    }
+}
 
 pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -93,6 +130,13 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
                 other.display()
             )
         })?;
+    let mut references = match options.runs_part(Part::Bulk) || options.runs_part(Part::ReqResp) {
+        true => vec![
+            BareRelays::start(&apps, false)?,
+            BareRelays::start(&apps, true)?,
+        ],
+        false => Vec::new(),
+    };
     let mut syscalls = Syscalls::probe(apps.proc.pid(), dir.path(), options.quick);
     eprintln!(
         "hbone bench --against {} ({other_version}): {} run(s) of {} ms per workload, each \
@@ -109,33 +153,39 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
             Workload::Bulk => apps.sink,
             _ => apps.echo,
         };
-        let mut costs: [Vec<Cost>; 2] = [Vec::new(), Vec::new()];
+        let mut contenders = vec![
+            Contender::Build(THIS, &mut this),
+            Contender::Build(OTHER, &mut that),
+        ];
+        // New connections are hbone's work alone: the relays have no
+        // pool, no streams to open.
+        if workload != Workload::Connect {
+            contenders.extend(references.iter_mut().map(Contender::Reference));
+        }
+        let mut costs: Vec<Vec<Cost>> = contenders.iter().map(|_| Vec::new()).collect();
         for run in 1..=options.runs {
-            // Swapped every run: drift touches both builds alike.
-            let order = if run % 2 == 1 { [0, 1] } else { [1, 0] };
+            // Rotated every run: drift touches every contender alike.
+            let count = contenders.len();
             let mut line = Vec::new();
-            for build in order {
-                let proxies = if build == 0 { &mut this } else { &mut that };
-                let route = proxies.entry_for(target)?.route(target);
+            for turn in 0..count {
+                let index = (turn + run as usize - 1) % count;
+                let contender = &mut contenders[index];
                 let cost = metered(
                     options,
-                    proxies,
+                    contender,
                     &mut syscalls,
                     dir.path(),
                     workload,
-                    route,
+                    target,
                     &extra,
                 )?;
-                line.push(format!(
-                    "{}: per {unit} {}",
-                    [THIS, OTHER][build],
-                    cost.brief()
-                ));
-                costs[build].push(cost);
+                line.push(format!("{}: per {unit} {}", contender.name(), cost.brief()));
+                costs[index].push(cost);
             }
             eprintln!("  {label}, run {run}/{}: {}", options.runs, line.join("; "));
         }
-        rows.extend(rows_of(label, unit, &costs, &syscalls));
+        let names: Vec<_> = contenders.iter().map(Contender::name).collect();
+        rows.extend(rows_of(label, unit, &names, &costs, &syscalls));
     }
     let report = table(&HEADERS, &rows);
     println!("\nPer unit of work, the server and entries in one process, medians of the runs\n");
@@ -159,41 +209,36 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
     Ok(())
 }
 
-/// One run of `workload` through `proxies`, with their counters read
-/// around it.
+/// One run of `workload` to `target` through `contender`, with its
+/// counters read around it.
 fn metered(
     options: &Options,
-    proxies: &mut Proxies,
+    contender: &mut Contender<'_>,
     syscalls: &mut Syscalls,
     dir: &Path,
     workload: Workload,
-    route: Route,
+    target: std::net::SocketAddr,
     extra: &[String],
 ) -> anyhow::Result<Cost> {
-    let pids = proxies.pids();
-    let mut watched: Vec<_> = proxies.procs.iter_mut().collect();
+    let (pids, route) = contender.pids_and_route(target)?;
+    let side = format!("through the {}", contender.name());
+    let mut watched = contender.procs();
     let meter =
         Meter::start(&pids, syscalls, false, dir).map_err(|e| runner::explain(e, &mut watched))?;
-    let fields = run_load(
-        options,
-        workload,
-        "through hbone",
-        route,
-        extra,
-        &mut watched,
-    )?;
+    let fields = run_load(options, workload, &side, route, extra, &mut watched)?;
     let usage = meter
         .finish(syscalls)
         .map_err(|e| runner::explain(e, &mut watched))?;
     Ok(usage.per(runner::units(workload, &fields)?))
 }
 
-/// A workload's rows: each build's medians (with the spread), then their
-/// ratio.
+/// A workload's rows: each contender's medians (with the spread), in
+/// `names`' order, then each one's ratio to the other build's medians.
 fn rows_of(
     label: &str,
     unit: &str,
-    costs: &[Vec<Cost>; 2],
+    names: &[&str],
+    costs: &[Vec<Cost>],
     syscalls: &Syscalls,
 ) -> Vec<Vec<String>> {
     type Field = fn(&Cost) -> Option<f64>;
@@ -203,32 +248,42 @@ fn rows_of(
         |c| Some(c.switches),
         |c| c.syscalls,
     ];
-    let summary = |build: &[Cost], field: Field| {
-        let samples: Option<Vec<f64>> = build.iter().map(field).collect();
+    let summary = |runs: &[Cost], field: Field| {
+        let samples: Option<Vec<f64>> = runs.iter().map(field).collect();
         Summary::of(&samples.unwrap_or_default())
     };
     let mut rows = Vec::new();
-    for (build, name) in costs.iter().zip([THIS, OTHER]) {
-        let mut row = vec![label.to_owned(), unit.to_owned(), name.to_owned()];
+    for (runs, name) in costs.iter().zip(names) {
+        let mut row = vec![label.to_owned(), unit.to_owned(), (*name).to_owned()];
         for field in fields {
-            row.push(match summary(build, field) {
+            row.push(match summary(runs, field) {
                 None if !syscalls.available() => NO_PERF.to_owned(),
                 other => cell(other),
             });
         }
         rows.push(row);
     }
-    let mut ratio = vec![label.to_owned(), unit.to_owned(), RATIO.to_owned()];
-    for field in fields {
-        let (this, other) = (summary(&costs[0], field), summary(&costs[1], field));
-        ratio.push(match (this, other) {
-            (Some(this), Some(other)) if other.median > 0.0 => {
-                format!("{:.3}", this.median / other.median)
-            }
-            _ => "n/a".to_owned(),
-        });
+    let other = names.iter().position(|name| *name == OTHER);
+    for (runs, name) in costs.iter().zip(names) {
+        let Some(other) = other.filter(|_| *name != OTHER) else {
+            continue;
+        };
+        let mut ratio = vec![
+            label.to_owned(),
+            unit.to_owned(),
+            format!("{name} {BY_OTHER}"),
+        ];
+        for field in fields {
+            let (this, other) = (summary(runs, field), summary(&costs[other], field));
+            ratio.push(match (this, other) {
+                (Some(this), Some(other)) if other.median > 0.0 => {
+                    format!("{:.3}", this.median / other.median)
+                }
+                _ => "n/a".to_owned(),
+            });
+        }
+        rows.push(ratio);
     }
-    rows.push(ratio);
     rows
 }
 
@@ -263,8 +318,9 @@ fn document(
     let _ = writeln!(
         out,
         "Measured with `hbone bench --against` on {date}; it took {:.0} s. {} run(s) of each \
-         workload, {} ms each, the two builds taking turns (their order swapped every run); \
-         each figure is the median of the runs, with the lowest and highest in parentheses.\n",
+         workload, {} ms each, the builds (and the references below) taking turns, their order \
+         rotated every run; each figure is the median of the runs, with the lowest and highest \
+         in parentheses.\n",
         started.elapsed().as_secs_f64(),
         options.runs,
         options.duration.as_millis(),
@@ -275,9 +331,21 @@ fn document(
          {}); the figures are what that process spent per unit of work: CPU time (utime + stime \
          from /proc), of it in the kernel (stime), context switches of its threads, and \
          syscalls (`perf stat -e raw_syscalls:sys_enter`). The apps and the load generator are \
-         not counted. Only the ratio row compares, and only figures of this run.\n",
+         not counted. The ratio rows compare each with the other build, and only figures of \
+         this run.\n",
         options.entry.name()
     );
+    if report.contains(BARE_RELAYS_LABEL) {
+        out += "On bulk and request/response two references take their turns too, each one \
+                process that is not hbone (`hbone bench relays`): an entry relay and a server \
+                relay that carry the bytes between them as TLS 1.3 records sealed and opened \
+                with AES-128-GCM and nothing else (no handshake, no HTTP/2, no copy of a \
+                payload byte in user space), first with a blocking thread per direction of each \
+                connection, then all on one thread that waits in edge-triggered epoll and \
+                never reads only to learn EAGAIN. They show what the sockets, the cipher and \
+                the wake-ups cost with nothing else in the way: a floor under both builds on \
+                this machine, measured in the same runs.\n\n";
+    }
     out += report;
     if let Syscalls::Unavailable(why) = syscalls {
         let _ = writeln!(out, "\nSyscalls: {NO_PERF} ({why}).");

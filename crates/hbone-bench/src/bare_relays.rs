@@ -25,6 +25,9 @@
 //! no poll (a read and a write per hop) but wake a different thread at
 //! every hop.
 
+#[cfg(target_os = "linux")]
+mod event_loop;
+
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,8 +59,15 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Binds an entry relay and a server relay on loopback for each target,
 /// logs `bare relays ready listen=ADDR` with each entry relay's address,
 /// in the order of `targets` (the bench waits for them), and relays until
-/// killed.
-pub fn run(targets: &[SocketAddr]) -> anyhow::Result<()> {
+/// killed: on a blocking thread per direction of each connection, or all
+/// on `one_thread` with epoll.
+pub fn run(targets: &[SocketAddr], one_thread: bool) -> anyhow::Result<()> {
+    if one_thread {
+        #[cfg(target_os = "linux")]
+        return event_loop::run(targets);
+        #[cfg(not(target_os = "linux"))]
+        anyhow::bail!("the one-thread bare relays use epoll, which only Linux has");
+    }
     let mut entries = Vec::with_capacity(targets.len());
     for &target in targets {
         let server = TcpListener::bind("127.0.0.1:0").context("cannot bind a server relay")?;

@@ -167,6 +167,8 @@ fn work(metric: Metric) -> &'static str {
 pub enum Counted {
     Hbone(Topology),
     BareRelays,
+    /// The same relays on one thread, with epoll.
+    BareRelaysOneThread,
 }
 
 impl From<Topology> for Counted {
@@ -180,12 +182,15 @@ impl Counted {
         match self {
             Counted::Hbone(topology) => topology.label(),
             Counted::BareRelays => BARE_RELAYS_LABEL,
+            Counted::BareRelaysOneThread => BARE_RELAYS_ONE_THREAD_LABEL,
         }
     }
 }
 
 /// The bare relays' rows in the per-unit tables.
 pub const BARE_RELAYS_LABEL: &str = "bare relays (reference)";
+/// The one-thread bare relays' rows.
+pub const BARE_RELAYS_ONE_THREAD_LABEL: &str = "bare relays, one thread (reference)";
 
 /// Every run's cost, by workload and topology, and the syscall mix of
 /// each from its extra run.

@@ -24,6 +24,7 @@
 //! | `child`, `childlog` | starting, reading and killing child processes |
 //! | `apps` | the sink and echo applications (`bench apps`) |
 //! | `bare_relays` | relays that only seal and open TLS records (`bench relays`), a reference |
+//! | `bare_relays/event_loop` | the same relays on one thread with epoll (`--one-thread`) |
 //! | `load`, `workloads` | the load generator (`bench load`) |
 //! | `wire` | the load generator's `key=value` result line |
 //! | `sample` | memory, CPU time, context switches and migrations from /proc |
@@ -184,6 +185,10 @@ enum Internal {
         /// Where a server relay forwards; repeat for more.
         #[arg(long, required = true)]
         to: Vec<std::net::SocketAddr>,
+        /// All connections of both relays on one thread that waits in
+        /// epoll, instead of a blocking thread per direction.
+        #[arg(long)]
+        one_thread: bool,
     },
 }
 
@@ -275,9 +280,11 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
     match args.internal {
         Some(Internal::Apps { ip }) => apps::run(ip).await,
         Some(Internal::Load(load)) => load::run(load).await,
-        Some(Internal::Relays { to }) => tokio::task::spawn_blocking(move || bare_relays::run(&to))
-            .await
-            .context("the relays' thread failed")?,
+        Some(Internal::Relays { to, one_thread }) => {
+            tokio::task::spawn_blocking(move || bare_relays::run(&to, one_thread))
+                .await
+                .context("the relays' thread failed")?
+        }
         None => {
             let options = args.options();
             let dir = stack::WorkDir::create()?;

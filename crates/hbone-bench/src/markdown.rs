@@ -55,12 +55,15 @@ fn render(doc: &Document) -> String {
             generator). Syscalls and context switches per unit are counts: they hardly move \
             when the machine is busy, unlike rates, and are the figures to compare across runs \
             and machines. CPU time per unit is a time, and moves with what else the machine's \
-            cores and caches serve. The bulk and request/response rows end with a reference \
+            cores and caches serve. The bulk and request/response rows end with two references \
             measured in the same runs: two bare relays that do nothing but carry the bytes as \
-            TLS records, with a blocking thread per direction. On bulk they show what the \
-            sockets and the cipher cost per MB with nothing else in the way; on \
-            request/response they need no poll (a read and a write per hop), and pay for it \
-            in wake-ups: each hop wakes another thread.\n\n";
+            TLS records, first with a blocking thread per direction, then all on one thread \
+            that waits in epoll. On bulk they show what the sockets and the cipher cost per MB \
+            with nothing else in the way. On request/response the blocking relays need no \
+            poll (a read and a write per hop) and pay for it in wake-ups, each hop waking \
+            another thread; the one-thread relays show the least a readiness-driven proxy \
+            holding both ends can do per request: a read and a write per hop, and an \
+            `epoll_wait` each time readiness arrives.\n\n";
     out += &report::table(&cost::HEADERS, &m.costs.rows(&m.syscalls));
     out += "\n";
     out += PER_UNIT_METHOD;
@@ -296,7 +299,11 @@ straight into the payload slots of 16 records (256 KiB, hbone's largest read), s
 place and sent with one `writev`; records are read up to four at once (hbone reads 64 KiB \
 under TLS), opened in place and their plaintexts sent with one `writev`. Each stream has a \
 connection between the relays of its own, where hbone's streams share one HTTP/2 \
-connection. Never the apps, the load generator or perf.
+connection. Never the apps, the load generator or perf. *bare relays, one thread \
+(reference)*: the same relays, records and reads in one thread (`hbone bench relays \
+--one-thread`): non-blocking sockets registered once with edge-triggered epoll, a short read \
+taken as having drained the socket (no read that only returns EAGAIN), every socket an \
+`epoll_wait` names served before the next wait.
 - Window: the counters are read just before the load generator starts and just after it exits, \
 so a run's window also holds its connection set-up.
 - Units: everything the load generator did in the window, warm-up included. Bulk: MB (10^6 \

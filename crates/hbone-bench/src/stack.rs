@@ -12,6 +12,7 @@ use hbone::ca::DevCa;
 
 use super::EntryKind;
 use super::child::Proc;
+use super::cost::Counted;
 use super::results::Topology;
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -119,23 +120,38 @@ pub fn start_server(pki: &Pki, flags: &ChildFlags) -> anyhow::Result<Listening> 
 /// beside hbone on bulk and req/resp.
 pub struct BareRelays {
     pub proc: Proc,
+    /// Whose work they are in the per-unit tables.
+    pub counted: Counted,
     /// Each app's entry relay: (app, entry relay).
     entries: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl BareRelays {
-    pub fn start(apps: &Apps) -> anyhow::Result<BareRelays> {
+    /// The relays with a blocking thread per direction, or all on one
+    /// thread with epoll.
+    pub fn start(apps: &Apps, one_thread: bool) -> anyhow::Result<BareRelays> {
         let targets = [apps.sink, apps.echo];
         let mut args = strings(&["bench", "relays"]);
         for target in targets {
             args.extend(["--to".to_owned(), target.to_string()]);
         }
-        let mut proc = Proc::spawn("bare relays", &args)?;
+        let (name, counted) = match one_thread {
+            true => {
+                args.push("--one-thread".to_owned());
+                ("bare relays, one thread", Counted::BareRelaysOneThread)
+            }
+            false => ("bare relays", Counted::BareRelays),
+        };
+        let mut proc = Proc::spawn(name, &args)?;
         let mut entries = Vec::with_capacity(targets.len());
         for target in targets {
             entries.push((target, proc.wait_ready(START_LIMIT)?));
         }
-        Ok(BareRelays { proc, entries })
+        Ok(BareRelays {
+            proc,
+            counted,
+            entries,
+        })
     }
 
     /// The route to `app` through the relays.

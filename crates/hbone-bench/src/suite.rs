@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::child::Proc;
-use super::cost::{BARE_RELAYS_LABEL, Cost, Costs, Meter, NO_PERF};
+use super::cost::{Cost, Costs, Meter, NO_PERF};
 use super::load::Workload;
 use super::markdown::{self, Document};
 use super::perf::Syscalls;
@@ -53,8 +53,11 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     let joined = Proxies::start_joined(&specs, &pki, dir.path(), flags)?;
     let per_core = Proxies::start(Topology::JoinedPerCore, &specs, &pki, dir.path(), flags)?;
     let bare_relays = match options.runs_part(Part::Bulk) || options.runs_part(Part::ReqResp) {
-        true => Some(BareRelays::start(&apps)?),
-        false => None,
+        true => vec![
+            BareRelays::start(&apps, false)?,
+            BareRelays::start(&apps, true)?,
+        ],
+        false => Vec::new(),
     };
     let syscalls = Syscalls::probe(apps.proc.pid(), dir.path(), options.quick);
     eprintln!(
@@ -119,7 +122,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     watched.extend(&bench.split.procs);
     watched.extend(&bench.joined.procs);
     watched.extend(&bench.per_core.procs);
-    watched.extend(bench.bare_relays.as_ref().map(|relays| &relays.proc));
+    watched.extend(bench.bare_relays.iter().map(|relays| &relays.proc));
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
     let verdicts = targets::judge(
@@ -205,9 +208,10 @@ struct Bench<'a> {
     joined: Proxies,
     /// The same under `--runtime per-core`.
     per_core: Proxies,
-    /// Bare relays that only seal and open records: the reference for
-    /// bulk and req/resp. Started only when one of those runs.
-    bare_relays: Option<BareRelays>,
+    /// Bare relays that only seal and open records, with a thread per
+    /// direction and on one thread: the references for bulk and req/resp.
+    /// Started only when one of those runs.
+    bare_relays: Vec<BareRelays>,
     results: Results,
     /// The isolation workload's figures, and how they were measured where
     /// that differs from the usual.
@@ -273,12 +277,12 @@ impl Bench<'_> {
                 );
                 self.costs.push(metric, topology, cost);
             }
-            if let Some((fields, cost)) =
-                self.bare_relays_run(metric, Workload::Bulk, sink, &extra)?
+            for (label, fields, cost) in
+                self.bare_relays_runs(metric, Workload::Bulk, sink, &extra)?
             {
                 let through = gbits(&fields)?;
                 line += &format!(
-                    "; {BARE_RELAYS_LABEL}: {} Gbit/s ({}), per MB {}",
+                    "; {label}: {} Gbit/s ({}), per MB {}",
                     number(through),
                     percent(through / direct * 100.0),
                     cost.brief()
@@ -289,7 +293,7 @@ impl Bench<'_> {
         self.mixes(metric, Workload::Bulk, &extra, |p| {
             Ok(p.entry_for(sink)?.route(sink))
         })?;
-        self.bare_relays_mix(metric, Workload::Bulk, sink, &extra)
+        self.bare_relays_mixes(metric, Workload::Bulk, sink, &extra)
     }
 
     fn req_resp(&mut self) -> anyhow::Result<()> {
@@ -315,21 +319,18 @@ impl Bench<'_> {
                 );
                 self.costs.push(Metric::ReqRate, topology, cost);
             }
-            if let Some((fields, cost)) =
-                self.bare_relays_run(Metric::ReqRate, Workload::ReqResp, echo, &[])?
+            for (label, fields, cost) in
+                self.bare_relays_runs(Metric::ReqRate, Workload::ReqResp, echo, &[])?
             {
                 let through = RoundTrips::from(&fields)?;
-                line += &format!(
-                    "; {BARE_RELAYS_LABEL}: {through}, per request {}",
-                    cost.brief()
-                );
+                line += &format!("; {label}: {through}, per request {}", cost.brief());
             }
             self.progress(Metric::ReqRate, run, &line);
         }
         self.mixes(Metric::ReqRate, Workload::ReqResp, &[], |p| {
             Ok(p.entry_for(echo)?.route(echo))
         })?;
-        self.bare_relays_mix(Metric::ReqRate, Workload::ReqResp, echo, &[])
+        self.bare_relays_mixes(Metric::ReqRate, Workload::ReqResp, echo, &[])
     }
 
     fn connections(&mut self) -> anyhow::Result<()> {
@@ -634,7 +635,7 @@ impl Bench<'_> {
         watched.extend(self.split.procs.iter_mut());
         watched.extend(self.joined.procs.iter_mut());
         watched.extend(self.per_core.procs.iter_mut());
-        watched.extend(self.bare_relays.as_mut().map(|relays| &mut relays.proc));
+        watched.extend(self.bare_relays.iter_mut().map(|relays| &mut relays.proc));
         watched
     }
 

@@ -56,19 +56,34 @@ const ISOLATION_BULK: &str = "4 bulk streams beside req/resp (Gbit/s)";
 const ISOLATION_KEPT: &str = "4 bulk streams beside req/resp, % of alone";
 
 /// The per-unit table's rows: work, unit and processes.
-const PER_UNIT: [(&str, &str, &str); 20] = [
+const PER_UNIT: [(&str, &str, &str); 23] = [
     ("bulk, 1 stream", "MB", "2 processes"),
     ("bulk, 1 stream", "MB", "1 process"),
     ("bulk, 1 stream", "MB", "1 process, per-core"),
     ("bulk, 1 stream", "MB", "bare relays (reference)"),
+    (
+        "bulk, 1 stream",
+        "MB",
+        "bare relays, one thread (reference)",
+    ),
     ("bulk, 8 streams", "MB", "2 processes"),
     ("bulk, 8 streams", "MB", "1 process"),
     ("bulk, 8 streams", "MB", "1 process, per-core"),
     ("bulk, 8 streams", "MB", "bare relays (reference)"),
+    (
+        "bulk, 8 streams",
+        "MB",
+        "bare relays, one thread (reference)",
+    ),
     ("1 KiB req/resp", "request", "2 processes"),
     ("1 KiB req/resp", "request", "1 process"),
     ("1 KiB req/resp", "request", "1 process, per-core"),
     ("1 KiB req/resp", "request", "bare relays (reference)"),
+    (
+        "1 KiB req/resp",
+        "request",
+        "bare relays, one thread (reference)",
+    ),
     ("new conn + 1-byte echo", "tunnel", "2 processes"),
     ("new conn + 1-byte echo", "tunnel", "1 process"),
     ("new conn + 1-byte echo", "tunnel", "1 process, per-core"),
@@ -377,9 +392,10 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
 }
 
 /// `--against` compares this build with another hbone binary, here the
-/// same one: each workload has a row per build, measured in the same runs,
-/// and a row of their ratios, which are those of the medians shown; the
-/// Markdown report keeps the table and names the other build.
+/// same one: each workload has a row per build, measured in the same runs
+/// (and, on bulk and req/resp, a row per bare relays), and a row of each
+/// one's ratios to the other build, which are those of the medians shown;
+/// the Markdown report keeps the table and names the other build.
 #[test]
 fn against_another_build_measures_both_in_the_same_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,40 +410,66 @@ fn against_another_build_measures_both_in_the_same_runs() {
     ]);
     let rows = per_unit_rows(&report);
     let works = [
-        ("bulk, 1 stream", "MB"),
-        ("1 KiB req/resp", "request"),
-        ("new conn + 1-byte echo", "tunnel"),
+        ("bulk, 1 stream", "MB", true),
+        ("1 KiB req/resp", "request", true),
+        ("new conn + 1-byte echo", "tunnel", false),
     ];
-    assert_eq!(rows.len(), 3 * works.len(), "{report}");
-    for (i, (work, unit)) in works.into_iter().enumerate() {
-        let (this, other, ratio) = (&rows[3 * i], &rows[3 * i + 1], &rows[3 * i + 2]);
-        assert_eq!(this[..3], [work, unit, "this build"], "{report}");
-        assert_eq!(other[..3], [work, unit, "other build"], "{report}");
-        assert_eq!(
-            ratio[..3],
-            [work, unit, "this ÷ other (medians)"],
-            "{report}"
-        );
-        for build in [this, other] {
-            let cpu = median(build[3]).unwrap_or(0.0);
-            assert!(cpu > 0.0, "{work}, {}: no CPU in:\n{report}", build[2]);
-            let kernel = median(build[4]).unwrap_or(-1.0);
+    let references = [
+        "bare relays (reference)",
+        "bare relays, one thread (reference)",
+    ];
+    for (work, unit, with_references) in works {
+        let of_work: Vec<_> = rows.iter().filter(|row| row[0] == work).collect();
+        let mut names = vec!["this build", "other build"];
+        if with_references {
+            names.extend(references);
+        }
+        let ratios: Vec<String> = names
+            .iter()
+            .filter(|name| **name != "other build")
+            .map(|name| format!("{name} ÷ other (medians)"))
+            .collect();
+        let shown: Vec<&str> = of_work.iter().map(|row| row[2]).collect();
+        let expected: Vec<&str> = names
+            .iter()
+            .copied()
+            .chain(ratios.iter().map(String::as_str))
+            .collect();
+        assert_eq!(shown, expected, "{work}:\n{report}");
+        for row in &of_work {
+            assert_eq!(row[1], unit, "{report}");
+        }
+        let other = of_work[1];
+        for (index, contender) in of_work[..names.len()].iter().enumerate() {
+            let cpu = median(contender[3]).unwrap_or(0.0);
+            assert!(cpu > 0.0, "{work}, {}: no CPU in:\n{report}", contender[2]);
+            let kernel = median(contender[4]).unwrap_or(-1.0);
             assert!(
                 (0.0..=cpu).contains(&kernel),
                 "{work}: kernel share in:\n{report}"
             );
-            assert!(median(build[5]).is_some(), "{work}: switches in:\n{report}");
-            if build[6] != NO_PERF {
-                assert!(median(build[6]).unwrap_or(0.0) > 0.0, "{report}");
+            assert!(
+                median(contender[5]).is_some(),
+                "{work}: switches in:\n{report}"
+            );
+            if contender[6] != NO_PERF {
+                assert!(median(contender[6]).unwrap_or(0.0) > 0.0, "{report}");
             }
+            if index == 1 {
+                continue;
+            }
+            // The ratio of the medians as shown, within their rounding.
+            let ratio = of_work
+                .iter()
+                .find(|row| row[2] == format!("{} ÷ other (medians)", contender[2]))
+                .unwrap_or_else(|| panic!("{work}: no ratio for {}:\n{report}", contender[2]));
+            let shown = median(contender[3]).unwrap() / median(other[3]).unwrap();
+            let ratio_cpu: f64 = ratio[3].parse().unwrap();
+            assert!(
+                (ratio_cpu / shown - 1.0).abs() < 0.02,
+                "{work}: ratio {ratio_cpu} against {shown} in:\n{report}"
+            );
         }
-        // The ratio of the medians as shown, within their rounding.
-        let shown = median(this[3]).unwrap() / median(other[3]).unwrap();
-        let ratio_cpu: f64 = ratio[3].parse().unwrap();
-        assert!(
-            (ratio_cpu / shown - 1.0).abs() < 0.02,
-            "{work}: ratio {ratio_cpu} against {shown} in:\n{report}"
-        );
     }
     let written = std::fs::read_to_string(&markdown).unwrap();
     assert!(

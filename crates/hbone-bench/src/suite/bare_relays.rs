@@ -4,53 +4,57 @@
 use std::net::SocketAddr;
 
 use super::{Bench, mix_brief};
-use crate::cost::{BARE_RELAYS_LABEL, Cost, Counted};
+use crate::cost::Cost;
 use crate::load::Workload;
 use crate::results::Metric;
 use crate::wire::Fields;
 
 impl Bench<'_> {
-    /// One run of `workload` to `app` through the bare relays, metered
-    /// like hbone's; `None` when they are not running.
-    pub(super) fn bare_relays_run(
+    /// One run of `workload` to `app` through each of the bare relays,
+    /// metered like hbone's: their label, the load generator's figures and
+    /// the cost. Empty when they are not running.
+    pub(super) fn bare_relays_runs(
         &mut self,
         metric: Metric,
         workload: Workload,
         app: SocketAddr,
         extra: &[String],
-    ) -> anyhow::Result<Option<(Fields, Cost)>> {
-        let Some(relays) = &self.bare_relays else {
-            return Ok(None);
-        };
-        let (pid, route) = (relays.proc.pid(), relays.route(app)?);
-        let side = "through the bare relays";
-        let (fields, cost) = self.metered_pids(&[pid], side, workload, route, extra)?;
-        self.costs.push(metric, Counted::BareRelays, cost.clone());
-        Ok(Some((fields, cost)))
+    ) -> anyhow::Result<Vec<(&'static str, Fields, Cost)>> {
+        let mut runs = Vec::new();
+        for index in 0..self.bare_relays.len() {
+            let relays = &self.bare_relays[index];
+            let (pid, route, counted) = (relays.proc.pid(), relays.route(app)?, relays.counted);
+            let side = format!("through the {}", counted.label());
+            let (fields, cost) = self.metered_pids(&[pid], &side, workload, route, extra)?;
+            self.costs.push(metric, counted, cost.clone());
+            runs.push((counted.label(), fields, cost));
+        }
+        Ok(runs)
     }
 
-    /// The bare relays' syscall mix, as [`Bench::mixes`] counts hbone's.
-    pub(super) fn bare_relays_mix(
+    /// Each of the bare relays' syscall mixes, as [`Bench::mixes`] counts
+    /// hbone's.
+    pub(super) fn bare_relays_mixes(
         &mut self,
         metric: Metric,
         workload: Workload,
         app: SocketAddr,
         extra: &[String],
     ) -> anyhow::Result<()> {
-        let Some(relays) = &self.bare_relays else {
-            return Ok(());
-        };
         if !self.syscalls.has_mix() {
             return Ok(());
         }
-        let (pid, route) = (relays.proc.pid(), relays.route(app)?);
-        let side = "through the bare relays, counting each syscall";
-        let cost = self.count_mix(&[pid], side, workload, route, extra, &mut [])?;
-        self.progress_mix(
-            metric,
-            &format!("{BARE_RELAYS_LABEL}: {}", mix_brief(&cost)),
-        );
-        self.costs.push_mix(metric, Counted::BareRelays, cost);
+        for index in 0..self.bare_relays.len() {
+            let relays = &self.bare_relays[index];
+            let (pid, route, counted) = (relays.proc.pid(), relays.route(app)?, relays.counted);
+            let side = format!("through the {}, counting each syscall", counted.label());
+            let cost = self.count_mix(&[pid], &side, workload, route, extra, &mut [])?;
+            self.progress_mix(
+                metric,
+                &format!("{}: {}", counted.label(), mix_brief(&cost)),
+            );
+            self.costs.push_mix(metric, counted, cost);
+        }
         Ok(())
     }
 }
