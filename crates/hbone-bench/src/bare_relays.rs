@@ -325,30 +325,22 @@ fn seal_records(
     let mut slots = vec![0u8; SEAL_RECORDS * RECORD];
     let mut sequence = 0u64;
     loop {
-        let read = {
-            let mut chunks = slots.chunks_mut(RECORD);
-            let mut payloads: [IoSliceMut<'_>; SEAL_RECORDS] = std::array::from_fn(|_| {
-                let slot = chunks.next().expect("a slot per record");
-                IoSliceMut::new(&mut slot[HEADER..HEADER + RECORD_PLAINTEXT])
-            });
-            from.read_vectored(&mut payloads)?
-        };
+        let read = read_into_slots(&mut from, &mut slots)?;
         if read == 0 {
             return Ok(());
         }
         let mut lengths = [0usize; SEAL_RECORDS];
         let mut records = 0;
-        for (index, slot) in slots.chunks_mut(RECORD).enumerate() {
-            let plaintext = read
-                .saturating_sub(index * RECORD_PLAINTEXT)
-                .min(RECORD_PLAINTEXT);
-            if plaintext == 0 {
-                break;
-            }
-            lengths[index] = seal_in_slot(slot, plaintext, direction, sequence)?;
-            sequence += 1;
-            records += 1;
-        }
+        seal_slots(
+            &mut slots,
+            read,
+            direction,
+            &mut sequence,
+            |index, length| {
+                lengths[index] = length;
+                records += 1;
+            },
+        )?;
         let mut chunks = slots.chunks(RECORD);
         let mut out: [IoSlice<'_>; SEAL_RECORDS] = std::array::from_fn(|index| {
             let slot = chunks.next().expect("a slot per record");
@@ -356,6 +348,51 @@ fn seal_records(
         });
         write_all_vectored(&mut to, &mut out[..records])?;
     }
+}
+
+/// One `readv` of plaintext into the payload slots of the
+/// [`SEAL_RECORDS`] records in `slots`.
+fn read_into_slots(from: &mut impl Read, slots: &mut [u8]) -> io::Result<usize> {
+    let mut chunks = slots.chunks_mut(RECORD);
+    let mut payloads: [IoSliceMut<'_>; SEAL_RECORDS] = std::array::from_fn(|_| {
+        let slot = chunks.next().expect("a slot per record");
+        IoSliceMut::new(&mut slot[HEADER..HEADER + RECORD_PLAINTEXT])
+    });
+    from.read_vectored(&mut payloads)
+}
+
+/// Seals in place the records that `read` bytes of plaintext filled,
+/// numbering them from `sequence`; `sealed(index, length)` learns each
+/// record's slot and length on the wire.
+fn seal_slots(
+    slots: &mut [u8],
+    read: usize,
+    direction: &Direction<'_>,
+    sequence: &mut u64,
+    mut sealed: impl FnMut(usize, usize),
+) -> io::Result<()> {
+    for (index, slot) in slots.chunks_mut(RECORD).enumerate() {
+        let plaintext = read
+            .saturating_sub(index * RECORD_PLAINTEXT)
+            .min(RECORD_PLAINTEXT);
+        if plaintext == 0 {
+            break;
+        }
+        sealed(index, seal_in_slot(slot, plaintext, direction, *sequence)?);
+        *sequence += 1;
+    }
+    Ok(())
+}
+
+/// Opens the whole record `record` in place; returns the length of its
+/// plaintext, which follows the header.
+fn open_record(record: &mut [u8], direction: &Direction<'_>, sequence: u64) -> io::Result<usize> {
+    let (head, rest) = record.split_at_mut(HEADER);
+    let opened = direction
+        .key
+        .open_in_place(direction.nonce(sequence), Aad::from(&*head), rest)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a record failed to open"))?;
+    Ok(opened.len() - INNER_TYPE)
 }
 
 /// Seals the `plaintext` bytes after the header of `slot` into a record in
@@ -411,14 +448,8 @@ fn open_records(
         let mut plaintexts = [(0usize, 0usize); OPEN_RECORDS];
         let (mut records, mut start) = (0, 0);
         while let Some(length) = whole_record(&buffer[start..filled])? {
-            let (head, rest) = buffer[start..start + length].split_at_mut(HEADER);
-            let opened = direction
-                .key
-                .open_in_place(direction.nonce(sequence), Aad::from(&*head), rest)
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidData, "a record failed to open")
-                })?;
-            plaintexts[records] = (start + HEADER, opened.len() - INNER_TYPE);
+            let plaintext = open_record(&mut buffer[start..start + length], direction, sequence)?;
+            plaintexts[records] = (start + HEADER, plaintext);
             sequence += 1;
             records += 1;
             start += length;

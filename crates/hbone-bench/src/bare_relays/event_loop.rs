@@ -18,18 +18,18 @@
 //! own writes to the other relay, which epoll only reports to the next
 //! wait.
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::Context;
-use aws_lc_rs::aead::{Aad, NONCE_LEN};
+use aws_lc_rs::aead::NONCE_LEN;
 
 use super::{
-    Direction, HEADER, INNER_TYPE, Keys, OPEN_RECORDS, RECORD, RECORD_PLAINTEXT, SEAL_RECORDS,
-    Side, seal_in_slot, whole_record,
+    Direction, HEADER, Keys, OPEN_RECORDS, RECORD, RECORD_PLAINTEXT, SEAL_RECORDS, Side,
+    open_record, read_into_slots, seal_slots, whole_record,
 };
 
 /// Tokens at or above this name a listener (its index below it); the
@@ -474,29 +474,19 @@ impl Pump {
 
     /// One `readv` into the payload slots of the records, sealed in place.
     fn read_and_seal(&mut self, from: &mut TcpStream) -> io::Result<Got> {
-        let read = {
-            let mut chunks = self.buffer.chunks_mut(RECORD);
-            let mut payloads: [IoSliceMut<'_>; SEAL_RECORDS] = std::array::from_fn(|_| {
-                let slot = chunks.next().expect("a slot per record");
-                IoSliceMut::new(&mut slot[HEADER..HEADER + RECORD_PLAINTEXT])
-            });
-            from.read_vectored(&mut payloads)?
-        };
+        let read = read_into_slots(from, &mut self.buffer)?;
         if read == 0 {
             return Ok(Got::End);
         }
         let direction = direction(&self.keys, self.up, self.iv);
-        for (index, slot) in self.buffer.chunks_mut(RECORD).enumerate() {
-            let plaintext = read
-                .saturating_sub(index * RECORD_PLAINTEXT)
-                .min(RECORD_PLAINTEXT);
-            if plaintext == 0 {
-                break;
-            }
-            let length = seal_in_slot(slot, plaintext, &direction, self.sequence)?;
-            self.sequence += 1;
-            self.out.push((index * RECORD, length));
-        }
+        let out = &mut self.out;
+        seal_slots(
+            &mut self.buffer,
+            read,
+            &direction,
+            &mut self.sequence,
+            |index, length| out.push((index * RECORD, length)),
+        )?;
         Ok(Got::after(read, SEAL_RECORDS * RECORD_PLAINTEXT))
     }
 
@@ -517,14 +507,8 @@ impl Pump {
         let direction = direction(&self.keys, self.up, self.iv);
         while let Some(length) = whole_record(&self.buffer[self.consumed..self.filled])? {
             let at = self.consumed;
-            let (head, rest) = self.buffer[at..at + length].split_at_mut(HEADER);
-            let opened = direction
-                .key
-                .open_in_place(direction.nonce(self.sequence), Aad::from(&*head), rest)
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::InvalidData, "a record failed to open")
-                })?;
-            let plaintext = opened.len() - INNER_TYPE;
+            let record = &mut self.buffer[at..at + length];
+            let plaintext = open_record(record, &direction, self.sequence)?;
             if plaintext > 0 {
                 self.out.push((at + HEADER, plaintext));
             }
