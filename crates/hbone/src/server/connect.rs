@@ -488,12 +488,10 @@ impl Shared {
 
     /// Connects to `target` within the connect timeout.
     async fn dial(&self, target: SocketAddr) -> Result<TcpStream, Refusal> {
-        let tcp = timeout(self.timeouts.connect, TcpStream::connect(target))
+        timeout(self.timeouts.connect, super::dial::connect(target))
             .await
             .map_err(|_| Refusal::DialTimeout(target))?
-            .map_err(|source| Refusal::Unreachable { target, source })?;
-        let _ = tcp.set_nodelay(true);
-        Ok(tcp)
+            .map_err(|source| Refusal::Unreachable { target, source })
     }
 
     /// Counts a policy decision by the rule that made it.

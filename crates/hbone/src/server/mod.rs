@@ -12,6 +12,7 @@
 //! and relays the (inner, encrypted) bytes without looking at them.
 
 mod connect;
+mod dial;
 #[doc(hidden)]
 pub mod fuzzing;
 mod limits;
