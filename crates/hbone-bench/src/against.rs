@@ -12,8 +12,11 @@
 //! load touches both alike. On bulk and request/response the bare relays
 //! (a thread per direction, and one thread with epoll) take their turns
 //! too: what carrying the bytes as TLS records costs with nothing else in
-//! the way, a floor for both builds. The report gives what each unit of
-//! work cost each, and their ratios to the other build.
+//! the way, a floor for both builds. This build also runs a second time
+//! under `--runtime per-core` (unless `--proxy-runtime per-core` already
+//! runs it so), so that each report says what the choice of runtime is
+//! worth beside what the change of build is. The report gives what each
+//! unit of work cost each, and their ratios to the other build.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -28,7 +31,7 @@ use super::machine::{self, Machine};
 use super::perf::Syscalls;
 use super::report::{cell, table};
 use super::runner::{self, run_load};
-use super::stack::{Apps, BareRelays, Pki, Proxies, Route, WorkDir, entry_specs};
+use super::stack::{Apps, BareRelays, DEFAULT_RUNTIME, Pki, Proxies, Route, WorkDir, entry_specs};
 use super::stats::Summary;
 use super::{Options, Part};
 
@@ -71,6 +74,8 @@ const HEADERS: [&str; 7] = [
 
 /// The two builds, in the table's order.
 const THIS: &str = "this build";
+/// This build again, under `--runtime per-core`.
+const THIS_PER_CORE: &str = "this build, per-core";
 const OTHER: &str = "other build";
 /// What a ratio row divides by.
 const BY_OTHER: &str = "÷ other (medians)";
@@ -123,6 +128,15 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
     let specs = entry_specs(options.entry, &apps);
     let flags = options.child_flags();
     let mut this = Proxies::start_joined(&specs, &pki, dir.path(), &flags)?;
+    let mut this_per_core = match flags.runtime == DEFAULT_RUNTIME {
+        true => Some(Proxies::start_joined(
+            &specs,
+            &pki,
+            dir.path(),
+            &flags.per_core(),
+        )?),
+        false => None,
+    };
     let mut that = Proxies::start_joined(&specs, &pki, dir.path(), &flags.of_binary(other))
         .with_context(|| {
             format!(
@@ -153,10 +167,11 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
             Workload::Bulk => apps.sink,
             _ => apps.echo,
         };
-        let mut contenders = vec![
-            Contender::Build(THIS, &mut this),
-            Contender::Build(OTHER, &mut that),
-        ];
+        let mut contenders = vec![Contender::Build(THIS, &mut this)];
+        if let Some(per_core) = this_per_core.as_mut() {
+            contenders.push(Contender::Build(THIS_PER_CORE, per_core));
+        }
+        contenders.push(Contender::Build(OTHER, &mut that));
         // New connections are hbone's work alone: the relays have no
         // pool, no streams to open.
         if workload != Workload::Connect {
@@ -335,6 +350,12 @@ fn document(
          this run.\n",
         options.entry.name()
     );
+    if report.contains(THIS_PER_CORE) {
+        out += "This build runs twice: under the runtime the bench was given (work-stealing, \
+                hbone's default), and under `--runtime per-core`, where each connection and \
+                the tunnels it carries stay on one worker thread. The second row says what \
+                the choice of runtime is worth, in the same runs.\n\n";
+    }
     if report.contains(BARE_RELAYS_LABEL) {
         out += "On bulk and request/response two references take their turns too, each one \
                 process that is not hbone (`hbone bench relays`): an entry relay and a server \

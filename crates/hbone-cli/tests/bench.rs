@@ -392,8 +392,9 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
 }
 
 /// `--against` compares this build with another hbone binary, here the
-/// same one: each workload has a row per build, measured in the same runs
-/// (and, on bulk and req/resp, a row per bare relays), and a row of each
+/// same one: each workload has a row per build and one for this build
+/// under `--runtime per-core`, measured in the same runs (and, on bulk and
+/// req/resp, a row per bare relays), and a row of each
 /// one's ratios to the other build, which are those of the medians shown;
 /// the Markdown report keeps the table and names the other build.
 #[test]
@@ -420,7 +421,7 @@ fn against_another_build_measures_both_in_the_same_runs() {
     ];
     for (work, unit, with_references) in works {
         let of_work: Vec<_> = rows.iter().filter(|row| row[0] == work).collect();
-        let mut names = vec!["this build", "other build"];
+        let mut names = vec!["this build", "this build, per-core", "other build"];
         if with_references {
             names.extend(references);
         }
@@ -439,8 +440,11 @@ fn against_another_build_measures_both_in_the_same_runs() {
         for row in &of_work {
             assert_eq!(row[1], unit, "{report}");
         }
-        let other = of_work[1];
-        for (index, contender) in of_work[..names.len()].iter().enumerate() {
+        let other = of_work
+            .iter()
+            .find(|row| row[2] == "other build")
+            .unwrap_or_else(|| panic!("{work}: no other build in:\n{report}"));
+        for contender in &of_work[..names.len()] {
             let cpu = median(contender[3]).unwrap_or(0.0);
             assert!(cpu > 0.0, "{work}, {}: no CPU in:\n{report}", contender[2]);
             let kernel = median(contender[4]).unwrap_or(-1.0);
@@ -455,7 +459,7 @@ fn against_another_build_measures_both_in_the_same_runs() {
             if contender[6] != NO_PERF {
                 assert!(median(contender[6]).unwrap_or(0.0) > 0.0, "{report}");
             }
-            if index == 1 {
+            if contender[2] == "other build" {
                 continue;
             }
             // The ratio of the medians as shown, within their rounding.
