@@ -122,6 +122,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "RUNTIME", default_value = "work-stealing",
           value_parser = ["work-stealing", "per-core"])]
     proxy_runtime: String,
+    /// Worker threads of each server, gateway and entry process (their
+    /// `--threads`; default: theirs, one per CPU). Processes that share a
+    /// machine each take one per CPU by default; this measures them with
+    /// the CPUs split between them.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    proxy_threads: Option<u16>,
     /// Also write the results as Markdown to FILE, with the machine, the
     /// command and how much the runs varied.
     #[arg(long, value_name = "FILE")]
@@ -223,6 +229,8 @@ pub struct Options {
     pub admin: bool,
     /// The proxies' `--runtime`.
     pub proxy_runtime: String,
+    /// The proxies' `--threads`, if given.
+    pub proxy_threads: Option<u16>,
     pub write: Option<PathBuf>,
     /// The workloads to run; empty: all of them.
     pub only: Vec<Part>,
@@ -245,6 +253,7 @@ impl Options {
             log: self.tunnel_log.clone(),
             admin: self.admin,
             runtime: self.proxy_runtime.clone(),
+            threads: self.proxy_threads,
             binary: None,
         }
     }
@@ -266,6 +275,7 @@ impl BenchArgs {
             tunnel_log: self.tunnel_log,
             admin: !self.no_admin,
             proxy_runtime: self.proxy_runtime,
+            proxy_threads: self.proxy_threads,
             write: self.write,
             only: self.only,
             command: machine::command_line(),

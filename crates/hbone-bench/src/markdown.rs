@@ -153,7 +153,7 @@ fn render(doc: &Document) -> String {
         out,
         "{} run(s) of each workload, {} ms each; idle memory with {} tunnels, read {} ms after \
          they are all open. Client entry: `{}`; server and entry log filter: `{}`; their \
-         runtime: `{}`; {}.\n",
+         runtime: `{}`, {}; {}.\n",
         o.runs,
         o.duration.as_millis(),
         o.tunnels,
@@ -161,6 +161,10 @@ fn render(doc: &Document) -> String {
         o.entry.name(),
         o.tunnel_log,
         o.proxy_runtime,
+        match o.proxy_threads {
+            Some(n) => format!("{n} worker thread(s) each (`--proxy-threads`)"),
+            None => "one worker thread per CPU each (their default)".to_owned(),
+        },
         if o.admin {
             "server, gateway and entries run with their admin endpoint on (metrics and the \
              open-tunnel list kept, as `hbone run` does by default)"

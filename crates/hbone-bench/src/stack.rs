@@ -541,6 +541,8 @@ pub struct ChildFlags {
     pub admin: bool,
     /// Their `--runtime`: `work-stealing` or `per-core`.
     pub runtime: String,
+    /// Their `--threads`, if given.
+    pub threads: Option<u16>,
     /// Another hbone binary to run instead of this one (`--against`; the
     /// one-process `hbone run` only).
     pub binary: Option<PathBuf>,
@@ -573,6 +575,9 @@ impl ChildFlags {
         if self.runtime != DEFAULT_RUNTIME {
             args.extend(strings(&["--runtime", &self.runtime]));
         }
+        if let Some(threads) = self.threads {
+            args.extend(strings(&["--threads", &threads.to_string()]));
+        }
         if self.admin {
             args.extend(strings(&["--admin", LOOPBACK_ANY_PORT]));
         }
@@ -601,6 +606,32 @@ pub fn strings(items: &[&str]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The proxies get `--runtime` and `--threads` only where the bench
+    /// was given something other than their defaults, so that builds older
+    /// than a flag still start (`--against`).
+    #[test]
+    fn proxies_get_runtime_and_threads_only_when_not_their_default() {
+        let defaults = ChildFlags {
+            log: "info".to_owned(),
+            admin: false,
+            runtime: DEFAULT_RUNTIME.to_owned(),
+            threads: None,
+            binary: None,
+        };
+        let args = defaults.args();
+        assert!(
+            !args.iter().any(|a| a == "--runtime" || a == "--threads"),
+            "{args:?}"
+        );
+        let split = ChildFlags {
+            threads: Some(1),
+            ..defaults.per_core()
+        };
+        let args = split.args().join(" ");
+        assert!(args.contains("--runtime per-core"), "{args}");
+        assert!(args.contains("--threads 1"), "{args}");
+    }
 
     #[test]
     fn one_process_config_holds_the_server_and_every_entry() {

@@ -373,6 +373,7 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         "## Latency isolation",
         "| req/resp beside 4 bulk streams, p50 (µs)",
         "## Targets",
+        "one worker thread per CPU each (their default)",
     ] {
         assert!(written.contains(part), "{part:?} missing from:\n{written}");
     }
