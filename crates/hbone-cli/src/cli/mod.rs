@@ -54,7 +54,8 @@ pub(crate) const GLOBAL_OPTIONS: &str = "Global options";
 /// `--threads` and `--runtime`, for the commands that run tunnels.
 #[derive(Args, Clone, Copy, Default)]
 pub(super) struct RuntimeArgs {
-    /// Worker threads for the async runtime (default: one per CPU).
+    /// Worker threads for the async runtime (default: one per CPU;
+    /// processes that share a machine do better splitting its CPUs).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), help_heading = GLOBAL_OPTIONS)]
     threads: Option<u16>,
     /// How the worker threads share the work: `work-stealing`, one
