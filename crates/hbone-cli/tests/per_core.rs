@@ -4,7 +4,8 @@
 //! accepts for itself or is handed its sockets, and a drain still waits
 //! for a tunnel open on a worker. An entry on a dialer with workers: its
 //! tunnels run on the workers, each worker with a pooled connection of its
-//! own.
+//! own. A connection arriving on a worker that carries bulk moves to one
+//! that does not.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -189,6 +190,66 @@ async fn per_core_connections_go_to_the_worker_on_their_cpu() {
             "tunnels opened from CPU {cpu}"
         );
     }
+    drop(server);
+    workers.shutdown();
+}
+
+/// A connection that arrives on a worker carrying a bulk tunnel moves to
+/// a worker without bulk, so that its tunnels do not queue behind bulk
+/// turns; once the bulk tunnel ends, connections stay where they arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_connections_arriving_beside_bulk_move_to_another_worker() {
+    let [first_cpu, _] = two_cpus();
+    let pki = Arc::new(Pki::new());
+    let workers = Workers::start(2).unwrap();
+    let threads = Arc::new(Threads::default());
+    let server = start_server(
+        ServerConfig::new(loopback(), pki.server.clone())
+            .with_access_log(threads.clone())
+            .with_workers(workers.clone()),
+    )
+    .await;
+    let echo = start_echo().await;
+    let (pki_here, server_addr) = (pki.clone(), server.addr);
+    let records = threads.clone();
+    from_cpu(first_cpu, move || async move {
+        let dialer = Dialer::with_config(
+            &pki_here.client,
+            DialerConfig::default().with_pooling(false),
+        )
+        .unwrap();
+        let ids = std::slice::from_ref(&pki_here.server_id);
+        // A bulk tunnel, held open once 4 MB have gone there and back.
+        let bulk = dialer.connect(server_addr, ids, echo).await.unwrap();
+        let (mut from_bulk, mut to_bulk) = tokio::io::split(bulk);
+        let data = payload(1, 4 << 20);
+        let mut back = vec![0; data.len()];
+        let (sent, received) =
+            tokio::join!(to_bulk.write_all(&data), from_bulk.read_exact(&mut back));
+        sent.unwrap();
+        received.unwrap();
+        let mut bulk = from_bulk.unsplit(to_bulk);
+        assert_eq!(sha256(&back), sha256(&data), "the bulk echo");
+        // A short tunnel from the same CPU, beside it.
+        let short = dialer.connect(server_addr, ids, echo).await.unwrap();
+        let echoed = echo_roundtrip(short, b"hello").await.unwrap();
+        assert_eq!(echoed, b"hello");
+        eventually("the short tunnel's record", || records.all().len() == 1).await;
+        bulk.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        bulk.read_to_end(&mut rest).await.unwrap();
+        eventually("the bulk tunnel's record", || records.all().len() == 2).await;
+        // Bulk ended: the next connection stays where it arrived.
+        let after = dialer.connect(server_addr, ids, echo).await.unwrap();
+        echo_roundtrip(after, b"again").await.unwrap();
+        eventually("the last tunnel's record", || records.all().len() == 3).await;
+    })
+    .await;
+    assert_eq!(
+        threads.all(),
+        ["hbone-worker-1", "hbone-worker-0", "hbone-worker-0"],
+        "the short tunnel, then the bulk one, then one after it"
+    );
     drop(server);
     workers.shutdown();
 }

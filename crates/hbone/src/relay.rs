@@ -150,6 +150,13 @@ const READ_SIZES: [usize; 7] = [
 const TLS_RECORD: usize = 16 << 10;
 const FRAME_HEADER: usize = 9;
 
+/// A read, or a batch of received frames, at least this large marks the
+/// tunnel as bulk for the rest of its life: a turn that moves this much
+/// keeps a worker from the other tunnels for tens of microseconds, so new
+/// connections are placed elsewhere ([`crate::Workers`]). Interactive
+/// tunnels stay far below it.
+const BULK_TURN: usize = 4 * TLS_RECORD - FRAME_HEADER;
+
 /// Relays between a local stream and a tunnel stream, both ways, with
 /// half-close, without copying bytes through an intermediate buffer.
 ///
@@ -168,6 +175,10 @@ pub(crate) struct Relay<L, S> {
     idle: Option<IdleLimit>,
     /// Metrics to add moved bytes to, as they move.
     bytes: Option<Arc<RelayBytes>>,
+    /// Whether the tunnel has moved bulk; if so, and it runs on a worker,
+    /// the mark that counts it against that worker.
+    bulk: bool,
+    bulk_mark: Option<crate::workers::BulkMark>,
 }
 
 /// Ends a relay that moved no byte for `limit`.
@@ -185,6 +196,8 @@ impl<L: LocalStream, S: AsH2Stream + Unpin> Relay<L, S> {
             down: FromTunnel::default(),
             idle: None,
             bytes: None,
+            bulk: false,
+            bulk_mark: None,
         }
     }
 
@@ -247,6 +260,10 @@ impl<L: LocalStream, S: AsH2Stream + Unpin> Future for Relay<L, S> {
         if let Some(bytes) = &this.bytes {
             bytes.add(this.up.bytes - before.0, this.down.bytes - before.1);
         }
+        if !this.bulk && (this.up.saw_bulk || this.down.saw_bulk) {
+            this.bulk = true;
+            this.bulk_mark = crate::workers::mark_bulk();
+        }
         let cancelled = stream.cancelled();
         let outcome = match (up, down) {
             // The peer cancelled the tunnel: a normal end, whatever was
@@ -297,6 +314,8 @@ struct ToTunnel {
     eof: bool,
     finished: bool,
     bytes: u64,
+    /// A read has brought [`BULK_TURN`] bytes or more.
+    saw_bulk: bool,
 }
 
 impl Default for ToTunnel {
@@ -307,6 +326,7 @@ impl Default for ToTunnel {
             eof: false,
             finished: false,
             bytes: 0,
+            saw_bulk: false,
         }
     }
 }
@@ -351,6 +371,7 @@ impl ToTunnel {
                     if n == size {
                         self.read_size = (self.read_size + 1).min(READ_SIZES.len() - 1);
                     }
+                    self.saw_bulk |= n >= BULK_TURN;
                     self.pending = buf.freeze();
                 }
                 Err(e) => return Poll::Ready(Err(e)),
@@ -379,6 +400,8 @@ struct FromTunnel {
     needs_flush: bool,
     finished: bool,
     bytes: u64,
+    /// One poll has gathered [`BULK_TURN`] bytes or more.
+    saw_bulk: bool,
 }
 
 impl FromTunnel {
@@ -400,14 +423,19 @@ impl FromTunnel {
             }
             // Take every frame h2 already holds (up to a bound), so that
             // one write carries them all.
+            let mut gathered = 0;
             while !self.ended && self.pending.len() < MAX_GATHER {
                 match stream.poll_chunk(cx) {
-                    Poll::Ready(Ok(Some(chunk))) => self.pending.push_back(chunk),
+                    Poll::Ready(Ok(Some(chunk))) => {
+                        gathered += chunk.len();
+                        self.pending.push_back(chunk);
+                    }
                     Poll::Ready(Ok(None)) => self.ended = true,
                     Poll::Ready(Err(e)) => (self.ended, self.failed) = (true, Some(e)),
                     Poll::Pending => break,
                 }
             }
+            self.saw_bulk |= gathered >= BULK_TURN;
             if !self.pending.is_empty() {
                 let n = ready!(self.poll_write_pending(cx, local))?;
                 if n == 0 {

@@ -7,6 +7,14 @@
 //! process may use, and the listeners bound for it ask for the connections
 //! that arrive on that CPU (SO_INCOMING_CPU).
 //!
+//! A worker runs its tasks one at a time, so a tunnel on a worker that
+//! carries bulk waits behind a bulk turn (a large read sealed and
+//! written) at every hop. Each worker therefore counts the bulk tunnels it
+//! carries, and a connection accepted on a worker that carries more of
+//! them than another worker does moves to the one carrying fewest
+//! ([`Workers::place`]): interactive tunnels opened during a transfer land
+//! beside no bulk where a worker without it exists.
+//!
 //! Give a [`Workers`] to a server with
 //! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers), and
 //! to a dialer with
@@ -33,6 +41,8 @@ pub struct Workers {
 
 struct Inner {
     handles: Vec<Handle>,
+    /// What each worker carries, for placing new connections.
+    loads: Vec<Arc<Load>>,
     /// The CPU each worker is pinned to, where it could be.
     cpus: Vec<Option<usize>>,
     /// The next worker [`Workers::spawn`] picks.
@@ -48,6 +58,35 @@ static NEXT_WORKER_ID: AtomicUsize = AtomicUsize::new(0);
 thread_local! {
     /// This thread's worker number, if it is a worker.
     static WORKER_ID: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// This thread's load, if it is a worker.
+    static WORKER_LOAD: std::cell::OnceCell<Arc<Load>> = const { std::cell::OnceCell::new() };
+}
+
+/// What a worker carries that new connections should avoid.
+#[derive(Default)]
+struct Load {
+    /// Tunnels on this worker that have moved bulk ([`BulkMark`]).
+    bulk: AtomicUsize,
+}
+
+/// Counts one bulk tunnel against the worker it was made on, until
+/// dropped (with the tunnel).
+pub(crate) struct BulkMark(Arc<Load>);
+
+impl Drop for BulkMark {
+    fn drop(&mut self) {
+        self.0.bulk.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Marks a tunnel on this thread as carrying bulk; `None` off the workers,
+/// where nothing places connections by it.
+pub(crate) fn mark_bulk() -> Option<BulkMark> {
+    WORKER_LOAD.with(|load| {
+        let load = load.get()?;
+        load.bulk.fetch_add(1, Ordering::Relaxed);
+        Some(BulkMark(load.clone()))
+    })
 }
 
 /// The worker this code runs on (a number unique in the process), or
@@ -68,17 +107,23 @@ impl Workers {
         let (stop, _) = watch::channel(false);
         let mut handles = Vec::new();
         let mut cpus = Vec::new();
+        let mut loads = Vec::new();
         let mut threads = Vec::new();
         let allowed = allowed_cpus();
         for index in 0..count.max(1) {
             let cpu = (!allowed.is_empty()).then(|| allowed[index % allowed.len()]);
             let (ready, started) = std::sync::mpsc::channel();
             let mut stopped = stop.subscribe();
+            let load = Arc::new(Load::default());
+            loads.push(load.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("hbone-worker-{index}"))
                 .spawn(move || {
                     WORKER_ID
                         .with(|id| id.set(Some(NEXT_WORKER_ID.fetch_add(1, Ordering::Relaxed))));
+                    WORKER_LOAD.with(|cell| {
+                        let _ = cell.set(load);
+                    });
                     let pinned = cpu.filter(|&cpu| pin_to(cpu));
                     let runtime = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -107,6 +152,7 @@ impl Workers {
         Ok(Workers {
             inner: Arc::new(Inner {
                 handles,
+                loads,
                 cpus,
                 next: AtomicUsize::new(0),
                 stop,
@@ -147,6 +193,33 @@ impl Workers {
     /// Worker `index`'s runtime (modulo the count).
     pub fn handle(&self, index: usize) -> &Handle {
         &self.inner.handles[index % self.inner.handles.len()]
+    }
+
+    /// The worker a connection should run on, given the one that accepted
+    /// it (`None`: an accept loop off the workers, which takes the next in
+    /// turn): that one, unless it carries more bulk tunnels than another
+    /// worker does, and then the worker that carries fewest (the first of
+    /// them). Moving a socket costs two `epoll_ctl` calls and a wake-up,
+    /// so connections move only when they would otherwise queue behind
+    /// bulk turns that another worker does not have.
+    pub(crate) fn place(&self, accepted_on: Option<usize>) -> usize {
+        let count = self.count();
+        let here =
+            accepted_on.unwrap_or_else(|| self.inner.next.fetch_add(1, Ordering::Relaxed)) % count;
+        let bulk = |index: usize| self.inner.loads[index].bulk.load(Ordering::Relaxed);
+        let here_bulk = bulk(here);
+        if here_bulk == 0 {
+            return here;
+        }
+        let (fewest, fewest_bulk) = (0..count)
+            .map(|index| (index, bulk(index)))
+            .min_by_key(|&(_, bulk)| bulk)
+            .unwrap_or((here, here_bulk));
+        if fewest_bulk < here_bulk {
+            fewest
+        } else {
+            here
+        }
     }
 
     /// Runs `future` on the next worker, round-robin.
@@ -246,5 +319,36 @@ mod tests {
             workers.spawn(async {}).await.is_err(),
             "stopped workers run nothing"
         );
+    }
+
+    /// Marks `count` bulk tunnels on worker `index`, held until dropped.
+    async fn bulk_on(workers: &Workers, index: usize, count: usize) -> Vec<BulkMark> {
+        workers
+            .handle(index)
+            .spawn(async move { (0..count).map(|_| mark_bulk().unwrap()).collect() })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_are_placed_away_from_bulk() {
+        assert!(mark_bulk().is_none(), "off the workers nothing is marked");
+        let workers = Workers::start(3).unwrap();
+        for index in 0..3 {
+            assert_eq!(workers.place(Some(index)), index, "no bulk: stays");
+        }
+        let on_first = bulk_on(&workers, 0, 2).await;
+        assert_eq!(workers.place(Some(0)), 1, "to the first without bulk");
+        assert_eq!(workers.place(Some(2)), 2, "no bulk here: stays");
+        let on_second = bulk_on(&workers, 1, 1).await;
+        let on_third = bulk_on(&workers, 2, 1).await;
+        assert_eq!(workers.place(Some(0)), 1, "to the fewest");
+        assert_eq!(workers.place(Some(2)), 2, "none fewer than here: stays");
+        assert_eq!(workers.place(None), 1, "loops off the workers too");
+        drop(on_first);
+        assert_eq!(workers.place(Some(1)), 0, "a mark ends with its tunnel");
+        drop((on_second, on_third));
+        assert_eq!(workers.place(Some(1)), 1);
+        workers.shutdown();
     }
 }

@@ -76,9 +76,14 @@ pub(crate) async fn accept_until<S, F, T>(
         let mut loops = tokio::task::JoinSet::new();
         for (index, listener) in listeners.enumerate() {
             let (acceptor, stopped) = (acceptor.clone(), stopped.clone());
+            let workers_here = workers.clone();
             let accept = async move {
                 match listener.and_then(TcpListener::from_std) {
-                    Ok(listener) => acceptor.accept(listener, None, stopped).await,
+                    Ok(listener) => {
+                        acceptor
+                            .accept(listener, Some((&workers_here, Some(index))), stopped)
+                            .await
+                    }
                     Err(e) => tracing::warn!(error = %e, "{entry}: a worker cannot listen"),
                 }
             };
@@ -89,7 +94,9 @@ pub(crate) async fn accept_until<S, F, T>(
         acceptor.open.all_done().await;
         return;
     }
-    let accept = acceptor.clone().accept(listener, workers, stopped);
+    let accept = acceptor
+        .clone()
+        .accept(listener, workers.map(|workers| (workers, None)), stopped);
     tokio::join!(stop_at_shutdown, accept);
     acceptor.open.all_done().await;
 }
@@ -109,11 +116,13 @@ where
     T: Future<Output = ()> + Send + Unpin + 'static,
 {
     /// Accepts on `listener` until `stopped` flips, running each task
-    /// where it was accepted, or on the next of `workers`.
+    /// where it was accepted; on workers, on the one
+    /// [`Workers::place`] picks, given the worker this loop runs on
+    /// (`None`: a loop off the workers).
     async fn accept(
         self: Arc<Self>,
         listener: TcpListener,
-        workers: Option<&Workers>,
+        workers: Option<(&Workers, Option<usize>)>,
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
         let entry = self.entry;
@@ -129,10 +138,17 @@ where
                     self.refused.note(source);
                 }
                 Ok((app, source)) => match workers {
+                    Some((workers, accepted_on)) => {
+                        let to = workers.place(accepted_on);
+                        if Some(to) == accepted_on {
+                            tokio::spawn(self.open.track((self.task)(app, source)));
+                        } else {
+                            self.hand_over(workers, to, app, source);
+                        }
+                    }
                     None => {
                         tokio::spawn(self.open.track((self.task)(app, source)));
                     }
-                    Some(workers) => self.hand_over(workers, app, source),
                 },
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
@@ -144,14 +160,20 @@ where
         }
     }
 
-    /// Runs `app`'s task on the next worker, its socket moved to that
+    /// Runs `app`'s task on worker `to`, its socket moved to that
     /// worker's reactor.
-    fn hand_over(self: &Arc<Self>, workers: &Workers, app: TcpStream, source: SocketAddr) {
+    fn hand_over(
+        self: &Arc<Self>,
+        workers: &Workers,
+        to: usize,
+        app: TcpStream,
+        source: SocketAddr,
+    ) {
         let entry = self.entry;
         match app.into_std() {
             Ok(app) => {
                 let this = self.clone();
-                workers.spawn(self.open.track(Box::pin(async move {
+                workers.handle(to).spawn(self.open.track(Box::pin(async move {
                     match TcpStream::from_std(app) {
                         Ok(app) => (this.task)(app, source).await,
                         Err(e) => tracing::warn!(%source, error = %e, "{entry}: cannot move a connection to its worker"),

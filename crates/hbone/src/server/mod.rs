@@ -450,9 +450,14 @@ impl Server {
                 let mut loops = tokio::task::JoinSet::new();
                 for (index, listener) in listeners.enumerate() {
                     let shared = shared.clone();
+                    let workers_here = workers.clone();
                     let accept = async move {
                         match listener.and_then(TcpListener::from_std) {
-                            Ok(listener) => shared.accept_loop(listener, None).await,
+                            Ok(listener) => {
+                                shared
+                                    .accept_loop(listener, Some((&workers_here, Some(index))))
+                                    .await
+                            }
                             Err(e) => tracing::warn!(error = %e, "a worker cannot listen"),
                         }
                     };
@@ -460,7 +465,10 @@ impl Server {
                 }
                 while loops.join_next().await.is_some() {}
             }
-            workers => shared.clone().accept_loop(listener, workers.as_ref()).await,
+            workers => {
+                let workers = workers.as_ref().map(|workers| (workers, None));
+                shared.clone().accept_loop(listener, workers).await
+            }
         }
         tracing::info!("draining: no new connections; waiting for open tunnels");
         while shared.stats.snapshot().connections_active > 0 {
@@ -524,8 +532,14 @@ impl Shared {
         })
     }
 
-    /// Accepts on `listener` until a drain starts, then closes it.
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, workers: Option<&Workers>) {
+    /// Accepts on `listener` until a drain starts, then closes it. On
+    /// workers, each connection runs on the one [`Workers::place`] picks,
+    /// given the worker this loop runs on (`None`: a loop off them).
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        workers: Option<(&Workers, Option<usize>)>,
+    ) {
         let mut draining = self.draining.subscribe();
         let mut listener = crate::listeners::NodelayListener::new(listener);
         loop {
@@ -548,9 +562,19 @@ impl Shared {
     /// Serves a new connection if the limits allow; otherwise closes it at
     /// once, before any TLS work is spent on it.
     ///
-    /// On `workers`, the socket moves to the chosen worker's reactor, so
-    /// that the connection and all it spawns run on that thread.
-    fn admit(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, workers: Option<&Workers>) {
+    /// On `workers`, the socket moves to the chosen worker's reactor
+    /// unless accepted there, so that the connection and all it spawns run
+    /// on that thread.
+    fn admit(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        workers: Option<(&Workers, Option<usize>)>,
+    ) {
+        let workers = workers.and_then(|(workers, accepted_on)| {
+            let to = workers.place(accepted_on);
+            (Some(to) != accepted_on).then_some((workers, to))
+        });
         match self.gate.admit_connection(peer.ip()) {
             Ok(slot) => match workers {
                 None => {
@@ -559,9 +583,9 @@ impl Shared {
                         drop(slot);
                     });
                 }
-                Some(workers) => match tcp.into_std() {
+                Some((workers, to)) => match tcp.into_std() {
                     Ok(tcp) => {
-                        workers.spawn(async move {
+                        workers.handle(to).spawn(async move {
                             match TcpStream::from_std(tcp) {
                                 Ok(tcp) => self.serve_connection(tcp, peer).await,
                                 Err(e) => {
