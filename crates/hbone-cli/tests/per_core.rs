@@ -127,6 +127,20 @@ async fn open_tunnels(
     }
 }
 
+/// A server that binds its own address, on two workers, recording the
+/// thread of each tunnel.
+async fn server_on_two_workers(pki: &Pki) -> (Workers, Arc<Threads>, RunningServer) {
+    let workers = Workers::start(2).unwrap();
+    let threads = Arc::new(Threads::default());
+    let server = start_server(
+        ServerConfig::new(loopback(), pki.server.clone())
+            .with_access_log(threads.clone())
+            .with_workers(workers.clone()),
+    )
+    .await;
+    (workers, threads, server)
+}
+
 fn both_workers() -> BTreeSet<String> {
     BTreeSet::from(["hbone-worker-0".to_owned(), "hbone-worker-1".to_owned()])
 }
@@ -163,14 +177,7 @@ async fn per_core_connections_are_handed_to_the_workers_in_turn() {
 async fn per_core_connections_go_to_the_worker_on_their_cpu() {
     let cpus = two_cpus();
     let pki = Arc::new(Pki::new());
-    let workers = Workers::start(2).unwrap();
-    let threads = Arc::new(Threads::default());
-    let server = start_server(
-        ServerConfig::new(loopback(), pki.server.clone())
-            .with_access_log(threads.clone())
-            .with_workers(workers.clone()),
-    )
-    .await;
+    let (workers, threads, server) = server_on_two_workers(&pki).await;
     let echo = start_echo().await;
     for (index, cpu) in cpus.into_iter().enumerate() {
         let (pki, server) = (pki.clone(), server.addr);
@@ -201,14 +208,7 @@ async fn per_core_connections_go_to_the_worker_on_their_cpu() {
 async fn per_core_connections_arriving_beside_bulk_move_to_another_worker() {
     let [first_cpu, _] = two_cpus();
     let pki = Arc::new(Pki::new());
-    let workers = Workers::start(2).unwrap();
-    let threads = Arc::new(Threads::default());
-    let server = start_server(
-        ServerConfig::new(loopback(), pki.server.clone())
-            .with_access_log(threads.clone())
-            .with_workers(workers.clone()),
-    )
-    .await;
+    let (workers, threads, server) = server_on_two_workers(&pki).await;
     let echo = start_echo().await;
     let (pki_here, server_addr) = (pki.clone(), server.addr);
     let records = threads.clone();
