@@ -5,7 +5,7 @@
 //! for a tunnel open on a worker. An entry on a dialer with workers: its
 //! tunnels run on the workers, each worker with a pooled connection of its
 //! own. A connection arriving on a worker that carries bulk moves to one
-//! that does not.
+//! that does not, until that bulk goes quiet.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -219,17 +219,7 @@ async fn per_core_connections_arriving_beside_bulk_move_to_another_worker() {
         )
         .unwrap();
         let ids = std::slice::from_ref(&pki_here.server_id);
-        // A bulk tunnel, held open once 4 MB have gone there and back.
-        let bulk = dialer.connect(server_addr, ids, echo).await.unwrap();
-        let (mut from_bulk, mut to_bulk) = tokio::io::split(bulk);
-        let data = payload(1, 4 << 20);
-        let mut back = vec![0; data.len()];
-        let (sent, received) =
-            tokio::join!(to_bulk.write_all(&data), from_bulk.read_exact(&mut back));
-        sent.unwrap();
-        received.unwrap();
-        let mut bulk = from_bulk.unsplit(to_bulk);
-        assert_eq!(sha256(&back), sha256(&data), "the bulk echo");
+        let mut bulk = bulk_echoed(&dialer, server_addr, ids, echo).await;
         // A short tunnel from the same CPU, beside it.
         let short = dialer.connect(server_addr, ids, echo).await.unwrap();
         let echoed = echo_roundtrip(short, b"hello").await.unwrap();
@@ -249,6 +239,74 @@ async fn per_core_connections_arriving_beside_bulk_move_to_another_worker() {
         threads.all(),
         ["hbone-worker-1", "hbone-worker-0", "hbone-worker-0"],
         "the short tunnel, then the bulk one, then one after it"
+    );
+    drop(server);
+    workers.shutdown();
+}
+
+/// A tunnel held open once 4 MB have gone there and back through it.
+async fn bulk_echoed(
+    dialer: &Dialer,
+    server: std::net::SocketAddr,
+    ids: &[hbone::SpiffeId],
+    echo: std::net::SocketAddr,
+) -> hbone::Tunnel {
+    let bulk = dialer.connect(server, ids, echo).await.unwrap();
+    let (mut from_bulk, mut to_bulk) = tokio::io::split(bulk);
+    let data = payload(1, 4 << 20);
+    let mut back = vec![0; data.len()];
+    let (sent, received) = tokio::join!(to_bulk.write_all(&data), from_bulk.read_exact(&mut back));
+    sent.unwrap();
+    received.unwrap();
+    assert_eq!(sha256(&back), sha256(&data), "the bulk echo");
+    from_bulk.unsplit(to_bulk)
+}
+
+/// A bulk tunnel that stays open but goes quiet stops counting as bulk
+/// after a second: connections arriving on its worker then stay there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_a_quiet_bulk_tunnel_stops_moving_connections() {
+    let [first_cpu, _] = two_cpus();
+    let pki = Arc::new(Pki::new());
+    let (workers, threads, server) = server_on_two_workers(&pki).await;
+    let echo = start_echo().await;
+    let (pki_here, server_addr) = (pki.clone(), server.addr);
+    let records = threads.clone();
+    from_cpu(first_cpu, move || async move {
+        let dialer = Dialer::with_config(
+            &pki_here.client,
+            DialerConfig::default().with_pooling(false),
+        )
+        .unwrap();
+        let ids = std::slice::from_ref(&pki_here.server_id);
+        let mut bulk = bulk_echoed(&dialer, server_addr, ids, echo).await;
+        let beside = dialer.connect(server_addr, ids, echo).await.unwrap();
+        echo_roundtrip(beside, b"beside").await.unwrap();
+        eventually("the first short tunnel's record", || {
+            records.all().len() == 1
+        })
+        .await;
+        // Well past the quiet period, with the bulk tunnel still open.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let later = dialer.connect(server_addr, ids, echo).await.unwrap();
+        echo_roundtrip(later, b"later").await.unwrap();
+        eventually("the second short tunnel's record", || {
+            records.all().len() == 2
+        })
+        .await;
+        bulk.write_all(b"still open").await.unwrap();
+        let mut back = [0; 10];
+        bulk.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"still open");
+        bulk.shutdown().await.unwrap();
+        bulk.read_to_end(&mut Vec::new()).await.unwrap();
+        eventually("the bulk tunnel's record", || records.all().len() == 3).await;
+    })
+    .await;
+    assert_eq!(
+        threads.all(),
+        ["hbone-worker-1", "hbone-worker-0", "hbone-worker-0"],
+        "a short tunnel beside the bulk one, one once it went quiet, then the bulk one"
     );
     drop(server);
     workers.shutdown();

@@ -151,7 +151,7 @@ const TLS_RECORD: usize = 16 << 10;
 const FRAME_HEADER: usize = 9;
 
 /// A read, or a batch of received frames, at least this large marks the
-/// tunnel as bulk for the rest of its life: a turn that moves this much
+/// tunnel as bulk until it goes quiet: a turn that moves this much
 /// keeps a worker from the other tunnels for tens of microseconds, so new
 /// connections are placed elsewhere ([`crate::Workers`]). Interactive
 /// tunnels stay far below it.
@@ -175,10 +175,8 @@ pub(crate) struct Relay<L, S> {
     idle: Option<IdleLimit>,
     /// Metrics to add moved bytes to, as they move.
     bytes: Option<Arc<RelayBytes>>,
-    /// Whether the tunnel has moved bulk; if so, and it runs on a worker,
-    /// the mark that counts it against that worker.
-    bulk: bool,
-    bulk_mark: Option<crate::workers::BulkMark>,
+    /// Whether the tunnel counts as bulk on the worker it runs on.
+    bulk: crate::workers::BulkTracker,
 }
 
 /// Ends a relay that moved no byte for `limit`.
@@ -196,8 +194,7 @@ impl<L: LocalStream, S: AsH2Stream + Unpin> Relay<L, S> {
             down: FromTunnel::default(),
             idle: None,
             bytes: None,
-            bulk: false,
-            bulk_mark: None,
+            bulk: crate::workers::BulkTracker::default(),
         }
     }
 
@@ -260,10 +257,10 @@ impl<L: LocalStream, S: AsH2Stream + Unpin> Future for Relay<L, S> {
         if let Some(bytes) = &this.bytes {
             bytes.add(this.up.bytes - before.0, this.down.bytes - before.1);
         }
-        if !this.bulk && (this.up.saw_bulk || this.down.saw_bulk) {
-            this.bulk = true;
-            this.bulk_mark = crate::workers::mark_bulk();
+        if std::mem::take(&mut this.up.saw_bulk) | std::mem::take(&mut this.down.saw_bulk) {
+            this.bulk.moved_bulk();
         }
+        this.bulk.poll_quiet(cx);
         let cancelled = stream.cancelled();
         let outcome = match (up, down) {
             // The peer cancelled the tunnel: a normal end, whatever was
@@ -314,7 +311,8 @@ struct ToTunnel {
     eof: bool,
     finished: bool,
     bytes: u64,
-    /// A read has brought [`BULK_TURN`] bytes or more.
+    /// A read has brought [`BULK_TURN`] bytes or more since the relay
+    /// last looked.
     saw_bulk: bool,
 }
 
@@ -400,7 +398,8 @@ struct FromTunnel {
     needs_flush: bool,
     finished: bool,
     bytes: u64,
-    /// One poll has gathered [`BULK_TURN`] bytes or more.
+    /// One poll has gathered [`BULK_TURN`] bytes or more since the relay
+    /// last looked.
     saw_bulk: bool,
 }
 

@@ -9,8 +9,9 @@
 //!
 //! A worker runs its tasks one at a time, so a tunnel on a worker that
 //! carries bulk waits behind a bulk turn (a large read sealed and
-//! written) at every hop. Each worker therefore counts the bulk tunnels it
-//! carries, and a connection accepted on a worker that carries more of
+//! written) at every hop. Each worker therefore counts the tunnels it
+//! carries that move bulk ([`BulkTracker`]: until they go quiet), and a
+//! connection accepted on a worker that carries more of
 //! them than another worker does moves to the one carrying fewest
 //! ([`Workers::place`]): interactive tunnels opened during a transfer land
 //! beside no bulk where a worker without it exists.
@@ -81,12 +82,91 @@ impl Drop for BulkMark {
 
 /// Marks a tunnel on this thread as carrying bulk; `None` off the workers,
 /// where nothing places connections by it.
-pub(crate) fn mark_bulk() -> Option<BulkMark> {
+fn mark_bulk() -> Option<BulkMark> {
     WORKER_LOAD.with(|load| {
         let load = load.get()?;
         load.bulk.fetch_add(1, Ordering::Relaxed);
         Some(BulkMark(load.clone()))
     })
+}
+
+/// A tunnel that has moved no bulk turn for this long stops counting as
+/// bulk on its worker: a transfer that ended on a connection kept open (a
+/// database session after a large result) no longer steers new
+/// connections away from a worker that is in fact idle.
+pub(crate) const BULK_QUIET: Duration = Duration::from_secs(1);
+
+/// Whether a tunnel counts as bulk on its worker ([`BulkMark`]): from its
+/// first bulk turn until it has moved none for [`BULK_QUIET`]. One timer
+/// per bulk tunnel, re-armed at most once per [`BULK_QUIET`], however
+/// many turns it moves.
+#[derive(Default)]
+pub(crate) enum BulkTracker {
+    /// No bulk lately.
+    #[default]
+    Quiet,
+    /// Moves bulk, counted against this worker.
+    Marked(Box<Held>),
+    /// Not on a worker: nothing places connections by it, so nothing is
+    /// tracked.
+    OffWorker,
+}
+
+/// The mark of a tunnel that moves bulk, with when it last did.
+pub(crate) struct Held {
+    _mark: BulkMark,
+    last_bulk: tokio::time::Instant,
+    /// Fires no earlier than `last_bulk` + [`BULK_QUIET`].
+    quiet: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl BulkTracker {
+    /// The tunnel moved a bulk turn on this thread.
+    pub(crate) fn moved_bulk(&mut self) {
+        match self {
+            BulkTracker::Marked(held) => held.last_bulk = tokio::time::Instant::now(),
+            BulkTracker::OffWorker => {}
+            BulkTracker::Quiet => {
+                *self = match mark_bulk() {
+                    Some(mark) => {
+                        let now = tokio::time::Instant::now();
+                        BulkTracker::Marked(Box::new(Held {
+                            _mark: mark,
+                            last_bulk: now,
+                            quiet: Box::pin(tokio::time::sleep_until(now + BULK_QUIET)),
+                        }))
+                    }
+                    None => BulkTracker::OffWorker,
+                }
+            }
+        }
+    }
+
+    /// Drops the mark once the tunnel has moved no bulk for
+    /// [`BULK_QUIET`]; until then, has `cx` woken when it may have. Call
+    /// on every poll of the tunnel, after [`BulkTracker::moved_bulk`].
+    pub(crate) fn poll_quiet(&mut self, cx: &mut std::task::Context<'_>) {
+        let BulkTracker::Marked(held) = self else {
+            return;
+        };
+        loop {
+            if held.quiet.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            let due = held.last_bulk + BULK_QUIET;
+            if held.quiet.deadline() >= due {
+                *self = BulkTracker::Quiet;
+                return;
+            }
+            held.quiet.as_mut().reset(due);
+        }
+    }
+
+    /// Whether the tunnel counts as bulk on its worker now.
+    #[cfg(test)]
+    fn is_marked(&self) -> bool {
+        matches!(self, BulkTracker::Marked(_))
+    }
 }
 
 /// The worker this code runs on (a number unique in the process), or
@@ -350,5 +430,47 @@ mod tests {
         drop((on_second, on_third));
         assert_eq!(workers.place(Some(1)), 1);
         workers.shutdown();
+    }
+
+    /// Polls the tracker once, as a relay's poll would; whether it still
+    /// counts the tunnel.
+    async fn still_marked(tracker: &mut BulkTracker) -> bool {
+        std::future::poll_fn(|cx| {
+            tracker.poll_quiet(cx);
+            std::task::Poll::Ready(tracker.is_marked())
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bulk_mark_lapses_once_the_tunnel_goes_quiet() {
+        let mut off_worker = BulkTracker::default();
+        off_worker.moved_bulk();
+        assert!(matches!(off_worker, BulkTracker::OffWorker));
+
+        let load = Arc::new(Load::default());
+        let counted = || load.bulk.load(Ordering::Relaxed);
+        WORKER_LOAD.with(|cell| assert!(cell.set(load.clone()).is_ok()));
+        let mut tracker = BulkTracker::default();
+        let step = |ms| tokio::time::advance(Duration::from_millis(ms));
+        tracker.moved_bulk();
+        assert!(still_marked(&mut tracker).await);
+        assert_eq!(counted(), 1);
+        step(600).await;
+        tracker.moved_bulk();
+        step(500).await;
+        assert!(
+            still_marked(&mut tracker).await,
+            "0.5 s after the last bulk turn"
+        );
+        step(400).await;
+        assert!(still_marked(&mut tracker).await, "0.9 s after it");
+        step(200).await;
+        assert!(!still_marked(&mut tracker).await, "1.1 s after it");
+        assert_eq!(counted(), 0, "the mark is dropped");
+        tracker.moved_bulk();
+        assert_eq!(counted(), 1, "bulk again: marked again");
+        drop(tracker);
+        assert_eq!(counted(), 0, "and released with the tunnel");
     }
 }
