@@ -201,115 +201,132 @@ async fn per_core_connections_go_to_the_worker_on_their_cpu() {
     workers.shutdown();
 }
 
+/// A scenario run from the first worker's CPU against a server on two
+/// workers: tunnels opened there arrive on worker 0 unless placed
+/// elsewhere. The dialer does not pool, so each tunnel rides a connection
+/// of its own and is placed on its own.
+struct FromFirstCpu {
+    dialer: Dialer,
+    server: std::net::SocketAddr,
+    ids: Vec<hbone::SpiffeId>,
+    echo: std::net::SocketAddr,
+    records: Arc<Threads>,
+}
+
+impl FromFirstCpu {
+    /// Starts the server, runs `scenario` from the first CPU, and returns
+    /// the thread that served each tunnel, in the order of their records.
+    async fn run<W, F>(scenario: W) -> Vec<String>
+    where
+        W: FnOnce(FromFirstCpu) -> F + Send + 'static,
+        F: std::future::Future<Output = ()>,
+    {
+        let [first_cpu, _] = two_cpus();
+        let pki = Arc::new(Pki::new());
+        let (workers, threads, server) = server_on_two_workers(&pki).await;
+        let echo = start_echo().await;
+        let (server_addr, records) = (server.addr, threads.clone());
+        from_cpu(first_cpu, move || async move {
+            let config = DialerConfig::default().with_pooling(false);
+            scenario(FromFirstCpu {
+                dialer: Dialer::with_config(&pki.client, config).unwrap(),
+                server: server_addr,
+                ids: vec![pki.server_id.clone()],
+                echo,
+                records,
+            })
+            .await
+        })
+        .await;
+        let served = threads.all();
+        drop(server);
+        workers.shutdown();
+        served
+    }
+
+    async fn tunnel(&self) -> hbone::Tunnel {
+        let to = (self.server, self.echo);
+        self.dialer.connect(to.0, &self.ids, to.1).await.unwrap()
+    }
+
+    /// A short tunnel: one echo, then closed.
+    async fn short(&self, message: &[u8]) {
+        let echoed = echo_roundtrip(self.tunnel().await, message).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+
+    /// A tunnel held open once 4 MB have gone there and back through it.
+    async fn bulk(&self) -> hbone::Tunnel {
+        let (mut from_bulk, mut to_bulk) = tokio::io::split(self.tunnel().await);
+        let data = payload(1, 4 << 20);
+        let mut back = vec![0; data.len()];
+        let (sent, received) =
+            tokio::join!(to_bulk.write_all(&data), from_bulk.read_exact(&mut back));
+        sent.unwrap();
+        received.unwrap();
+        assert_eq!(sha256(&back), sha256(&data), "the bulk echo");
+        from_bulk.unsplit(to_bulk)
+    }
+
+    /// Closes `tunnel` from this side and reads it to its end.
+    async fn close(&self, mut tunnel: hbone::Tunnel) {
+        tunnel.shutdown().await.unwrap();
+        tunnel.read_to_end(&mut Vec::new()).await.unwrap();
+    }
+
+    async fn records(&self, count: usize) {
+        let what = format!("{count} tunnel records");
+        eventually(&what, || self.records.all().len() == count).await;
+    }
+}
+
 /// A connection that arrives on a worker carrying a bulk tunnel moves to
 /// a worker without bulk, so that its tunnels do not queue behind bulk
 /// turns; once the bulk tunnel ends, connections stay where they arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_core_connections_arriving_beside_bulk_move_to_another_worker() {
-    let [first_cpu, _] = two_cpus();
-    let pki = Arc::new(Pki::new());
-    let (workers, threads, server) = server_on_two_workers(&pki).await;
-    let echo = start_echo().await;
-    let (pki_here, server_addr) = (pki.clone(), server.addr);
-    let records = threads.clone();
-    from_cpu(first_cpu, move || async move {
-        let dialer = Dialer::with_config(
-            &pki_here.client,
-            DialerConfig::default().with_pooling(false),
-        )
-        .unwrap();
-        let ids = std::slice::from_ref(&pki_here.server_id);
-        let mut bulk = bulk_echoed(&dialer, server_addr, ids, echo).await;
-        // A short tunnel from the same CPU, beside it.
-        let short = dialer.connect(server_addr, ids, echo).await.unwrap();
-        let echoed = echo_roundtrip(short, b"hello").await.unwrap();
-        assert_eq!(echoed, b"hello");
-        eventually("the short tunnel's record", || records.all().len() == 1).await;
-        bulk.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        bulk.read_to_end(&mut rest).await.unwrap();
-        eventually("the bulk tunnel's record", || records.all().len() == 2).await;
-        // Bulk ended: the next connection stays where it arrived.
-        let after = dialer.connect(server_addr, ids, echo).await.unwrap();
-        echo_roundtrip(after, b"again").await.unwrap();
-        eventually("the last tunnel's record", || records.all().len() == 3).await;
+    let served = FromFirstCpu::run(|here| async move {
+        let bulk = here.bulk().await;
+        here.short(b"beside").await;
+        here.records(1).await;
+        here.close(bulk).await;
+        here.records(2).await;
+        here.short(b"after").await;
+        here.records(3).await;
     })
     .await;
     assert_eq!(
-        threads.all(),
+        served,
         ["hbone-worker-1", "hbone-worker-0", "hbone-worker-0"],
         "the short tunnel, then the bulk one, then one after it"
     );
-    drop(server);
-    workers.shutdown();
-}
-
-/// A tunnel held open once 4 MB have gone there and back through it.
-async fn bulk_echoed(
-    dialer: &Dialer,
-    server: std::net::SocketAddr,
-    ids: &[hbone::SpiffeId],
-    echo: std::net::SocketAddr,
-) -> hbone::Tunnel {
-    let bulk = dialer.connect(server, ids, echo).await.unwrap();
-    let (mut from_bulk, mut to_bulk) = tokio::io::split(bulk);
-    let data = payload(1, 4 << 20);
-    let mut back = vec![0; data.len()];
-    let (sent, received) = tokio::join!(to_bulk.write_all(&data), from_bulk.read_exact(&mut back));
-    sent.unwrap();
-    received.unwrap();
-    assert_eq!(sha256(&back), sha256(&data), "the bulk echo");
-    from_bulk.unsplit(to_bulk)
 }
 
 /// A bulk tunnel that stays open but goes quiet stops counting as bulk
 /// after a second: connections arriving on its worker then stay there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_core_a_quiet_bulk_tunnel_stops_moving_connections() {
-    let [first_cpu, _] = two_cpus();
-    let pki = Arc::new(Pki::new());
-    let (workers, threads, server) = server_on_two_workers(&pki).await;
-    let echo = start_echo().await;
-    let (pki_here, server_addr) = (pki.clone(), server.addr);
-    let records = threads.clone();
-    from_cpu(first_cpu, move || async move {
-        let dialer = Dialer::with_config(
-            &pki_here.client,
-            DialerConfig::default().with_pooling(false),
-        )
-        .unwrap();
-        let ids = std::slice::from_ref(&pki_here.server_id);
-        let mut bulk = bulk_echoed(&dialer, server_addr, ids, echo).await;
-        let beside = dialer.connect(server_addr, ids, echo).await.unwrap();
-        echo_roundtrip(beside, b"beside").await.unwrap();
-        eventually("the first short tunnel's record", || {
-            records.all().len() == 1
-        })
-        .await;
+    let served = FromFirstCpu::run(|here| async move {
+        let mut bulk = here.bulk().await;
+        here.short(b"beside").await;
+        here.records(1).await;
         // Well past the quiet period, with the bulk tunnel still open.
         tokio::time::sleep(Duration::from_millis(2_500)).await;
-        let later = dialer.connect(server_addr, ids, echo).await.unwrap();
-        echo_roundtrip(later, b"later").await.unwrap();
-        eventually("the second short tunnel's record", || {
-            records.all().len() == 2
-        })
-        .await;
+        here.short(b"later").await;
+        here.records(2).await;
         bulk.write_all(b"still open").await.unwrap();
         let mut back = [0; 10];
         bulk.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"still open");
-        bulk.shutdown().await.unwrap();
-        bulk.read_to_end(&mut Vec::new()).await.unwrap();
-        eventually("the bulk tunnel's record", || records.all().len() == 3).await;
+        here.close(bulk).await;
+        here.records(3).await;
     })
     .await;
     assert_eq!(
-        threads.all(),
+        served,
         ["hbone-worker-1", "hbone-worker-0", "hbone-worker-0"],
         "a short tunnel beside the bulk one, one once it went quiet, then the bulk one"
     );
-    drop(server);
-    workers.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
