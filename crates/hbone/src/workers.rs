@@ -10,10 +10,10 @@
 //! A worker runs its tasks one at a time, so a tunnel on a worker that
 //! carries bulk waits behind a bulk turn (a large read sealed and
 //! written) at every hop. Each worker therefore counts the tunnels it
-//! carries that move bulk ([`BulkTracker`]: until they go quiet), and a
+//! carries that move bulk (until they go quiet for a second), and a
 //! connection accepted on a worker that carries more of
 //! them than another worker does moves to the one carrying fewest
-//! ([`Workers::place`]): interactive tunnels opened during a transfer land
+//! (`Workers::place`): interactive tunnels opened during a transfer land
 //! beside no bulk where a worker without it exists.
 //!
 //! Give a [`Workers`] to a server with
@@ -94,7 +94,7 @@ fn mark_bulk() -> Option<BulkMark> {
 /// bulk on its worker: a transfer that ended on a connection kept open (a
 /// database session after a large result) no longer steers new
 /// connections away from a worker that is in fact idle.
-pub(crate) const BULK_QUIET: Duration = Duration::from_secs(1);
+const BULK_QUIET: Duration = Duration::from_secs(1);
 
 /// Whether a tunnel counts as bulk on its worker ([`BulkMark`]): from its
 /// first bulk turn until it has moved none for [`BULK_QUIET`]. One timer
