@@ -245,8 +245,8 @@ impl FromFirstCpu {
     }
 
     async fn tunnel(&self) -> hbone::Tunnel {
-        let to = (self.server, self.echo);
-        self.dialer.connect(to.0, &self.ids, to.1).await.unwrap()
+        let tunnel = self.dialer.connect(self.server, &self.ids, self.echo);
+        tunnel.await.unwrap()
     }
 
     /// A short tunnel: one echo, then closed.
