@@ -44,10 +44,26 @@ impl Proc {
         Proc::spawn_exe(&exe, netns, name, args)
     }
 
+    /// [`Proc::spawn`] held to `cpus` (`--scaling`), when given.
+    pub fn spawn_on(name: &str, args: &[String], cpus: Option<&[usize]>) -> anyhow::Result<Proc> {
+        let exe = std::env::current_exe().context("cannot find the hbone binary to re-execute")?;
+        Proc::start(&exe, None, cpus, name, args)
+    }
+
     /// [`Proc::spawn_in`] of another hbone binary (`--against`).
     pub fn spawn_exe(
         exe: &Path,
         netns: Option<&str>,
+        name: &str,
+        args: &[String],
+    ) -> anyhow::Result<Proc> {
+        Proc::start(exe, netns, None, name, args)
+    }
+
+    fn start(
+        exe: &Path,
+        netns: Option<&str>,
+        cpus: Option<&[usize]>,
         name: &str,
         args: &[String],
     ) -> anyhow::Result<Proc> {
@@ -66,6 +82,9 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         die_with_parent(&mut command);
+        if let Some(cpus) = cpus {
+            run_on(&mut command, cpus)?;
+        }
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start the {name} process"))?;
@@ -252,6 +271,40 @@ pub(super) fn die_with_parent(command: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 pub(super) fn die_with_parent(_command: &mut Command) {}
+
+/// Holds the child, and every thread it starts, to `cpus` from its first
+/// instruction: a runtime that sizes itself by the CPUs it may use then
+/// takes one thread per CPU given.
+#[cfg(target_os = "linux")]
+fn run_on(command: &mut Command, cpus: &[usize]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: a zeroed cpu_set_t is an empty set, filled with CPU_SET.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        anyhow::ensure!(
+            cpu < libc::CPU_SETSIZE as usize,
+            "CPU {cpu} is beyond what a CPU set holds"
+        );
+        // SAFETY: `cpu` is within the set, checked above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: between fork and exec the closure only calls
+    // sched_setaffinity on a set built beforehand, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn run_on(_command: &mut Command, _cpus: &[usize]) -> anyhow::Result<()> {
+    anyhow::bail!("holding a process to some CPUs needs Linux")
+}
 
 #[cfg(test)]
 mod tests {

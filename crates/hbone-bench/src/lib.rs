@@ -17,6 +17,7 @@
 //! |---|---|
 //! | `suite` | the order of workloads and runs, progress on stderr |
 //! | `against` | `--against`: this build and another, in the same runs |
+//! | `scaling` | `--scaling`: the rate as hbone gets more CPUs, under each runtime |
 //! | `suite/isolation` | req/resp alone and beside bulk through one SOCKS5 entry |
 //! | `suite/bare_relays` | bulk and req/resp through the bare relays, metered as hbone is |
 //! | `runner` | one load generator run, its figures, and what went wrong |
@@ -48,6 +49,7 @@ mod report;
 mod results;
 mod runner;
 mod sample;
+mod scaling;
 mod stack;
 mod stats;
 mod suite;
@@ -72,6 +74,7 @@ use hbone::config::parse_duration;
   hbone bench --runs 5 --write BENCHMARKS.md
   hbone bench --only isolation             # one workload, e.g. while tuning it
   hbone bench --against ./hbone-before     # this build against another, same runs
+  hbone bench --scaling --write docs/scaling.md   # the rate as hbone gets more CPUs
 
 Build with --release for figures worth keeping, and run on a quiet machine: the apps,
 the server, the entries and the load generator all share its cores. Everything listens
@@ -146,6 +149,14 @@ pub struct BenchArgs {
     /// do not compare; these do.
     #[arg(long, value_name = "BINARY")]
     against: Option<PathBuf>,
+    /// Instead of the full bench: how the rate grows as hbone gets more
+    /// CPUs. The load generators and the apps keep the upper half of the
+    /// CPUs; one `hbone run` gets 1, 2, 4... of the lower half (as many
+    /// worker threads), under each runtime, on new connections, 1 KiB
+    /// request/response and bulk, beside direct TCP from the same
+    /// generators. Linux, 2 CPUs at least; 4 or more to see growth.
+    #[arg(long, conflicts_with = "against")]
+    scaling: bool,
 }
 
 /// The bench's workloads, for `--only`.
@@ -239,6 +250,9 @@ pub struct Options {
     /// Another hbone binary to compare this build with, instead of the
     /// full bench.
     pub against: Option<PathBuf>,
+    /// Measure the rate as hbone gets more CPUs, instead of the full
+    /// bench.
+    pub scaling: bool,
 }
 
 impl Options {
@@ -255,6 +269,7 @@ impl Options {
             runtime: self.proxy_runtime.clone(),
             threads: self.proxy_threads,
             binary: None,
+            cpus: None,
         }
     }
 }
@@ -280,6 +295,7 @@ impl BenchArgs {
             only: self.only,
             command: machine::command_line(),
             against: self.against,
+            scaling: self.scaling,
         }
     }
 }
@@ -304,6 +320,7 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
             // thread; children die with that thread (see `child`).
             let bench = tokio::task::spawn_blocking(move || match &options.against {
                 Some(other) => against::run(&options, other, &dir),
+                None if options.scaling => scaling::run(&options, &dir),
                 None => suite::run(&options, &dir),
             });
             tokio::select! {

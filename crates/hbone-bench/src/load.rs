@@ -23,7 +23,8 @@ pub const DIAL_LIMIT: Duration = Duration::from_secs(10);
 pub enum Workload {
     /// Write 128 KiB blocks to the sink for the duration.
     Bulk,
-    /// 1 KiB request, 1 KiB response, one after another, on one connection.
+    /// 1 KiB request, 1 KiB response, one after another, on each of
+    /// `--streams` connections (one by default).
     ReqResp,
     /// New connection, 1-byte echo, close; `--concurrency` at a time.
     Connect,
@@ -57,7 +58,7 @@ pub struct LoadArgs {
     /// How long to run (bulk, req-resp, connect).
     #[arg(long, default_value = "5s", value_parser = hbone::config::parse_duration)]
     pub duration: Duration,
-    /// Parallel streams (bulk).
+    /// Parallel streams (bulk), or connections (req-resp).
     #[arg(long, default_value_t = 1)]
     pub streams: usize,
     /// Workers opening connections at the same time (connect).

@@ -54,6 +54,41 @@ pub fn run_load_in(
     result.map_err(|e| explain(e, watched))
 }
 
+/// Runs `count` load generators of `workload` over `route` at once, held
+/// to `cpus` (`--scaling`), and returns their result lines.
+#[allow(clippy::too_many_arguments)]
+pub fn run_loads_on(
+    options: &Options,
+    workload: Workload,
+    side: &str,
+    route: Route,
+    extra: &[String],
+    count: usize,
+    cpus: &[usize],
+    watched: &mut [&mut Proc],
+) -> anyhow::Result<Vec<Fields>> {
+    let args = load_args(workload, route, options, extra);
+    let result = (|| -> anyhow::Result<Vec<Fields>> {
+        let mut loads = Vec::with_capacity(count);
+        for index in 1..=count {
+            let name = format!(
+                "load generator {index} of {count} ({}, {side})",
+                workload.name()
+            );
+            loads.push((Proc::spawn_on(&name, &args, Some(cpus))?, name));
+        }
+        loads
+            .iter_mut()
+            .map(|(load, name)| {
+                let line = load.next_line(options.duration + RESULT_GRACE)?;
+                load.wait_success(EXIT_LIMIT)?;
+                Fields::parse(&line).with_context(|| format!("{name} printed {line:?}"))
+            })
+            .collect()
+    })();
+    result.map_err(|e| explain(e, watched))
+}
+
 /// The command line of `hbone bench load` for one run.
 pub fn load_args(
     workload: Workload,

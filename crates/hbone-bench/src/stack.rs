@@ -91,7 +91,13 @@ pub struct Apps {
 
 impl Apps {
     pub fn start() -> anyhow::Result<Apps> {
-        let mut proc = Proc::spawn("target apps", &strings(&["bench", "apps", "--log", "warn"]))?;
+        Apps::start_on(None)
+    }
+
+    /// The apps held to `cpus`, when given (`--scaling`).
+    pub fn start_on(cpus: Option<&[usize]>) -> anyhow::Result<Apps> {
+        let args = strings(&["bench", "apps", "--log", "warn"]);
+        let mut proc = Proc::spawn_on("target apps", &args, cpus)?;
         let line = proc.next_line(START_LIMIT)?;
         let (sink, echo) = super::apps::parse_ports(&line)
             .with_context(|| format!("target apps printed {line:?}, not their ports"))?;
@@ -437,7 +443,7 @@ impl Proxies {
             _ => "hbone run (server and entries in one process)",
         };
         let mut proc = match &flags.binary {
-            None => Proc::spawn(label, &args)?,
+            None => Proc::spawn_on(label, &args, flags.cpus.as_deref())?,
             Some(exe) => Proc::spawn_exe(exe, None, OTHER_BUILD_LABEL, &args)?,
         };
         let mut ready = Vec::new();
@@ -546,6 +552,9 @@ pub struct ChildFlags {
     /// Another hbone binary to run instead of this one (`--against`; the
     /// one-process `hbone run` only).
     pub binary: Option<PathBuf>,
+    /// The CPUs the one-process `hbone run` may use (`--scaling`), if held
+    /// to some.
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl ChildFlags {
@@ -618,6 +627,7 @@ mod tests {
             runtime: DEFAULT_RUNTIME.to_owned(),
             threads: None,
             binary: None,
+            cpus: None,
         };
         let args = defaults.args();
         assert!(

@@ -110,10 +110,37 @@ async fn bulk_stream(
     Ok(received)
 }
 
-/// One connection, 1 KiB out and the same 1 KiB back, again and again.
-/// Result: `requests`, `seconds`, and `p50_us`/`p99_us` latency of the
-/// timed ones, and the `warmup` exchanges before them.
+/// `--streams` connections (one unless asked), each 1 KiB out and the
+/// same 1 KiB back, again and again. Result: `requests`, `seconds`, and
+/// `p50_us`/`p99_us` latency of the timed ones over every connection, and
+/// the `warmup` exchanges before them.
 async fn req_resp(args: &LoadArgs) -> anyhow::Result<String> {
+    let connections = args.streams.max(1);
+    let mut running = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let args = args.clone();
+        running.spawn(async move { exchanges(&args).await });
+    }
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut seconds: f64 = 0.0;
+    while let Some(done) = running.join_next().await {
+        let (mut timed, took) = done.context("a request/response connection failed")??;
+        latencies.append(&mut timed);
+        seconds = seconds.max(took);
+    }
+    latencies.sort_unstable();
+    Ok(Fields::line(&[
+        ("requests", latencies.len() as f64),
+        ("seconds", seconds),
+        ("p50_us", micros(percentile(&latencies, 50))),
+        ("p99_us", micros(percentile(&latencies, 99))),
+        ("warmup", (WARMUP_REQUESTS * connections) as f64),
+    ]))
+}
+
+/// One connection's exchanges: the latency of each timed one, and how
+/// long they took.
+async fn exchanges(args: &LoadArgs) -> anyhow::Result<(Vec<Duration>, f64)> {
     let mut stream = dial(args).await?;
     let request: Vec<u8> = (0..MESSAGE).map(|i| (i % 251) as u8).collect();
     let mut response = vec![0u8; MESSAGE];
@@ -130,15 +157,7 @@ async fn req_resp(args: &LoadArgs) -> anyhow::Result<String> {
             .with_context(|| format!("request {}", latencies.len() + 1))?;
         latencies.push(sent.elapsed());
     }
-    let seconds = started.elapsed().as_secs_f64();
-    latencies.sort_unstable();
-    Ok(Fields::line(&[
-        ("requests", latencies.len() as f64),
-        ("seconds", seconds),
-        ("p50_us", micros(percentile(&latencies, 50))),
-        ("p99_us", micros(percentile(&latencies, 99))),
-        ("warmup", WARMUP_REQUESTS as f64),
-    ]))
+    Ok((latencies, started.elapsed().as_secs_f64()))
 }
 
 async fn exchange(

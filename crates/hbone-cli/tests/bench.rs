@@ -516,3 +516,145 @@ fn against_refuses_what_it_cannot_compare() {
         "--only names none of them",
     );
 }
+
+/// The CPUs this test may run on, as the bench counts them.
+fn allowed_cpus() -> usize {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills
+    // it and CPU_COUNT reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+            0
+        );
+        libc::CPU_COUNT(&set) as usize
+    }
+}
+
+/// `--scaling` gives hbone 1, 2, 4... of the lower half of the CPUs, the
+/// load the upper half: each workload has a direct row and a row per step
+/// and runtime, with a positive rate, the rate per CPU that rate implies,
+/// 1.00 of itself at one CPU, and hbone's CPUs busy and its CPU per unit;
+/// `--write` keeps the table.
+#[test]
+fn scaling_measures_each_step_under_each_runtime_beside_direct() {
+    let cpus = allowed_cpus();
+    if cpus < 2 {
+        let output = Command::new(BIN)
+            .args(["bench", "--quick", "--scaling"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("needs at least 2 CPUs"), "{stderr}");
+        return;
+    }
+    let half = cpus / 2;
+    let mut steps: Vec<usize> = std::iter::successors(Some(1), |k| Some(k * 2))
+        .take_while(|&k| k <= half)
+        .collect();
+    if steps.last() != Some(&half) {
+        steps.push(half);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("scaling.md");
+    let report = run_bench(&[
+        "bench",
+        "--quick",
+        "--scaling",
+        "--write",
+        markdown.to_str().unwrap(),
+    ]);
+    let works = [
+        ("new conn + 1-byte echo", "conn/s", "tunnel"),
+        ("1 KiB req/resp, 8 connections each", "req/s", "request"),
+        ("bulk, 1 stream each", "Gbit/s", "MB"),
+    ];
+    let rows: Vec<Vec<&str>> = report
+        .lines()
+        .filter(|line| line.starts_with("| ") && !line.starts_with("| work "))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            cells[1..cells.len() - 1].to_vec()
+        })
+        .collect();
+    for (work, rate_unit, per) in works {
+        let of_work: Vec<_> = rows.iter().filter(|row| row[0] == work).collect();
+        let mut expected = vec![("direct (no hbone)".to_owned(), "")];
+        for step in &steps {
+            for runtime in ["work-stealing", "per-core"] {
+                expected.push((step.to_string(), runtime));
+            }
+        }
+        let shown: Vec<(String, &str)> = of_work
+            .iter()
+            .map(|row| (row[1].to_owned(), row[2]))
+            .collect();
+        assert_eq!(shown, expected, "{work}:\n{report}");
+        for row in &of_work {
+            let rate = row[3]
+                .strip_suffix(&format!(" {rate_unit}"))
+                .and_then(median)
+                .unwrap_or_else(|| panic!("{work}: rate {:?} in:\n{report}", row[3]));
+            assert!(rate > 0.0, "{work}: {row:?}");
+            let Ok(cpus) = row[1].parse::<f64>() else {
+                assert_eq!(&row[4..], ["n/a"; 5], "{work}: direct row {row:?}");
+                continue;
+            };
+            let per_cpu = median(row[4]).unwrap();
+            assert!(
+                (per_cpu * cpus / rate - 1.0).abs() < 0.02,
+                "{work}: per CPU {per_cpu} against {rate} on {cpus}"
+            );
+            if cpus == 1.0 {
+                assert_eq!(row[5], "1.00", "{work}: {row:?}");
+            } else {
+                assert!(median(row[5]).unwrap() > 0.0, "{work}: {row:?}");
+            }
+            let busy = row[6].strip_suffix(" %").and_then(median).unwrap();
+            assert!(
+                busy > 0.0 && busy <= 110.0,
+                "{work}: busy {busy} in {row:?}"
+            );
+            let cpu = row[7]
+                .strip_suffix(&format!(" per {per}"))
+                .and_then(median)
+                .unwrap_or_else(|| panic!("{work}: CPU per unit {:?}", row[7]));
+            assert!(cpu > 0.0, "{work}: {row:?}");
+            if row[8] != NO_PERF {
+                assert!(median(row[8]).unwrap_or(0.0) > 0.0, "{work}: {row:?}");
+            }
+        }
+    }
+    let written = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        written.starts_with("# hbone as it gets more CPUs"),
+        "{written}"
+    );
+    assert!(written.contains("| bulk, 1 stream each "), "{written}");
+}
+
+/// What `--scaling` cannot measure is refused before anything starts.
+#[test]
+fn scaling_refuses_what_it_cannot_measure() {
+    let refused = |args: &[&str], expected: &str| {
+        let output = Command::new(BIN)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    refused(
+        &["bench", "--quick", "--scaling", "--only", "idle"],
+        "--only names none of them",
+    );
+    refused(
+        &["bench", "--quick", "--scaling", "--against", BIN],
+        "cannot be used with",
+    );
+}
