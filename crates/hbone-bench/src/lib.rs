@@ -154,8 +154,9 @@ pub struct BenchArgs {
     /// CPUs; one `hbone run` gets 1, 2, 4... of the lower half (as many
     /// worker threads), under each runtime, on new connections, 1 KiB
     /// request/response and bulk, beside direct TCP from the same
-    /// generators. Linux, 2 CPUs at least; 4 or more to see growth.
-    #[arg(long, conflicts_with = "against")]
+    /// generators. Linux, 2 CPUs at least; 4 or more to see growth. It
+    /// sets the proxies' runtime and threads itself.
+    #[arg(long, conflicts_with_all = ["against", "proxy_runtime", "proxy_threads"])]
     scaling: bool,
 }
 

@@ -488,21 +488,23 @@ fn against_another_build_measures_both_in_the_same_runs() {
     );
 }
 
+/// Runs the bench with `args`, which must fail saying `expected`.
+fn refused(args: &[&str], expected: &str) {
+    let output = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+}
+
 /// What `--against` cannot compare is refused before anything starts, and
 /// says why.
 #[test]
 fn against_refuses_what_it_cannot_compare() {
-    let refused = |args: &[&str], expected: &str| {
-        let output = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-    };
     refused(
         &["bench", "--quick", "--against", "/nonexistent/hbone"],
         "cannot run /nonexistent/hbone",
@@ -540,14 +542,7 @@ fn allowed_cpus() -> usize {
 fn scaling_measures_each_step_under_each_runtime_beside_direct() {
     let cpus = allowed_cpus();
     if cpus < 2 {
-        let output = Command::new(BIN)
-            .args(["bench", "--quick", "--scaling"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(!output.status.success());
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("needs at least 2 CPUs"), "{stderr}");
+        refused(&["bench", "--quick", "--scaling"], "needs at least 2 CPUs");
         return;
     }
     let half = cpus / 2;
@@ -638,23 +633,16 @@ fn scaling_measures_each_step_under_each_runtime_beside_direct() {
 /// What `--scaling` cannot measure is refused before anything starts.
 #[test]
 fn scaling_refuses_what_it_cannot_measure() {
-    let refused = |args: &[&str], expected: &str| {
-        let output = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-    };
     refused(
         &["bench", "--quick", "--scaling", "--only", "idle"],
         "--only names none of them",
     );
     refused(
         &["bench", "--quick", "--scaling", "--against", BIN],
+        "cannot be used with",
+    );
+    refused(
+        &["bench", "--quick", "--scaling", "--proxy-threads", "2"],
         "cannot be used with",
     );
 }
