@@ -342,20 +342,21 @@ fn rows_of(
         let values: Vec<f64> = runs.iter().filter_map(field).collect();
         Summary::of(&values).map(|s| s.median)
     };
-    let rate = |runs: &[Sample]| median(runs, |s| Some(s.rate));
     let rates = |runs: &[Sample]| Summary::of(&runs.iter().map(|s| s.rate).collect::<Vec<_>>());
     let one_cpu = |runtime: &str| {
         contenders
             .iter()
             .zip(samples)
             .find(|(c, _)| c.cpus == 1 && c.runtime == runtime)
-            .and_then(|(_, runs)| rate(runs))
+            .and_then(|(_, runs)| rates(runs))
+            .map(|rates| rates.median)
     };
     contenders
         .iter()
         .zip(samples)
         .map(|(contender, runs)| {
-            let rate = rate(runs);
+            let rates = rates(runs);
+            let rate = rates.map(|r| r.median);
             let (cpus, runtime, per_cpu, kept) = match contender.proxies {
                 None => ("direct (no hbone)".to_owned(), "", None, None),
                 Some(_) => {
@@ -368,7 +369,7 @@ fn rows_of(
                 work.label.to_owned(),
                 cpus,
                 runtime.to_owned(),
-                format!("{} {}", cell(rates(runs)), work.rate_unit),
+                format!("{} {}", cell(rates), work.rate_unit),
                 shown(per_cpu, number),
                 shown(kept, |k| format!("{k:.2}")),
                 shown(median(runs, |s| s.busy), |b| format!("{:.0} %", b * 100.0)),
