@@ -7,7 +7,11 @@
 //!   inside the tunnel are never counted as delivered, and it checks that
 //!   nothing was lost.
 //! - The echo app writes back whatever it reads and half-closes after the
-//!   client does.
+//!   client does. It can listen on several ports (`--echoes`): the kernel
+//!   gives one destination (address and port) about 14,000 new connections
+//!   a second from one source address, as connect() reuses a port in
+//!   TIME-WAIT only after a second, so load generators that open
+//!   connections in parallel each need a destination of their own.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -19,35 +23,43 @@ use tokio::net::{TcpListener, TcpStream};
 const SINK_BUFFER: usize = 256 * 1024;
 const ECHO_BUFFER: usize = 8 * 1024;
 
-/// Binds both apps on `ip` (loopback, or a namespace's own address in the
-/// capture workload), prints `sink=ADDR echo=ADDR` on stdout and serves
-/// until killed.
-pub async fn run(ip: IpAddr) -> anyhow::Result<()> {
+/// Binds the sink and `echoes` echo listeners (at least one) on `ip`
+/// (loopback, or a namespace's own address in the capture workload),
+/// prints `sink=ADDR echo=ADDR [echo=ADDR...]` on stdout and serves until
+/// killed.
+pub async fn run(ip: IpAddr, echoes: usize) -> anyhow::Result<()> {
     let any_port = SocketAddr::new(ip, 0);
     let sink = TcpListener::bind(any_port)
         .await
         .context("cannot bind the sink")?;
-    let echo = TcpListener::bind(any_port)
-        .await
-        .context("cannot bind the echo app")?;
-    println!("sink={} echo={}", sink.local_addr()?, echo.local_addr()?);
+    let mut line = format!("sink={}", sink.local_addr()?);
     tokio::spawn(accept(sink, serve_sink));
-    accept(echo, serve_echo).await;
+    for _ in 0..echoes.max(1) {
+        let echo = TcpListener::bind(any_port)
+            .await
+            .context("cannot bind the echo app")?;
+        line += &format!(" echo={}", echo.local_addr()?);
+        tokio::spawn(accept(echo, serve_echo));
+    }
+    println!("{line}");
+    std::future::pending::<()>().await;
     Ok(())
 }
 
-/// Parses the line [`run`] prints: `(sink, echo)`.
-pub fn parse_ports(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+/// Parses the line [`run`] prints: the sink and the echo listeners, in
+/// order (at least one).
+pub fn parse_ports(line: &str) -> Option<(SocketAddr, Vec<SocketAddr>)> {
     let mut sink = None;
-    let mut echo = None;
+    let mut echoes = Vec::new();
     for word in line.split_whitespace() {
         if let Some(addr) = word.strip_prefix("sink=") {
-            sink = addr.parse().ok();
+            sink = Some(addr.parse().ok()?);
         } else if let Some(addr) = word.strip_prefix("echo=") {
-            echo = addr.parse().ok();
+            echoes.push(addr.parse().ok()?);
         }
     }
-    Some((sink?, echo?))
+    (!echoes.is_empty()).then_some(())?;
+    Some((sink?, echoes))
 }
 
 async fn accept<F, Fut>(listener: TcpListener, serve: F)
@@ -101,9 +113,12 @@ mod tests {
 
     #[test]
     fn ports_line_round_trips() {
-        let (sink, echo) = parse_ports("sink=127.0.0.1:1 echo=127.0.0.1:2").unwrap();
+        let (sink, echoes) = parse_ports("sink=127.0.0.1:1 echo=127.0.0.1:2").unwrap();
         assert_eq!(sink.port(), 1);
-        assert_eq!(echo.port(), 2);
+        assert_eq!(echoes, [SocketAddr::from(([127, 0, 0, 1], 2))]);
+        let (_, echoes) = parse_ports("sink=127.0.0.1:1 echo=127.0.0.1:2 echo=[::1]:3").unwrap();
+        assert_eq!(echoes.iter().map(|e| e.port()).collect::<Vec<_>>(), [2, 3]);
         assert!(parse_ports("sink=127.0.0.1:1").is_none());
+        assert!(parse_ports("sink=127.0.0.1:1 echo=nonsense").is_none());
     }
 }

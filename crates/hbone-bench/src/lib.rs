@@ -192,6 +192,9 @@ enum Internal {
         /// The address they listen on.
         #[arg(long, default_value = "127.0.0.1")]
         ip: std::net::IpAddr,
+        /// Echo listeners, each on a port of its own.
+        #[arg(long, default_value_t = 1)]
+        echoes: usize,
     },
     /// One workload of the load generator.
     #[command(hide = true)]
@@ -306,7 +309,7 @@ impl BenchArgs {
 /// would be lost to `exit`) and exits with status 130.
 pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
     match args.internal {
-        Some(Internal::Apps { ip }) => apps::run(ip).await,
+        Some(Internal::Apps { ip, echoes }) => apps::run(ip, echoes).await,
         Some(Internal::Load(load)) => load::run(load).await,
         Some(Internal::Relays { to, one_thread }) => {
             tokio::task::spawn_blocking(move || bare_relays::run(&to, one_thread))

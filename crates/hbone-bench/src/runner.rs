@@ -54,27 +54,27 @@ pub fn run_load_in(
     result.map_err(|e| explain(e, watched))
 }
 
-/// Runs `count` load generators of `workload` over `route` at once, held
-/// to `cpus` (`--scaling`), and returns their result lines.
-#[allow(clippy::too_many_arguments)]
+/// Runs one load generator of `workload` per route at once, each over its
+/// own route, held to `cpus` (`--scaling`), and returns their result
+/// lines.
 pub fn run_loads_on(
     options: &Options,
     workload: Workload,
     side: &str,
-    route: Route,
+    routes: &[Route],
     extra: &[String],
-    count: usize,
     cpus: &[usize],
     watched: &mut [&mut Proc],
 ) -> anyhow::Result<Vec<Fields>> {
-    let args = load_args(workload, route, options, extra);
+    let count = routes.len();
     let result = (|| -> anyhow::Result<Vec<Fields>> {
         let mut loads = Vec::with_capacity(count);
-        for index in 1..=count {
+        for (index, route) in (1..).zip(routes) {
             let name = format!(
                 "load generator {index} of {count} ({}, {side})",
                 workload.name()
             );
+            let args = load_args(workload, *route, options, extra);
             loads.push((Proc::spawn_on(&name, &args, Some(cpus))?, name));
         }
         loads

@@ -9,7 +9,10 @@
 //! single-threaded load generators as the load side has CPUs run at once,
 //! each with connections of its own (bulk: one stream; request/response:
 //! eight connections, one request at a time on each; new connections: eight
-//! at a time), and their rates are summed. Direct TCP from the same generators
+//! at a time), and their rates are summed. Each generator of each contender
+//! reaches an echo listener of its own (through a forward entry of its own),
+//! as the kernel holds new connections from one address to one destination
+//! to about 14,000 a second. Direct TCP from the same generators
 //! to the same apps, measured in the same runs, is the load side's ceiling:
 //! a step whose rate is near it, or whose CPUs are far from busy, was held
 //! back by the load, not by hbone.
@@ -30,10 +33,10 @@ use super::machine::{self, Machine};
 use super::perf::Syscalls;
 use super::report::{cell, number, table};
 use super::runner::{self, RoundTrips, conn_rate, gbits, run_loads_on};
-use super::stack::{Apps, ChildFlags, Pki, Proxies, Route, WorkDir, entry_specs};
+use super::stack::{Apps, ChildFlags, EntrySpec, Pki, Proxies, Route, WorkDir};
 use super::stats::Summary;
 use super::wire::Fields;
-use super::{Options, Part};
+use super::{EntryKind, Options, Part};
 
 /// A workload of the scaling runs.
 struct Scaled {
@@ -131,6 +134,8 @@ struct Contender {
     cpus: usize,
     runtime: &'static str,
     proxies: Option<Proxies>,
+    /// The echo listeners its generators reach, one each.
+    echoes: Vec<SocketAddr>,
 }
 
 impl Contender {
@@ -163,12 +168,19 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     }
     let plan = Plan::of(&allowed_cpus()?)?;
     let pki = Pki::write(dir.path()).context("cannot create the bench identities")?;
-    let apps = Apps::start_on(Some(&plan.load))?;
-    let specs = entry_specs(options.entry, &apps);
+    let generators = plan.load.len();
+    // Each contender's generators reach echo listeners of their own: the
+    // kernel holds new connections to one destination to about 14,000 a
+    // second (connect() reuses a port in TIME-WAIT only after a second),
+    // and a contender would otherwise start on the ports the last one left.
+    let contenders_count = 1 + plan.steps.len() * RUNTIMES.len();
+    let apps = Apps::start_on(Some(&plan.load), generators * contenders_count)?;
+    let mut echoes = apps.echoes.chunks(generators).map(<[SocketAddr]>::to_vec);
     let mut contenders = vec![Contender {
         cpus: 0,
         runtime: "",
         proxies: None,
+        echoes: echoes.next().context("the apps have no echo listener")?,
     }];
     for &cpus in &plan.steps {
         for runtime in RUNTIMES {
@@ -178,15 +190,25 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
                 cpus: Some(plan.hbone[..cpus].to_vec()),
                 ..options.child_flags()
             };
+            let echoes = echoes
+                .next()
+                .context("the apps have too few echo listeners")?;
+            let specs = match options.entry {
+                EntryKind::Forward => std::iter::once(apps.sink)
+                    .chain(echoes.iter().copied())
+                    .map(|target| EntrySpec::new(EntryKind::Forward, target, true))
+                    .collect(),
+                EntryKind::Socks5 => vec![EntrySpec::new(EntryKind::Socks5, apps.sink, true)],
+            };
             let proxies = Proxies::start_joined(&specs, &pki, dir.path(), &flags)?;
             contenders.push(Contender {
                 cpus,
                 runtime,
                 proxies: Some(proxies),
+                echoes,
             });
         }
     }
-    let generators = plan.load.len();
     // One counter for every syscall (no mix: its counters cost the timed
     // figures much more), attached while hbone works, as the full bench does.
     let mut syscalls = Syscalls::probe(apps.proc.pid(), dir.path(), true);
@@ -201,10 +223,6 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     for work in scaled {
-        let target = match work.workload {
-            Workload::Bulk => apps.sink,
-            _ => apps.echo,
-        };
         let mut samples: Vec<Vec<Sample>> = contenders.iter().map(|_| Vec::new()).collect();
         for run in 1..=options.runs {
             let mut line = Vec::new();
@@ -212,11 +230,15 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
             for turn in 0..contenders.len() {
                 let index = (turn + run as usize - 1) % contenders.len();
                 let contender = &mut contenders[index];
+                let targets = match work.workload {
+                    Workload::Bulk => vec![apps.sink; generators],
+                    _ => contender.echoes.clone(),
+                };
                 let sample = measure(
                     options,
                     contender,
                     work,
-                    target,
+                    &targets,
                     &plan.load,
                     &mut syscalls,
                     dir,
@@ -254,26 +276,25 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
 }
 
 /// One run of `work` through `contender`: every load generator at once,
-/// and what hbone spent meanwhile.
+/// one per target, and what hbone spent meanwhile.
 fn measure(
     options: &Options,
     contender: &mut Contender,
     work: &Scaled,
-    target: SocketAddr,
+    targets: &[SocketAddr],
     load_cpus: &[usize],
     syscalls: &mut Syscalls,
     dir: &WorkDir,
 ) -> anyhow::Result<Sample> {
     let extra: Vec<String> = work.extra.iter().map(|s| (*s).to_owned()).collect();
-    let generators = load_cpus.len();
     let Some(proxies) = contender.proxies.as_mut() else {
+        let routes: Vec<Route> = targets.iter().map(|t| Route::direct(*t)).collect();
         let fields = run_loads_on(
             options,
             work.workload,
             "direct",
-            Route::direct(target),
+            &routes,
             &extra,
-            generators,
             load_cpus,
             &mut [],
         )?;
@@ -284,7 +305,10 @@ fn measure(
             syscalls_per_unit: None,
         });
     };
-    let route = proxies.entry_for(target)?.route(target);
+    let routes = targets
+        .iter()
+        .map(|t| Ok(proxies.entry_for(*t)?.route(*t)))
+        .collect::<anyhow::Result<Vec<Route>>>()?;
     let pids = proxies.pids();
     let side = format!("through hbone on {} CPU(s)", contender.cpus);
     let mut watched: Vec<&mut Proc> = proxies.procs.iter_mut().collect();
@@ -295,9 +319,8 @@ fn measure(
         options,
         work.workload,
         &side,
-        route,
+        &routes,
         &extra,
-        generators,
         load_cpus,
         &mut watched,
     )?;
@@ -433,8 +456,11 @@ fn document(options: &Options, plan: &Plan, date: &str, started: Instant, report
          single-threaded load generator(s) and the apps are held to CPUs {:?} throughout, each \
          generator with connections of its own (bulk: one stream; request/response: eight \
          connections, each one request at a time; new connections: eight at a time), their \
-         rates summed. *direct* is the same generators straight to the apps: the load side's \
-         ceiling. *per CPU ÷ 1 CPU's* is what each CPU keeps of the one-CPU rate (1.00: \
+         rates summed. Each generator reaches an echo listener of its own, apart for every \
+         contender, through a forward entry of its own (a SOCKS5 entry serves them all): the \
+         kernel lets one source address open about 14,000 connections a second to one \
+         destination, reusing a port in TIME-WAIT only after a second. *direct* is the same \
+         generators straight to the apps: the load side's ceiling. *per CPU ÷ 1 CPU's* is what each CPU keeps of the one-CPU rate (1.00: \
          linear); *hbone CPUs busy* is the process's CPU time over the run ÷ (the run × the \
          CPUs it was given): a step far from busy was held back by the load side, not by \
          hbone. *CPU per unit* is hbone's CPU time per tunnel, request or MB, and *syscalls \

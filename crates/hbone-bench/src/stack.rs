@@ -86,22 +86,32 @@ impl Pki {
 pub struct Apps {
     pub proc: Proc,
     pub sink: SocketAddr,
+    /// The first echo listener.
     pub echo: SocketAddr,
+    /// Every echo listener, `echo` first.
+    pub echoes: Vec<SocketAddr>,
 }
 
 impl Apps {
     pub fn start() -> anyhow::Result<Apps> {
-        Apps::start_on(None)
+        Apps::start_on(None, 1)
     }
 
-    /// The apps held to `cpus`, when given (`--scaling`).
-    pub fn start_on(cpus: Option<&[usize]>) -> anyhow::Result<Apps> {
-        let args = strings(&["bench", "apps", "--log", "warn"]);
+    /// The apps held to `cpus`, when given, with `echoes` echo listeners
+    /// (`--scaling`: one per load generator).
+    pub fn start_on(cpus: Option<&[usize]>, echoes: usize) -> anyhow::Result<Apps> {
+        let mut args = strings(&["bench", "apps", "--log", "warn"]);
+        args.extend(["--echoes".to_owned(), echoes.to_string()]);
         let mut proc = Proc::spawn_on("target apps", &args, cpus)?;
         let line = proc.next_line(START_LIMIT)?;
-        let (sink, echo) = super::apps::parse_ports(&line)
+        let (sink, echoes) = super::apps::parse_ports(&line)
             .with_context(|| format!("target apps printed {line:?}, not their ports"))?;
-        Ok(Apps { proc, sink, echo })
+        Ok(Apps {
+            proc,
+            sink,
+            echo: echoes[0],
+            echoes,
+        })
     }
 }
 

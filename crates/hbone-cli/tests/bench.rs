@@ -646,3 +646,46 @@ fn scaling_refuses_what_it_cannot_measure() {
         "cannot be used with",
     );
 }
+
+/// The apps behind `--scaling` give every load generator an echo listener
+/// of its own (new connections to one destination are held to a rate by
+/// the kernel's port reuse): each listed port is distinct and echoes.
+#[test]
+fn bench_apps_listen_for_echo_on_as_many_ports_as_asked() {
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    let mut apps = Command::new(BIN)
+        .args(["bench", "apps", "--log", "warn", "--echoes", "3"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(apps.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let echoes: Vec<std::net::SocketAddr> = line
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("echo="))
+        .map(|addr| addr.parse().unwrap())
+        .collect();
+    let result = std::panic::catch_unwind(|| {
+        assert_eq!(echoes.len(), 3, "{line:?}");
+        let mut ports: Vec<u16> = echoes.iter().map(|e| e.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 3, "the echo ports repeat: {line:?}");
+        for (i, echo) in echoes.iter().enumerate() {
+            let mut socket = std::net::TcpStream::connect(echo).unwrap();
+            socket.set_read_timeout(Some(LIMIT)).unwrap();
+            let sent = [b'a' + i as u8; 3];
+            socket.write_all(&sent).unwrap();
+            let mut back = [0u8; 3];
+            socket.read_exact(&mut back).unwrap();
+            assert_eq!(back, sent, "{echo} did not echo");
+        }
+    });
+    apps.kill().unwrap();
+    apps.wait().unwrap();
+    result.unwrap();
+}

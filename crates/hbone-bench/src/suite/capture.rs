@@ -149,10 +149,10 @@ impl Deployment {
             let args = [args, vec![HOST_B.to_string()]].concat();
             let mut proc = Proc::spawn_in(Some(&hosts.b), name, &args)?;
             let line = proc.next_line(START_LIMIT)?;
-            let (_, echo) = crate::apps::parse_ports(&line)
+            let (_, echoes) = crate::apps::parse_ports(&line)
                 .with_context(|| format!("{name} printed {line:?}, not their ports"))?;
             procs.push(proc);
-            Ok(echo)
+            Ok(echoes[0])
         };
         let captured_echo = echo_app("target apps (captured)")?;
         let direct_echo = echo_app("target apps (direct)")?;
