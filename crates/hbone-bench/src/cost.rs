@@ -83,6 +83,11 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The CPU time of the busiest thread of the processes, in seconds.
+    pub fn busiest_thread_seconds(&self) -> f64 {
+        self.spent.busiest_thread_seconds
+    }
+
     /// The same, per unit of work.
     pub fn per(&self, units: f64) -> Cost {
         let each = |count: u64| count as f64 / units;
@@ -383,6 +388,7 @@ mod tests {
                 involuntary: 1000,
                 migrations: Some(100),
                 threads_gone: 0,
+                busiest_thread_seconds: 0.25,
             },
             syscalls: Some(SyscallCounts {
                 total: 20_000,

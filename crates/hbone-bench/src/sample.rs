@@ -54,16 +54,22 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     let (user, system) = parse_cpu_ticks(&stat).with_context(|| format!("cannot parse {path}"))?;
+    let per_second = ticks_per_second()?;
+    let seconds = |ticks: u64| ticks as f64 / per_second;
+    Ok(CpuTime {
+        user: seconds(user),
+        system: seconds(system),
+    })
+}
+
+/// The clock ticks /proc counts CPU time in, per second.
+fn ticks_per_second() -> anyhow::Result<f64> {
     // SAFETY: sysconf only reads a system setting.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if per_second <= 0 {
         bail!("the system reports no clock tick rate");
     }
-    let seconds = |ticks: u64| ticks as f64 / per_second as f64;
-    Ok(CpuTime {
-        user: seconds(user),
-        system: seconds(system),
-    })
+    Ok(per_second as f64)
 }
 
 /// utime and stime (fields 14 and 15) of a /proc/PID/stat line. The
@@ -96,6 +102,8 @@ struct ThreadCounts {
     /// `None` where /proc/PID/task/TID/sched is missing (a kernel built
     /// without scheduler debugging).
     migrations: Option<u64>,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
 }
 
 /// CPU time and per-thread scheduling counts of some processes at one
@@ -104,6 +112,8 @@ struct ThreadCounts {
 pub struct Snapshot {
     cpu: CpuTime,
     threads: BTreeMap<(u32, u32), ThreadCounts>,
+    /// Clock ticks per second, for the threads' CPU time.
+    per_second: f64,
 }
 
 /// What the processes spent between two snapshots.
@@ -119,11 +129,16 @@ pub struct Spent {
     /// Threads seen in the first snapshot and gone in the second: their
     /// context switches and migrations since the first are missing.
     pub threads_gone: usize,
+    /// The CPU time of the thread that spent the most: beside the total,
+    /// it tells a process held back by one saturated thread (or worker)
+    /// from one with work spread evenly.
+    pub busiest_thread_seconds: f64,
 }
 
 impl Snapshot {
     /// Reads every thread of `pids` now.
     pub fn take(pids: &[u32]) -> anyhow::Result<Snapshot> {
+        let per_second = ticks_per_second()?;
         let mut threads = BTreeMap::new();
         for &pid in pids {
             let dir = format!("/proc/{pid}/task");
@@ -141,6 +156,7 @@ impl Snapshot {
         Ok(Snapshot {
             cpu: total_cpu_time(pids)?,
             threads,
+            per_second,
         })
     }
 
@@ -159,6 +175,12 @@ impl Snapshot {
                 migrations: Some(0),
                 ..ThreadCounts::default()
             });
+            let ticks = now.cpu_ticks.saturating_sub(before.cpu_ticks);
+            if self.per_second > 0.0 {
+                spent.busiest_thread_seconds = spent
+                    .busiest_thread_seconds
+                    .max(ticks as f64 / self.per_second);
+            }
             spent.voluntary += now.voluntary.saturating_sub(before.voluntary);
             spent.involuntary += now.involuntary.saturating_sub(before.involuntary);
             spent.migrations = match (spent.migrations, now.migrations, before.migrations) {
@@ -183,10 +205,12 @@ fn thread_counts(pid: u32, tid: u32) -> Option<ThreadCounts> {
     let migrations = std::fs::read_to_string(format!("{dir}/sched"))
         .ok()
         .and_then(|sched| parse_migrations(&sched));
+    let (utime, stime) = parse_cpu_ticks(&std::fs::read_to_string(format!("{dir}/stat")).ok()?)?;
     Some(ThreadCounts {
         voluntary,
         involuntary,
         migrations,
+        cpu_ticks: utime + stime,
     })
 }
 
@@ -235,6 +259,7 @@ mod tests {
             voluntary,
             involuntary,
             migrations: Some(migrations),
+            cpu_ticks: voluntary * 10,
         };
         let before = Snapshot {
             cpu: CpuTime {
@@ -242,6 +267,7 @@ mod tests {
                 system: 0.25,
             },
             threads: BTreeMap::from([((1, 1), counts(10, 1, 2)), ((1, 2), counts(5, 0, 0))]),
+            per_second: 100.0,
         };
         let after = Snapshot {
             cpu: CpuTime {
@@ -249,12 +275,15 @@ mod tests {
                 system: 0.5,
             },
             threads: BTreeMap::from([((1, 1), counts(30, 2, 3)), ((1, 3), counts(4, 1, 1))]),
+            per_second: 100.0,
         };
         let spent = after.since(&before);
         assert_eq!(spent.voluntary, 20 + 4);
         assert_eq!(spent.involuntary, 1 + 1);
         assert_eq!(spent.migrations, Some(1 + 1));
         assert_eq!(spent.threads_gone, 1);
+        // Thread 1 spent 200 ticks, the new thread 3 40: 2 s at 100 a second.
+        assert!((spent.busiest_thread_seconds - 2.0).abs() < 1e-9);
         assert!((spent.cpu_seconds - 0.5).abs() < 1e-9);
         assert!((spent.system_seconds - 0.25).abs() < 1e-9);
     }

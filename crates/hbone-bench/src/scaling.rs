@@ -15,7 +15,9 @@
 //! to about 14,000 a second. Direct TCP from the same generators
 //! to the same apps, measured in the same runs, is the load side's ceiling:
 //! a step whose rate is near it, or whose CPUs are far from busy, was held
-//! back by the load, not by hbone.
+//! back by the load, not by hbone, unless hbone's busiest thread was near
+//! saturation while the others waited: the table gives that thread's share
+//! of the run too.
 //!
 //! Per CPU given, the rate stays flat when hbone scales linearly; the
 //! "÷ 1 CPU" column says how much of the one-CPU rate each CPU keeps.
@@ -80,7 +82,7 @@ const SCALED: [Scaled; 3] = [
 /// The runtimes each step runs under, as `--runtime` names them.
 const RUNTIMES: [&str; 2] = ["work-stealing", "per-core"];
 
-const HEADERS: [&str; 9] = [
+const HEADERS: [&str; 10] = [
     "work",
     "hbone CPUs",
     "runtime",
@@ -88,6 +90,7 @@ const HEADERS: [&str; 9] = [
     "per hbone CPU",
     "per CPU ÷ 1 CPU's",
     "hbone CPUs busy",
+    "busiest thread",
     "CPU per unit (µs)",
     "syscalls per unit",
 ];
@@ -152,6 +155,8 @@ struct Sample {
     rate: f64,
     /// hbone's CPU time over the window, ÷ (window × CPUs given).
     busy: Option<f64>,
+    /// The busiest thread's CPU time over the window ÷ the window.
+    busiest: Option<f64>,
     cpu_per_unit: Option<f64>,
     syscalls_per_unit: Option<f64>,
 }
@@ -301,6 +306,7 @@ fn measure(
         return Ok(Sample {
             rate: rate_of(work.workload, &fields)?,
             busy: None,
+            busiest: None,
             cpu_per_unit: None,
             syscalls_per_unit: None,
         });
@@ -337,6 +343,7 @@ fn measure(
     Ok(Sample {
         rate: rate_of(work.workload, &fields)?,
         busy: Some(cpu_seconds / (seconds * contender.cpus as f64)),
+        busiest: Some(usage.busiest_thread_seconds() / seconds),
         cpu_per_unit: Some(per_unit.cpu_us),
         syscalls_per_unit: per_unit.syscalls,
     })
@@ -396,6 +403,9 @@ fn rows_of(
                 shown(per_cpu, number),
                 shown(kept, |k| format!("{k:.2}")),
                 shown(median(runs, |s| s.busy), |b| format!("{:.0} %", b * 100.0)),
+                shown(median(runs, |s| s.busiest), |b| {
+                    format!("{:.0} %", b * 100.0)
+                }),
                 shown(median(runs, |s| s.cpu_per_unit), |c| {
                     format!("{} per {}", number(c), work.per)
                 }),
@@ -462,8 +472,10 @@ fn document(options: &Options, plan: &Plan, date: &str, started: Instant, report
          destination, reusing a port in TIME-WAIT only after a second. *direct* is the same \
          generators straight to the apps: the load side's ceiling. *per CPU ÷ 1 CPU's* is what each CPU keeps of the one-CPU rate (1.00: \
          linear); *hbone CPUs busy* is the process's CPU time over the run ÷ (the run × the \
-         CPUs it was given): a step far from busy was held back by the load side, not by \
-         hbone. *CPU per unit* is hbone's CPU time per tunnel, request or MB, and *syscalls \
+         CPUs it was given): a step far from busy was held back by the load side, or by \
+         work spread unevenly over hbone's threads, which *busiest thread* tells apart: \
+         the CPU time of hbone's busiest thread over the run ÷ the run (near 100 %: one \
+         thread, or one worker, was saturated while others waited). *CPU per unit* is hbone's CPU time per tunnel, request or MB, and *syscalls \
          per unit* its syscalls (`perf stat -e raw_syscalls:sys_enter`, attached to it during \
          every run).\n",
         options.entry.name(),

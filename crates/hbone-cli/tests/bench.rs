@@ -536,7 +536,8 @@ fn allowed_cpus() -> usize {
 /// `--scaling` gives hbone 1, 2, 4... of the lower half of the CPUs, the
 /// load the upper half: each workload has a direct row and a row per step
 /// and runtime, with a positive rate, the rate per CPU that rate implies,
-/// 1.00 of itself at one CPU, and hbone's CPUs busy and its CPU per unit;
+/// 1.00 of itself at one CPU, hbone's CPUs busy, its busiest thread's share
+/// of the run and its CPU per unit;
 /// `--write` keeps the table.
 #[test]
 fn scaling_measures_each_step_under_each_runtime_beside_direct() {
@@ -594,7 +595,7 @@ fn scaling_measures_each_step_under_each_runtime_beside_direct() {
                 .unwrap_or_else(|| panic!("{work}: rate {:?} in:\n{report}", row[3]));
             assert!(rate > 0.0, "{work}: {row:?}");
             let Ok(cpus) = row[1].parse::<f64>() else {
-                assert_eq!(&row[4..], ["n/a"; 5], "{work}: direct row {row:?}");
+                assert_eq!(&row[4..], ["n/a"; 6], "{work}: direct row {row:?}");
                 continue;
             };
             let per_cpu = median(row[4]).unwrap();
@@ -612,13 +613,18 @@ fn scaling_measures_each_step_under_each_runtime_beside_direct() {
                 busy > 0.0 && busy <= 110.0,
                 "{work}: busy {busy} in {row:?}"
             );
-            let cpu = row[7]
+            let busiest = row[7].strip_suffix(" %").and_then(median).unwrap();
+            assert!(
+                busiest > 0.0 && busiest <= 110.0,
+                "{work}: busiest thread {busiest} in {row:?}"
+            );
+            let cpu = row[8]
                 .strip_suffix(&format!(" per {per}"))
                 .and_then(median)
-                .unwrap_or_else(|| panic!("{work}: CPU per unit {:?}", row[7]));
+                .unwrap_or_else(|| panic!("{work}: CPU per unit {:?}", row[8]));
             assert!(cpu > 0.0, "{work}: {row:?}");
-            if row[8] != NO_PERF {
-                assert!(median(row[8]).unwrap_or(0.0) > 0.0, "{work}: {row:?}");
+            if row[9] != NO_PERF {
+                assert!(median(row[9]).unwrap_or(0.0) > 0.0, "{work}: {row:?}");
             }
         }
     }
