@@ -5,7 +5,8 @@
 //! for a tunnel open on a worker. An entry on a dialer with workers: its
 //! tunnels run on the workers, each worker with a pooled connection of its
 //! own. A connection arriving on a worker that carries bulk moves to one
-//! that does not, until that bulk goes quiet.
+//! that does not, until that bulk goes quiet. A single worker accepts for
+//! itself.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -562,5 +563,69 @@ async fn per_core_tunnel_ends_in_one_process_share_a_worker() {
         "the worker of each tunnel's two ends"
     );
     drop(server);
+    workers.shutdown();
+}
+
+/// With a single worker, the server and the entry accept on that worker
+/// itself: no socket is handed over from the runtime that started them.
+/// Shown by stalling that runtime (its one thread blocks) while an
+/// application sends through the entry, the server and a blocking echo
+/// app: every step runs on the worker, so the echo comes back.
+#[tokio::test(flavor = "current_thread")]
+async fn per_core_one_worker_accepts_for_itself() {
+    use std::io::{Read, Write};
+
+    let pki = Pki::new();
+    let workers = Workers::start(1).unwrap();
+    let server = start_server(
+        ServerConfig::new(loopback(), pki.server.clone()).with_workers(workers.clone()),
+    )
+    .await;
+    let echo = std::net::TcpListener::bind(loopback()).unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        while let Ok((mut socket, _)) = echo.accept() {
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                while let Ok(n @ 1..) = socket.read(&mut buffer) {
+                    if socket.write_all(&buffer[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let dialer = Dialer::with_config(
+        &pki.client,
+        DialerConfig::default().with_workers(workers.clone()),
+    )
+    .unwrap();
+    let listener = workers.bind_listener(loopback()).unwrap();
+    let entry = listener.local_addr().unwrap();
+    let destination =
+        Destination::direct(server.addr.into(), vec![pki.server_id.clone()], echo_addr);
+    let serving = tokio::spawn(forward::serve(
+        listener,
+        dialer,
+        destination,
+        Arc::new(Threads::default()),
+        std::future::pending(),
+    ));
+    // Let the server and the entry start their accept loops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let app = std::thread::spawn(move || {
+        let mut app = std::net::TcpStream::connect(entry).unwrap();
+        app.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        app.write_all(b"from the app").unwrap();
+        let mut back = [0u8; 12];
+        app.read_exact(&mut back).map(|()| back)
+    });
+    // Blocks this runtime's only thread until the app is done.
+    let back = app.join().unwrap();
+    assert_eq!(
+        back.expect("no echo while the starting runtime was stalled"),
+        *b"from the app"
+    );
+    serving.abort();
     workers.shutdown();
 }

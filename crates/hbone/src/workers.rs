@@ -250,8 +250,9 @@ impl Workers {
     /// ([`DialerConfig::workers`](crate::DialerConfig::workers)): on Linux,
     /// with more than one worker, it is bound with SO_REUSEPORT, and the
     /// entry gives every worker a listener of its own beside it, so that
-    /// each accepts its own connections; any other listener is served by
-    /// one accept loop that hands sockets to the workers in turn. Call it
+    /// each accepts its own connections; a single worker accepts on any
+    /// listener itself; with more, any other listener is served by one
+    /// accept loop that hands sockets to the workers in turn. Call it
     /// inside a Tokio runtime. Only processes of the same user can bind the
     /// port too (Linux's rule for such groups).
     pub fn bind_listener(&self, addr: std::net::SocketAddr) -> io::Result<tokio::net::TcpListener> {

@@ -68,10 +68,15 @@ pub(crate) async fn accept_until<S, F, T>(
         shutdown.await;
         stop.send_replace(true);
     };
-    #[cfg(target_os = "linux")]
-    if let Some(workers) = workers
-        && let Some(siblings) = crate::listeners::siblings(&listener, workers)
-    {
+    // Where each worker can accept on a listener of its own, it does: with
+    // one worker that is the listener itself, so no socket changes threads.
+    let siblings = match workers {
+        Some(workers) if workers.count() == 1 => Some(Vec::new()),
+        #[cfg(target_os = "linux")]
+        Some(workers) => crate::listeners::siblings(&listener, workers),
+        _ => None,
+    };
+    if let (Some(workers), Some(siblings)) = (workers, siblings) {
         let listeners = std::iter::once(listener.into_std()).chain(siblings.into_iter().map(Ok));
         let mut loops = tokio::task::JoinSet::new();
         for (index, listener) in listeners.enumerate() {

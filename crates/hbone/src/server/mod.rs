@@ -117,8 +117,9 @@ pub struct ServerConfig {
     /// single-threaded workers instead of the runtime polling
     /// [`Server::run`]; `None` (the default) spawns there. With more than
     /// one worker, on Linux, [`Server::bind`] binds a listener per worker
-    /// (SO_REUSEPORT) so that each accepts its own connections; a listener
-    /// given to [`Server::from_listener`] is served by one accept loop
+    /// (SO_REUSEPORT) so that each accepts its own connections; a single
+    /// worker accepts on the listener itself; a listener given to
+    /// [`Server::from_listener`] is otherwise served by one accept loop
     /// that hands sockets to the workers in turn.
     pub workers: Option<Workers>,
 }
@@ -441,10 +442,10 @@ impl Server {
             ..
         } = self;
         match workers {
-            Some(workers) if !spares.is_empty() => {
-                // Each worker accepts on its own listener; the loops end
-                // as the drain starts, or with this future (the set aborts
-                // them when dropped).
+            Some(workers) if !spares.is_empty() || workers.count() == 1 => {
+                // Each worker accepts on its own listener (a single worker
+                // on the one listener); the loops end as the drain starts,
+                // or with this future (the set aborts them when dropped).
                 let listeners =
                     std::iter::once(listener.into_std()).chain(spares.into_iter().map(Ok));
                 let mut loops = tokio::task::JoinSet::new();
