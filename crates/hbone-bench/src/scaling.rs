@@ -9,10 +9,11 @@
 //! single-threaded load generators as the load side has CPUs run at once,
 //! each with connections of its own (bulk: one stream; request/response:
 //! eight connections, one request at a time on each; new connections: eight
-//! at a time), and their rates are summed. Each generator of each contender
-//! reaches an echo listener of its own (through a forward entry of its own),
-//! as the kernel holds new connections from one address to one destination
-//! to about 14,000 a second. Direct TCP from the same generators
+//! at a time), and their rates are summed. Bulk and requests go through one
+//! entry, as the tunnels between two nodes do; for new connections each
+//! generator of each contender reaches an echo listener of its own (through
+//! a forward entry of its own), as the kernel holds new connections from one
+//! address to one destination to about 14,000 a second. Direct TCP from the same generators
 //! to the same apps, measured in the same runs, is the load side's ceiling:
 //! a step whose rate is near it, or whose CPUs are far from busy, was held
 //! back by the load, not by hbone, unless hbone's busiest thread was near
@@ -235,9 +236,13 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
             for turn in 0..contenders.len() {
                 let index = (turn + run as usize - 1) % contenders.len();
                 let contender = &mut contenders[index];
+                // Bulk and requests through one entry, as the tunnels
+                // between two nodes share one; new connections through an
+                // entry per generator, each to a destination of its own.
                 let targets = match work.workload {
                     Workload::Bulk => vec![apps.sink; generators],
-                    _ => contender.echoes.clone(),
+                    Workload::Connect => contender.echoes.clone(),
+                    _ => vec![contender.echoes[0]; generators],
                 };
                 let sample = measure(
                     options,
@@ -466,10 +471,11 @@ fn document(options: &Options, plan: &Plan, date: &str, started: Instant, report
          single-threaded load generator(s) and the apps are held to CPUs {:?} throughout, each \
          generator with connections of its own (bulk: one stream; request/response: eight \
          connections, each one request at a time; new connections: eight at a time), their \
-         rates summed. Each generator reaches an echo listener of its own, apart for every \
-         contender, through a forward entry of its own (a SOCKS5 entry serves them all): the \
-         kernel lets one source address open about 14,000 connections a second to one \
-         destination, reusing a port in TIME-WAIT only after a second. *direct* is the same \
+         rates summed. Bulk and requests go through one entry, as tunnels between two nodes \
+         do; new connections through a forward entry per generator (a SOCKS5 entry serves \
+         them all) to an echo listener of its own, apart for every contender: the kernel \
+         lets one source address open about 14,000 connections a second to one destination, \
+         reusing a port in TIME-WAIT only after a second. *direct* is the same \
          generators straight to the apps: the load side's ceiling. *per CPU ÷ 1 CPU's* is what each CPU keeps of the one-CPU rate (1.00: \
          linear); *hbone CPUs busy* is the process's CPU time over the run ÷ (the run × the \
          CPUs it was given): a step far from busy was held back by the load side, or by \
