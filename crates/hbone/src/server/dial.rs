@@ -6,6 +6,10 @@
 //! read from the readiness the connect reports: a refused or reset connect
 //! reports an error, a finished one only writable. A tunnel costs one
 //! syscall fewer; only a connect that failed asks for its error.
+//!
+//! A connect that finds no local port free says so: the OS's "cannot assign
+//! requested address" reads like a fault of the target, where this host has
+//! every ephemeral port to that target in use or in TIME-WAIT.
 
 use std::io;
 use std::net::SocketAddr;
@@ -13,8 +17,27 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 /// A connection to `target`, with TCP_NODELAY set.
-#[cfg(target_os = "linux")]
 pub(super) async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
+    open(target).await.map_err(explain)
+}
+
+/// Says what "address not available" from a connect means.
+fn explain(error: io::Error) -> io::Error {
+    match error.kind() {
+        io::ErrorKind::AddrNotAvailable => io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            format!(
+                "no local port free to connect from ({error}): every ephemeral port to this \
+                 target is in use or in TIME-WAIT; widen net.ipv4.ip_local_port_range, or \
+                 let TIME-WAIT ports be reused (net.ipv4.tcp_tw_reuse = 1)"
+            ),
+        ),
+        _ => error,
+    }
+}
+
+#[cfg(target_os = "linux")]
+async fn open(target: SocketAddr) -> io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     use tokio::io::Interest;
 
@@ -42,9 +65,8 @@ pub(super) async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// A connection to `target`, with TCP_NODELAY set.
 #[cfg(not(target_os = "linux"))]
-pub(super) async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
+async fn open(target: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect(target).await?;
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -54,6 +76,24 @@ pub(super) async fn connect(target: SocketAddr) -> io::Result<TcpStream> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_connect_out_of_local_ports_says_so() {
+        // EADDRNOTAVAIL, as connect() returns it when no port is free.
+        let explained = explain(io::Error::from_raw_os_error(99));
+        assert_eq!(explained.kind(), io::ErrorKind::AddrNotAvailable);
+        let text = explained.to_string();
+        assert!(text.contains("no local port free"), "{text}");
+        assert!(text.contains("ip_local_port_range"), "{text}");
+        assert!(
+            text.contains("os error 99"),
+            "the OS's words are kept: {text}"
+        );
+        // Other failures pass through as they are.
+        let refused = explain(io::ErrorKind::ConnectionRefused.into());
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        assert_eq!(refused.to_string(), "connection refused");
+    }
 
     #[tokio::test]
     async fn connects_with_nodelay_and_carries_bytes() {
