@@ -131,6 +131,13 @@ pub struct BenchArgs {
     /// the CPUs split between them.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     proxy_threads: Option<u16>,
+    /// Streams the servers under test allow on one connection (their
+    /// `--max-streams`; default: theirs, 200). Fewer spread the tunnels
+    /// between one entry and one server over more pooled connections: with
+    /// `--scaling`, it shows whether work-stealing keeps growing past a few
+    /// CPUs once those tunnels no longer share one connection.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    server_max_streams: Option<u32>,
     /// Also write the results as Markdown to FILE, with the machine, the
     /// command and how much the runs varied.
     #[arg(long, value_name = "FILE")]
@@ -246,6 +253,8 @@ pub struct Options {
     pub proxy_runtime: String,
     /// The proxies' `--threads`, if given.
     pub proxy_threads: Option<u16>,
+    /// The servers' `--max-streams`, if given.
+    pub server_max_streams: Option<u32>,
     pub write: Option<PathBuf>,
     /// The workloads to run; empty: all of them.
     pub only: Vec<Part>,
@@ -272,6 +281,7 @@ impl Options {
             admin: self.admin,
             runtime: self.proxy_runtime.clone(),
             threads: self.proxy_threads,
+            server_max_streams: self.server_max_streams,
             binary: None,
             cpus: None,
         }
@@ -295,6 +305,7 @@ impl BenchArgs {
             admin: !self.no_admin,
             proxy_runtime: self.proxy_runtime,
             proxy_threads: self.proxy_threads,
+            server_max_streams: self.server_max_streams,
             write: self.write,
             only: self.only,
             command: machine::command_line(),

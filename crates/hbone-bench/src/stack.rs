@@ -126,6 +126,9 @@ pub struct Listening {
 pub fn start_server(pki: &Pki, flags: &ChildFlags) -> anyhow::Result<Listening> {
     let mut args = strings(&["server", "--listen", LOOPBACK_ANY_PORT]);
     push_path(&mut args, "--identity-dir", &pki.server_dir);
+    if let Some(streams) = flags.server_max_streams {
+        args.extend(["--max-streams".to_owned(), streams.to_string()]);
+    }
     args.extend(flags.args());
     let mut proc = Proc::spawn("hbone server", &args)?;
     let addr = proc.wait_ready(START_LIMIT)?;
@@ -443,8 +446,11 @@ impl Proxies {
         // A file per process: `hbone run` watches its file for changes.
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let config = dir.join(format!("one-process-{n}.toml"));
-        std::fs::write(&config, joined_config(pki, server, &entries))
-            .with_context(|| format!("cannot write {}", config.display()))?;
+        std::fs::write(
+            &config,
+            joined_config(pki, server, &entries, flags.server_max_streams),
+        )
+        .with_context(|| format!("cannot write {}", config.display()))?;
         let mut args = strings(&["run"]);
         push_path(&mut args, "--config", &config);
         args.extend(flags.run_args());
@@ -513,12 +519,20 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 }
 
 /// The config file of the one-process topology.
-fn joined_config(pki: &Pki, server: SocketAddr, entries: &[Entry]) -> String {
+fn joined_config(
+    pki: &Pki,
+    server: SocketAddr,
+    entries: &[Entry],
+    max_streams: Option<u32>,
+) -> String {
     let quoted = |path: &Path| toml_string(&path.display().to_string());
     let mut out = format!(
         "[server]\nidentity-dir = {}\nlisten = \"{server}\"\n",
         quoted(&pki.server_dir)
     );
+    if let Some(streams) = max_streams {
+        out += &format!("max-streams = {streams}\n");
+    }
     for entry in entries {
         out += &format!(
             "\n[[{}]]\nidentity-dir = {}\nlisten = \"{}\"\nserver = \"{server}\"\nserver-id = {}\n",
@@ -559,6 +573,8 @@ pub struct ChildFlags {
     pub runtime: String,
     /// Their `--threads`, if given.
     pub threads: Option<u16>,
+    /// The servers' `--max-streams`, if given (servers only).
+    pub server_max_streams: Option<u32>,
     /// Another hbone binary to run instead of this one (`--against`; the
     /// one-process `hbone run` only).
     pub binary: Option<PathBuf>,
@@ -636,6 +652,7 @@ mod tests {
             admin: false,
             runtime: DEFAULT_RUNTIME.to_owned(),
             threads: None,
+            server_max_streams: None,
             binary: None,
             cpus: None,
         };
@@ -682,7 +699,7 @@ mod tests {
             },
         ];
         let server = "127.0.0.1:9000".parse().unwrap();
-        let text = joined_config(&pki, server, &entries);
+        let text = joined_config(&pki, server, &entries, None);
         let file: toml::Table = text.parse().unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(file["server"]["listen"].as_str(), Some("127.0.0.1:9000"));
         assert_eq!(
@@ -702,6 +719,10 @@ mod tests {
             socks5["server-id"].as_str(),
             Some("spiffe://cluster.local/ns/bench/sa/server")
         );
+        assert!(file["server"].get("max-streams").is_none(), "{text}");
+        let limited = joined_config(&pki, server, &entries, Some(8));
+        let file: toml::Table = limited.parse().unwrap();
+        assert_eq!(file["server"]["max-streams"].as_integer(), Some(8));
     }
 
     #[test]
