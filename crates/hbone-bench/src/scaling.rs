@@ -13,12 +13,12 @@
 //! entry, as the tunnels between two nodes do; for new connections each
 //! generator of each contender reaches an echo listener of its own (through
 //! a forward entry of its own), as the kernel holds new connections from one
-//! address to one destination to about 14,000 a second. Direct TCP from the same generators
-//! to the same apps, measured in the same runs, is the load side's ceiling:
-//! a step whose rate is near it, or whose CPUs are far from busy, was held
-//! back by the load, not by hbone, unless hbone's busiest thread was near
-//! saturation while the others waited: the table gives that thread's share
-//! of the run too.
+//! address to one destination to about 14,000 a second. Direct TCP from the
+//! same generators to the same apps, measured in the same runs, is the load
+//! side's ceiling: a step whose rate is near it, or whose CPUs are far from
+//! busy, was held back by the load, not by hbone, unless hbone's busiest
+//! thread was near saturation while the others waited: the table gives that
+//! thread's share of the run too.
 //!
 //! Per CPU given, the rate stays flat when hbone scales linearly; the
 //! "÷ 1 CPU" column says how much of the one-CPU rate each CPU keeps.
@@ -475,15 +475,15 @@ fn document(options: &Options, plan: &Plan, date: &str, started: Instant, report
          do; new connections through a forward entry per generator (a SOCKS5 entry serves \
          them all) to an echo listener of its own, apart for every contender: the kernel \
          lets one source address open about 14,000 connections a second to one destination, \
-         reusing a port in TIME-WAIT only after a second. *direct* is the same \
-         generators straight to the apps: the load side's ceiling. *per CPU ÷ 1 CPU's* is what each CPU keeps of the one-CPU rate (1.00: \
-         linear); *hbone CPUs busy* is the process's CPU time over the run ÷ (the run × the \
-         CPUs it was given): a step far from busy was held back by the load side, or by \
+         reusing a port in TIME-WAIT only after a second. *direct* is the same generators \
+         straight to the apps: the load side's ceiling. *per CPU ÷ 1 CPU's* is what each CPU \
+         keeps of the one-CPU rate (1.00: linear); *hbone CPUs busy* is the process's CPU \
+         time over the run ÷ (the run × the CPUs it was given): a step far from busy was held back by the load side, or by \
          work spread unevenly over hbone's threads, which *busiest thread* tells apart: \
          the CPU time of hbone's busiest thread over the run ÷ the run (near 100 %: one \
-         thread, or one worker, was saturated while others waited). *CPU per unit* is hbone's CPU time per tunnel, request or MB, and *syscalls \
-         per unit* its syscalls (`perf stat -e raw_syscalls:sys_enter`, attached to it during \
-         every run).\n",
+         thread, or one worker, was saturated while others waited). *CPU per unit* is \
+         hbone's CPU time per tunnel, request or MB, and *syscalls per unit* its syscalls \
+         (`perf stat -e raw_syscalls:sys_enter`, attached to it during every run).\n",
         options.entry.name(),
         plan.hbone,
         plan.load.len(),
