@@ -64,7 +64,9 @@ pub(super) struct RuntimeArgs {
     /// its tunnels and the pooled connections they ride, on one
     /// single-threaded worker pinned to a CPU, which accepts the
     /// connections arriving on that CPU (no cross-thread wake-ups; the
-    /// control plane keeps a runtime of one thread).
+    /// control plane keeps a runtime of one thread). Past a few CPUs,
+    /// per-core kept scaling where work-stealing levelled off (README,
+    /// Performance).
     #[arg(long, value_enum, value_name = "KIND", default_value_t = RuntimeKind::WorkStealing, help_heading = GLOBAL_OPTIONS)]
     runtime: RuntimeKind,
 }
