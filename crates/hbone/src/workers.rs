@@ -16,6 +16,12 @@
 //! (`Workers::place`): interactive tunnels opened during a transfer land
 //! beside no bulk where a worker without it exists.
 //!
+//! A server's connections also leave a worker that has been saturated
+//! of late for the one running fewest tasks (`Workers::place_handshake`):
+//! each starts with a TLS handshake, and where they all arrive on one CPU
+//! (a network card with one queue, one client thread on loopback) that
+//! CPU's worker would otherwise make every handshake alone.
+//!
 //! Give a [`Workers`] to a server with
 //! [`ServerConfig::with_workers`](crate::ServerConfig::with_workers), and
 //! to a dialer with
@@ -32,6 +38,8 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
+mod busy;
+
 /// A set of worker threads, each with a current-thread runtime. Cheap to
 /// clone; the threads stop when the last clone is dropped or at
 /// [`Workers::shutdown`].
@@ -42,6 +50,8 @@ pub struct Workers {
 
 struct Inner {
     handles: Vec<Handle>,
+    /// The zero of the clock busy shares are sampled on.
+    started: std::time::Instant,
     /// What each worker carries, for placing new connections.
     loads: Vec<Arc<Load>>,
     /// The CPU each worker is pinned to, where it could be.
@@ -68,6 +78,8 @@ thread_local! {
 struct Load {
     /// Tunnels on this worker that have moved bulk ([`BulkMark`]).
     bulk: AtomicUsize,
+    /// How much of late the worker spent running tasks.
+    busy: busy::BusyShare,
 }
 
 /// Counts one bulk tunnel against the worker it was made on, until
@@ -177,6 +189,15 @@ pub(crate) fn current_worker() -> Option<usize> {
     WORKER_ID.with(std::cell::Cell::get)
 }
 
+/// The busy share (thousandths) past which a worker's new connections
+/// may go to another ([`Workers::place_handshake`]).
+const SATURATED: u64 = 500;
+
+/// How many fewer tasks another worker must run to take a connection
+/// from a saturated one: fewer would move connections back and forth
+/// between workers that carry the same.
+const SPREAD_MARGIN: usize = 2;
+
 /// How long a stopping worker waits for its blocking tasks (name lookups)
 /// before leaving them behind.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);
@@ -232,6 +253,7 @@ impl Workers {
         Ok(Workers {
             inner: Arc::new(Inner {
                 handles,
+                started: std::time::Instant::now(),
                 loads,
                 cpus,
                 next: AtomicUsize::new(0),
@@ -297,6 +319,41 @@ impl Workers {
             .min_by_key(|&(_, bulk)| bulk)
             .unwrap_or((here, here_bulk));
         if fewest_bulk < here_bulk {
+            fewest
+        } else {
+            here
+        }
+    }
+
+    /// The worker a new connection that opens with a TLS handshake should
+    /// run on, given the one that accepted it: as [`Workers::place`]
+    /// picks; but where that keeps it on the accepting worker and that
+    /// worker was busy for [`SATURATED`] of each of its last two windows of
+    /// 10 ms or more, the
+    /// worker running the fewest tasks, if it runs [`SPREAD_MARGIN`]
+    /// fewer. Connections accepted on a CPU stay on its worker (their
+    /// packets are processed there) until it is saturated: where every
+    /// connection arrives on one CPU (a NIC with one queue, or one client
+    /// thread on loopback), the others would otherwise sit idle while
+    /// handshakes queue. A handshake costs far more than the move (two
+    /// `epoll_ctl` calls and a wake-up).
+    pub(crate) fn place_handshake(&self, accepted_on: Option<usize>) -> usize {
+        let placed = self.place(accepted_on);
+        let Some(here) = accepted_on.filter(|&here| here == placed) else {
+            return placed;
+        };
+        let now = self.inner.started.elapsed().as_nanos() as u64;
+        let load = &self.inner.loads[here];
+        if load.busy.permille(&self.inner.handles[here], now) < SATURATED {
+            return here;
+        }
+        let tasks = |index: usize| self.inner.handles[index].metrics().num_alive_tasks();
+        let here_tasks = tasks(here);
+        let (fewest, fewest_tasks) = (0..self.count())
+            .map(|index| (index, tasks(index)))
+            .min_by_key(|&(_, tasks)| tasks)
+            .unwrap_or((here, here_tasks));
+        if fewest_tasks + SPREAD_MARGIN <= here_tasks {
             fewest
         } else {
             here
@@ -430,6 +487,76 @@ mod tests {
         assert_eq!(workers.place(Some(1)), 0, "a mark ends with its tunnel");
         drop((on_second, on_third));
         assert_eq!(workers.place(Some(1)), 1);
+        workers.shutdown();
+    }
+
+    /// Keeps worker `index` running tasks for `busy`, in 1 ms turns
+    /// between which it polls for I/O (and so updates its busy count).
+    fn keep_busy(workers: &Workers, index: usize, busy: Duration) -> tokio::task::JoinHandle<()> {
+        workers.handle(index).spawn(async move {
+            let until = std::time::Instant::now() + busy;
+            while std::time::Instant::now() < until {
+                let turn = std::time::Instant::now() + Duration::from_millis(1);
+                while std::time::Instant::now() < turn {
+                    std::hint::spin_loop();
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn handshakes_leave_a_saturated_worker_for_the_least_loaded() {
+        let workers = Workers::start(2).unwrap();
+        let parked: Vec<_> = (0..3)
+            .map(|_| workers.handle(0).spawn(std::future::pending::<()>()))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(workers.place_handshake(Some(0)), 0, "idle: stays");
+
+        let spinning = keep_busy(&workers, 0, Duration::from_millis(400));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            workers.place_handshake(Some(0)),
+            0,
+            "busy for one window after an idle one: stays"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            workers.place_handshake(Some(0)),
+            1,
+            "saturated, and the other runs fewer tasks: moves"
+        );
+        assert_eq!(workers.place_handshake(Some(1)), 1, "the other stays");
+        assert_eq!(
+            workers.place_handshake(None),
+            workers.place_handshake(None) ^ 1,
+            "off the workers: in turn"
+        );
+        spinning.await.unwrap();
+
+        // As busy, but running as many tasks as the saturated one: stays.
+        let spinning = keep_busy(&workers, 0, Duration::from_millis(400));
+        let level: Vec<_> = (0..4)
+            .map(|_| workers.handle(1).spawn(std::future::pending::<()>()))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        workers.place_handshake(Some(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(workers.place_handshake(Some(0)), 0, "no worker runs fewer");
+        spinning.await.unwrap();
+        for task in level {
+            task.abort();
+        }
+
+        // Idle again, beside a worker running fewer tasks: stays.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        workers.place_handshake(Some(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(workers.place_handshake(Some(0)), 0, "idle again: stays");
+        for task in parked {
+            task.abort();
+        }
         workers.shutdown();
     }
 

@@ -573,7 +573,7 @@ impl Shared {
         workers: Option<(&Workers, Option<usize>)>,
     ) {
         let workers = workers.and_then(|(workers, accepted_on)| {
-            let to = workers.place(accepted_on);
+            let to = workers.place_handshake(accepted_on);
             (Some(to) != accepted_on).then_some((workers, to))
         });
         match self.gate.admit_connection(peer.ip()) {
