@@ -328,10 +328,9 @@ impl Workers {
     /// The worker a new connection that opens with a TLS handshake should
     /// run on, given the one that accepted it: as [`Workers::place`]
     /// picks; but where that keeps it on the accepting worker and that
-    /// worker was busy for [`SATURATED`] of each of its last two windows of
-    /// 10 ms or more, the
-    /// worker running the fewest tasks, if it runs [`SPREAD_MARGIN`]
-    /// fewer. Connections accepted on a CPU stay on its worker (their
+    /// worker was busy for [`SATURATED`] of each of its last two windows
+    /// (10 ms or more each), the worker running the fewest tasks, if it
+    /// runs [`SPREAD_MARGIN`] fewer. Connections accepted on a CPU stay on its worker (their
     /// packets are processed there) until it is saturated: where every
     /// connection arrives on one CPU (a NIC with one queue, or one client
     /// thread on loopback), the others would otherwise sit idle while
