@@ -118,6 +118,45 @@ async fn client_expecting_another_server_identity() {
     );
 }
 
+/// A dialer remembers the server chains it accepted, so that a repeat
+/// handshake skips the CA's signature on them; the identity each dial
+/// expects is still checked every time.
+#[tokio::test]
+async fn a_server_accepted_before_is_still_held_to_the_identity_each_dial_expects() {
+    let pki = Pki::new();
+    let server = start_default_server(&pki).await;
+    let echo = start_echo().await;
+    let dialer = Dialer::with_config(
+        &pki.client,
+        hbone::DialerConfig::default().with_pooling(false),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let tunnel = dialer
+            .connect(server.addr, std::slice::from_ref(&pki.server_id), echo)
+            .await
+            .expect("the expected server is accepted, first and again");
+        let echoed = echo_roundtrip(tunnel, b"ping").await.unwrap();
+        assert_eq!(echoed, b"ping");
+    }
+    let wanted = id("spiffe://cluster.local/ns/test/sa/somebody-else");
+    let error = match dialer
+        .connect(server.addr, std::slice::from_ref(&wanted), echo)
+        .await
+    {
+        Ok(_) => panic!("a server of another identity must be refused"),
+        Err(e) => e,
+    };
+    match error {
+        DialError::Tls {
+            failure: TlsFailure::WrongServerIdentity { presented, .. },
+            ..
+        } => assert_eq!(presented, pki.server_id),
+        other => panic!("expected a wrong server identity, got {other:?}"),
+    }
+    assert_eq!(server.stats.snapshot().tunnels_opened, 2);
+}
+
 fn expired(pki: &Pki, who: &hbone::SpiffeId) -> Identity {
     let two_days_ago = OffsetDateTime::now_utc() - Duration::from_secs(2 * 86_400);
     pki.ca

@@ -119,6 +119,7 @@ mod test_support;
 pub mod tls;
 #[cfg(feature = "files")]
 mod toml_error;
+mod verified_chains;
 mod window;
 pub mod workers;
 #[cfg(feature = "workload-api")]

@@ -166,6 +166,16 @@ impl Revocation {
             .collect()
     }
 
+    /// When a chain's acceptance under these lists stops holding whatever
+    /// the chain: with `fail_closed`, at the earliest `nextUpdate`, from
+    /// which that list refuses handshakes; otherwise never.
+    pub(crate) fn verdicts_lapse(&self) -> Option<SystemTime> {
+        if !self.fail_closed {
+            return None;
+        }
+        self.lists.iter().map(|crl| crl.next_update).min()
+    }
+
     /// The options webpki checks a chain with; `None` when there is no CRL.
     fn options<'a>(
         &self,

@@ -13,7 +13,9 @@
 //!
 //! Session resumption is off on both sides: a resumed TLS 1.3 session skips
 //! certificate verification, and the client's expected identities differ per
-//! destination, so a ticket must never stand in for a full check.
+//! destination, so a ticket must never stand in for a full check. Only
+//! the CA's signature on a chain accepted before is taken as read, while
+//! that verdict cannot have changed (see the `verified_chains` module).
 
 use std::io;
 use std::sync::{Arc, RwLock};
@@ -31,6 +33,7 @@ use rustls::{
 
 use crate::identity::{Identity, SpiffeId, spiffe_id_of};
 use crate::revocation::Revocation;
+use crate::verified_chains::VerifiedChains;
 
 /// The most TLS a connection queues for sending: a whole 256 KiB DATA
 /// frame's records (16 of 16 KiB, with their overhead) and as much again,
@@ -150,6 +153,7 @@ pub fn server_config(
         trust_domains,
         federated,
         federation,
+        verified: VerifiedChains::new(revocation),
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -285,11 +289,13 @@ pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigEr
         federated: federated_stores(identity)?,
     };
     let roots = Arc::new(roots);
+    let verified = Arc::new(VerifiedChains::new(&Revocation::default()));
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: roots.clone(),
         algorithms: provider.signature_verification_algorithms,
         expected: Vec::new(),
         revocation: Revocation::default(),
+        verified: verified.clone(),
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -304,6 +310,7 @@ pub fn client_base_config(identity: &Identity) -> Result<ClientBase, TlsConfigEr
         roots,
         algorithms: provider.signature_verification_algorithms,
         revocation: Revocation::default(),
+        verified,
     })
 }
 
@@ -314,6 +321,9 @@ pub struct ClientBase {
     roots: Arc<TrustAnchors>,
     algorithms: WebPkiSupportedAlgorithms,
     revocation: Revocation,
+    /// Server chains accepted under these roots and lists, shared by
+    /// every destination's config.
+    verified: Arc<VerifiedChains>,
 }
 
 impl ClientBase {
@@ -321,6 +331,8 @@ impl ClientBase {
     /// (replacing any lists given before).
     #[must_use]
     pub fn with_revocation(mut self, revocation: Revocation) -> Self {
+        // Chains accepted under the old lists are checked anew.
+        self.verified = Arc::new(VerifiedChains::new(&revocation));
         self.revocation = revocation;
         self
     }
@@ -340,6 +352,7 @@ impl ClientBase {
                 algorithms: self.algorithms,
                 expected: expected.to_vec(),
                 revocation: self.revocation.clone(),
+                verified: self.verified.clone(),
             }));
         Arc::new(config)
     }
@@ -411,6 +424,7 @@ struct SpiffeServerVerifier {
     algorithms: WebPkiSupportedAlgorithms,
     expected: Vec<SpiffeId>,
     revocation: Revocation,
+    verified: Arc<VerifiedChains>,
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -422,13 +436,15 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.revocation.verify_server_chain(
-            end_entity,
-            intermediates,
-            self.roots.for_peer(end_entity),
-            self.algorithms.all,
-            now,
-        )?;
+        self.verified.check(end_entity, intermediates, now, || {
+            self.revocation.verify_server_chain(
+                end_entity,
+                intermediates,
+                self.roots.for_peer(end_entity),
+                self.algorithms.all,
+                now,
+            )
+        })?;
         let presented = spiffe_id_of(end_entity).map_err(other)?;
         if !self.expected.iter().any(|id| id.accepts(&presented)) {
             return Err(other(UnexpectedPeer {
@@ -469,6 +485,8 @@ struct SpiffeClientVerifier {
     /// A chain verifier per federated trust domain.
     federated: std::collections::BTreeMap<String, Arc<dyn ClientCertVerifier>>,
     federation: Option<FederationGate>,
+    /// Client chains accepted by `chain_verifier` or a federated one.
+    verified: VerifiedChains,
 }
 
 impl std::fmt::Debug for SpiffeClientVerifier {
@@ -499,7 +517,9 @@ impl SpiffeClientVerifier {
         }
         let verifier = self.federated.get(presented.trust_domain())?;
         Some((|| {
-            verifier.verify_client_cert(end_entity, intermediates, now)?;
+            self.verified.check(end_entity, intermediates, now, || {
+                verifier.verify_client_cert(end_entity, intermediates, now)
+            })?;
             if self.federation.as_ref().is_some_and(|gate| gate(presented)) {
                 return Ok(ClientCertVerified::assertion());
             }
@@ -528,8 +548,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         {
             return verdict;
         }
-        self.chain_verifier
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.verified.check(end_entity, intermediates, now, || {
+            self.chain_verifier
+                .verify_client_cert(end_entity, intermediates, now)
+        })?;
         let presented = spiffe_id_of(end_entity).map_err(other)?;
         if !self
             .trust_domains
