@@ -115,6 +115,29 @@ impl Cork {
         first
     }
 
+    /// One poll of `poll` corked, with no flush after it: what it wrote
+    /// waits in TLS for the next turn of [`Cork::drive`], which flushes
+    /// it with whatever that turn writes. For the client's HTTP/2
+    /// handshake, which writes only the connection preface: it then leaves
+    /// in the same `writev` as the SETTINGS and the first request, instead
+    /// of one of its own. The caller must drive the connection next.
+    pub(crate) fn defer<R>(
+        &self,
+        cx: &mut Context<'_>,
+        mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
+    ) -> Poll<R> {
+        let flags = &self.flags;
+        flags.held.store(0, Relaxed);
+        flags.corked.store(true, Relaxed);
+        let first = poll(cx);
+        flags.corked.store(false, Relaxed);
+        if flags.starved.swap(false, Relaxed) && first.is_pending() {
+            // A write was turned away (TLS's buffer full): finish uncorked.
+            return poll(cx);
+        }
+        first
+    }
+
     /// Sends what the turn wrote. A flush that cannot finish now (a full
     /// socket) has registered the task for when it can; an error is left
     /// for h2 to meet on its next write.

@@ -126,9 +126,10 @@ impl Dialer {
             state: state.clone(),
             linger: None,
         };
+        let mut handshake = std::pin::pin!(h2.client_builder().handshake::<_, Bytes>(io));
         let (send, connection) = timeout(
             timeouts.handshake,
-            h2.client_builder().handshake::<_, Bytes>(io),
+            std::future::poll_fn(|cx| cork.defer(cx, |cx| handshake.as_mut().poll(cx))),
         )
         .await
         .map_err(|_| DialError::Timeout {

@@ -261,6 +261,32 @@ async fn a_turn_that_returns_a_result_still_sends_what_it_wrote() {
 }
 
 #[tokio::test]
+async fn a_deferred_write_leaves_with_the_next_turn() {
+    let mut cork = Cork::default();
+    let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
+    let before = written.writes();
+    let waker = std::task::Waker::noop();
+    let deferred = cork.defer(&mut Context::from_waker(waker), |cx| {
+        let wrote = Pin::new(&mut server).poll_write(cx, b"preface ");
+        assert!(Pin::new(&mut server).poll_flush(cx).is_ready());
+        wrote
+    });
+    assert!(
+        matches!(deferred, Poll::Ready(Ok(8))),
+        "TLS takes the bytes"
+    );
+    assert_eq!(written.writes(), before, "a deferred write is not sent");
+    let (result, _) = turn(&cork, |cx| {
+        Pin::new(&mut server).poll_write(cx, b"settings")
+    });
+    assert!(matches!(result, Poll::Ready(Ok(8))));
+    assert_eq!(written.writes(), before + 1, "both in the turn's one write");
+    let mut got = [0u8; 16];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"preface settings");
+}
+
+#[tokio::test]
 async fn a_turn_that_writes_past_the_limit_is_sent_as_it_goes() {
     let mut cork = Cork::default();
     let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
