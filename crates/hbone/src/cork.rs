@@ -97,22 +97,18 @@ impl Cork {
         cx: &mut Context<'_>,
         mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
-        let flags = &self.flags;
-        flags.held.store(0, Relaxed);
-        flags.corked.store(true, Relaxed);
-        let first = poll(cx);
-        flags.corked.store(false, Relaxed);
-        let starved = flags.starved.swap(false, Relaxed);
-        if starved && first.is_pending() {
-            return poll(cx);
+        match self.poll_corked(cx, &mut poll) {
+            Corked::Finished(result) => result,
+            Corked::Once { result, starved } => {
+                if self.flags.unflushed.load(Relaxed) {
+                    self.flush(cx);
+                }
+                if starved {
+                    cx.waker().wake_by_ref();
+                }
+                result
+            }
         }
-        if flags.unflushed.load(Relaxed) {
-            self.flush(cx);
-        }
-        if starved {
-            cx.waker().wake_by_ref();
-        }
-        first
     }
 
     /// One poll of `poll` corked, with no flush after it: what it wrote
@@ -126,16 +122,28 @@ impl Cork {
         cx: &mut Context<'_>,
         mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
+        match self.poll_corked(cx, &mut poll) {
+            Corked::Finished(result) | Corked::Once { result, .. } => result,
+        }
+    }
+
+    /// `poll` once corked; if its writes were turned away (TLS's buffer
+    /// full) and it stopped short, once more uncorked to finish.
+    fn poll_corked<R>(
+        &self,
+        cx: &mut Context<'_>,
+        poll: &mut impl FnMut(&mut Context<'_>) -> Poll<R>,
+    ) -> Corked<R> {
         let flags = &self.flags;
         flags.held.store(0, Relaxed);
         flags.corked.store(true, Relaxed);
-        let first = poll(cx);
+        let result = poll(cx);
         flags.corked.store(false, Relaxed);
-        if flags.starved.swap(false, Relaxed) && first.is_pending() {
-            // A write was turned away (TLS's buffer full): finish uncorked.
-            return poll(cx);
+        let starved = flags.starved.swap(false, Relaxed);
+        if starved && result.is_pending() {
+            return Corked::Finished(poll(cx));
         }
-        first
+        Corked::Once { result, starved }
     }
 
     /// Sends what the turn wrote. A flush that cannot finish now (a full
@@ -153,6 +161,16 @@ impl Cork {
             self.flags.unflushed.store(false, Relaxed);
         }
     }
+}
+
+/// How a corked poll went ([`Cork::poll_corked`]).
+enum Corked<R> {
+    /// Polled corked; `starved`: a write was turned away, though the poll
+    /// returned a result.
+    Once { result: Poll<R>, starved: bool },
+    /// Turned away and stopped short, then polled again uncorked: the
+    /// result of that second poll, which sent what it wrote itself.
+    Finished(Poll<R>),
 }
 
 /// The transport under TLS: while corked, a write is refused (pending,
