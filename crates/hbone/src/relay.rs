@@ -272,12 +272,18 @@ impl<L: LocalStream, S: AsH2Stream + Unpin> Future for Relay<L, S> {
                 io::ErrorKind::TimedOut,
                 "tunnel idle for too long",
             )),
-            _ => return Poll::Pending,
+            _ => {
+                if let Some((_, stream)) = this.parts.as_mut() {
+                    stream.h2_stream().end_turn();
+                }
+                return Poll::Pending;
+            }
         };
         let transferred = this.transferred();
         let Some((local, mut stream)) = this.parts.take() else {
             return Poll::Pending;
         };
+        stream.h2_stream().release_held();
         Poll::Ready(match outcome {
             Ok(()) => (stream, Ok(transferred)),
             Err(error) => {
@@ -481,10 +487,11 @@ impl FromTunnel {
         Pin::new(&mut *local).poll_write_vectored(cx, &slices[..count])
     }
 
-    /// `n` bytes were written: drop them and return their window.
+    /// `n` bytes were written: drop them and return their window, with
+    /// the next frame this tunnel sends if one follows soon.
     fn consume(&mut self, n: usize, stream: &mut H2Stream) {
         self.pending.advance(n);
-        stream.release(n);
+        stream.release_later(n);
         self.bytes += n as u64;
         self.needs_flush = true;
     }
@@ -552,5 +559,7 @@ impl FrameQueue {
     }
 }
 
+#[cfg(test)]
+mod held_window_tests;
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,11 @@ use crate::window::{Probe, StreamProbe};
 /// Largest chunk handed to h2 in one write; matches the 1 MiB frame size.
 const MAX_WRITE: usize = 1 << 20;
 
+/// Most window one stream holds back ([`H2Stream::release_later`]): a
+/// quarter of the smallest stream window, so only small exchanges wait;
+/// bulk frames are larger and give their window back at once.
+const HELD_WINDOW_PER_STREAM: usize = crate::window::MIN_STREAM_WINDOW as usize / 4;
+
 /// Both halves of one HTTP/2 stream as a byte stream.
 pub struct H2Stream {
     send: SendStream<Bytes>,
@@ -35,6 +40,27 @@ pub struct H2Stream {
     /// Where the connection's window sizing learns what arrived, and
     /// that this stream is open.
     probe: Option<StreamProbe>,
+    /// Consumed bytes whose window goes back later ([`H2Stream::release_later`]).
+    held: HeldWindow,
+}
+
+/// Window owed to the peer for bytes already written out, held back so
+/// that the WINDOW_UPDATE leaves with this stream's next DATA frame (a
+/// request's window with its response) instead of in a TLS record, a
+/// write and a peer's read of its own.
+#[derive(Debug, Default)]
+struct HeldWindow {
+    /// Consumed during the relay's current turn.
+    fresh: usize,
+    /// Held over from the turn before: given back at the end of this one
+    /// if no DATA frame took it first.
+    carried: usize,
+}
+
+impl HeldWindow {
+    fn total(&self) -> usize {
+        self.fresh + self.carried
+    }
 }
 
 impl H2Stream {
@@ -47,6 +73,7 @@ impl H2Stream {
             write_closed: false,
             cancelled: false,
             probe: None,
+            held: HeldWindow::default(),
         }
     }
 
@@ -121,6 +148,53 @@ impl H2Stream {
         let _ = self.recv.flow_control().release_capacity(n);
     }
 
+    /// Returns `n` consumed bytes of window with this stream's next DATA
+    /// frame, or at the end of the relay's next turn
+    /// ([`H2Stream::end_turn`]) if none goes before. Held only while the
+    /// stream holds at most [`HELD_WINDOW_PER_STREAM`] and its connection
+    /// [`crate::window::HELD_WINDOW_PER_CONNECTION`]: the peer keeps at
+    /// least three quarters of the smallest window whatever this side
+    /// holds, and tunnels that go quiet while holding window cannot starve
+    /// the connection's. Otherwise given back at once, with what was held.
+    pub(crate) fn release_later(&mut self, n: usize) {
+        let holds = self.held.total() + n <= HELD_WINDOW_PER_STREAM
+            && self
+                .probe
+                .as_ref()
+                .is_some_and(|probe| probe.probe().hold_window(n));
+        if holds {
+            self.held.fresh += n;
+        } else {
+            self.release_held();
+            self.release(n);
+        }
+    }
+
+    /// Gives back all window held by [`H2Stream::release_later`].
+    pub(crate) fn release_held(&mut self) {
+        let held = std::mem::take(&mut self.held).total();
+        if held > 0 {
+            if let Some(probe) = &self.probe {
+                probe.probe().unhold_window(held);
+            }
+            self.release(held);
+        }
+    }
+
+    /// The relay's turn is over: window held since the turn before goes
+    /// back now (no DATA frame of this stream took it), and what this
+    /// turn consumed waits for the next.
+    pub(crate) fn end_turn(&mut self) {
+        let carried = std::mem::take(&mut self.held.carried);
+        if carried > 0 {
+            if let Some(probe) = &self.probe {
+                probe.probe().unhold_window(carried);
+            }
+            self.release(carried);
+        }
+        self.held.carried = std::mem::take(&mut self.held.fresh);
+    }
+
     /// Waits until the peer's window lets us send, and says how much
     /// (at most `want`, never zero).
     pub fn poll_send_capacity(
@@ -153,6 +227,8 @@ impl H2Stream {
         if let Some(probe) = &mut self.probe {
             probe.sent(data.len());
         }
+        // Queued before the frame, so h2 writes the update with it.
+        self.release_held();
         match self.send.send_data(data, false) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.send_failed(cx, e)),
@@ -183,11 +259,20 @@ impl H2Stream {
     pub fn finish(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         if !self.write_closed {
             self.write_closed = true;
+            self.release_held();
             if let Err(e) = self.send.send_data(Bytes::new(), true) {
                 return Err(self.send_failed(cx, e));
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for H2Stream {
+    /// Window held for a frame that never came goes back, and leaves the
+    /// connection's budget.
+    fn drop(&mut self) {
+        self.release_held();
     }
 }
 

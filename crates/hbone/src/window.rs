@@ -54,6 +54,11 @@ use crate::pool::{BulkMark, BulkSpan, Pace};
 
 /// The smallest stream window granted: the protocol's default.
 pub(crate) const MIN_STREAM_WINDOW: u32 = 65_535;
+/// Most window the streams of one connection hold back between them
+/// ([`crate::stream::H2Stream::release_later`]): a sixteenth of the
+/// smallest connection window, so that tunnels that went quiet holding
+/// some never stop the connection's others.
+pub(crate) const HELD_WINDOW_PER_CONNECTION: usize = MIN_STREAM_WINDOW as usize / 4;
 /// A connection's window is this many stream windows, so that a stream
 /// whose reader stalls (holding a full window) cannot stop the others.
 pub(crate) const STREAMS_PER_CONNECTION_WINDOW: u32 = 4;
@@ -298,6 +303,8 @@ pub(crate) struct Probe {
     pub(crate) bulk: Option<BulkMark>,
     /// When a tunnel that trickles last moved data, anywhere in the process.
     activity: Arc<Activity>,
+    /// Window its streams hold back now ([`Probe::hold_window`]).
+    held_window: AtomicUsize,
 }
 
 impl Default for Probe {
@@ -371,6 +378,11 @@ pub(crate) struct StreamProbe {
 }
 
 impl StreamProbe {
+    /// The connection's probe.
+    pub(crate) fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
     /// Counts a stream on `probe`; `flow`, its receive window, lets the
     /// sizing return window that a cut left owed.
     pub(crate) fn new(probe: Arc<Probe>, flow: Option<FlowControl>) -> Self {
@@ -481,7 +493,30 @@ impl Probe {
             next_flow: AtomicU64::new(0),
             bulk: None,
             activity,
+            held_window: AtomicUsize::new(0),
         }
+    }
+
+    /// Takes `bytes` of the connection's budget for held-back window
+    /// ([`HELD_WINDOW_PER_CONNECTION`]), if that much is left.
+    pub(crate) fn hold_window(&self, bytes: usize) -> bool {
+        self.held_window
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                let total = held + bytes;
+                (total <= HELD_WINDOW_PER_CONNECTION).then_some(total)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `bytes` taken by [`Probe::hold_window`].
+    pub(crate) fn unhold_window(&self, bytes: usize) {
+        self.held_window.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Window held back now.
+    #[cfg(test)]
+    pub(crate) fn held_window(&self) -> usize {
+        self.held_window.load(Ordering::Relaxed)
     }
 
     /// Whether one of the connection's open streams moves bulk now
