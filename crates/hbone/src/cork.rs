@@ -127,6 +127,39 @@ impl Cork {
         }
     }
 
+    /// [`Cork::defer`] for a poll that may have to wait for the peer: if
+    /// it finishes, what it wrote waits for the next turn; if it must
+    /// wait, what it wrote leaves first, as after a turn of
+    /// [`Cork::drive`], since the peer may be waiting for it. For the
+    /// server's HTTP/2 handshake, which writes its SETTINGS and then reads
+    /// the client's preface: when the preface came with the client's last
+    /// handshake flight, the SETTINGS leave with the first turn's frames.
+    pub(crate) fn defer_unless_waiting<R>(
+        &self,
+        cx: &mut Context<'_>,
+        mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
+    ) -> Poll<R> {
+        match self.poll_corked(cx, &mut poll) {
+            Corked::Finished(result) => result,
+            Corked::Once {
+                result: Poll::Ready(result),
+                ..
+            } => Poll::Ready(result),
+            Corked::Once {
+                result: Poll::Pending,
+                starved,
+            } => {
+                if self.flags.unflushed.load(Relaxed) {
+                    self.flush(cx);
+                }
+                if starved {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+        }
+    }
+
     /// `poll` once corked; if its writes were turned away (TLS's buffer
     /// full) and it stopped short, once more uncorked to finish.
     fn poll_corked<R>(

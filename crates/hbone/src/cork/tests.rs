@@ -287,6 +287,35 @@ async fn a_deferred_write_leaves_with_the_next_turn() {
 }
 
 #[tokio::test]
+async fn a_handshake_that_must_wait_sends_what_it_wrote_first() {
+    let mut cork = Cork::default();
+    let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
+    let before = written.writes();
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    // Finished at once: the write waits for the next turn.
+    let done = cork.defer_unless_waiting(&mut cx, |cx| {
+        let wrote = Pin::new(&mut server).poll_write(cx, b"settings ");
+        assert!(Pin::new(&mut server).poll_flush(cx).is_ready());
+        wrote.map_ok(|_| ())
+    });
+    assert!(matches!(done, Poll::Ready(Ok(()))));
+    assert_eq!(written.writes(), before, "held for the next turn");
+    // Waiting for the peer: what it wrote leaves now, the held bytes too.
+    let waiting = cork.defer_unless_waiting(&mut cx, |cx| {
+        let wrote = Pin::new(&mut server).poll_write(cx, b"again");
+        assert!(matches!(wrote, Poll::Ready(Ok(5))));
+        assert!(Pin::new(&mut server).poll_flush(cx).is_ready());
+        Poll::<()>::Pending
+    });
+    assert!(waiting.is_pending());
+    assert_eq!(written.writes(), before + 1, "sent in one write");
+    let mut got = [0u8; 14];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"settings again");
+}
+
+#[tokio::test]
 async fn a_turn_that_writes_past_the_limit_is_sent_as_it_goes() {
     let mut cork = Cork::default();
     let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;

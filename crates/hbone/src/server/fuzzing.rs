@@ -57,7 +57,8 @@ impl PlaintextServer {
             .fetch_add(1, Ordering::AcqRel);
         let _closed = CountOnDrop(&shared.stats.connections_closed);
         let tripwire = Arc::new(Tripwire::default());
-        let connection = match shared.h2_handshake(io, tripwire.clone()).await {
+        let cork = Cork::default();
+        let connection = match shared.h2_handshake(io, &cork, tripwire.clone()).await {
             Ok(connection) => connection,
             Err(reason) => {
                 tracing::debug!(%peer_addr, %reason, "handshake failed");
@@ -68,7 +69,7 @@ impl PlaintextServer {
             .clone()
             .serve_h2(
                 connection,
-                Cork::default(),
+                cork,
                 peer_addr,
                 self.local_addr.ip(),
                 peer_id,

@@ -820,7 +820,9 @@ impl Shared {
             .and_then(|cert| {
                 spiffe_id_of(cert).map_err(|_| "client certificate has no SPIFFE ID")
             })?;
-        let connection = self.h2_handshake(cork.gate(tls_stream), tripwire).await?;
+        let connection = self
+            .h2_handshake(cork.gate(tls_stream), &cork, tripwire)
+            .await?;
         tracing::debug!(%peer_addr, %peer_id, "HBONE connection accepted");
         Ok((connection, peer_id, cork))
     }
@@ -830,11 +832,16 @@ impl Shared {
     async fn h2_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         io: S,
+        cork: &Cork,
         tripwire: Arc<Tripwire>,
     ) -> Result<h2::server::Connection<FrameGuard<S>, Bytes>, String> {
         let limit = self.timeouts.handshake;
         let guarded = FrameGuard::new(io, self.control_frames, tripwire);
-        timeout(limit, self.h2.server_builder().handshake(guarded))
+        let mut handshake = std::pin::pin!(self.h2.server_builder().handshake(guarded));
+        let handshake = std::future::poll_fn(|cx| {
+            cork.defer_unless_waiting(cx, |cx| handshake.as_mut().poll(cx))
+        });
+        timeout(limit, handshake)
             .await
             .map_err(|_| format!("HTTP/2 preface timed out after {limit:?}"))?
             .map_err(|e| format!("HTTP/2: {e}"))
