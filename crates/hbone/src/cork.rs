@@ -100,14 +100,20 @@ impl Cork {
         match self.poll_corked(cx, &mut poll) {
             Corked::Finished(result) => result,
             Corked::Once { result, starved } => {
-                if self.flags.unflushed.load(Relaxed) {
-                    self.flush(cx);
-                }
-                if starved {
-                    cx.waker().wake_by_ref();
-                }
+                self.end_turn(cx, starved);
                 result
             }
+        }
+    }
+
+    /// After a corked turn: sends what it wrote, and has a turn whose
+    /// writes were turned away come back.
+    fn end_turn(&self, cx: &mut Context<'_>, starved: bool) {
+        if self.flags.unflushed.load(Relaxed) {
+            self.flush(cx);
+        }
+        if starved {
+            cx.waker().wake_by_ref();
         }
     }
 
@@ -149,12 +155,7 @@ impl Cork {
                 result: Poll::Pending,
                 starved,
             } => {
-                if self.flags.unflushed.load(Relaxed) {
-                    self.flush(cx);
-                }
-                if starved {
-                    cx.waker().wake_by_ref();
-                }
+                self.end_turn(cx, starved);
                 Poll::Pending
             }
         }
