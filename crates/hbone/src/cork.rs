@@ -97,24 +97,7 @@ impl Cork {
         cx: &mut Context<'_>,
         mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
-        match self.poll_corked(cx, &mut poll) {
-            Corked::Finished(result) => result,
-            Corked::Once { result, starved } => {
-                self.end_turn(cx, starved);
-                result
-            }
-        }
-    }
-
-    /// After a corked turn: sends what it wrote, and has a turn whose
-    /// writes were turned away come back.
-    fn end_turn(&self, cx: &mut Context<'_>, starved: bool) {
-        if self.flags.unflushed.load(Relaxed) {
-            self.flush(cx);
-        }
-        if starved {
-            cx.waker().wake_by_ref();
-        }
+        self.corked(cx, &mut poll, SendAfter::Always)
     }
 
     /// One poll of `poll` corked, with no flush after it: what it wrote
@@ -128,9 +111,7 @@ impl Cork {
         cx: &mut Context<'_>,
         mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
-        match self.poll_corked(cx, &mut poll) {
-            Corked::Finished(result) | Corked::Once { result, .. } => result,
-        }
+        self.corked(cx, &mut poll, SendAfter::Never)
     }
 
     /// [`Cork::defer`] for a poll that may have to wait for the peer: if
@@ -145,29 +126,20 @@ impl Cork {
         cx: &mut Context<'_>,
         mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>,
     ) -> Poll<R> {
-        match self.poll_corked(cx, &mut poll) {
-            Corked::Finished(result) => result,
-            Corked::Once {
-                result: Poll::Ready(result),
-                ..
-            } => Poll::Ready(result),
-            Corked::Once {
-                result: Poll::Pending,
-                starved,
-            } => {
-                self.end_turn(cx, starved);
-                Poll::Pending
-            }
-        }
+        self.corked(cx, &mut poll, SendAfter::IfPending)
     }
 
     /// `poll` once corked; if its writes were turned away (TLS's buffer
-    /// full) and it stopped short, once more uncorked to finish.
-    fn poll_corked<R>(
+    /// full) and it stopped short, once more uncorked to finish, which
+    /// sends what it writes itself. Otherwise, as `send` says: what it
+    /// wrote is flushed, and a poll that returned a result although some
+    /// of its writes were turned away has its task woken to come back.
+    fn corked<R>(
         &self,
         cx: &mut Context<'_>,
         poll: &mut impl FnMut(&mut Context<'_>) -> Poll<R>,
-    ) -> Corked<R> {
+        send: SendAfter,
+    ) -> Poll<R> {
         let flags = &self.flags;
         flags.held.store(0, Relaxed);
         flags.corked.store(true, Relaxed);
@@ -175,9 +147,22 @@ impl Cork {
         flags.corked.store(false, Relaxed);
         let starved = flags.starved.swap(false, Relaxed);
         if starved && result.is_pending() {
-            return Corked::Finished(poll(cx));
+            return poll(cx);
         }
-        Corked::Once { result, starved }
+        let sends = match send {
+            SendAfter::Always => true,
+            SendAfter::IfPending => result.is_pending(),
+            SendAfter::Never => false,
+        };
+        if sends {
+            if flags.unflushed.load(Relaxed) {
+                self.flush(cx);
+            }
+            if starved {
+                cx.waker().wake_by_ref();
+            }
+        }
+        result
     }
 
     /// Sends what the turn wrote. A flush that cannot finish now (a full
@@ -197,14 +182,15 @@ impl Cork {
     }
 }
 
-/// How a corked poll went ([`Cork::poll_corked`]).
-enum Corked<R> {
-    /// Polled corked; `starved`: a write was turned away, though the poll
-    /// returned a result.
-    Once { result: Poll<R>, starved: bool },
-    /// Turned away and stopped short, then polled again uncorked: the
-    /// result of that second poll, which sent what it wrote itself.
-    Finished(Poll<R>),
+/// Whether a corked poll ([`Cork::corked`]) sends what it wrote.
+#[derive(Clone, Copy)]
+enum SendAfter {
+    /// At the end of every turn.
+    Always,
+    /// Only when the poll waits: a result means the caller turns next.
+    IfPending,
+    /// Never: the caller's next turn sends it.
+    Never,
 }
 
 /// The transport under TLS: while corked, a write is refused (pending,
