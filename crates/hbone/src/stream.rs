@@ -173,12 +173,7 @@ impl H2Stream {
     /// Gives back all window held by [`H2Stream::release_later`].
     pub(crate) fn release_held(&mut self) {
         let held = std::mem::take(&mut self.held).total();
-        if held > 0 {
-            if let Some(probe) = &self.probe {
-                probe.probe().unhold_window(held);
-            }
-            self.release(held);
-        }
+        self.unhold(held);
     }
 
     /// The relay's turn is over: window held since the turn before goes
@@ -186,13 +181,19 @@ impl H2Stream {
     /// turn consumed waits for the next.
     pub(crate) fn end_turn(&mut self) {
         let carried = std::mem::take(&mut self.held.carried);
-        if carried > 0 {
-            if let Some(probe) = &self.probe {
-                probe.probe().unhold_window(carried);
-            }
-            self.release(carried);
-        }
+        self.unhold(carried);
         self.held.carried = std::mem::take(&mut self.held.fresh);
+    }
+
+    /// Returns `n` held bytes of window to the peer and to the
+    /// connection's budget.
+    fn unhold(&mut self, n: usize) {
+        if n > 0 {
+            if let Some(probe) = &self.probe {
+                probe.probe().unhold_window(n);
+            }
+            self.release(n);
+        }
     }
 
     /// Waits until the peer's window lets us send, and says how much
