@@ -18,7 +18,8 @@
 //! while the group forms.
 //!
 //! And every accept loop's listener ([`NodelayListener`]): TCP_NODELAY set
-//! on the listening socket, for the sockets it accepts to inherit.
+//! on the listening socket, for the sockets it accepts to inherit; and the
+//! task an accept loop runs as ([`run_as_task`]).
 
 #[cfg(target_os = "linux")]
 use std::io;
@@ -69,6 +70,30 @@ impl NodelayListener {
             let _ = tcp.set_nodelay(true);
         }
         Ok((tcp, peer))
+    }
+}
+
+/// Runs an accept loop as a task of the current runtime and waits for it.
+///
+/// An accept loop awaited in place runs wherever its caller is polled, and
+/// a caller in `Runtime::block_on` is polled on the thread that called it,
+/// not on a worker: there every accepted connection costs a cross-thread
+/// wake-up to that thread (the reactor runs on a worker), its `futex` sleep
+/// afterwards, and a spawn that wakes a worker back. As a task of its own
+/// the loop accepts on a worker, which spawns the connection's task into
+/// its own queue. Dropping the returned future aborts the loop (its
+/// listener closes); a panic in it carries on in the caller.
+pub(crate) async fn run_as_task(
+    accept_loop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let mut task = tokio::task::JoinSet::new();
+    task.spawn(accept_loop);
+    while let Some(ended) = task.join_next().await {
+        if let Err(e) = ended
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
     }
 }
 
@@ -153,4 +178,74 @@ pub(crate) fn siblings(
             tracing::warn!(error = %e, "cannot give each worker a listener; handing connections over instead")
         })
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_as_task;
+    use std::time::{Duration, Instant};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("runtime-worker")
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_loop_awaited_in_block_on_runs_on_a_worker() {
+        let runtime = runtime();
+        let caller = std::thread::current().id();
+        let (ran_on, name) = runtime.block_on(async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            run_as_task(async move {
+                let thread = std::thread::current();
+                let _ = tx.send((thread.id(), thread.name().map(str::to_owned)));
+            })
+            .await;
+            rx.await.unwrap()
+        });
+        assert_ne!(ran_on, caller, "the loop ran on the thread in block_on");
+        assert_eq!(name.as_deref(), Some("runtime-worker"));
+    }
+
+    #[test]
+    fn a_panic_in_the_loop_reaches_the_caller() {
+        let runtime = runtime();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(run_as_task(async { panic!("the accept loop broke") }))
+        }));
+        let payload = outcome.expect_err("the panic was swallowed");
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"the accept loop broke")
+        );
+    }
+
+    #[test]
+    fn dropping_the_wait_closes_the_loops_listener() {
+        let runtime = runtime();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accept_loop = async move {
+                loop {
+                    let _ = listener.accept().await;
+                }
+            };
+            let waited =
+                tokio::time::timeout(Duration::from_millis(50), run_as_task(accept_loop)).await;
+            assert!(waited.is_err(), "an endless loop ended");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match tokio::net::TcpStream::connect(addr).await {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                    _ if Instant::now() > deadline => panic!("the listener outlived its loop"),
+                    _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        });
+    }
 }

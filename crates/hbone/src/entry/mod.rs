@@ -86,7 +86,7 @@ pub(crate) async fn accept_until<S, F, T>(
                 match listener.and_then(TcpListener::from_std) {
                     Ok(listener) => {
                         acceptor
-                            .accept(listener, Some((&workers_here, Some(index))), stopped)
+                            .accept(listener, Some((workers_here, Some(index))), stopped)
                             .await
                     }
                     Err(e) => tracing::warn!(error = %e, "{entry}: a worker cannot listen"),
@@ -99,10 +99,12 @@ pub(crate) async fn accept_until<S, F, T>(
         acceptor.open.all_done().await;
         return;
     }
-    let accept = acceptor
-        .clone()
-        .accept(listener, workers.map(|workers| (workers, None)), stopped);
-    tokio::join!(stop_at_shutdown, accept);
+    let accept = acceptor.clone().accept(
+        listener,
+        workers.map(|workers| (workers.clone(), None)),
+        stopped,
+    );
+    tokio::join!(stop_at_shutdown, crate::listeners::run_as_task(accept));
     acceptor.open.all_done().await;
 }
 
@@ -127,7 +129,7 @@ where
     async fn accept(
         self: Arc<Self>,
         listener: TcpListener,
-        workers: Option<(&Workers, Option<usize>)>,
+        workers: Option<(Workers, Option<usize>)>,
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
         let entry = self.entry;
@@ -142,8 +144,9 @@ where
                     drop(app);
                     self.refused.note(source);
                 }
-                Ok((app, source)) => match workers {
+                Ok((app, source)) => match &workers {
                     Some((workers, accepted_on)) => {
+                        let accepted_on = *accepted_on;
                         let to = workers.place(accepted_on);
                         if Some(to) == accepted_on {
                             tokio::spawn(self.open.track((self.task)(app, source)));
@@ -388,5 +391,54 @@ pub(crate) fn record_dial_failure(
             &DestinationService::from_host(None),
             error.response_flag(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ClientSources, accept_until};
+    use std::sync::Arc;
+
+    /// An entry awaited in `block_on` (as a binary's `main` does) must
+    /// still accept on a runtime worker, where each connection's task is
+    /// spawned without a cross-thread hand-off.
+    #[test]
+    fn an_entry_awaited_in_block_on_accepts_on_a_worker() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("runtime-worker")
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move {
+            let _app = tokio::net::TcpStream::connect(addr).await;
+        });
+        let (accepted_on, thread) = std::sync::mpsc::channel();
+        let accepted = Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let accepted = accepted.clone();
+            move |_app, _source| {
+                let current = std::thread::current();
+                let _ = accepted_on.send((current.id(), current.name().map(str::to_owned)));
+                accepted.notify_one();
+                std::future::ready(())
+            }
+        };
+        let sources = ClientSources::Any;
+        let shutdown = accepted.notified();
+        runtime.block_on(accept_until(
+            listener, "test", &sources, None, shutdown, task,
+        ));
+        let (ran_on, name) = thread.recv().unwrap();
+        assert_ne!(
+            ran_on,
+            std::thread::current().id(),
+            "accepted on the thread in block_on"
+        );
+        assert_eq!(name.as_deref(), Some("runtime-worker"));
     }
 }

@@ -456,7 +456,7 @@ impl Server {
                         match listener.and_then(TcpListener::from_std) {
                             Ok(listener) => {
                                 shared
-                                    .accept_loop(listener, Some((&workers_here, Some(index))))
+                                    .accept_loop(listener, Some((workers_here, Some(index))))
                                     .await
                             }
                             Err(e) => tracing::warn!(error = %e, "a worker cannot listen"),
@@ -467,8 +467,9 @@ impl Server {
                 while loops.join_next().await.is_some() {}
             }
             workers => {
-                let workers = workers.as_ref().map(|workers| (workers, None));
-                shared.clone().accept_loop(listener, workers).await
+                let workers = workers.map(|workers| (workers, None));
+                let accept = shared.clone().accept_loop(listener, workers);
+                crate::listeners::run_as_task(accept).await
             }
         }
         tracing::info!("draining: no new connections; waiting for open tunnels");
@@ -539,7 +540,7 @@ impl Shared {
     async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
-        workers: Option<(&Workers, Option<usize>)>,
+        workers: Option<(Workers, Option<usize>)>,
     ) {
         let mut draining = self.draining.subscribe();
         let mut listener = crate::listeners::NodelayListener::new(listener);
@@ -549,7 +550,10 @@ impl Shared {
                 _ = draining.wait_for(|d| *d) => break,
             };
             match accepted {
-                Ok((tcp, peer)) => self.clone().admit(tcp, peer, workers),
+                Ok((tcp, peer)) => {
+                    let workers = workers.as_ref().map(|(workers, on)| (workers, *on));
+                    self.clone().admit(tcp, peer, workers)
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin, and keep serving what is open.
