@@ -14,6 +14,13 @@
 //! end of the same turn (a flush that cannot finish registers the task for
 //! the socket), and a turn whose writes were turned away once rustls'
 //! buffer was full is polled again uncorked to finish its work.
+//!
+//! A client's TLS handshake runs through [`Cork::keeping_writes`]: its
+//! last flight (certificate, signature, Finished), which rustls writes as
+//! the handshake completes, stays in [`Hold`] and leaves in the same
+//! `writev` as the HTTP/2 preface, SETTINGS and first request instead of
+//! one of its own. Anything kept goes out before the transport is read,
+//! so a handshake that waits for the peer has sent what it wrote.
 
 use std::io;
 use std::pin::Pin;
@@ -52,6 +59,9 @@ struct Flags {
     /// Whether a write was turned away while corked, so that h2 stopped
     /// short of what it had to do and waits on no wake-up.
     starved: AtomicBool,
+    /// Whether writes reaching [`Hold`] are kept there, unsent until the
+    /// transport is next read, written or flushed after this clears.
+    keeping: AtomicBool,
 }
 
 /// A stream the driving task can flush without knowing its type.
@@ -71,7 +81,20 @@ impl Cork {
         Hold {
             inner,
             flags: self.flags.clone(),
+            kept: Vec::new(),
         }
+    }
+
+    /// Runs `handshake` (a client's TLS handshake over [`Cork::hold`]'s
+    /// transport) with its writes kept in [`Hold`]: each flight before the
+    /// last leaves when the handshake reads the peer's answer, and the
+    /// last, which ends the handshake, waits for the first turn of
+    /// [`Cork::drive`]. The caller must drive the connection next.
+    pub(crate) async fn keeping_writes<F: std::future::Future>(&self, handshake: F) -> F::Output {
+        self.flags.keeping.store(true, Relaxed);
+        let done = handshake.await;
+        self.flags.keeping.store(false, Relaxed);
+        done
     }
 
     /// `inner` (the TLS stream), its flushes answered at once while corked;
@@ -196,11 +219,14 @@ enum SendAfter {
 /// The transport under TLS: while corked, a write is refused (pending,
 /// with no wake-up registered: [`Cork::drive`] flushes at the end of the
 /// turn, and polls again a turn that this stopped short), so rustls keeps
-/// the records for the turn's flush.
+/// the records for the turn's flush. While [`Cork::keeping_writes`] runs,
+/// writes are taken into `kept` instead, and sent ahead of the next write.
 #[derive(Debug)]
 pub(crate) struct Hold<T> {
     inner: T,
     flags: Arc<Flags>,
+    /// Written while keeping, not sent yet.
+    kept: Vec<u8>,
 }
 
 impl<T> Hold<T> {
@@ -216,15 +242,76 @@ impl<T> Hold<T> {
         }
         None
     }
+
+    /// Takes `bufs` into `kept` while keeping; how many bytes it took.
+    fn kept_now(&mut self, bufs: &[io::IoSlice<'_>]) -> Option<usize> {
+        if !self.flags.keeping.load(Relaxed) {
+            return None;
+        }
+        let before = self.kept.len();
+        for buf in bufs {
+            self.kept.extend_from_slice(buf);
+        }
+        self.flags.unflushed.store(true, Relaxed);
+        Some(self.kept.len() - before)
+    }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Hold<T> {
+impl<T: AsyncWrite + Unpin> Hold<T> {
+    /// Writes `bufs` after what was kept, in one vectored write where the
+    /// transport takes it all; the count is of `bufs`' bytes alone.
+    fn poll_write_after_kept(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        while !self.kept.is_empty() {
+            let mut all = Vec::with_capacity(bufs.len() + 1);
+            all.push(io::IoSlice::new(&self.kept));
+            all.extend(bufs.iter().map(|buf| io::IoSlice::new(buf)));
+            let written =
+                std::task::ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &all))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if written < self.kept.len() {
+                self.kept.drain(..written);
+                continue;
+            }
+            let of_bufs = written - self.kept.len();
+            self.kept = Vec::new();
+            if of_bufs > 0 || bufs.iter().all(|buf| buf.is_empty()) {
+                return Poll::Ready(Ok(of_bufs));
+            }
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    /// Sends what was kept, if anything.
+    fn poll_send_kept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.kept.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_write_after_kept(cx, &[]).map_ok(|_| ())
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Hold<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        // A read may wait for the peer's answer to what was kept. (A
+        // corked turn sends it at its end.) A send that must wait has
+        // registered the task too.
+        if !this.flags.corked.load(Relaxed)
+            && let Poll::Ready(Err(e)) = this.poll_send_kept(cx)
+        {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -238,6 +325,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hold<T> {
         if let Some(held) = this.refused() {
             return held;
         }
+        if let Some(taken) = this.kept_now(&[io::IoSlice::new(buf)]) {
+            return Poll::Ready(Ok(taken));
+        }
+        if !this.kept.is_empty() {
+            return this.poll_write_after_kept(cx, &[io::IoSlice::new(buf)]);
+        }
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
@@ -249,6 +342,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hold<T> {
         let this = self.get_mut();
         if let Some(held) = this.refused() {
             return held;
+        }
+        if let Some(taken) = this.kept_now(bufs) {
+            return Poll::Ready(Ok(taken));
+        }
+        if !this.kept.is_empty() {
+            return this.poll_write_after_kept(cx, bufs);
         }
         Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
@@ -262,6 +361,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hold<T> {
         if let Some(held) = this.refused() {
             return held;
         }
+        if this.flags.keeping.load(Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        std::task::ready!(this.poll_send_kept(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
@@ -270,6 +373,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Hold<T> {
         if let Some(held) = this.refused() {
             return held;
         }
+        std::task::ready!(this.poll_send_kept(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }

@@ -88,7 +88,8 @@ impl Dialer {
         let server_name = tls::placeholder_server_name(server.ip());
         let mut cork = Cork::default();
         let io = cork.hold(io);
-        let mut tls_stream = timeout(timeouts.handshake, connector.connect(server_name, io))
+        let handshake = cork.keeping_writes(connector.connect(server_name, io));
+        let mut tls_stream = timeout(timeouts.handshake, handshake)
             .await
             .map_err(|_| DialError::Timeout {
                 server,

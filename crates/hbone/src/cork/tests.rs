@@ -20,6 +20,8 @@ struct Counting {
 struct Written {
     writes: AtomicUsize,
     bytes: AtomicUsize,
+    /// Writes given nothing to write (a `writev` of no bytes, wasted).
+    empty: AtomicUsize,
 }
 
 impl Written {
@@ -58,6 +60,9 @@ impl AsyncWrite for Counting {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let whole: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        if whole.is_empty() {
+            this.written.empty.fetch_add(1, Ordering::Relaxed);
+        }
         let written = Pin::new(&mut this.inner).poll_write(cx, &whole);
         if let Poll::Ready(Ok(n)) = written
             && n > 0
@@ -491,4 +496,63 @@ async fn uncorked_the_layers_pass_everything_through() {
     assert_eq!(&got, b"onetwo");
     server.shutdown().await.unwrap();
     assert_eq!(client.read(&mut got).await.unwrap(), 0, "close_notify");
+}
+
+#[tokio::test]
+async fn a_clients_last_handshake_flight_leaves_with_its_first_write() {
+    let [server_identity, client_identity] = test_identities(["server", "client"]);
+    let server_tls = crate::tls::ServerTls::new(&server_identity, vec!["cluster.local".into()])
+        .expect("server TLS")
+        .current();
+    let client_tls = crate::tls::client_base_config(&client_identity)
+        .expect("client TLS")
+        .for_peer(&[test_id("server")]);
+    let (server_io, client_io) = duplex(1 << 20);
+    let written = Arc::new(Written::default());
+    let mut cork = Cork::default();
+    let client_io = cork.hold(Counting {
+        inner: client_io,
+        written: written.clone(),
+    });
+    let name = crate::tls::placeholder_server_name(std::net::Ipv4Addr::LOCALHOST.into());
+    let connect = TlsConnector::from(client_tls).connect(name, client_io);
+    let client = async {
+        let client = cork
+            .keeping_writes(connect)
+            .await
+            .expect("client handshake");
+        // The ClientHello went out when the handshake read the answer; the
+        // last flight is still kept.
+        assert_eq!(written.writes(), 1, "only the ClientHello sent");
+        let hello_bytes = written.bytes();
+        let mut client = cork.gate(client);
+        let before = written.writes();
+        client.write_all(b"first request").await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(
+            written.writes(),
+            before + 1,
+            "the last flight and the request in one write"
+        );
+        assert!(
+            written.bytes() > hello_bytes + 1000,
+            "the certificate went with it"
+        );
+        assert_eq!(written.empty.load(Ordering::Relaxed), 0, "no empty write");
+        client
+    };
+    let server = async {
+        let mut server = TlsAcceptor::from(server_tls)
+            .accept(server_io)
+            .await
+            .expect("server handshake");
+        let mut got = [0u8; 13];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"first request");
+        server
+    };
+    let test = async { tokio::join!(client, server) };
+    tokio::time::timeout(std::time::Duration::from_secs(10), test)
+        .await
+        .expect("the handshake completes");
 }
