@@ -89,9 +89,8 @@ impl AsyncWrite for Counting {
 type ServerSide = FlushGate<tokio_rustls::server::TlsStream<Hold<Counting>>>;
 type ClientSide = tokio_rustls::client::TlsStream<DuplexStream>;
 
-/// A TLS connection over memory whose server side is corked by `cork`;
-/// returns both ends and what reached the transport under the server's TLS.
-async fn tls_pair(cork: &mut Cork, pipe: usize) -> (ServerSide, ClientSide, Arc<Written>) {
+/// A server's and a client's TLS configuration, each trusting the other.
+fn tls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     let [server_identity, client_identity] = test_identities(["server", "client"]);
     let server_tls = crate::tls::ServerTls::new(&server_identity, vec!["cluster.local".into()])
         .expect("server TLS")
@@ -99,6 +98,13 @@ async fn tls_pair(cork: &mut Cork, pipe: usize) -> (ServerSide, ClientSide, Arc<
     let client_tls = crate::tls::client_base_config(&client_identity)
         .expect("client TLS")
         .for_peer(&[test_id("server")]);
+    (server_tls, client_tls)
+}
+
+/// A TLS connection over memory whose server side is corked by `cork`;
+/// returns both ends and what reached the transport under the server's TLS.
+async fn tls_pair(cork: &mut Cork, pipe: usize) -> (ServerSide, ClientSide, Arc<Written>) {
+    let (server_tls, client_tls) = tls_configs();
     let (server_io, client_io) = duplex(pipe);
     let written = Arc::new(Written::default());
     let server_io = cork.hold(Counting {
@@ -500,13 +506,7 @@ async fn uncorked_the_layers_pass_everything_through() {
 
 #[tokio::test]
 async fn a_clients_last_handshake_flight_leaves_with_its_first_write() {
-    let [server_identity, client_identity] = test_identities(["server", "client"]);
-    let server_tls = crate::tls::ServerTls::new(&server_identity, vec!["cluster.local".into()])
-        .expect("server TLS")
-        .current();
-    let client_tls = crate::tls::client_base_config(&client_identity)
-        .expect("client TLS")
-        .for_peer(&[test_id("server")]);
+    let (server_tls, client_tls) = tls_configs();
     let (server_io, client_io) = duplex(1 << 20);
     let written = Arc::new(Written::default());
     let mut cork = Cork::default();
