@@ -91,10 +91,16 @@ impl Cork {
     /// last, which ends the handshake, waits for the first turn of
     /// [`Cork::drive`]. The caller must drive the connection next.
     pub(crate) async fn keeping_writes<F: std::future::Future>(&self, handshake: F) -> F::Output {
+        /// Stops keeping when the handshake ends, or is dropped.
+        struct Keeping<'a>(&'a Flags);
+        impl Drop for Keeping<'_> {
+            fn drop(&mut self) {
+                self.0.keeping.store(false, Relaxed);
+            }
+        }
         self.flags.keeping.store(true, Relaxed);
-        let done = handshake.await;
-        self.flags.keeping.store(false, Relaxed);
-        done
+        let _keeping = Keeping(&self.flags);
+        handshake.await
     }
 
     /// `inner` (the TLS stream), its flushes answered at once while corked;
@@ -306,10 +312,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for Hold<T> {
         // A read may wait for the peer's answer to what was kept. (A
         // corked turn sends it at its end.) A send that must wait has
         // registered the task too.
-        if !this.flags.corked.load(Relaxed)
-            && let Poll::Ready(Err(e)) = this.poll_send_kept(cx)
-        {
-            return Poll::Ready(Err(e));
+        if !this.flags.corked.load(Relaxed) && !this.kept.is_empty() {
+            let sent = match this.poll_send_kept(cx) {
+                Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+                other => other,
+            };
+            if let Poll::Ready(Err(e)) = sent {
+                return Poll::Ready(Err(e));
+            }
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
     }

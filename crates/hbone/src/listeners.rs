@@ -81,11 +81,18 @@ impl NodelayListener {
 /// wake-up to that thread (the reactor runs on a worker), its `futex` sleep
 /// afterwards, and a spawn that wakes a worker back. As a task of its own
 /// the loop accepts on a worker, which spawns the connection's task into
-/// its own queue. Dropping the returned future aborts the loop (its
-/// listener closes); a panic in it carries on in the caller.
+/// its own queue. Dropping the returned future aborts the loop: its
+/// listener closes as soon as a worker runs the aborted task. A panic in
+/// it carries on in the caller. On a current-thread runtime, where every
+/// task runs on the caller's thread anyway, the loop is awaited in place
+/// (and the listener closes with the future).
 pub(crate) async fn run_as_task(
     accept_loop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
+        return accept_loop.await;
+    }
     let mut task = tokio::task::JoinSet::new();
     task.spawn(accept_loop);
     while let Some(ended) = task.join_next().await {

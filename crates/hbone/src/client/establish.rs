@@ -88,33 +88,45 @@ impl Dialer {
         let server_name = tls::placeholder_server_name(server.ip());
         let mut cork = Cork::default();
         let io = cork.hold(io);
-        let handshake = cork.keeping_writes(connector.connect(server_name, io));
-        let mut tls_stream = timeout(timeouts.handshake, handshake)
-            .await
-            .map_err(|_| DialError::Timeout {
-                server,
-                stage: Stage::Handshake,
-            })?
-            .map_err(|e| DialError::Tls {
-                server,
-                failure: TlsFailure::from_handshake_error(&e),
-            })?;
+        let handshake = cork.keeping_writes(connector.connect(server_name, io).into_fallible());
+        let mut tls_stream = match timeout(timeouts.handshake, handshake).await {
+            Err(_) => {
+                return Err(DialError::Timeout {
+                    server,
+                    stage: Stage::Handshake,
+                });
+            }
+            Ok(Err((e, mut io))) => {
+                // The alert rustls wrote on failing waits with the kept
+                // writes: it tells the server why.
+                send_kept(&mut io).await;
+                return Err(DialError::Tls {
+                    server,
+                    failure: TlsFailure::from_handshake_error(&e),
+                });
+            }
+            Ok(Ok(tls_stream)) => tls_stream,
+        };
         let (_, session) = tls_stream.get_mut();
         session.set_buffer_limit(Some(tls::SEND_BUFFER));
-        if session.alpn_protocol() != Some(tls::ALPN_H2) {
-            return Err(DialError::Tls {
-                server,
-                failure: TlsFailure::NoH2,
-            });
-        }
+        let no_h2 = session.alpn_protocol() != Some(tls::ALPN_H2);
         let peer_id = session
             .peer_certificates()
             .and_then(|certs| certs.first())
-            .and_then(|cert| spiffe_id_of(cert).ok())
-            .ok_or_else(|| DialError::Tls {
-                server,
-                failure: TlsFailure::Protocol("server sent no SPIFFE certificate".into()),
-            })?;
+            .and_then(|cert| spiffe_id_of(cert).ok());
+        let peer_id = match (no_h2, peer_id) {
+            (false, Some(peer_id)) => peer_id,
+            (no_h2, _) => {
+                // The server sees its handshake finish before the close.
+                send_kept(tls_stream.get_mut().0).await;
+                let failure = if no_h2 {
+                    TlsFailure::NoH2
+                } else {
+                    TlsFailure::Protocol("server sent no SPIFFE certificate".into())
+                };
+                return Err(DialError::Tls { server, failure });
+            }
+        };
         let state = Arc::new(ConnState::new());
         let h2 = &self.inner.config.h2;
         let config = &self.inner.config;
@@ -155,6 +167,17 @@ impl Dialer {
             self.inner.config.h2.max_concurrent_streams as usize,
         )))
     }
+}
+
+/// How long a failed dial waits to send what its TLS handshake kept (an
+/// alert, or the last flight): a few bytes the socket takes at once.
+const SEND_KEPT_LIMIT: Duration = Duration::from_millis(100);
+
+/// Sends what [`Cork::keeping_writes`] kept in `io`, before a dial that
+/// failed drops it, so that the server learns why.
+async fn send_kept<T: AsyncWrite + Unpin>(io: &mut T) {
+    use tokio::io::AsyncWriteExt;
+    let _ = timeout(SEND_KEPT_LIMIT, io.flush()).await;
 }
 
 /// Runs a connection until it ends, each turn through `cork`; then marks

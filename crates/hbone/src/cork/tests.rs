@@ -527,12 +527,24 @@ async fn a_clients_last_handshake_flight_leaves_with_its_first_write() {
         let hello_bytes = written.bytes();
         let mut client = cork.gate(client);
         let before = written.writes();
-        client.write_all(b"first request").await.unwrap();
-        client.flush().await.unwrap();
+        // As a connection starts: the HTTP/2 preface deferred, then the
+        // first turn, whose end sends everything.
+        let waker = std::task::Waker::noop();
+        let deferred = cork.defer(&mut Context::from_waker(waker), |cx| {
+            Pin::new(&mut client).poll_write(cx, b"first ")
+        });
+        assert!(matches!(deferred, Poll::Ready(Ok(6))));
+        assert_eq!(
+            written.writes(),
+            before,
+            "nothing sent before the first turn"
+        );
+        let (turned, _) = turn(&cork, |cx| Pin::new(&mut client).poll_write(cx, b"request"));
+        assert!(matches!(turned, Poll::Ready(Ok(7))));
         assert_eq!(
             written.writes(),
             before + 1,
-            "the last flight and the request in one write"
+            "the last flight, the preface and the turn's frames in one write"
         );
         assert!(
             written.bytes() > hello_bytes + 1000,
@@ -555,4 +567,80 @@ async fn a_clients_last_handshake_flight_leaves_with_its_first_write() {
     tokio::time::timeout(std::time::Duration::from_secs(10), test)
         .await
         .expect("the handshake completes");
+}
+
+/// A transport that takes at most five bytes a write, in order.
+#[derive(Default)]
+struct Trickle {
+    got: Vec<u8>,
+}
+
+impl AsyncWrite for Trickle {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let taken: Vec<u8> = bufs
+            .iter()
+            .flat_map(|b| b.iter().copied())
+            .take(5)
+            .collect();
+        this.got.extend_from_slice(&taken);
+        Poll::Ready(Ok(taken.len()))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[test]
+fn kept_bytes_go_first_and_count_apart_when_the_transport_takes_a_few() {
+    let cork = Cork::default();
+    let mut hold = cork.hold(Trickle::default());
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    cork.flags.keeping.store(true, Relaxed);
+    let kept = Pin::new(&mut hold).poll_write(&mut cx, b"the last flight, ");
+    assert!(matches!(kept, Poll::Ready(Ok(17))), "taken while keeping");
+    assert!(hold.inner.got.is_empty(), "nothing sent while keeping");
+    cork.flags.keeping.store(false, Relaxed);
+    let mut rest: &[u8] = b"then a request";
+    while !rest.is_empty() {
+        let half = rest.len() / 2;
+        let bufs = [
+            io::IoSlice::new(&rest[..half]),
+            io::IoSlice::new(&rest[half..]),
+        ];
+        match Pin::new(&mut hold).poll_write_vectored(&mut cx, &bufs) {
+            Poll::Ready(Ok(n)) => {
+                assert!(
+                    n > 0 && n <= rest.len(),
+                    "a count of the caller's bytes: {n}"
+                );
+                rest = &rest[n..];
+            }
+            other => panic!("the transport always takes bytes: {other:?}"),
+        }
+    }
+    assert_eq!(hold.inner.got, b"the last flight, then a request");
+    assert!(hold.kept.is_empty());
 }

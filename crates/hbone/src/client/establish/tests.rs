@@ -113,3 +113,35 @@ async fn a_peer_that_answers_pings_keeps_the_connection_and_a_silent_one_loses_i
     );
     assert!(state.closed(), "no new tunnel goes on it");
 }
+
+#[tokio::test]
+async fn a_client_that_refuses_the_server_tells_it_why() {
+    let [server_identity, client_identity] =
+        crate::test_support::test_identities(["server", "client"]);
+    let dialer = Dialer::with_config(&client_identity, Default::default()).unwrap();
+    let server_tls = crate::tls::ServerTls::new(&server_identity, vec!["cluster.local".into()])
+        .unwrap()
+        .current();
+    let (server_io, client_io) = tokio::io::duplex(1 << 16);
+    let accept = tokio_rustls::TlsAcceptor::from(server_tls).accept(server_io);
+    // The client expects another identity, so it refuses the server's.
+    let expected = [test_id("someone-else")];
+    let dial = dialer.establish(client_io, server(), &expected);
+    let (accepted, dialled) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(accept, dial)
+    })
+    .await
+    .expect("both sides finish");
+    assert!(
+        matches!(dialled, Err(DialError::Tls { .. })),
+        "the dial fails"
+    );
+    let error = accepted
+        .err()
+        .expect("the server's handshake fails")
+        .to_string();
+    assert!(
+        error.contains("alert"),
+        "the server learns of the client's alert, not just a close: {error}"
+    );
+}
