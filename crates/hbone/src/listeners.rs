@@ -95,7 +95,14 @@ pub(crate) async fn run_as_task(
     }
     let mut task = tokio::task::JoinSet::new();
     task.spawn(accept_loop);
-    while let Some(ended) = task.join_next().await {
+    join_all(task).await
+}
+
+/// Waits for every task of `set` to end; the first to panic carries its
+/// panic on in the caller (the rest are aborted as the set drops), so an
+/// accept loop that fails loudly is not mistaken for one that stopped.
+pub(crate) async fn join_all(mut set: tokio::task::JoinSet<()>) {
+    while let Some(ended) = set.join_next().await {
         if let Err(e) = ended
             && e.is_panic()
         {
@@ -228,6 +235,26 @@ mod tests {
         assert_eq!(
             payload.downcast_ref::<&str>(),
             Some(&"the accept loop broke")
+        );
+    }
+
+    #[test]
+    fn one_loop_of_several_panicking_reaches_the_caller() {
+        let runtime = runtime();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(async {
+                let mut loops = tokio::task::JoinSet::new();
+                loops.spawn(std::future::pending::<()>());
+                loops.spawn(async { panic!("one worker's loop broke") });
+                // Bounded: a join that waited for the endless loop instead
+                // would time out and return, failing the test below.
+                let _ = tokio::time::timeout(Duration::from_secs(5), super::join_all(loops)).await;
+            })
+        }));
+        let payload = outcome.expect_err("the panic was swallowed");
+        assert_eq!(
+            payload.downcast_ref::<&str>(),
+            Some(&"one worker's loop broke")
         );
     }
 

@@ -94,8 +94,7 @@ pub(crate) async fn accept_until<S, F, T>(
             };
             loops.spawn_on(accept, workers.handle(index));
         }
-        let all_stopped = async { while loops.join_next().await.is_some() {} };
-        tokio::join!(stop_at_shutdown, all_stopped);
+        tokio::join!(stop_at_shutdown, crate::listeners::join_all(loops));
         acceptor.open.all_done().await;
         return;
     }

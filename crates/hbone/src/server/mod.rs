@@ -464,7 +464,7 @@ impl Server {
                     };
                     loops.spawn_on(accept, workers.handle(index));
                 }
-                while loops.join_next().await.is_some() {}
+                crate::listeners::join_all(loops).await;
             }
             workers => {
                 let workers = workers.map(|workers| (workers, None));
