@@ -18,8 +18,9 @@
 //! while the group forms.
 //!
 //! And every accept loop's listener ([`NodelayListener`]): TCP_NODELAY set
-//! on the listening socket, for the sockets it accepts to inherit; and the
-//! task an accept loop runs as ([`run_as_task`]).
+//! on the listening socket, for the sockets it accepts to inherit, and those
+//! sockets left out of any reactor until the worker that serves them takes
+//! them; and the task an accept loop runs as ([`run_as_task`]).
 
 #[cfg(target_os = "linux")]
 use std::io;
@@ -34,7 +35,20 @@ use crate::workers::Workers;
 /// `setsockopt` per listener instead of one per connection. Connections
 /// whose handshake completed before that are queued without it; they are
 /// taken at once and given it one by one.
+///
+/// On Linux it also hands out sockets that no reactor has registered yet
+/// ([`Accepted`]): a connection that moves to another worker is registered
+/// there only, instead of with this worker's reactor first and then out of
+/// it again (an `epoll_ctl` ADD and DEL saved per move).
 pub(crate) struct NodelayListener {
+    /// The listening socket, registered with the reactor as if it were a
+    /// stream: tokio's own listener registers every socket it accepts, and
+    /// `AsyncFd` needs unsafe code; a stream's readiness (`readable`,
+    /// `try_io`) is all an accept needs, and a listening socket is never
+    /// read or written.
+    #[cfg(target_os = "linux")]
+    listener: tokio::net::TcpStream,
+    #[cfg(not(target_os = "linux"))]
     listener: tokio::net::TcpListener,
     /// Accepted before the listener had TCP_NODELAY, given it since.
     queued: std::collections::VecDeque<(std::net::TcpStream, std::net::SocketAddr)>,
@@ -43,33 +57,107 @@ pub(crate) struct NodelayListener {
 }
 
 impl NodelayListener {
-    pub(crate) fn new(listener: tokio::net::TcpListener) -> Self {
+    /// Takes over `listener`, which must be registered with the current
+    /// runtime (made in it, or by `TcpListener::from_std` there).
+    pub(crate) fn new(listener: tokio::net::TcpListener) -> std::io::Result<Self> {
         let mut queued = std::collections::VecDeque::new();
-        let inherited = cfg!(target_os = "linux")
-            && socket2::SockRef::from(&listener)
+        #[cfg(target_os = "linux")]
+        let (listener, inherited) = {
+            let listening = std::os::fd::OwnedFd::from(listener.into_std()?);
+            let listener = tokio::net::TcpStream::from_std(listening.into())?;
+            let inherited = socket2::SockRef::from(&listener)
                 .set_tcp_nodelay(true)
                 .is_ok()
-            && take_queued(&listener, &mut queued).is_ok();
-        NodelayListener {
+                && take_queued(&listener, &mut queued).is_ok();
+            (listener, inherited)
+        };
+        #[cfg(not(target_os = "linux"))]
+        let inherited = false;
+        Ok(NodelayListener {
             listener,
             queued,
             inherited,
-        }
+        })
     }
 
     /// The next connection, as `TcpListener::accept` (and as cancel-safe:
     /// a queued one is handed out within the first poll).
-    pub(crate) async fn accept(
-        &mut self,
-    ) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    pub(crate) async fn accept(&mut self) -> std::io::Result<(Accepted, std::net::SocketAddr)> {
         if let Some((tcp, peer)) = self.queued.pop_front() {
-            return tokio::net::TcpStream::from_std(tcp).map(|tcp| (tcp, peer));
+            return Accepted::from_std(tcp).map(|tcp| (tcp, peer));
         }
-        let (tcp, peer) = self.listener.accept().await?;
+        let (tcp, peer) = self.accept_next().await?;
         if !self.inherited {
-            let _ = tcp.set_nodelay(true);
+            let _ = tcp.set_nodelay();
         }
         Ok((tcp, peer))
+    }
+
+    #[cfg(target_os = "linux")]
+    async fn accept_next(&self) -> std::io::Result<(Accepted, std::net::SocketAddr)> {
+        use rustix::net::{SocketFlags, acceptfrom_with};
+        // Non-blocking from the start (accept4): no fcntl after.
+        let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+        let accept = || {
+            let (socket, peer) = acceptfrom_with(&self.listener, flags)?;
+            let peer = peer
+                .and_then(|peer| std::net::SocketAddr::try_from(peer).ok())
+                .ok_or_else(|| std::io::Error::other("an accepted peer without an IP address"))?;
+            Ok((Accepted(std::net::TcpStream::from(socket)), peer))
+        };
+        loop {
+            self.listener.readable().await?;
+            match self.listener.try_io(tokio::io::Interest::READABLE, accept) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                accepted => return accepted,
+            }
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    async fn accept_next(&self) -> std::io::Result<(Accepted, std::net::SocketAddr)> {
+        let (tcp, peer) = self.listener.accept().await?;
+        Ok((Accepted(tcp), peer))
+    }
+}
+
+/// A connection from [`NodelayListener::accept`]. On Linux, no reactor
+/// has it yet: [`Accepted::register`] gives it to the reactor of the
+/// runtime it is called on, [`Accepted::into_std`] hands it over as it is.
+/// Elsewhere it was registered as it was accepted, and moving it costs its
+/// deregistration.
+pub(crate) struct Accepted(
+    #[cfg(target_os = "linux")] std::net::TcpStream,
+    #[cfg(not(target_os = "linux"))] tokio::net::TcpStream,
+);
+
+impl Accepted {
+    fn from_std(tcp: std::net::TcpStream) -> std::io::Result<Self> {
+        #[cfg(target_os = "linux")]
+        return Ok(Accepted(tcp));
+        #[cfg(not(target_os = "linux"))]
+        return tokio::net::TcpStream::from_std(tcp).map(Accepted);
+    }
+
+    fn set_nodelay(&self) -> std::io::Result<()> {
+        self.0.set_nodelay(true)
+    }
+
+    /// The socket, registered with the current runtime's reactor: call it
+    /// where the connection is to be served.
+    pub(crate) fn register(self) -> std::io::Result<tokio::net::TcpStream> {
+        #[cfg(target_os = "linux")]
+        return tokio::net::TcpStream::from_std(self.0);
+        #[cfg(not(target_os = "linux"))]
+        return Ok(self.0);
+    }
+
+    /// The socket, non-blocking, for another runtime to register.
+    pub(crate) fn into_std(self) -> std::io::Result<std::net::TcpStream> {
+        #[cfg(target_os = "linux")]
+        return Ok(self.0);
+        #[cfg(not(target_os = "linux"))]
+        return self.0.into_std();
     }
 }
 
@@ -114,8 +202,9 @@ pub(crate) async fn join_all(mut set: tokio::task::JoinSet<()>) {
 /// Takes every connection queued on `listener` now, each set non-blocking
 /// and given TCP_NODELAY; an error other than an empty queue leaves some
 /// maybe untaken.
+#[cfg(target_os = "linux")]
 fn take_queued(
-    listener: &tokio::net::TcpListener,
+    listener: &impl std::os::fd::AsFd,
     into: &mut std::collections::VecDeque<(std::net::TcpStream, std::net::SocketAddr)>,
 ) -> std::io::Result<()> {
     let listening = socket2::SockRef::from(listener);

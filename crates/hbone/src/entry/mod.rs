@@ -132,7 +132,13 @@ where
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
         let entry = self.entry;
-        let mut listener = crate::listeners::NodelayListener::new(listener);
+        let mut listener = match crate::listeners::NodelayListener::new(listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "{entry}: cannot accept on the listener");
+                return;
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -143,20 +149,23 @@ where
                     drop(app);
                     self.refused.note(source);
                 }
-                Ok((app, source)) => match &workers {
-                    Some((workers, accepted_on)) => {
-                        let accepted_on = *accepted_on;
-                        let to = workers.place(accepted_on);
-                        if Some(to) == accepted_on {
-                            tokio::spawn(self.open.track((self.task)(app, source)));
-                        } else {
-                            self.hand_over(workers, to, app, source);
-                        }
+                Ok((app, source)) => {
+                    let elsewhere = workers.as_ref().and_then(|(workers, accepted_on)| {
+                        let to = workers.place(*accepted_on);
+                        (Some(to) != *accepted_on).then_some((workers, to))
+                    });
+                    match elsewhere {
+                        Some((workers, to)) => self.hand_over(workers, to, app, source),
+                        None => match app.register() {
+                            Ok(app) => {
+                                tokio::spawn(self.open.track((self.task)(app, source)));
+                            }
+                            Err(e) => {
+                                tracing::warn!(%source, error = %e, "{entry}: cannot serve a connection")
+                            }
+                        },
                     }
-                    None => {
-                        tokio::spawn(self.open.track((self.task)(app, source)));
-                    }
-                },
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off rather
                     // than spin, and keep serving what is open.
@@ -167,13 +176,13 @@ where
         }
     }
 
-    /// Runs `app`'s task on worker `to`, its socket moved to that
+    /// Runs `app`'s task on worker `to`, its socket registered with that
     /// worker's reactor.
     fn hand_over(
         self: &Arc<Self>,
         workers: &Workers,
         to: usize,
-        app: TcpStream,
+        app: crate::listeners::Accepted,
         source: SocketAddr,
     ) {
         let entry = self.entry;

@@ -543,7 +543,13 @@ impl Shared {
         workers: Option<(Workers, Option<usize>)>,
     ) {
         let mut draining = self.draining.subscribe();
-        let mut listener = crate::listeners::NodelayListener::new(listener);
+        let mut listener = match crate::listeners::NodelayListener::new(listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept on the listener");
+                return;
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -567,12 +573,11 @@ impl Shared {
     /// Serves a new connection if the limits allow; otherwise closes it at
     /// once, before any TLS work is spent on it.
     ///
-    /// On `workers`, the socket moves to the chosen worker's reactor
-    /// unless accepted there, so that the connection and all it spawns run
-    /// on that thread.
+    /// On `workers`, the socket goes to the chosen worker's reactor, so
+    /// that the connection and all it spawns run on that thread.
     fn admit(
         self: Arc<Self>,
-        tcp: TcpStream,
+        tcp: crate::listeners::Accepted,
         peer: SocketAddr,
         workers: Option<(&Workers, Option<usize>)>,
     ) {
@@ -582,12 +587,15 @@ impl Shared {
         });
         match self.gate.admit_connection(peer.ip()) {
             Ok(slot) => match workers {
-                None => {
-                    tokio::spawn(async move {
-                        self.serve_connection(tcp, peer).await;
-                        drop(slot);
-                    });
-                }
+                None => match tcp.register() {
+                    Ok(tcp) => {
+                        tokio::spawn(async move {
+                            self.serve_connection(tcp, peer).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot serve a connection"),
+                },
                 Some((workers, to)) => match tcp.into_std() {
                     Ok(tcp) => {
                         workers.handle(to).spawn(async move {
