@@ -348,6 +348,44 @@ mod tests {
     }
 
     #[test]
+    fn an_accepted_socket_is_served_on_the_runtime_that_registers_it() {
+        use std::io::{Read, Write};
+        let accepting = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (accepted, peer, mut client) = accepting.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let mut listener = super::NodelayListener::new(listener).unwrap();
+            let (accepted, peer) = listener.accept().await.unwrap();
+            (accepted.into_std().unwrap(), peer, client)
+        });
+        drop(accepting);
+        assert_eq!(peer, client.local_addr().unwrap(), "the peer's address");
+        // Non-blocking from accept on: nothing to read yet is WouldBlock.
+        let mut byte = [0u8; 1];
+        let nothing = (&accepted).read(&mut byte).unwrap_err();
+        assert_eq!(nothing.kind(), std::io::ErrorKind::WouldBlock);
+        // The accepting runtime is gone; another one serves the socket.
+        let serving = runtime();
+        let echoed = serving.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut served = tokio::net::TcpStream::from_std(accepted).unwrap();
+            assert!(served.nodelay().unwrap(), "TCP_NODELAY");
+            client.write_all(b"x").unwrap();
+            served.read_exact(&mut byte).await.unwrap();
+            served.write_all(&byte).await.unwrap();
+            let mut echoed = [0u8; 1];
+            tokio::task::spawn_blocking(move || client.read_exact(&mut echoed).map(|()| echoed))
+                .await
+                .unwrap()
+                .unwrap()
+        });
+        assert_eq!(&echoed, b"x");
+    }
+
+    #[test]
     fn dropping_the_wait_closes_the_loops_listener() {
         let runtime = runtime();
         runtime.block_on(async {
