@@ -607,6 +607,11 @@ pub(crate) async fn ping(
     // that its answer (after the peer's acknowledgement) returns the
     // window the cut left owed.
     let mut cut = false;
+    // The first measurement waits for data twice, and with no pause: a
+    // connection that carries one exchange and closes sends no PING, and
+    // arms no timer for it (a zero-length sleep is still a timer, due at
+    // the next millisecond, whose registration wakes the runtime's driver).
+    let mut first = true;
     loop {
         let measure = if std::mem::take(&mut cut) {
             tokio::time::sleep(pause).await;
@@ -614,7 +619,11 @@ pub(crate) async fn ping(
         } else {
             tokio::select! {
                 before = async {
-                    tokio::time::sleep(pause).await;
+                    if std::mem::take(&mut first) {
+                        probe.data_arrives().await;
+                    } else {
+                        tokio::time::sleep(pause).await;
+                    }
                     probe.data_arrives().await
                 } => Some(before),
                 () = tokio::time::sleep_until((last_ping + keepalive.interval).into()) => None,
