@@ -12,11 +12,13 @@
 //! load touches both alike. On bulk and request/response the bare relays
 //! (a thread per direction, and one thread with epoll) take their turns
 //! too: what carrying the bytes as TLS records costs with nothing else in
-//! the way, a floor for both builds. This build also runs a second time
+//! the way, a floor for both builds. Both builds also run a second time
 //! under `--runtime per-core` (unless `--proxy-runtime per-core` already
-//! runs it so), so that each report says what the choice of runtime is
-//! worth beside what the change of build is. The report gives what each
-//! unit of work cost each, and their ratios to the other build.
+//! runs them so; an other build too old for the flag runs once), so that a
+//! change is measured under each runtime, and each report says what the
+//! choice of runtime is worth beside what the change of build is. The
+//! report gives what each unit of work cost each, and their ratios to the
+//! other build under the same runtime.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -77,8 +79,8 @@ const THIS: &str = "this build";
 /// This build again, under `--runtime per-core`.
 const THIS_PER_CORE: &str = "this build, per-core";
 const OTHER: &str = "other build";
-/// What a ratio row divides by.
-const BY_OTHER: &str = "÷ other (medians)";
+/// The other build under `--runtime per-core`.
+const OTHER_PER_CORE: &str = "other build, per-core";
 
 /// What takes turns on a workload: a build's one process, or bare relays.
 enum Contender<'a> {
@@ -144,6 +146,27 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
                 other.display()
             )
         })?;
+    // Builds older than `--runtime` do not start with it: they then run
+    // once, and this build's per-core row is set against their default.
+    let mut that_per_core = match this_per_core.is_some() {
+        true => match Proxies::start_joined(
+            &specs,
+            &pki,
+            dir.path(),
+            &flags.of_binary(other).per_core(),
+        ) {
+            Ok(proxies) => Some(proxies),
+            Err(e) => {
+                eprintln!(
+                    "hbone bench --against: {} does not run under --runtime per-core ({e:#}); \
+                     it runs under its default only",
+                    other.display()
+                );
+                None
+            }
+        },
+        false => None,
+    };
     let mut references = match options.runs_part(Part::Bulk) || options.runs_part(Part::ReqResp) {
         true => vec![
             BareRelays::start(&apps, false)?,
@@ -172,6 +195,9 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
             contenders.push(Contender::Build(THIS_PER_CORE, per_core));
         }
         contenders.push(Contender::Build(OTHER, &mut that));
+        if let Some(per_core) = that_per_core.as_mut() {
+            contenders.push(Contender::Build(OTHER_PER_CORE, per_core));
+        }
         // New connections are hbone's work alone: the relays have no
         // pool, no streams to open.
         if workload != Workload::Connect {
@@ -248,7 +274,9 @@ fn metered(
 }
 
 /// A workload's rows: each contender's medians (with the spread), in
-/// `names`' order, then each one's ratio to the other build's medians.
+/// `names`' order, then each one's ratio to the other build's medians:
+/// this build's per-core row to the other build's per-core row where
+/// there is one, every other row to the other build's default.
 fn rows_of(
     label: &str,
     unit: &str,
@@ -278,15 +306,22 @@ fn rows_of(
         }
         rows.push(row);
     }
-    let other = names.iter().position(|name| *name == OTHER);
+    let position = |wanted: &str| names.iter().position(|name| *name == wanted);
     for (runs, name) in costs.iter().zip(names) {
-        let Some(other) = other.filter(|_| *name != OTHER) else {
+        if *name == OTHER || *name == OTHER_PER_CORE {
+            continue;
+        }
+        let by = match position(OTHER_PER_CORE) {
+            Some(at) if *name == THIS_PER_CORE => Some((at, "other, per-core")),
+            _ => position(OTHER).map(|at| (at, "other")),
+        };
+        let Some((other, divisor)) = by else {
             continue;
         };
         let mut ratio = vec![
             label.to_owned(),
             unit.to_owned(),
-            format!("{name} {BY_OTHER}"),
+            format!("{name} ÷ {divisor} (medians)"),
         ];
         for field in fields {
             let (this, other) = (summary(runs, field), summary(&costs[other], field));
@@ -350,11 +385,19 @@ fn document(
          this run.\n",
         options.entry.name()
     );
-    if report.contains(THIS_PER_CORE) {
+    if report.contains(OTHER_PER_CORE) {
+        out += "Each build runs twice: under the runtime the bench was given (work-stealing, \
+                hbone's default), and under `--runtime per-core`, where each connection and \
+                the tunnels it carries stay on one worker thread. The per-core rows compare \
+                the builds under that runtime (their ratio divides by the other build's \
+                per-core row), and say beside the default rows what the choice of runtime is \
+                worth, in the same runs.\n\n";
+    } else if report.contains(THIS_PER_CORE) {
         out += "This build runs twice: under the runtime the bench was given (work-stealing, \
                 hbone's default), and under `--runtime per-core`, where each connection and \
                 the tunnels it carries stay on one worker thread. The second row says what \
-                the choice of runtime is worth, in the same runs.\n\n";
+                the choice of runtime is worth, in the same runs (the other build does not \
+                run per-core).\n\n";
     }
     if report.contains(BARE_RELAYS_LABEL) {
         out += "On bulk and request/response two references take their turns too, each one \

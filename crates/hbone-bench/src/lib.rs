@@ -151,9 +151,9 @@ pub struct BenchArgs {
     /// (an older commit, the last release) in the same runs. Bulk (1
     /// stream), 1 KiB request/response and new connections go through one
     /// `hbone run` process of each build in turn; the report gives what
-    /// each unit of work cost each build, and their ratio; this build also
-    /// takes a turn under `--runtime per-core`. Figures from another day
-    /// do not compare; these do.
+    /// each unit of work cost each build, and their ratio; each build also
+    /// takes a turn under `--runtime per-core`, compared with the other's.
+    /// Figures from another day do not compare; these do.
     #[arg(long, value_name = "BINARY")]
     against: Option<PathBuf>,
     /// Instead of the full bench: how the rate grows as hbone gets more

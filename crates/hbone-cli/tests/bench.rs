@@ -393,11 +393,12 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
 }
 
 /// `--against` compares this build with another hbone binary, here the
-/// same one: each workload has a row per build and one for this build
-/// under `--runtime per-core`, measured in the same runs (and, on bulk and
-/// req/resp, a row per bare relays), and a row of each
-/// one's ratios to the other build, which are those of the medians shown;
-/// the Markdown report keeps the table and names the other build.
+/// same one: each workload has a row per build under each runtime,
+/// measured in the same runs (and, on bulk and req/resp, a row per bare
+/// relays), and a row of each one's ratios to the other build under the
+/// same runtime (the references: to its default), which are those of the
+/// medians shown; the Markdown report keeps the table and names the other
+/// build.
 #[test]
 fn against_another_build_measures_both_in_the_same_runs() {
     let dir = tempfile::tempdir().unwrap();
@@ -422,14 +423,25 @@ fn against_another_build_measures_both_in_the_same_runs() {
     ];
     for (work, unit, with_references) in works {
         let of_work: Vec<_> = rows.iter().filter(|row| row[0] == work).collect();
-        let mut names = vec!["this build", "this build, per-core", "other build"];
+        let mut names = vec![
+            "this build",
+            "this build, per-core",
+            "other build",
+            "other build, per-core",
+        ];
         if with_references {
             names.extend(references);
         }
+        // What each row's ratio divides by: the other build under the
+        // same runtime.
+        let divisor = |name: &str| match name {
+            "this build, per-core" => ("other, per-core", "other build, per-core"),
+            _ => ("other", "other build"),
+        };
         let ratios: Vec<String> = names
             .iter()
-            .filter(|name| **name != "other build")
-            .map(|name| format!("{name} ÷ other (medians)"))
+            .filter(|name| !name.starts_with("other build"))
+            .map(|name| format!("{name} ÷ {} (medians)", divisor(name).0))
             .collect();
         let shown: Vec<&str> = of_work.iter().map(|row| row[2]).collect();
         let expected: Vec<&str> = names
@@ -441,10 +453,6 @@ fn against_another_build_measures_both_in_the_same_runs() {
         for row in &of_work {
             assert_eq!(row[1], unit, "{report}");
         }
-        let other = of_work
-            .iter()
-            .find(|row| row[2] == "other build")
-            .unwrap_or_else(|| panic!("{work}: no other build in:\n{report}"));
         for contender in &of_work[..names.len()] {
             let cpu = median(contender[3]).unwrap_or(0.0);
             assert!(cpu > 0.0, "{work}, {}: no CPU in:\n{report}", contender[2]);
@@ -460,14 +468,19 @@ fn against_another_build_measures_both_in_the_same_runs() {
             if contender[6] != NO_PERF {
                 assert!(median(contender[6]).unwrap_or(0.0) > 0.0, "{report}");
             }
-            if contender[2] == "other build" {
+            if contender[2].starts_with("other build") {
                 continue;
             }
             // The ratio of the medians as shown, within their rounding.
+            let (by, by_row) = divisor(contender[2]);
             let ratio = of_work
                 .iter()
-                .find(|row| row[2] == format!("{} ÷ other (medians)", contender[2]))
+                .find(|row| row[2] == format!("{} ÷ {by} (medians)", contender[2]))
                 .unwrap_or_else(|| panic!("{work}: no ratio for {}:\n{report}", contender[2]));
+            let other = of_work
+                .iter()
+                .find(|row| row[2] == by_row)
+                .unwrap_or_else(|| panic!("{work}: no {by_row} in:\n{report}"));
             let shown = median(contender[3]).unwrap() / median(other[3]).unwrap();
             let ratio_cpu: f64 = ratio[3].parse().unwrap();
             assert!(
