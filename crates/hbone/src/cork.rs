@@ -401,20 +401,26 @@ impl<T> FlushGate<T> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Notes what a write or shutdown made while corked left behind;
-    /// `len` is what a write took. Past [`CORK_LIMIT`] the turn goes on
-    /// uncorked.
+    /// Notes what a write or shutdown left behind; `len` is what a write
+    /// took. Past [`CORK_LIMIT`] the turn goes on uncorked.
+    ///
+    /// Uncorked too, what TLS took may stay in it: the socket can fill
+    /// mid-write, and then h2's flush waits for it. The next turn's flush
+    /// is corked and answered at once, so only the turn's own flush
+    /// ([`Cork::drive`]) sends those bytes, and it must know they wait.
     fn corked<R>(
         &self,
         done: Poll<io::Result<R>>,
         len: impl Fn(&R) -> usize,
     ) -> Poll<io::Result<R>> {
         let flags = &self.flags;
+        if matches!(done, Poll::Ready(Ok(_))) {
+            flags.unflushed.store(true, Relaxed);
+        }
         if flags.corked.load(Relaxed) {
             match &done {
                 Poll::Pending => flags.starved.store(true, Relaxed),
                 Poll::Ready(Ok(done)) => {
-                    flags.unflushed.store(true, Relaxed);
                     let held = flags.held.load(Relaxed) + len(done);
                     flags.held.store(held, Relaxed);
                     if held >= CORK_LIMIT {

@@ -366,6 +366,64 @@ async fn a_turn_that_writes_past_the_limit_is_sent_as_it_goes() {
 }
 
 #[tokio::test]
+async fn records_left_in_tls_by_an_uncorked_write_leave_with_a_later_turn() {
+    // Past the limit a turn goes on uncorked, as h2 writes a frame and
+    // flushes. Once the socket fills, rustls keeps the rest of a frame's
+    // records and h2's flush waits for the socket. When the socket drains,
+    // the next turn's flush is corked and answered at once: the turn's own
+    // flush must send those records, or they wait for the next frame (a
+    // keepalive PING, seconds later) while the peer waits for them.
+    let mut cork = Cork::default();
+    let pipe = CORK_LIMIT + (32 << 10);
+    let (mut server, mut client, _) = tls_pair(&mut cork, pipe).await;
+    server
+        .stream()
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(crate::tls::SEND_BUFFER));
+    let chunk = [7u8; 16 << 10];
+    let mut taken = 0;
+    let mut flushed_uncorked = false;
+    let (result, _) = turn(&cork, |cx| {
+        while taken < 4 * pipe {
+            match Pin::new(&mut server).poll_write(cx, &chunk) {
+                Poll::Ready(wrote) => taken += wrote.expect("no error"),
+                Poll::Pending => break,
+            }
+            // As h2 does after each DATA frame.
+            let flushed = Pin::new(&mut server).poll_flush(cx);
+            if flushed.is_pending() {
+                break;
+            }
+            flushed_uncorked |= taken > CORK_LIMIT;
+        }
+        Poll::<()>::Pending
+    });
+    assert!(result.is_pending());
+    assert!(flushed_uncorked, "a flush past the limit finished");
+    assert!(taken < 4 * pipe, "the socket filled");
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    for _ in 0..50 {
+        if got == taken {
+            break;
+        }
+        // The peer reads what it can; the socket drains, and the
+        // connection's next turn has nothing new to write.
+        if let Ok(read) =
+            tokio::time::timeout(std::time::Duration::from_millis(20), client.read(&mut buf)).await
+        {
+            got += read.expect("no error");
+        }
+        let _ = turn(&cork, |cx| {
+            assert!(Pin::new(&mut server).poll_flush(cx).is_ready(), "corked");
+            Poll::<()>::Pending
+        });
+    }
+    assert_eq!(got, taken, "every byte TLS took arrived");
+}
+
+#[tokio::test]
 async fn a_turn_turned_away_by_a_full_tls_buffer_comes_back() {
     let mut cork = Cork::default();
     let (mut server, mut client, written) = tls_pair(&mut cork, 1 << 20).await;
