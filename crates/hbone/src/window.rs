@@ -14,7 +14,9 @@
 //! came in during its round trip. A peer held back by the window sends a
 //! window's worth per round trip and then waits, and its round trip stays
 //! at the path's minimum: no queue formed. After [`GROWTH_STREAK`] such
-//! round trips in a row the windows double. A node that is itself the
+//! round trips in a row the windows double; after each one on a long
+//! path ([`LONG_PATH`]), as TCP's slow start does, so that a transfer
+//! across regions reaches its speed in a fraction of a second. A node that is itself the
 //! bottleneck (a busy CPU) has a queue in front of it, which stretches
 //! the round trip well past the minimum: after [`SHRINK_STREAK`] such
 //! round trips in a row the stream window halves (never below the
@@ -25,10 +27,11 @@
 //! process has trickled (moved less than bulk) within the last second
 //! ([`Sharing::BulkOnly`]): then no request waits in any queue here, only
 //! data that waits to be copied anyway, and larger windows carry it in
-//! larger frames, fewer syscalls per byte. The windows then grow on
-//! filled round trips, queue or not, and do not shrink. The whole process
-//! counts, not the connection: a request on another connection waits for
-//! the same CPUs (measured: with only the connection counted, a request
+//! larger frames, fewer syscalls per byte. The windows then double on
+//! every filled round trip, queue or not (no streak: there is no queue
+//! to be wrong about), and do not shrink. The whole process counts, not
+//! the connection: a request on another connection waits for the same
+//! CPUs (measured: with only the connection counted, a request
 //! beside four bulk streams on their own connection waited ten times as
 //! long). Once a tunnel trickles, a window grown that way halves on every
 //! round trip behind a queue until there is none.
@@ -70,6 +73,14 @@ const STEADY_INTERVAL: Duration = Duration::from_millis(250);
 /// Filled, queue-free round trips in a row before the windows double: one
 /// could be a busy node's queue that happened to be empty.
 pub(crate) const GROWTH_STREAK: u32 = 3;
+/// A path whose shortest round trip is at least this long grows its
+/// windows on each filled, queue-free round trip, without a streak. The
+/// streak guards against a busy node's jitter on a short path, where it
+/// costs milliseconds; on a long one it would cost seconds (at 50 ms,
+/// three round trips per doubling took 1.8 s to reach the largest
+/// window), and a node's queue of a few milliseconds hides in the path's
+/// length anyway.
+const LONG_PATH: Duration = Duration::from_millis(5);
 /// Filled round trips behind a queue in a row before the stream window
 /// halves: the node cannot take what the window lets in, and the surplus
 /// only waits, ahead of every other tunnel.
@@ -200,9 +211,9 @@ impl Estimator {
     /// most [`QUEUE_FREE_RTT`] times the shortest seen, or the slack more
     /// ([`QUEUE_FREE_SLACK_SHARED`] when the connection is
     /// [`Sharing::Shared`], [`QUEUE_FREE_SLACK_ALONE`] when it carries one
-    /// tunnel). While only bulk moves ([`Sharing::BulkOnly`]) a filled
-    /// round trip counts towards growth, queue or not, and the windows do
-    /// not shrink; once that ends, a stream window grown that way halves
+    /// tunnel). While only bulk moves ([`Sharing::BulkOnly`]) every filled
+    /// round trip doubles the windows, queue or not, and they do not
+    /// shrink; once that ends, a stream window grown that way halves
     /// on every round trip behind a queue, without waiting for a streak.
     pub(crate) fn sample(
         &mut self,
@@ -261,7 +272,12 @@ impl Estimator {
         }
         self.queued = 0;
         self.streak += 1;
-        if self.streak < GROWTH_STREAK || stream >= self.ceiling {
+        let streak = if sharing == Sharing::BulkOnly || min_rtt >= LONG_PATH {
+            1
+        } else {
+            GROWTH_STREAK
+        };
+        if self.streak < streak || stream >= self.ceiling {
             return None;
         }
         self.streak = 0;

@@ -30,11 +30,12 @@ fn feed_as(
 #[test]
 fn a_window_the_peer_fills_without_a_queue_doubles() {
     let mut e = estimator();
-    // A long path: the burst that woke the measurement, half a window
-    // (h2 gives window back in halves), then nothing until it returns.
+    // A path of a few milliseconds: the burst that woke the measurement,
+    // half a window (h2 gives window back in halves), then nothing until
+    // it returns.
+    let rtt = LONG_PATH / 2;
     let mut stream = MIN_STREAM_WINDOW;
     for _ in 0..4 {
-        let rtt = Duration::from_millis(20);
         assert_eq!(
             feed(&mut e, GROWTH_STREAK - 1, rtt, u64::from(stream / 2), 0),
             None
@@ -51,11 +52,36 @@ fn a_window_the_peer_fills_without_a_queue_doubles() {
     }
     assert_eq!(stream, 16 * MIN_STREAM_WINDOW);
     // The round trip grows: a queue formed, the path is full.
-    let queued = Duration::from_millis(40);
+    let queued = 2 * rtt;
     assert_eq!(
         feed(&mut e, SHRINK_STREAK - 1, queued, u64::from(stream), 0),
         None
     );
+}
+
+#[test]
+fn on_a_long_path_each_filled_round_trip_doubles_the_window() {
+    let mut e = estimator();
+    let rtt = 10 * LONG_PATH;
+    let mut stream = MIN_STREAM_WINDOW;
+    while stream < 4 << 20 {
+        let grown = e
+            .sample(rtt, u64::from(stream / 2), 0, Sharing::Alone)
+            .expect("doubled at once");
+        assert_eq!(grown.stream, (2 * stream).min(4 << 20));
+        stream = grown.stream;
+    }
+    // Six round trips from the first window to the largest; one that
+    // leaves the window unfilled grows nothing.
+    assert_eq!(e.sample(rtt, 1000, 0, Sharing::Alone), None);
+    // A queue still stops the growth: twice the path's round trip.
+    let mut queued = estimator();
+    queued.sample(rtt, 0, 100, Sharing::Alone);
+    assert_eq!(
+        feed(&mut queued, 4, 2 * rtt, u64::from(MIN_STREAM_WINDOW), 0),
+        None
+    );
+    assert_eq!(queued.windows().stream, MIN_STREAM_WINDOW);
 }
 
 #[test]
@@ -149,9 +175,12 @@ fn while_only_bulk_moves_windows_grow_behind_a_queue_and_stay() {
     let queued = Duration::from_millis(5);
     let mut bulk = estimator();
     bulk.sample(short, 0, 100, Sharing::BulkOnly);
-    // Filled round trips fifty times the shortest: a busy node.
-    let grown = feed_as(&mut bulk, GROWTH_STREAK, queued, 1 << 20, Sharing::BulkOnly);
-    assert_eq!(grown.expect("doubled").stream, 2 * MIN_STREAM_WINDOW);
+    // Filled round trips fifty times the shortest: a busy node. Each one
+    // doubles the windows, with no streak to wait for.
+    for doubled in [2, 4, 8] {
+        let grown = bulk.sample(queued, 1 << 20, 0, Sharing::BulkOnly);
+        assert_eq!(grown.expect("doubled").stream, doubled * MIN_STREAM_WINDOW);
+    }
     feed_as(
         &mut bulk,
         20 * GROWTH_STREAK,
@@ -183,13 +212,7 @@ fn a_window_grown_for_bulk_halves_each_queued_round_trip_once_shared() {
     let queued = Duration::from_millis(5);
     let mut e = estimator();
     e.sample(short, 0, 100, Sharing::BulkOnly);
-    feed_as(
-        &mut e,
-        3 * GROWTH_STREAK,
-        queued,
-        8 << 20,
-        Sharing::BulkOnly,
-    );
+    feed_as(&mut e, 3, queued, 8 << 20, Sharing::BulkOnly);
     assert_eq!(e.windows().stream, 8 * MIN_STREAM_WINDOW);
     // A request joins: every round trip behind the queue halves the
     // window, never more than half at once.
@@ -396,7 +419,7 @@ fn a_window_the_peer_does_not_fill_stays() {
 #[test]
 fn windows_stop_at_the_ceiling() {
     let mut e = Estimator::new(Windows::for_stream(MIN_STREAM_WINDOW), 100_000);
-    let rtt = Duration::from_millis(5);
+    let rtt = Duration::from_millis(1);
     let top = feed(&mut e, GROWTH_STREAK, rtt, 1 << 20, 0).unwrap();
     assert_eq!(top.stream, 100_000);
     assert_eq!(feed(&mut e, 10, rtt, 1 << 20, 0), None);
