@@ -14,9 +14,10 @@
 //! came in during its round trip. A peer held back by the window sends a
 //! window's worth per round trip and then waits, and its round trip stays
 //! at the path's minimum: no queue formed. After [`GROWTH_STREAK`] such
-//! round trips in a row the windows double; after each one on a long
-//! path ([`LONG_PATH`]), as TCP's slow start does, so that a transfer
-//! across regions reaches its speed in a fraction of a second. A node that is itself the
+//! round trips in a row the windows double. On a long path
+//! ([`LONG_PATH`]) each such round trip grows them fourfold
+//! ([`LONG_PATH_GROWTH`]), as TCP's slow start would, so that a transfer
+//! across regions reaches its speed in a few round trips. A node that is itself the
 //! bottleneck (a busy CPU) has a queue in front of it, which stretches
 //! the round trip well past the minimum: after [`SHRINK_STREAK`] such
 //! round trips in a row the stream window halves (never below the
@@ -74,13 +75,20 @@ const STEADY_INTERVAL: Duration = Duration::from_millis(250);
 /// could be a busy node's queue that happened to be empty.
 pub(crate) const GROWTH_STREAK: u32 = 3;
 /// A path whose shortest round trip is at least this long grows its
-/// windows on each filled, queue-free round trip, without a streak. The
-/// streak guards against a busy node's jitter on a short path, where it
-/// costs milliseconds; on a long one it would cost seconds (at 50 ms,
-/// three round trips per doubling took 1.8 s to reach the largest
-/// window), and a node's queue of a few milliseconds hides in the path's
-/// length anyway.
+/// windows on each filled, queue-free round trip, without a streak, and
+/// by [`LONG_PATH_GROWTH`]. The streak guards against a busy node's jitter
+/// on a short path, where it costs milliseconds; on a long one it would
+/// cost seconds (at 50 ms, three round trips per doubling took 1.8 s to
+/// reach the largest window; a one-second transfer on a new connection
+/// then moved 0.42 of what fixed 4 MiB windows move, 0.67 now: `hbone
+/// bench --long-path`), and a node's queue of a few milliseconds hides in
+/// the path's length anyway.
 const LONG_PATH: Duration = Duration::from_millis(5);
+/// What the windows grow by per filled round trip on a long path. A
+/// measurement takes about two round trips (the PING waits for data, which
+/// waits for the window the last one returned): four times per
+/// measurement is TCP's slow start, twice per round trip.
+const LONG_PATH_GROWTH: u32 = 4;
 /// Filled round trips behind a queue in a row before the stream window
 /// halves: the node cannot take what the window lets in, and the surplus
 /// only waits, ahead of every other tunnel.
@@ -272,7 +280,8 @@ impl Estimator {
         }
         self.queued = 0;
         self.streak += 1;
-        let streak = if sharing == Sharing::BulkOnly || min_rtt >= LONG_PATH {
+        let long_path = min_rtt >= LONG_PATH;
+        let streak = if sharing == Sharing::BulkOnly || long_path {
             1
         } else {
             GROWTH_STREAK
@@ -282,7 +291,8 @@ impl Estimator {
         }
         self.streak = 0;
         self.grown_for_bulk |= sharing == Sharing::BulkOnly;
-        Some(self.set_stream(stream.saturating_mul(2).min(self.ceiling)))
+        let factor = if long_path { LONG_PATH_GROWTH } else { 2 };
+        Some(self.set_stream(stream.saturating_mul(factor).min(self.ceiling)))
     }
 
     /// A new stream window; the connection's follows it up, never down:

@@ -60,19 +60,23 @@ fn a_window_the_peer_fills_without_a_queue_doubles() {
 }
 
 #[test]
-fn on_a_long_path_each_filled_round_trip_doubles_the_window() {
+fn on_a_long_path_each_filled_round_trip_grows_the_window_fourfold() {
     let mut e = estimator();
     let rtt = 10 * LONG_PATH;
     let mut stream = MIN_STREAM_WINDOW;
+    let mut round_trips = 0;
     while stream < 4 << 20 {
         let grown = e
             .sample(rtt, u64::from(stream / 2), 0, Sharing::Alone)
-            .expect("doubled at once");
-        assert_eq!(grown.stream, (2 * stream).min(4 << 20));
+            .expect("grown at once");
+        assert_eq!(grown.stream, (LONG_PATH_GROWTH * stream).min(4 << 20));
         stream = grown.stream;
+        round_trips += 1;
     }
-    // Six round trips from the first window to the largest; one that
+    // Three round trips from the first window to within 64 bytes of the
+    // largest (64 KiB less one byte, times 64), a fourth to it; one that
     // leaves the window unfilled grows nothing.
+    assert_eq!(round_trips, 4);
     assert_eq!(e.sample(rtt, 1000, 0, Sharing::Alone), None);
     // A queue still stops the growth: twice the path's round trip.
     let mut queued = estimator();
