@@ -18,6 +18,8 @@
 //! | `suite` | the order of workloads and runs, progress on stderr |
 //! | `against` | `--against`: this build and another, in the same runs |
 //! | `scaling` | `--scaling`: the rate as hbone gets more CPUs, under each runtime |
+//! | `long_path` | `--long-path`: one bulk stream across a long round trip, sized windows against fixed |
+//! | `delay` | a relay that holds bytes for a fixed time each way (`bench delay`) |
 //! | `suite/isolation` | req/resp alone and beside bulk through one SOCKS5 entry |
 //! | `suite/bare_relays` | bulk and req/resp through the bare relays, metered as hbone is |
 //! | `runner` | one load generator run, its figures, and what went wrong |
@@ -41,7 +43,9 @@ mod bare_relays;
 mod child;
 mod childlog;
 mod cost;
+mod delay;
 mod load;
+mod long_path;
 mod machine;
 mod markdown;
 mod perf;
@@ -75,6 +79,7 @@ use hbone::config::parse_duration;
   hbone bench --only isolation             # one workload, e.g. while tuning it
   hbone bench --against ./hbone-before     # this build against another, same runs
   hbone bench --scaling --write docs/scaling.md   # the rate as hbone gets more CPUs
+  hbone bench --long-path --write docs/long-path.md   # bulk across a long round trip
 
 Build with --release for figures worth keeping, and run on a quiet machine: the apps,
 the server, the entries and the load generator all share its cores. Everything listens
@@ -165,6 +170,12 @@ pub struct BenchArgs {
     /// sets the proxies' runtime and threads itself.
     #[arg(long, conflicts_with_all = ["against", "proxy_runtime", "proxy_threads"])]
     scaling: bool,
+    /// Instead of the full bench: one bulk stream across a long path (a
+    /// relay that holds every byte for 5 and 25 ms each way between the
+    /// entry and the server), a new connection each run, to a server that
+    /// sizes its flow-control windows and to one with `--fixed-windows`.
+    #[arg(long, conflicts_with_all = ["against", "scaling", "only"])]
+    long_path: bool,
 }
 
 /// The bench's workloads, for `--only`.
@@ -206,6 +217,17 @@ enum Internal {
     /// One workload of the load generator.
     #[command(hide = true)]
     Load(load::LoadArgs),
+    /// A relay that holds every byte for `--delay` each way: a long path
+    /// on loopback. Prints `delay=ADDR` once it listens.
+    #[command(hide = true)]
+    Delay {
+        /// Where it relays to.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// How long each byte waits, each way.
+        #[arg(long, value_parser = parse_duration)]
+        delay: Duration,
+    },
     /// Bare relays that only seal and open TLS records: an entry relay
     /// and a server relay for each `--to`, the reference beside hbone on
     /// the bulk and request/response workloads.
@@ -266,6 +288,8 @@ pub struct Options {
     /// Measure the rate as hbone gets more CPUs, instead of the full
     /// bench.
     pub scaling: bool,
+    /// Measure bulk across a long path, instead of the full bench.
+    pub long_path: bool,
 }
 
 impl Options {
@@ -311,6 +335,7 @@ impl BenchArgs {
             command: machine::command_line(),
             against: self.against,
             scaling: self.scaling,
+            long_path: self.long_path,
         }
     }
 }
@@ -322,6 +347,7 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
     match args.internal {
         Some(Internal::Apps { ip, echoes }) => apps::run(ip, echoes).await,
         Some(Internal::Load(load)) => load::run(load).await,
+        Some(Internal::Delay { to, delay }) => delay::run(to, delay).await,
         Some(Internal::Relays { to, one_thread }) => {
             tokio::task::spawn_blocking(move || bare_relays::run(&to, one_thread))
                 .await
@@ -336,6 +362,7 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
             let bench = tokio::task::spawn_blocking(move || match &options.against {
                 Some(other) => against::run(&options, other, &dir),
                 None if options.scaling => scaling::run(&options, &dir),
+                None if options.long_path => long_path::run(&options, &dir),
                 None => suite::run(&options, &dir),
             });
             tokio::select! {

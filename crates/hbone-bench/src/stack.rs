@@ -124,7 +124,17 @@ pub struct Listening {
 /// `hbone server` on an ephemeral loopback port; only loopback targets are
 /// allowed, which is the server's default.
 pub fn start_server(pki: &Pki, flags: &ChildFlags) -> anyhow::Result<Listening> {
+    start_server_with(pki, flags, &[])
+}
+
+/// [`start_server`] with `extra` flags.
+pub fn start_server_with(
+    pki: &Pki,
+    flags: &ChildFlags,
+    extra: &[&str],
+) -> anyhow::Result<Listening> {
     let mut args = strings(&["server", "--listen", LOOPBACK_ANY_PORT]);
+    args.extend(strings(extra));
     push_path(&mut args, "--identity-dir", &pki.server_dir);
     if let Some(streams) = flags.server_max_streams {
         args.extend(["--max-streams".to_owned(), streams.to_string()]);

@@ -708,3 +708,55 @@ fn bench_apps_listen_for_echo_on_as_many_ports_as_asked() {
     apps.wait().unwrap();
     result.unwrap();
 }
+
+/// `--long-path` sends one bulk stream across a relay's round trip to a
+/// server that sizes its windows and to one with fixed windows: a row
+/// each, a positive rate, the fixed one 1.00 of itself and the sized one
+/// a positive share of it; `--write` keeps the table.
+#[test]
+fn long_path_compares_sized_windows_with_fixed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("long-path.md");
+    let report = run_bench(&[
+        "bench",
+        "--quick",
+        "--long-path",
+        "--write",
+        markdown.to_str().unwrap(),
+    ]);
+    let rows: Vec<Vec<&str>> = report
+        .lines()
+        .filter(|line| line.starts_with("| 50 ms "))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            cells[1..cells.len() - 1].to_vec()
+        })
+        .collect();
+    let kinds: Vec<&str> = rows.iter().map(|row| row[1]).collect();
+    assert_eq!(
+        kinds,
+        ["sized (default)", "fixed, 4 MiB per stream"],
+        "{report}"
+    );
+    for row in &rows {
+        assert!(median(row[2]).unwrap_or(0.0) > 0.0, "{row:?}\n{report}");
+        assert!(median(row[4]).unwrap_or(0.0) > 0.0, "{row:?}\n{report}");
+    }
+    assert_eq!(rows[1][3], "1.00", "{report}");
+    assert!(median(rows[0][3]).unwrap_or(0.0) > 0.0, "{report}");
+    let written = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        written.starts_with("# hbone across a long path"),
+        "{written}"
+    );
+    assert!(written.contains("| 50 ms "), "{written}");
+}
+
+/// `--long-path` is a bench of its own: it takes no workload list.
+#[test]
+fn long_path_refuses_a_workload_list() {
+    refused(
+        &["bench", "--quick", "--long-path", "--only", "bulk"],
+        "cannot be used with",
+    );
+}
