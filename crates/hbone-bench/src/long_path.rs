@@ -216,7 +216,7 @@ fn document(options: &Options, date: &str, started: Instant, report: &str) -> St
          that holds every byte for half the round trip each way (loopback has no length of its \
          own). TCP under the relay runs at loopback speed; what the round trip holds back is \
          HTTP/2's flow control. *sized*: the server's default, windows that start at 64 KiB per \
-         stream and double on filled round trips up to 4 MiB; *fixed*: `--fixed-windows`, 4 MiB \
+         stream and grow fourfold on each filled round trip of a path this long, up to 4 MiB; *fixed*: `--fixed-windows`, 4 MiB \
          per stream and 16 MiB per connection from the start, what a proxy with fixed windows \
          grants. Each figure is the run's bytes over its length ({} ms), the ramp up included: \
          what a transfer of that length on a new connection gets. Medians of {} run(s), \

@@ -79,10 +79,10 @@ pub(crate) const GROWTH_STREAK: u32 = 3;
 /// by [`LONG_PATH_GROWTH`]. The streak guards against a busy node's jitter
 /// on a short path, where it costs milliseconds; on a long one it would
 /// cost seconds (at 50 ms, three round trips per doubling took 1.8 s to
-/// reach the largest window; a one-second transfer on a new connection
-/// then moved 0.42 of what fixed 4 MiB windows move, 0.67 now: `hbone
-/// bench --long-path`), and a node's queue of a few milliseconds hides in
-/// the path's length anyway.
+/// reach the largest window; doubling on every round trip, a one-second
+/// transfer on a new connection moved 0.42 of what fixed 4 MiB windows
+/// move, fourfold 0.67: `hbone bench --long-path`), and a node's queue of
+/// a few milliseconds hides in the path's length anyway.
 const LONG_PATH: Duration = Duration::from_millis(5);
 /// What the windows grow by per filled round trip on a long path. A
 /// measurement takes about two round trips (the PING waits for data, which
