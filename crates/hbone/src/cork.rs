@@ -13,7 +13,11 @@
 //! Nothing is left behind: bytes written while corked are flushed at the
 //! end of the same turn (a flush that cannot finish registers the task for
 //! the socket), and a turn whose writes were turned away once rustls'
-//! buffer was full is polled again uncorked to finish its work.
+//! buffer was full is polled again uncorked to finish its work. Bytes
+//! written uncorked that the socket could not take yet wait in rustls
+//! too; since the next turn's flush is corked and answered at once, the
+//! flush at that turn's end sends them (forgetting them once stalled a
+//! transfer until the next keepalive PING).
 //!
 //! A client's TLS handshake runs through [`Cork::keeping_writes`]: its
 //! last flight (certificate, signature, Finished), which rustls writes as
