@@ -1,5 +1,5 @@
 //! Faults that need a network of their own: a peer black-holed with
-//! iptables, and socket buffers capped with sysctl, inside a network
+//! iptables, and socket buffers capped, inside a network
 //! namespace this test creates (`unshare -n`, which holds only `lo`;
 //! nothing leaves the machine, and the host's settings stay as they are).
 //! Needs root and iptables; `scripts/install-test-deps.sh` installs
@@ -86,11 +86,11 @@ fn black_holed_server_is_detected_by_keepalive() {
 fn bulk_through_small_socket_buffers_never_waits_for_a_keepalive() {
     if !root_or_skip(
         "bulk_through_small_socket_buffers_never_waits_for_a_keepalive",
-        "network namespaces, sysctl",
+        "network namespaces",
     ) {
         return;
     }
-    for tool in ["unshare", "ip", "sysctl", "timeout"] {
+    for tool in ["unshare", "ip", "timeout"] {
         require(tool, "tests/netns.rs");
     }
     let dir = tempfile::tempdir().unwrap();

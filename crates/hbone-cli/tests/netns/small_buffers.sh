@@ -13,7 +13,10 @@ work=$2
 server_id=spiffe://cluster.local/ns/demo/sa/server
 
 ip link set lo up
-sysctl -qw net.ipv4.tcp_rmem="4096 131072 262144" net.ipv4.tcp_wmem="4096 16384 262144"
+# /proc/sys/net is this namespace's own.
+echo "4096 131072 262144" > /proc/sys/net/ipv4/tcp_rmem
+echo "4096 16384 262144" > /proc/sys/net/ipv4/tcp_wmem
+[ "$(cut -f3 /proc/sys/net/ipv4/tcp_rmem)" = 262144 ] || { echo "tcp_rmem not capped"; exit 1; }
 pids=()
 trap 'kill -KILL "${pids[@]}" 2>/dev/null || true' EXIT
 trap 'exit 1' TERM INT
