@@ -17,12 +17,12 @@
 //! round trips in a row the windows double. On a long path
 //! ([`LONG_PATH`]) each such round trip grows them fourfold
 //! ([`LONG_PATH_GROWTH`]), as TCP's slow start would, so that a transfer
-//! across regions reaches its speed in a few round trips. A node that is itself the
-//! bottleneck (a busy CPU) has a queue in front of it, which stretches
-//! the round trip well past the minimum: after [`SHRINK_STREAK`] such
-//! round trips in a row the stream window halves (never below the
-//! first), since more window would only lengthen the queue that every
-//! tunnel waits in.
+//! across regions reaches its speed in a few round trips. A node that is
+//! itself the bottleneck (a busy CPU) has a queue in front of it, which
+//! stretches the round trip well past the minimum: after
+//! [`SHRINK_STREAK`] such round trips in a row the stream window halves
+//! (never below the first), since more window would only lengthen the
+//! queue that every tunnel waits in.
 //!
 //! Unless every tunnel on the connection moves bulk and no tunnel in the
 //! process has trickled (moved less than bulk) within the last second
@@ -219,10 +219,11 @@ impl Estimator {
     /// most [`QUEUE_FREE_RTT`] times the shortest seen, or the slack more
     /// ([`QUEUE_FREE_SLACK_SHARED`] when the connection is
     /// [`Sharing::Shared`], [`QUEUE_FREE_SLACK_ALONE`] when it carries one
-    /// tunnel). While only bulk moves ([`Sharing::BulkOnly`]) every filled
-    /// round trip doubles the windows, queue or not, and they do not
-    /// shrink; once that ends, a stream window grown that way halves
-    /// on every round trip behind a queue, without waiting for a streak.
+    /// tunnel); on a long path ([`LONG_PATH`]) one such round trip grows
+    /// them fourfold. While only bulk moves ([`Sharing::BulkOnly`]) every
+    /// filled round trip grows the windows, queue or not, and they do not
+    /// shrink; once that ends, a stream window grown that way halves on
+    /// every round trip behind a queue, without waiting for a streak.
     pub(crate) fn sample(
         &mut self,
         rtt: Duration,
