@@ -15,17 +15,18 @@
 //! server take turns, the order swapped every run.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
 use super::child::Proc;
 use super::load::Workload;
-use super::machine::{self, Machine};
+use super::machine;
 use super::report::{cell, number, table};
 use super::runner::{gbits, run_load};
-use super::stack::{Apps, Entry, EntrySpec, Pki, Route, WorkDir, start_entry, start_server_with};
+use super::stack::{
+    Apps, Entry, EntrySpec, Pki, Route, WorkDir, start_delay_relay, start_entry, start_server_with,
+};
 use super::stats::Summary;
 use super::{EntryKind, Options};
 
@@ -33,9 +34,6 @@ use super::{EntryKind, Options};
 const DELAYS_MS: [u64; 2] = [5, 25];
 /// With `--quick`, one.
 const DELAYS_MS_QUICK: [u64; 1] = [25];
-
-/// How long a child may take to start.
-const START_LIMIT: Duration = Duration::from_secs(10);
 
 const HEADERS: [&str; 5] = [
     "round trip",
@@ -95,7 +93,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     for &delay_ms in delays {
         let mut entries = Vec::new();
         for server in &servers {
-            let (relay, addr) = start_relay(*server, delay_ms)?;
+            let (relay, addr) = start_delay_relay(*server, Duration::from_millis(delay_ms))?;
             procs.push(relay);
             let spec = EntrySpec::new(EntryKind::Forward, apps.sink, false);
             let (entry_proc, entry) = start_entry(spec, &pki, addr, &flags)?;
@@ -162,25 +160,6 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `hbone bench delay` to `to`, `delay_ms` each way, and its address.
-fn start_relay(to: SocketAddr, delay_ms: u64) -> anyhow::Result<(Proc, SocketAddr)> {
-    let args = super::stack::strings(&[
-        "bench",
-        "delay",
-        "--to",
-        &to.to_string(),
-        "--delay",
-        &format!("{delay_ms}ms"),
-    ]);
-    let mut relay = Proc::spawn(&format!("delay relay ({delay_ms} ms each way)"), &args)?;
-    let line = relay.next_line(START_LIMIT)?;
-    let addr = line
-        .strip_prefix(super::delay::READY_PREFIX)
-        .and_then(|addr| addr.trim().parse().ok())
-        .with_context(|| format!("the delay relay printed {line:?}, not its address"))?;
-    Ok((relay, addr))
-}
-
 /// The two rows of one delay: sized windows, then fixed ones.
 fn rows_of(delay_ms: u64, rates: &[Vec<f64>; 2], duration: Duration) -> Vec<Vec<String>> {
     let fixed = Summary::of(&rates[1]).map(|s| s.median);
@@ -227,9 +206,6 @@ fn document(options: &Options, date: &str, started: Instant, report: &str) -> St
         options.runs,
     );
     out += report;
-    out += "\n## Circumstances\n\n";
-    out += &Machine::describe().markdown_items();
-    let _ = writeln!(out, "- build: {}", machine::build_profile());
-    let _ = writeln!(out, "- command:\n\n    {}", options.command);
+    out += &machine::circumstances(&options.command);
     out
 }

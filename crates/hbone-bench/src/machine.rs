@@ -49,6 +49,16 @@ impl Machine {
     }
 }
 
+/// The "Circumstances" section that ends a written report: the machine,
+/// the build and the command that produced it.
+pub fn circumstances(command: &str) -> String {
+    format!(
+        "\n## Circumstances\n\n{}- build: {}\n- command:\n\n    {command}\n",
+        Machine::describe().markdown_items(),
+        build_profile()
+    )
+}
+
 /// The 1-, 5- and 15-minute load averages, as /proc/loadavg writes them:
 /// how busy the machine was around the measurement.
 pub fn load_average() -> String {

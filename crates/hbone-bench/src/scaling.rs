@@ -32,7 +32,7 @@ use anyhow::{Context, bail};
 use super::child::Proc;
 use super::cost::{Meter, NO_PERF};
 use super::load::Workload;
-use super::machine::{self, Machine};
+use super::machine;
 use super::perf::Syscalls;
 use super::report::{cell, number, table};
 use super::runner::{self, RoundTrips, conn_rate, gbits, run_loads_on};
@@ -494,10 +494,7 @@ fn document(options: &Options, plan: &Plan, date: &str, started: Instant, report
                 the rate grows. A machine with 4 CPUs or more shows the growth.\n\n";
     }
     out += report;
-    out += "\n## Circumstances\n\n";
-    out += &Machine::describe().markdown_items();
-    let _ = writeln!(out, "- build: {}", machine::build_profile());
-    let _ = writeln!(out, "- command:\n\n    {}", options.command);
+    out += &machine::circumstances(&options.command);
     out
 }
 

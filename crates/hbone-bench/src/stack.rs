@@ -145,6 +145,27 @@ pub fn start_server_with(
     Ok(Listening { proc, addr })
 }
 
+/// `hbone bench delay` to `to`, holding every byte `delay` each way (a
+/// long path on loopback), and the address it listens on.
+pub fn start_delay_relay(to: SocketAddr, delay: Duration) -> anyhow::Result<(Proc, SocketAddr)> {
+    let millis = delay.as_millis();
+    let args = strings(&[
+        "bench",
+        "delay",
+        "--to",
+        &to.to_string(),
+        "--delay",
+        &format!("{millis}ms"),
+    ]);
+    let mut relay = Proc::spawn(&format!("delay relay ({millis} ms each way)"), &args)?;
+    let line = relay.next_line(START_LIMIT)?;
+    let addr = line
+        .strip_prefix(super::delay::READY_PREFIX)
+        .and_then(|addr| addr.trim().parse().ok())
+        .with_context(|| format!("the delay relay printed {line:?}, not its address"))?;
+    Ok((relay, addr))
+}
+
 /// Bare relays (`hbone bench relays`) in front of the apps: the reference
 /// beside hbone on bulk and req/resp.
 pub struct BareRelays {
