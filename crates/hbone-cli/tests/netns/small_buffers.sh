@@ -17,14 +17,9 @@ ip link set lo up
 echo "4096 131072 262144" > /proc/sys/net/ipv4/tcp_rmem
 echo "4096 16384 262144" > /proc/sys/net/ipv4/tcp_wmem
 [ "$(cut -f3 /proc/sys/net/ipv4/tcp_rmem)" = 262144 ] || { echo "tcp_rmem not capped"; exit 1; }
-pids=()
-trap 'kill -KILL "${pids[@]}" 2>/dev/null || true' EXIT
-trap 'exit 1' TERM INT
+# pids (killed on exit) and wait_for.
+source "$(dirname "$0")/lib.sh"
 
-wait_for() {
-    for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-    echo "timed out waiting for '$2' in $1"; return 1
-}
 "$bin" bench apps > "$work/apps.out" 2> "$work/apps.err" &
 pids+=($!)
 wait_for "$work/apps.out" sink=
