@@ -154,14 +154,19 @@ fn run_bench(args: &[&str]) -> String {
     stdout
 }
 
+/// The trimmed cells of one table line, without the outer pipes.
+fn cells_of(line: &str) -> Vec<&str> {
+    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+    cells[1..cells.len() - 1].to_vec()
+}
+
 /// The cells of the row labelled `label`, label first.
 fn row<'a>(table: &'a str, label: &str) -> Vec<&'a str> {
     let row = table
         .lines()
         .find(|line| line.starts_with(&format!("| {label} ")))
         .unwrap_or_else(|| panic!("no row {label:?} in:\n{table}"));
-    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-    cells[1..cells.len() - 1].to_vec()
+    cells_of(row)
 }
 
 /// The (direct, 2 processes, 1 process, 1 process per-core) cells of the
@@ -181,13 +186,7 @@ fn per_unit_rows(report: &str) -> Vec<Vec<&str>> {
         .collect();
     assert!(table.len() > 2, "no per-unit table in:\n{report}");
     assert!(table[0].contains("syscalls"), "{}", table[0]);
-    table[2..]
-        .iter()
-        .map(|line| {
-            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            cells[1..cells.len() - 1].to_vec()
-        })
-        .collect()
+    table[2..].iter().map(|line| cells_of(line)).collect()
 }
 
 /// The median at the start of a cell like `1,234 (1,100–1,300)`.
@@ -583,10 +582,7 @@ fn scaling_measures_each_step_under_each_runtime_beside_direct() {
     let rows: Vec<Vec<&str>> = report
         .lines()
         .filter(|line| line.starts_with("| ") && !line.starts_with("| work "))
-        .map(|line| {
-            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            cells[1..cells.len() - 1].to_vec()
-        })
+        .map(cells_of)
         .collect();
     for (work, rate_unit, per) in works {
         let of_work: Vec<_> = rows.iter().filter(|row| row[0] == work).collect();
@@ -727,10 +723,7 @@ fn long_path_compares_sized_windows_with_fixed_ones() {
     let rows: Vec<Vec<&str>> = report
         .lines()
         .filter(|line| line.starts_with("| 50 ms "))
-        .map(|line| {
-            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-            cells[1..cells.len() - 1].to_vec()
-        })
+        .map(cells_of)
         .collect();
     let kinds: Vec<&str> = rows.iter().map(|row| row[1]).collect();
     assert_eq!(
