@@ -19,6 +19,12 @@
 //! flush at that turn's end sends them (forgetting them once stalled a
 //! transfer until the next keepalive PING).
 //!
+//! On the work-stealing runtime a turn may also leave its flush to a
+//! later turn of the same round of the worker ([`batch`]), so that the
+//! frames of the other tunnels that are about to run leave with it: the
+//! connection defers while that pays, and tries it only now and then
+//! while it does not.
+//!
 //! A client's TLS handshake runs through [`Cork::keeping_writes`]: its
 //! last flight (certificate, signature, Finished), which rustls writes as
 //! the handshake completes, stays in [`Hold`] and leaves in the same
@@ -26,6 +32,7 @@
 //! one of its own. Anything kept goes out before the transport is read,
 //! so a handshake that waits for the peer has sent what it wrote.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -33,6 +40,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::runtime::RuntimeFlavor;
+
+use batch::Batching;
+
+mod batch;
 
 /// The most a turn writes into TLS before the cork lifts for the rest of
 /// it: four full records. A bulk stream's 256 KiB frames are cheaper sent
@@ -41,12 +53,27 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const CORK_LIMIT: usize = 64 << 10;
 
 /// The driving task's handle on one connection's cork.
-#[derive(Default)]
 pub(crate) struct Cork {
     flags: Arc<Flags>,
     /// The TLS stream (shared with [`FlushGate`], inside h2), for the flush
     /// that ends a turn; set by [`Cork::gate`].
     stream: Option<Arc<Mutex<dyn Flush>>>,
+    /// Whether turns may defer their flush ([`batch`]): only where
+    /// wake-ups jump the queue, on tokio's work-stealing runtime.
+    batching: Option<Batching>,
+}
+
+impl Default for Cork {
+    /// A cork for a connection driven on the current runtime.
+    fn default() -> Self {
+        let work_stealing = tokio::runtime::Handle::try_current()
+            .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread);
+        Cork {
+            flags: Arc::default(),
+            stream: None,
+            batching: work_stealing.then(Batching::default),
+        }
+    }
 }
 
 /// Shared by a connection's [`Hold`], its [`FlushGate`] and the task that
@@ -189,13 +216,31 @@ impl Cork {
         };
         if sends {
             if flags.unflushed.load(Relaxed) {
-                self.flush(cx);
+                self.flush_or_defer(cx, result.is_pending() && !starved);
+            } else if let Some(batching) = &self.batching {
+                batching.sent();
             }
             if starved {
                 cx.waker().wake_by_ref();
             }
         }
         result
+    }
+
+    /// Sends what the turn wrote, or leaves it for a later turn of the
+    /// worker's round when [`Batching`] says other tunnels' turns are
+    /// likely to join it (`may_defer`: the connection waits on, and the
+    /// turn's writes all fit the cork).
+    fn flush_or_defer(&self, cx: &mut Context<'_>, may_defer: bool) {
+        if let Some(batching) = &self.batching {
+            let held = self.flags.held.load(Relaxed);
+            let may_defer = may_defer && held < CORK_LIMIT;
+            if batching.after_turn(held > 0, may_defer) == batch::Flush::Later {
+                wake_after_the_others(cx);
+                return;
+            }
+        }
+        self.flush(cx);
     }
 
     /// Sends what the turn wrote. A flush that cannot finish now (a full
@@ -213,6 +258,14 @@ impl Cork {
             self.flags.unflushed.store(false, Relaxed);
         }
     }
+}
+
+/// Has the task woken once the worker has run the other tasks that are
+/// ready, rather than next: what tokio's `yield_now` does on its first
+/// poll (the wake-up stays registered when the future is dropped).
+fn wake_after_the_others(cx: &mut Context<'_>) {
+    let mut yielding = std::pin::pin!(tokio::task::yield_now());
+    let _ = yielding.as_mut().poll(cx);
 }
 
 /// Whether a corked poll ([`Cork::corked`]) sends what it wrote.

@@ -156,6 +156,50 @@ async fn h2_over_a_small_tls_buffer(
     (send, server.expect("server h2"), written)
 }
 
+/// `count` streams over [`tls_pair`], each answered with response headers
+/// through `cork` (not sent yet): the server's connection, the caller's
+/// to drive from here; the server's ends of the streams; the client's
+/// responses to come; what reached the server's transport.
+async fn answered_streams(
+    cork: &mut Cork,
+    count: usize,
+) -> (
+    h2::server::Connection<ServerSide, Bytes>,
+    Vec<h2::SendStream<Bytes>>,
+    Vec<h2::client::ResponseFuture>,
+    Arc<Written>,
+) {
+    let (server_io, client_io, written) = tls_pair(cork, 1 << 20).await;
+    let (client, server) = tokio::join!(
+        h2::client::handshake(client_io),
+        h2::server::handshake(server_io)
+    );
+    let (mut send, client) = client.expect("client h2");
+    let mut server = server.expect("server h2");
+    tokio::spawn(async move {
+        let _ = client.await;
+    });
+    let mut responses = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..count {
+        let request = http::Request::post("https://server/").body(()).unwrap();
+        send = send.ready().await.unwrap();
+        let (response, _) = send.send_request(request, false).unwrap();
+        responses.push(response);
+        let (_, mut respond) =
+            std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx)))
+                .await
+                .expect("a stream")
+                .expect("a request");
+        senders.push(
+            respond
+                .send_response(http::Response::new(()), false)
+                .unwrap(),
+        );
+    }
+    (server, senders, responses, written)
+}
+
 /// Whether a task was woken.
 #[derive(Default)]
 struct Woken(AtomicBool);
@@ -180,34 +224,7 @@ async fn frames_of_several_streams_sent_in_one_turn_leave_in_one_write() {
     // Fails rather than hangs if a turn leaves bytes behind.
     let test = async {
         let mut cork = Cork::default();
-        let (server_io, client_io, written) = tls_pair(&mut cork, 1 << 20).await;
-        let (client, server) = tokio::join!(
-            h2::client::handshake(client_io),
-            h2::server::handshake(server_io)
-        );
-        let (mut send, client) = client.expect("client h2");
-        let mut server = server.expect("server h2");
-        tokio::spawn(async move {
-            let _ = client.await;
-        });
-        let mut responses = Vec::new();
-        let mut senders = Vec::new();
-        for _ in 0..4 {
-            let request = http::Request::post("https://server/").body(()).unwrap();
-            send = send.ready().await.unwrap();
-            let (response, _) = send.send_request(request, false).unwrap();
-            responses.push(response);
-            let (_, mut respond) =
-                std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx)))
-                    .await
-                    .expect("a stream")
-                    .expect("a request");
-            senders.push(
-                respond
-                    .send_response(http::Response::new(()), false)
-                    .unwrap(),
-            );
-        }
+        let (mut server, mut senders, responses, written) = answered_streams(&mut cork, 4).await;
         // One turn sends the response headers.
         std::future::poll_fn(|cx| {
             let _ = cork.drive(cx, |cx| server.poll_accept(cx));
@@ -247,6 +264,74 @@ async fn frames_of_several_streams_sent_in_one_turn_leave_in_one_write() {
     tokio::time::timeout(std::time::Duration::from_secs(10), test)
         .await
         .expect("the connection keeps moving");
+}
+
+/// Tunnels that run one after another on a work-stealing worker each wake
+/// the connection's task next (tokio's LIFO slot), a turn and a write
+/// per frame; once deferring has shown that it pays, their frames leave
+/// together, and none is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn frames_of_tunnels_that_run_in_a_row_share_a_write_on_the_work_stealing_runtime() {
+    // Not a divisor of the probing period, so that a probe lands within
+    // a round rather than on its last frame, which nothing follows.
+    const TUNNELS: usize = 6;
+    const ROUNDS: usize = 150;
+    const MEASURED: usize = 100;
+    let test = async {
+        let mut cork = Cork::default();
+        assert!(cork.batching.is_some(), "work-stealing: flushes may wait");
+        let (mut server, senders, responses, written) = answered_streams(&mut cork, TUNNELS).await;
+        tokio::spawn(async move {
+            loop {
+                std::future::poll_fn(|cx| cork.drive(cx, |cx| server.poll_accept(cx))).await;
+            }
+        });
+        let (received_tx, mut received) = tokio::sync::mpsc::unbounded_channel();
+        for response in responses {
+            let mut body = response.await.expect("a response").into_body();
+            let received_tx = received_tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                    let _ = received_tx.send(chunk.len());
+                }
+            });
+        }
+        // Each tunnel sends 16 bytes a round, woken with the others.
+        let (round_tx, round_rx) = tokio::sync::watch::channel(0usize);
+        for mut sender in senders {
+            let mut round_rx = round_rx.clone();
+            tokio::spawn(async move {
+                while round_rx.changed().await.is_ok() {
+                    sender
+                        .send_data(Bytes::from_static(&[7; 16]), false)
+                        .unwrap();
+                }
+            });
+        }
+        let round_tx = Arc::new(round_tx);
+        let mut writes_before_measuring = 0;
+        for round in 1..=ROUNDS {
+            if round == ROUNDS - MEASURED + 1 {
+                writes_before_measuring = written.writes();
+            }
+            // Woken from a task on the worker, as the peers' data would.
+            let round_tx = round_tx.clone();
+            tokio::spawn(async move { round_tx.send_replace(round) });
+            let mut bytes = 0;
+            while bytes < TUNNELS * 16 {
+                bytes += received.recv().await.expect("the readers run");
+            }
+        }
+        let writes = written.writes() - writes_before_measuring;
+        assert!(
+            writes <= 3 * MEASURED,
+            "{writes} writes for {MEASURED} rounds of {TUNNELS} frames"
+        );
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), test)
+        .await
+        .expect("every round's frames arrive");
 }
 
 #[tokio::test]
