@@ -7,6 +7,8 @@ pub struct Machine {
     pub cpu_model: String,
     pub memory: String,
     pub kernel: String,
+    /// How an idle CPU waits for work ([`idle_cpus`]).
+    pub idle: String,
 }
 
 impl Machine {
@@ -26,6 +28,17 @@ impl Machine {
             .map(|kib| format!("{:.1} GiB", kib as f64 / (1024.0 * 1024.0)))
             .unwrap_or_else(|| "unknown".to_owned());
         let kernel = read("/proc/version").trim().to_owned();
+        let virtual_machine = cpuinfo
+            .lines()
+            .filter_map(|line| line.strip_prefix("flags"))
+            .any(|flags| flags.split_whitespace().any(|flag| flag == "hypervisor"));
+        let cpuidle = |name: &str| read_trimmed(&format!("/sys/devices/system/cpu/cpuidle/{name}"));
+        let idle = idle_cpus(
+            cpuidle("current_driver").as_deref(),
+            cpuidle("current_governor").as_deref(),
+            read_trimmed("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_deref(),
+            virtual_machine,
+        );
         Machine {
             cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
             cpu_model,
@@ -35,16 +48,59 @@ impl Machine {
             } else {
                 kernel
             },
+            idle,
         }
     }
+}
+
+/// How this machine's idle CPUs wait, in words: the cpuidle driver and
+/// governor, the guest's halt polling where the driver is `haltpoll`, and
+/// whether this is a virtual machine. It moves CPU per request and latency
+/// more than most code changes do: a request wakes a sleeping thread at
+/// every hop, and where the CPU it sleeps on has halted, waking it costs
+/// an interrupt to another CPU, which on a virtual machine exits to the
+/// hypervisor, unless the idle CPU polls for a while before it halts.
+fn idle_cpus(
+    driver: Option<&str>,
+    governor: Option<&str>,
+    halt_poll_ns: Option<&str>,
+    virtual_machine: bool,
+) -> String {
+    let mut parts = Vec::new();
+    match (driver, governor) {
+        (Some(driver), Some(governor)) => {
+            parts.push(format!("cpuidle driver `{driver}`, governor `{governor}`"))
+        }
+        (Some(driver), None) => parts.push(format!("cpuidle driver `{driver}`")),
+        _ => parts.push("cpuidle unknown".to_owned()),
+    }
+    if driver == Some("haltpoll") {
+        match halt_poll_ns.and_then(|ns| ns.parse::<u64>().ok()) {
+            Some(0) => parts.push(
+                "no halt polling (`guest_halt_poll_ns` 0: an idle CPU halts at once, and waking \
+                 it goes through the hypervisor)"
+                    .to_owned(),
+            ),
+            Some(ns) => parts.push(format!(
+                "halt polling up to {ns} ns (`guest_halt_poll_ns`) before an idle CPU halts"
+            )),
+            None => {}
+        }
+    }
+    parts.push(if virtual_machine {
+        "a virtual machine (the `hypervisor` CPU flag)".to_owned()
+    } else {
+        "no `hypervisor` CPU flag".to_owned()
+    });
+    parts.join("; ")
 }
 
 impl Machine {
     /// The CPUs, memory and kernel as Markdown list items, one per line.
     pub fn markdown_items(&self) -> String {
         format!(
-            "- CPUs: {} × {}\n- memory: {}\n- kernel: {}\n",
-            self.cpus, self.cpu_model, self.memory, self.kernel
+            "- CPUs: {} × {}\n- idle CPUs: {}\n- memory: {}\n- kernel: {}\n",
+            self.cpus, self.cpu_model, self.idle, self.memory, self.kernel
         )
     }
 }
@@ -57,6 +113,30 @@ pub fn circumstances(command: &str) -> String {
         Machine::describe().markdown_items(),
         build_profile()
     )
+}
+
+/// The CPUs this process may run on, in order; `mode` (the option that
+/// holds processes to CPUs) names what needs them where it cannot be done.
+#[cfg(target_os = "linux")]
+pub fn allowed_cpus(_mode: &str) -> anyhow::Result<Vec<usize>> {
+    use anyhow::Context as _;
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills
+    // it, and CPU_ISSET reads within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot read this process's CPUs");
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect())
+    }
+}
+
+/// Elsewhere processes are not held to CPUs.
+#[cfg(not(target_os = "linux"))]
+pub fn allowed_cpus(mode: &str) -> anyhow::Result<Vec<usize>> {
+    anyhow::bail!("{mode} holds processes to CPUs, which it does on Linux only")
 }
 
 /// The 1-, 5- and 15-minute load averages, as /proc/loadavg writes them:
@@ -163,6 +243,12 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// A one-line file's content, trimmed; `None` when it cannot be read or
+/// is empty.
+fn read_trimmed(path: &str) -> Option<String> {
+    Some(read(path).trim().to_owned()).filter(|text| !text.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +258,28 @@ mod tests {
         assert_eq!(quote("--runs"), "--runs");
         assert_eq!(quote("a b"), "'a b'");
         assert_eq!(quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn idle_cpus_say_whether_a_halted_cpu_is_woken_through_the_hypervisor() {
+        let halting = idle_cpus(Some("haltpoll"), Some("haltpoll"), Some("0"), true);
+        assert_eq!(
+            halting,
+            "cpuidle driver `haltpoll`, governor `haltpoll`; no halt polling \
+             (`guest_halt_poll_ns` 0: an idle CPU halts at once, and waking it goes through \
+             the hypervisor); a virtual machine (the `hypervisor` CPU flag)"
+        );
+        let polling = idle_cpus(Some("haltpoll"), Some("haltpoll"), Some("200000"), true);
+        assert!(
+            polling.contains("halt polling up to 200000 ns"),
+            "{polling}"
+        );
+        let metal = idle_cpus(Some("intel_idle"), Some("menu"), Some("0"), false);
+        assert_eq!(
+            metal,
+            "cpuidle driver `intel_idle`, governor `menu`; no `hypervisor` CPU flag"
+        );
+        assert!(idle_cpus(None, None, None, false).starts_with("cpuidle unknown"));
     }
 
     #[test]

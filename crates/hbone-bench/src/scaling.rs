@@ -172,7 +172,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     if scaled.is_empty() {
         bail!("--scaling measures bulk, req-resp and connections only; --only names none of them");
     }
-    let plan = Plan::of(&allowed_cpus()?)?;
+    let plan = Plan::of(&machine::allowed_cpus("--scaling")?)?;
     let pki = Pki::write(dir.path()).context("cannot create the bench identities")?;
     let generators = plan.load.len();
     // Each contender's generators reach echo listeners of their own: the
@@ -428,27 +428,6 @@ fn rows_of(
 /// A figure, or "n/a" where there is none.
 fn shown(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
     value.map_or_else(|| "n/a".to_owned(), show)
-}
-
-/// The CPUs this process may run on, in order.
-#[cfg(target_os = "linux")]
-fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
-    // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills
-    // it, and CPU_ISSET reads within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return Err(std::io::Error::last_os_error()).context("cannot read this process's CPUs");
-        }
-        Ok((0..libc::CPU_SETSIZE as usize)
-            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
-            .collect())
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
-    bail!("--scaling holds processes to CPUs, which it does on Linux only")
 }
 
 /// The Markdown report of `--write`.
