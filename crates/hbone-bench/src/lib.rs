@@ -19,6 +19,7 @@
 //! | `against` | `--against`: this build and another, in the same runs |
 //! | `scaling` | `--scaling`: the rate as hbone gets more CPUs, under each runtime |
 //! | `long_path` | `--long-path`: one bulk stream across a long round trip, sized windows against fixed |
+//! | `placement` | `--placement`: requests and new tunnels with every process on one CPU, and placed by the scheduler |
 //! | `delay` | a relay that holds bytes for a fixed time each way (`bench delay`) |
 //! | `suite/isolation` | req/resp alone and beside bulk through one SOCKS5 entry |
 //! | `suite/bare_relays` | bulk and req/resp through the bare relays, metered as hbone is |
@@ -49,6 +50,7 @@ mod long_path;
 mod machine;
 mod markdown;
 mod perf;
+mod placement;
 mod report;
 mod results;
 mod runner;
@@ -80,6 +82,7 @@ use hbone::config::parse_duration;
   hbone bench --against ./hbone-before     # this build against another, same runs
   hbone bench --scaling --write docs/scaling.md   # the rate as hbone gets more CPUs
   hbone bench --long-path --write docs/long-path.md   # bulk across a long round trip
+  hbone bench --placement --write docs/placement.md   # one CPU against the scheduler's choice
 
 Build with --release for figures worth keeping, and run on a quiet machine: the apps,
 the server, the entries and the load generator all share its cores. Everything listens
@@ -176,6 +179,18 @@ pub struct BenchArgs {
     /// sizes its flow-control windows and to one with `--fixed-windows`.
     #[arg(long, conflicts_with_all = ["against", "scaling", "only"])]
     long_path: bool,
+    /// Instead of the full bench: 1 KiB request/response and new
+    /// connections with every process of the path (apps, load generator,
+    /// proxy) held to one CPU, beside the same processes placed by the
+    /// scheduler, in the same runs: what the machine's cross-CPU wake-ups
+    /// cost each unit of work. Direct TCP, one `hbone run` under each
+    /// runtime, and the one-thread bare relays. Linux only. It sets the
+    /// proxies' runtime and threads itself.
+    #[arg(
+        long,
+        conflicts_with_all = ["against", "scaling", "long_path", "proxy_runtime", "proxy_threads"]
+    )]
+    placement: bool,
 }
 
 /// The bench's workloads, for `--only`.
@@ -290,6 +305,9 @@ pub struct Options {
     pub scaling: bool,
     /// Measure bulk across a long path, instead of the full bench.
     pub long_path: bool,
+    /// Measure requests and tunnels on one CPU and placed by the
+    /// scheduler, instead of the full bench.
+    pub placement: bool,
 }
 
 impl Options {
@@ -336,6 +354,7 @@ impl BenchArgs {
             against: self.against,
             scaling: self.scaling,
             long_path: self.long_path,
+            placement: self.placement,
         }
     }
 }
@@ -363,6 +382,7 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
                 Some(other) => against::run(&options, other, &dir),
                 None if options.scaling => scaling::run(&options, &dir),
                 None if options.long_path => long_path::run(&options, &dir),
+                None if options.placement => placement::run(&options, &dir),
                 None => suite::run(&options, &dir),
             });
             tokio::select! {

@@ -180,6 +180,15 @@ impl BareRelays {
     /// The relays with a blocking thread per direction, or all on one
     /// thread with epoll.
     pub fn start(apps: &Apps, one_thread: bool) -> anyhow::Result<BareRelays> {
+        BareRelays::start_on(apps, one_thread, None)
+    }
+
+    /// The same, held to `cpus` when given (`--placement`).
+    pub fn start_on(
+        apps: &Apps,
+        one_thread: bool,
+        cpus: Option<&[usize]>,
+    ) -> anyhow::Result<BareRelays> {
         let targets = [apps.sink, apps.echo];
         let mut args = strings(&["bench", "relays"]);
         for target in targets {
@@ -192,7 +201,7 @@ impl BareRelays {
             }
             false => ("bare relays", Counted::BareRelays),
         };
-        let mut proc = Proc::spawn(name, &args)?;
+        let mut proc = Proc::spawn_on(name, &args, cpus)?;
         let mut entries = Vec::with_capacity(targets.len());
         for target in targets {
             entries.push((target, proc.wait_ready(START_LIMIT)?));

@@ -753,3 +753,126 @@ fn long_path_refuses_a_workload_list() {
         "cannot be used with",
     );
 }
+
+/// `--placement` runs each path with every process on one CPU and placed
+/// by the scheduler: for each workload, a row per path and placement in
+/// that order, a positive rate, the proxies' CPU per unit where hbone or
+/// the relays carry it (none for direct), and on the one-CPU rows that
+/// CPU over the scheduler's; `--write` keeps the table and says how the
+/// machine's idle CPUs wait.
+#[test]
+fn placement_measures_each_path_on_one_cpu_and_placed_by_the_scheduler() {
+    let cpu = {
+        // SAFETY: as in `allowed_cpus`; CPU_ISSET reads within the set.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
+                0
+            );
+            (0..libc::CPU_SETSIZE as usize)
+                .rfind(|&cpu| libc::CPU_ISSET(cpu, &set))
+                .unwrap()
+        }
+    };
+    let one_cpu = format!("CPU {cpu} alone");
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("placement.md");
+    let report = run_bench(&[
+        "bench",
+        "--quick",
+        "--placement",
+        "--write",
+        markdown.to_str().unwrap(),
+    ]);
+    let rows: Vec<Vec<&str>> = report
+        .lines()
+        .filter(|line| line.starts_with("| ") && !line.starts_with("| work "))
+        .map(cells_of)
+        .collect();
+    let works = [
+        ("1 KiB req/resp", "req/s", "request", true),
+        ("new conn + 1-byte echo", "conn/s", "tunnel", false),
+    ];
+    for (work, rate_unit, per, relays) in works {
+        let of_work: Vec<_> = rows.iter().filter(|row| row[0] == work).collect();
+        let mut paths = vec![
+            "direct",
+            "hbone, 1 process, work-stealing",
+            "hbone, 1 process, per-core",
+        ];
+        if relays {
+            paths.push("bare relays, one thread (reference)");
+        }
+        let expected: Vec<(&str, &str)> = paths
+            .iter()
+            .flat_map(|path| [(*path, "the scheduler's choice"), (*path, one_cpu.as_str())])
+            .collect();
+        let shown: Vec<(&str, &str)> = of_work.iter().map(|row| (row[1], row[2])).collect();
+        assert_eq!(shown, expected, "{work}:\n{report}");
+        for row in &of_work {
+            let rate = row[3]
+                .strip_suffix(&format!(" {rate_unit}"))
+                .and_then(median)
+                .unwrap_or_else(|| panic!("{work}: rate {:?} in:\n{report}", row[3]));
+            assert!(rate > 0.0, "{work}: {row:?}");
+            if relays {
+                assert!(median(row[4]).unwrap_or(0.0) > 0.0, "{work}: p50 {row:?}");
+            } else {
+                assert_eq!(row[4], "n/a", "{work}: {row:?}");
+            }
+            if row[1] == "direct" {
+                assert_eq!(&row[5..10], ["n/a"; 5], "{work}: direct row {row:?}");
+                assert_eq!(row[10], "", "{work}: {row:?}");
+                continue;
+            }
+            let cpu = row[5]
+                .strip_suffix(&format!(" per {per}"))
+                .and_then(median)
+                .unwrap_or_else(|| panic!("{work}: CPU per unit {:?}", row[5]));
+            assert!(cpu > 0.0, "{work}: {row:?}");
+            assert!(
+                median(row[7]).unwrap_or(0.0) > 0.0,
+                "{work}: switches {row:?}"
+            );
+            if row[9] != NO_PERF {
+                assert!(median(row[9]).unwrap_or(0.0) > 0.0, "{work}: {row:?}");
+            }
+            match row[2] == one_cpu {
+                true => assert!(median(row[10]).unwrap_or(0.0) > 0.0, "{work}: {row:?}"),
+                false => assert_eq!(row[10], "", "{work}: {row:?}"),
+            }
+        }
+    }
+    let written = std::fs::read_to_string(&markdown).unwrap();
+    assert!(
+        written.starts_with("# hbone on one CPU and where the scheduler puts it"),
+        "{written}"
+    );
+    assert!(written.contains("| 1 KiB req/resp "), "{written}");
+    assert!(written.contains("- idle CPUs: "), "{written}");
+}
+
+/// `--placement` measures requests and new tunnels only, and sets the
+/// proxies' runtime and threads itself.
+#[test]
+fn placement_refuses_what_it_cannot_measure() {
+    refused(
+        &["bench", "--quick", "--placement", "--only", "idle"],
+        "--only names neither",
+    );
+    refused(
+        &[
+            "bench",
+            "--quick",
+            "--placement",
+            "--proxy-runtime",
+            "per-core",
+        ],
+        "cannot be used with",
+    );
+    refused(
+        &["bench", "--quick", "--placement", "--scaling"],
+        "cannot be used with",
+    );
+}
