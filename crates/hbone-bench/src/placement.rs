@@ -168,52 +168,13 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         },
     ];
     let pki = Pki::write(dir.path()).context("cannot create the bench identities")?;
+    // The apps of each placement, kept running until the end.
     let mut apps_procs = Vec::new();
     let mut contenders = Vec::new();
     for (index, placement) in placements.iter().enumerate() {
-        let held = placement.held();
-        // An echo listener per path: new connections to one destination
-        // reuse a port in TIME-WAIT only after a second.
-        let apps = Apps::start_on(held.as_deref(), PATHS.len())?;
-        for (path, &echo) in PATHS.iter().zip(&apps.echoes) {
-            let contender = match *path {
-                Path::Direct => Contender {
-                    placement: index,
-                    path: *path,
-                    procs: Vec::new(),
-                    routes: [Some(Route::direct(echo)), Some(Route::direct(echo))],
-                },
-                Path::Hbone(runtime) => {
-                    let flags = ChildFlags {
-                        runtime: runtime.to_owned(),
-                        threads: placement.cpu.map(|_| 1),
-                        cpus: held.clone(),
-                        ..options.child_flags()
-                    };
-                    let spec = EntrySpec::new(options.entry, echo, true);
-                    let proxies = Proxies::start_joined(&[spec], &pki, dir.path(), &flags)?;
-                    let route = proxies.entry_for(echo)?.route(echo);
-                    Contender {
-                        placement: index,
-                        path: *path,
-                        procs: proxies.procs,
-                        routes: [Some(route), Some(route)],
-                    }
-                }
-                Path::BareRelays => {
-                    let relays = BareRelays::start_on(&apps, true, held.as_deref())?;
-                    let route = relays.route(apps.echo)?;
-                    Contender {
-                        placement: index,
-                        path: *path,
-                        procs: vec![relays.proc],
-                        routes: [Some(route), None],
-                    }
-                }
-            };
-            contenders.push(contender);
-        }
-        apps_procs.push(apps.proc);
+        let (apps, started) = start_placement(options, index, placement, &pki, dir)?;
+        apps_procs.push(apps);
+        contenders.extend(started);
     }
     let mut syscalls = Syscalls::probe(apps_procs[0].pid(), dir.path(), true);
     eprintln!(
@@ -271,6 +232,51 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         eprintln!("hbone bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The apps of placement `index` and a contender per path, every process
+/// held to the placement's CPU where it has one.
+fn start_placement(
+    options: &Options,
+    index: usize,
+    placement: &Placement,
+    pki: &Pki,
+    dir: &WorkDir,
+) -> anyhow::Result<(Proc, Vec<Contender>)> {
+    let held = placement.held();
+    // An echo listener per path: new connections to one destination
+    // reuse a port in TIME-WAIT only after a second.
+    let apps = Apps::start_on(held.as_deref(), PATHS.len())?;
+    let mut contenders = Vec::new();
+    for (&path, &echo) in PATHS.iter().zip(&apps.echoes) {
+        let (procs, routes) = match path {
+            Path::Direct => (Vec::new(), [Some(Route::direct(echo)); 2]),
+            Path::Hbone(runtime) => {
+                let flags = ChildFlags {
+                    runtime: runtime.to_owned(),
+                    threads: placement.cpu.map(|_| 1),
+                    cpus: held.clone(),
+                    ..options.child_flags()
+                };
+                let spec = EntrySpec::new(options.entry, echo, true);
+                let proxies = Proxies::start_joined(&[spec], pki, dir.path(), &flags)?;
+                let route = proxies.entry_for(echo)?.route(echo);
+                (proxies.procs, [Some(route); 2])
+            }
+            Path::BareRelays => {
+                let relays = BareRelays::start_on(&apps, true, held.as_deref())?;
+                let route = relays.route(apps.echo)?;
+                (vec![relays.proc], [Some(route), None])
+            }
+        };
+        contenders.push(Contender {
+            placement: index,
+            path,
+            procs,
+            routes,
+        });
+    }
+    Ok((apps.proc, contenders))
 }
 
 /// One run of `work` through `contender`, and what its processes spent.
