@@ -55,7 +55,9 @@ fn render(doc: &Document) -> String {
             generator). Syscalls and context switches per unit are counts: they hardly move \
             when the machine is busy, unlike rates, and are the figures to compare across runs \
             and machines. CPU time per unit is a time, and moves with what else the machine's \
-            cores and caches serve. The bulk and request/response rows end with two references \
+            cores and caches serve, and with what waking a sleeping thread on another CPU \
+            costs there (*idle CPUs* under Machine says how its idle CPUs wait; `hbone bench \
+            --placement` measures the share of it in a request). The bulk and request/response rows end with two references \
             measured in the same runs: two bare relays that do nothing but carry the bytes as \
             TLS records, first with a blocking thread per direction, then all on one thread \
             that waits in epoll. On bulk they show what the sockets and the cipher cost per MB \
