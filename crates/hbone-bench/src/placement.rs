@@ -421,8 +421,10 @@ fn document(options: &Options, cpu: usize, date: &str, started: Instant, report:
          other CPU and, where that CPU had halted for want of work, waits for it to come back, \
          through the hypervisor on a virtual machine (see *idle CPUs* below). On one CPU every \
          wake-up is a context switch where the waker runs. *CPU ÷ scheduler's* is what a unit \
-         of work costs on one CPU over what it costs placed by the scheduler: the share that \
-         is not the machine's cross-CPU wake-ups. CPU, context switches, migrations and \
+         of work costs on one CPU over what it costs placed by the scheduler: below 1, the \
+         rest is what crossing CPUs cost (wake-ups, data moving between caches), less what \
+         sharing one CPU with the apps added (their preemptions show in the context \
+         switches). CPU, context switches, migrations and \
          syscalls (`perf stat -e raw_syscalls:sys_enter`, attached during every run) are those \
          of the proxy processes only, per request or tunnel. Compare rows of this file only.\n",
         options.entry.name(),
