@@ -531,18 +531,40 @@ fn against_refuses_what_it_cannot_compare() {
     );
 }
 
-/// The CPUs this test may run on, as the bench counts them.
-fn allowed_cpus() -> usize {
+/// The CPUs this test may run on, in order, as the bench reads them.
+fn allowed_cpu_list() -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills
-    // it and CPU_COUNT reads it.
+    // it and CPU_ISSET reads within it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         assert_eq!(
             libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
             0
         );
-        libc::CPU_COUNT(&set) as usize
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect()
     }
+}
+
+/// How many CPUs this test may run on.
+fn allowed_cpus() -> usize {
+    allowed_cpu_list().len()
+}
+
+/// Runs `hbone bench --quick MODE --write FILE`; returns what it printed
+/// and what it wrote.
+fn run_bench_writing(mode: &str) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let markdown = dir.path().join("report.md");
+    let report = run_bench(&[
+        "bench",
+        "--quick",
+        mode,
+        "--write",
+        markdown.to_str().unwrap(),
+    ]);
+    (report, std::fs::read_to_string(&markdown).unwrap())
 }
 
 /// `--scaling` gives hbone 1, 2, 4... of the lower half of the CPUs, the
@@ -565,15 +587,7 @@ fn scaling_measures_each_step_under_each_runtime_beside_direct() {
     if steps.last() != Some(&half) {
         steps.push(half);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let markdown = dir.path().join("scaling.md");
-    let report = run_bench(&[
-        "bench",
-        "--quick",
-        "--scaling",
-        "--write",
-        markdown.to_str().unwrap(),
-    ]);
+    let (report, written) = run_bench_writing("--scaling");
     let works = [
         ("new conn + 1-byte echo", "conn/s", "tunnel"),
         ("1 KiB req/resp, 8 connections each", "req/s", "request"),
@@ -637,7 +651,6 @@ fn scaling_measures_each_step_under_each_runtime_beside_direct() {
             }
         }
     }
-    let written = std::fs::read_to_string(&markdown).unwrap();
     assert!(
         written.starts_with("# hbone as it gets more CPUs"),
         "{written}"
@@ -711,15 +724,7 @@ fn bench_apps_listen_for_echo_on_as_many_ports_as_asked() {
 /// a positive share of it; `--write` keeps the table.
 #[test]
 fn long_path_compares_sized_windows_with_fixed_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let markdown = dir.path().join("long-path.md");
-    let report = run_bench(&[
-        "bench",
-        "--quick",
-        "--long-path",
-        "--write",
-        markdown.to_str().unwrap(),
-    ]);
+    let (report, written) = run_bench_writing("--long-path");
     let rows: Vec<Vec<&str>> = report
         .lines()
         .filter(|line| line.starts_with("| 50 ms "))
@@ -737,7 +742,6 @@ fn long_path_compares_sized_windows_with_fixed_ones() {
     }
     assert_eq!(rows[1][3], "1.00", "{report}");
     assert!(median(rows[0][3]).unwrap_or(0.0) > 0.0, "{report}");
-    let written = std::fs::read_to_string(&markdown).unwrap();
     assert!(
         written.starts_with("# hbone across a long path"),
         "{written}"
@@ -762,29 +766,9 @@ fn long_path_refuses_a_workload_list() {
 /// machine's idle CPUs wait.
 #[test]
 fn placement_measures_each_path_on_one_cpu_and_placed_by_the_scheduler() {
-    let cpu = {
-        // SAFETY: as in `allowed_cpus`; CPU_ISSET reads within the set.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            assert_eq!(
-                libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set),
-                0
-            );
-            (0..libc::CPU_SETSIZE as usize)
-                .rfind(|&cpu| libc::CPU_ISSET(cpu, &set))
-                .unwrap()
-        }
-    };
+    let cpu = *allowed_cpu_list().last().unwrap();
     let one_cpu = format!("CPU {cpu} alone");
-    let dir = tempfile::tempdir().unwrap();
-    let markdown = dir.path().join("placement.md");
-    let report = run_bench(&[
-        "bench",
-        "--quick",
-        "--placement",
-        "--write",
-        markdown.to_str().unwrap(),
-    ]);
+    let (report, written) = run_bench_writing("--placement");
     let rows: Vec<Vec<&str>> = report
         .lines()
         .filter(|line| line.starts_with("| ") && !line.starts_with("| work "))
@@ -844,7 +828,6 @@ fn placement_measures_each_path_on_one_cpu_and_placed_by_the_scheduler() {
             }
         }
     }
-    let written = std::fs::read_to_string(&markdown).unwrap();
     assert!(
         written.starts_with("# hbone on one CPU and where the scheduler puts it"),
         "{written}"
