@@ -367,6 +367,7 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
         "/proc/PID/stat",
         "`hbone run --config`",
         "## Machine",
+        "- idle CPUs: cpuidle ",
         "hbone bench --quick --write",
         "| bulk, 1 stream (Gbit/s)",
         "## Latency isolation",
