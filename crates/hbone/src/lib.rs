@@ -121,6 +121,7 @@ pub mod tls;
 mod toml_error;
 mod verified_chains;
 mod window;
+mod woken;
 pub mod workers;
 #[cfg(feature = "workload-api")]
 pub mod workload_api;

@@ -27,6 +27,7 @@ use crate::pool::{ConnState, PooledConn};
 use crate::read_ahead::ReadAhead;
 use crate::tls::{self, TlsFailure};
 use crate::window::{self, PingPlan, Windows};
+use crate::woken::PollWhenWoken;
 
 impl Dialer {
     /// TCP connect to `server`, then [`Dialer::establish`].
@@ -180,6 +181,14 @@ async fn send_kept<T: AsyncWrite + Unpin>(io: &mut T) {
     let _ = timeout(SEND_KEPT_LIMIT, io.flush()).await;
 }
 
+/// What a client connection's driver acts on.
+enum Control {
+    Ended(Result<(), h2::Error>),
+    Unresponsive(String),
+    NewWindows,
+    Idle,
+}
+
 /// Runs a connection until it ends, each turn through `cork`; then marks
 /// it ended for [`Dialer::close`]. A connection whose `SendRequest`
 /// handles are all gone (dropped by the pool) ends cleanly once its last
@@ -201,17 +210,40 @@ async fn drive<IO>(
     tokio::pin!(pinging);
     let idle = state.closed_when_idle(idle_timeout);
     tokio::pin!(idle);
+    // The timers and signals are polled only after they woke the task,
+    // not on every frame the connection moves.
+    let mut control_gate = PollWhenWoken::default();
     loop {
-        tokio::select! {
-            result = std::future::poll_fn(|cx| cork.drive(cx, |cx| Pin::new(&mut connection).poll(cx))) => {
+        // Dropped before the event is handled: it borrows what the
+        // handling changes.
+        let event = {
+            let control = async {
+                tokio::select! {
+                    reason = &mut pinging => Control::Unresponsive(reason),
+                    Ok(()) = new_windows.changed() => Control::NewWindows,
+                    () = &mut idle => Control::Idle,
+                }
+            };
+            tokio::pin!(control);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(event) = control_gate.poll(cx, control.as_mut()) {
+                    return Poll::Ready(event);
+                }
+                cork.drive(cx, |cx| Pin::new(&mut connection).poll(cx))
+                    .map(Control::Ended)
+            })
+            .await
+        };
+        match event {
+            Control::Ended(result) => {
                 if let Err(e) = result {
                     tracing::debug!(%server, error = %e, "HBONE connection ended with an error");
                 }
             }
-            reason = &mut pinging => {
+            Control::Unresponsive(reason) => {
                 tracing::info!(%server, %reason, "closing HBONE connection: peer unresponsive");
             }
-            Ok(()) = new_windows.changed() => {
+            Control::NewWindows => {
                 let granted = *new_windows.borrow_and_update();
                 connection.set_target_window_size(granted.connection);
                 if let Err(e) = connection.set_initial_window_size(granted.stream) {
@@ -219,17 +251,23 @@ async fn drive<IO>(
                 }
                 continue;
             }
-            () = &mut idle => {
+            Control::Idle => {
                 tracing::debug!(%server, "closing idle HBONE connection");
                 // The pool's handle is the last: dropping it lets h2 close.
                 if let Some(inner) = dialer.upgrade() {
                     inner.pool.forget_closed();
                 }
-                let closing = std::future::poll_fn(|cx| cork.drive(cx, |cx| Pin::new(&mut connection).poll(cx)));
+                let closing = std::future::poll_fn(|cx| {
+                    cork.drive(cx, |cx| Pin::new(&mut connection).poll(cx))
+                });
                 match timeout(close_limit, closing).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::debug!(%server, error = %e, "idle HBONE connection ended with an error"),
-                    Err(_) => tracing::debug!(%server, "idle HBONE connection did not close in time"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%server, error = %e, "idle HBONE connection ended with an error")
+                    }
+                    Err(_) => {
+                        tracing::debug!(%server, "idle HBONE connection did not close in time")
+                    }
                 }
             }
         }

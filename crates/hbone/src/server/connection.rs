@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,7 +26,17 @@ use crate::metrics::{DestinationService, Reporter, ResponseFlag, WorkloadMeta};
 use crate::read_ahead::ReadAhead;
 use crate::tls;
 use crate::window::{self, PingPlan, Probe, Windows};
+use crate::woken::PollWhenWoken;
 use crate::workers::Workers;
+
+/// What, besides its streams, a server connection's loop acts on.
+enum Control {
+    IdleTimer,
+    Tripped(frame_guard::Trip),
+    Unresponsive(String),
+    NewWindows,
+    Drain,
+}
 
 impl Shared {
     /// Accepts on `listener` until a drain starts, then closes it. On
@@ -211,10 +222,58 @@ impl Shared {
             counters,
             probe,
         };
+        // The timers and signals are polled only after they woke the task,
+        // not on every frame the connection moves.
+        let mut control_gate = PollWhenWoken::default();
         loop {
-            let next = tokio::select! {
-                next = std::future::poll_fn(|cx| cork.drive(cx, |cx| connection.poll_accept(cx))) => next,
-                () = &mut idle_timer, if !goaway_sent => {
+            let (idle_watched, trip_watched) = (!goaway_sent, !calmed);
+            // Dropped before the event is handled: it borrows what the
+            // handling changes.
+            let event = {
+                let control = async {
+                    tokio::select! {
+                        () = &mut idle_timer, if idle_watched => Control::IdleTimer,
+                        trip = tripwire.tripped(), if trip_watched => Control::Tripped(trip),
+                        reason = &mut keepalive => Control::Unresponsive(reason),
+                        Ok(()) = new_windows.changed() => Control::NewWindows,
+                        _ = draining.wait_for(|d| *d), if idle_watched => Control::Drain,
+                    }
+                };
+                tokio::pin!(control);
+                // Streams until one of the control events comes.
+                'streams: loop {
+                    let next = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(event) = control_gate.poll(cx, control.as_mut()) {
+                            return Poll::Ready(Err(event));
+                        }
+                        cork.drive(cx, |cx| connection.poll_accept(cx)).map(Ok)
+                    })
+                    .await;
+                    match next {
+                        Err(event) => break 'streams event,
+                        Ok(Some(Ok((request, respond)))) => {
+                            last_stream = tokio::time::Instant::now();
+                            let serve = self.clone().serve_stream(from.clone(), request, respond);
+                            tokio::spawn(serve);
+                        }
+                        Ok(Some(Err(e))) => {
+                            tracing::debug!(%peer_addr, error = %e, "HBONE connection ended");
+                            return;
+                        }
+                        Ok(None) => {
+                            // No more streams will open; let the ones in flight
+                            // finish, which needs the connection driven.
+                            let _ = std::future::poll_fn(|cx| {
+                                cork.drive(cx, |cx| connection.poll_closed(cx))
+                            })
+                            .await;
+                            return;
+                        }
+                    }
+                }
+            };
+            match event {
+                Control::IdleTimer => {
                     let now = tokio::time::Instant::now();
                     if connection.has_streams() {
                         idle_timer.as_mut().reset(now + idle_limit);
@@ -225,15 +284,16 @@ impl Shared {
                         connection.graceful_shutdown();
                         goaway_sent = true;
                     }
-                    continue;
                 }
-                trip = tripwire.tripped(), if !calmed => {
+                Control::Tripped(trip) => {
                     // The guard passes h2 nothing more; GOAWAY goes out
                     // and the connection closes as h2 is driven on.
                     connection.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                     calmed = true;
                     goaway_sent = true;
-                    self.stats.control_frame_floods.fetch_add(1, Ordering::AcqRel);
+                    self.stats
+                        .control_frame_floods
+                        .fetch_add(1, Ordering::AcqRel);
                     self.stats.limit_refusals.fetch_add(1, Ordering::AcqRel);
                     if let Some(metrics) = metrics {
                         metrics.limit_refused("control_frames");
@@ -246,45 +306,23 @@ impl Shared {
                         per = ?self.control_frames.window,
                         "closing HBONE connection with ENHANCE_YOUR_CALM: control-frame flood"
                     );
-                    continue;
                 }
-                reason = &mut keepalive => {
+                Control::Unresponsive(reason) => {
                     tracing::info!(%peer_addr, %peer_id, %reason, "closing HBONE connection: client unresponsive");
-                    break;
+                    return;
                 }
-                Ok(()) = new_windows.changed() => {
+                Control::NewWindows => {
                     let granted = *new_windows.borrow_and_update();
                     connection.set_target_window_size(granted.connection);
                     if let Err(e) = connection.set_initial_window_size(granted.stream) {
                         tracing::debug!(%peer_addr, error = %e, "cannot grow the stream window");
                     }
-                    continue;
                 }
-                _ = draining.wait_for(|d| *d), if !goaway_sent => {
+                Control::Drain => {
                     // GOAWAY: the client opens no new streams here; the
                     // ones in flight finish and accept() then ends.
                     connection.graceful_shutdown();
                     goaway_sent = true;
-                    continue;
-                }
-            };
-            match next {
-                Some(Ok((request, respond))) => {
-                    last_stream = tokio::time::Instant::now();
-                    let serve = self.clone().serve_stream(from.clone(), request, respond);
-                    tokio::spawn(serve);
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(%peer_addr, error = %e, "HBONE connection ended");
-                    break;
-                }
-                None => {
-                    // No more streams will open; let the ones in flight
-                    // finish, which needs the connection driven.
-                    let _ =
-                        std::future::poll_fn(|cx| cork.drive(cx, |cx| connection.poll_closed(cx)))
-                            .await;
-                    break;
                 }
             }
         }
