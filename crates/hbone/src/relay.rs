@@ -422,6 +422,10 @@ impl FromTunnel {
         local: &mut impl LocalStream,
         local_read_ended: bool,
     ) -> Poll<io::Result<()>> {
+        // h2 had no more frames when last asked during this poll: it wakes
+        // the task when one comes, so asking again before then (a lock and
+        // a waker swap in h2) would find none.
+        let mut drained = false;
         loop {
             if self.finished {
                 return Poll::Ready(Ok(()));
@@ -429,7 +433,7 @@ impl FromTunnel {
             // Take every frame h2 already holds (up to a bound), so that
             // one write carries them all.
             let mut gathered = 0;
-            while !self.ended && self.pending.len() < MAX_GATHER {
+            while !self.ended && !drained && self.pending.len() < MAX_GATHER {
                 match stream.poll_chunk(cx) {
                     Poll::Ready(Ok(Some(chunk))) => {
                         gathered += chunk.len();
@@ -437,7 +441,7 @@ impl FromTunnel {
                     }
                     Poll::Ready(Ok(None)) => self.ended = true,
                     Poll::Ready(Err(e)) => (self.ended, self.failed) = (true, Some(e)),
-                    Poll::Pending => break,
+                    Poll::Pending => drained = true,
                 }
             }
             self.saw_bulk |= gathered >= BULK_TURN;
