@@ -231,6 +231,23 @@ impl Costs {
         self.mixes.insert((metric, counted.into()), cost);
     }
 
+    /// The median over the runs of one workload in one topology of a
+    /// figure of their cost; none unless every run has it (syscalls where
+    /// perf could not count).
+    pub fn median(
+        &self,
+        metric: Metric,
+        counted: impl Into<Counted>,
+        figure: fn(&Cost) -> Option<f64>,
+    ) -> Option<f64> {
+        let runs = self.runs.get(&(metric, counted.into()))?;
+        let values: Vec<f64> = runs.iter().filter_map(figure).collect();
+        if values.len() < runs.len() {
+            return None;
+        }
+        Summary::of(&values).map(|s| s.median)
+    }
+
     /// Median (min–max) of one figure over runs, for the "What varied" list.
     pub fn summaries(&self) -> Vec<(String, Summary)> {
         let mut out = Vec::new();

@@ -130,8 +130,10 @@ fn render(doc: &Document) -> String {
     }
     out += "## Targets, judged on the medians\n\n";
     out += "Stated for the server and the entry in processes of their own (2 processes); \
-            those on latency isolation for the server and the entry in one process (1 process), \
-            as a node runs them.\n\n";
+            those on latency isolation and per unit of work for the server and the entry in one \
+            process (1 process), as a node runs them, under the default runtime; those per new \
+            tunnel for the SOCKS5 entry (`--entry socks5`). Counts per unit compare across \
+            machines; CPU time per unit speaks for the machine below.\n\n";
     for verdict in doc.verdicts {
         let _ = writeln!(
             out,

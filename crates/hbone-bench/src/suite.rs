@@ -126,9 +126,13 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     logged.extend(watched.iter().filter_map(|proc| proc.problem_summary()));
 
     let verdicts = targets::judge(
-        &bench.results,
-        &bench.isolation,
-        options.tunnels,
+        &targets::Judged {
+            results: &bench.results,
+            isolation: &bench.isolation,
+            costs: &bench.costs,
+            entry: options.entry,
+            tunnels: options.tunnels,
+        },
         options.quick,
     );
     let measured = Measured {

@@ -1,11 +1,16 @@
 //! The bench's targets, judged on the medians of the topology they are
 //! stated for: the server and the entry in processes of their own, and
-//! for latency isolation the server and the entry in one process, as a
-//! node runs them. A target that could not be judged (a figure missing,
-//! or a `--quick` run) says so instead of passing or failing quietly.
+//! for latency isolation and the cost per unit of work ([`per_unit`]) the
+//! server and the entry in one process, as a node runs them. A target
+//! that could not be judged (a figure missing, or a `--quick` run) says
+//! so instead of passing or failing quietly.
 
+use super::EntryKind;
+use super::cost::Costs;
 use super::report::{number, percent};
 use super::results::{IsoFigure, Isolation, Metric, Results, Topology};
+
+mod per_unit;
 
 /// The tunnel count the memory target is stated for.
 pub const IDLE_TARGET_TUNNELS: u32 = 10_000;
@@ -27,11 +32,23 @@ impl Verdict {
     }
 }
 
+/// What the targets are judged on.
+pub struct Judged<'a> {
+    pub results: &'a Results,
+    pub isolation: &'a Isolation,
+    pub costs: &'a Costs,
+    /// The entry the load went through.
+    pub entry: EntryKind,
+    /// Idle tunnels the memory figure was read with.
+    pub tunnels: u32,
+}
+
 /// Every target, in the order the report lists them. `quick`: one short
 /// run measures nothing a target speaks of, so none is judged.
-pub fn judge(results: &Results, isolation: &Isolation, tunnels: u32, quick: bool) -> Vec<Verdict> {
-    let mut verdicts = judge_medians(results, tunnels);
-    verdicts.extend(judge_isolation(isolation));
+pub fn judge(on: &Judged<'_>, quick: bool) -> Vec<Verdict> {
+    let mut verdicts = judge_medians(on.results, on.tunnels);
+    verdicts.extend(judge_isolation(on.isolation));
+    verdicts.extend(per_unit::judge(on.results, on.costs, on.entry));
     if quick {
         for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
             verdict.met = None;
@@ -179,6 +196,19 @@ fn missing(target: &'static str) -> Verdict {
 mod tests {
     use super::*;
 
+    /// Judged on `results` alone: no isolation or per-unit figures.
+    fn judged(results: &Results, tunnels: u32) -> Judged<'_> {
+        static NONE: std::sync::LazyLock<(Isolation, Costs)> =
+            std::sync::LazyLock::new(Default::default);
+        Judged {
+            results,
+            isolation: &NONE.0,
+            costs: &NONE.1,
+            entry: EntryKind::Forward,
+            tunnels,
+        }
+    }
+
     #[test]
     fn judges_medians() {
         let mut results = Results::default();
@@ -187,7 +217,7 @@ mod tests {
         results.tunnel(Metric::Bulk1, Topology::Joined, 9.0);
         results.direct(Metric::ReqP50, 24.0);
         results.tunnel(Metric::ReqP50, Topology::Split, 104.0);
-        let verdicts = judge(&results, &Isolation::default(), 10_000, false);
+        let verdicts = judge(&judged(&results, 10_000), false);
         assert_eq!(
             verdicts[0].met,
             Some(false),
@@ -202,7 +232,7 @@ mod tests {
         let mut results = Results::default();
         results.direct(Metric::Bulk1, 30.0);
         results.tunnel(Metric::Bulk1, Topology::Split, 6.0);
-        let verdicts = judge(&results, &Isolation::default(), 200, true);
+        let verdicts = judge(&judged(&results, 200), true);
         assert!(verdicts.iter().all(|v| v.met.is_none()));
         assert!(
             verdicts[0].detail.contains("--quick"),
