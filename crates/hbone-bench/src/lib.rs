@@ -316,6 +316,30 @@ impl Options {
         self.only.is_empty() || self.only.contains(&part)
     }
 
+    /// The flags that run the proxies otherwise than as deployed (their
+    /// default runtime and threads, admin endpoint on, one access-log line
+    /// per tunnel), if any: targets stated for the proxies as deployed
+    /// are not judged on such a run.
+    pub fn proxies_not_as_deployed(&self) -> Option<String> {
+        let mut flags = Vec::new();
+        if self.proxy_runtime != "work-stealing" {
+            flags.push(format!("--proxy-runtime {}", self.proxy_runtime));
+        }
+        if let Some(threads) = self.proxy_threads {
+            flags.push(format!("--proxy-threads {threads}"));
+        }
+        if let Some(streams) = self.server_max_streams {
+            flags.push(format!("--server-max-streams {streams}"));
+        }
+        if !self.admin {
+            flags.push("--no-admin".to_owned());
+        }
+        if self.tunnel_log != "info" {
+            flags.push(format!("--tunnel-log {}", self.tunnel_log));
+        }
+        (!flags.is_empty()).then(|| flags.join(" "))
+    }
+
     /// How the server, gateway and entry processes are started.
     pub fn child_flags(&self) -> stack::ChildFlags {
         stack::ChildFlags {
@@ -397,5 +421,40 @@ pub async fn run(args: BenchArgs, flush_log: fn()) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: super::BenchArgs,
+    }
+
+    fn options(args: &[&str]) -> super::Options {
+        Cli::parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .bench
+            .options()
+    }
+
+    #[test]
+    fn says_when_the_proxies_run_otherwise_than_deployed() {
+        assert_eq!(options(&[]).proxies_not_as_deployed(), None);
+        assert_eq!(options(&["--quick"]).proxies_not_as_deployed(), None);
+        assert_eq!(
+            options(&["--no-admin", "--proxy-threads", "1", "--tunnel-log", "warn"])
+                .proxies_not_as_deployed()
+                .as_deref(),
+            Some("--proxy-threads 1 --no-admin --tunnel-log warn")
+        );
+        assert_eq!(
+            options(&["--proxy-runtime", "per-core"])
+                .proxies_not_as_deployed()
+                .as_deref(),
+            Some("--proxy-runtime per-core")
+        );
     }
 }

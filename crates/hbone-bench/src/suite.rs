@@ -131,6 +131,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
             isolation: &bench.isolation,
             costs: &bench.costs,
             entry: options.entry,
+            not_as_deployed: options.proxies_not_as_deployed(),
             tunnels: options.tunnels,
         },
         options.quick,

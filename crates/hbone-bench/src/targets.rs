@@ -39,6 +39,9 @@ pub struct Judged<'a> {
     pub costs: &'a Costs,
     /// The entry the load went through.
     pub entry: EntryKind,
+    /// How the proxies ran otherwise than as deployed, if they did
+    /// ([`crate::Options::proxies_not_as_deployed`]).
+    pub not_as_deployed: Option<String>,
     /// Idle tunnels the memory figure was read with.
     pub tunnels: u32,
 }
@@ -48,7 +51,7 @@ pub struct Judged<'a> {
 pub fn judge(on: &Judged<'_>, quick: bool) -> Vec<Verdict> {
     let mut verdicts = judge_medians(on.results, on.tunnels);
     verdicts.extend(judge_isolation(on.isolation));
-    verdicts.extend(per_unit::judge(on.results, on.costs, on.entry));
+    verdicts.extend(per_unit::judge(on));
     if quick {
         for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
             verdict.met = None;
@@ -205,6 +208,7 @@ mod tests {
             isolation: &NONE.0,
             costs: &NONE.1,
             entry: EntryKind::Forward,
+            not_as_deployed: None,
             tunnels,
         }
     }

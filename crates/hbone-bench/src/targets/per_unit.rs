@@ -5,19 +5,36 @@
 //! the machine, so a CPU verdict speaks for the machine of the run.
 //! Those on new tunnels are stated for the SOCKS5 entry, which adds its
 //! negotiation to every tunnel: a run through the forward entry gives its
-//! figure but does not judge it.
+//! figure but does not judge it. They speak of the proxies as deployed:
+//! a run that changes their runtime, threads, admin endpoint or access
+//! log gives the figures and judges none.
 
 use crate::EntryKind;
-use crate::cost::{Cost, Costs};
+use crate::cost::Cost;
 use crate::report::number;
-use crate::results::{Metric, Results, Topology};
+use crate::results::{Metric, Topology};
 
-use super::{Verdict, missing};
+use super::{Judged, Verdict, missing};
 
 const ONE_PROCESS: Topology = Topology::Joined;
 
 /// Every per-unit target, in the order the report lists them.
-pub(super) fn judge(results: &Results, costs: &Costs, entry: EntryKind) -> Vec<Verdict> {
+pub(super) fn judge(on: &Judged<'_>) -> Vec<Verdict> {
+    let mut verdicts = judge_figures(on);
+    if let Some(flags) = &on.not_as_deployed {
+        for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
+            verdict.met = None;
+            verdict.detail = format!(
+                "not judged: stated for the proxies as deployed, not with {flags} ({})",
+                verdict.detail
+            );
+        }
+    }
+    verdicts
+}
+
+fn judge_figures(on: &Judged<'_>) -> Vec<Verdict> {
+    let (results, costs, entry) = (on.results, on.costs, on.entry);
     let cpu = |c: &Cost| Some(c.cpu_us);
     let syscalls = |c: &Cost| c.syscalls;
     let at_most = |target, metric, figure, most: f64, unit: &str| match costs.median(
@@ -106,6 +123,19 @@ pub(super) fn judge(results: &Results, costs: &Costs, entry: EntryKind) -> Vec<V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cost::Costs;
+    use crate::results::{Isolation, Results};
+
+    fn judge_as_deployed(results: &Results, costs: &Costs, entry: EntryKind) -> Vec<Verdict> {
+        judge(&Judged {
+            results,
+            isolation: &Isolation::default(),
+            costs,
+            entry,
+            not_as_deployed: None,
+            tunnels: 10_000,
+        })
+    }
 
     fn cost(cpu_us: f64, syscalls: Option<f64>) -> Cost {
         Cost {
@@ -124,7 +154,7 @@ mod tests {
         // Two processes meet what one does not: only one process counts.
         costs.push(Metric::ReqRate, Topology::Split, cost(40.0, Some(8.0)));
         costs.push(Metric::Bulk1, ONE_PROCESS, cost(1_050.0, Some(33.0)));
-        let verdicts = judge(&Results::default(), &costs, EntryKind::Socks5);
+        let verdicts = judge_as_deployed(&Results::default(), &costs, EntryKind::Socks5);
         assert_eq!(verdicts[0].met, Some(false), "{}", verdicts[0].detail);
         assert_eq!(verdicts[0].detail, "12.2 syscalls");
         assert_eq!(verdicts[1].met, Some(false), "median 66 > 65");
@@ -140,14 +170,14 @@ mod tests {
     fn new_tunnels_are_judged_through_the_socks5_entry_only() {
         let mut costs = Costs::default();
         costs.push(Metric::ConnRate, ONE_PROCESS, cost(150.0, Some(24.0)));
-        let forward = judge(&Results::default(), &costs, EntryKind::Forward);
+        let forward = judge_as_deployed(&Results::default(), &costs, EntryKind::Forward);
         assert_eq!(forward[2].met, None);
         assert!(
             forward[2].detail.contains("--entry socks5") && forward[2].detail.contains("24.0"),
             "{}",
             forward[2].detail
         );
-        let socks5 = judge(&Results::default(), &costs, EntryKind::Socks5);
+        let socks5 = judge_as_deployed(&Results::default(), &costs, EntryKind::Socks5);
         assert_eq!(socks5[2].met, Some(true));
         assert_eq!(socks5[3].met, Some(true));
     }
@@ -157,7 +187,7 @@ mod tests {
         let mut costs = Costs::default();
         costs.push(Metric::ReqRate, ONE_PROCESS, cost(60.0, Some(12.0)));
         costs.push(Metric::ReqRate, ONE_PROCESS, cost(60.0, None));
-        let verdicts = judge(&Results::default(), &costs, EntryKind::Forward);
+        let verdicts = judge_as_deployed(&Results::default(), &costs, EntryKind::Forward);
         assert_eq!(verdicts[0].met, None, "{}", verdicts[0].detail);
         assert_eq!(verdicts[1].met, Some(true));
     }
@@ -168,8 +198,28 @@ mod tests {
         results.tunnel(Metric::Bulk1, ONE_PROCESS, 9.6);
         results.tunnel(Metric::Bulk8, ONE_PROCESS, 10.5);
         results.tunnel(Metric::Bulk8, Topology::Split, 7.9);
-        let verdicts = judge(&results, &Costs::default(), EntryKind::Forward);
+        let verdicts = judge_as_deployed(&results, &Costs::default(), EntryKind::Forward);
         assert_eq!(verdicts[6].met, Some(true), "{}", verdicts[6].detail);
         assert_eq!(verdicts[6].detail, "10.5 vs 9.60 Gbit/s");
+    }
+
+    #[test]
+    fn proxies_run_otherwise_than_deployed_are_not_judged() {
+        let mut costs = Costs::default();
+        costs.push(Metric::ReqRate, ONE_PROCESS, cost(60.0, Some(12.0)));
+        let verdicts = judge(&Judged {
+            results: &Results::default(),
+            isolation: &Isolation::default(),
+            costs: &costs,
+            entry: EntryKind::Socks5,
+            not_as_deployed: Some("--no-admin".to_owned()),
+            tunnels: 10_000,
+        });
+        assert!(verdicts.iter().all(|v| v.met.is_none()));
+        assert!(
+            verdicts[1].detail.contains("--no-admin") && verdicts[1].detail.contains("60.0 µs"),
+            "{}",
+            verdicts[1].detail
+        );
     }
 }
