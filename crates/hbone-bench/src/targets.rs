@@ -53,15 +53,17 @@ pub fn judge(on: &Judged<'_>, quick: bool) -> Vec<Verdict> {
     verdicts.extend(judge_isolation(on.isolation));
     verdicts.extend(per_unit::judge(on));
     if quick {
-        for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
-            verdict.met = None;
-            verdict.detail = format!(
-                "not judged: --quick is a smoke test, not a measurement ({})",
-                verdict.detail
-            );
-        }
+        not_judged(&mut verdicts, "--quick is a smoke test, not a measurement");
     }
     verdicts
+}
+
+/// Takes back the verdicts that were given, saying `why` before the figure.
+fn not_judged(verdicts: &mut [Verdict], why: &str) {
+    for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
+        verdict.met = None;
+        verdict.detail = format!("not judged: {why} ({})", verdict.detail);
+    }
 }
 
 fn judge_medians(results: &Results, tunnels: u32) -> Vec<Verdict> {

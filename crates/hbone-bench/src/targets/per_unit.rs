@@ -14,7 +14,7 @@ use crate::cost::Cost;
 use crate::report::number;
 use crate::results::{Metric, Topology};
 
-use super::{Judged, Verdict, missing};
+use super::{Judged, Verdict, missing, not_judged};
 
 const ONE_PROCESS: Topology = Topology::Joined;
 
@@ -22,13 +22,8 @@ const ONE_PROCESS: Topology = Topology::Joined;
 pub(super) fn judge(on: &Judged<'_>) -> Vec<Verdict> {
     let mut verdicts = judge_figures(on);
     if let Some(flags) = &on.not_as_deployed {
-        for verdict in verdicts.iter_mut().filter(|v| v.met.is_some()) {
-            verdict.met = None;
-            verdict.detail = format!(
-                "not judged: stated for the proxies as deployed, not with {flags} ({})",
-                verdict.detail
-            );
-        }
+        let why = format!("stated for the proxies as deployed, not with {flags}");
+        not_judged(&mut verdicts, &why);
     }
     verdicts
 }
