@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::perf::{Counter, SyscallCounts, Syscalls};
-use super::report::{NOT_MEASURED, cell, number};
+use super::report::{cell, number};
 use super::results::{Metric, Topology};
 use super::sample::{Snapshot, Spent};
 use super::stats::Summary;
@@ -241,11 +241,7 @@ impl Costs {
         figure: fn(&Cost) -> Option<f64>,
     ) -> Option<f64> {
         let runs = self.runs.get(&(metric, counted.into()))?;
-        let values: Vec<f64> = runs.iter().filter_map(figure).collect();
-        if values.len() < runs.len() {
-            return None;
-        }
-        Summary::of(&values).map(|s| s.median)
+        of_every_run(runs, figure).map(|s| s.median)
     }
 
     /// Median (min–max) of one figure over runs, for the "What varied" list.
@@ -278,14 +274,7 @@ impl Costs {
         self.runs
             .iter()
             .map(|((metric, counted), runs)| {
-                let of = |figure: fn(&Cost) -> Option<f64>| {
-                    let values: Vec<f64> = runs.iter().filter_map(figure).collect();
-                    if values.len() < runs.len() {
-                        NOT_MEASURED.to_owned()
-                    } else {
-                        cell(Summary::of(&values))
-                    }
-                };
+                let of = |figure: fn(&Cost) -> Option<f64>| cell(of_every_run(runs, figure));
                 let syscall_cell = if syscalls.available() {
                     of(|c| c.syscalls)
                 } else {
@@ -343,6 +332,16 @@ impl Costs {
     pub fn threads_gone(&self) -> usize {
         self.runs.values().flatten().map(|c| c.threads_gone).sum()
     }
+}
+
+/// Median (min–max) of a figure of the runs' costs; none unless every run
+/// has it (syscalls where perf could not count).
+fn of_every_run(runs: &[Cost], figure: fn(&Cost) -> Option<f64>) -> Option<Summary> {
+    let values: Vec<f64> = runs.iter().filter_map(figure).collect();
+    if values.len() < runs.len() {
+        return None;
+    }
+    Summary::of(&values)
 }
 
 pub const MIX_HEADERS: [&str; 5] = [
