@@ -28,6 +28,7 @@ use anyhow::{Context, bail};
 
 use super::child::Proc;
 use super::cost::{BARE_RELAYS_LABEL, Cost, Meter, NO_PERF};
+use super::cross_cpu;
 use super::load::Workload;
 use super::machine::{self, Machine};
 use super::perf::Syscalls;
@@ -416,6 +417,9 @@ fn document(
     }
     out += "\n## Circumstances\n\n";
     out += &machine.markdown_items();
+    let probed = cross_cpu::take();
+    let _ = writeln!(out, "{}", cross_cpu::machine_item(&probed));
+    out += &cross_cpu::variation_item(&probed).unwrap_or_default();
     let _ = writeln!(out, "- this build: {}", machine::build_profile());
     let _ = writeln!(
         out,

@@ -32,6 +32,7 @@
 //! | `load`, `workloads` | the load generator (`bench load`) |
 //! | `wire` | the load generator's `key=value` result line |
 //! | `sample` | memory, CPU time, context switches and migrations from /proc |
+//! | `cross_cpu` | how far apart two CPUs were around each run (a cache line's round trip) |
 //! | `perf` | syscall counts from `perf stat` |
 //! | `cost` | the counters around a run, and the cost per unit of work |
 //! | `results`, `stats` | figures per metric, median and spread |
@@ -44,6 +45,7 @@ mod bare_relays;
 mod child;
 mod childlog;
 mod cost;
+mod cross_cpu;
 mod delay;
 mod load;
 mod long_path;

@@ -21,7 +21,6 @@ use anyhow::Context;
 
 use super::child::Proc;
 use super::load::Workload;
-use super::machine;
 use super::report::{cell, number, table};
 use super::runner::{gbits, run_load};
 use super::stack::{
@@ -29,6 +28,7 @@ use super::stack::{
 };
 use super::stats::Summary;
 use super::{EntryKind, Options};
+use super::{cross_cpu, machine};
 
 /// The delays each way; the round trip is twice each.
 const DELAYS_MS: [u64; 2] = [5, 25];
@@ -206,6 +206,6 @@ fn document(options: &Options, date: &str, started: Instant, report: &str) -> St
         options.runs,
     );
     out += report;
-    out += &machine::circumstances(&options.command);
+    out += &machine::circumstances(&options.command, &cross_cpu::take());
     out
 }

@@ -1,6 +1,8 @@
 //! What the figures were measured on, and with which command: a benchmark
 //! figure means little without the machine, the build and how busy it was.
 
+use super::cross_cpu;
+
 /// A description of this machine, read from /proc.
 pub struct Machine {
     pub cpus: usize,
@@ -106,10 +108,16 @@ impl Machine {
 }
 
 /// The "Circumstances" section that ends a written report: the machine,
-/// the build and the command that produced it.
-pub fn circumstances(command: &str) -> String {
+/// how far apart two of its CPUs were around the runs (`probed`, where
+/// any were), the build and the command that produced it.
+pub fn circumstances(command: &str, probed: &[cross_cpu::Around]) -> String {
+    let mut cross = String::new();
+    if !probed.is_empty() {
+        cross = cross_cpu::machine_item(probed) + "\n";
+        cross += &cross_cpu::variation_item(probed).unwrap_or_default();
+    }
     format!(
-        "\n## Circumstances\n\n{}- build: {}\n- command:\n\n    {command}\n",
+        "\n## Circumstances\n\n{}{cross}- build: {}\n- command:\n\n    {command}\n",
         Machine::describe().markdown_items(),
         build_profile()
     )

@@ -12,6 +12,7 @@ use anyhow::Context;
 
 use super::Options;
 use super::cost::{self, NO_PERF};
+use super::cross_cpu;
 use super::machine::{self, Machine};
 use super::perf::Syscalls;
 use super::report::{self, CAPTURE_HEADERS, HEADERS, ISOLATION_HEADERS, Measured};
@@ -29,6 +30,8 @@ pub struct Document<'a> {
     pub elapsed: Duration,
     pub load_before: String,
     pub load_after: String,
+    /// The cross-CPU probes around every run.
+    pub cross_cpu: &'a [cross_cpu::Around],
 }
 
 pub fn write(path: &Path, doc: &Document) -> anyhow::Result<()> {
@@ -148,9 +151,10 @@ fn render(doc: &Document) -> String {
     let _ = writeln!(out, "- build: {}", machine::build_profile());
     let _ = writeln!(
         out,
-        "- load average (1, 5, 15 min): {} before, {} after\n",
+        "- load average (1, 5, 15 min): {} before, {} after",
         doc.load_before, doc.load_after
     );
+    let _ = writeln!(out, "{}\n", cross_cpu::machine_item(doc.cross_cpu));
     out += "## Command\n\n";
     let _ = writeln!(out, "    {}\n", o.command);
     let _ = writeln!(
@@ -259,6 +263,9 @@ fn variation(doc: &Document) -> String {
     out += "- Each run goes direct, then through the 2 processes, then through the 1 process, \
             then through the 1 process under `--runtime per-core`, so a change in background \
             load touches every column alike.\n";
+    if let Some(item) = cross_cpu::variation_item(doc.cross_cpu) {
+        out += &item;
+    }
     if doc.options.quick {
         out += "- `--quick` was used: a smoke test, not a measurement.\n";
     }

@@ -430,7 +430,7 @@ fn document(options: &Options, cpu: usize, date: &str, started: Instant, report:
         options.entry.name(),
     );
     out += report;
-    out += &machine::circumstances(&options.command);
+    out += &machine::circumstances(&options.command, &[]);
     out
 }
 

@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use super::Options;
 use super::child::Proc;
+use super::cross_cpu;
 use super::load::Workload;
 use super::report::number;
 use super::stack::Route;
@@ -20,8 +21,9 @@ pub const EXIT_LIMIT: Duration = Duration::from_secs(10);
 /// Problems logged by a watched process quoted in an error.
 const PROBLEM_LINES: usize = 3;
 
-/// Runs `workload` over `route` and returns its result line. `side` names
-/// the path in messages; `watched` are the processes whose death or
+/// Runs `workload` over `route` and returns its result line, probing how
+/// far apart two CPUs were just before and after ([`cross_cpu`]). `side`
+/// names the path in messages; `watched` are the processes whose death or
 /// warnings explain a failure.
 pub fn run_load(
     options: &Options,
@@ -32,6 +34,22 @@ pub fn run_load(
     watched: &mut [&mut Proc],
 ) -> anyhow::Result<Fields> {
     run_load_in(None, options, workload, side, route, extra, watched)
+}
+
+/// [`run_load`] while another load generator runs (bulk beside
+/// requests): without the cross-CPU probes, which would then time the
+/// scheduler rather than a cache line, and take CPU from the load beside.
+pub fn run_load_beside(
+    options: &Options,
+    workload: Workload,
+    side: &str,
+    route: Route,
+    extra: &[String],
+    watched: &mut [&mut Proc],
+) -> anyhow::Result<Fields> {
+    let name = format!("load generator ({}, {side})", workload.name());
+    let args = load_args(workload, route, options, extra);
+    load_result(None, &name, &args, options).map_err(|e| explain(e, watched))
 }
 
 /// [`run_load`] inside the network namespace `netns`, when one is given.
@@ -46,12 +64,29 @@ pub fn run_load_in(
 ) -> anyhow::Result<Fields> {
     let name = format!("load generator ({}, {side})", workload.name());
     let args = load_args(workload, route, options, extra);
-    let result = Proc::spawn_in(netns, &name, &args).and_then(|mut load| {
-        let line = load.next_line(options.duration + RESULT_GRACE)?;
-        load.wait_success(EXIT_LIMIT)?;
-        Fields::parse(&line).with_context(|| format!("{name} printed {line:?}"))
-    });
+    let label = match extra {
+        [] => format!("{} {side}", workload.name()),
+        _ => format!("{} {side} ({})", workload.name(), extra.join(" ")),
+    };
+    let result = cross_cpu::around(
+        label,
+        || load_result(netns, &name, &args, options),
+        |result| headline(workload, result.as_ref().ok()?),
+    );
     result.map_err(|e| explain(e, watched))
+}
+
+/// Starts the load generator `name` with `args` and reads its result.
+fn load_result(
+    netns: Option<&str>,
+    name: &str,
+    args: &[String],
+    options: &Options,
+) -> anyhow::Result<Fields> {
+    let mut load = Proc::spawn_in(netns, name, args)?;
+    let line = load.next_line(options.duration + RESULT_GRACE)?;
+    load.wait_success(EXIT_LIMIT)?;
+    Fields::parse(&line).with_context(|| format!("{name} printed {line:?}"))
 }
 
 /// Runs one load generator of `workload` per route at once, each over its
@@ -135,6 +170,18 @@ pub fn explain(error: anyhow::Error, watched: &mut [&mut Proc]) -> anyhow::Error
     } else {
         anyhow::anyhow!("{error:#} (meanwhile {})", notes.join("; "))
     }
+}
+
+/// A run's one figure for the cross-CPU probes' report: throughput, the
+/// rate of requests or of new connections.
+fn headline(workload: Workload, fields: &Fields) -> Option<cross_cpu::Figure> {
+    let (value, unit) = match workload {
+        Workload::Bulk => (gbits(fields).ok()?, "Gbit/s"),
+        Workload::ReqResp => (RoundTrips::from(fields).ok()?.rate, "req/s"),
+        Workload::Connect => (conn_rate(fields).ok()?, "conn/s"),
+        Workload::Idle => return None,
+    };
+    Some(cross_cpu::Figure { value, unit })
 }
 
 /// Throughput of a bulk run, in Gbit/s.

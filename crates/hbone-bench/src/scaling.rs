@@ -473,7 +473,7 @@ fn document(options: &Options, plan: &Plan, date: &str, started: Instant, report
                 the rate grows. A machine with 4 CPUs or more shows the growth.\n\n";
     }
     out += report;
-    out += &machine::circumstances(&options.command);
+    out += &machine::circumstances(&options.command, &[]);
     out
 }
 

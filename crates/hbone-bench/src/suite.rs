@@ -29,7 +29,7 @@ use super::stack::{
 };
 use super::targets;
 use super::wire::Fields;
-use super::{EntryKind, Options, Part, machine};
+use super::{EntryKind, Options, Part, cross_cpu, machine};
 
 /// How a run reaches the app, for progress and error messages.
 const DIRECT: &str = "direct";
@@ -166,6 +166,7 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
             elapsed: started.elapsed(),
             load_before,
             load_after: machine::load_average(),
+            cross_cpu: &cross_cpu::take(),
         };
         markdown::write(path, &doc)?;
         eprintln!("hbone bench: wrote {}", path.display());

@@ -380,6 +380,21 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
     ] {
         assert!(written.contains(part), "{part:?} missing from:\n{written}");
     }
+    // How far apart two CPUs were around the runs: with two CPUs to
+    // probe, a figure over every run's probes, and under What varied
+    // whether any run had the CPUs apart.
+    let probe = written
+        .lines()
+        .find(|line| line.starts_with("- cross-CPU round trip"))
+        .unwrap_or_else(|| panic!("no cross-CPU line in:\n{written}"));
+    if std::thread::available_parallelism().map_or(1, usize::from) >= 2 {
+        assert!(probe.contains(" ns, lowest "), "{probe}");
+        assert!(
+            written.contains("- Every cross-CPU probe stayed within")
+                || written.contains(" runs a cross-CPU probe next to the run took over"),
+            "{written}"
+        );
+    }
     // The per-unit figures are the headline: they come first.
     let headline = written.find("## Per unit of work").unwrap();
     assert!(
