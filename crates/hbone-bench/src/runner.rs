@@ -36,10 +36,11 @@ pub fn run_load(
     run_load_in(None, options, workload, side, route, extra, watched)
 }
 
-/// [`run_load`] while another load generator runs (bulk beside
-/// requests): without the cross-CPU probes, which would then time the
-/// scheduler rather than a cache line, and take CPU from the load beside.
-pub fn run_load_beside(
+/// [`run_load`] without the cross-CPU probes: for a run beside another
+/// load generator (bulk beside requests), where a probe would time the
+/// scheduler rather than a cache line and take CPU from the load beside,
+/// and for runs whose figures are not reported (the syscall-mix runs).
+pub fn run_load_unprobed(
     options: &Options,
     workload: Workload,
     side: &str,

@@ -174,6 +174,15 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The path of a tunnelled run in `topology`, in messages.
+fn tunnel_side(topology: Topology) -> &'static str {
+    match topology {
+        Topology::Joined => "through hbone, one process",
+        Topology::JoinedPerCore => "through hbone, one process, per-core",
+        Topology::Split | Topology::Gateway => TUNNEL,
+    }
+}
+
 /// Every process of the bench holds about one socket per idle tunnel, and
 /// a process holding both the entry and the server two. The first is
 /// needed. Where the limit cannot be raised for the second, the
@@ -375,7 +384,10 @@ impl Bench<'_> {
             let mut line = Vec::new();
             for topology in COMPARED {
                 let route = self.proxies(topology).no_pool_for(echo)?.route(echo);
-                let (fields, cost) = self.metered(topology, Workload::Connect, route, &[])?;
+                let pids = self.proxies(topology).pids();
+                let side = format!("{}, no pool", tunnel_side(topology));
+                let (fields, cost) =
+                    self.metered_pids(&pids, &side, Workload::Connect, route, &[])?;
                 let rate = conn_rate(&fields)?;
                 self.results.tunnel(Metric::Handshakes, topology, rate);
                 line.push(format!(
@@ -428,10 +440,14 @@ impl Bench<'_> {
                     &mut gateway.proc,
                     &mut entry.proc,
                 ];
+                let side = match metric {
+                    Metric::GatewayPooled => "via gateway, inner pooled",
+                    _ => "via gateway, fresh inner each",
+                };
                 let fields = run_load(
                     self.options,
                     Workload::Connect,
-                    "via gateway",
+                    side,
                     route,
                     &[],
                     &mut watched,
@@ -569,7 +585,8 @@ impl Bench<'_> {
         let meter = Meter::start(pids, &mut self.syscalls, true, &self.dir)?;
         let mut watched = self.watched();
         watched.extend(also.iter_mut().map(|proc| &mut **proc));
-        let fields = run_load(&options, workload, side, route, extra, &mut watched)?;
+        let fields =
+            runner::run_load_unprobed(&options, workload, side, route, extra, &mut watched)?;
         let usage = meter.finish(&mut self.syscalls)?;
         Ok(usage.per(runner::units(workload, &fields)?))
     }
@@ -594,12 +611,7 @@ impl Bench<'_> {
         extra: &[String],
     ) -> anyhow::Result<(Fields, Cost)> {
         let pids = self.proxies(topology).pids();
-        let side = match topology {
-            Topology::Joined => "through hbone, one process",
-            Topology::JoinedPerCore => "through hbone, one process, per-core",
-            Topology::Split | Topology::Gateway => TUNNEL,
-        };
-        self.metered_pids(&pids, side, workload, route, extra)
+        self.metered_pids(&pids, tunnel_side(topology), workload, route, extra)
     }
 
     /// One run of `workload` with the counters of `pids` read around it;

@@ -215,7 +215,7 @@ impl Bench<'_> {
         watched.extend(dedicated.procs());
         watched.push(&mut bulk);
         let side_text = format!("beside {n} bulk, {}", side_name(side));
-        let fields = runner::run_load_beside(
+        let fields = runner::run_load_unprobed(
             options,
             Workload::ReqResp,
             &side_text,
