@@ -48,9 +48,7 @@ pub fn run_load_unprobed(
     extra: &[String],
     watched: &mut [&mut Proc],
 ) -> anyhow::Result<Fields> {
-    let name = format!("load generator ({}, {side})", workload.name());
-    let args = load_args(workload, route, options, extra);
-    load_result(None, &name, &args, options).map_err(|e| explain(e, watched))
+    load_result(None, options, workload, side, route, extra).map_err(|e| explain(e, watched))
 }
 
 /// [`run_load`] inside the network namespace `netns`, when one is given.
@@ -63,28 +61,30 @@ pub fn run_load_in(
     extra: &[String],
     watched: &mut [&mut Proc],
 ) -> anyhow::Result<Fields> {
-    let name = format!("load generator ({}, {side})", workload.name());
-    let args = load_args(workload, route, options, extra);
     let label = match extra {
         [] => format!("{} {side}", workload.name()),
         _ => format!("{} {side} ({})", workload.name(), extra.join(" ")),
     };
     let result = cross_cpu::around(
         label,
-        || load_result(netns, &name, &args, options),
+        || load_result(netns, options, workload, side, route, extra),
         |result| headline(workload, result.as_ref().ok()?),
     );
     result.map_err(|e| explain(e, watched))
 }
 
-/// Starts the load generator `name` with `args` and reads its result.
+/// Starts one load generator run and reads its result.
 fn load_result(
     netns: Option<&str>,
-    name: &str,
-    args: &[String],
     options: &Options,
+    workload: Workload,
+    side: &str,
+    route: Route,
+    extra: &[String],
 ) -> anyhow::Result<Fields> {
-    let mut load = Proc::spawn_in(netns, name, args)?;
+    let name = format!("load generator ({}, {side})", workload.name());
+    let args = load_args(workload, route, options, extra);
+    let mut load = Proc::spawn_in(netns, &name, &args)?;
     let line = load.next_line(options.duration + RESULT_GRACE)?;
     load.wait_success(EXIT_LIMIT)?;
     Fields::parse(&line).with_context(|| format!("{name} printed {line:?}"))
