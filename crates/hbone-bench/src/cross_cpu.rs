@@ -145,7 +145,7 @@ pub fn round_trip() -> Option<f64> {
         // caller to a CPU would hold it there for the rest of the bench.
         let asker = scope.spawn(move || {
             let asked = hold_to(first).then(|| {
-                let mut batches = Vec::with_capacity(BATCHES);
+                let mut fastest = f64::INFINITY;
                 for batch in 0..BATCHES as u64 {
                     let started = Instant::now();
                     for turn in batch * BATCH..(batch + 1) * BATCH {
@@ -161,9 +161,9 @@ pub fn round_trip() -> Option<f64> {
                             return None;
                         }
                     }
-                    batches.push(started.elapsed().as_nanos() as f64 / BATCH as f64);
+                    fastest = fastest.min(started.elapsed().as_nanos() as f64 / BATCH as f64);
                 }
-                batches.into_iter().reduce(f64::min)
+                Some(fastest)
             });
             // Free the answerer, whatever happened on this side.
             line.store(u64::MAX, Ordering::Release);
@@ -219,9 +219,15 @@ pub struct Summary {
     /// The runs of each label that had a probe over [`APART`] times the
     /// median, beside the others: labels with no such run left out.
     pub apart: Vec<Apart>,
-    /// All runs with such a probe, and all runs probed.
-    pub apart_runs: usize,
+    /// All runs probed.
     pub runs: usize,
+}
+
+impl Summary {
+    /// Runs with a probe over [`APART`] times the median.
+    pub fn apart_runs(&self) -> usize {
+        self.apart.iter().map(|a| a.apart.len()).sum()
+    }
 }
 
 /// The runs of one label, split by whether their CPUs were apart.
@@ -243,10 +249,8 @@ pub fn summarize(probed: &[Around]) -> Option<Summary> {
     let round_trip = stats::Summary::of(&all)?;
     let usual = round_trip.median;
     let mut apart: Vec<Apart> = Vec::new();
-    let mut apart_runs = 0;
     for around in probed {
         let far = around.worst().is_some_and(|w| w > usual * APART);
-        apart_runs += usize::from(far);
         let at = match apart.iter().position(|a| a.run == around.run) {
             Some(at) => at,
             None => {
@@ -269,7 +273,6 @@ pub fn summarize(probed: &[Around]) -> Option<Summary> {
         round_trip,
         probes: all.len(),
         apart,
-        apart_runs,
         runs: probed.len(),
     })
 }
@@ -296,7 +299,7 @@ pub fn machine_item(probed: &[Around]) -> String {
 /// and next to which runs; `None` when no probe gave a figure.
 pub fn variation_item(probed: &[Around]) -> Option<String> {
     let s = summarize(probed)?;
-    if s.apart_runs == 0 {
+    if s.apart_runs() == 0 {
         return Some(format!(
             "- Every cross-CPU probe stayed within {} times the median round trip: the \
              two CPUs probed shared a cache throughout, as far as probed.\n",
@@ -308,7 +311,9 @@ pub fn variation_item(probed: &[Around]) -> Option<String> {
          median round trip: the two CPUs did not share a cache then (on a virtual machine, its \
          host ran its CPUs on cores apart), and every hand-over of data between CPUs (load \
          generator, proxy threads, apps) cost more. Those runs:\n",
-        s.apart_runs, s.runs, APART
+        s.apart_runs(),
+        s.runs,
+        APART
     );
     for runs in &s.apart {
         let (apart, near) = (runs.apart.len(), runs.near.len());
@@ -382,7 +387,7 @@ mod tests {
         let bulk = &summary.apart[0];
         assert_eq!(bulk.run, "bulk");
         assert_eq!((bulk.apart.len(), bulk.near.len()), (2, 1));
-        assert_eq!((summary.apart_runs, summary.runs), (2, 5));
+        assert_eq!((summary.apart_runs(), summary.runs), (2, 5));
         let said = variation_item(&probed).unwrap();
         assert!(said.starts_with("- In 2 of 5 runs "), "{said}");
         assert!(
@@ -407,7 +412,7 @@ mod tests {
         ];
         let summary = summarize(&probed).unwrap();
         assert_eq!(
-            (summary.apart_runs, summary.runs, summary.probes),
+            (summary.apart_runs(), summary.runs, summary.probes),
             (0, 2, 2)
         );
         assert!(summarize(&probed[..1]).is_none());
