@@ -145,9 +145,11 @@ pub fn unit(metric: Metric) -> Option<&'static str> {
     match metric {
         Metric::Bulk1 | Metric::Bulk8 => Some("MB"),
         Metric::ReqRate => Some("request"),
-        Metric::ConnRate | Metric::Handshakes | Metric::GatewayPooled | Metric::GatewayFresh => {
-            Some("tunnel")
-        }
+        Metric::ConnRate
+        | Metric::Socks5ConnRate
+        | Metric::Handshakes
+        | Metric::GatewayPooled
+        | Metric::GatewayFresh => Some("tunnel"),
         _ => None,
     }
 }
@@ -159,6 +161,7 @@ fn work(metric: Metric) -> &'static str {
         Metric::Bulk8 => "bulk, 8 streams",
         Metric::ReqRate => "1 KiB req/resp",
         Metric::ConnRate => "new conn + 1-byte echo",
+        Metric::Socks5ConnRate => "new conn via SOCKS5 + 1-byte echo",
         Metric::Handshakes => "new conn, mTLS handshake each (no pool)",
         Metric::GatewayPooled => "double HBONE, inner pooled",
         Metric::GatewayFresh => "double HBONE, fresh inner each",

@@ -135,7 +135,8 @@ fn render(doc: &Document) -> String {
     out += "Stated for the server and the entry in processes of their own (2 processes); \
             those on latency isolation and per unit of work for the server and the entry in one \
             process (1 process), as a node runs them, under the default runtime; those per new \
-            tunnel for the SOCKS5 entry (`--entry socks5`). Counts per unit compare across \
+            tunnel for the SOCKS5 entry (the new-connection runs via SOCKS5, or the main ones \
+            under `--entry socks5`). Counts per unit compare across \
             machines; CPU time per unit speaks for the machine below.\n\n";
     for verdict in doc.verdicts {
         let _ = writeln!(
@@ -299,10 +300,12 @@ Direct: the same load generators straight to the echo app and the sink.\n\n";
 /// How the per-unit figures are counted.
 const PER_UNIT_METHOD: &str = "\
 - Processes counted: *2 processes*: `hbone server` and every client entry (`hbone forward` to \
-the sink, to the echo app, and to the echo app with `--no-pool`; with `--entry socks5`, a pooled \
-and an unpooled `hbone socks5`), each its own process, all counted whichever entry the workload \
-uses. *1 process*: one `hbone run --config` process whose file holds a `[server]` and the same \
-entries as `[[forward]]` (or `[[socks5]]`) sections; *1 process, per-core*: the same with \
+the sink, to the echo app, and to the echo app with `--no-pool`, and a pooled `hbone socks5` for \
+the new-connection runs via SOCKS5; with `--entry socks5`, a pooled and an unpooled \
+`hbone socks5`), each its own process, all counted whichever entry the workload uses. \
+*1 process*: one `hbone run --config` process whose file holds a `[server]` and the same \
+entries as `[[forward]]` and `[[socks5]]` sections (`[[socks5]]` alone under `--entry socks5`); \
+*1 process, per-core*: the same with \
 `--runtime per-core`. *3 processes*: `hbone server`, `hbone \
 gateway` and both forwards that go through it. *bare relays (reference)*: not hbone, one process \
 (`hbone bench relays`) with two relays on the path (load generator → entry relay → server \
@@ -358,7 +361,9 @@ connections at once, summed. Gbit/s = 10^9 bits per second.
 - 1 KiB req/resp: write 1 KiB, read the same 1 KiB back, on one connection, after 50 warm-up \
 exchanges; p50 and p99 of the round trips.
 - Connection rate: 8 workers each connect, send 1 byte, read it back and close. Through hbone \
-every connection is a new tunnel (a new HTTP/2 stream on a pooled connection).
+every connection is a new tunnel (a new HTTP/2 stream on a pooled connection). Via SOCKS5 (beside \
+a forward entry): the same through a pooled `hbone socks5`, each connection first negotiating \
+its target (no authentication, CONNECT to the echo app's address); direct runs are the same ones.
 - Handshakes: the same through a second entry with pooling off, so every tunnel is a new TCP \
 connection with a full mutual TLS 1.3 handshake and HTTP/2 setup.
 - Double HBONE: the connection workload through a forward entry that goes via `hbone gateway` \
@@ -370,7 +375,7 @@ inner TLS + HTTP/2 handshake, which is what ztunnel does.
 run through hbone, over the bytes delivered (GB = 10^9 bytes); the per-MB CPU of the table \
 above, ÷ 1000.
 - One process: `hbone run --config FILE` with a `[server]` and the same entries as \
-`[[forward]]` (or `[[socks5]]`) sections; the server's port is picked free and written into the \
+`[[forward]]` and `[[socks5]]` sections; the server's port is picked free and written into the \
 file, since the entries must know it. It runs every workload but double HBONE, right after the \
 2-process run of the same workload.
 - Isolation: a bulk load generator with N streams to the sink (128 KiB writes, as in bulk) starts \

@@ -37,6 +37,11 @@ pub struct Measured {
 pub fn rows(results: &Results) -> Vec<Vec<String>> {
     Metric::ALL
         .iter()
+        // Runs via SOCKS5 beside the main entry are made only where that
+        // is a forward: under `--entry socks5` the row above is them.
+        .filter(|&&metric| {
+            metric != Metric::Socks5ConnRate || results.direct_summary(metric).is_some()
+        })
         .map(|&metric| {
             let mut row = vec![
                 metric.label().to_owned(),

@@ -14,6 +14,9 @@ pub enum Metric {
     ReqP50,
     ReqP99,
     ConnRate,
+    /// New tunnels through a SOCKS5 entry when the main entry is a
+    /// forward: the targets on new tunnels are stated for SOCKS5.
+    Socks5ConnRate,
     Handshakes,
     GatewayPooled,
     GatewayFresh,
@@ -62,13 +65,14 @@ pub enum Comparison {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 12] = [
         Metric::Bulk1,
         Metric::Bulk8,
         Metric::ReqRate,
         Metric::ReqP50,
         Metric::ReqP99,
         Metric::ConnRate,
+        Metric::Socks5ConnRate,
         Metric::Handshakes,
         Metric::GatewayPooled,
         Metric::GatewayFresh,
@@ -85,6 +89,7 @@ impl Metric {
             Metric::ReqP50 => "1 KiB req/resp, p50 (µs)",
             Metric::ReqP99 => "1 KiB req/resp, p99 (µs)",
             Metric::ConnRate => "new conn + 1-byte echo, 8 at once (conn/s)",
+            Metric::Socks5ConnRate => "new conn via SOCKS5 + 1-byte echo, 8 at once (conn/s)",
             Metric::Handshakes => "mTLS + HTTP/2 handshakes, no pool (/s)",
             Metric::GatewayPooled => "double HBONE via gateway, inner pooled (conn/s)",
             Metric::GatewayFresh => "double HBONE via gateway, fresh inner each (conn/s)",

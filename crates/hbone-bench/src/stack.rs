@@ -383,13 +383,15 @@ pub fn start_entry(
 }
 
 /// The entries of the main workloads: pooled ones for the sink and the
-/// echo app (one SOCKS5 entry serves both), and one with pooling off for
-/// the handshake rate.
+/// echo app (one SOCKS5 entry serves both; beside forwards, a pooled
+/// SOCKS5 entry for the new tunnels the targets are stated for), and one
+/// with pooling off for the handshake rate.
 pub fn entry_specs(kind: EntryKind, apps: &Apps) -> Vec<EntrySpec> {
     let mut specs = match kind {
         EntryKind::Forward => vec![
             EntrySpec::new(kind, apps.sink, true),
             EntrySpec::new(kind, apps.echo, true),
+            EntrySpec::new(EntryKind::Socks5, apps.echo, true),
         ],
         EntryKind::Socks5 => vec![EntrySpec::new(kind, apps.sink, true)],
     };
@@ -526,6 +528,14 @@ impl Proxies {
             .iter()
             .find(|entry| entry.spec.pool && entry.serves(target))
             .with_context(|| format!("no entry leads to {target}"))
+    }
+
+    /// The pooled SOCKS5 entry.
+    pub fn socks5_entry(&self) -> anyhow::Result<&Entry> {
+        self.entries
+            .iter()
+            .find(|entry| entry.spec.pool && entry.spec.kind == EntryKind::Socks5)
+            .context("no pooled SOCKS5 entry")
     }
 
     /// The entry with pooling off that carries tunnels to `target`.

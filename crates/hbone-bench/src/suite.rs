@@ -9,6 +9,7 @@ mod bare_relays;
 mod capture;
 mod isolation;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -172,6 +173,16 @@ pub fn run(options: &Options, dir: &WorkDir) -> anyhow::Result<()> {
         eprintln!("hbone bench: wrote {}", path.display());
     }
     Ok(())
+}
+
+/// The route of a new-connection run to `target`: through the pooled
+/// entry that leads there, or through the pooled SOCKS5 entry.
+fn connection_route(proxies: &Proxies, target: SocketAddr, socks5: bool) -> anyhow::Result<Route> {
+    let entry = match socks5 {
+        true => proxies.socks5_entry()?,
+        false => proxies.entry_for(target)?,
+    };
+    Ok(entry.route(target))
 }
 
 /// The path of a tunnelled run in `topology`, in messages.
@@ -355,25 +366,50 @@ impl Bench<'_> {
                 conn_rate(&self.load(Workload::Connect, DIRECT, Route::direct(echo), &[])?)?;
             self.results.direct(Metric::ConnRate, direct);
             let mut line = format!("direct {}/s", number(direct));
-            for topology in COMPARED {
-                let route = self.proxies(topology).entry_for(echo)?.route(echo);
-                let (fields, cost) = self.metered(topology, Workload::Connect, route, &[])?;
-                let through = conn_rate(&fields)?;
-                self.results.tunnel(Metric::ConnRate, topology, through);
-                line += &format!(
-                    "; {}: {}/s ({}), per tunnel {}",
-                    topology.label(),
-                    number(through),
-                    percent(through / direct * 100.0),
-                    cost.brief()
-                );
-                self.costs.push(Metric::ConnRate, topology, cost);
+            for (metric, socks5) in self.connection_entries() {
+                if socks5 {
+                    self.results.direct(metric, direct);
+                    line += "; via SOCKS5";
+                }
+                for topology in COMPARED {
+                    let route = connection_route(self.proxies(topology), echo, socks5)?;
+                    let pids = self.proxies(topology).pids();
+                    let side = match socks5 {
+                        true => format!("{}, via SOCKS5", tunnel_side(topology)),
+                        false => tunnel_side(topology).to_owned(),
+                    };
+                    let (fields, cost) =
+                        self.metered_pids(&pids, &side, Workload::Connect, route, &[])?;
+                    let through = conn_rate(&fields)?;
+                    self.results.tunnel(metric, topology, through);
+                    line += &format!(
+                        "; {}: {}/s ({}), per tunnel {}",
+                        topology.label(),
+                        number(through),
+                        percent(through / direct * 100.0),
+                        cost.brief()
+                    );
+                    self.costs.push(metric, topology, cost);
+                }
             }
             self.progress(Metric::ConnRate, run, &line);
         }
-        self.mixes(Metric::ConnRate, Workload::Connect, &[], |p| {
-            Ok(p.entry_for(echo)?.route(echo))
-        })
+        for (metric, socks5) in self.connection_entries() {
+            self.mixes(metric, Workload::Connect, &[], |p| {
+                connection_route(p, echo, socks5)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The new-connection runs: through the main entry, and where that is
+    /// a forward, through a SOCKS5 entry too (`true`), the entry the
+    /// targets on new tunnels are stated for.
+    fn connection_entries(&self) -> Vec<(Metric, bool)> {
+        match self.options.entry {
+            EntryKind::Forward => vec![(Metric::ConnRate, false), (Metric::Socks5ConnRate, true)],
+            EntryKind::Socks5 => vec![(Metric::ConnRate, false)],
+        }
     }
 
     /// The connection workload through the entry with pooling off: each

@@ -16,13 +16,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_hbone");
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// Rows measured both directly and through hbone.
-const COMPARED: [&str; 6] = [
+const COMPARED: [&str; 7] = [
     "bulk, 1 stream (Gbit/s)",
     "bulk, 8 streams (Gbit/s)",
     "1 KiB req/resp (req/s)",
     "1 KiB req/resp, p50 (µs)",
     "1 KiB req/resp, p99 (µs)",
     "new conn + 1-byte echo, 8 at once (conn/s)",
+    "new conn via SOCKS5 + 1-byte echo, 8 at once (conn/s)",
 ];
 
 /// Rows measured through hbone only.
@@ -56,7 +57,7 @@ const ISOLATION_BULK: &str = "4 bulk streams beside req/resp (Gbit/s)";
 const ISOLATION_KEPT: &str = "4 bulk streams beside req/resp, % of alone";
 
 /// The per-unit table's rows: work, unit and processes.
-const PER_UNIT: [(&str, &str, &str); 23] = [
+const PER_UNIT: [(&str, &str, &str); 26] = [
     ("bulk, 1 stream", "MB", "2 processes"),
     ("bulk, 1 stream", "MB", "1 process"),
     ("bulk, 1 stream", "MB", "1 process, per-core"),
@@ -87,6 +88,13 @@ const PER_UNIT: [(&str, &str, &str); 23] = [
     ("new conn + 1-byte echo", "tunnel", "2 processes"),
     ("new conn + 1-byte echo", "tunnel", "1 process"),
     ("new conn + 1-byte echo", "tunnel", "1 process, per-core"),
+    ("new conn via SOCKS5 + 1-byte echo", "tunnel", "2 processes"),
+    ("new conn via SOCKS5 + 1-byte echo", "tunnel", "1 process"),
+    (
+        "new conn via SOCKS5 + 1-byte echo",
+        "tunnel",
+        "1 process, per-core",
+    ),
     (
         "new conn, mTLS handshake each (no pool)",
         "tunnel",
