@@ -29,11 +29,12 @@ use anyhow::{Context, bail};
 use super::child::Proc;
 use super::cost::{BARE_RELAYS_LABEL, Cost, Meter, NO_PERF};
 use super::cross_cpu;
+use super::cross_cpu::Figure;
 use super::load::Workload;
 use super::machine::{self, Machine};
 use super::perf::Syscalls;
-use super::report::{cell, table};
-use super::runner::{self, run_load};
+use super::report::{cell, number, table};
+use super::runner::{self, RoundTrips, run_load};
 use super::stack::{Apps, BareRelays, DEFAULT_RUNTIME, Pki, Proxies, Route, WorkDir, entry_specs};
 use super::stats::Summary;
 use super::{Options, Part};
@@ -65,10 +66,12 @@ const COMPARED: [(Part, &str, &str, Workload, &[&str]); 3] = [
 ];
 
 /// The table's columns.
-const HEADERS: [&str; 7] = [
+const HEADERS: [&str; 9] = [
     "work",
     "per",
     "build",
+    "rate",
+    "p50 (µs)",
     "CPU (µs)",
     "of it in the kernel",
     "context switches",
@@ -128,7 +131,13 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
     }
     let pki = Pki::write(dir.path()).context("cannot create the bench identities")?;
     let apps = Apps::start()?;
-    let specs = entry_specs(options.entry, &apps);
+    // The entries of `--entry`'s kind only: the full bench's SOCKS5 entry
+    // beside the forwards is not compared here, and older builds need not
+    // know it.
+    let specs: Vec<_> = entry_specs(options.entry, &apps)
+        .into_iter()
+        .filter(|spec| spec.kind == options.entry)
+        .collect();
     let flags = options.child_flags();
     let mut this = Proxies::start_joined(&specs, &pki, dir.path(), &flags)?;
     let mut this_per_core = match flags.runtime == DEFAULT_RUNTIME {
@@ -204,7 +213,7 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
         if workload != Workload::Connect {
             contenders.extend(references.iter_mut().map(Contender::Reference));
         }
-        let mut costs: Vec<Vec<Cost>> = contenders.iter().map(|_| Vec::new()).collect();
+        let mut turns: Vec<Vec<Turn>> = contenders.iter().map(|_| Vec::new()).collect();
         for run in 1..=options.runs {
             // Rotated every run: drift touches every contender alike.
             let count = contenders.len();
@@ -212,7 +221,7 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
             for turn in 0..count {
                 let index = (turn + run as usize - 1) % count;
                 let contender = &mut contenders[index];
-                let cost = metered(
+                let turn = metered(
                     options,
                     contender,
                     &mut syscalls,
@@ -221,13 +230,19 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
                     target,
                     &extra,
                 )?;
-                line.push(format!("{}: per {unit} {}", contender.name(), cost.brief()));
-                costs[index].push(cost);
+                line.push(format!(
+                    "{}: {} {}, per {unit} {}",
+                    contender.name(),
+                    number(turn.rate.value),
+                    turn.rate.unit,
+                    turn.cost.brief()
+                ));
+                turns[index].push(turn);
             }
             eprintln!("  {label}, run {run}/{}: {}", options.runs, line.join("; "));
         }
         let names: Vec<_> = contenders.iter().map(Contender::name).collect();
-        rows.extend(rows_of(label, unit, &names, &costs, &syscalls));
+        rows.extend(rows_of(label, unit, &names, &turns, &syscalls));
     }
     let report = table(&HEADERS, &rows);
     println!("\nPer unit of work, the server and entries in one process, medians of the runs\n");
@@ -251,6 +266,14 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
     Ok(())
 }
 
+/// What one contender's run gave: its rate, its median round trip (on
+/// request/response) and what each unit of work cost.
+struct Turn {
+    rate: Figure,
+    p50: Option<f64>,
+    cost: Cost,
+}
+
 /// One run of `workload` to `target` through `contender`, with its
 /// counters read around it.
 fn metered(
@@ -261,7 +284,7 @@ fn metered(
     workload: Workload,
     target: std::net::SocketAddr,
     extra: &[String],
-) -> anyhow::Result<Cost> {
+) -> anyhow::Result<Turn> {
     let (pids, route) = contender.pids_and_route(target)?;
     let side = format!("through the {}", contender.name());
     let mut watched = contender.procs();
@@ -271,7 +294,17 @@ fn metered(
     let usage = meter
         .finish(syscalls)
         .map_err(|e| runner::explain(e, &mut watched))?;
-    Ok(usage.per(runner::units(workload, &fields)?))
+    let rate = runner::headline(workload, &fields)
+        .with_context(|| format!("a {} run without a rate", workload.name()))?;
+    let p50 = match workload {
+        Workload::ReqResp => Some(RoundTrips::from(&fields)?.p50),
+        _ => None,
+    };
+    Ok(Turn {
+        rate,
+        p50,
+        cost: usage.per(runner::units(workload, &fields)?),
+    })
 }
 
 /// A workload's rows: each contender's medians (with the spread), in
@@ -282,33 +315,40 @@ fn rows_of(
     label: &str,
     unit: &str,
     names: &[&str],
-    costs: &[Vec<Cost>],
+    turns: &[Vec<Turn>],
     syscalls: &Syscalls,
 ) -> Vec<Vec<String>> {
-    type Field = fn(&Cost) -> Option<f64>;
-    let fields: [Field; 4] = [
-        |c| Some(c.cpu_us),
-        |c| Some(c.kernel_us),
-        |c| Some(c.switches),
-        |c| c.syscalls,
+    type Field = fn(&Turn) -> Option<f64>;
+    let fields: [Field; 6] = [
+        |t| Some(t.rate.value),
+        |t| t.p50,
+        |t| Some(t.cost.cpu_us),
+        |t| Some(t.cost.kernel_us),
+        |t| Some(t.cost.switches),
+        |t| t.cost.syscalls,
     ];
-    let summary = |runs: &[Cost], field: Field| {
+    // The rate's unit, from any run: every run of a workload has the same.
+    let rate_unit = turns.iter().flatten().next().map_or("", |t| t.rate.unit);
+    let summary = |runs: &[Turn], field: Field| {
         let samples: Option<Vec<f64>> = runs.iter().map(field).collect();
         Summary::of(&samples.unwrap_or_default())
     };
     let mut rows = Vec::new();
-    for (runs, name) in costs.iter().zip(names) {
+    for (runs, name) in turns.iter().zip(names) {
         let mut row = vec![label.to_owned(), unit.to_owned(), (*name).to_owned()];
-        for field in fields {
-            row.push(match summary(runs, field) {
-                None if !syscalls.available() => NO_PERF.to_owned(),
-                other => cell(other),
+        for (column, field) in fields.into_iter().enumerate() {
+            row.push(match (column, summary(runs, field)) {
+                (0, rate) => format!("{} {rate_unit}", cell(rate)),
+                // Only request/response has a round trip to time.
+                (1, None) => "n/a".to_owned(),
+                (_, None) if !syscalls.available() => NO_PERF.to_owned(),
+                (_, other) => cell(other),
             });
         }
         rows.push(row);
     }
     let position = |wanted: &str| names.iter().position(|name| *name == wanted);
-    for (runs, name) in costs.iter().zip(names) {
+    for (runs, name) in turns.iter().zip(names) {
         if *name == OTHER || *name == OTHER_PER_CORE {
             continue;
         }
@@ -325,7 +365,7 @@ fn rows_of(
             format!("{name} ÷ {divisor} (medians)"),
         ];
         for field in fields {
-            let (this, other) = (summary(runs, field), summary(&costs[other], field));
+            let (this, other) = (summary(runs, field), summary(&turns[other], field));
             ratio.push(match (this, other) {
                 (Some(this), Some(other)) if other.median > 0.0 => {
                     format!("{:.3}", this.median / other.median)
@@ -379,8 +419,9 @@ fn document(
     let _ = writeln!(
         out,
         "Each build runs as one `hbone run` process holding the server and the entries (entry: \
-         {}); the figures are what that process spent per unit of work: CPU time (utime + stime \
-         from /proc), of it in the kernel (stime), context switches of its threads, and \
+         {}); the figures are the rate the load generator saw (and on request/response its \
+         median round trip), then what that process spent per unit of work: CPU time (utime + \
+         stime from /proc), of it in the kernel (stime), context switches of its threads, and \
          syscalls (`perf stat -e raw_syscalls:sys_enter`). The apps and the load generator are \
          not counted. The ratio rows compare each with the other build, and only figures of \
          this run.\n",

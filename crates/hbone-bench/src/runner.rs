@@ -173,9 +173,9 @@ pub fn explain(error: anyhow::Error, watched: &mut [&mut Proc]) -> anyhow::Error
     }
 }
 
-/// A run's one figure for the cross-CPU probes' report: throughput, the
-/// rate of requests or of new connections.
-fn headline(workload: Workload, fields: &Fields) -> Option<cross_cpu::Figure> {
+/// A run's one figure, for the cross-CPU probes' report and `--against`:
+/// throughput, the rate of requests or of new connections.
+pub fn headline(workload: Workload, fields: &Fields) -> Option<cross_cpu::Figure> {
     let (value, unit) = match workload {
         Workload::Bulk => (gbits(fields).ok()?, "Gbit/s"),
         Workload::ReqResp => (RoundTrips::from(fields).ok()?.rate, "req/s"),

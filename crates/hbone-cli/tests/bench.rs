@@ -419,8 +419,9 @@ fn quick_bench_measures_every_workload_direct_and_tunnelled() {
 }
 
 /// `--against` compares this build with another hbone binary, here the
-/// same one: each workload has a row per build under each runtime,
-/// measured in the same runs (and, on bulk and req/resp, a row per bare
+/// same one: each workload has a row per build under each runtime, with
+/// its rate (and on req/resp its p50) and its cost per unit, measured in
+/// the same runs (and, on bulk and req/resp, a row per bare
 /// relays), and a row of each one's ratios to the other build under the
 /// same runtime (the references: to its default), which are those of the
 /// medians shown; the Markdown report keeps the table and names the other
@@ -480,24 +481,36 @@ fn against_another_build_measures_both_in_the_same_runs() {
             assert_eq!(row[1], unit, "{report}");
         }
         for contender in &of_work[..names.len()] {
-            let cpu = median(contender[3]).unwrap_or(0.0);
+            // The rate the load generator saw, with its unit, and the
+            // median round trip where there is one.
+            assert!(
+                median(contender[3]).unwrap_or(0.0) > 0.0 && contender[3].ends_with("/s"),
+                "{work}, {}: no rate in:\n{report}",
+                contender[2]
+            );
+            match work {
+                "1 KiB req/resp" => assert!(median(contender[4]).unwrap_or(0.0) > 0.0),
+                _ => assert_eq!(contender[4], "n/a", "{work}: a p50 in:\n{report}"),
+            }
+            let cpu = median(contender[5]).unwrap_or(0.0);
             assert!(cpu > 0.0, "{work}, {}: no CPU in:\n{report}", contender[2]);
-            let kernel = median(contender[4]).unwrap_or(-1.0);
+            let kernel = median(contender[6]).unwrap_or(-1.0);
             assert!(
                 (0.0..=cpu).contains(&kernel),
                 "{work}: kernel share in:\n{report}"
             );
             assert!(
-                median(contender[5]).is_some(),
+                median(contender[7]).is_some(),
                 "{work}: switches in:\n{report}"
             );
-            if contender[6] != NO_PERF {
-                assert!(median(contender[6]).unwrap_or(0.0) > 0.0, "{report}");
+            if contender[8] != NO_PERF {
+                assert!(median(contender[8]).unwrap_or(0.0) > 0.0, "{report}");
             }
             if contender[2].starts_with("other build") {
                 continue;
             }
-            // The ratio of the medians as shown, within their rounding.
+            // The ratios of the medians as shown, within their rounding:
+            // the rate's and the CPU's.
             let (by, by_row) = divisor(contender[2]);
             let ratio = of_work
                 .iter()
@@ -507,12 +520,14 @@ fn against_another_build_measures_both_in_the_same_runs() {
                 .iter()
                 .find(|row| row[2] == by_row)
                 .unwrap_or_else(|| panic!("{work}: no {by_row} in:\n{report}"));
-            let shown = median(contender[3]).unwrap() / median(other[3]).unwrap();
-            let ratio_cpu: f64 = ratio[3].parse().unwrap();
-            assert!(
-                (ratio_cpu / shown - 1.0).abs() < 0.02,
-                "{work}: ratio {ratio_cpu} against {shown} in:\n{report}"
-            );
+            for (column, what) in [(3, "rate"), (5, "CPU")] {
+                let shown = median(contender[column]).unwrap() / median(other[column]).unwrap();
+                let ratio: f64 = ratio[column].parse().unwrap();
+                assert!(
+                    (ratio / shown - 1.0).abs() < 0.02,
+                    "{work}: {what} ratio {ratio} against {shown} in:\n{report}"
+                );
+            }
         }
     }
     let written = std::fs::read_to_string(&markdown).unwrap();
