@@ -28,8 +28,7 @@ use anyhow::{Context, bail};
 
 use super::child::Proc;
 use super::cost::{BARE_RELAYS_LABEL, Cost, Meter, NO_PERF};
-use super::cross_cpu;
-use super::cross_cpu::Figure;
+use super::cross_cpu::{self, Figure};
 use super::load::Workload;
 use super::machine::{self, Machine};
 use super::perf::Syscalls;
@@ -218,8 +217,8 @@ pub fn run(options: &Options, other: &Path, dir: &WorkDir) -> anyhow::Result<()>
             // Rotated every run: drift touches every contender alike.
             let count = contenders.len();
             let mut line = Vec::new();
-            for turn in 0..count {
-                let index = (turn + run as usize - 1) % count;
+            for slot in 0..count {
+                let index = (slot + run as usize - 1) % count;
                 let contender = &mut contenders[index];
                 let turn = metered(
                     options,
